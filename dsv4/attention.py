@@ -1,0 +1,351 @@
+"""Hybrid attention of DeepSeek-V4: sliding window, CSA (4:1 overlapping compression + lightning
+indexer top-k) and HCA (128:1 compression, dense), one shared K=V head with attention sinks.
+
+Spec: ARCHITECTURE.md §5 (attention), §6 (compressor), §7 (indexer), §12 (decode state).
+Shapes: B batch, S query tokens, T key positions, D model dim, H heads, Dh head dim, Dr rope dim,
+W window, M compression ratio, C compressed entries, Hi/Di indexer heads/head dim, G output groups.
+
+Every query attends to one key list: `[window keys | compressed entries]` with an additive mask.
+The three layer types differ only in that mask: SWA has no compressed part, HCA sees every visible
+entry, CSA sees the indexer's top-k among the visible ones. Visibility of compressed entry `s` to a
+query at position `t` is `s < (t + 1) // M` (the entry's window ends at or before `t`).
+
+Two ways to run: a full-sequence pass (`state=None`; training and scoring; queries are processed in
+chunks so memory grows linearly in S), and a cached pass that reads/writes a `LayerState` of
+`dsv4.cache` (prefill in chunks from any position, then decode).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv4 import ops
+from dsv4.config import ModelConfig, yarn_low_high
+
+# Elements of the largest per-chunk score tensor (queries × heads × keys); bounds attention memory.
+SCORE_BUDGET = 1 << 24
+
+
+class RMSNorm(nn.Module):
+    """y = w ⊙ x / sqrt(mean(x²) + eps), computed in fp32 and cast back (spec §10)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+def linear(x: torch.Tensor, layer: nn.Linear, fp32: bool = False) -> torch.Tensor:
+    if fp32:
+        return F.linear(x.float(), layer.weight.float())
+    return F.linear(x, layer.weight.to(x.dtype))
+
+
+# ----------------------------------------------------------------------------- RoPE
+def rope_freqs(rope_dim: int, theta: float, yarn: dict | None) -> torch.Tensor:
+    """Per-pair frequencies f_i = θ^(−2i/Dr), with the YaRN ramp when given (spec §5.2). [Dr/2] fp32."""
+    freqs = 1.0 / (theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim))
+    if yarn is not None:
+        low, high = yarn_low_high(rope_dim, theta, yarn)
+        if low == high:
+            high += 0.001
+        ramp = ((torch.arange(rope_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        freqs = freqs * ((1 - ramp) + ramp / yarn["factor"])
+    return freqs
+
+
+def rope_cos_sin(pos: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    angles = pos.to(torch.float32).unsqueeze(-1) * freqs.to(pos.device)          # [.., Dr/2]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (2i, 2i+1) of the last Dr dims of x (spec §5.2); fp32 math.
+
+    x [B, S, Dh] or [B, S, H, Dh]; cos/sin [B, S, Dr/2]. Pass −sin for the output de-rotation.
+    """
+    if x.dim() == 4:
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    rd = 2 * cos.shape[-1]
+    nope, rope = x[..., :-rd], x[..., -rd:].float().unflatten(-1, (-1, 2))
+    a, b = rope[..., 0], rope[..., 1]
+    rot = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+    return torch.cat([nope, rot.to(x.dtype)], dim=-1)
+
+
+# ----------------------------------------------------------------------------- compressor
+class Compressor(nn.Module):
+    """Softmax-gated pooling of every M tokens into one entry (spec §6).
+
+    Overlapping (M = 4, CSA): projections have 2c features; the half [c:2c) pools the entry's own
+    window, the half [0:c) is borrowed by the *next* entry, so entry i summarises tokens
+    (i−1)M … (i+1)M−1 over 2M slots (entry 0's borrowed slots have zero weight). Otherwise (HCA)
+    entry i pools tokens iM … iM+M−1. Projections and pooling run in fp32; entries are cast to the
+    model dtype, RMS-normalised and roped at position i·M.
+    """
+
+    def __init__(self, dim: int, ratio: int, head_dim: int, eps: float):
+        super().__init__()
+        self.ratio, self.head_dim = ratio, head_dim
+        self.overlap = ratio == 4
+        width = (2 if self.overlap else 1) * head_dim
+        self.wkv = nn.Linear(dim, width, bias=False)
+        self.wgate = nn.Linear(dim, width, bias=False)
+        self.ape = nn.Parameter(torch.zeros(ratio, width))
+        self.norm = RMSNorm(head_dim, eps)
+
+    def project(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kv = linear(x, self.wkv, fp32=True)                                       # [B, S, w]
+        score = linear(x, self.wgate, fp32=True) + self.ape.float()[pos % self.ratio]
+        return kv, score
+
+    def pool(self, kv: torch.Tensor, score: torch.Tensor, prev_kv: torch.Tensor | None,
+             prev_score: torch.Tensor | None) -> torch.Tensor:
+        """kv/score [B, n, M, w] complete windows; prev_* [B, M, w] the window before the first. -> [B, n, c]"""
+        c = self.head_dim
+        if not self.overlap or kv.shape[1] == 0:
+            return ops.compress_pool(kv, score)[..., :c]
+        prev_kv = torch.cat([prev_kv.unsqueeze(1), kv[:, :-1]], dim=1)[..., :c]     # [B, n, M, c]
+        prev_sc = torch.cat([prev_score.unsqueeze(1), score[:, :-1]], dim=1)[..., :c]
+        slots_kv = torch.cat([prev_kv, kv[..., c:]], dim=2)                          # [B, n, 2M, c]
+        slots_sc = torch.cat([prev_sc, score[..., c:]], dim=2)
+        return ops.compress_pool(slots_kv, slots_sc)
+
+    def finish(self, pooled: torch.Tensor, index: torch.Tensor, freqs: torch.Tensor,
+               dtype: torch.dtype) -> torch.Tensor:
+        """Cast, normalise and rope entries [B, n, c] whose entry indices are index [B, n]."""
+        e = self.norm(pooled.to(dtype))
+        cos, sin = rope_cos_sin(index * self.ratio, freqs)
+        return apply_rope(e, cos, sin)
+
+    def empty_window(self, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        w = self.wkv.weight.shape[0]
+        kv = x.new_zeros(batch, self.ratio, w, dtype=torch.float32)
+        return kv, torch.full_like(kv, float("-inf"))
+
+    # -- full sequence (no cache); documents given by seg compress independently
+    def forward_full(self, x: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor | None,
+                     freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns entries [B, C, c], their document ids [B, C] (−1 = padding) and indices [B, C]."""
+        B, S, _ = x.shape
+        m = self.ratio
+        kv, score = self.project(x, pos)
+        if seg is None:
+            n = S // m
+            pk, ps = self.empty_window(x, B)
+            pooled = self.pool(kv[:, :n * m].unflatten(1, (n, m)), score[:, :n * m].unflatten(1, (n, m)), pk, ps)
+            idx = torch.arange(n, device=x.device).expand(B, n)
+            return self.finish(pooled, idx, freqs, x.dtype), torch.zeros_like(idx), idx
+        rows = []
+        for b in range(B):  # packed documents: each compresses on its own, a trailing partial window is dropped
+            starts = torch.nonzero(torch.diff(seg[b], prepend=seg[b, :1] - 1)).flatten().tolist() + [S]
+            parts = []
+            for a, e in zip(starts[:-1], starts[1:]):
+                n = (e - a) // m
+                if n == 0:
+                    continue
+                pk, ps = self.empty_window(x, 1)
+                pooled = self.pool(kv[b:b + 1, a:a + n * m].unflatten(1, (n, m)),
+                                   score[b:b + 1, a:a + n * m].unflatten(1, (n, m)), pk, ps)
+                idx = torch.arange(n, device=x.device).unsqueeze(0)
+                parts.append((self.finish(pooled, idx, freqs, x.dtype)[0], seg[b, a].expand(n), idx[0]))
+            rows.append(parts)
+        C = max([sum(p[0].shape[0] for p in parts) for parts in rows] + [0])
+        ent = x.new_zeros(B, C, self.head_dim)
+        ent_seg = torch.full((B, C), -1, dtype=torch.long, device=x.device)
+        ent_idx = torch.zeros(B, C, dtype=torch.long, device=x.device)
+        for b, parts in enumerate(rows):
+            if parts:
+                ent[b, :sum(p[0].shape[0] for p in parts)] = torch.cat([p[0] for p in parts])
+                n_b = sum(p[0].shape[0] for p in parts)
+                ent_seg[b, :n_b] = torch.cat([p[1] for p in parts]).long()
+                ent_idx[b, :n_b] = torch.cat([p[2] for p in parts])
+        return ent, ent_seg, ent_idx
+
+    # -- cached: state.kv/state.score [Bmax, (1+o)M, w] (slots 0..M-1 = previous complete window when
+    # overlapping, then the current partial window), state.entries [Bmax, Cmax, c]
+    def forward_cached(self, x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor, state,
+                       rows: torch.Tensor) -> torch.Tensor:
+        """Feed S new tokens per row, write completed entries to state.entries; return entries [B, C, c]."""
+        B, S, _ = x.shape
+        m, o = self.ratio, int(self.overlap)
+        kv, score = self.project(x, pos)
+        st_kv, st_sc = state.kv[rows], state.score[rows]                              # [B, (1+o)M, w]
+        starts = pos[:, 0]
+        if bool((starts == starts[0]).all()):
+            p = int(starts[0])
+            rem, w0 = p % m, p - p % m
+            cur_kv = torch.cat([st_kv[:, o * m:o * m + rem], kv], dim=1)              # positions [w0, p+S)
+            cur_sc = torch.cat([st_sc[:, o * m:o * m + rem], score], dim=1)
+            n = (rem + S) // m
+            if n > 0:
+                win_kv = cur_kv[:, :n * m].unflatten(1, (n, m))                       # [B, n, M, w]
+                win_sc = cur_sc[:, :n * m].unflatten(1, (n, m))
+                pk, ps = (st_kv[:, :m], st_sc[:, :m]) if o else (None, None)
+                idx = (w0 // m + torch.arange(n, device=x.device)).expand(B, n)
+                ent = self.finish(self.pool(win_kv, win_sc, pk, ps), idx, freqs, state.entries.dtype)
+                state.entries[rows.unsqueeze(1), idx] = ent
+                if o:
+                    st_kv[:, :m], st_sc[:, :m] = win_kv[:, -1], win_sc[:, -1]
+            left = (rem + S) - n * m
+            st_kv[:, o * m:o * m + left] = cur_kv[:, n * m:]
+            st_sc[:, o * m:o * m + left] = cur_sc[:, n * m:]
+        else:  # rows at different positions: token by token, as the official decode step
+            c = self.head_dim
+            for s in range(S):
+                t = pos[:, s]
+                slot = (o * m + t % m).view(B, 1, 1).expand(B, 1, kv.shape[-1])
+                st_kv.scatter_(1, slot, kv[:, s:s + 1])
+                st_sc.scatter_(1, slot, score[:, s:s + 1])
+                done = (t % m) == m - 1
+                if not bool(done.any()):
+                    continue
+                if o:
+                    pk = torch.cat([st_kv[:, :m, :c], st_kv[:, m:, c:]], dim=1)      # [B, 2M, c]
+                    ps = torch.cat([st_sc[:, :m, :c], st_sc[:, m:, c:]], dim=1)
+                else:
+                    pk, ps = st_kv, st_sc
+                idx = (t // m).unsqueeze(1)                                            # [B, 1]
+                ent = self.finish(ops.compress_pool(pk, ps).unsqueeze(1), idx, freqs, state.entries.dtype)
+                state.entries[rows[done], idx[done, 0]] = ent[done, 0]
+                if o:
+                    st_kv[done, :m], st_sc[done, :m] = st_kv[done, m:], st_sc[done, m:]
+        state.kv[rows], state.score[rows] = st_kv, st_sc
+        n_total = int(((pos[:, -1] + 1) // m).max())
+        return state.entries[rows, :n_total]
+
+
+class Indexer(nn.Module):
+    """Lightning indexer (spec §7): picks the top-k compressed entries for each query of a CSA layer.
+
+    I[t, s] = Σ_h w[t, h] · ReLU(q[t, h] · K[s]), q from the query latent c^Q, K from its own
+    4:1 overlapping compressor, w = weights_proj(x) · Di^−½ · Hi^−½.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.head_dim, self.topk = cfg.index_n_heads, cfg.index_head_dim, cfg.index_topk
+        self.wq_b = nn.Linear(cfg.q_lora_rank, self.n_heads * self.head_dim, bias=False)
+        self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False)
+        self.compressor = Compressor(cfg.hidden_size, 4, self.head_dim, cfg.rms_norm_eps)
+
+    def queries(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor,
+                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        B, S, _ = x.shape
+        q = linear(qr, self.wq_b).view(B, S, self.n_heads, self.head_dim)             # [B, S, Hi, Di]
+        q = apply_rope(q, cos, sin)
+        w = linear(x, self.weights_proj).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)  # [B, S, Hi]
+        return q, w
+
+    def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+        """Boolean [B, Sc, C]: visible entries among each query's top-k index scores."""
+        scores = ops.index_scores(q, keys, w).masked_fill(~visible, float("-inf"))   # [B, Sc, C]
+        k = min(self.topk, scores.shape[-1])
+        top = scores.topk(k, dim=-1).indices                                           # [B, Sc, k]
+        chosen = torch.zeros_like(visible).scatter_(-1, top, True)
+        return chosen & visible
+
+
+class Attention(nn.Module):
+    """One attention block of type SWA / CSA / HCA (spec §5.1): low-rank q with per-head RMSNorm,
+    one shared K=V head, partial interleaved RoPE, sinks, output de-rotation, grouped output projection."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        D, H, Dh = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim
+        self.n_heads, self.head_dim, self.window, self.eps = H, Dh, cfg.sliding_window, cfg.rms_norm_eps
+        self.ratio = cfg.layer_ratio(layer)
+        self.groups, self.o_rank = cfg.o_groups, cfg.o_lora_rank
+        self.wq_a = nn.Linear(D, cfg.q_lora_rank, bias=False)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+        self.wq_b = nn.Linear(cfg.q_lora_rank, H * Dh, bias=False)
+        self.wkv = nn.Linear(D, Dh, bias=False)
+        self.kv_norm = RMSNorm(Dh, cfg.rms_norm_eps)
+        self.wo_a = nn.Linear(H * Dh // cfg.o_groups, cfg.o_groups * cfg.o_lora_rank, bias=False)
+        self.wo_b = nn.Linear(cfg.o_groups * cfg.o_lora_rank, D, bias=False)
+        self.attn_sink = nn.Parameter(torch.zeros(H))
+        self.compressor = Compressor(D, self.ratio, Dh, cfg.rms_norm_eps) if self.ratio else None
+        self.indexer = Indexer(cfg) if self.ratio == 4 else None
+        # sliding-window layers: θ = rope_theta, no YaRN; compressed layers: compress_rope_theta + YaRN
+        theta = cfg.compress_rope_theta if self.ratio else cfg.rope_theta
+        freqs = rope_freqs(cfg.qk_rope_head_dim, theta, cfg.yarn if self.ratio else None)
+        self.register_buffer("freqs", freqs, persistent=False)
+        # CSA training phases: "sparse" (indexer top-k, inference), "dense" (all visible entries)
+        self.index_mode = "sparse"
+
+    def forward(self, x: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor | None = None,
+                state=None, rows: torch.Tensor | None = None) -> torch.Tensor:
+        B, S, _ = x.shape
+        H, Dh = self.n_heads, self.head_dim
+        cos, sin = rope_cos_sin(pos, self.freqs)                                     # [B, S, Dr/2]
+        qr = self.q_norm(linear(x, self.wq_a))                                        # [B, S, q_lora]
+        q = linear(qr, self.wq_b).view(B, S, H, Dh)                                   # [B, S, H, Dh]
+        qf = q.float()
+        q = apply_rope((qf * torch.rsqrt(qf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype), cos, sin)
+        kv = apply_rope(self.kv_norm(linear(x, self.wkv)), cos, sin)                  # [B, S, Dh]
+
+        comp = comp_seg = comp_idx = ikeys = None
+        if self.compressor is not None:
+            if state is None:
+                comp, comp_seg, comp_idx = self.compressor.forward_full(x, pos, seg, self.freqs)
+                if self.indexer is not None:
+                    ikeys = self.indexer.compressor.forward_full(x, pos, seg, self.freqs)[0]
+            else:
+                comp = self.compressor.forward_cached(x, pos, self.freqs, state.comp, rows)
+                if self.indexer is not None:
+                    ikeys = self.indexer.compressor.forward_cached(x, pos, self.freqs, state.index, rows)
+                comp_idx = torch.arange(comp.shape[1], device=x.device).expand(B, -1)
+                comp_seg = torch.zeros_like(comp_idx)
+        iq = iw = None
+        if self.indexer is not None and self.index_mode == "sparse":
+            iq, iw = self.indexer.queries(x, qr, cos, sin)
+
+        if state is not None:  # window keys: the ring (older tokens) then this call's tokens
+            ring, ring_pos = state.ring[rows], state.ring_positions(pos[:, 0])        # [B, W, Dh], [B, W]
+        if seg is None:
+            seg = torch.zeros_like(pos)
+        C = 0 if comp is None else comp.shape[1]
+        per_query = H * (self.window + C) + (0 if iq is None else iq.shape[2] * C)
+        chunk = max(1, min(S, SCORE_BUDGET // max(per_query, 1)))
+        outs = []
+        for s0 in range(0, S, chunk):
+            s1 = min(S, s0 + chunk)
+            qpos, qseg = pos[:, s0:s1], seg[:, s0:s1]                                 # [B, Sc]
+            lo = max(0, s0 - self.window + 1)
+            keys, kpos, kseg = kv[:, lo:s1], pos[:, lo:s1], seg[:, lo:s1]             # [B, Tw, ..]
+            if state is not None:
+                keys = torch.cat([ring, keys], dim=1)
+                kpos = torch.cat([ring_pos, kpos], dim=1)
+                kseg = torch.cat([torch.zeros_like(ring_pos), kseg], dim=1)
+            dist = qpos.unsqueeze(2) - kpos.unsqueeze(1)                              # [B, Sc, Tw]
+            visible = (dist >= 0) & (dist < self.window) & (kpos.unsqueeze(1) >= 0)
+            visible &= qseg.unsqueeze(2) == kseg.unsqueeze(1)
+            if comp is not None:
+                cvis = (comp_seg.unsqueeze(1) == qseg.unsqueeze(2)) & \
+                       (comp_idx.unsqueeze(1) < (qpos.unsqueeze(2) + 1) // self.ratio)  # [B, Sc, C]
+                if iq is not None:
+                    cvis = self.indexer.select(iq[:, s0:s1], iw[:, s0:s1], ikeys, cvis)
+                keys = torch.cat([keys, comp], dim=1)
+                visible = torch.cat([visible, cvis], dim=2)
+            bias = torch.zeros(visible.shape, dtype=torch.float32, device=x.device)
+            bias = bias.masked_fill(~visible, float("-inf"))                          # [B, Sc, T]
+            outs.append(ops.sink_attention(q[:, s0:s1], keys, bias, self.attn_sink, Dh ** -0.5))
+        o = apply_rope(torch.cat(outs, dim=1), cos, -sin)                              # [B, S, H, Dh]
+
+        if state is not None:  # the last W tokens of this call go to the ring at slot t mod W
+            keep = min(S, self.window)
+            slot = (pos[:, S - keep:] % self.window).unsqueeze(-1).expand(B, keep, Dh)
+            state.ring[rows] = ring.scatter(1, slot, kv[:, S - keep:].to(ring.dtype))
+
+        o = o.reshape(B, S, self.groups, H * Dh // self.groups)                       # [B, S, G, H·Dh/G]
+        wo_a = self.wo_a.weight.to(o.dtype).view(self.groups, self.o_rank, -1)        # [G, d_g, H·Dh/G]
+        u = torch.einsum("bsgi,gri->bsgr", o, wo_a).flatten(2)                         # [B, S, G·d_g]
+        return linear(u, self.wo_b)                                                    # [B, S, D]

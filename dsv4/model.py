@@ -1,0 +1,358 @@
+"""DeepSeek-V4 forward pass: mHC residual streams, MoE, blocks, MTP and the Transformer.
+
+Spec: ARCHITECTURE.md §3 (overall forward), §4 (mHC), §8 (MoE), §9 (MTP), §10.
+Module attribute names equal the official checkpoint names (`embed`, `layers.{i}.attn.wq_a`,
+`layers.{i}.ffn.gate.bias`, `mtp.0.e_proj`, ...), except that routed experts are stored stacked
+(`ffn.experts.w1 [E, I, D]`) and split per expert only in the checkpoint files.
+
+Shape legend: B batch, S query tokens, T key positions, D model dim, H heads, Dh head dim,
+Dr rope dim, N hyper-connection streams, E experts, K experts per token, W window, M compression
+rate, C compressed entries, P index top-k, G output groups, V vocab.
+
+Numeric policy (as the official code): mHC, routing, SwiGLU and the LM head in fp32; the residual
+streams and linear layers in the model dtype (fp32 on CPU, bf16 on GPU).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dsv4 import ops
+from dsv4.attention import Attention, RMSNorm, linear
+from dsv4.config import ModelConfig
+
+# parameters kept in fp32 whatever the model dtype (spec §13.1: F32 tensors of the checkpoint)
+FP32_SUFFIXES = ("hc_attn_fn", "hc_attn_base", "hc_attn_scale", "hc_ffn_fn", "hc_ffn_base", "hc_ffn_scale",
+                 "hc_head_fn", "hc_head_base", "hc_head_scale", "attn_sink", "ape", "gate.bias")
+
+
+def keeps_fp32(name: str) -> bool:
+    return name.endswith(FP32_SUFFIXES)
+
+
+# ----------------------------------------------------------------------------- mHC
+def hc_pre(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n: int,
+           iters: int, eps: float, norm_eps: float):
+    """Collapse N streams into one input and compute the mixes (spec §4.1). h [B, S, N, D].
+
+    Returns x [B, S, D] (model dtype), post [B, S, N], comb [B, S, N, N] (fp32).
+    """
+    v = h.flatten(2).float()                                                   # [B, S, N·D]
+    rho = torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + norm_eps)              # unweighted RMS over N·D
+    mixes = F.linear(v, fn.float()) * rho                                      # [B, S, (2+N)·N]
+    pre, post, comb = ops.hc_split_sinkhorn(mixes, scale.float(), base.float(), n, iters, eps)
+    x = (pre.unsqueeze(-1) * h.float()).sum(dim=2)                             # [B, S, D]
+    return x.to(h.dtype), post, comb
+
+
+def hc_post(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """h'_k = post_k · f + Σ_j comb[j, k] · h_j in fp32 (spec §4.2). -> [B, S, N, D]."""
+    mixed = torch.einsum("bsjk,bsjd->bskd", comb, residual.float())            # [B, S, N, D]
+    return (post.unsqueeze(-1) * f.float().unsqueeze(2) + mixed).to(residual.dtype)
+
+
+def hc_head(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, eps: float,
+            norm_eps: float) -> torch.Tensor:
+    """Head-side reduction of the N streams (spec §4.3): sigmoid weights, no Sinkhorn. -> [B, S, D]."""
+    v = h.flatten(2).float()
+    rho = torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + norm_eps)
+    pre = torch.sigmoid(F.linear(v, fn.float()) * rho * scale.float() + base.float()) + eps  # [B, S, N]
+    return (pre.unsqueeze(-1) * h.float()).sum(dim=2).to(h.dtype)
+
+
+# ----------------------------------------------------------------------------- MoE
+class Gate(nn.Module):
+    """Router (spec §8): sqrt(softplus) affinities in fp32; selection by top-k of affinity + bias
+    (aux-loss-free balancing; the bias only selects), or by the token id for hash layers."""
+
+    def __init__(self, cfg: ModelConfig, hashed: bool):
+        super().__init__()
+        self.topk, self.n_experts = cfg.num_experts_per_tok, cfg.n_routed_experts
+        self.score_func, self.norm_topk = cfg.scoring_func, cfg.norm_topk_prob
+        self.route_scale, self.hashed = cfg.routed_scaling_factor, hashed
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.hidden_size))
+        if hashed:
+            self.register_buffer("tid2eid", torch.zeros(cfg.vocab_size, cfg.num_experts_per_tok, dtype=torch.long))
+        else:
+            self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, D], ids [N] -> weights [N, K] fp32, indices [N, K], affinities [N, E] fp32."""
+        logits = F.linear(x.float(), self.weight.float())                      # [N, E]
+        if self.score_func == "sqrtsoftplus":
+            scores = F.softplus(logits).sqrt()
+        elif self.score_func == "sigmoid":
+            scores = logits.sigmoid()
+        else:
+            scores = logits.softmax(dim=-1)
+        if self.hashed:
+            idx = self.tid2eid[ids]                                            # [N, K]
+        else:
+            idx = (scores.detach() + self.bias).topk(self.topk, dim=-1).indices
+        w = scores.gather(1, idx)                                              # [N, K]
+        if self.norm_topk:
+            w = w / w.sum(dim=-1, keepdim=True)
+        return w * self.route_scale, idx, scores
+
+
+class Experts(nn.Module):
+    """Routed experts stored stacked: w1, w3 [E, I, D] (gate, up), w2 [E, D, I] (down)."""
+
+    def __init__(self, n: int, dim: int, inter: int):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.empty(n, inter, dim))
+        self.w2 = nn.Parameter(torch.empty(n, dim, inter))
+        self.w3 = nn.Parameter(torch.empty(n, inter, dim))
+
+
+class Expert(nn.Module):
+    """Shared expert: the same clamped SwiGLU as the routed ones (spec §8.5)."""
+
+    def __init__(self, dim: int, inter: int, limit: float):
+        super().__init__()
+        self.limit = limit
+        self.w1 = nn.Linear(dim, inter, bias=False)
+        self.w2 = nn.Linear(inter, dim, bias=False)
+        self.w3 = nn.Linear(dim, inter, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = ops.swiglu(linear(x, self.w1), linear(x, self.w3), self.limit)
+        return linear(h.to(x.dtype), self.w2)
+
+
+class MoE(nn.Module):
+    """DeepSeekMoE block (spec §8): routed experts (weight applied before w2, fp32) + shared expert.
+
+    `record = True` makes the block keep `last_routing = (indices, affinities)` of its last call,
+    which the trainer reads for the balance loss, bias updates and load statistics.
+    """
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.limit = cfg.swiglu_limit
+        self.gate = Gate(cfg, hashed=layer < cfg.num_hash_layers)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (Expert(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts,
+                                      cfg.swiglu_limit) if cfg.n_shared_experts else None)
+        self.record = False
+        self.last_routing: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+        B, S, D = x.shape
+        flat = x.reshape(-1, D)                                                # [B·S, D]
+        w, idx, scores = self.gate(flat, ids.reshape(-1))
+        if self.record:
+            self.last_routing = (idx, scores)
+        e = self.experts
+        y = ops.moe_experts(flat, idx, w, e.w1, e.w2, e.w3, self.limit)        # [B·S, D]
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        return y.view(B, S, D)
+
+
+# ----------------------------------------------------------------------------- blocks
+class Block(nn.Module):
+    """Attention and MoE, each wrapped by an mHC site (spec §3.1). No plain residual add: the
+    residual travels through the doubly stochastic `comb` mix."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        D, N = cfg.hidden_size, cfg.hc_mult
+        mix = (2 + N) * N
+        self.hc = (N, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps)
+        self.attn_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.attn = Attention(cfg, layer)
+        self.ffn_norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.ffn = MoE(cfg, layer)
+        for site in ("attn", "ffn"):
+            setattr(self, f"hc_{site}_fn", nn.Parameter(torch.empty(mix, N * D)))
+            setattr(self, f"hc_{site}_base", nn.Parameter(torch.empty(mix)))
+            setattr(self, f"hc_{site}_scale", nn.Parameter(torch.empty(3)))
+
+    def forward(self, h: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, seg=None, state=None,
+                rows=None) -> torch.Tensor:
+        x, post, comb = hc_pre(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, *self.hc)
+        x = self.attn(self.attn_norm(x), pos, seg, state, rows)
+        h = hc_post(x, h, post, comb)
+        x, post, comb = hc_pre(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, *self.hc)
+        x = self.ffn(self.ffn_norm(x), ids)
+        return hc_post(x, h, post, comb)
+
+
+class MTPBlock(Block):
+    """Multi-token prediction block (spec §9): at position t it takes the main model's streams h_t
+    and the embedding of token t+1 and predicts token t+2. Shares `embed` and `head`."""
+
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__(cfg, layer)
+        D, N = cfg.hidden_size, cfg.hc_mult
+        self.e_proj = nn.Linear(D, D, bias=False)
+        self.h_proj = nn.Linear(D, D, bias=False)
+        self.enorm = RMSNorm(D, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(D, cfg.rms_norm_eps)
+        self.norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.hc_head_fn = nn.Parameter(torch.empty(N, N * D))
+        self.hc_head_base = nn.Parameter(torch.empty(N))
+        self.hc_head_scale = nn.Parameter(torch.empty(1))
+
+    def forward(self, h: torch.Tensor, next_ids: torch.Tensor, embed: nn.Embedding, pos: torch.Tensor,
+                seg=None, state=None, rows=None) -> torch.Tensor:
+        """h [B, S, N, D] main streams, next_ids [B, S] (token t+1) -> final MTP hidden [B, S, D]."""
+        e = self.enorm(embed(next_ids))                                        # [B, S, D]
+        z = linear(e, self.e_proj).unsqueeze(2) + linear(self.hnorm(h), self.h_proj)  # [B, S, N, D]
+        z = super().forward(z, next_ids, pos, seg, state, rows)
+        N, _, eps, norm_eps = self.hc
+        return self.norm(hc_head(z, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, eps, norm_eps))
+
+
+class Transformer(nn.Module):
+    """The DeepSeek-V4 language model.
+
+    `model(input_ids [B, S])` returns logits [B, S, V] (fp32). With `cache=` (a `dsv4.cache.DecodeCache`)
+    the call continues each selected cache row from its current length (prefill in chunks, then
+    decode). `segment_ids` [B, S] marks packed documents: attention and compression never cross a
+    document boundary and positions restart at each document.
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        D, N = cfg.hidden_size, cfg.hc_mult
+        self.embed = nn.Embedding(cfg.vocab_size, D)
+        self.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(D, cfg.rms_norm_eps)
+        self.head = nn.Linear(D, cfg.vocab_size, bias=False)
+        self.hc_head_fn = nn.Parameter(torch.empty(N, N * D))
+        self.hc_head_base = nn.Parameter(torch.empty(N))
+        self.hc_head_scale = nn.Parameter(torch.empty(1))
+        self.mtp = nn.ModuleList(MTPBlock(cfg, cfg.num_hidden_layers + k)
+                                 for k in range(cfg.num_nextn_predict_layers))
+        if not any(p.is_meta for p in self.parameters()):
+            self.init_weights()
+
+    # ------------------------------------------------------------------ init
+    @torch.no_grad()
+    def init_weights(self, std: float = 0.02, seed: int | None = None) -> None:
+        """Training-from-scratch init: N(0, std) matrices (output projections / sqrt(2L)), unit norms,
+        mHC near identity (pre = 1/N, post = 1, comb ≈ I, small gating scales), zero sinks/ape/bias,
+        random distinct experts per token id for hash layers."""
+        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        cfg, N = self.config, self.config.hc_mult
+        out_std = std / math.sqrt(2 * max(cfg.num_hidden_layers, 1))
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            elif name.endswith(("_scale",)):
+                p.fill_(0.01)
+            elif name.endswith(("hc_attn_base", "hc_ffn_base")):
+                comb = torch.full((N, N), -4.0)
+                comb.fill_diagonal_(0.0)
+                p.copy_(torch.cat([torch.full((N,), math.log(1 / (N - 1))) if N > 1 else torch.zeros(N),
+                                   torch.zeros(N), comb.flatten()]))
+            elif name.endswith("hc_head_base"):
+                p.fill_(math.log(1 / (N - 1)) if N > 1 else 0.0)
+            elif name.endswith(("attn_sink", "ape")):
+                p.zero_()
+            else:
+                s = out_std if name.endswith(("wo_b.weight", "w2", "w2.weight")) else std
+                p.copy_(torch.randn(p.shape, generator=gen) * s)
+        for name, b in self.named_buffers():
+            if name.endswith("tid2eid"):
+                V, K = b.shape
+                b.copy_(torch.rand(V, cfg.n_routed_experts, generator=gen).argsort(dim=-1)[:, :K])
+            elif name.endswith("gate.bias"):
+                b.zero_()
+
+    # ------------------------------------------------------------------ forward
+    def check_ids(self, input_ids: torch.Tensor) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
+            raise TypeError("input_ids must be an integer tensor [B, S] (torch.long)")
+        if input_ids.dim() != 2 or input_ids.numel() == 0:
+            raise ValueError(f"input_ids must be a non-empty [B, S] tensor; got shape {tuple(input_ids.shape)}")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); got min {lo}, max {hi} "
+                             "(was the input encoded with a different tokenizer?)")
+
+    def hidden(self, input_ids: torch.Tensor, *, cache=None, rows: torch.Tensor | None = None,
+               positions: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None):
+        """Run the blocks; returns (streams [B, S, N, D] after the last block, positions, rows)."""
+        self.check_ids(input_ids)
+        B, S = input_ids.shape
+        dev = input_ids.device
+        if cache is not None:
+            rows = cache.check_rows(rows, B, S)
+            positions = cache.lengths[rows].unsqueeze(1) + torch.arange(S, device=dev)   # [B, S]
+            segment_ids = None
+        elif segment_ids is not None:
+            if segment_ids.shape != input_ids.shape:
+                raise ValueError(f"segment_ids must have the shape of input_ids {tuple(input_ids.shape)}")
+            if positions is None:
+                positions = positions_from_segments(segment_ids)
+        elif positions is None:
+            positions = torch.arange(S, device=dev).expand(B, S)
+        h = self.embed(input_ids)                                              # [B, S, D]
+        h = h.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()  # [B, S, N, D]
+        for i, layer in enumerate(self.layers):
+            state = cache.layers[i] if cache is not None else None
+            h = layer(h, input_ids, positions, segment_ids, state, rows)
+        return h, positions, rows
+
+    def logits(self, y: torch.Tensor) -> torch.Tensor:
+        """LM head in fp32 on the final normalised hidden state."""
+        return F.linear(y.float(), self.head.weight.float())
+
+    def final_hidden(self, h: torch.Tensor) -> torch.Tensor:
+        eps, norm_eps = self.config.hc_eps, self.config.rms_norm_eps
+        return self.norm(hc_head(h, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, eps, norm_eps))
+
+    def forward(self, input_ids: torch.Tensor, *, cache=None, rows: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+                last_only: bool = False, return_hidden: bool = False):
+        h, positions, rows = self.hidden(input_ids, cache=cache, rows=rows, positions=positions,
+                                         segment_ids=segment_ids)
+        if cache is not None:
+            cache.advance(rows, input_ids.shape[1])
+        y = self.final_hidden(h[:, -1:] if last_only else h)
+        out = self.logits(y)
+        if last_only:
+            out = out[:, 0]
+        return (out, h) if return_hidden else out
+
+    def mtp_logits(self, h: torch.Tensor, next_ids: torch.Tensor, *, k: int = 0, cache=None,
+                   rows: torch.Tensor | None = None, positions: torch.Tensor | None = None,
+                   segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """MTP block k on main streams h [B, S, N, D] and the ids of the *next* tokens [B, S].
+
+        Position t's logits predict token t+2. With a cache, uses the block's own window state.
+        """
+        if not len(self.mtp):
+            raise ValueError("this model has no MTP block (num_nextn_predict_layers = 0)")
+        self.check_ids(next_ids)
+        B, S = next_ids.shape
+        if cache is not None:
+            rows = cache.check_rows(rows, B, S, mtp=True)
+            positions = cache.mtp_lengths[rows].unsqueeze(1) + torch.arange(S, device=next_ids.device)
+            state = cache.layers[self.config.num_hidden_layers + k]
+        else:
+            state = None
+            if positions is None:
+                positions = (positions_from_segments(segment_ids) if segment_ids is not None
+                             else torch.arange(S, device=next_ids.device).expand(B, S))
+        y = self.mtp[k](h, next_ids, self.embed, positions, segment_ids, state, rows)
+        if cache is not None:
+            cache.advance_mtp(rows, S)
+        return self.logits(y)
+
+
+def positions_from_segments(seg: torch.Tensor) -> torch.Tensor:
+    """Position of each token within its document (restarting at 0 at each new segment id)."""
+    B, S = seg.shape
+    idx = torch.arange(S, device=seg.device).expand(B, S)
+    start = torch.ones_like(seg, dtype=torch.bool)
+    start[:, 1:] = seg[:, 1:] != seg[:, :-1]
+    first = torch.where(start, idx, torch.zeros_like(idx)).cummax(dim=1).values
+    return idx - first
