@@ -278,8 +278,14 @@ class Attention(nn.Module):
         theta = cfg.compress_rope_theta if self.ratio else cfg.rope_theta
         freqs = rope_freqs(cfg.qk_rope_head_dim, theta, cfg.yarn if self.ratio else None)
         self.register_buffer("freqs", freqs, persistent=False)
-        # CSA training phases: "sparse" (indexer top-k, inference), "dense" (all visible entries)
+        # CSA training phases (spec §15): index_mode "sparse" (indexer top-k; inference) or "dense" (all
+        # visible entries). index_loss=True also computes `last_index_loss`, the KL divergence from the
+        # main attention over compressed entries (summed over heads, L1-normalised) to the indexer's
+        # softmax, over all visible entries in dense mode and over the selected ones in sparse mode,
+        # with the indexer's inputs detached in sparse mode.
         self.index_mode = "sparse"
+        self.index_loss = False
+        self.last_index_loss: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor | None = None,
                 state=None, rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -305,8 +311,11 @@ class Attention(nn.Module):
                 comp_idx = torch.arange(comp.shape[1], device=x.device).expand(B, -1)
                 comp_seg = torch.zeros_like(comp_idx)
         iq = iw = None
-        if self.indexer is not None and self.index_mode == "sparse":
-            iq, iw = self.indexer.queries(x, qr, cos, sin)
+        want_loss = self.indexer is not None and self.index_loss
+        if self.indexer is not None and (self.index_mode == "sparse" or want_loss):
+            detach = want_loss and self.index_mode == "sparse"
+            iq, iw = self.indexer.queries(x.detach() if detach else x, qr.detach() if detach else qr, cos, sin)
+        kl_sum, kl_count = x.new_zeros((), dtype=torch.float32), 0
 
         if state is not None:  # window keys: the ring (older tokens) then this call's tokens
             ring, ring_pos = state.ring[rows], state.ring_positions(pos[:, 0])        # [B, W, Dh], [B, W]
@@ -331,14 +340,19 @@ class Attention(nn.Module):
             if comp is not None:
                 cvis = (comp_seg.unsqueeze(1) == qseg.unsqueeze(2)) & \
                        (comp_idx.unsqueeze(1) < (qpos.unsqueeze(2) + 1) // self.ratio)  # [B, Sc, C]
-                if iq is not None:
+                if iq is not None and self.index_mode == "sparse":
                     cvis = self.indexer.select(iq[:, s0:s1], iw[:, s0:s1], ikeys, cvis)
                 keys = torch.cat([keys, comp], dim=1)
                 visible = torch.cat([visible, cvis], dim=2)
             bias = torch.zeros(visible.shape, dtype=torch.float32, device=x.device)
             bias = bias.masked_fill(~visible, float("-inf"))                          # [B, Sc, T]
             outs.append(ops.sink_attention(q[:, s0:s1], keys, bias, self.attn_sink, Dh ** -0.5))
+            if want_loss and C:
+                kl, n = self._index_kl(q[:, s0:s1], keys, bias, iq[:, s0:s1], iw[:, s0:s1], ikeys, cvis)
+                kl_sum, kl_count = kl_sum + kl, kl_count + n
         o = apply_rope(torch.cat(outs, dim=1), cos, -sin)                              # [B, S, H, Dh]
+        if want_loss:
+            self.last_index_loss = kl_sum / max(kl_count, 1)
 
         if state is not None:  # the last W tokens of this call go to the ring at slot t mod W
             keep = min(S, self.window)
@@ -349,3 +363,18 @@ class Attention(nn.Module):
         wo_a = self.wo_a.weight.to(o.dtype).view(self.groups, self.o_rank, -1)        # [G, d_g, H·Dh/G]
         u = torch.einsum("bsgi,gri->bsgr", o, wo_a).flatten(2)                         # [B, S, G·d_g]
         return linear(u, self.wo_b)                                                    # [B, S, D]
+
+    def _index_kl(self, q, keys, bias, iq, iw, ikeys, cvis) -> tuple[torch.Tensor, int]:
+        """Σ over queries of KL(p ‖ softmax(I)) on the candidate compressed entries `cvis` [B, Sc, C]."""
+        C = cvis.shape[-1]
+        with torch.no_grad():  # target: the main attention's mass on each compressed entry
+            z = torch.einsum("bshd,btd->bsht", q.float(), keys.float()) * self.head_dim ** -0.5
+            z = z + bias.unsqueeze(2)
+            sink = self.attn_sink.float().view(1, 1, -1, 1).expand(*z.shape[:3], 1)
+            p = torch.softmax(torch.cat([z, sink], dim=-1), dim=-1)[..., -C - 1:-1].sum(dim=2)  # [B, Sc, C]
+            p = p.masked_fill(~cvis, 0)
+            p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
+        logq = torch.log_softmax(ops.index_scores(iq, ikeys, iw).masked_fill(~cvis, float("-inf")), dim=-1)
+        has = cvis.any(-1)                                                            # [B, Sc]
+        terms = torch.where(p > 0, p * (torch.log(p.clamp_min(1e-30)) - logq), torch.zeros_like(p))
+        return terms.sum(-1)[has].sum(), int(has.sum())

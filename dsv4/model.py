@@ -19,6 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dsv4 import ops
 from dsv4.attention import Attention, RMSNorm, linear
@@ -230,6 +231,7 @@ class Transformer(nn.Module):
         self.hc_head_scale = nn.Parameter(torch.empty(1))
         self.mtp = nn.ModuleList(MTPBlock(cfg, cfg.num_hidden_layers + k)
                                  for k in range(cfg.num_nextn_predict_layers))
+        self.gradient_checkpointing = False  # recompute each block in backward (training memory)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -298,7 +300,10 @@ class Transformer(nn.Module):
         h = h.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()  # [B, S, N, D]
         for i, layer in enumerate(self.layers):
             state = cache.layers[i] if cache is not None else None
-            h = layer(h, input_ids, positions, segment_ids, state, rows)
+            if self.gradient_checkpointing and self.training and cache is None:
+                h = checkpoint(layer, h, input_ids, positions, segment_ids, use_reentrant=False)
+            else:
+                h = layer(h, input_ids, positions, segment_ids, state, rows)
         return h, positions, rows
 
     def logits(self, y: torch.Tensor) -> torch.Tensor:
