@@ -321,9 +321,10 @@ class Attention(nn.Module):
             ring, ring_pos = state.ring[rows], state.ring_positions(pos[:, 0])        # [B, W, Dh], [B, W]
         if seg is None:
             seg = torch.zeros_like(pos)
+        # query chunk: its window keys span chunk + W − 1 tokens, so cap the chunk as well as the keys
         C = 0 if comp is None else comp.shape[1]
-        per_query = H * (self.window + C) + (0 if iq is None else iq.shape[2] * C)
-        chunk = max(1, min(S, SCORE_BUDGET // max(per_query, 1)))
+        per_query = H * (2 * self.window + C) + (0 if iq is None else iq.shape[2] * C)
+        chunk = max(1, min(S, max(self.window, 256), SCORE_BUDGET // per_query))
         outs = []
         for s0 in range(0, S, chunk):
             s1 = min(S, s0 + chunk)

@@ -268,6 +268,17 @@ class Transformer(nn.Module):
             elif name.endswith("gate.bias"):
                 b.zero_()
 
+    def to_dtype(self, dtype: torch.dtype) -> "Transformer":
+        """Cast floating-point parameters to `dtype`, keeping the official fp32 ones (mHC, sinks, ape,
+        router bias) in fp32."""
+        for name, p in self.named_parameters():
+            if p.is_floating_point():
+                p.data = p.data.to(torch.float32 if keeps_fp32(name) and dtype != torch.float64 else dtype)
+        for name, b in self.named_buffers():
+            if b.is_floating_point() and dtype == torch.float64:
+                b.data = b.data.to(dtype)
+        return self
+
     # ------------------------------------------------------------------ forward
     def check_ids(self, input_ids: torch.Tensor) -> None:
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):

@@ -1,0 +1,56 @@
+"""Shared fixtures: strict fp32 numerics and random models with non-trivial weights."""
+from __future__ import annotations
+
+import pathlib
+
+import pytest
+import torch
+
+from dsv4.config import ModelConfig, preset
+from dsv4.model import Transformer
+
+DATA = pathlib.Path(__file__).parent / "data"
+GOLDEN_DIR = DATA / "tiny-official"
+
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
+
+@torch.no_grad()
+def randomize(model: Transformer, seed: int = 0, expert_gain: float = 3.0) -> Transformer:
+    """Give every tensor a non-trivial random value (like the golden checkpoint's recipe): matrices
+    N(0,1)/sqrt(fan_in) (expert w1/w3 × gain so the SwiGLU clamp is hit), norms 1 + 0.1·N, mHC scales
+    0.5 + 0.5·U, mHC bases / sinks / ape 0.5·N, router bias 0.1·N, random distinct hash experts."""
+    g = torch.Generator().manual_seed(seed)
+    E = model.config.n_routed_experts
+    for name, p in model.named_parameters():
+        n = torch.randn(p.shape, generator=g, dtype=torch.float64)
+        if name.endswith("norm.weight"):
+            v = 1 + 0.1 * n
+        elif name.endswith("_scale"):
+            v = 0.5 + 0.5 * torch.rand(p.shape, generator=g, dtype=torch.float64)
+        elif name.endswith(("_base", "attn_sink", "ape")):
+            v = 0.5 * n
+        else:
+            v = n / p.shape[-1] ** 0.5
+            if name.endswith(("experts.w1", "experts.w3", "shared_experts.w1.weight", "shared_experts.w3.weight")):
+                v = v * expert_gain
+        p.copy_(v.to(p.dtype))
+    for name, b in model.named_buffers():
+        if name.endswith("gate.bias"):
+            b.copy_(0.1 * torch.randn(b.shape, generator=g))
+        elif name.endswith("tid2eid"):
+            V, K = b.shape
+            b.copy_(torch.rand(V, E, generator=g).argsort(dim=-1)[:, :K])
+    return model
+
+
+def random_model(cfg: ModelConfig | str = "tiny", seed: int = 0, dtype=torch.float32) -> Transformer:
+    cfg = preset(cfg) if isinstance(cfg, str) else cfg
+    torch.manual_seed(seed)
+    return randomize(Transformer(cfg), seed).to(dtype).eval()
+
+
+@pytest.fixture
+def tiny_model():
+    return random_model("tiny", seed=1)

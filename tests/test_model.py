@@ -1,0 +1,178 @@
+"""Model invariants: cached decode == full forward, chunked prefill, ragged batches, causality,
+document masking, input validation, linear memory."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dsv4.cache import DecodeCache, cache_bytes
+from dsv4.config import preset
+from dsv4.model import Transformer, positions_from_segments
+
+from conftest import random_model
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model("tiny", seed=3)
+
+
+@pytest.fixture(scope="module")
+def ids():
+    return torch.randint(0, 512, (2, 300), generator=torch.Generator().manual_seed(7))
+
+
+@pytest.fixture(scope="module")
+def full(model, ids):
+    with torch.no_grad():
+        return model(ids)
+
+
+@torch.no_grad()
+def test_token_by_token_decode_equals_full_forward(model, ids, full):
+    # prefill 120 tokens, then decode one by one across the 128-token HCA boundary and many 4-token ones
+    cache = DecodeCache(model.config, 2, 400)
+    outs = [model(ids[:, :120], cache=cache)]
+    for t in range(120, 300):
+        outs.append(model(ids[:, t:t + 1], cache=cache))
+    assert rel(torch.cat(outs, 1), full) < 1e-5
+    assert cache.lengths.tolist() == [300, 300]
+
+
+@torch.no_grad()
+def test_uneven_chunked_prefill_equals_full_forward(model, ids, full):
+    cache = DecodeCache(model.config, 2, 300)
+    outs, p = [], 0
+    for n in (1, 2, 5, 3, 118, 1, 7, 126, 37):  # boundaries 4k and 128 fall inside chunks and at edges
+        outs.append(model(ids[:, p:p + n], cache=cache))
+        p += n
+    assert p == 300
+    assert rel(torch.cat(outs, 1), full) < 1e-5
+
+
+@torch.no_grad()
+def test_ragged_batch_rows_at_different_lengths(model, ids, full):
+    cache = DecodeCache(model.config, 3, 320)  # row 2 stays unused
+    model(ids[0:1, :61], cache=cache, rows=torch.tensor([0]))
+    model(ids[1:2, :126], cache=cache, rows=torch.tensor([1]))
+    got0, got1 = [], []
+    for i in range(0, 40, 2):  # two tokens per step for both rows, at different positions
+        step = torch.stack([ids[0, 61 + i:63 + i], ids[1, 126 + i:128 + i]])
+        out = model(step, cache=cache, rows=torch.tensor([0, 1]))
+        got0.append(out[0])
+        got1.append(out[1])
+    assert rel(torch.cat(got0), full[0, 61:101]) < 1e-5
+    assert rel(torch.cat(got1), full[1, 126:166]) < 1e-5
+    assert cache.lengths.tolist() == [101, 166, 0]
+
+
+@torch.no_grad()
+def test_reset_row_reuses_cache(model, ids, full):
+    cache = DecodeCache(model.config, 2, 300)
+    model(ids[:, :200], cache=cache)
+    cache.reset([0])
+    out = model(ids[0:1, :131], cache=cache, rows=torch.tensor([0]))
+    assert rel(out[0], full[0, :131]) < 1e-5
+
+
+@torch.no_grad()
+def test_snapshot_restore_rolls_back_partial_windows(model, ids, full):
+    cache = DecodeCache(model.config, 2, 300)
+    model(ids[:, :126], cache=cache)
+    snap = cache.snapshot(torch.arange(2))
+    wrong = torch.randint(0, 512, (2, 3))
+    model(wrong, cache=cache)  # crosses the 128 boundary with wrong tokens
+    cache.restore(snap)
+    out = model(ids[:, 126:140], cache=cache)
+    assert rel(out, full[:, 126:140]) < 1e-5
+
+
+@torch.no_grad()
+def test_causality(model, ids, full):
+    changed = ids.clone()
+    changed[:, 200:] = torch.randint(0, 512, (2, 100), generator=torch.Generator().manual_seed(9))
+    out = model(changed)
+    assert torch.equal(out[:, :200], full[:, :200])
+    assert not torch.allclose(out[:, 200:], full[:, 200:])
+
+
+@torch.no_grad()
+def test_documents_do_not_interact(model):
+    g = torch.Generator().manual_seed(11)
+    a, b = torch.randint(0, 512, (1, 140), generator=g), torch.randint(0, 512, (1, 150), generator=g)
+    packed = torch.cat([a, b], 1)
+    seg = torch.cat([torch.zeros(1, 140), torch.ones(1, 150)], 1).long()
+    out = model(packed, segment_ids=seg)
+    assert rel(out[:, :140], model(a)) < 1e-5
+    assert rel(out[:, 140:], model(b)) < 1e-5
+    assert positions_from_segments(seg)[0, 140].item() == 0
+
+
+def test_bad_inputs_raise_clear_errors(model):
+    with pytest.raises(ValueError, match=r"\[0, 512\)"):
+        model(torch.tensor([[1, 2, 512]]))
+    with pytest.raises(ValueError, match=r"\[0, 512\)"):
+        model(torch.tensor([[-1, 2]]))
+    with pytest.raises(ValueError, match="non-empty"):
+        model(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(TypeError, match="integer"):
+        model(torch.zeros(1, 3))
+    cache = DecodeCache(model.config, 1, 16)
+    with pytest.raises(ValueError, match="longer than the cache"):
+        model(torch.ones(1, 17, dtype=torch.long), cache=cache)
+    with pytest.raises(ValueError, match="rows"):
+        model(torch.ones(2, 3, dtype=torch.long), cache=cache)
+
+
+def test_bf16_model_keeps_fp32_parameters():
+    m = random_model("tiny", seed=0).to_dtype(torch.bfloat16)
+    dt = {n: p.dtype for n, p in m.named_parameters()}
+    assert dt["layers.0.hc_attn_fn"] == torch.float32 and dt["layers.1.attn.compressor.ape"] == torch.float32
+    assert dt["layers.0.attn.wq_a.weight"] == torch.bfloat16 and dt["embed.weight"] == torch.bfloat16
+    with torch.no_grad():
+        out = m(torch.randint(0, 512, (1, 40)))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+
+
+def test_cache_bytes_match_allocation_and_spec():
+    cfg = preset("tiny")
+    cache = DecodeCache(cfg, 1, 1024, dtype=torch.bfloat16)
+    assert cache_bytes(cfg, 1024)["total"] == cache.nbytes()
+    # spec §12.3: Flash with bf16 entries grows by 6,880 bytes per token (compressed entries only)
+    flash = cache_bytes(preset("deepseek-v4-flash"), 1 << 20, with_mtp=False)
+    assert flash["per_token"] == 6880
+
+
+_MEM_SCRIPT = """
+import resource, sys, torch
+from dsv4.config import preset
+from dsv4.model import Transformer
+m = Transformer(preset('tiny')).eval()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+with torch.no_grad():
+    m(torch.randint(0, 512, (1, int(sys.argv[1]))), last_only=True)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+"""
+
+
+def test_forward_memory_grows_linearly():
+    """Peak memory of a full forward: 4× the tokens must cost ≲ 4× the memory (quadratic would be 16×).
+
+    Large blocks are forced to mmap so that the peak RSS measures live tensors, not heap fragmentation
+    of glibc's arenas (which otherwise keeps freed per-chunk buffers mapped)."""
+    import os
+
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    mib = []
+    for n in (2048, 8192):
+        res = subprocess.run([sys.executable, "-c", _MEM_SCRIPT, str(n)], capture_output=True, text=True,
+                             check=True, env=env)
+        mib.append(float(res.stdout.strip().splitlines()[-1]))
+    assert mib[1] < 6 * max(mib[0], 20), mib
