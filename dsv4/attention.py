@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4 import ops
+from dsv4.ops import acc_dtype, up
 from dsv4.config import ModelConfig, yarn_low_high
 
 # Elements of the largest per-chunk score tensor (queries × heads × keys); bounds attention memory.
@@ -38,32 +39,35 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
+        xf = up(x)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return (y * up(self.weight)).to(x.dtype)
 
 
 def linear(x: torch.Tensor, layer: nn.Linear, fp32: bool = False) -> torch.Tensor:
     if fp32:
-        return F.linear(x.float(), layer.weight.float())
+        return F.linear(up(x), up(layer.weight))
     return F.linear(x, layer.weight.to(x.dtype))
 
 
 # ----------------------------------------------------------------------------- RoPE
 def rope_freqs(rope_dim: int, theta: float, yarn: dict | None) -> torch.Tensor:
-    """Per-pair frequencies f_i = θ^(−2i/Dr), with the YaRN ramp when given (spec §5.2). [Dr/2] fp32."""
-    freqs = 1.0 / (theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float32) / rope_dim))
+    """Per-pair frequencies f_i = θ^(−2i/Dr), with the YaRN ramp when given (spec §5.2). [Dr/2] float64
+    (angles are then formed in fp32, as the official code, or in float64 for a float64 model)."""
+    freqs = 1.0 / (theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim))
     if yarn is not None:
         low, high = yarn_low_high(rope_dim, theta, yarn)
         if low == high:
             high += 0.001
-        ramp = ((torch.arange(rope_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+        ramp = ((torch.arange(rope_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
         freqs = freqs * ((1 - ramp) + ramp / yarn["factor"])
     return freqs
 
 
-def rope_cos_sin(pos: torch.Tensor, freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    angles = pos.to(torch.float32).unsqueeze(-1) * freqs.to(pos.device)          # [.., Dr/2]
+def rope_cos_sin(pos: torch.Tensor, freqs: torch.Tensor,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    dtype = acc_dtype(dtype)
+    angles = pos.to(dtype).unsqueeze(-1) * freqs.to(device=pos.device, dtype=dtype)  # [.., Dr/2]
     return angles.cos(), angles.sin()
 
 
@@ -75,7 +79,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     if x.dim() == 4:
         cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
     rd = 2 * cos.shape[-1]
-    nope, rope = x[..., :-rd], x[..., -rd:].float().unflatten(-1, (-1, 2))
+    nope, rope = x[..., :-rd], up(x[..., -rd:]).unflatten(-1, (-1, 2))
     a, b = rope[..., 0], rope[..., 1]
     rot = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
     return torch.cat([nope, rot.to(x.dtype)], dim=-1)
@@ -104,7 +108,7 @@ class Compressor(nn.Module):
 
     def project(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         kv = linear(x, self.wkv, fp32=True)                                       # [B, S, w]
-        score = linear(x, self.wgate, fp32=True) + self.ape.float()[pos % self.ratio]
+        score = linear(x, self.wgate, fp32=True) + up(self.ape)[pos % self.ratio]
         return kv, score
 
     def pool(self, kv: torch.Tensor, score: torch.Tensor, prev_kv: torch.Tensor | None,
@@ -123,12 +127,12 @@ class Compressor(nn.Module):
                dtype: torch.dtype) -> torch.Tensor:
         """Cast, normalise and rope entries [B, n, c] whose entry indices are index [B, n]."""
         e = self.norm(pooled.to(dtype))
-        cos, sin = rope_cos_sin(index * self.ratio, freqs)
+        cos, sin = rope_cos_sin(index * self.ratio, freqs, dtype)
         return apply_rope(e, cos, sin)
 
     def empty_window(self, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.wkv.weight.shape[0]
-        kv = x.new_zeros(batch, self.ratio, w, dtype=torch.float32)
+        kv = x.new_zeros(batch, self.ratio, w, dtype=acc_dtype(x.dtype))
         return kv, torch.full_like(kv, float("-inf"))
 
     # -- full sequence (no cache); documents given by seg compress independently
@@ -242,7 +246,7 @@ class Indexer(nn.Module):
         B, S, _ = x.shape
         q = linear(qr, self.wq_b).view(B, S, self.n_heads, self.head_dim)             # [B, S, Hi, Di]
         q = apply_rope(q, cos, sin)
-        w = linear(x, self.weights_proj).float() * (self.head_dim ** -0.5 * self.n_heads ** -0.5)  # [B, S, Hi]
+        w = up(linear(x, self.weights_proj)) * (self.head_dim ** -0.5 * self.n_heads ** -0.5)  # [B, S, Hi]
         return q, w
 
     def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
@@ -276,8 +280,9 @@ class Attention(nn.Module):
         self.indexer = Indexer(cfg) if self.ratio == 4 else None
         # sliding-window layers: θ = rope_theta, no YaRN; compressed layers: compress_rope_theta + YaRN
         theta = cfg.compress_rope_theta if self.ratio else cfg.rope_theta
-        freqs = rope_freqs(cfg.qk_rope_head_dim, theta, cfg.yarn if self.ratio else None)
-        self.register_buffer("freqs", freqs, persistent=False)
+        # a plain attribute, not a buffer: `model.to(bf16)` must not round the frequencies
+        self.freqs = rope_freqs(cfg.qk_rope_head_dim, theta, cfg.yarn if self.ratio else None)
+        self._freqs_on: dict = {}
         # CSA training phases (spec §15): index_mode "sparse" (indexer top-k; inference) or "dense" (all
         # visible entries). index_loss=True also computes `last_index_loss`, the KL divergence from the
         # main attention over compressed entries (summed over heads, L1-normalised) to the indexer's
@@ -291,23 +296,26 @@ class Attention(nn.Module):
                 state=None, rows: torch.Tensor | None = None) -> torch.Tensor:
         B, S, _ = x.shape
         H, Dh = self.n_heads, self.head_dim
-        cos, sin = rope_cos_sin(pos, self.freqs)                                     # [B, S, Dr/2]
+        freqs = self._freqs_on.get(x.device)
+        if freqs is None:
+            freqs = self._freqs_on[x.device] = self.freqs.to(x.device)
+        cos, sin = rope_cos_sin(pos, freqs, x.dtype)                                 # [B, S, Dr/2]
         qr = self.q_norm(linear(x, self.wq_a))                                        # [B, S, q_lora]
         q = linear(qr, self.wq_b).view(B, S, H, Dh)                                   # [B, S, H, Dh]
-        qf = q.float()
+        qf = up(q)
         q = apply_rope((qf * torch.rsqrt(qf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype), cos, sin)
         kv = apply_rope(self.kv_norm(linear(x, self.wkv)), cos, sin)                  # [B, S, Dh]
 
         comp = comp_seg = comp_idx = ikeys = None
         if self.compressor is not None:
             if state is None:
-                comp, comp_seg, comp_idx = self.compressor.forward_full(x, pos, seg, self.freqs)
+                comp, comp_seg, comp_idx = self.compressor.forward_full(x, pos, seg, freqs)
                 if self.indexer is not None:
-                    ikeys = self.indexer.compressor.forward_full(x, pos, seg, self.freqs)[0]
+                    ikeys = self.indexer.compressor.forward_full(x, pos, seg, freqs)[0]
             else:
-                comp = self.compressor.forward_cached(x, pos, self.freqs, state.comp, rows)
+                comp = self.compressor.forward_cached(x, pos, freqs, state.comp, rows)
                 if self.indexer is not None:
-                    ikeys = self.indexer.compressor.forward_cached(x, pos, self.freqs, state.index, rows)
+                    ikeys = self.indexer.compressor.forward_cached(x, pos, freqs, state.index, rows)
                 comp_idx = torch.arange(comp.shape[1], device=x.device).expand(B, -1)
                 comp_seg = torch.zeros_like(comp_idx)
         iq = iw = None
@@ -315,7 +323,7 @@ class Attention(nn.Module):
         if self.indexer is not None and (self.index_mode == "sparse" or want_loss):
             detach = want_loss and self.index_mode == "sparse"
             iq, iw = self.indexer.queries(x.detach() if detach else x, qr.detach() if detach else qr, cos, sin)
-        kl_sum, kl_count = x.new_zeros((), dtype=torch.float32), 0
+        kl_sum, kl_count = x.new_zeros((), dtype=acc_dtype(x.dtype)), 0
 
         if state is not None:  # window keys: the ring (older tokens) then this call's tokens
             ring, ring_pos = state.ring[rows], state.ring_positions(pos[:, 0])        # [B, W, Dh], [B, W]
@@ -345,7 +353,7 @@ class Attention(nn.Module):
                     cvis = self.indexer.select(iq[:, s0:s1], iw[:, s0:s1], ikeys, cvis)
                 keys = torch.cat([keys, comp], dim=1)
                 visible = torch.cat([visible, cvis], dim=2)
-            bias = torch.zeros(visible.shape, dtype=torch.float32, device=x.device)
+            bias = torch.zeros(visible.shape, dtype=acc_dtype(x.dtype), device=x.device)
             bias = bias.masked_fill(~visible, float("-inf"))                          # [B, Sc, T]
             outs.append(ops.sink_attention(q[:, s0:s1], keys, bias, self.attn_sink, Dh ** -0.5))
             if want_loss and C:
@@ -369,9 +377,9 @@ class Attention(nn.Module):
         """Σ over queries of KL(p ‖ softmax(I)) on the candidate compressed entries `cvis` [B, Sc, C]."""
         C = cvis.shape[-1]
         with torch.no_grad():  # target: the main attention's mass on each compressed entry
-            z = torch.einsum("bshd,btd->bsht", q.float(), keys.float()) * self.head_dim ** -0.5
+            z = torch.einsum("bshd,btd->bsht", up(q), up(keys)) * self.head_dim ** -0.5
             z = z + bias.unsqueeze(2)
-            sink = self.attn_sink.float().view(1, 1, -1, 1).expand(*z.shape[:3], 1)
+            sink = up(self.attn_sink).view(1, 1, -1, 1).expand(*z.shape[:3], 1)
             p = torch.softmax(torch.cat([z, sink], dim=-1), dim=-1)[..., -C - 1:-1].sum(dim=2)  # [B, Sc, C]
             p = p.masked_fill(~cvis, 0)
             p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)

@@ -58,7 +58,8 @@ class LayerState:
 def _compressor_state(ratio, c, batch, max_len, device, dtype) -> CompressorState:
     o = int(ratio == 4)
     w = (1 + o) * c
-    kv = torch.zeros(batch, (1 + o) * ratio, w, device=device, dtype=torch.float32)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    kv = torch.zeros(batch, (1 + o) * ratio, w, device=device, dtype=acc)
     return CompressorState(kv, torch.full_like(kv, float("-inf")),
                            torch.zeros(batch, max_len // ratio, c, device=device, dtype=dtype))
 

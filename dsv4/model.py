@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dsv4 import ops
+from dsv4.ops import up
 from dsv4.attention import Attention, RMSNorm, linear
 from dsv4.config import ModelConfig
 
@@ -41,27 +42,27 @@ def hc_pre(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.T
 
     Returns x [B, S, D] (model dtype), post [B, S, N], comb [B, S, N, N] (fp32).
     """
-    v = h.flatten(2).float()                                                   # [B, S, N·D]
+    v = up(h.flatten(2))                                                   # [B, S, N·D]
     rho = torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + norm_eps)              # unweighted RMS over N·D
-    mixes = F.linear(v, fn.float()) * rho                                      # [B, S, (2+N)·N]
-    pre, post, comb = ops.hc_split_sinkhorn(mixes, scale.float(), base.float(), n, iters, eps)
-    x = (pre.unsqueeze(-1) * h.float()).sum(dim=2)                             # [B, S, D]
+    mixes = F.linear(v, up(fn)) * rho                                      # [B, S, (2+N)·N]
+    pre, post, comb = ops.hc_split_sinkhorn(mixes, up(scale), up(base), n, iters, eps)
+    x = (pre.unsqueeze(-1) * up(h)).sum(dim=2)                             # [B, S, D]
     return x.to(h.dtype), post, comb
 
 
 def hc_post(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """h'_k = post_k · f + Σ_j comb[j, k] · h_j in fp32 (spec §4.2). -> [B, S, N, D]."""
-    mixed = torch.einsum("bsjk,bsjd->bskd", comb, residual.float())            # [B, S, N, D]
-    return (post.unsqueeze(-1) * f.float().unsqueeze(2) + mixed).to(residual.dtype)
+    mixed = torch.einsum("bsjk,bsjd->bskd", comb, up(residual))            # [B, S, N, D]
+    return (post.unsqueeze(-1) * up(f).unsqueeze(2) + mixed).to(residual.dtype)
 
 
 def hc_head(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, eps: float,
             norm_eps: float) -> torch.Tensor:
     """Head-side reduction of the N streams (spec §4.3): sigmoid weights, no Sinkhorn. -> [B, S, D]."""
-    v = h.flatten(2).float()
+    v = up(h.flatten(2))
     rho = torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + norm_eps)
-    pre = torch.sigmoid(F.linear(v, fn.float()) * rho * scale.float() + base.float()) + eps  # [B, S, N]
-    return (pre.unsqueeze(-1) * h.float()).sum(dim=2).to(h.dtype)
+    pre = torch.sigmoid(F.linear(v, up(fn)) * rho * up(scale) + up(base)) + eps  # [B, S, N]
+    return (pre.unsqueeze(-1) * up(h)).sum(dim=2).to(h.dtype)
 
 
 # ----------------------------------------------------------------------------- MoE
@@ -82,7 +83,7 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, D], ids [N] -> weights [N, K] fp32, indices [N, K], affinities [N, E] fp32."""
-        logits = F.linear(x.float(), self.weight.float())                      # [N, E]
+        logits = F.linear(up(x), up(self.weight))                      # [N, E]
         if self.score_func == "sqrtsoftplus":
             scores = F.softplus(logits).sqrt()
         elif self.score_func == "sigmoid":
@@ -319,7 +320,7 @@ class Transformer(nn.Module):
 
     def logits(self, y: torch.Tensor) -> torch.Tensor:
         """LM head in fp32 on the final normalised hidden state."""
-        return F.linear(y.float(), self.head.weight.float())
+        return F.linear(up(y), up(self.head.weight))
 
     def final_hidden(self, h: torch.Tensor) -> torch.Tensor:
         eps, norm_eps = self.config.hc_eps, self.config.rms_norm_eps

@@ -16,6 +16,16 @@ import torch.nn.functional as F
 BACKEND = "torch"
 
 
+def up(x: torch.Tensor) -> torch.Tensor:
+    """`x` in at least fp32: the official code computes these steps in fp32; a float64 model (used by
+    the tests against a float64 re-derivation of the spec) stays in float64."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def set_backend(name: str) -> None:
     """Choose the implementation of the primitives ('torch' is the only one on CPU)."""
     global BACKEND
@@ -33,7 +43,7 @@ def hc_split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tens
     normalisation, then (iters − 1) × (row, column), eps in every denominator. All fp32.
     `comb[j, k]` routes input stream j to output stream k.
     """
-    mixes = mixes.float()
+    mixes = up(mixes)
     pre_l, post_l, comb_l = mixes.split([n, n, n * n], dim=-1)
     pre = torch.sigmoid(pre_l * scale[0] + base[:n]) + eps                     # [.., n]
     post = 2 * torch.sigmoid(post_l * scale[1] + base[n:2 * n])               # [.., n]
@@ -65,12 +75,12 @@ def sink_attention(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, sink: 
     (0 = visible, −inf = not a candidate); sink [H] fp32, not scaled. Scores and softmax in fp32.
     o_h = Σ_j exp(z_hj) k_j / (Σ_j exp(z_hj) + exp(sink_h)). A query with no candidate gives 0.
     """
-    scores = torch.einsum("bshd,btd->bsht", q.float(), kv.float()) * scale      # [B, S, H, T]
-    scores = scores + bias.float().unsqueeze(2)
-    sink_l = sink.float().view(1, 1, -1, 1).expand(*scores.shape[:3], 1)        # [B, S, H, 1]
+    scores = torch.einsum("bshd,btd->bsht", up(q), up(kv)) * scale      # [B, S, H, T]
+    scores = scores + up(bias).unsqueeze(2)
+    sink_l = up(sink).view(1, 1, -1, 1).expand(*scores.shape[:3], 1)        # [B, S, H, 1]
     logits = torch.cat([scores, sink_l], dim=-1)                                 # [B, S, H, T+1]
     probs = torch.softmax(logits, dim=-1)[..., :-1]                              # [B, S, H, T]
-    out = torch.einsum("bsht,btd->bshd", probs, kv.float())                     # [B, S, H, Dh]
+    out = torch.einsum("bsht,btd->bshd", probs, up(kv))                     # [B, S, H, Dh]
     return out.to(q.dtype)
 
 
@@ -79,14 +89,14 @@ def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Ten
 
     q [B, S, Hi, Di]; k [B, C, Di]; w [B, S, Hi] (already scaled). fp32. Returns [B, S, C].
     """
-    dots = torch.einsum("bshd,bcd->bshc", q.float(), k.float())                 # [B, S, Hi, C]
-    return torch.einsum("bshc,bsh->bsc", F.relu(dots), w.float())               # [B, S, C]
+    dots = torch.einsum("bshd,bcd->bshc", up(q), up(k))                 # [B, S, Hi, C]
+    return torch.einsum("bshc,bsh->bsc", F.relu(dots), up(w))               # [B, S, C]
 
 
 # ----------------------------------------------------------------------------- MoE
 def swiglu(g: torch.Tensor, u: torch.Tensor, limit: float) -> torch.Tensor:
     """Clamped SwiGLU in fp32 (spec §8.4): up ∈ [−limit, limit], gate ≤ limit (no lower clamp)."""
-    g, u = g.float(), u.float()
+    g, u = up(g), up(u)
     if limit > 0:
         u = u.clamp(-limit, limit)
         g = g.clamp(max=limit)
