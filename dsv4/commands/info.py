@@ -1,0 +1,132 @@
+"""`dsv4 info PATH|PRESET`: layer pattern, parameter counts and KV-cache bytes of a model.
+
+Reads only config.json and the safetensors headers, so it is instant even for the released models.
+KV bytes follow `dsv4.cache.cache_bytes` (spec §12.3): the compressed entries grow with the context,
+the window rings and compressor states are a fixed amount per sequence.
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+ABBREV = {"sliding_attention": "SWA", "compressed_sparse_attention": "CSA", "heavily_compressed_attention": "HCA"}
+PER_LINE = 8
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", metavar="PATH", help="checkpoint folder (or its config.json), or a preset name "
+                                                 "such as deepseek-v4-flash")
+    p.add_argument("--context", type=int, default=None, metavar="N",
+                   help="context length for the KV-cache figures (default: max_position_embeddings)")
+    p.add_argument("--batch", type=int, default=1, metavar="B", help="sequences held in the cache (default 1)")
+
+
+def human_count(n: float) -> str:
+    for unit, div in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def human_bytes(n: float) -> str:
+    for unit, div in (("TiB", 2 ** 40), ("GiB", 2 ** 30), ("MiB", 2 ** 20), ("KiB", 2 ** 10)):
+        if abs(n) >= div:
+            return f"{n / div:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def resolve(model: str):
+    """(ModelConfig, folder or None, description) for a folder, a config.json path or a preset name."""
+    from dsv4.checkpoint import read_config
+    from dsv4.cli import CLIError
+    from dsv4.config import PRESETS, ModelConfig, preset
+
+    path = Path(model)
+    if path.is_file() and path.name.endswith(".json"):
+        return ModelConfig.from_json(path), None, f"{path}"
+    if path.is_dir():
+        return read_config(path), path, f"{path}"
+    if model in PRESETS:
+        return preset(model), None, f"preset {model}"
+    raise CLIError(f"{model!r} is neither a folder, a config.json nor a preset name "
+                   f"(presets: {', '.join(PRESETS)})")
+
+
+def layer_lines(cfg) -> list[str]:
+    cells = []
+    for i in range(cfg.num_hidden_layers):
+        cells.append(ABBREV[cfg.layer_type(i)] + ("*" if i < cfg.num_hash_layers else " "))
+    lines = []
+    for a in range(0, len(cells), PER_LINE):
+        b = min(a + PER_LINE, len(cells)) - 1
+        lines.append(f"  {f'{a}-{b}':>7}  " + " ".join(cells[a:b + 1]))
+    for k in range(cfg.num_nextn_predict_layers):
+        lines.append(f"  {f'MTP {k}':>7}  {ABBREV[cfg.layer_type(cfg.num_hidden_layers + k)]}")
+    return lines
+
+
+def storage_lines(folder: Path) -> list[str]:
+    """Shards, bytes on disk and tensors per storage dtype, from the safetensors headers."""
+    import contextlib
+    from collections import Counter
+
+    from dsv4.checkpoint import CheckpointError, open_shard, weight_files
+
+    names = {"F8_E4M3": "FP8 e4m3", "I8": "FP4 e2m1 (packed)", "F8_E8M0": "e8m0 scales"}
+    counts: Counter = Counter()
+    try:
+        files, _ = weight_files(folder)
+        for f in files:
+            with contextlib.ExitStack() as stack:
+                h = open_shard(f, stack)
+                counts.update(h.get_slice(k).get_dtype() for k in h.keys())
+    except FileNotFoundError:
+        return ["weights: none in this folder (config only)"]
+    except CheckpointError as exc:
+        return [f"weights: unreadable: {exc}"]
+    size = sum(f.stat().st_size for f in files)
+    kinds = ", ".join(f"{names.get(d, d)} {n}" for d, n in counts.most_common())
+    return [f"weights: {len(files)} file(s), {human_bytes(size)}, {sum(counts.values())} tensors ({kinds})"]
+
+
+def run(args: argparse.Namespace) -> int:
+    from dsv4.cache import cache_bytes
+    from dsv4.cli import CLIError
+
+    cfg, folder, what = resolve(args.model)
+    N = args.context if args.context is not None else cfg.max_position_embeddings
+    if N <= 0 or args.batch <= 0:
+        raise CLIError("--context and --batch must be positive")
+    L = cfg.num_hidden_layers
+    types = cfg.layer_types
+    out = [f"DeepSeek-V4 model: {what}",
+           f"shape: {L} layers + {cfg.num_nextn_predict_layers} MTP block(s), hidden {cfg.hidden_size}, "
+           f"{cfg.num_attention_heads} heads x {cfg.head_dim} (rope {cfg.qk_rope_head_dim}), vocab {cfg.vocab_size}, "
+           f"window {cfg.sliding_window}, mHC streams {cfg.hc_mult}",
+           f"MoE: {cfg.n_routed_experts} routed experts ({cfg.num_experts_per_tok} per token) + "
+           f"{cfg.n_shared_experts} shared, intermediate {cfg.moe_intermediate_size}; hash-routed layers: "
+           + ("none" if not cfg.num_hash_layers else "0" if cfg.num_hash_layers == 1 else
+              f"0-{cfg.num_hash_layers - 1}"),
+           f"layer pattern (SWA sliding window, CSA 1:4 + top-{cfg.index_topk} indexer, HCA 1:"
+           + "/".join(str(r) for r in sorted(set(cfg.compress_ratios) - {0, 4}) or ["128"])
+           + "; * = hash-routed MoE):"]
+    out += layer_lines(cfg)
+    out.append("  counts: " + ", ".join(f"{ABBREV[t]} {types.count(t)}" for t in ABBREV if types.count(t)))
+    pc = cfg.param_counts()
+    out.append(f"parameters: total {human_count(pc['total'])} ({pc['total']:,}), with MTP "
+               f"{human_count(pc['total_with_mtp'])}; active per token {human_count(pc['active'])} "
+               f"({pc['active']:,}, without the embedding)")
+    kv = cache_bytes(cfg, N)
+    fixed = cache_bytes(cfg, 0)["total"]           # window rings + compressor state: independent of N
+    per_tok = kv["per_token_per_type"]
+    out.append(f"KV cache (BF16, as allocated by dsv4.cache) at context {N:,} tokens:")
+    out.append(f"  per token: {kv['per_token']:,.0f} B of compressed entries ("
+               + ", ".join(f"{ABBREV[t]} {b:,.0f} B" for t, b in per_tok.items() if b) + ")")
+    out.append(f"  per sequence: {human_bytes(kv['total'])} ({kv['total']:,} B = compressed entries "
+               f"{human_bytes(kv['total'] - fixed)} + window rings and compressor state {human_bytes(fixed)})")
+    if args.batch > 1:
+        out.append(f"  batch of {args.batch}: {human_bytes(args.batch * kv['total'])}")
+    if folder is not None:
+        out += storage_lines(folder)
+    print("\n".join(out))
+    return 0
