@@ -54,12 +54,13 @@ def linear(x: torch.Tensor, layer: nn.Linear, fp32: bool = False) -> torch.Tenso
 def rope_freqs(rope_dim: int, theta: float, yarn: dict | None) -> torch.Tensor:
     """Per-pair frequencies f_i = θ^(−2i/Dr), with the YaRN ramp when given (spec §5.2). [Dr/2] float64
     (angles are then formed in fp32, as the official code, or in float64 for a float64 model)."""
-    freqs = 1.0 / (theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float64) / rope_dim))
+    # explicit CPU tensors: a model built under `torch.device("meta")` (checkpoint loading) keeps real values
+    freqs = 1.0 / (theta ** (torch.arange(0, rope_dim, 2, dtype=torch.float64, device="cpu") / rope_dim))
     if yarn is not None:
         low, high = yarn_low_high(rope_dim, theta, yarn)
         if low == high:
             high += 0.001
-        ramp = ((torch.arange(rope_dim // 2, dtype=torch.float64) - low) / (high - low)).clamp(0, 1)
+        ramp = ((torch.arange(rope_dim // 2, dtype=torch.float64, device="cpu") - low) / (high - low)).clamp(0, 1)
         freqs = freqs * ((1 - ramp) + ramp / yarn["factor"])
     return freqs
 

@@ -423,27 +423,9 @@ def _display(official: str, layout: str) -> str:
 
 
 # ----------------------------------------------------------------------------- building the empty model
-@contextlib.contextmanager
-def _parameters_on_meta():
-    """Build modules with parameters on the meta device but real buffers, so that buffers computed in
-    `__init__` (RoPE frequencies) keep their values while no parameter memory is touched."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module, name, param):
-        if param is not None and not param.is_meta:
-            param = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-        register(module, name, param)
-
-    nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
-
-
 def empty_model(cfg: ModelConfig) -> Transformer:
-    """A Transformer whose parameters live on the meta device (no memory, no init)."""
-    with _parameters_on_meta():
+    """A Transformer whose parameters and buffers live on the meta device (no memory, no init)."""
+    with torch.device("meta"):
         return Transformer(cfg)
 
 

@@ -1,0 +1,159 @@
+"""Parity and cache checks on a CUDA GPU, in fp32 (TF32 off) and bf16.
+
+    python bench/gpu_checks.py [--out results.json]
+
+1. The official golden checkpoint (tests/data/tiny-official): prefill logits at several lengths, 50
+   cached decode steps and the MTP block against the official code's outputs.
+2. transformers' DeepseekV4ForCausalLM on a random tiny config (every layer type + a hash layer),
+   saved by transformers and loaded by dsv4: logits in fp32 and in bf16, each against a float64 CPU run
+   of dsv4 (so the bf16 errors of both implementations are measured against the same truth).
+3. The decode cache in bf16: token-by-token decode, uneven chunked prefill and ragged rows against the
+   full forward of the same bf16 model, compared with the bf16-vs-float64 error of the full forward.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import tempfile
+import time
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from dsv4.cache import DecodeCache  # noqa: E402
+from dsv4.checkpoint import load_pretrained  # noqa: E402
+from dsv4.config import preset  # noqa: E402
+
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
+
+def rel(a, b) -> float:
+    a, b = a.double().cpu(), b.double().cpu()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def agree(a, b) -> float:
+    return float((a.argmax(-1).cpu() == b.argmax(-1).cpu()).double().mean())
+
+
+@torch.no_grad()
+def golden(dev, results):
+    from safetensors.torch import load_file
+
+    d = ROOT / "tests" / "data" / "tiny-official"
+    g = load_file(str(d / "golden.safetensors"))
+    ids = g["input_ids"].to(dev)
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        m = load_pretrained(d, device=dev, dtype=dtype).eval()
+        pre = {n: rel(m(ids[:, :n], last_only=True), g[f"prefill_logits_n{n}"]) for n in (1, 5, 128, 129, 257, 300)}
+        cache = DecodeCache(m.config, 2, 512, device=dev, dtype=dtype)
+        m(ids[:, :250], cache=cache, last_only=True)
+        steps = torch.stack([m(ids[:, 250 + i:251 + i], cache=cache, last_only=True) for i in range(50)], 1)
+        hidden = g["mtp_hidden"].to(dev, dtype)
+        mtp = {n: rel(m.mtp_logits(hidden[:, :n], ids[:, 1:n + 1])[:, -1], g[f"mtp_logits_n{n}"])
+               for n in (8, 64, 200, 299)}
+        results[f"golden_{name}"] = {"prefill_rel": pre, "decode_rel": rel(steps, g["decode_logits"]),
+                                     "decode_argmax_agree": agree(steps, g["decode_logits"]), "mtp_rel": mtp}
+        print(f"golden {name}: prefill max rel {max(pre.values()):.2e}, decode {results[f'golden_{name}']['decode_rel']:.2e}"
+              f" (argmax agree {results[f'golden_{name}']['decode_argmax_agree']:.3f}), mtp {max(mtp.values()):.2e}")
+
+
+@torch.no_grad()
+def transformers_parity(dev, results):
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+    from conftest import randomize
+
+    cfg = preset("tiny")
+    torch.manual_seed(0)
+    hf = DeepseekV4ForCausalLM(DeepseekV4Config(**cfg.to_hf_config())).float().eval()
+    g = torch.Generator().manual_seed(1)
+    for n, p in hf.named_parameters():  # non-trivial weights everywhere (sinks, biases, mHC)
+        p.copy_(torch.randn(p.shape, generator=g) * (0.5 if p.dim() < 2 else p.shape[-1] ** -0.5)
+                + (1.0 if n.endswith("norm.weight") else 0.0))
+    for n, b in hf.named_buffers():
+        if n.endswith("e_score_correction_bias"):
+            b.copy_(0.1 * torch.randn(b.shape, generator=g))
+        elif n.endswith("tid2eid"):
+            b.copy_(torch.rand(b.shape[0], cfg.n_routed_experts, generator=g).argsort(-1)[:, :b.shape[1]])
+    ids = torch.randint(0, cfg.vocab_size, (2, 300), generator=g)
+    with tempfile.TemporaryDirectory() as tmp:
+        hf.save_pretrained(tmp)
+        ours64 = load_pretrained(tmp, dtype=torch.float64).eval()
+        truth = ours64(ids)
+        out = {}
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            ours = load_pretrained(tmp, device=dev, dtype=dtype).eval()
+            theirs = DeepseekV4ForCausalLM.from_pretrained(tmp, torch_dtype=dtype).to(dev).eval()
+            lo = ours(ids.to(dev))
+            lt = theirs(ids.to(dev)).logits
+            out[name] = {"dsv4_vs_f64": rel(lo, truth), "transformers_vs_f64": rel(lt, truth),
+                         "dsv4_vs_transformers": rel(lo, lt), "argmax_agree": agree(lo, lt)}
+            print(f"transformers parity {name}: dsv4 {out[name]['dsv4_vs_f64']:.2e}, transformers "
+                  f"{out[name]['transformers_vs_f64']:.2e} vs float64; between them {out[name]['dsv4_vs_transformers']:.2e}")
+    results["transformers_parity"] = out
+
+
+@torch.no_grad()
+def cache_bf16(dev, results):
+    from conftest import random_model
+
+    m64 = random_model("tiny", seed=3, dtype=torch.float64)
+    m = random_model("tiny", seed=3).to_dtype(torch.bfloat16).to(dev)
+    ids = torch.randint(0, 512, (2, 300), generator=torch.Generator().manual_seed(7))
+    truth = m64(ids)
+    full = m(ids.to(dev))
+    out = {"full_bf16_vs_f64": rel(full, truth)}
+    cache = DecodeCache(m.config, 2, 400, device=dev, dtype=torch.bfloat16)
+    steps = [m(ids[:, :120].to(dev), cache=cache)] + [m(ids[:, t:t + 1].to(dev), cache=cache) for t in range(120, 300)]
+    dec = torch.cat(steps, 1)
+    out["decode_vs_full"], out["decode_vs_f64"] = rel(dec, full), rel(dec, truth)
+    cache = DecodeCache(m.config, 2, 300, device=dev, dtype=torch.bfloat16)
+    chunks, p = [], 0
+    for n in (1, 2, 5, 3, 118, 1, 7, 126, 37):
+        chunks.append(m(ids[:, p:p + n].to(dev), cache=cache))
+        p += n
+    out["chunked_vs_f64"] = rel(torch.cat(chunks, 1), truth)
+    cache = DecodeCache(m.config, 2, 320, device=dev, dtype=torch.bfloat16)
+    m(ids[0:1, :61].to(dev), cache=cache, rows=torch.tensor([0]))
+    m(ids[1:2, :126].to(dev), cache=cache, rows=torch.tensor([1]))
+    r0, r1 = [], []
+    for i in range(0, 40, 2):
+        o = m(torch.stack([ids[0, 61 + i:63 + i], ids[1, 126 + i:128 + i]]).to(dev), cache=cache)
+        r0.append(o[0])
+        r1.append(o[1])
+    out["ragged_vs_f64"] = max(rel(torch.cat(r0), truth[0, 61:101]), rel(torch.cat(r1), truth[1, 126:166]))
+    results["cache_bf16"] = out
+    print("cache bf16:", {k: f"{v:.2e}" for k, v in out.items()})
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    results = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+               "torch": torch.__version__}
+    try:
+        import transformers
+        results["transformers"] = transformers.__version__
+    except ImportError:
+        pass
+    t = time.time()
+    golden(dev, results)
+    transformers_parity(dev, results)
+    cache_bf16(dev, results)
+    results["seconds"] = time.time() - t
+    if args.out:
+        pathlib.Path(args.out).write_text(json.dumps(results, indent=2))
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
