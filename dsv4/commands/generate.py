@@ -1,0 +1,88 @@
+"""`dsv4 generate --model DIR|PRESET --prompt TEXT`: stream a continuation to stdout.
+
+Greedy unless --temperature > 0. Timing (and, with --speculative, the MTP draft acceptance rate) goes
+to stderr so that stdout holds only the generated text.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """Arguments shared by generate, chat and serve."""
+    p.add_argument("--model", required=True, metavar="DIR|PRESET",
+                   help="checkpoint folder, or a preset name (tiny, mini, small, bench, ...) for random weights")
+    p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
+                   help="weights and cache dtype (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--speculative", action="store_true",
+                   help="MTP speculative decoding: the MTP block drafts a token that the model verifies")
+    p.add_argument("--prefill-chunk", type=int, default=512, metavar="N", help="prompt tokens per prefill step")
+
+
+def add_sampling_arguments(p: argparse.ArgumentParser, max_new: int) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new, metavar="N")
+    p.add_argument("--temperature", type=float, default=0.0, metavar="T", help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, metavar="P")
+    p.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible output)")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_model_arguments(p)
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt", help="text to continue (BOS is prepended)")
+    prompt.add_argument("--prompt-ids", metavar="ID,ID,...", help="token ids to continue, used as given")
+    add_sampling_arguments(p, max_new=128)
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep going after the end-of-sentence token")
+    p.add_argument("--print-ids", action="store_true", help="print the generated token ids instead of text")
+
+
+def load(args):
+    """(model, tokenizer) for --model, telling the user on stderr what was loaded."""
+    from dsv4.engine import load_model, resolve_device
+
+    device, dtype = resolve_device(args.device, args.dtype)
+    model, tokenizer, notes = load_model(args.model, device, dtype)
+    for line in notes:
+        print(line, file=sys.stderr)
+    return model, tokenizer
+
+
+def run(args) -> int:
+    from dsv4.engine import Engine, Request
+
+    model, tokenizer = load(args)
+    prompt = [int(x) for x in args.prompt_ids.split(",")] if args.prompt_ids else args.prompt
+    n_prompt = len(prompt) if args.prompt_ids else len(tokenizer.encode(prompt, add_bos=True))
+    engine = Engine(model, tokenizer, max_batch=1, max_len=n_prompt + args.max_new_tokens,
+                    prefill_chunk=args.prefill_chunk, speculative=args.speculative)
+    req = Request(prompt=prompt, max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                  top_p=args.top_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+
+    def show(out) -> None:
+        if not args.print_ids:
+            sys.stdout.write(out.text)
+            sys.stdout.flush()
+
+    t0 = time.perf_counter()
+    engine.add(req, show)
+    result = None
+    while result is None:
+        for out in engine.step():
+            result = out.result or result
+    seconds = time.perf_counter() - t0
+    if args.print_ids:
+        print(" ".join(map(str, result.token_ids)))
+    else:
+        print()
+    n = len(result.token_ids)
+    line = f"{n} tokens in {seconds:.2f} s ({n / max(seconds, 1e-9):.1f} tok/s incl. prefill of {n_prompt}), " \
+           f"finish: {result.finish_reason}"
+    if args.speculative and result.drafted:
+        line += f", MTP drafts accepted {result.accepted}/{result.drafted} ({result.accepted / result.drafted:.0%})"
+    print(line, file=sys.stderr)
+    return 0 if result.finish_reason != "error" else 1

@@ -1,0 +1,313 @@
+"""Engine invariants: greedy == argmax chain of full forwards; continuous batching and chunked prefill
+change nothing; speculative greedy == plain greedy across compression boundaries; stop rules and
+UTF-8-safe streaming; seeded sampling independent of the batch; refusals before any work; and
+`dsv4 generate` == transformers' greedy `generate` on a checkpoint transformers wrote."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from dsv4.config import preset
+from dsv4.engine import (Engine, EngineOverloaded, PromptTooLong, Request, RequestError, TextStream, ThinkSplit,
+                         generate)
+from dsv4.tokenizer import DEFAULT_TRAIN_SPECIAL_TOKENS, train_bpe
+
+from conftest import random_model
+
+EOS = 1
+
+
+@pytest.fixture(scope="module")
+def model():
+    return random_model("tiny", seed=1)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    """Byte-level tokenizer (one id per byte, 271 ids), small enough for the tiny model's 512."""
+    return train_bpe([], vocab_size=len(DEFAULT_TRAIN_SPECIAL_TOKENS) + 256)
+
+
+def prompts(lengths, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, 512, (n,), generator=g).tolist() for n in lengths]
+
+
+@torch.no_grad()
+def argmax_chain(model, ids, n):
+    """Greedy continuation by full forwards (no cache), stopping after EOS."""
+    ids, out = list(ids), []
+    for _ in range(n):
+        t = int(model(torch.tensor([ids]))[0, -1].argmax())
+        out.append(t)
+        ids.append(t)
+        if t == EOS:
+            break
+    return out
+
+
+# ----------------------------------------------------------------------------- greedy and batching
+def test_greedy_equals_argmax_chain_of_full_forwards(model):
+    ps = prompts([9, 131])
+    got = Engine(model, max_batch=2, max_len=160).generate(ps, max_tokens=14)
+    for p, r in zip(ps, got):
+        assert r.token_ids == argmax_chain(model, p, 14)
+        assert r.finish_reason in ("length", "stop") and r.prompt_ids == p
+
+
+def test_continuous_batching_and_chunked_prefill_change_nothing(model):
+    ps = prompts([3, 40, 127, 9, 70, 130], seed=1)
+    alone = [Engine(model, max_batch=1, max_len=160, prefill_chunk=1024).generate([p], max_tokens=12, logprobs=0)[0]
+             for p in ps]
+    # 3 rows for 6 prompts: requests join and leave between steps; 13-token prefill budget per step
+    eng = Engine(model, max_batch=3, max_len=160, prefill_chunk=13)
+    both = eng.generate(ps, max_tokens=12, logprobs=0)
+    for a, b in zip(alone, both):
+        assert a.token_ids == b.token_ids
+        assert [x.logprob for x in a.logprobs] == pytest.approx([x.logprob for x in b.logprobs], abs=1e-4)
+    assert eng.num_running == 0 and eng.free_rows == [0, 1, 2]
+    assert eng.stats["prefill_tokens"] == sum(map(len, ps))
+
+
+def test_logprobs_are_the_models_log_softmax(model):
+    p = prompts([20], seed=2)[0]
+    r = Engine(model, max_batch=1, max_len=64).generate([p], max_tokens=5, logprobs=3)[0]
+    with torch.no_grad():
+        full = torch.log_softmax(model(torch.tensor([p + r.token_ids]))[0], -1)
+    for k, (t, lp) in enumerate(zip(r.token_ids, r.logprobs)):
+        ref = full[len(p) - 1 + k]
+        assert lp.token_id == t and lp.logprob == pytest.approx(float(ref[t]), abs=1e-4)
+        assert [i for i, _ in lp.top] == ref.topk(3).indices.tolist()
+
+
+# ----------------------------------------------------------------------------- speculative decoding
+def oracle_drafts(engine, refs, every=3):
+    """Make the MTP block's draft the true greedy token for 2 of every 3 positions (the tiny random
+    model's own MTP block almost never guesses right), so that both accepted and rejected drafts occur."""
+    model = engine.model
+    real = model.mtp_logits
+
+    def mtp_logits(h, next_ids, **kw):
+        out = real(h, next_ids, **kw)
+        for j, row in enumerate(kw["rows"].tolist()):
+            seq = engine.running[row]
+            k = len(seq.ids) - seq.n_prompt        # index of the token the draft predicts
+            ref = refs[tuple(seq.ids[:seq.n_prompt])]
+            if 0 < k < len(ref) and (k + row) % every:
+                out[j, -1] = -1e4
+                out[j, -1, ref[k]] = 1e4
+        return out
+
+    model.mtp_logits = mtp_logits
+    return lambda: delattr(model, "mtp_logits")
+
+
+def test_speculative_greedy_equals_plain_greedy(model):
+    # prompts end around the 128-token HCA boundary; 24 new tokens cross many 4-token CSA boundaries
+    ps = prompts(range(125, 136), seed=3)
+    plain = Engine(model, max_batch=4, max_len=170).generate(ps, max_tokens=24)
+    assert plain[0].token_ids == argmax_chain(model, ps[0], 24)
+    refs = {tuple(p): r.token_ids for p, r in zip(ps, plain)}
+
+    own = Engine(model, max_batch=4, max_len=170, speculative=True)
+    assert [r.token_ids for r in own.generate(ps, max_tokens=24)] == [r.token_ids for r in plain]
+    assert 0.0 <= own.acceptance_rate <= 1.0
+
+    eng = Engine(model, max_batch=4, max_len=170, prefill_chunk=50, speculative=True)
+    undo = oracle_drafts(eng, refs)
+    try:
+        spec = eng.generate(ps, max_tokens=24)
+    finally:
+        undo()
+    assert [r.token_ids for r in spec] == [r.token_ids for r in plain]
+    assert 0.4 < eng.acceptance_rate < 0.9, eng.stats          # both paths were taken
+    assert all(0 < r.accepted < r.drafted for r in spec)
+    assert eng.stats["generated_tokens"] == sum(len(r.token_ids) for r in spec)
+    assert int(eng.cache.mtp_lengths.max()) <= eng.max_len
+
+
+def test_speculative_sampling_is_seeded_and_needs_mtp(model):
+    ps = prompts([30, 7], seed=4)
+    a = Engine(model, max_batch=2, max_len=64, speculative=True).generate(ps, max_tokens=10, temperature=0.8, seed=3)
+    b = Engine(model, max_batch=2, max_len=64, speculative=True).generate(ps, max_tokens=10, temperature=0.8, seed=3)
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert all(r.drafted > 0 for r in a)
+    no_mtp = random_model(preset("tiny").with_(num_nextn_predict_layers=0), seed=1)
+    with pytest.raises(ValueError, match="MTP"):
+        Engine(no_mtp, speculative=True)
+
+
+# ----------------------------------------------------------------------------- sampling
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(model):
+    p = prompts([17], seed=5)[0]
+    kw = dict(max_tokens=16, temperature=1.0, top_p=0.9, top_k=100)
+    alone = Engine(model, max_batch=1, max_len=64).generate([Request(p, seed=7, **kw)])[0]
+    eng = Engine(model, max_batch=3, max_len=64)
+    others = [Request(q, seed=i, **kw) for i, q in enumerate(prompts([5, 30, 11, 3], seed=6))]
+    mixed = eng.generate(others[:2] + [Request(p, seed=7, **kw)] + others[2:])
+    assert mixed[2].token_ids == alone.token_ids
+    other_seed = Engine(model, max_batch=1, max_len=64).generate([Request(p, seed=8, **kw)])[0]
+    assert other_seed.token_ids != alone.token_ids
+    greedy = Engine(model, max_batch=1, max_len=64).generate([p], max_tokens=16)[0]
+    assert alone.token_ids != greedy.token_ids
+
+
+def test_top_k_1_is_greedy(model):
+    ps = prompts([12, 50], seed=7)
+    greedy = generate(model, ps, max_tokens=10)
+    topk1 = generate(model, ps, max_tokens=10, temperature=1.5, top_k=1, seed=1)
+    assert [r.token_ids for r in topk1] == [r.token_ids for r in greedy]
+
+
+# ----------------------------------------------------------------------------- refusals
+def test_requests_that_cannot_fit_are_refused_before_any_work(model, tok):
+    eng = Engine(model, tok, max_batch=1, max_len=64, max_queue=1)
+    with pytest.raises(PromptTooLong, match=r"prompt \(60 tokens\) plus max_tokens \(10\).*context of 64"):
+        eng.add(Request(prompts([60])[0], max_tokens=10))
+    with pytest.raises(PromptTooLong):
+        eng.generate([[5] * 10, [5] * 63], max_tokens=2)   # the whole batch is refused up front
+    assert eng.stats["steps"] == 0 and not eng.has_work()
+    for bad, match in [(dict(prompt=[]), "empty"), (dict(prompt=[3, 512]), r"\[0, 512\)"),
+                       (dict(prompt=[3], top_p=0.0), "top_p"), (dict(prompt=[3], temperature=-1.0), "temperature"),
+                       (dict(prompt=[3], max_tokens=0), "max_tokens"), (dict(prompt=[3], logprobs=99), "logprobs"),
+                       (dict(prompt="hi", stop="x"), "list of strings")]:
+        with pytest.raises(RequestError, match=match):
+            eng.add(Request(**{"max_tokens": 2, **bad}))
+    eng.add(Request([3, 4], max_tokens=2))
+    with pytest.raises(EngineOverloaded, match="queue is full"):
+        eng.add(Request([3, 4], max_tokens=2))
+
+
+def test_cancel_frees_the_row(model):
+    eng = Engine(model, max_batch=2, max_len=200)
+    rid = eng.add(Request(prompts([10])[0], max_tokens=150, ignore_eos=True))
+    for _ in range(3):
+        eng.step()
+    assert eng.num_running == 1
+    eng.cancel(rid)
+    outs = eng.step()
+    assert outs[-1].finish_reason == "cancelled" and 0 < len(outs[-1].result.token_ids) < 150
+    assert eng.num_running == 0 and eng.free_rows == [0, 1]
+
+
+# ----------------------------------------------------------------------------- text: stops and streaming
+class Scripted(nn.Module):
+    """A stand-in model that always predicts the next token of a fixed script (by position)."""
+
+    def __init__(self, script: list[int]):
+        super().__init__()
+        self.config = preset("tiny").with_(num_nextn_predict_layers=0)
+        self.embed = nn.Embedding(1, 1)
+        self.mtp = []
+        self.script = torch.tensor(script + [EOS] * 64)
+
+    def forward(self, ids, *, cache, rows, last_only=False, return_hidden=False):
+        B, S = ids.shape
+        pos = cache.lengths[rows].unsqueeze(1) + torch.arange(S)                       # [B, S]
+        cache.advance(rows, S)
+        logits = torch.full((B, S, self.config.vocab_size), -10.0)
+        logits.scatter_(2, self.script[pos + 1].unsqueeze(-1), 10.0)
+        if last_only:
+            logits = logits[:, -1]
+        return (logits, None) if return_hidden else logits
+
+
+def run_stream(engine, req):
+    deltas = []
+    engine.add(req, lambda out: deltas.append(out))
+    while engine.has_work():
+        engine.step()
+    return [d.text for d in deltas], deltas[-1].result
+
+
+def test_stop_strings_and_utf8_safe_streaming(tok):
+    text = "Hé 🙂 wörld! STOP 漢字"
+    prompt = tok.encode("Q:", add_bos=True)
+    eng = Engine(Scripted(prompt + tok.encode(text)), tok, max_batch=2, max_len=128)
+
+    deltas, res = run_stream(eng, Request(prompt, max_tokens=100, stop=["STOP", "never"]))
+    assert res.text == "Hé 🙂 wörld! " and "".join(deltas) == res.text and res.finish_reason == "stop"
+    assert not any("\ufffd" in d for d in deltas) and sum(map(bool, deltas)) > 5
+    assert len(res.token_ids) == len(tok.encode("Hé 🙂 wörld! STOP"))       # stopped at the match
+
+    deltas, res = run_stream(eng, Request(prompt, max_tokens=100))             # ends at EOS
+    assert res.text == text and "".join(deltas) == text and res.finish_reason == "stop"
+    assert res.token_ids[-1] == EOS and not any("\ufffd" in d for d in deltas)
+
+    deltas, res = run_stream(eng, Request(prompt, max_tokens=100, stop=["STOP 漢X"]))  # a prefix that never completes
+    assert res.text == text and "".join(deltas) == text
+
+    deltas, res = run_stream(eng, Request(prompt, max_tokens=5))               # mid-emoji: the tail is U+FFFD
+    assert res.finish_reason == "length" and res.text == tok.decode(tok.encode(text)[:5])
+    assert "".join(deltas) == res.text and res.text.endswith("\ufffd")
+
+    deltas, res = run_stream(eng, Request(prompt, max_tokens=100, stop_token_ids=[tok.encode("!")[0]]))
+    assert res.text == "Hé 🙂 wörld" and res.finish_reason == "stop"
+
+
+def test_text_stream_holds_back_stop_prefixes():
+    class Chars:  # one id per character
+        def decode(self, ids, skip_special=False):
+            return "".join(map(chr, ids))
+
+    s = TextStream(Chars(), stop=["abc", "bd"])
+    got = [s.push(ord(c))[0] for c in "xab"]
+    assert got == ["x", "", ""]                 # "ab" may start "abc", "b" may start "bd"
+    assert s.push(ord("x")) == ("abx", False)
+    assert s.push(ord("b")) == ("", False) and s.push(ord("d")) == ("", True) and s.text == "xabx"
+
+
+def test_think_split_routes_reasoning_and_answer():
+    split = ThinkSplit(thinking=True)
+    pieces = [split.push(p) for p in ["I think", " so</th", "ink>Yes", "."]]
+    assert pieces == [("I think", ""), (" so", ""), ("", "Yes"), ("", ".")]
+    assert ThinkSplit(thinking=False).push("</think>a") == ("", "</think>a")
+
+
+# ----------------------------------------------------------------------------- CLI vs transformers
+@torch.no_grad()
+def random_hf_model(cfg, seed=0):
+    """transformers' DeepseekV4ForCausalLM in fp32 with non-trivial random weights."""
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+    hf = DeepseekV4ForCausalLM(DeepseekV4Config(**cfg.to_hf_config())).float().eval()
+    g = torch.Generator().manual_seed(seed)
+    for name, p in hf.named_parameters():
+        n = torch.randn(p.shape, generator=g, dtype=torch.float64)
+        if name.endswith("norm.weight") or "layernorm" in name:
+            v = 1 + 0.1 * n
+        elif name.endswith(("hc.scale", "hc_scale")):
+            v = 0.5 + 0.5 * torch.rand(p.shape, generator=g, dtype=torch.float64)
+        elif name.endswith(("hc.base", "hc_base", "sinks", "position_bias")):
+            v = 0.5 * n
+        else:
+            v = n / p.shape[-1] ** 0.5 * (3 if "gate_up" in name or name.endswith(("gate_proj.weight",
+                                                                                  "up_proj.weight")) else 1)
+        p.copy_(v.to(p.dtype))
+    for name, b in hf.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            b.copy_(0.1 * torch.randn(b.shape, generator=g))
+        elif name.endswith("tid2eid"):
+            b.copy_(torch.rand(b.shape[0], cfg.n_routed_experts, generator=g).argsort(-1)[:, :b.shape[1]])
+    return hf
+
+
+def test_cli_generate_equals_transformers_greedy(tmp_path, tok, capsys):
+    pytest.importorskip("dsv4.checkpoint")
+    from dsv4.cli import main
+
+    hf = random_hf_model(preset("tiny"), seed=4)
+    hf.save_pretrained(tmp_path)
+    tok.save(tmp_path)
+    prompt = tok.encode("The quick brown fox jumps over the lazy dog. " * 3, add_bos=True)   # 136 tokens
+    n = 24
+    with torch.no_grad():
+        out = hf.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=None,
+                          pad_token_id=EOS)
+    want = out[0, len(prompt):].tolist()
+    capsys.readouterr()
+    assert main(["generate", "--model", str(tmp_path), "--prompt-ids", ",".join(map(str, prompt)),
+                 "--max-new-tokens", str(n), "--ignore-eos", "--print-ids", "--device", "cpu"]) == 0
+    got = [int(x) for x in capsys.readouterr().out.split()]
+    assert got == want
