@@ -1,0 +1,246 @@
+"""Training-step throughput, MFU and peak memory: dsv4 against transformers' DeepseekV4ForCausalLM.
+
+    python bench/bench_train.py                      # CUDA, bf16, the `bench` preset of TARGETS.md, seq 4096
+    python bench/bench_train.py --peer               # + transformers 5.17 on the same config
+    python bench/bench_train.py --smoke              # CPU smoke check: `tiny` preset, seq 256, fp32
+    python bench/bench_train.py --out results.json   # also write the rows as JSON
+
+Rows (each: tokens/s, step time, MFU, peak memory):
+  dsv4 bf16          bf16 weights (fp32 mHC/sink/ape/router bias), forward + next-token CE + backward
+  dsv4 bf16 ckpt     the same with activation checkpointing (`--ckpt`)
+  dsv4 recipe        what `dsv4 train` runs per step: fp32 master weights under bf16 autocast, next-token +
+                     MTP + balance losses, backward, Muon+AdamW step (`--recipe`)
+  transformers bf16  DeepseekV4ForCausalLM(config).to(bf16), forward with labels + backward (`--peer`)
+The first and last do the same work and compare directly (transformers has no MTP block in training).
+
+FLOPs per token (multiply-add = 2), training = forward + backward (backward = 2× forward):
+  F = 6·N_active + 3·Σ_layers A_layer + Σ_CSA I_layer   [+ the MTP block's 6·N + 3·A with --recipe]
+  N_active   parameters a token multiplies (ModelConfig.param_counts()["active"]: attention, router,
+             top-K + shared experts, mHC mixing matrices, LM head; not the embedding lookup)
+  A_layer    attention score + value FLOPs of a query averaged over positions t = 0..S-1 of the row:
+             4·H·Dh·n_keys(t) (QKᵀ and PV over one shared K=V head of width Dh), with
+             n_keys = min(W, t+1) + {0 (SWA); min(topk, ⌊(t+1)/4⌋) (CSA); ⌊(t+1)/m⌋ (HCA, m = 128)}
+  I_layer    lightning-indexer scores of a query: 2·Hi·Di·⌊(t+1)/4⌋, forward only (top-k selection is not
+             differentiated; the index loss is off in this benchmark)
+Compressor pooling, norms, Sinkhorn, softmax and the masked (unselected) keys the reference computes
+are not counted: MFU is useful work over peak. Peak: 790 TFLOP/s, the bf16 dense matmul measured on
+this H200 (TARGETS.md); `mfu_datasheet` uses 989.5 TFLOP/s.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from dsv4.config import ModelConfig, preset  # noqa: E402
+from dsv4.model import Transformer  # noqa: E402
+
+PEAK_MEASURED = 790e12
+PEAK_DATASHEET = 989.5e12
+
+
+# ----------------------------------------------------------------------------- FLOPs
+def attention_flops(cfg: ModelConfig, layer: int, S: int) -> tuple[float, float]:
+    """(attention, indexer) forward FLOPs per query of `layer`, averaged over positions 0..S-1."""
+    ratio, W = cfg.layer_ratio(layer), cfg.sliding_window
+    H, Dh = cfg.num_attention_heads, cfg.head_dim
+    attn = idx = 0.0
+    for t in range(S):
+        keys = min(W, t + 1)
+        if ratio == 4:
+            visible = (t + 1) // 4
+            keys += min(cfg.index_topk, visible)
+            idx += 2 * cfg.index_n_heads * cfg.index_head_dim * visible
+        elif ratio:
+            keys += (t + 1) // ratio
+        attn += 4 * H * Dh * keys
+    return attn / S, idx / S
+
+
+def train_flops_per_token(cfg: ModelConfig, S: int, mtp: bool = False) -> dict[str, float]:
+    counts = cfg.param_counts()
+    n_active = counts["active"]
+    layers = list(range(cfg.num_hidden_layers))
+    if mtp:
+        layers += [cfg.num_hidden_layers + k for k in range(cfg.num_nextn_predict_layers)]
+        E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
+        expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
+        n_active += counts["mtp"] - (E - K) * expert + cfg.hidden_size * cfg.vocab_size  # + the shared head again
+    attn = idx = 0.0
+    for i in layers:
+        a, x = attention_flops(cfg, i, S)
+        attn, idx = attn + a, idx + x
+    total = 6 * n_active + 3 * attn + idx
+    return {"matmul": 6 * n_active, "attention": 3 * attn, "indexer": idx, "total": total,
+            "active_params": n_active}
+
+
+# ----------------------------------------------------------------------------- steps
+def dsv4_step_fn(cfg: ModelConfig, dev: torch.device, B: int, S: int, dtype: torch.dtype, ckpt: bool):
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    model = model.to_dtype(dtype) if dtype != torch.float32 else model
+    model = model.to(dev).train()
+    model.gradient_checkpointing = ckpt
+    ids = torch.randint(0, cfg.vocab_size, (B, S + 1), device=dev)
+
+    def step():
+        logits = model(ids[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss.backward()
+        for p in model.parameters():
+            p.grad = None
+        return float(loss.detach())
+    return step
+
+
+def recipe_step_fn(cfg: ModelConfig, dev: torch.device, B: int, S: int):
+    """One optimizer step of the training loop's objective (dsv4.train.batch_losses) on random tokens."""
+    from dsv4.train import TrainConfig, batch_losses, build_model, build_optimizer, set_phase
+
+    tcfg = TrainConfig(model=cfg, seq_len=S, micro_batch=B, device=str(dev), steps=10, warmup_steps=1)
+    model = build_model(tcfg, dev)
+    opt = build_optimizer(model, tcfg)
+    set_phase(model, "sparse")
+    for layer in model.layers:       # the plain sparse step: no index loss, as in the other rows
+        layer.attn.index_loss = False
+    ids = torch.randint(0, cfg.vocab_size, (B, S + 1), device=dev)
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "doc_ids": torch.zeros(B, S, dtype=torch.long, device=dev),
+             "positions": torch.arange(S, device=dev).expand(B, S)}
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def step():
+        with amp:
+            objective, _ = batch_losses(model, batch, tcfg, "dense", 0.3, B * S, B * (S - 1))
+        objective.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return float(objective.detach())
+    return step
+
+
+def peer_step_fn(cfg: ModelConfig, dev: torch.device, B: int, S: int, dtype: torch.dtype):
+    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+
+    torch.manual_seed(0)
+    hf = DeepseekV4ForCausalLM(DeepseekV4Config(**cfg.to_hf_config())).to(dtype).to(dev).train()
+    ids = torch.randint(0, cfg.vocab_size, (B, S), device=dev)
+
+    def step():
+        out = hf(input_ids=ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        for p in hf.parameters():
+            p.grad = None
+        return float(out.loss.detach())
+    return step
+
+
+def measure(name: str, make, dev: torch.device, tokens: int, flops: float, warmup: int, iters: int) -> dict:
+    row = {"name": name}
+    try:
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats(dev)
+        step = make()
+        for _ in range(warmup):
+            step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            loss = step()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        sec = (time.perf_counter() - t0) / iters
+        row.update(ok=True, loss=loss, step_s=sec, tokens_per_s=tokens / sec, flops_per_token=flops,
+                   tflops=tokens * flops / sec / 1e12)
+        if dev.type == "cuda":
+            row.update(mfu=row["tflops"] * 1e12 / PEAK_MEASURED, mfu_datasheet=row["tflops"] * 1e12 / PEAK_DATASHEET,
+                       peak_gib=torch.cuda.max_memory_allocated(dev) / 2**30)
+    except torch.OutOfMemoryError:
+        row.update(ok=False, error="out of memory")
+    except Exception as exc:  # a failing row is reported, the others still run
+        row.update(ok=False, error=f"{type(exc).__name__}: {exc}"[:300])
+    finally:
+        step = None
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return row
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default=None, help="model preset (default: bench; tiny with --smoke)")
+    ap.add_argument("--seq", type=int, default=None, help="tokens per row (default 4096; 256 with --smoke)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--device", default=None, help="default cuda (cpu with --smoke)")
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=5)
+    ap.add_argument("--peer", action="store_true", help="also time transformers' DeepseekV4ForCausalLM")
+    ap.add_argument("--ckpt", action="store_true", help="also time dsv4 with activation checkpointing")
+    ap.add_argument("--recipe", action="store_true", help="also time the full training-loop step")
+    ap.add_argument("--smoke", action="store_true", help="CPU, tiny preset, fp32: checks that everything runs")
+    ap.add_argument("--out", default=None, help="write the results as JSON here")
+    args = ap.parse_args(argv)
+
+    smoke = args.smoke
+    cfg = preset(args.preset or ("tiny" if smoke else "bench"))
+    S = args.seq or (256 if smoke else 4096)
+    B = args.batch
+    dev = torch.device(args.device or ("cpu" if smoke else "cuda"))
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    if dev.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+    tokens = B * S
+    fl, fl_mtp = train_flops_per_token(cfg, S), train_flops_per_token(cfg, S, mtp=True)
+    tag = "bf16" if dtype == torch.bfloat16 else "fp32"
+    jobs = [(f"dsv4 {tag}", lambda: dsv4_step_fn(cfg, dev, B, S, dtype, False), fl["total"])]
+    if args.ckpt:
+        jobs.append((f"dsv4 {tag} ckpt", lambda: dsv4_step_fn(cfg, dev, B, S, dtype, True), fl["total"]))
+    if args.recipe:
+        jobs.append(("dsv4 recipe", lambda: recipe_step_fn(cfg, dev, B, S), fl_mtp["total"]))
+    if args.peer:
+        jobs.append((f"transformers {tag}", lambda: peer_step_fn(cfg, dev, B, S, dtype), fl["total"]))
+    rows = [measure(name, make, dev, tokens, flops, args.warmup, args.iters) for name, make, flops in jobs]
+
+    from dsv4.runlog import describe_environment
+    env = describe_environment(dev)
+    counts = cfg.param_counts()
+    print(f"# {time.strftime('%Y-%m-%d')}  {env['device']['name']}  torch {env['versions']['torch']}  "
+          f"triton {env['versions']['triton']}  ops {env['ops_backend']}  commit {(env['git']['commit'] or '?')[:10]}")
+    print(f"# model {args.preset or ('tiny' if smoke else 'bench')}: {counts['total'] / 1e6:.0f}M params "
+          f"({counts['active'] / 1e6:.0f}M active), batch {B} × seq {S}; FLOPs/token {fl['total'] / 1e9:.3f} G "
+          f"(matmul {fl['matmul'] / 1e9:.3f}, attention {fl['attention'] / 1e9:.3f}, indexer {fl['indexer'] / 1e9:.3f})")
+    print(f"# command: python {' '.join(sys.argv)}")
+    print(f"{'row':<22}{'tokens/s':>12}{'step ms':>10}{'TFLOP/s':>10}{'MFU':>8}{'peak GiB':>10}  loss")
+    for r in rows:
+        if not r["ok"]:
+            print(f"{r['name']:<22}  {r['error']}")
+            continue
+        mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "n/a"
+        mem = f"{r['peak_gib']:.2f}" if "peak_gib" in r else "n/a"
+        print(f"{r['name']:<22}{r['tokens_per_s']:>12.0f}{1e3 * r['step_s']:>10.1f}{r['tflops']:>10.2f}{mfu:>8}"
+              f"{mem:>10}  {r['loss']:.3f}")
+    ok = {r["name"]: r for r in rows if r["ok"]}
+    peer = next((r for n, r in ok.items() if n.startswith("transformers")), None)
+    if peer is not None and f"dsv4 {tag}" in ok:
+        print(f"# dsv4 / transformers tokens/s: {ok[f'dsv4 {tag}']['tokens_per_s'] / peer['tokens_per_s']:.2f}×")
+    if args.out:
+        result = {"date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": sys.argv, "environment": env,
+                  "model": cfg.to_hf_config(), "batch": B, "seq": S, "flops_per_token": fl,
+                  "flops_per_token_with_mtp": fl_mtp, "peak_flops": PEAK_MEASURED, "rows": rows}
+        pathlib.Path(args.out).write_text(json.dumps(result, indent=2, default=str) + "\n")
+        print(f"# wrote {args.out}")
+    return 0 if all(r["ok"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
