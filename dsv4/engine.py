@@ -163,8 +163,9 @@ _THINK_END = "</think>"
 
 
 class ThinkSplit:
-    """Chat replies in thinking mode are `{reasoning}</think>{answer}`: this routes generated text to reasoning until `</think>`, then to content; a tail that may be the
-    start of `</think>` is held back, so streamed pieces concatenate to the non-streamed fields."""
+    """Chat replies in thinking mode are `{reasoning}</think>{answer}`: this routes generated text to
+    reasoning until `</think>`, then to content. A tail that may be the start of `</think>` is held
+    back, so streamed pieces concatenate to the non-streamed fields."""
 
     def __init__(self, thinking: bool):
         self.reasoning_mode, self.buf = thinking, ""
@@ -282,7 +283,7 @@ class Engine:
     """
 
     def __init__(self, model, tokenizer=None, *, max_batch: int = 8, max_len: int = 4096,
-                 prefill_chunk: int = 512, max_queue: int | None = None, speculative: bool = False,
+                 prefill_chunk: int = 2048, max_queue: int | None = None, speculative: bool = False,
                  eos_token_id: int | None = None):
         cfg = model.config
         if speculative and not getattr(model, "mtp", None):
@@ -355,11 +356,22 @@ class Engine:
             with torch.no_grad():
                 self._prefill()
                 self._decode()
-        except Exception as exc:  # a failing forward ends the affected requests, never the loop
+        except Exception as exc:  # a failing forward ends the running requests, never the loop
             log.exception("engine step failed")
             for seq in self.running.values():
                 seq.finish(ERROR, f"{type(exc).__name__}: {exc}")
         self.stats["steps"] += 1
+        return self._emit()
+
+    def fail_all(self, message: str) -> list[Output]:
+        """End every queued and running request with finish_reason "error" (the loop hit a bug)."""
+        with self._lock:
+            waiting, self.waiting = list(self.waiting), deque()
+        for seq in waiting:
+            seq.finish(ERROR, message)
+            self._deliver(seq)
+        for seq in self.running.values():
+            seq.finish(ERROR, message)
         return self._emit()
 
     def generate(self, prompts: Sequence[str | Sequence[int] | Request], **params) -> list[Result]:
@@ -401,9 +413,9 @@ class Engine:
         if not isinstance(req.max_tokens, int) or req.max_tokens < 1:
             bad(f"max_tokens must be a positive integer; got {req.max_tokens!r}")
         if len(ids) + req.max_tokens > self.max_len:
-            raise PromptTooLong(f"the prompt ({len(ids)} tokens) plus max_tokens ({req.max_tokens}) is {len(ids) + req.max_tokens} "
-                f"tokens, more than the context of {self.max_len} tokens this engine was started with; "
-                "shorten the prompt or lower max_tokens")
+            raise PromptTooLong(f"the prompt ({len(ids)} tokens) plus max_tokens ({req.max_tokens}) is "
+                                f"{len(ids) + req.max_tokens} tokens, more than the context of {self.max_len} "
+                                "tokens this engine was started with; shorten the prompt or lower max_tokens")
         if not (req.temperature >= 0.0 and req.temperature < float("inf")):
             bad(f"temperature must be >= 0; got {req.temperature!r}")
         if not (0.0 < req.top_p <= 1.0):
@@ -608,6 +620,8 @@ def generate(model, prompts: Sequence[str | Sequence[int]], tokenizer=None, *, m
 
     params are Request fields (max_tokens, temperature, top_k, top_p, seed, stop, ...).
     """
+    if not prompts:
+        return []
     max_tokens = params.get("max_tokens", Request.max_tokens)
     if max_len is None:
         longest = max(len(tokenizer.encode(p, add_bos=True)) if isinstance(p, str) else len(p) for p in prompts)
@@ -646,7 +660,11 @@ class EngineLoop:
     def _run(self) -> None:
         while not self._stop.is_set():
             if self.engine.has_work():
-                self.engine.step()
+                try:
+                    self.engine.step()
+                except Exception as exc:  # keep serving: fail what is in flight, not the thread
+                    log.exception("engine loop error")
+                    self.engine.fail_all(f"{type(exc).__name__}: {exc}")
             else:
                 self._wake.wait(0.1)
                 self._wake.clear()
@@ -735,7 +753,9 @@ def load_model(spec: str, device: torch.device, dtype: torch.dtype, seed: int = 
 
     notes = []
     path = Path(spec)
-    if path.is_dir():
+    if spec in PRESETS and not (path / "config.json").is_file():
+        path = None  # a preset name, even where a folder of that name exists (bench/)
+    if path is not None and path.is_dir():
         from dsv4.checkpoint import load_pretrained
 
         model = load_pretrained(path, device=device, dtype=dtype)
@@ -747,7 +767,7 @@ def load_model(spec: str, device: torch.device, dtype: torch.dtype, seed: int = 
     else:
         raise FileNotFoundError(f"{spec!r} is neither a model folder nor a preset name "
                                 f"(presets: {', '.join(PRESETS)})")
-    tokenizer, note = tokenizer_for(model.config.vocab_size, path if path.is_dir() else None)
+    tokenizer, note = tokenizer_for(model.config.vocab_size, path)
     notes.append(note)
     return model, tokenizer, notes
 
@@ -767,6 +787,7 @@ def tokenizer_for(vocab_size: int, folder=None):
         pass
     n = len(DEFAULT_TRAIN_SPECIAL_TOKENS) + 256
     if n > vocab_size:
-        raise ValueError(f"no tokenizer fits a vocabulary of {vocab_size} ids: put a tokenizer.json in the model folder")
+        raise ValueError(f"no tokenizer fits a vocabulary of {vocab_size} ids: put a tokenizer.json in the "
+                         "model folder")
     return train_bpe([], vocab_size=n), (f"tokenizer: byte-level ({n} ids; the DeepSeek-V4 tokenizer needs "
                                          f"more than the model's {vocab_size})")

@@ -145,8 +145,8 @@ class Server:
 
     def _request(self, body: _Sampling, prompt_ids: list[int], max_tokens: int | None, logprobs: int | None,
                  id_prefix: str) -> Request:
-        if max_tokens is None:
-            max_tokens = self.engine.max_len - len(prompt_ids)
+        if max_tokens is None:  # the rest of the context (a prompt that fills it is refused as too long)
+            max_tokens = max(self.engine.max_len - len(prompt_ids), 1)
         stops = [body.stop] if isinstance(body.stop, str) else (body.stop or [])
         top_k = body.top_k if body.top_k is not None else 0
         return Request(prompt=prompt_ids, max_tokens=max_tokens,
@@ -206,6 +206,12 @@ class Server:
             raise APIError(400, "top_logprobs must be in [0, 20] and needs logprobs=true", param="top_logprobs")
         kw = body.chat_template_kwargs or ChatTemplateKwargs()
         messages = [m.model_dump(exclude_none=True) for m in body.messages]
+        for i, m in enumerate(messages):  # OpenAI content parts: text only, joined
+            if isinstance(m.get("content"), list):
+                parts = m["content"]
+                if any(p.get("type") != "text" or not isinstance(p.get("text"), str) for p in parts):
+                    raise APIError(400, f"messages[{i}]: only text content parts are supported", param="messages")
+                m["content"] = "".join(p["text"] for p in parts)
         try:
             text = encode_chat(messages, thinking=kw.thinking, tools=body.tools or None,
                                reasoning_effort=kw.reasoning_effort)
@@ -288,6 +294,8 @@ def create_app(engine: Engine, model_name: str = "dsv4") -> FastAPI:
         loc = [str(x) for x in first.get("loc", ()) if x != "body"]
         param = ".".join(loc) or None
         msg = first.get("msg", "invalid request")
+        if param is None:
+            msg = f"the request body must be a JSON object ({msg})"
         if first.get("type") == "extra_forbidden":
             msg = "unknown field"
         return _json_error(400, f"{param}: {msg}" if param else msg, param=param)

@@ -203,6 +203,8 @@ class Scripted(nn.Module):
         self.script = torch.tensor(script + [EOS] * 64)
 
     def forward(self, ids, *, cache, rows, last_only=False, return_hidden=False):
+        if getattr(self, "fail", False):
+            raise RuntimeError("boom")
         B, S = ids.shape
         pos = cache.lengths[rows].unsqueeze(1) + torch.arange(S)                       # [B, S]
         cache.advance(rows, S)
@@ -244,6 +246,17 @@ def test_stop_strings_and_utf8_safe_streaming(tok):
 
     deltas, res = run_stream(eng, Request(prompt, max_tokens=100, stop_token_ids=[tok.encode("!")[0]]))
     assert res.text == "Hé 🙂 wörld" and res.finish_reason == "stop"
+
+
+def test_a_failing_forward_ends_the_running_requests_and_the_engine_goes_on(tok):
+    prompt = tok.encode("Q:", add_bos=True)
+    model = Scripted(prompt + tok.encode("fine"))
+    eng = Engine(model, tok, max_batch=2, max_len=64)
+    model.fail = True
+    res = eng.generate([prompt, prompt], max_tokens=4)
+    assert [r.finish_reason for r in res] == ["error", "error"] and "boom" in res[0].error
+    model.fail = False
+    assert eng.generate([prompt], max_tokens=4)[0].text == "fine"
 
 
 def test_text_stream_holds_back_stop_prefixes():

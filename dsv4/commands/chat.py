@@ -49,7 +49,8 @@ class _Printer:
         self.out.flush()
 
 
-def reply(engine, messages: list[dict], thinking: bool, args, out=sys.stdout) -> dict | None:
+def reply(engine, messages: list[dict], thinking: bool, args, seed: int | None = None,
+          out=sys.stdout) -> dict | None:
     """Generate and stream one assistant turn; the message to append to the history (None if refused)."""
     from dsv4.engine import Request, RequestError, ThinkSplit
     from dsv4.tokenizer import encode_chat
@@ -61,7 +62,7 @@ def reply(engine, messages: list[dict], thinking: bool, args, out=sys.stdout) ->
               file=sys.stderr)
         return None
     req = Request(prompt=ids, max_tokens=min(args.max_new_tokens, room), temperature=args.temperature,
-                  top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+                  top_p=args.top_p, top_k=args.top_k, seed=seed)
     split, printer = ThinkSplit(thinking), _Printer(out, out.isatty())
     parts = {"reasoning": [], "content": []}
 
@@ -125,7 +126,8 @@ def run(args) -> int:
                 print(HELP, file=sys.stderr)
             continue
         messages.append({"role": "user", "content": line})
-        answer = reply(engine, messages, thinking, args)
+        turn = sum(m["role"] == "user" for m in messages)  # a new seed per turn, reproducible per session
+        answer = reply(engine, messages, thinking, args, None if args.seed is None else args.seed + turn)
         if answer is None:
             messages.pop()
         else:

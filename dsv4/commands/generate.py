@@ -19,7 +19,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="weights and cache dtype (default: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--speculative", action="store_true",
                    help="MTP speculative decoding: the MTP block drafts a token that the model verifies")
-    p.add_argument("--prefill-chunk", type=int, default=512, metavar="N", help="prompt tokens per prefill step")
+    p.add_argument("--prefill-chunk", type=int, default=2048, metavar="N", help="prompt tokens per prefill step")
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_new: int) -> None:
