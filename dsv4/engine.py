@@ -17,8 +17,9 @@ in order, so each decode step verifies [last token, draft] in one main-model cal
   * accepted: both positions' logits are used, two tokens per call;
   * rejected: the main cache is rolled back (`snapshot`/`restore`; window rings, compressor partial
     windows and lengths) and the last token is fed again alone, one token per call (plus the re-feed).
-Greedy output is identical to plain greedy decoding; for sampling, the draft is accepted with
-probability p(draft), else a token is drawn from p without the draft (exactly p overall).
+Greedy output is identical to plain greedy decoding. Sampling requests draw the draft from their own
+processed MTP distribution q and accept it with probability min(1, p/q), else draw from max(p − q, 0):
+each token is distributed exactly as without speculation.
 Shapes: b rows in a call, S tokens per row, V vocab, N streams, D model dim.
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dsv4.cache import DecodeCache
-from dsv4.sampling import is_greedy, make_generator, sample, token_logprobs, verify_draft
+from dsv4.sampling import draft, is_greedy, make_generator, sample, token_logprobs, verify_draft
 
 log = logging.getLogger("dsv4.engine")
 
@@ -201,6 +202,7 @@ class _Seq:
         self.generator: torch.Generator | None = None
         self.spec = False                    # fed to the MTP block, drafting
         self.draft: int | None = None
+        self.draft_q: torch.Tensor | None = None   # distribution the draft was sampled from (None: argmax)
         self.drafted = self.accepted = 0
         self.stream = TextStream(tokenizer, req.stop)
         self.logprobs: list[TokenLogprob] | None = [] if req.logprobs is not None else None
@@ -525,7 +527,11 @@ class Engine:
                 last = self._mtp(h[spec], next_ids, rows[spec])
                 for j, i in enumerate(spec):
                     if i in done:
-                        seqs[i].draft = int(last[j].argmax())
+                        self._draft(seqs[i], last[j])
+
+    def _draft(self, s: _Seq, logits: torch.Tensor) -> None:
+        r = s.req
+        s.draft, s.draft_q = draft(logits, r.temperature, r.top_k, r.top_p, s.generator)
 
     def _mtp(self, h: torch.Tensor, next_ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Feed positions to the MTP block in order (in pieces of MTP_CHUNK); logits of the last one [b, V]."""
@@ -582,7 +588,8 @@ class Engine:
             if s.greedy:
                 tok, ok = best[i], best[i] == s.draft
             else:
-                tok, ok = verify_draft(logits[i, 0], s.draft, r.temperature, r.top_k, r.top_p, s.generator)
+                tok, ok = verify_draft(logits[i, 0], s.draft, s.draft_q, r.temperature, r.top_k, r.top_p,
+                                       s.generator)
             s.drafted += 1
             s.accepted += ok
             self.stats["drafted"] += 1
@@ -611,7 +618,7 @@ class Engine:
                 nxt = self._ids_tensor([seqs[i].ids[-width:] for i in group])
                 last = self._mtp(h[group, :width], nxt, rows[group])
                 for j, i in enumerate(group):
-                    seqs[i].draft = int(last[j].argmax())
+                    self._draft(seqs[i], last[j])
 
 
 def generate(model, prompts: Sequence[str | Sequence[int]], tokenizer=None, *, max_len: int | None = None,

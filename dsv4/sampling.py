@@ -1,5 +1,5 @@
-"""Token sampling for the engine: greedy, temperature, top-k, top-p, log-probs, and the acceptance rule
-of speculative decoding with a deterministic (greedy) draft.
+"""Token sampling for the engine: greedy, temperature, top-k, top-p, log-probs, and the draft and
+acceptance rules of speculative decoding.
 
 Each function works on one row's logits [V] (fp32) with that request's own `torch.Generator`, so the
 random numbers a request consumes never depend on which other requests share its batch.
@@ -48,26 +48,42 @@ def sample(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
     return int(torch.multinomial(probabilities(logits, temperature, top_k, top_p), 1, generator=generator))
 
 
-def verify_draft(logits: torch.Tensor, draft: int, temperature: float, top_k: int, top_p: float,
-                 generator: torch.Generator | None) -> tuple[int, bool]:
-    """Speculative decoding's accept/reject step for a one-token draft chosen deterministically.
+def draft(logits: torch.Tensor, temperature: float, top_k: int, top_p: float,
+          generator: torch.Generator | None) -> tuple[int, torch.Tensor | None]:
+    """A draft token from the drafter's logits [V] and the distribution q it was drawn from: the
+    argmax for greedy requests (q = None, a point mass), else a sample from the request's own
+    processed distribution (temperature, top-k, top-p), which is accepted more often."""
+    if is_greedy(temperature, top_k):
+        return int(logits.argmax()), None
+    q = probabilities(logits, temperature, top_k, top_p)
+    return int(torch.multinomial(q, 1, generator=generator)), q
 
-    Greedy: accept iff the draft is the argmax. Sampling: the draft distribution is a point mass on
-    `draft`, so the standard rule (accept with min(1, p/q), else draw from max(p − q, 0)) becomes:
-    accept with probability p(draft), otherwise draw from p with the draft removed. The token
-    returned is distributed exactly as `sample` would draw it. Returns (token, accepted).
+
+def verify_draft(logits: torch.Tensor, token: int, q: torch.Tensor | None, temperature: float, top_k: int,
+                 top_p: float, generator: torch.Generator | None) -> tuple[int, bool]:
+    """Speculative decoding's accept/reject step for a one-token draft (Leviathan et al. 2023).
+
+    Greedy: accept iff the draft is the argmax. Sampling with target distribution p: accept with
+    probability min(1, p(token) / q(token)), otherwise draw from max(p − q, 0) renormalised; for a
+    point-mass draft (q = None) that is: accept with probability p(token), else draw from p without
+    it. Either way the returned token is distributed exactly as `sample` would draw it.
+    Returns (token, accepted).
     """
     if is_greedy(temperature, top_k):
         best = int(logits.argmax())
-        return best, best == draft
-    probs = probabilities(logits, temperature, top_k, top_p)
-    u = torch.rand((), device=probs.device, generator=generator)
-    if bool(u < probs[draft]):
-        return draft, True
-    rest = probs.clone()
-    rest[draft] = 0.0
-    if float(rest.sum()) <= 0.0:  # p(draft) = 1 up to rounding: nothing else can be drawn
-        return draft, True
+        return best, best == token
+    p = probabilities(logits, temperature, top_k, top_p)
+    ratio = p[token] if q is None else p[token] / q[token]
+    u = torch.rand((), device=p.device, generator=generator)
+    if bool(u < ratio):
+        return token, True
+    if q is None:
+        rest = p.clone()
+        rest[token] = 0.0
+    else:
+        rest = (p - q).clamp_min(0.0)
+    if float(rest.sum()) <= 0.0:  # p equals the draft distribution up to rounding
+        rest = p
     return int(torch.multinomial(rest, 1, generator=generator)), False
 
 

@@ -139,6 +139,22 @@ def test_speculative_sampling_is_seeded_and_needs_mtp(model):
 
 
 # ----------------------------------------------------------------------------- sampling
+def test_speculative_sampling_rule_draws_from_the_target_distribution():
+    from dsv4.sampling import draft, probabilities, verify_draft
+
+    g = torch.Generator().manual_seed(0)
+    target, drafter = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5]), torch.tensor([0.0, 2.0, 1.0, -1.0, 0.0])
+    p = probabilities(target, 0.9, 4, 0.95)
+    for point_mass in (False, True):
+        counts, n = torch.zeros(5), 6000
+        for _ in range(n):
+            tok, q = draft(drafter, 0.9, 4, 0.95, g)
+            if point_mass:
+                tok, q = int(drafter.argmax()), None
+            counts[verify_draft(target, tok, q, 0.9, 4, 0.95, g)[0]] += 1
+        assert (counts / n - p).abs().max() < 0.025, (counts / n, p)
+
+
 def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(model):
     p = prompts([17], seed=5)[0]
     kw = dict(max_tokens=16, temperature=1.0, top_p=0.9, top_k=100)
