@@ -27,7 +27,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import time
 import uuid
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -721,16 +720,6 @@ class EngineLoop:
         finally:
             await outputs.aclose()
         raise RuntimeError("the engine stopped before the request finished")
-
-
-def wait_idle(engine: Engine, timeout: float = 10.0) -> bool:
-    """Poll until the engine has no queued or running request (tests, shutdown)."""
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if not engine.has_work():
-            return True
-        time.sleep(0.01)
-    return False
 
 
 # ----------------------------------------------------------------------------- loading for the commands
