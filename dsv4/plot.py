@@ -130,13 +130,13 @@ def plot_aux(rows, path: Path, title: str) -> None:
 def plot_expert_load(rows, path: Path, title: str) -> None:
     plt = _plt()
     loads = [r for r in rows if isinstance(r.get("expert_load"), dict)]
-    names = list(loads[-1]["expert_load"]) if loads else []
-    names = [n for n in names if any(n in r["expert_load"] for r in loads)]
+    names = list(dict.fromkeys(n for r in loads for n in r["expert_load"]))   # every layer, first-seen order
     if not names:
         return
     cols = min(4, len(names))
     nrows = (len(names) + cols - 1) // cols
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.6 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols + 1, 2.6 * nrows + 0.4), squeeze=False,
+                             layout="constrained")
     steps = [r["step"] for r in loads]
     im = None
     for ax, name in zip(axes.flat, names):
@@ -152,10 +152,9 @@ def plot_expert_load(rows, path: Path, title: str) -> None:
         ax.set_xlabel("step")
     for ax in list(axes.flat)[len(names):]:
         ax.axis("off")
-    fig.suptitle(f"{title}: expert load × E (1 = balanced)")
-    fig.tight_layout()
+    fig.suptitle(f"{title}: expert load × E (1 = balanced, ≥ 2 saturates)")
     if im is not None:
-        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8)
+        fig.colorbar(im, ax=axes, shrink=0.8)
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

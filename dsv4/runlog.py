@@ -45,7 +45,9 @@ def git_commit(repo: Path | None = None) -> dict[str, Any]:
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
-    return {"commit": sha or None, "dirty": bool(dirty) if sha else None}
+    if not re.fullmatch(r"[0-9a-f]{40}", sha):
+        return {"commit": None, "dirty": None}
+    return {"commit": sha, "dirty": bool(dirty)}
 
 
 def _version(package: str) -> str | None:

@@ -509,7 +509,7 @@ class Trainer:
                   "mtp_weight": mtp_w, "balance_loss": sums.get("balance"), "index_loss": sums.get("index"),
                   "grad_norm": grad_norm, "tokens": self.tokens, "micro_batches": len(batches),
                   "step_seconds": seconds}
-        loads = {n: (c.float() / c.sum().clamp_min(1)).tolist() for n, c in counts.items()}
+        loads = {n: (c.float() / c.sum()).tolist() for n, c in counts.items() if int(c.sum()) > 0}
         record["max_load"] = {n: max(v) * len(v) for n, v in loads.items()}
         record["expert_load"] = {n: [round(x, 5) for x in v] for n, v in loads.items()}
         if not ok:

@@ -26,8 +26,8 @@ from dsv4.config import preset
 from dsv4.model import Transformer
 from dsv4.recipes import RECIPES, get_recipe
 from dsv4.tokenizer import train_bpe
-from dsv4.train import (IGNORE, Trainer, TrainingDiverged, csa_attentions, moe_layers, mtp_targets,
-                        sequence_balance_loss, set_phase, update_router_bias)
+from dsv4.train import (IGNORE, Trainer, TrainingDiverged, batch_losses, csa_attentions, moe_layers,
+                        mtp_targets, sequence_balance_loss, set_phase, update_router_bias)
 
 GOLDEN = pathlib.Path(__file__).parent / "data" / "golden_tiny_trace.json"
 # Relative tolerance of the golden trace. Not exact across machines: BLAS kernels (AVX2 vs AVX-512,
@@ -135,7 +135,7 @@ def test_train_step_updates_non_hash_biases_from_the_step_loads(corpus, tmp_path
             assert not hasattr(moe.gate, "bias") or moe.gate.bias is None
             continue
         E = load.numel()
-        expect = 0.001 * torch.sign(1 / E - load)
+        expect = tr.cfg.bias_update_speed * torch.sign(1 / E - load)
         clear = (load - 1 / E).abs() > 1e-4              # the logged loads are rounded to 5 digits
         assert torch.allclose(moe.gate.bias[clear], expect[clear]), name
     assert rec["balance_loss"] > 0 and "mtp_loss" in rec and rec["index_loss"] is None
@@ -206,6 +206,17 @@ def test_indexer_warmup_freezes_main_model_and_lowers_the_kl(corpus, tmp_path):
             assert torch.equal(m.gate.bias, biases[n])     # no bias update while the router is frozen
 
 
+@pytest.mark.xfail(reason="attention.py computes the indexer's compressed keys from the undetached x in "
+                          "sparse mode, so the KL also reaches the main model", strict=False)
+def test_sparse_phase_index_loss_trains_only_the_indexers():
+    model = Transformer(preset("tiny"))
+    set_phase(model, "sparse")
+    model(torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0)))
+    torch.stack([a.last_index_loss for a in csa_attentions(model)]).sum().backward()
+    reached = [n for n, p in model.named_parameters() if p.grad is not None and bool(p.grad.abs().sum() > 0)]
+    assert reached and all(".indexer." in n for n in reached), [n for n in reached if ".indexer." not in n][:5]
+
+
 def test_phase_switches_attention_modes():
     model = Transformer(preset("tiny"))
     cfg = dataclasses.replace(get_recipe("tiny"), steps=20, dense_fraction=0.25, indexer_warmup_fraction=0.1)
@@ -216,6 +227,27 @@ def test_phase_switches_attention_modes():
             assert (attn.index_mode, attn.index_loss) == (mode, loss)
         assert all(p.requires_grad for n, p in model.named_parameters() if ".indexer." not in n) == \
             (cfg.phase_at(step) != "warmup")
+
+
+def test_activation_checkpointing_gives_the_same_losses_and_gradients(corpus):
+    batch = next(D.PackedLoader(corpus["data"], "train", 2, 64, seed=0))
+    cfg = tiny_config(corpus)
+    n_lm, n_mtp = int((batch["labels"] != IGNORE).sum()), int((mtp_targets(batch["labels"]) != IGNORE).sum())
+    out = []
+    for ckpt in (False, True):
+        model = Transformer(preset("tiny"))
+        model.init_weights(seed=0)
+        model.gradient_checkpointing = ckpt
+        for _, moe in moe_layers(model):
+            moe.record = True
+        set_phase(model, "sparse")          # every loss term: next-token, MTP, balance, index KL
+        objective, terms = batch_losses(model.train(), batch, cfg, "sparse", 0.3, n_lm, n_mtp)
+        objective.backward()
+        out.append(({k: float(v.detach()) for k, v in terms.items()}, {n: p.grad for n, p in model.named_parameters()}))
+    assert out[0][0] == out[1][0] and set(out[0][0]) == {"lm", "mtp", "balance", "index"}
+    for n, g in out[0][1].items():
+        h = out[1][1][n]
+        assert (g is None) == (h is None) and (g is None or torch.allclose(g, h, rtol=1e-5, atol=1e-7)), n
 
 
 # ----------------------------------------------------------------------------- robustness
@@ -300,7 +332,13 @@ def test_resume_is_bitwise_identical(corpus, tmp_path):
     with torch.no_grad():
         full.model.eval()
         assert torch.equal(loaded(ids), full.model(ids))
-    assert (tmp_path / "full" / "model" / "tokenizer.json").exists()
+    # ... and transformers reads the same folder (weights and tokenizer) with the same logits
+    from transformers import AutoTokenizer, DeepseekV4ForCausalLM
+    hf = DeepseekV4ForCausalLM.from_pretrained(tmp_path / "full" / "model", dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert (hf(ids).logits - loaded(ids)).abs().max() < 1e-4
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "full" / "model")
+    assert hf_tok("wa0 wb1").input_ids == full.tokenizer.encode("wa0 wb1")
     run = json.loads((tmp_path / "killed" / "run.json").read_text())
     assert run["resumes"][0]["step"] == 4 and run["git"]["commit"] and run["ops_backend"] == "torch"
     from dsv4.plot import plot_run

@@ -21,17 +21,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def sample_texts(model, tokenizer, prompts, max_tokens: int, temperature: float, seed: int = 0) -> list[str]:
     """Continuations of `prompts` with the generation engine (KV cache)."""
-    from dsv4.engine import generate
+    from dsv4.engine import Engine, Request
 
     model.eval()
-    results = generate(model, list(prompts), tokenizer, max_tokens=max_tokens, temperature=temperature,
-                       top_k=40 if temperature > 0 else 0, seed=seed)
-    return [r.text for r in results]
+    longest = max(len(tokenizer.encode(p, add_bos=True)) for p in prompts)
+    engine = Engine(model, tokenizer, max_batch=len(prompts), max_len=longest + max_tokens)
+    requests = [Request(prompt=p, max_tokens=max_tokens, temperature=temperature, top_k=40 if temperature > 0 else 0,
+                        seed=seed + i) for i, p in enumerate(prompts)]     # one random stream per prompt
+    return [r.text for r in engine.generate(requests)]
 
 
 def run(args: argparse.Namespace) -> int:
     from dsv4.plot import plot_run
     from dsv4.recipes import tiny
+    from dsv4.runlog import read_metrics
     from dsv4.train import train
 
     t0 = time.perf_counter()
@@ -39,7 +42,9 @@ def run(args: argparse.Namespace) -> int:
     trainer = train(cfg, args.out, resume=True, progress=not args.no_progress)
     t_train = time.perf_counter() - t0
     ev = trainer.last_eval or trainer.evaluate()
-    print(f"\ntrained {trainer.step} steps in {t_train / 60:.1f} min; validation loss {ev['val_loss']:.3f} "
+    last = [r["loss"] for r in read_metrics(args.out)[-10:]]
+    print(f"\ntrained {trainer.step} steps in {t_train / 60:.1f} min (setup included); train loss "
+          f"{sum(last) / len(last):.3f} (mean of the last {len(last)} steps), validation loss {ev['val_loss']:.3f} "
           f"(perplexity {ev['val_ppl']:.1f})")
     for temperature in (0.0, 0.8):
         kind = "greedy" if temperature == 0 else f"temperature {temperature}, top-k 40"
