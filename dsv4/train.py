@@ -448,6 +448,13 @@ class Trainer:
         runlog.write_run_json(self.run_dir, cfg.to_dict(), env, resumed_from)
         self.metrics = runlog.MetricsLog(self.run_dir, start_step=self.step, tensorboard=cfg.tensorboard)
         log(describe_param_groups(self.optimizer.param_groups))
+        d, w = cfg.dense_steps, cfg.indexer_warmup_steps
+
+        def span(a: int, b: int) -> str:
+            return f"{a}–{b - 1}" if b > a else "none"
+        log(f"{cfg.steps} steps: dense attention {span(0, d)}, indexer warm-up {span(d, d + w)}, sparse "
+            f"{span(d + w, cfg.steps)}; lr {cfg.lr:g}, warm-up {min(cfg.warmup_steps, cfg.decay_start_step)} "
+            f"steps, cosine decay (and MTP weight {cfg.mtp_weight_decay:g}) from step {cfg.decay_start_step}")
         counts = cfg.model.param_counts()
         log(f"model: {counts['total_with_mtp'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active "
             f"per token), device {env['device']['name']} ({self.device}), ops backend {env['ops_backend']}, "
