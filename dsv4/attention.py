@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dsv4 import ops
-from dsv4.ops import acc_dtype, up
+from dsv4.ops import acc_dtype, fp32_region, up
 from dsv4.config import ModelConfig, yarn_low_high
 
 # Elements of the largest per-chunk score tensor (queries × heads × keys); bounds attention memory.
@@ -38,6 +38,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    @fp32_region
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         xf = up(x)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -46,8 +47,13 @@ class RMSNorm(nn.Module):
 
 def linear(x: torch.Tensor, layer: nn.Linear, fp32: bool = False) -> torch.Tensor:
     if fp32:
-        return F.linear(up(x), up(layer.weight))
+        return _linear_fp32(x, layer.weight)
     return F.linear(x, layer.weight.to(x.dtype))
+
+
+@fp32_region
+def _linear_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    return F.linear(up(x), up(w))
 
 
 # ----------------------------------------------------------------------------- RoPE
@@ -308,21 +314,24 @@ class Attention(nn.Module):
         kv = apply_rope(self.kv_norm(linear(x, self.wkv)), cos, sin)                  # [B, S, Dh]
 
         comp = comp_seg = comp_idx = ikeys = None
+        # sparse phase with index loss: the indexer (queries and its own compressor) sees detached inputs,
+        # so the KL trains the indexer only
+        want_loss = self.indexer is not None and self.index_loss
+        detach = want_loss and self.index_mode == "sparse"
+        x_idx = x.detach() if detach else x
         if self.compressor is not None:
             if state is None:
                 comp, comp_seg, comp_idx = self.compressor.forward_full(x, pos, seg, freqs)
                 if self.indexer is not None:
-                    ikeys = self.indexer.compressor.forward_full(x, pos, seg, freqs)[0]
+                    ikeys = self.indexer.compressor.forward_full(x_idx, pos, seg, freqs)[0]
             else:
                 comp = self.compressor.forward_cached(x, pos, freqs, state.comp, rows)
                 if self.indexer is not None:
-                    ikeys = self.indexer.compressor.forward_cached(x, pos, freqs, state.index, rows)
+                    ikeys = self.indexer.compressor.forward_cached(x_idx, pos, freqs, state.index, rows)
                 comp_idx = torch.arange(comp.shape[1], device=x.device).expand(B, -1)
                 comp_seg = torch.zeros_like(comp_idx)
         iq = iw = None
-        want_loss = self.indexer is not None and self.index_loss
         if self.indexer is not None and (self.index_mode == "sparse" or want_loss):
-            detach = want_loss and self.index_mode == "sparse"
             iq, iw = self.indexer.queries(x.detach() if detach else x, qr.detach() if detach else qr, cos, sin)
         kl_sum, kl_count = x.new_zeros((), dtype=acc_dtype(x.dtype)), 0
 

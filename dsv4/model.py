@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from dsv4 import ops
-from dsv4.ops import up
+from dsv4.ops import fp32_region, up
 from dsv4.attention import Attention, RMSNorm, linear
 from dsv4.config import ModelConfig
 
@@ -36,6 +36,7 @@ def keeps_fp32(name: str) -> bool:
 
 
 # ----------------------------------------------------------------------------- mHC
+@fp32_region
 def hc_pre(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n: int,
            iters: int, eps: float, norm_eps: float):
     """Collapse N streams into one input and compute the mixes (spec §4.1). h [B, S, N, D].
@@ -50,12 +51,14 @@ def hc_pre(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.T
     return x.to(h.dtype), post, comb
 
 
+@fp32_region
 def hc_post(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """h'_k = post_k · f + Σ_j comb[j, k] · h_j in fp32 (spec §4.2). -> [B, S, N, D]."""
     mixed = torch.einsum("bsjk,bsjd->bskd", comb, up(residual))            # [B, S, N, D]
     return (post.unsqueeze(-1) * up(f).unsqueeze(2) + mixed).to(residual.dtype)
 
 
+@fp32_region
 def hc_head(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, eps: float,
             norm_eps: float) -> torch.Tensor:
     """Head-side reduction of the N streams (spec §4.3): sigmoid weights, no Sinkhorn. -> [B, S, D]."""
@@ -81,6 +84,7 @@ class Gate(nn.Module):
         else:
             self.register_buffer("bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
 
+    @fp32_region
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, D], ids [N] -> weights [N, K] fp32, indices [N, K], affinities [N, E] fp32."""
         logits = F.linear(up(x), up(self.weight))                      # [N, E]
@@ -318,6 +322,7 @@ class Transformer(nn.Module):
                 h = layer(h, input_ids, positions, segment_ids, state, rows)
         return h, positions, rows
 
+    @fp32_region
     def logits(self, y: torch.Tensor) -> torch.Tensor:
         """LM head in fp32 on the final normalised hidden state."""
         return F.linear(up(y), up(self.head.weight))

@@ -10,10 +10,25 @@ E experts, K experts per token, C compressed entries, Hi/Di indexer heads/head d
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
 BACKEND = "torch"
+
+
+def fp32_region(fn):
+    """Run `fn` with autocast off: the steps the official code computes in fp32 (mHC, routing, SwiGLU,
+    pooling, attention scores, LM head) stay fp32 inside a bf16 `torch.autocast` training step."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        dev = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        if torch.is_autocast_enabled(dev):
+            with torch.autocast(dev, enabled=False):
+                return fn(*args, **kwargs)
+        return fn(*args, **kwargs)
+    return wrapper
 
 
 def up(x: torch.Tensor) -> torch.Tensor:
@@ -35,6 +50,7 @@ def set_backend(name: str) -> None:
 
 
 # ----------------------------------------------------------------------------- mHC
+@fp32_region
 def hc_split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n: int,
                       iters: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Turn the (2+n)·n mix logits of each token into pre [.., n], post [.., n], comb [.., n, n].
@@ -57,6 +73,7 @@ def hc_split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tens
 
 
 # ----------------------------------------------------------------------------- compressor
+@fp32_region
 def compress_pool(kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
     """Softmax-gated pooling over the slot axis, independently per channel (spec §6, eqs 9–12, 20–23).
 
@@ -67,6 +84,7 @@ def compress_pool(kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------- attention
+@fp32_region
 def sink_attention(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, sink: torch.Tensor,
                    scale: float) -> torch.Tensor:
     """Single shared K=V head attention with a per-head sink logit in the denominator (spec §5.1.5).
@@ -84,6 +102,7 @@ def sink_attention(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, sink: 
     return out.to(q.dtype)
 
 
+@fp32_region
 def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Lightning-indexer scores I[t, s] = Σ_h w[t, h] · ReLU(q[t, h] · k[s]) (spec §7, eq. 16).
 
@@ -94,6 +113,7 @@ def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Ten
 
 
 # ----------------------------------------------------------------------------- MoE
+@fp32_region
 def swiglu(g: torch.Tensor, u: torch.Tensor, limit: float) -> torch.Tensor:
     """Clamped SwiGLU in fp32 (spec §8.4): up ∈ [−limit, limit], gate ≤ limit (no lower clamp)."""
     g, u = up(g), up(u)
