@@ -15,7 +15,7 @@ $(STAMP): requirements.txt pyproject.toml
 setup: $(STAMP)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -x -q -p no:cacheprovider
+	$(BIN)/python -m pytest tests -x -p no:cacheprovider
 
 demo: $(STAMP)
 	$(BIN)/python -m dsv4 demo --out runs/demo
