@@ -15,6 +15,7 @@ import torch
 from dsv4.config import preset
 from dsv4.model import Transformer
 
+from conftest import randomize
 from reference_v4 import Variant, reference_forward, reference_mtp, rope_frequencies
 
 TOL = 1e-10
@@ -46,33 +47,9 @@ def rel(got: torch.Tensor, ref: torch.Tensor) -> float:
     return float((got.double() - ref).abs().max() / ref.abs().max())
 
 
-@torch.no_grad()
-def random_model(cfg, seed: int = 0, expert_gain: float = 3.0) -> Transformer:
-    """A float64 model with fresh seeded values in every tensor: matrices N(0,1)/sqrt(fan_in)
-    (expert w1/w3 × gain so the clamp is hit), norms 1 + 0.1·N, mHC scales 0.5 + 0.5·U,
-    mHC bases / sinks / ape 0.5·N, router bias 0.1·N, distinct random hash experts per token."""
-    model = Transformer(cfg).double().eval()
-    g = torch.Generator().manual_seed(seed)
-    for name, p in model.named_parameters():
-        n = torch.randn(p.shape, generator=g, dtype=torch.float64)
-        if name.endswith("norm.weight"):
-            v = 1 + 0.1 * n
-        elif name.endswith("_scale"):
-            v = 0.5 + 0.5 * torch.rand(p.shape, generator=g, dtype=torch.float64)
-        elif name.endswith(("_base", "attn_sink", "ape")):
-            v = 0.5 * n
-        else:
-            v = n / p.shape[-1] ** 0.5
-            if name.endswith(("experts.w1", "experts.w3", "shared_experts.w1.weight", "shared_experts.w3.weight")):
-                v = v * expert_gain
-        p.copy_(v)
-    for name, b in model.named_buffers():
-        if name.endswith("gate.bias"):
-            b.copy_(0.1 * torch.randn(b.shape, generator=g, dtype=torch.float64))
-        elif name.endswith("tid2eid"):
-            V, K = b.shape
-            b.copy_(torch.rand(V, cfg.n_routed_experts, generator=g).argsort(dim=-1)[:, :K])
-    return model
+def random_model(cfg, seed: int = 0) -> Transformer:
+    """A float64 model with non-trivial seeded values in every tensor (conftest.randomize)."""
+    return randomize(Transformer(cfg).double().eval(), seed)
 
 
 def freqs_of(model) -> list[tuple[int, torch.Tensor]]:
