@@ -82,22 +82,13 @@ def golden(dev, results):
 
 @torch.no_grad()
 def transformers_parity(dev, results):
-    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
+    from transformers import DeepseekV4ForCausalLM
 
-    from conftest import randomize
+    from conftest import random_hf_model
 
     cfg = preset("tiny")
-    torch.manual_seed(0)
-    hf = DeepseekV4ForCausalLM(DeepseekV4Config(**cfg.to_hf_config())).float().eval()
-    g = torch.Generator().manual_seed(1)
-    for n, p in hf.named_parameters():  # non-trivial weights everywhere (sinks, biases, mHC)
-        p.copy_(torch.randn(p.shape, generator=g) * (0.5 if p.dim() < 2 else p.shape[-1] ** -0.5)
-                + (1.0 if n.endswith("norm.weight") else 0.0))
-    for n, b in hf.named_buffers():
-        if n.endswith("e_score_correction_bias"):
-            b.copy_(0.1 * torch.randn(b.shape, generator=g))
-        elif n.endswith("tid2eid"):
-            b.copy_(torch.rand(b.shape[0], cfg.n_routed_experts, generator=g).argsort(-1)[:, :b.shape[1]])
+    hf = random_hf_model(cfg, seed=1)
+    g = torch.Generator().manual_seed(2)
     ids = torch.randint(0, cfg.vocab_size, (2, 300), generator=g)
     with tempfile.TemporaryDirectory() as tmp:
         hf.save_pretrained(tmp)

@@ -91,6 +91,8 @@ class DecodeCache:
             raise ValueError(f"rows must list one cache row per input row ({B}); got shape {tuple(rows.shape)}")
         if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.batch):
             raise ValueError(f"rows must lie in [0, {self.batch})")
+        if rows.unique().numel() != rows.numel():
+            raise ValueError(f"rows must be distinct cache rows; got {rows.tolist()}")
         lengths = (self.mtp_lengths if mtp else self.lengths)[rows]
         if int(lengths.max()) + S > self.max_len:
             raise ValueError(f"sequence longer than the cache: a row at length {int(lengths.max())} + {S} new tokens "

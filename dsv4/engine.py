@@ -712,14 +712,19 @@ class EngineLoop:
 
     async def run(self, request: Request) -> Result:
         """Submit and wait for the Result (cancelling the request if this coroutine is cancelled)."""
-        outputs = self.open(request)
-        try:
-            async for out in outputs:
-                if out.result is not None:
-                    return out.result
-        finally:
-            await outputs.aclose()
-        raise RuntimeError("the engine stopped before the request finished")
+        return await final_result(self.open(request))
+
+
+async def final_result(outputs) -> Result:
+    """Drain an `EngineLoop.open` stream to its Result; closing the stream (also on cancellation)
+    cancels the request."""
+    try:
+        async for out in outputs:
+            if out.result is not None:
+                return out.result
+    finally:
+        await outputs.aclose()
+    raise RuntimeError("the engine stopped before the request finished")
 
 
 # ----------------------------------------------------------------------------- loading for the commands

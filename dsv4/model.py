@@ -302,9 +302,11 @@ class Transformer(nn.Module):
         B, S = input_ids.shape
         dev = input_ids.device
         if cache is not None:
+            if positions is not None or segment_ids is not None:
+                raise ValueError("positions/segment_ids cannot be combined with a cache: cached calls continue "
+                                 "each row from cache.lengths; pack documents only in full-sequence calls")
             rows = cache.check_rows(rows, B, S)
             positions = cache.lengths[rows].unsqueeze(1) + torch.arange(S, device=dev)   # [B, S]
-            segment_ids = None
         elif segment_ids is not None:
             if segment_ids.shape != input_ids.shape:
                 raise ValueError(f"segment_ids must have the shape of input_ids {tuple(input_ids.shape)}")

@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from dsv4.engine import (CANCELLED, ERROR, LENGTH, Engine, EngineLoop, EngineOverloaded, PromptTooLong, Request,
-                         RequestError, Result, ThinkSplit, TokenLogprob)
+                         RequestError, Result, ThinkSplit, TokenLogprob, final_result)
 
 log = logging.getLogger("dsv4.server")
 
@@ -380,16 +380,7 @@ def create_app(engine: Engine, model_name: str = "dsv4") -> FastAPI:
 # ----------------------------------------------------------------------------- relaying outputs
 async def _collect(outputs, http: HTTPRequest) -> Result | None:
     """Wait for the Result, cancelling the request if the client disconnects first (then None)."""
-    async def result() -> Result:
-        try:
-            async for out in outputs:
-                if out.result is not None:
-                    return out.result
-        finally:
-            await outputs.aclose()
-        raise RuntimeError("the engine stopped before the request finished")
-
-    task = asyncio.ensure_future(result())
+    task = asyncio.ensure_future(final_result(outputs))
     try:
         while True:
             done, _ = await asyncio.wait({task}, timeout=0.25)

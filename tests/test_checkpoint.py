@@ -18,7 +18,7 @@ from dsv4.cli import main as cli
 from dsv4.config import ConfigError, preset
 from dsv4.model import keeps_fp32
 
-from conftest import GOLDEN_DIR, random_model
+from conftest import GOLDEN_DIR, random_hf_model, random_model
 
 # three layer mixes that cover SWA, CSA and HCA layers, hash layers of each kind, and MTP
 VARIANTS = {"tiny": ((0, 4, 128, 4, 0), 1), "csa": ((4, 4, 0), 1), "hca-first": ((128, 0, 4, 0), 2)}
@@ -80,36 +80,6 @@ def test_golden_dtypes_and_bf16_load(golden_model):
 
 
 # ----------------------------------------------------------------------------- transformers parity
-@torch.no_grad()
-def random_hf_model(cfg, seed: int = 0):
-    """transformers' DeepseekV4ForCausalLM in fp32 with non-trivial weights, named by its own modules:
-    matrices N(0,1)/sqrt(fan_in) (expert gate/up ×3 to reach the SwiGLU clamp), norms 1 + 0.1·N,
-    mHC scales 0.5 + 0.5·U, mHC bases / sinks / position bias 0.5·N, router bias 0.1·N."""
-    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
-
-    hf = DeepseekV4ForCausalLM(DeepseekV4Config(**cfg.to_hf_config())).float().eval()
-    g = torch.Generator().manual_seed(seed)
-    for name, p in hf.named_parameters():
-        n = torch.randn(p.shape, generator=g, dtype=torch.float64)
-        if name.endswith("norm.weight") or "layernorm" in name:
-            v = 1 + 0.1 * n
-        elif name.endswith(("hc.scale", "hc_scale")):
-            v = 0.5 + 0.5 * torch.rand(p.shape, generator=g, dtype=torch.float64)
-        elif name.endswith(("hc.base", "hc_base", "sinks", "position_bias")):
-            v = 0.5 * n
-        else:
-            v = n / p.shape[-1] ** 0.5
-            if name.endswith(("experts.gate_up_proj", "shared_experts.gate_proj.weight", "shared_experts.up_proj.weight")):
-                v = v * 3
-        p.copy_(v.to(p.dtype))
-    for name, b in hf.named_buffers():
-        if name.endswith("e_score_correction_bias"):
-            b.copy_(0.1 * torch.randn(b.shape, generator=g))
-        elif name.endswith("tid2eid"):
-            b.copy_(torch.rand(b.shape[0], cfg.n_routed_experts, generator=g).argsort(-1)[:, :b.shape[1]])
-    return hf
-
-
 @pytest.mark.parametrize("name", list(VARIANTS))
 def test_transformers_save_loads_with_same_logits(name, tmp_path):
     from transformers import AutoModelForCausalLM

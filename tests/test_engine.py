@@ -13,7 +13,7 @@ from dsv4.engine import (Engine, EngineOverloaded, PromptTooLong, Request, Reque
                          generate)
 from dsv4.tokenizer import DEFAULT_TRAIN_SPECIAL_TOKENS, train_bpe
 
-from conftest import random_model
+from conftest import random_hf_model, random_model
 
 EOS = 1
 
@@ -295,33 +295,6 @@ def test_think_split_routes_reasoning_and_answer():
 
 
 # ----------------------------------------------------------------------------- CLI vs transformers
-@torch.no_grad()
-def random_hf_model(cfg, seed=0):
-    """transformers' DeepseekV4ForCausalLM in fp32 with non-trivial random weights."""
-    from transformers import DeepseekV4Config, DeepseekV4ForCausalLM
-
-    hf = DeepseekV4ForCausalLM(DeepseekV4Config(**cfg.to_hf_config())).float().eval()
-    g = torch.Generator().manual_seed(seed)
-    for name, p in hf.named_parameters():
-        n = torch.randn(p.shape, generator=g, dtype=torch.float64)
-        if name.endswith("norm.weight") or "layernorm" in name:
-            v = 1 + 0.1 * n
-        elif name.endswith(("hc.scale", "hc_scale")):
-            v = 0.5 + 0.5 * torch.rand(p.shape, generator=g, dtype=torch.float64)
-        elif name.endswith(("hc.base", "hc_base", "sinks", "position_bias")):
-            v = 0.5 * n
-        else:
-            v = n / p.shape[-1] ** 0.5 * (3 if "gate_up" in name or name.endswith(("gate_proj.weight",
-                                                                                  "up_proj.weight")) else 1)
-        p.copy_(v.to(p.dtype))
-    for name, b in hf.named_buffers():
-        if name.endswith("e_score_correction_bias"):
-            b.copy_(0.1 * torch.randn(b.shape, generator=g))
-        elif name.endswith("tid2eid"):
-            b.copy_(torch.rand(b.shape[0], cfg.n_routed_experts, generator=g).argsort(-1)[:, :b.shape[1]])
-    return hf
-
-
 def test_cli_generate_equals_transformers_greedy(tmp_path, tok, capsys):
     pytest.importorskip("dsv4.checkpoint")
     from dsv4.cli import main

@@ -129,6 +129,11 @@ def test_bad_inputs_raise_clear_errors(model):
         model(torch.ones(1, 17, dtype=torch.long), cache=cache)
     with pytest.raises(ValueError, match="rows"):
         model(torch.ones(2, 3, dtype=torch.long), cache=cache)
+    two = DecodeCache(model.config, 2, 16)
+    with pytest.raises(ValueError, match="distinct"):
+        model(torch.ones(2, 3, dtype=torch.long), cache=two, rows=torch.tensor([1, 1]))
+    with pytest.raises(ValueError, match="segment_ids"):
+        model(torch.ones(2, 3, dtype=torch.long), cache=two, segment_ids=torch.zeros(2, 3, dtype=torch.long))
 
 
 def test_bf16_model_keeps_fp32_parameters():
