@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dsv4.cache import DecodeCache  # noqa: E402
 from dsv4.config import preset  # noqa: E402
 from dsv4.engine import Engine, Request, resolve_device  # noqa: E402
+from dsv4.graphs import DecodeGraphs  # noqa: E402
 from dsv4.model import Transformer  # noqa: E402
 
 HBM_BYTES_PER_S = 4.3e12  # H200, measured (TARGETS.md)
@@ -47,6 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--prompt-lens", type=ints, default=[1024, 4096], help="prompt lengths, comma-separated")
     p.add_argument("--decode-tokens", type=int, default=64, help="decode steps timed per configuration")
     p.add_argument("--peer", action="store_true", help="also time transformers' DeepseekV4ForCausalLM")
+    p.add_argument("--decode-modes", default=None,
+                   help="dsv4 decode variants, comma-separated from eager,graph,compile (default: eager,graph "
+                        "on CUDA, eager on CPU); each is a row named dsv4[-mode]")
     p.add_argument("--no-engine", action="store_true", help="skip the Engine rows")
     p.add_argument("--speculative", action="store_true", help="Engine rows with MTP speculative decoding")
     p.add_argument("--repeats", type=int, default=1, help="timed repetitions (the best is kept)")
@@ -83,23 +87,42 @@ def reset_peak(device: torch.device) -> None:
 
 # ----------------------------------------------------------------------------- dsv4
 @torch.no_grad()
-def bench_dsv4(model, ids: torch.Tensor, steps: int, timer: Timer) -> dict:
+def bench_dsv4(model, ids: torch.Tensor, steps: int, timer: Timer, modes: list[str]) -> dict:
+    """One prefill, then `steps` greedy decode steps in each mode (eager calls of `model(..., cache=)`,
+    `graph`: `DecodeGraphs` replays, `compile`: the compiled step replayed from graphs), one after the
+    other on the same cache rows. A graph mode's first step (recording, compiling) is not timed."""
     B, P = ids.shape
-    cache = DecodeCache(model.config, B, P + steps + 1, device=ids.device, dtype=model.embed.weight.dtype)
+    cache = DecodeCache(model.config, B, P + (steps + 1) * len(modes) + 1, device=ids.device,
+                        dtype=model.embed.weight.dtype)
     out = {}
 
     def prefill():
         out["logits"] = model(ids, cache=cache, last_only=True)
 
-    t_prefill = timer(prefill)
+    res = {"prefill_s": timer(prefill), "decode": {}}
+    nxt = out["logits"].argmax(-1, keepdim=True)                               # [B, 1]
+    rows = torch.arange(B, device=ids.device)
+    for mode in modes:
+        if mode == "eager":
+            def step(x):
+                return model(x, cache=cache, last_only=True)
+        else:
+            step_graph = DecodeGraphs(model, cache, enabled=ids.device.type == "cuda", compile=mode == "compile")
+            t0 = time.perf_counter()
+            nxt = step_graph(nxt, rows).argmax(-1, keepdim=True)                # records (and compiles)
+            timer.sync()
+            res.setdefault("setup_s", {})[mode] = time.perf_counter() - t0
 
-    def decode():
-        nxt = out["logits"].argmax(-1, keepdim=True)                           # [B, 1]
-        for _ in range(steps):
-            nxt = model(nxt, cache=cache, last_only=True).argmax(-1, keepdim=True)
+            def step(x, g=step_graph):
+                return g(x, rows)
 
-    t_decode = timer(decode)
-    return {"prefill_s": t_prefill, "decode_s": t_decode}
+        def decode():
+            nonlocal nxt
+            for _ in range(steps):
+                nxt = step(nxt).argmax(-1, keepdim=True)
+
+        res["decode"][mode] = timer(decode)
+    return res
 
 
 @torch.no_grad()
@@ -146,26 +169,37 @@ def bench_peer(hf, ids: torch.Tensor, steps: int, timer: Timer) -> dict:
 
 
 # ----------------------------------------------------------------------------- driver
-def run_case(name: str, fn, B: int, P: int, steps: int, device, repeats: int, weight_bytes: int) -> dict:
-    row = {"impl": name, "batch": B, "prompt": P, "decode_steps": steps}
+def run_case(name: str, fn, B: int, P: int, steps: int, device, repeats: int, weight_bytes: int) -> list[dict]:
+    """Rows for one (B, P): one per decode mode when `fn` reports several (`decode` = {mode: s})."""
+    base = {"impl": name, "batch": B, "prompt": P, "decode_steps": steps}
     try:
         reset_peak(device)
         best = None
         for _ in range(repeats):
             r = fn()
-            if best is None or r["prefill_s"] + r["decode_s"] < best["prefill_s"] + best["decode_s"]:
-                best = r
+            total = r["prefill_s"] + (sum(r["decode"].values()) if "decode" in r else r["decode_s"])
+            if best is None or total < best[0]:
+                best = (total, r)
     except torch.cuda.OutOfMemoryError:
-        row["error"] = "out of memory"
-        return row
-    n_decode = best.pop("decode_tokens", B * steps)
-    step_s = best["decode_s"] / max(n_decode / B, 1)
-    row.update(best)
-    row.update({"prefill_tok_s": B * P / best["prefill_s"], "decode_tok_s": n_decode / best["decode_s"],
-                "decode_ms_per_step": 1000 * step_s, "peak_gib": peak_gib(device)})
-    if device.type == "cuda":
-        row["weights_hbm_fraction"] = weight_bytes / step_s / HBM_BYTES_PER_S
-    return row
+        return [dict(base, error="out of memory")]
+    best = best[1]
+    variants = [(name if m == "eager" else f"{name}-{m}", s) for m, s in best.pop("decode").items()] \
+        if "decode" in best else [(name, best.pop("decode_s"))]
+    setup = best.pop("setup_s", {})
+    rows = []
+    for impl, decode_s in variants:
+        row = dict(base, impl=impl, **best)
+        n_decode = row.pop("decode_tokens", B * steps)
+        step_s = decode_s / max(n_decode / B, 1)
+        row.update({"decode_s": decode_s, "prefill_tok_s": B * P / best["prefill_s"], "decode_tok_s": n_decode / decode_s,
+                    "decode_ms_per_step": 1000 * step_s, "peak_gib": peak_gib(device)})
+        mode = impl.rsplit("-", 1)[-1]
+        if mode in setup:
+            row["setup_s"] = setup[mode]
+        if device.type == "cuda":
+            row["weights_hbm_fraction"] = weight_bytes / step_s / HBM_BYTES_PER_S
+        rows.append(row)
+    return rows
 
 
 def fmt(v, spec: str) -> str:
@@ -173,24 +207,24 @@ def fmt(v, spec: str) -> str:
 
 
 def print_table(rows: list[dict]) -> None:
-    head = f"{'impl':<14}{'batch':>6}{'prompt':>8}{'prefill tok/s':>15}{'decode tok/s':>14}{'ms/step':>9}" \
+    head = f"{'impl':<16}{'batch':>6}{'prompt':>8}{'prefill tok/s':>15}{'decode tok/s':>14}{'ms/step':>9}" \
            f"{'peak GiB':>10}{'HBM frac':>10}"
     print(head)
     print("-" * len(head))
     for r in rows:
         if "error" in r:
-            print(f"{r['impl']:<14}{r['batch']:>6}{r['prompt']:>8}  {r['error']}")
+            print(f"{r['impl']:<16}{r['batch']:>6}{r['prompt']:>8}  {r['error']}")
             continue
-        print(f"{r['impl']:<14}{r['batch']:>6}{r['prompt']:>8}{r['prefill_tok_s']:>15,.0f}{r['decode_tok_s']:>14,.1f}"
+        print(f"{r['impl']:<16}{r['batch']:>6}{r['prompt']:>8}{r['prefill_tok_s']:>15,.0f}{r['decode_tok_s']:>14,.1f}"
               f"{r['decode_ms_per_step']:>9.2f}{fmt(r['peak_gib'], '.2f'):>10}"
               f"{fmt(r.get('weights_hbm_fraction'), '.1%'):>10}")
     peers = {(r["batch"], r["prompt"]): r for r in rows if r["impl"] == "transformers" and "error" not in r}
-    ours = [r for r in rows if r["impl"] == "dsv4" and "error" not in r and (r["batch"], r["prompt"]) in peers]
+    ours = [r for r in rows if r["impl"].startswith("dsv4") and "error" not in r and (r["batch"], r["prompt"]) in peers]
     if ours:
         print("\ndsv4 / transformers:")
         for r in ours:
             p = peers[(r["batch"], r["prompt"])]
-            print(f"  batch {r['batch']:>3}, prompt {r['prompt']:>6}: "
+            print(f"  {r['impl']:<16} batch {r['batch']:>3}, prompt {r['prompt']:>6}: "
                   f"prefill x{r['prefill_tok_s'] / p['prefill_tok_s']:.1f}, "
                   f"decode x{r['decode_tok_s'] / p['decode_tok_s']:.1f}")
 
@@ -203,7 +237,10 @@ def main(argv=None) -> int:
     torch.manual_seed(args.seed)
     model = Transformer(cfg).to(device).to_dtype(dtype).eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    impls = [("dsv4", lambda ids: bench_dsv4(model, ids, args.decode_tokens, timer))]
+    modes = (args.decode_modes or ("eager,graph" if device.type == "cuda" else "eager")).split(",")
+    if not set(modes) <= {"eager", "graph", "compile"}:
+        raise SystemExit(f"--decode-modes: choose from eager, graph, compile; got {args.decode_modes}")
+    impls = [("dsv4", lambda ids: bench_dsv4(model, ids, args.decode_tokens, timer, modes))]
     if not args.no_engine:
         name = "dsv4-engine" + ("-mtp" if args.speculative else "")
         impls.append((name, lambda ids: bench_engine(model, ids, args.decode_tokens, timer, args.speculative)))
@@ -222,10 +259,11 @@ def main(argv=None) -> int:
         for B in args.batch:
             ids = torch.randint(0, cfg.vocab_size, (B, P), generator=g).to(device)
             for name, fn in impls:
-                row = run_case(name, lambda: fn(ids), B, P, args.decode_tokens, device, args.repeats, weight_bytes)
-                rows.append(row)
-                print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}),
-                      file=sys.stderr)
+                for row in run_case(name, lambda: fn(ids), B, P, args.decode_tokens, device, args.repeats,
+                                    weight_bytes):
+                    rows.append(row)
+                    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in row.items()}),
+                          file=sys.stderr)
     print_table(rows)
     try:
         from dsv4.runlog import describe_environment

@@ -9,6 +9,10 @@
    of dsv4 (so the bf16 errors of both implementations are measured against the same truth).
 3. The decode cache in bf16: token-by-token decode, uneven chunked prefill and ragged rows against the
    full forward of the same bf16 model, compared with the bf16-vs-float64 error of the full forward.
+4. The decode step replayed from CUDA graphs (`dsv4.graphs.DecodeGraphs`), plain and compiled, against
+   eager decoding of the same ragged rows (fp32: equal to rounding; bf16: against float64 like 3).
+
+    python bench/gpu_checks.py --only graphs      # one section
 """
 from __future__ import annotations
 
@@ -148,9 +152,49 @@ def cache_bf16(dev, results):
     print("cache bf16:", {k: f"{v:.2e}" for k, v in out.items()})
 
 
+@torch.no_grad()
+def decode_graphs(dev, results):
+    from conftest import random_model
+    from dsv4.graphs import DecodeGraphs
+
+    ids = torch.randint(0, 512, (3, 300), generator=torch.Generator().manual_seed(7))
+    truth = random_model("tiny", seed=3, dtype=torch.float64)(ids)
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        m = random_model("tiny", seed=3).to_dtype(dtype).to(dev)
+        tag = str(dtype).replace("torch.", "")
+        got = {}
+        for mode in ("eager", "graph", "compile"):
+            cache = DecodeCache(m.config, 4, 320, device=dev, dtype=dtype)
+            rows = torch.tensor([3, 0, 1], device=dev)                    # ragged: prompts of 61, 126, 7
+            for j, (r, n) in enumerate(zip(rows.tolist(), (61, 126, 7))):
+                m(ids[j:j + 1, :n].to(dev), cache=cache, rows=torch.tensor([r], device=dev))
+            runner = None if mode == "eager" else DecodeGraphs(m, cache, compile=mode == "compile")
+            steps = []
+            t0 = time.time()
+            for i in range(150):
+                x = torch.stack([ids[0, 61 + i], ids[1, 126 + i], ids[2, 7 + i]]).view(3, 1).to(dev)
+                steps.append(m(x, cache=cache, rows=rows, last_only=True) if runner is None else runner(x, rows))
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            got[mode] = torch.stack(steps, 1)                                         # [3, 150, V]
+            out[f"{tag}_{mode}_seconds"] = time.time() - t0
+            if runner is not None:
+                out[f"{tag}_{mode}_replays"] = runner.replays
+        ref = torch.stack([truth[0, 61:211], truth[1, 126:276], truth[2, 7:157]])
+        for mode in ("graph", "compile"):
+            out[f"{tag}_{mode}_vs_eager"] = rel(got[mode], got["eager"])
+            out[f"{tag}_{mode}_vs_f64_median"] = med(got[mode], ref)
+            out[f"{tag}_{mode}_argmax_agree_eager"] = agree(got[mode], got["eager"])
+        out[f"{tag}_eager_vs_f64_median"] = med(got["eager"], ref)
+    results["decode_graphs"] = out
+    print("decode graphs:", {k: f"{v:.3g}" for k, v in out.items()})
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
+    ap.add_argument("--only", default=None, help="comma-separated: golden,transformers,cache,graphs")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     results = {"date": time.strftime("%Y-%m-%d"), "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
@@ -161,9 +205,10 @@ def main():
     except ImportError:
         pass
     t = time.time()
-    golden(dev, results)
-    transformers_parity(dev, results)
-    cache_bf16(dev, results)
+    sections = {"golden": golden, "transformers": transformers_parity, "cache": cache_bf16,
+                "graphs": decode_graphs}
+    for name in (args.only.split(",") if args.only else sections):
+        sections[name](dev, results)
     results["seconds"] = time.time() - t
     if args.out:
         pathlib.Path(args.out).write_text(json.dumps(results, indent=2))

@@ -233,6 +233,37 @@ class Compressor(nn.Module):
         n_total = int(((pos[:, -1] + 1) // m).max())
         return state.entries[rows, :n_total]
 
+    def decode_step(self, x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor, state,
+                    rows: torch.Tensor) -> None:
+        """Feed one token per row (x [B, 1, D], rows at any positions) without a host synchronisation:
+        the entry of every row is pooled and written only where its window completes at this token
+        (`torch.where`), so the step has static shapes and can be captured in a CUDA graph. Entry s is
+        visible from position t iff s < (t + 1) // M, so a row's current (incomplete) entry slot is
+        never read. Same arithmetic as the token loop of `forward_cached`."""
+        B = x.shape[0]
+        m, o, c = self.ratio, int(self.overlap), self.head_dim
+        kv, score = self.project(x, pos)                                              # [B, 1, w]
+        t = pos[:, 0]                                                                 # [B]
+        slot = (o * m + t % m).view(B, 1, 1).expand(B, 1, kv.shape[-1])
+        st_kv = state.kv[rows].scatter(1, slot, kv)                                   # [B, (1+o)M, w]
+        st_sc = state.score[rows].scatter(1, slot, score)
+        if o:
+            pk = torch.cat([st_kv[:, :m, :c], st_kv[:, m:, c:]], dim=1)              # [B, 2M, c]
+            ps = torch.cat([st_sc[:, :m, :c], st_sc[:, m:, c:]], dim=1)
+        else:
+            pk, ps = st_kv, st_sc
+        done = ((t % m) == m - 1).view(B, 1, 1)                                       # [B, 1, 1]
+        n_max = state.entries.shape[1]
+        if n_max:  # (a window that completes always fits; a partial one past the last entry is clamped)
+            idx = (t // m).clamp(max=n_max - 1).unsqueeze(1)                          # [B, 1]
+            ent = self.finish(ops.compress_pool(pk, ps).unsqueeze(1), idx, freqs, state.entries.dtype)  # [B, 1, c]
+            old = state.entries[rows.unsqueeze(1), idx]                               # [B, 1, c]
+            state.entries[rows.unsqueeze(1), idx] = torch.where(done, ent, old)
+        if o:  # a completed window becomes the previous window of the next entry
+            st_kv = torch.cat([torch.where(done, st_kv[:, m:], st_kv[:, :m]), st_kv[:, m:]], dim=1)
+            st_sc = torch.cat([torch.where(done, st_sc[:, m:], st_sc[:, :m]), st_sc[:, m:]], dim=1)
+        state.kv[rows], state.score[rows] = st_kv, st_sc
+
 
 class Indexer(nn.Module):
     """Lightning indexer (spec §7): picks the top-k compressed entries for each query of a CSA layer.
@@ -312,7 +343,51 @@ class Attention(nn.Module):
         qf = up(q)
         q = apply_rope((qf * torch.rsqrt(qf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype), cos, sin)
         kv = apply_rope(self.kv_norm(linear(x, self.wkv)), cos, sin)                  # [B, S, Dh]
+        if state is not None and S == 1 and not self.index_loss:
+            o = self._attend_one(x, qr, q, kv, pos, cos, sin, freqs, state, rows)     # [B, 1, H, Dh]
+        else:
+            o = self._attend(x, qr, q, kv, pos, cos, sin, freqs, seg, state, rows)    # [B, S, H, Dh]
+        o = apply_rope(o, cos, -sin)                                                   # de-rotate
+        o = o.reshape(B, S, self.groups, H * Dh // self.groups)                       # [B, S, G, H·Dh/G]
+        wo_a = self.wo_a.weight.to(o.dtype).view(self.groups, self.o_rank, -1)        # [G, d_g, H·Dh/G]
+        u = torch.einsum("bsgi,gri->bsgr", o, wo_a).flatten(2)                         # [B, S, G·d_g]
+        return linear(u, self.wo_b)                                                    # [B, S, D]
 
+    def _attend_one(self, x, qr, q, kv, pos, cos, sin, freqs, state, rows) -> torch.Tensor:
+        """Decode step: one new token per cached row, rows at any lengths, static shapes and no host
+        synchronisation (the step `dsv4.graphs` captures). Keys: the window ring, the new token, and
+        the compressed entries: for CSA the indexer's top-k over the row's whole entry buffer with
+        invisible entries (s >= (t + 1) // M) scored −inf, for HCA (or CSA in dense mode) the whole
+        buffer under the visibility mask. Equal to the general cached path up to summation order."""
+        B, Dh, W = x.shape[0], self.head_dim, self.window
+        t = pos[:, 0]                                                                 # [B]
+        ring_pos = state.ring_positions(t)                                            # [B, W]
+        keys = torch.cat([state.ring[rows], kv], dim=1)                               # [B, W+1, Dh]
+        kpos = torch.cat([ring_pos, pos], dim=1)                                      # [B, W+1]
+        visible = ((t.unsqueeze(1) - kpos) < W) & (kpos >= 0)                        # [B, W+1]
+        if self.compressor is not None:
+            self.compressor.decode_step(x, pos, freqs, state.comp, rows)
+            entries = state.comp.entries                                              # [Bmax, Cmax, Dh]
+            cvis = torch.arange(entries.shape[1], device=x.device) < ((t + 1) // self.ratio).unsqueeze(1)  # [B, Cmax]
+            if self.indexer is not None and self.index_mode == "sparse":
+                self.indexer.compressor.decode_step(x, pos, freqs, state.index, rows)
+                iq, iw = self.indexer.queries(x, qr, cos, sin)
+                scores = ops.index_scores(iq, state.index.entries[rows], iw)[:, 0]   # [B, Cmax]
+                top = scores.masked_fill(~cvis, float("-inf")).topk(min(self.indexer.topk, scores.shape[1])).indices
+                comp, cvis = entries[rows.unsqueeze(1), top], cvis.gather(1, top)     # [B, P, Dh], [B, P]
+            else:
+                comp = entries[rows]                                                  # [B, Cmax, Dh]
+            keys = torch.cat([keys, comp], dim=1)
+            visible = torch.cat([visible, cvis], dim=1)
+        bias = torch.zeros(visible.shape, dtype=acc_dtype(x.dtype), device=x.device)
+        bias = bias.masked_fill(~visible, float("-inf")).unsqueeze(1)                 # [B, 1, T]
+        state.ring[rows, t % W] = kv[:, 0].to(state.ring.dtype)
+        return ops.sink_attention(q, keys, bias, self.attn_sink, Dh ** -0.5)
+
+    def _attend(self, x, qr, q, kv, pos, cos, sin, freqs, seg, state, rows) -> torch.Tensor:
+        """Full-sequence or chunked cached attention; queries in chunks bounded by SCORE_BUDGET."""
+        B, S, _ = x.shape
+        H, Dh = self.n_heads, self.head_dim
         comp = comp_seg = comp_idx = ikeys = None
         # sparse phase with index loss: the indexer (queries and its own compressor) sees detached inputs,
         # so the KL trains the indexer only
@@ -369,7 +444,7 @@ class Attention(nn.Module):
             if want_loss and C:
                 kl, n = self._index_kl(q[:, s0:s1], keys, bias, iq[:, s0:s1], iw[:, s0:s1], ikeys, cvis)
                 kl_sum, kl_count = kl_sum + kl, kl_count + n
-        o = apply_rope(torch.cat(outs, dim=1), cos, -sin)                              # [B, S, H, Dh]
+        o = torch.cat(outs, dim=1)                                                     # [B, S, H, Dh]
         if want_loss:
             self.last_index_loss = kl_sum / max(kl_count, 1)
 
@@ -377,11 +452,7 @@ class Attention(nn.Module):
             keep = min(S, self.window)
             slot = (pos[:, S - keep:] % self.window).unsqueeze(-1).expand(B, keep, Dh)
             state.ring[rows] = ring.scatter(1, slot, kv[:, S - keep:].to(ring.dtype))
-
-        o = o.reshape(B, S, self.groups, H * Dh // self.groups)                       # [B, S, G, H·Dh/G]
-        wo_a = self.wo_a.weight.to(o.dtype).view(self.groups, self.o_rank, -1)        # [G, d_g, H·Dh/G]
-        u = torch.einsum("bsgi,gri->bsgr", o, wo_a).flatten(2)                         # [B, S, G·d_g]
-        return linear(u, self.wo_b)                                                    # [B, S, D]
+        return o
 
     def _index_kl(self, q, keys, bias, iq, iw, ikeys, cvis) -> tuple[torch.Tensor, int]:
         """Σ over queries of KL(p ‖ softmax(I)) on the candidate compressed entries `cvis` [B, Sc, C]."""

@@ -314,6 +314,11 @@ class Transformer(nn.Module):
                 positions = positions_from_segments(segment_ids)
         elif positions is None:
             positions = torch.arange(S, device=dev).expand(B, S)
+        return self.blocks(input_ids, positions, segment_ids, cache, rows), positions, rows
+
+    def blocks(self, input_ids: torch.Tensor, positions: torch.Tensor, segment_ids=None, cache=None,
+               rows=None) -> torch.Tensor:
+        """Embedding and blocks on already validated inputs. -> streams [B, S, N, D]."""
         h = self.embed(input_ids)                                              # [B, S, D]
         h = h.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()  # [B, S, N, D]
         for i, layer in enumerate(self.layers):
@@ -322,7 +327,20 @@ class Transformer(nn.Module):
                 h = checkpoint(layer, h, input_ids, positions, segment_ids, use_reentrant=False)
             else:
                 h = layer(h, input_ids, positions, segment_ids, state, rows)
-        return h, positions, rows
+        return h
+
+    @torch.no_grad()
+    def decode_step(self, input_ids: torch.Tensor, cache, rows: torch.Tensor) -> torch.Tensor:
+        """One token per row (input_ids [B, 1]) continuing cache rows `rows` [B] -> logits [B, V].
+
+        The decode step without input validation and without any host synchronisation, so that
+        `dsv4.graphs.DecodeGraphs` can capture it in a CUDA graph. The caller guarantees what
+        `forward(..., cache=)` checks: distinct rows inside the cache, room for one more token in
+        each, ids inside the vocabulary."""
+        positions = cache.lengths[rows].unsqueeze(1)                           # [B, 1]
+        h = self.blocks(input_ids, positions, None, cache, rows)
+        cache.advance(rows, 1)
+        return self.logits(self.final_hidden(h))[:, 0]
 
     @fp32_region
     def logits(self, y: torch.Tensor) -> torch.Tensor:
