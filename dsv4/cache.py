@@ -37,7 +37,7 @@ class CompressorState:
 class LayerState:
     def __init__(self, cfg: ModelConfig, ratio: int, batch: int, max_len: int, device, dtype):
         Dh, W = cfg.head_dim, cfg.sliding_window
-        self.window = W
+        self.window, self.ratio = W, ratio
         self.ring = torch.zeros(batch, W, Dh, device=device, dtype=dtype)
         self.comp = self.index = None
         if ratio:
@@ -115,7 +115,8 @@ class DecodeCache:
             for s in layer.states():
                 s.reset(rows)
 
-    # -- speculative decoding: save the O(1)-per-row state, put it back on rejection
+    # -- speculative decoding: save the O(1)-per-row state; put it back (restore) or drop the rejected
+    # positions (rollback)
     def snapshot(self, rows: torch.Tensor) -> dict:
         """Copy of everything a call can overwrite except compressed entries, which are only ever
         written at indices ≥ the row's current count and so need no copy."""
@@ -131,6 +132,91 @@ class DecodeCache:
             layer.ring[rows] = ring
             for s, (kv, score) in zip(layer.states(), states):
                 s.kv[rows], s.score[rows] = kv, score
+
+    def rollback(self, snap: dict, keep, mtp: bool = False) -> torch.Tensor:
+        """Drop all but the first `keep` [B] of the tokens fed to `snap["rows"]` since `snap` was taken:
+        each row ends as if only those had been fed. Rolls back the main layers and `lengths`, or with
+        `mtp=True` the MTP blocks and `mtp_lengths` (keep then counts positions fed to the MTP block).
+
+        Returns a bool [B]: rows whose kept tokens could not be recovered and went back to the snapshot
+        (keep 0) instead; the caller feeds them their first `keep` tokens again (see below).
+
+        A row at length L that was fed S tokens keeps positions [L, a), a = L + keep, drops [a, L + S):
+          * ring: the slot t mod W of each dropped t gets the snapshot's key back (S <= W, so no kept
+            position shares a slot with a dropped one);
+          * compressor state (`comp`, `index`): untouched unless a window completed at a dropped
+            position; otherwise the previous window is unchanged and the dropped tokens' slots lie past
+            the row's count, where no path reads them before rewriting. If one did complete, the
+            previous and partial windows come back from the snapshot, and the kept tokens' raw
+            projections from the previous-window slots (M = 4), which hold the window that completed;
+          * compressed entries: nothing. One written at a dropped position has index s >= a // M; entry
+            s is visible only from position (s + 1)·M − 1 on, and the call that feeds that position
+            writes the entry before attending.
+        The kept tokens' data is gone, and the row goes back to the snapshot, where: S > W (a dropped key
+        overwrote a kept one); M = 4 and windows completed at a kept and at a dropped position, or at
+        two dropped ones (S > 4); a non-overlapping M (128) and a window completed at a dropped
+        position after kept tokens of the same window (the compressor's window-parallel path keeps no
+        raw projections of a window that completes in the call; with S = 2 and keep = 1, one row
+        position in 128).
+        """
+        rows = snap["rows"]
+        B = rows.shape[0]
+        keep = torch.as_tensor(keep, device=self.device)
+        if keep.shape != (B,) or keep.is_floating_point() or keep.is_complex():
+            raise ValueError(f"keep must be an integer tensor with one count per snapshot row ({B}); "
+                             f"got dtype {keep.dtype}, shape {tuple(keep.shape)}")
+        keep = keep.long()
+        lengths = self.mtp_lengths if mtp else self.lengths
+        start = snap["mtp_lengths" if mtp else "lengths"]                        # [B]
+        end = lengths[rows]                                                       # [B]
+        fed = end - start
+        if bool((fed < 0).any()):
+            raise ValueError("rows are shorter than when the snapshot was taken (reset or restored since); "
+                             "rollback undoes only tokens fed after the snapshot")
+        if bool(((keep < 0) | (keep > fed)).any()):
+            raise ValueError(f"keep must lie in [0, tokens fed since the snapshot]; got keep {keep.tolist()} "
+                             f"for {fed.tolist()} fed")
+        L, W = self.config.num_hidden_layers, self.config.sliding_window
+        pairs = list(zip(self.layers, snap["layers"]))
+        pairs = pairs[L:] if mtp else pairs[:L]
+        a = start + keep                                                          # [B] lengths after
+        partial = (keep > 0) & (keep < fed)
+        lost = partial & (fed > W)
+        ratios = sorted({layer.ratio for layer, _ in pairs if layer.ratio})
+        for m in ratios:
+            done_dropped = end // m > a // m
+            if m == 4:  # one completion, at a dropped position, in the snapshot's window
+                ok = (a // m == start // m) & (end // m == a // m + 1)
+            else:       # nothing kept in the window that completed
+                ok = a % m == 0
+            lost |= partial & done_dropped & ~ok
+        a = torch.where(lost, start, a)
+
+        j = torch.arange(W, device=self.device)
+        dropped = torch.remainder(j - a.unsqueeze(1), W) < (end - a).unsqueeze(1)      # [B, W] slot of a dropped t
+        redo = {}
+        for m in ratios:  # rows where a window completed at a dropped position
+            sel = torch.nonzero(end // m > a // m).flatten()
+            if sel.numel():
+                w0 = start[sel] // m * m                                          # [b] snapshot window start
+                p = w0.unsqueeze(1) + torch.arange(m, device=self.device)         # [b, M] positions of its slots
+                kept = (p >= start[sel].unsqueeze(1)) & (p < a[sel].unsqueeze(1))  # [b, M] fed and kept
+                redo[m] = (sel, kept.unsqueeze(-1))
+        for layer, (ring, states) in pairs:
+            layer.ring[rows] = torch.where(dropped.unsqueeze(-1), ring, layer.ring[rows])
+            if layer.ratio not in redo:
+                continue
+            m = layer.ratio
+            sel, kept = redo[m]
+            r = rows[sel]
+            for s, snapped in zip(layer.states(), states):
+                for cur, old in zip((s.kv, s.score), snapped):
+                    old = old[sel].clone()                                        # [b, (1+o)M, w]
+                    if m == 4:  # kept tokens of the completed window, from the previous-window slots
+                        old[:, m:] = torch.where(kept, cur[r, :m], old[:, m:])
+                    cur[r] = old
+        lengths[rows] = a
+        return lost
 
     def nbytes(self) -> int:
         total = 0

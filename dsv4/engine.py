@@ -15,8 +15,10 @@ Speculative decoding (spec ARCHITECTURE.md §9): the MTP block drafts the token 
 main model's streams h_t and token t+1. With `speculative=True` the MTP block is fed every position
 in order, so each decode step verifies [last token, draft] in one main-model call (S = 2):
   * accepted: both positions' logits are used, two tokens per call;
-  * rejected: the main cache is rolled back (`snapshot`/`restore`; window rings, compressor partial
-    windows and lengths) and the last token is fed again alone, one token per call (plus the re-feed).
+  * rejected: the draft's position is dropped from the main cache (`snapshot` before the call, then
+    `rollback` keeping the first position), one token per call and no further main-model call. Where
+    the rollback cannot keep that position (an HCA window completed at the draft's position, one row
+    position in 128), the row goes back to the snapshot and the last token is fed again alone.
 Greedy output is identical to plain greedy decoding. Sampling requests draw the draft from their own
 processed MTP distribution q and accept it with probability min(1, p/q), else draw from max(p − q, 0):
 each token is distributed exactly as without speculation.
@@ -309,7 +311,8 @@ class Engine:
         self._lock = threading.Lock()
         self._cancel: set[str] = set()
         self._ids: set[str] = set()          # ids of queued or running requests
-        self.stats = {"prefill_tokens": 0, "generated_tokens": 0, "steps": 0, "drafted": 0, "accepted": 0}
+        self.stats = {"prefill_tokens": 0, "generated_tokens": 0, "steps": 0, "drafted": 0, "accepted": 0,
+                      "refeeds": 0}
 
     # ------------------------------------------------------------------ public API
     @property
@@ -603,10 +606,12 @@ class Engine:
                 rejected.append(i)
         if accepted:  # the second position's logits give one more token
             self._choose([seqs[i] for i in accepted], logits[accepted, 1])
-        if rejected:  # back to before [last, draft], then feed `last` alone
+        if rejected:  # drop the draft's position, keep `last`'s
             idx = torch.tensor(rejected, device=self.device)
-            self.cache.restore(_take(snap, idx))
-            self.model(ids[rejected, :1], cache=self.cache, rows=rows[idx], last_only=True)
+            refeed = idx[self.cache.rollback(_take(snap, idx), torch.ones_like(idx))]
+            if refeed.numel():  # rows sent back to the snapshot: feed `last` alone
+                self.model(ids[refeed, :1], cache=self.cache, rows=rows[refeed], last_only=True)
+                self.stats["refeeds"] += refeed.numel()
             for i in rejected:
                 seqs[i].fed -= 1
         # feed the MTP block the newly confirmed positions and take the next drafts

@@ -1,7 +1,8 @@
 """Engine invariants: greedy == argmax chain of full forwards; continuous batching and chunked prefill
-change nothing; speculative greedy == plain greedy across compression boundaries; stop rules and
-UTF-8-safe streaming; seeded sampling independent of the batch; refusals before any work; and
-`dsv4 generate` == transformers' greedy `generate` on a checkpoint transformers wrote."""
+change nothing; speculative greedy == plain greedy across compression boundaries, and a rejected draft
+costs no main-model call beyond the verify call; stop rules and UTF-8-safe streaming; seeded sampling
+independent of the batch; refusals before any work; and `dsv4 generate` == transformers' greedy
+`generate` on a checkpoint transformers wrote."""
 from __future__ import annotations
 
 import pytest
@@ -125,6 +126,50 @@ def test_speculative_greedy_equals_plain_greedy(model):
     assert all(0 < r.accepted < r.drafted for r in spec)
     assert eng.stats["generated_tokens"] == sum(len(r.token_ids) for r in spec)
     assert int(eng.cache.mtp_lengths.max()) <= eng.max_len
+
+
+def count_main_calls(model):
+    """Record the number of positions of every main-model call; returns (list, undo)."""
+    calls, real = [], model.forward
+
+    def forward(ids, **kw):
+        calls.append(ids.shape[1])
+        return real(ids, **kw)
+
+    model.forward = forward
+    return calls, lambda: delattr(model, "forward")
+
+
+def test_a_rejected_draft_costs_no_extra_main_model_call(model):
+    # the prefill, then one verify call of [last, draft] per draft and nothing else (a rejection rolls
+    # the cache back instead of feeding `last` again)
+    p = prompts([20], seed=8)[0]
+    plain = Engine(model, max_batch=1, max_len=64).generate([p], max_tokens=30, ignore_eos=True)[0]
+    eng = Engine(model, max_batch=1, max_len=64, speculative=True)
+    undo_drafts = oracle_drafts(eng, {tuple(p): plain.token_ids})
+    calls, undo_count = count_main_calls(model)
+    try:
+        spec = eng.generate([p], max_tokens=30, ignore_eos=True)[0]
+    finally:
+        undo_count()
+        undo_drafts()
+    assert spec.token_ids == plain.token_ids
+    assert 0 < spec.accepted < spec.drafted
+    assert calls == [20] + [2] * spec.drafted and eng.stats["refeeds"] == 0
+
+    # the one exception: a rejected draft whose position completes a 128-token HCA window (prompt 126:
+    # the first verify call feeds positions 126 and 127) sends the row back to the snapshot and feeds
+    # `last` again, once
+    p = prompts([126], seed=9)[0]
+    plain = Engine(model, max_batch=1, max_len=160).generate([p], max_tokens=9, ignore_eos=True)[0]
+    eng = Engine(model, max_batch=1, max_len=160, speculative=True)
+    calls, undo_count = count_main_calls(model)
+    try:
+        spec = eng.generate([p], max_tokens=9, ignore_eos=True)[0]
+    finally:
+        undo_count()
+    assert spec.token_ids == plain.token_ids and spec.accepted == 0          # the random MTP block misses
+    assert calls == [126, 2, 1] + [2] * 6 + [1] and eng.stats["refeeds"] == 1   # the last token: no room to draft
 
 
 def test_speculative_sampling_is_seeded_and_needs_mtp(model):
