@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 import torch
 
 from dsv4.cache import DecodeCache
+from dsv4.graphs import DecodeGraphs
 from dsv4.sampling import draft, is_greedy, make_generator, sample, token_logprobs, verify_draft
 
 log = logging.getLogger("dsv4.engine")
@@ -280,14 +281,16 @@ class Engine:
     max_batch: cache rows = requests decoded together; max_len: tokens per row (prompt + output),
         capped by the model's max_position_embeddings; prefill_chunk: prompt tokens prefilled per
         step (over all rows); max_queue: waiting requests before `add` raises EngineOverloaded
-        (None: unbounded); speculative: MTP speculative decoding (the model needs an MTP block).
+        (None: unbounded); speculative: MTP speculative decoding (the model needs an MTP block);
+        cuda_graphs: replay plain decode steps from CUDA graphs (`dsv4.graphs`; default: on CUDA),
+        compile: also pass the decode step through `torch.compile` first.
 
     `add`/`cancel` may be called from any thread; `step` from one thread only.
     """
 
     def __init__(self, model, tokenizer=None, *, max_batch: int = 8, max_len: int = 4096,
                  prefill_chunk: int = 2048, max_queue: int | None = None, speculative: bool = False,
-                 eos_token_id: int | None = None):
+                 eos_token_id: int | None = None, cuda_graphs: bool | None = None, compile: bool = False):
         cfg = model.config
         if speculative and not getattr(model, "mtp", None):
             raise ValueError("speculative decoding drafts with the MTP block, but this model has none "
@@ -305,6 +308,8 @@ class Engine:
         p = model.embed.weight
         self.device, self.dtype = p.device, p.dtype
         self.cache = DecodeCache(cfg, max_batch, self.max_len, device=self.device, dtype=self.dtype)
+        # plain decode steps: rows are distinct and admitted with room for their tokens, ids come from sampling
+        self.decode_step = DecodeGraphs(model, self.cache, enabled=cuda_graphs, compile=compile)
         self.free_rows = list(range(max_batch))
         self.waiting: deque[_Seq] = deque()
         self.running: dict[int, _Seq] = {}   # row -> sequence (prefilling or decoding)
@@ -550,8 +555,7 @@ class Engine:
         spec = [s for s in ready if s.spec]
         plain = [s for s in ready if not s.spec]
         if plain:
-            logits = self.model(self._ids_tensor([[s.ids[-1]] for s in plain]), cache=self.cache,
-                                rows=self._rows(plain), last_only=True)                  # [b, V]
+            logits = self.decode_step(self._ids_tensor([[s.ids[-1]] for s in plain]), self._rows(plain))  # [b, V]
             for s in plain:
                 s.fed += 1
             self._choose(plain, logits)

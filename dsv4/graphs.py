@@ -44,13 +44,15 @@ class DecodeGraphs:
         self.enabled = (device.type == "cuda") if enabled is None else enabled
         if self.enabled and device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; the cache is on {device}")
-        self.step = model.decode_step
-        if compile:
-            self.step = torch.compile(model.decode_step, fullgraph=True, backend=compile_backend)
+        self._compiled = torch.compile(model.decode_step, fullgraph=True, backend=compile_backend) if compile else None
         self.max_graphs = max_graphs
         self.graphs: dict[int, _Graph | None] = {}   # None: recording failed, run eagerly
         self.pool = torch.cuda.graph_pool_handle() if self.enabled else None
         self.replays = 0
+
+    def step(self, ids: torch.Tensor, cache, rows: torch.Tensor) -> torch.Tensor:
+        """The (compiled) decode step, called directly."""
+        return (self._compiled or self.model.decode_step)(ids, cache, rows)
 
     def __call__(self, ids: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         B = ids.shape[0]

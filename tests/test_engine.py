@@ -130,14 +130,21 @@ def test_speculative_greedy_equals_plain_greedy(model):
 
 def count_main_calls(model):
     """Record the number of positions of every main-model call; returns (list, undo)."""
-    calls, real = [], model.forward
+    calls, real, real_step = [], model.forward, model.decode_step
 
     def forward(ids, **kw):
         calls.append(ids.shape[1])
         return real(ids, **kw)
 
-    model.forward = forward
-    return calls, lambda: delattr(model, "forward")
+    def decode_step(ids, cache, rows):   # plain decode steps (the graph-capturable one-token step)
+        calls.append(ids.shape[1])
+        return real_step(ids, cache, rows)
+
+    model.forward, model.decode_step = forward, decode_step
+
+    def undo():
+        del model.forward, model.decode_step
+    return calls, undo
 
 
 def test_a_rejected_draft_costs_no_extra_main_model_call(model):
@@ -274,6 +281,9 @@ class Scripted(nn.Module):
         if last_only:
             logits = logits[:, -1]
         return (logits, None) if return_hidden else logits
+
+    def decode_step(self, ids, cache, rows):
+        return self.forward(ids, cache=cache, rows=rows, last_only=True)
 
 
 def run_stream(engine, req):
