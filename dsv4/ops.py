@@ -125,13 +125,153 @@ def swiglu(g: torch.Tensor, u: torch.Tensor, limit: float) -> torch.Tensor:
 
 def moe_experts(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch.Tensor,
                 w2: torch.Tensor, w3: torch.Tensor, limit: float) -> torch.Tensor:
-    """Routed experts: y_t = Σ_k W2[e_k] · (weight_tk · SwiGLU(W1[e_k] x_t, W3[e_k] x_t)).
+    """Routed experts: y_t = Σ_k W2[e_k] · (weight_tk · SwiGLU(W1[e_k] x_t, W3[e_k] x_t)) (spec §8.4–8.5).
 
-    x [N, D]; idx [N, K] expert ids; weight [N, K] fp32; w1, w3 [E, I, D]; w2 [E, D, I].
-    As in the official code the routing weight multiplies the SwiGLU output in fp32 before `w2`.
-    Tokens are grouped by expert (one matmul per expert that has tokens). A token listing the same
-    expert twice gets both contributions.
+    x [N, D]; idx [N, K] expert ids, all in [0, E) (not checked: a check would need the host);
+    weight [N, K] fp32; w1, w3 [E, I, D]; w2 [E, D, I]. Numeric policy of the official code: matmuls
+    in the model dtype (the autocast dtype inside `torch.autocast`), SwiGLU and the routing weight in
+    fp32 (the weight multiplies the SwiGLU output before `w2`), each expert's output cast to the dtype
+    of `x` and summed per token in it. A token listing the same expert twice gets both contributions.
+
+    Three implementations compute this; `moe_path` picks one from shapes, dtypes and the device, never
+    from tensor values:
+      'grouped'  `moe_experts_grouped`: pairs sorted by expert, three `torch._grouped_mm`; no host sync,
+                 a fixed number of kernels whatever E. Where grouped_mm has a sync-free kernel.
+      'gather'   `moe_experts_gather`: a bmm per (token, expert) pair on gathered expert matrices; no
+                 host sync, any dtype (float64 test models), but it copies N·K expert matrices, so it
+                 runs when N·K ≤ E (decode) or when no sync is allowed (CUDA-graph capture, compile).
+      'loop'     `moe_experts_loop`, the reference: one matmul per expert with tokens, one host sync.
     """
+    if idx.numel() == 0:
+        return torch.zeros_like(x)
+    return MOE_IMPLS[moe_path(x, idx, w1, w2, w3)](x, idx, weight, w1, w2, w3, limit)
+
+
+def moe_path(x: torch.Tensor, idx: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
+             w3: torch.Tensor) -> str:
+    """The implementation `moe_experts` runs for these operands: 'grouped', 'gather' or 'loop'."""
+    if grouped_mm_applies(x, w1, w2, w3):
+        return "grouped"
+    if idx.numel() <= w1.shape[0] or not _syncs_allowed(x):
+        return "gather"
+    return "loop"
+
+
+def grouped_mm_applies(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, w3: torch.Tensor) -> bool:
+    """Whether `torch._grouped_mm` runs these expert matmuls without a host sync. Its constraints (torch
+    2.13 on CPU, measured; CUDA from ATen's GroupedBlas.cpp and GroupMM.cu):
+
+    - CPU: bf16, fp16, fp32 (a C++ loop of mm over the groups). CUDA: bf16 on sm90 (a CUTLASS kernel);
+      other dtypes and GPUs fall back to a loop that copies the offsets to the host. sm100 has the
+      kernel too, but its weight gradient of an expert with no tokens is not zero (pytorch#172439),
+      so there only without gradients;
+    - under `torch.compile` bf16 only (the meta kernel rejects the rest);
+    - every operand's row stride a multiple of 16 bytes (D and I multiples of 8 in bf16, of 4 in fp32),
+      16-byte aligned data pointers on CUDA, fewer than 1024 experts on CUDA;
+    - autograd: gradients to both operands are grouped_mm calls again (the weight gradient a 2-D × 2-D
+      grouped_mm whose empty groups give zeros); an incoming gradient must be strided, not expanded.
+    No autocast rule covers `_grouped_mm`, so `moe_experts_grouped` casts to the autocast dtype itself.
+    """
+    dtype = _mm_dtype(x)
+    if not hasattr(torch, "_grouped_mm") or dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        return False
+    compiling = torch.compiler.is_compiling()
+    if compiling and dtype != torch.bfloat16:
+        return False
+    if x.device.type == "cuda":
+        if dtype != torch.bfloat16 or w1.shape[0] >= 1024:
+            return False
+        major = _cuda_major(x.device.index)
+        training = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w2, w3))
+        if not (major == 9 or (major == 10 and not training)):
+            return False
+        if not compiling and any(t.data_ptr() % 16 for t in (w1, w2, w3)):
+            return False
+    elif x.device.type != "cpu":
+        return False
+    align = 16 // dtype.itemsize
+    return all(_row_major_aligned(t, align) for t in (w1, w2, w3)) and x.shape[-1] % align == 0 \
+        and w1.shape[1] % align == 0
+
+
+def _row_major_aligned(w: torch.Tensor, align: int) -> bool:
+    """[E, R, C] stored row-major per expert with a row stride of `align` elements: its transpose is
+    the column-major [E, C, R] operand grouped_mm accepts."""
+    return w.stride(-1) == 1 and w.stride(-2) >= w.shape[-1] and w.stride(-2) % align == 0
+
+
+@torch.compiler.assume_constant_result
+def _cuda_major(index: int) -> int:
+    return torch.cuda.get_device_capability(index)[0]
+
+
+def _syncs_allowed(x: torch.Tensor) -> bool:
+    """False while torch.compile traces (a sync breaks the graph) or a CUDA graph records."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (x.device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
+def _mm_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype the expert matmuls run in: the autocast dtype inside `torch.autocast`, else x's."""
+    dev = x.device.type
+    if x.dtype != torch.float64 and torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return x.dtype
+
+
+def _combine(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """y [N, D]: each token's K expert outputs (out [N·K, D], token-major pair order) cast to x's dtype
+    and summed, without atomics, so the result does not depend on scheduling."""
+    N, D = x.shape
+    return out.to(x.dtype).view(N, -1, D).sum(dim=1)
+
+
+def moe_experts_grouped(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch.Tensor,
+                        w2: torch.Tensor, w3: torch.Tensor, limit: float) -> torch.Tensor:
+    """`moe_experts` with `torch._grouped_mm` (caller checks `grouped_mm_applies`): no host sync.
+
+    The N·K (token, expert) pairs are sorted by expert (stable: ties keep token order, as the loop);
+    group ends come from a search in the sorted ids, so experts with no tokens are empty groups. The
+    weights enter as transposed views ([E, D, I] column-major), never copied unless autocast casts them.
+    The outputs go back to pair order by the inverse permutation (a gather) and are summed per token.
+    Gradients to x, weight, w1, w2, w3 are those of grouped_mm, index_select and the casts.
+    """
+    N, K = idx.shape
+    E = w1.shape[0]
+    dt = _mm_dtype(x)
+    sorted_e, order = torch.sort(idx.reshape(-1), stable=True)                   # [N·K] pairs by expert
+    experts = torch.arange(E, device=idx.device, dtype=sorted_e.dtype)
+    ends = torch.searchsorted(sorted_e, experts, right=True, out_int32=True)   # [E] cumulative ends
+    token = order // K                                                           # [N·K]
+    back = torch.empty_like(order).scatter_(0, order, torch.arange(N * K, device=order.device))  # [N·K]
+    xs = x.to(dt).index_select(0, token)                                         # [N·K, D]
+    g = torch._grouped_mm(xs, w1.to(dt).transpose(-2, -1), offs=ends)           # [N·K, I]
+    u = torch._grouped_mm(xs, w3.to(dt).transpose(-2, -1), offs=ends)           # [N·K, I]
+    h = swiglu(g, u, limit) * weight.reshape(-1).index_select(0, order)[:, None]  # [N·K, I] fp32
+    out = torch._grouped_mm(h.to(dt), w2.to(dt).transpose(-2, -1), offs=ends)   # [N·K, D] by expert
+    return _combine(x, out.index_select(0, back))
+
+
+def moe_experts_gather(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch.Tensor,
+                       w2: torch.Tensor, w3: torch.Tensor, limit: float) -> torch.Tensor:
+    """`moe_experts` as one bmm per (token, expert) pair on gathered expert matrices: no host sync, any
+    dtype, static shapes; memory and weight traffic grow with N·K (three [N·K, I, D] gathers)."""
+    (N, K), D = idx.shape, x.shape[1]
+    dt = _mm_dtype(x)
+    flat = idx.reshape(-1)                                                       # [N·K]
+    xs = x.to(dt).unsqueeze(1).expand(N, K, D).reshape(N * K, D, 1)               # [N·K, D, 1]
+    g = torch.bmm(w1.index_select(0, flat).to(dt), xs).squeeze(-1)              # [N·K, I]
+    u = torch.bmm(w3.index_select(0, flat).to(dt), xs).squeeze(-1)              # [N·K, I]
+    h = swiglu(g, u, limit) * weight.reshape(-1, 1)                              # [N·K, I] fp32
+    out = torch.bmm(w2.index_select(0, flat).to(dt), h.to(dt).unsqueeze(-1))    # [N·K, D, 1]
+    return _combine(x, out.squeeze(-1))
+
+
+def moe_experts_loop(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch.Tensor,
+                     w2: torch.Tensor, w3: torch.Tensor, limit: float) -> torch.Tensor:
+    """The reference of `moe_experts`: tokens grouped by expert, one matmul per expert that has tokens.
+    `.tolist()` of the counts makes one host sync per call (no CUDA-graph capture)."""
     N, K = idx.shape
     flat = idx.reshape(-1)                                                       # [N·K]
     order = torch.argsort(flat, stable=True)
@@ -149,3 +289,6 @@ def moe_experts(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: to
         y.index_add_(0, sel, (h.to(x.dtype) @ w2[e].t()).to(y.dtype))
         start += n
     return y
+
+
+MOE_IMPLS = {"grouped": moe_experts_grouped, "gather": moe_experts_gather, "loop": moe_experts_loop}
