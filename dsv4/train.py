@@ -79,6 +79,7 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.95)
     adam_eps: float = 1e-20
     muon_momentum: float = 0.95
+    muon_ns_dtype: str = "bf16"           # Newton–Schulz in bf16 (the report) or fp32 (bit-stable traces)
     grad_clip: float = 1.0                # global norm; 0 disables clipping (the norm is still logged)
     # DeepSeek-V4 losses and balancing
     mtp_weight: float = 0.3
@@ -106,6 +107,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.autocast not in ("bf16", "none"):
             raise ValueError(f"autocast must be 'bf16' or 'none', got {self.autocast!r}")
+        if self.muon_ns_dtype not in ("fp32", "bf16"):
+            raise ValueError(f"muon_ns_dtype must be 'bf16' or 'fp32', got {self.muon_ns_dtype!r}")
         if self.export_dtype not in ("fp32", "bf16"):
             raise ValueError(f"export_dtype must be 'fp32' or 'bf16', got {self.export_dtype!r}")
         for name in ("seq_len", "micro_batch", "steps", "eval_batches", "eval_every", "ckpt_every"):
@@ -357,7 +360,8 @@ def build_model(cfg: TrainConfig, device: torch.device) -> Transformer:
 def build_optimizer(model: Transformer, cfg: TrainConfig):
     groups = build_param_groups(model.named_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     return MuonAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
-                     betas=cfg.adam_betas, eps=cfg.adam_eps)
+                     betas=cfg.adam_betas, eps=cfg.adam_eps,
+                     ns_dtype=torch.float32 if cfg.muon_ns_dtype == "fp32" else torch.bfloat16)
 
 
 def batch_losses(model: Transformer, batch: dict[str, torch.Tensor], cfg: TrainConfig, phase: str,

@@ -181,3 +181,104 @@ def test_forward_memory_grows_linearly():
                              check=True, env=env)
         mib.append(float(res.stdout.strip().splitlines()[-1]))
     assert mib[1] < 6 * max(mib[0], 20), mib
+
+
+@torch.no_grad()
+def test_decode_step_ragged_rows_equals_full_forward(model, ids, full):
+    # decode_step (the graph-capturable step): rows at different lengths, row order shuffled, one
+    # row idle in the middle of the cache; crosses 4- and 128-token boundaries and the window
+    cache = DecodeCache(model.config, 3, 320)
+    model(ids[0:1, :97], cache=cache, rows=torch.tensor([2]))
+    model(ids[1:2, :126], cache=cache, rows=torch.tensor([0]))
+    got0, got1 = [], []
+    for i in range(70):
+        step = torch.stack([ids[1, 126 + i:127 + i], ids[0, 97 + i:98 + i]])  # [2, 1]
+        out = model.decode_step(step, cache, torch.tensor([0, 2]))             # [2, V]
+        got1.append(out[0])
+        got0.append(out[1])
+    assert rel(torch.stack(got0), full[0, 97:167]) < 1e-5
+    assert rel(torch.stack(got1), full[1, 126:196]) < 1e-5
+    assert cache.lengths.tolist() == [196, 0, 167]
+
+
+@torch.no_grad()
+def test_single_token_path_equals_general_cached_path(model, ids, monkeypatch):
+    # the one-token attention (static shapes, top-k over the whole entry buffer) against the general
+    # chunked path on the same cache states, dense and sparse CSA
+    from dsv4.attention import Attention
+
+    def run(general: bool, mode: str):
+        if general:
+            monkeypatch.setattr(Attention, "_attend_one",
+                                lambda self, x, qr, q, kv, pos, cos, sin, freqs, state, rows:
+                                self._attend(x, qr, q, kv, pos, cos, sin, freqs, None, state, rows))
+        else:
+            monkeypatch.undo()
+        for layer in model.layers:
+            layer.attn.index_mode = mode
+        cache = DecodeCache(model.config, 2, 300)
+        model(ids[:, :40], cache=cache)
+        outs = [model(ids[:, t:t + 1], cache=cache, last_only=True) for t in range(40, 200)]
+        return torch.stack(outs, 1)
+
+    try:
+        for mode in ("sparse", "dense"):
+            assert rel(run(False, mode), run(True, mode)) < 1e-5
+    finally:
+        monkeypatch.undo()
+        for layer in model.layers:
+            layer.attn.index_mode = "sparse"
+
+
+@torch.no_grad()
+def test_decode_step_has_no_host_synchronisation(model, ids, monkeypatch):
+    # what would block CUDA-graph capture: reading a tensor's value on the host
+    cache = DecodeCache(model.config, 2, 300)
+    model(ids[:, :130], cache=cache)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("host synchronisation in the decode step")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero", "unique"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    monkeypatch.setattr(torch, "nonzero", refuse)
+    out = model.decode_step(ids[:, 130:131], cache, torch.arange(2))
+    monkeypatch.undo()
+    assert out.shape == (2, model.config.vocab_size)
+
+
+@torch.no_grad()
+def test_decode_graph_runner_on_cpu_is_the_eager_step(model, ids, full):
+    from dsv4.graphs import DecodeGraphs
+
+    cache = DecodeCache(model.config, 2, 300)
+    model(ids[:, :50], cache=cache)
+    runner = DecodeGraphs(model, cache)
+    assert not runner.enabled
+    outs = [runner(ids[:, t:t + 1], torch.arange(2)) for t in range(50, 60)]
+    assert rel(torch.stack(outs, 1), full[:, 50:60]) < 1e-5
+    with pytest.raises(ValueError, match="CUDA"):
+        DecodeGraphs(model, cache, enabled=True)
+
+
+@torch.no_grad()
+def test_decode_to_the_end_of_a_short_cache(model, ids, full):
+    # max_len below the HCA ratio and not a multiple of 4: the last partial windows have no entry slot
+    cache = DecodeCache(model.config, 2, 50)
+    outs = [model(ids[:, :10], cache=cache)]
+    outs += [model(ids[:, t:t + 1], cache=cache) for t in range(10, 50)]
+    assert rel(torch.cat(outs, 1), full[:, :50]) < 1e-5
+
+
+@torch.no_grad()
+def test_decode_step_compiles_as_one_graph(model, ids, full):
+    # torch.compile(fullgraph=True) of the decode step (what DecodeGraphs(compile=True) records):
+    # the trace has no break and the functionalised cache updates give the eager results
+    from dsv4.graphs import DecodeGraphs
+
+    cache = DecodeCache(model.config, 2, 300)
+    model(ids[:, :120], cache=cache)
+    runner = DecodeGraphs(model, cache, compile=True, compile_backend="aot_eager")
+    outs = [runner(ids[:, t:t + 1], torch.arange(2)) for t in range(120, 132)]   # crosses 128
+    assert rel(torch.stack(outs, 1), full[:, 120:132]) < 1e-5
+    assert cache.lengths.tolist() == [132, 132]
