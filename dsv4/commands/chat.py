@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dsv4.commands.generate import add_model_arguments, add_sampling_arguments, load
+from dsv4.commands.generate import add_model_arguments, add_sampling_arguments, engine_options, load
 
 HELP = "commands: /think on|off, /reset, /exit"
 DIM, RESET = "\x1b[2m", "\x1b[0m"
@@ -97,8 +97,7 @@ def run(args) -> int:
     from dsv4.engine import Engine
 
     model, tokenizer = load(args)
-    engine = Engine(model, tokenizer, max_batch=1, max_len=args.max_len, prefill_chunk=args.prefill_chunk,
-                    speculative=args.speculative)
+    engine = Engine(model, tokenizer, max_batch=1, max_len=args.max_len, **engine_options(args))
     thinking = args.thinking
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)

@@ -20,6 +20,17 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--speculative", action="store_true",
                    help="MTP speculative decoding: the MTP block drafts a token that the model verifies")
     p.add_argument("--prefill-chunk", type=int, default=2048, metavar="N", help="prompt tokens per prefill step")
+    p.add_argument("--no-cuda-graphs", action="store_true",
+                   help="launch every decode kernel from Python instead of replaying CUDA graphs")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decode step (about a minute per batch size on first use; "
+                        "~2.5x faster decode on an H200 at batch 1)")
+
+
+def engine_options(args) -> dict:
+    """Engine keyword arguments from the shared model arguments."""
+    return {"prefill_chunk": args.prefill_chunk, "speculative": args.speculative,
+            "cuda_graphs": False if args.no_cuda_graphs else None, "compile": args.compile}
 
 
 def add_sampling_arguments(p: argparse.ArgumentParser, max_new: int) -> None:
@@ -58,8 +69,7 @@ def run(args) -> int:
     model, tokenizer = load(args)
     prompt = [int(x) for x in args.prompt_ids.split(",")] if args.prompt_ids else args.prompt
     n_prompt = len(prompt) if args.prompt_ids else len(tokenizer.encode(prompt, add_bos=True))
-    engine = Engine(model, tokenizer, max_batch=1, max_len=n_prompt + args.max_new_tokens,
-                    prefill_chunk=args.prefill_chunk, speculative=args.speculative)
+    engine = Engine(model, tokenizer, max_batch=1, max_len=n_prompt + args.max_new_tokens, **engine_options(args))
     req = Request(prompt=prompt, max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
                   top_p=args.top_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
 

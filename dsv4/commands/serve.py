@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 
-from dsv4.commands.generate import add_model_arguments, load
+from dsv4.commands.generate import add_model_arguments, engine_options, load
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -32,8 +32,8 @@ def run(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
     model, tokenizer = load(args)
-    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_len=args.max_len,
-                    prefill_chunk=args.prefill_chunk, max_queue=args.max_queue, speculative=args.speculative)
+    engine = Engine(model, tokenizer, max_batch=args.max_batch, max_len=args.max_len, max_queue=args.max_queue,
+                    **engine_options(args))
     name = args.served_model_name or Path(args.model.rstrip("/")).name
     logging.getLogger("dsv4.server").info("environment: %s", json.dumps(describe_environment(engine.device)))
     uvicorn.run(create_app(engine, name), host=args.host, port=args.port, log_level="info")
