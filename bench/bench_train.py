@@ -41,46 +41,11 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from dsv4.config import ModelConfig, preset  # noqa: E402
+from dsv4.flops import train_flops_per_token  # noqa: E402
 from dsv4.model import Transformer  # noqa: E402
 
 PEAK_MEASURED = 790e12
 PEAK_DATASHEET = 989.5e12
-
-
-# ----------------------------------------------------------------------------- FLOPs
-def attention_flops(cfg: ModelConfig, layer: int, S: int) -> tuple[float, float]:
-    """(attention, indexer) forward FLOPs per query of `layer`, averaged over positions 0..S-1."""
-    ratio, W = cfg.layer_ratio(layer), cfg.sliding_window
-    H, Dh = cfg.num_attention_heads, cfg.head_dim
-    attn = idx = 0.0
-    for t in range(S):
-        keys = min(W, t + 1)
-        if ratio == 4:
-            visible = (t + 1) // 4
-            keys += min(cfg.index_topk, visible)
-            idx += 2 * cfg.index_n_heads * cfg.index_head_dim * visible
-        elif ratio:
-            keys += (t + 1) // ratio
-        attn += 4 * H * Dh * keys
-    return attn / S, idx / S
-
-
-def train_flops_per_token(cfg: ModelConfig, S: int, mtp: bool = False) -> dict[str, float]:
-    counts = cfg.param_counts()
-    n_active = counts["active"]
-    layers = list(range(cfg.num_hidden_layers))
-    if mtp:
-        layers += [cfg.num_hidden_layers + k for k in range(cfg.num_nextn_predict_layers)]
-        E, K = cfg.n_routed_experts, cfg.num_experts_per_tok
-        expert = 3 * cfg.hidden_size * cfg.moe_intermediate_size
-        n_active += counts["mtp"] - (E - K) * expert + cfg.hidden_size * cfg.vocab_size  # + the shared head again
-    attn = idx = 0.0
-    for i in layers:
-        a, x = attention_flops(cfg, i, S)
-        attn, idx = attn + a, idx + x
-    total = 6 * n_active + 3 * attn + idx
-    return {"matmul": 6 * n_active, "attention": 3 * attn, "indexer": idx, "total": total,
-            "active_params": n_active}
 
 
 # ----------------------------------------------------------------------------- steps

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from dsv4 import runlog, schedule
+from dsv4.flops import train_flops_per_token
 from dsv4.config import ModelConfig, preset
 from dsv4.data import PackedLoader, iterate_val
 from dsv4.model import MoE, Transformer
@@ -103,6 +104,7 @@ class TrainConfig:
     export_dtype: str = "fp32"            # fp32 | bf16 for the final `save_pretrained`
     tensorboard: bool = True
     threads: int = 0                      # torch CPU threads (0: torch's default)
+    peak_tflops: float = 0.0              # the device's bf16 dense peak (e.g. 790 on an H200): logs `mfu`
 
     def __post_init__(self):
         if self.autocast not in ("bf16", "none"):
@@ -459,6 +461,7 @@ class Trainer:
         log(f"{cfg.steps} steps: dense attention {span(0, d)}, indexer warm-up {span(d, d + w)}, sparse "
             f"{span(d + w, cfg.steps)}; lr {cfg.lr:g}, warm-up {min(cfg.warmup_steps, cfg.decay_start_step)} "
             f"steps, cosine decay (and MTP weight {cfg.mtp_weight_decay:g}) from step {cfg.decay_start_step}")
+        self.flops_per_token = train_flops_per_token(cfg.model, cfg.seq_len, mtp=cfg.mtp_weight > 0)["total"]
         counts = cfg.model.param_counts()
         log(f"model: {counts['total_with_mtp'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active "
             f"per token), device {env['device']['name']} ({self.device}), ops backend {env['ops_backend']}, "
@@ -483,6 +486,8 @@ class Trainer:
         moes = [(n, m) for n, m in moe_layers(model)]
         counts = {n: torch.zeros(m.gate.n_experts, dtype=torch.long, device=self.device) for n, m in moes}
         sums: dict[str, float] = {}
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
         for b in batches:
             parts = self._micro_step(b, phase, mtp_w, n_lm, n_mtp, len(batches), counts)
@@ -519,7 +524,11 @@ class Trainer:
                   "phase": phase, "objective": sums["objective"], "mtp_loss": sums.get("mtp"),
                   "mtp_weight": mtp_w, "balance_loss": sums.get("balance"), "index_loss": sums.get("index"),
                   "grad_norm": grad_norm, "tokens": self.tokens, "micro_batches": len(batches),
-                  "step_seconds": seconds}
+                  "step_seconds": seconds, "model_tflops": n_tokens * self.flops_per_token / seconds / 1e12}
+        if cfg.peak_tflops > 0:
+            record["mfu"] = record["model_tflops"] / cfg.peak_tflops
+        if self.device.type == "cuda":
+            record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         loads = {n: (c.float() / c.sum()).tolist() for n, c in counts.items() if int(c.sum()) > 0}
         record["max_load"] = {n: max(v) * len(v) for n, v in loads.items()}
         record["expert_load"] = {n: [round(x, 5) for x in v] for n, v in loads.items()}
@@ -590,6 +599,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                                 tok_s=f"{record['tokens_per_s']:.0f}", phase=record["phase"],
+                                **({"mfu": f"{record['mfu']:.1%}"} if "mfu" in record else {}),
                                 **({"val": f"{self.last_eval['val_loss']:.3f}"} if self.last_eval else {}))
                 if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
                     self.save_checkpoint()

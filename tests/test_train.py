@@ -393,3 +393,27 @@ if __name__ == "__main__" and "--regen" in sys.argv:
                      f"tests/test_train.py; compared with rel. tolerance {GOLDEN_RTOL}")
     GOLDEN.write_text(json.dumps(trace, indent=1) + "\n")
     print(f"wrote {GOLDEN}")
+
+
+def test_flops_per_token_by_hand_and_logged_throughput(corpus, tmp_path):
+    from dsv4.flops import train_flops_per_token
+
+    cfg = preset("tiny")
+    H, Dh, L = cfg.num_attention_heads, cfg.head_dim, cfg.num_hidden_layers
+    # one token: each layer attends one window key and no compressed entry, the indexer scores nothing
+    assert train_flops_per_token(cfg, 1)["total"] == 6 * cfg.param_counts()["active"] + 3 * L * 4 * H * Dh
+    # eight tokens on a window of 16 and CSA/HCA visibility: keys per position summed by hand
+    S, W = 8, cfg.sliding_window
+    keys = {0: sum(min(W, t + 1) for t in range(S)),
+            4: sum(min(W, t + 1) + min(cfg.index_topk, (t + 1) // 4) for t in range(S)),
+            128: sum(min(W, t + 1) for t in range(S))}
+    attn = sum(4 * H * Dh * keys[cfg.layer_ratio(i)] / S for i in range(L))
+    index = sum(2 * cfg.index_n_heads * cfg.index_head_dim * sum((t + 1) // 4 for t in range(S)) / S
+                for i in range(L) if cfg.layer_ratio(i) == 4)
+    got = train_flops_per_token(cfg, S)
+    assert got["attention"] == pytest.approx(3 * attn) and got["indexer"] == pytest.approx(index)
+    tr = make_trainer(corpus, tmp_path, steps=2, peak_tflops=100.0)
+    rec = tr.train_step()
+    F = train_flops_per_token(tr.cfg.model, tr.cfg.seq_len, mtp=True)["total"]
+    assert rec["model_tflops"] == pytest.approx(rec["tokens_per_s"] * F / 1e12)
+    assert rec["mfu"] == pytest.approx(rec["model_tflops"] / 100.0)
