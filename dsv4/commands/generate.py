@@ -29,6 +29,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 def engine_options(args) -> dict:
     """Engine keyword arguments from the shared model arguments."""
+    if args.compile:
+        print("compile: the decode step is compiled on its first use for each batch size (about a minute)",
+              file=sys.stderr)
     return {"prefill_chunk": args.prefill_chunk, "speculative": args.speculative,
             "cuda_graphs": False if args.no_cuda_graphs else None, "compile": args.compile}
 
