@@ -206,6 +206,9 @@ class Compressor(nn.Module):
                 state.entries[rows.unsqueeze(1), idx] = ent
                 if o:
                     st_kv[:, :m], st_sc[:, :m] = win_kv[:, -1], win_sc[:, -1]
+                # as the token loop leaves it: every slot holds the last token fed to it, so the slots
+                # past the new partial window keep the tail of the last completed window
+                st_kv[:, o * m:o * m + m], st_sc[:, o * m:o * m + m] = win_kv[:, -1], win_sc[:, -1]
             left = (rem + S) - n * m
             st_kv[:, o * m:o * m + left] = cur_kv[:, n * m:]
             st_sc[:, o * m:o * m + left] = cur_sc[:, n * m:]

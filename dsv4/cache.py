@@ -148,16 +148,17 @@ class DecodeCache:
             position; otherwise the previous window is unchanged and the dropped tokens' slots lie past
             the row's count, where no path reads them before rewriting. If one did complete, the
             previous and partial windows come back from the snapshot, and the kept tokens' raw
-            projections from the previous-window slots (M = 4), which hold the window that completed;
+            projections from the window that completed: every path of the compressor leaves each slot
+            holding the last token fed to it, so the previous-window slots (M = 4) hold that window
+            whole, and the partial slots of a non-overlapping M hold it past the new partial window;
           * compressed entries: nothing. One written at a dropped position has index s >= a // M; entry
             s is visible only from position (s + 1)·M − 1 on, and the call that feeds that position
             writes the entry before attending.
         The kept tokens' data is gone, and the row goes back to the snapshot, where: S > W (a dropped key
         overwrote a kept one); M = 4 and windows completed at a kept and at a dropped position, or at
-        two dropped ones (S > 4); a non-overlapping M (128) and a window completed at a dropped
-        position after kept tokens of the same window (the compressor's window-parallel path keeps no
-        raw projections of a window that completes in the call; with S = 2 and keep = 1, one row
-        position in 128).
+        two dropped ones (S > 4); a non-overlapping M and, after kept tokens of a window, a later window
+        also completed at a dropped position, or the new partial window reached a kept token's slot
+        (both need M < S <= W, so never where W <= M, as with W = M = 128).
         """
         rows = snap["rows"]
         B = rows.shape[0]
@@ -185,10 +186,12 @@ class DecodeCache:
         ratios = sorted({layer.ratio for layer, _ in pairs if layer.ratio})
         for m in ratios:
             done_dropped = end // m > a // m
+            w = a // m * m                                                        # [B] start of a's window
             if m == 4:  # one completion, at a dropped position, in the snapshot's window
                 ok = (a // m == start // m) & (end // m == a // m + 1)
-            else:       # nothing kept in the window that completed
-                ok = a % m == 0
+            else:       # nothing kept in a's window, or it is the one window that completed and the new
+                        # partial window did not overwrite the slots of its kept tokens
+                ok = (a % m == 0) | ((end // m == a // m + 1) & (end % m <= torch.maximum(start, w) - w))
             lost |= partial & done_dropped & ~ok
         a = torch.where(lost, start, a)
 
@@ -198,7 +201,7 @@ class DecodeCache:
         for m in ratios:  # rows where a window completed at a dropped position
             sel = torch.nonzero(end // m > a // m).flatten()
             if sel.numel():
-                w0 = start[sel] // m * m                                          # [b] snapshot window start
+                w0 = a[sel] // m * m                                              # [b] start of a's window
                 p = w0.unsqueeze(1) + torch.arange(m, device=self.device)         # [b, M] positions of its slots
                 kept = (p >= start[sel].unsqueeze(1)) & (p < a[sel].unsqueeze(1))  # [b, M] fed and kept
                 redo[m] = (sel, kept.unsqueeze(-1))
@@ -209,11 +212,13 @@ class DecodeCache:
             m = layer.ratio
             sel, kept = redo[m]
             r = rows[sel]
+            o = int(m == 4)
             for s, snapped in zip(layer.states(), states):
                 for cur, old in zip((s.kv, s.score), snapped):
                     old = old[sel].clone()                                        # [b, (1+o)M, w]
-                    if m == 4:  # kept tokens of the completed window, from the previous-window slots
-                        old[:, m:] = torch.where(kept, cur[r, :m], old[:, m:])
+                    # kept tokens of the completed window: slots [0, M) hold it after the call (the
+                    # previous-window slots when overlapping, else the partial slots past the new window)
+                    old[:, o * m:] = torch.where(kept, cur[r, :m], old[:, o * m:])
                     cur[r] = old
         lengths[rows] = a
         return lost

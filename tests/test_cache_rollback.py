@@ -31,7 +31,7 @@ def tokens(rows: int, n: int, seed: int) -> torch.Tensor:
 @torch.no_grad()
 def prefilled(model, starts: list[int], ids: torch.Tensor) -> DecodeCache:
     """Row r holds ids[r, :starts[r]] (main model), in chunks so that the rows take both paths."""
-    cache = DecodeCache(CFG, len(starts), MAX_LEN, dtype=torch.float64)
+    cache = DecodeCache(model.config, len(starts), MAX_LEN, dtype=torch.float64)
     for r, n in enumerate(starts):
         for s0 in range(0, n, 50):
             model(ids[r:r + 1, s0:min(n, s0 + 50)], cache=cache, rows=[r])
@@ -58,7 +58,7 @@ def assert_same_state(a: DecodeCache, b: DecodeCache, mtp: bool) -> None:
     window and the filled slots of its partial window, entries below each row's count."""
     assert torch.equal(a.lengths, b.lengths) and torch.equal(a.mtp_lengths, b.mtp_lengths)
     n = a.mtp_lengths if mtp else a.lengths
-    L = CFG.num_hidden_layers
+    L = a.config.num_hidden_layers
     for i, (la, lb) in enumerate(zip(a.layers, b.layers)):
         if (i >= L) != mtp:
             continue
@@ -81,7 +81,7 @@ def check(model, starts: list[int], S: int, keeps: list[int], seed: int, mtp: bo
     then feed both caches the same 9 more tokens and compare logits. Returns the rows sent back."""
     B = len(starts)
     ids = tokens(B, max(starts) + S + 9, seed)
-    h = torch.randn(B, ids.shape[1], CFG.hc_mult, CFG.hidden_size, dtype=torch.float64,
+    h = torch.randn(B, ids.shape[1], model.config.hc_mult, model.config.hidden_size, dtype=torch.float64,
                     generator=torch.Generator().manual_seed(seed)) if mtp else None
     base = prefilled(model, [0] * B if mtp else starts, ids)
     if mtp:  # the MTP block at `starts`; the main model stays empty
@@ -108,29 +108,61 @@ def check(model, starts: list[int], S: int, keeps: list[int], seed: int, mtp: bo
 RAGGED = [0, 2, 3, 13, 15, 62, 125, 126, 127, 129]  # rows at different lengths: the token-by-token path
 
 
+def expected_back(starts: list[int], S: int, keeps: list[int], hca: int = 128, csa: bool = True) -> list[bool]:
+    """The rows that cannot be rebuilt (W = 16): S > W; a CSA window (M = 4, if `csa`) completed at a
+    dropped position and another one completed in the call too or it was not the snapshot's window; a window of
+    the non-overlapping ratio `hca` completed at a dropped position after kept tokens of it, and a later
+    one completed too or the new partial window reached a kept token's slot (S > hca, so never for 128)."""
+    start, keep = torch.tensor(starts), torch.tensor(keeps)
+    a, end = start + keep, start + S
+    partial = (keep > 0) & (keep < S)
+    if S > CFG.sliding_window:
+        return partial.tolist()
+    one_in_snapshot_window = (a // 4 == start // 4) & (end // 4 == a // 4 + 1)
+    lost = (end // 4 > a // 4) & ~one_in_snapshot_window & csa
+    m, w = hca, a // hca * hca
+    kept_in_window = (a % m != 0) & (end // m > a // m)
+    lost |= kept_in_window & ((end // m > a // m + 1) | (end % m > torch.maximum(start, w) - w))
+    return (partial & lost).tolist()
+
+
 @pytest.mark.parametrize("S", [1, 2, 3, 4, 5, 9, 16, 17])
 def test_rollback_equals_feeding_only_the_kept_tokens(model, S):
     for shift in range(2):
         keeps = [(r + shift * 3) % (S + 1) for r in range(len(RAGGED))]
         back = check(model, RAGGED, S, keeps, seed=S * 10 + shift)
-        kept_all_or_none = torch.tensor([k in (0, S) for k in keeps])
-        assert not bool((back & kept_all_or_none).any())
-        if S <= 3:  # only an HCA window completed at a dropped position after kept tokens sends a row back
-            a, end = torch.tensor(RAGGED) + torch.tensor(keeps), torch.tensor(RAGGED) + S
-            assert back.tolist() == ((~kept_all_or_none) & (end // 128 > a // 128) & (a % 128 != 0)).tolist()
+        assert back.tolist() == expected_back(RAGGED, S, keeps)
+        if S <= 3:  # at most one CSA window completes: every row is rolled back, HCA ones included
+            assert not bool(back.any())
 
 
-@pytest.mark.parametrize("start", [3, 14, 126, 127])
+@pytest.mark.parametrize("start", [3, 14, 120, 126, 127])
 def test_rollback_of_rows_at_one_length(model, start):
-    """All rows at one length: the compressor's chunked path, which keeps no raw projections of a window
-    that completes in the call."""
-    for S in (2, 3, 5):
+    """All rows at one length: the compressor's window-parallel path, which leaves the slots past the new
+    partial window holding the window that completed, as the token loop does; an HCA window completed
+    at a dropped token after kept ones (start 126, S = 2, keep 1) is rolled back too."""
+    for S in (2, 3, 5, 16):
         keeps = [k % (S + 1) for k in range(S + 1)]
         back = check(model, [start] * len(keeps), S, keeps, seed=start + S)
-        if S == 2 and start == 126:  # keep 1: the HCA window completed at the dropped token
-            assert back.tolist() == [False, True, False]
-        elif S == 2:
+        assert back.tolist() == expected_back([start] * len(keeps), S, keeps)
+        if S <= 3:
             assert not bool(back.any())
+
+
+def test_rollback_with_a_short_non_overlapping_window():
+    """Only HCA layers, of ratio 8 < W: up to 8 tokens, a window completed at a dropped position after
+    kept tokens is rolled back; more tokens can overwrite a kept token's slot or complete another window,
+    and then the row is sent back. Rows at one length and ragged rows."""
+    small = random_model(CFG.with_(compress_ratios=(0, 8, 0, 8, 8)), seed=3, dtype=torch.float64)
+    for S in (2, 5, 8, 9, 12):
+        keeps = [k % (S + 1) for k in range(S + 1)]
+        for starts in ([6] * len(keeps), [14] * len(keeps), [(5 * k + 1) % 19 for k in range(len(keeps))]):
+            start, a = torch.tensor(starts), torch.tensor(starts) + torch.tensor(keeps)
+            hca_kept = (a % 8 != 0) & ((start + S) // 8 > a // 8) & (a > start)  # completed after kept tokens
+            assert bool(hca_kept.any())
+            got = check(small, starts, S, keeps, seed=S + starts[1])
+            assert got.tolist() == expected_back(starts, S, keeps, hca=8, csa=False)
+            assert bool(got.any()) == (S > 8) and not bool((got & ~hca_kept).any())
 
 
 @pytest.mark.parametrize("S", [1, 2, 3, 17])

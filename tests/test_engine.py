@@ -164,9 +164,9 @@ def test_a_rejected_draft_costs_no_extra_main_model_call(model):
     assert 0 < spec.accepted < spec.drafted
     assert calls == [20] + [2] * spec.drafted and eng.stats["refeeds"] == 0
 
-    # the one exception: a rejected draft whose position completes a 128-token HCA window (prompt 126:
-    # the first verify call feeds positions 126 and 127) sends the row back to the snapshot and feeds
-    # `last` again, once
+    # also where a rejected draft's position completes a 128-token HCA window after the kept token
+    # (prompt 126: the first verify call feeds positions 126 and 127, one row at one position, so the
+    # compressor's window-parallel path): the rollback keeps position 126, nothing is fed again
     p = prompts([126], seed=9)[0]
     plain = Engine(model, max_batch=1, max_len=160).generate([p], max_tokens=9, ignore_eos=True)[0]
     eng = Engine(model, max_batch=1, max_len=160, speculative=True)
@@ -176,7 +176,8 @@ def test_a_rejected_draft_costs_no_extra_main_model_call(model):
     finally:
         undo_count()
     assert spec.token_ids == plain.token_ids and spec.accepted == 0          # the random MTP block misses
-    assert calls == [126, 2, 1] + [2] * 6 + [1] and eng.stats["refeeds"] == 1   # the last token: no room to draft
+    assert spec.drafted == 7 and eng.stats["drafted"] == 7
+    assert calls == [126] + [2] * 7 + [1] and eng.stats["refeeds"] == 0   # the last token: no room to draft
 
 
 def test_speculative_sampling_is_seeded_and_needs_mtp(model):

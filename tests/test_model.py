@@ -282,3 +282,52 @@ def test_decode_step_compiles_as_one_graph(model, ids, full):
     outs = [runner(ids[:, t:t + 1], torch.arange(2)) for t in range(120, 132)]   # crosses 128
     assert rel(torch.stack(outs, 1), full[:, 120:132]) < 1e-5
     assert cache.lengths.tolist() == [132, 132]
+
+
+@torch.no_grad()
+def test_compressor_paths_leave_bit_identical_state(model, ids, monkeypatch):
+    # the window-parallel path (rows at one position), the token loop (rows at different positions) and
+    # decode_step leave the same compressor state, slot for slot: previous window (CSA), partial window
+    # and, past it, the tail of the last completed window (what rollback reads back). The projections
+    # are made a function of the position alone, so that the paths' different rounding upstream of the
+    # compressor neither hides nor fakes a difference: the state must then match exactly.
+    from dsv4.attention import Compressor
+
+    tables = {}
+
+    def project(self, x, pos):
+        if self not in tables:
+            g = torch.Generator().manual_seed(len(tables))
+            w = self.wkv.weight.shape[0]
+            tables[self] = [torch.randn(400, w, generator=g) for _ in range(2)]  # kv, score (fp32)
+        kv, score = tables[self]
+        return kv[pos], score[pos]
+
+    monkeypatch.setattr(Compressor, "project", project)
+    cfg, rows = model.config, torch.arange(2)
+    # chunks ending mid-window, completing one window with earlier tokens, several windows, the HCA one
+    chunks = [(0, 3), (3, 6), (6, 131), (131, 135), (135, 263), (263, 270)]
+    one = DecodeCache(cfg, 2, 300)
+    for s0, s1 in chunks:
+        model(ids[:, s0:s1], cache=one, rows=rows)
+    ragged = DecodeCache(cfg, 3, 300)       # row 2 runs 5 positions ahead: every call takes the token loop
+    model(ids[1:2, :5], cache=ragged, rows=[2])
+    for s0, s1 in chunks:
+        model(torch.cat([ids[:, s0:s1], ids[1:2, s0 + 5:s1 + 5]]), cache=ragged, rows=torch.arange(3))
+    step = DecodeCache(cfg, 2, 300)
+    for t in range(270):
+        model.decode_step(ids[:, t:t + 1], step, rows)
+    assert one.lengths.tolist() == ragged.lengths[:2].tolist() == step.lengths.tolist() == [270, 270]
+    assert {len(c.layers) for c in (one, ragged, step)} == {len(cfg.compress_ratios)}
+    compressed = 0
+    for i, (la, lb, lc) in enumerate(zip(one.layers, ragged.layers, step.layers)):
+        for sa, sb, sc in zip(la.states(), lb.states(), lc.states()):
+            for name in ("kv", "score"):
+                a, b, c = (getattr(s, name)[:2] for s in (sa, sb, sc))
+                assert torch.equal(a, b), f"{name} of layer {i}: window-parallel vs token loop"
+                assert torch.equal(a, c), f"{name} of layer {i}: window-parallel vs decode_step"
+            n = 270 // la.ratio
+            torch.testing.assert_close(sa.entries[:2, :n], sb.entries[:2, :n])
+            torch.testing.assert_close(sa.entries[:2, :n], sc.entries[:2, :n])
+            compressed += 1
+    assert compressed == sum((r > 0) + (r == 4) for r in cfg.compress_ratios)  # CSA: compressor and indexer
