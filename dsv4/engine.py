@@ -16,9 +16,9 @@ main model's streams h_t and token t+1. With `speculative=True` the MTP block is
 in order, so each decode step verifies [last token, draft] in one main-model call (S = 2):
   * accepted: both positions' logits are used, two tokens per call;
   * rejected: the draft's position is dropped from the main cache (`snapshot` before the call, then
-    `rollback` keeping the first position), one token per call and no further main-model call. Where
-    the rollback cannot keep that position (an HCA window completed at the draft's position, one row
-    position in 128), the row goes back to the snapshot and the last token is fed again alone.
+    `rollback` keeping the first position), one token per call and no further main-model call. (A
+    row the rollback cannot rebuild goes back to the snapshot and its last token is fed again; for a
+    two-token verify call that does not happen, see `DecodeCache.rollback`.)
 Greedy output is identical to plain greedy decoding. Sampling requests draw the draft from their own
 processed MTP distribution q and accept it with probability min(1, p/q), else draw from max(p − q, 0):
 each token is distributed exactly as without speculation.
