@@ -105,13 +105,21 @@ class Gate(nn.Module):
 
 
 class Experts(nn.Module):
-    """Routed experts stored stacked: w1, w3 [E, I, D] (gate, up), w2 [E, D, I] (down)."""
+    """Routed experts stored stacked: w1, w3 [E, I, D] (gate, up), w2 [E, D, I] (down).
 
-    def __init__(self, n: int, dim: int, inter: int):
+    `forward(x, idx, weight)` is the one seam for expert dispatch: expert parallelism and quantised
+    experts replace this module (or its forward) from outside, with the same signature."""
+
+    def __init__(self, n: int, dim: int, inter: int, limit: float):
         super().__init__()
+        self.limit = limit
         self.w1 = nn.Parameter(torch.empty(n, inter, dim))
         self.w2 = nn.Parameter(torch.empty(n, dim, inter))
         self.w3 = nn.Parameter(torch.empty(n, inter, dim))
+
+    def forward(self, x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """x [N, D], idx [N, K] expert ids, weight [N, K] fp32 routing weights -> [N, D]."""
+        return ops.moe_experts(x, idx, weight, self.w1, self.w2, self.w3, self.limit)
 
 
 class Expert(nn.Module):
@@ -138,9 +146,8 @@ class MoE(nn.Module):
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
-        self.limit = cfg.swiglu_limit
         self.gate = Gate(cfg, hashed=layer < cfg.num_hash_layers)
-        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.swiglu_limit)
         self.shared_experts = (Expert(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts,
                                       cfg.swiglu_limit) if cfg.n_shared_experts else None)
         self.record = False
@@ -152,8 +159,7 @@ class MoE(nn.Module):
         w, idx, scores = self.gate(flat, ids.reshape(-1))
         if self.record:
             self.last_routing = (idx, scores)
-        e = self.experts
-        y = ops.moe_experts(flat, idx, w, e.w1, e.w2, e.w3, self.limit)        # [B·S, D]
+        y = self.experts(flat, idx, w)                                         # [B·S, D]
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         return y.view(B, S, D)
