@@ -180,7 +180,7 @@ def main(argv=None) -> int:
     env = describe_environment(dev)
     counts = cfg.param_counts()
     print(f"# {time.strftime('%Y-%m-%d')}  {env['device']['name']}  torch {env['versions']['torch']}  "
-          f"triton {env['versions']['triton']}  ops {env['ops_backend']}  commit {(env['git']['commit'] or '?')[:10]}")
+          f"triton {env['versions']['triton']}  ops {env['ops_backends']}  commit {(env['git']['commit'] or '?')[:10]}")
     print(f"# model {args.preset or ('tiny' if smoke else 'bench')}: {counts['total'] / 1e6:.0f}M params "
           f"({counts['active'] / 1e6:.0f}M active), batch {B} × seq {S}; FLOPs/token {fl['total'] / 1e9:.3f} G "
           f"(matmul {fl['matmul'] / 1e9:.3f}, attention {fl['attention'] / 1e9:.3f}, indexer {fl['indexer'] / 1e9:.3f})")

@@ -5,10 +5,11 @@ Spec: ARCHITECTURE.md §5 (attention), §6 (compressor), §7 (indexer), §12 (de
 Shapes: B batch, S query tokens, T key positions, D model dim, H heads, Dh head dim, Dr rope dim,
 W window, M compression ratio, C compressed entries, Hi/Di indexer heads/head dim, G output groups.
 
-Every query attends to one key list: `[window keys | compressed entries]` with an additive mask.
-The three layer types differ only in that mask: SWA has no compressed part, HCA sees every visible
-entry, CSA sees the indexer's top-k among the visible ones. Visibility of compressed entry `s` to a
-query at position `t` is `s < (t + 1) // M` (the entry's window ends at or before `t`).
+Every query attends to one list of keys, indices into `[window keys | compressed entries]`
+(`ops.sparse_attention`, the official `sparse_attn`). The three layer types differ only in that
+list: SWA has no compressed part, HCA lists every visible entry, CSA the indexer's top-k among the
+visible ones. Compressed entry `s` is visible to a query at position `t` iff `s < (t + 1) // M` (the
+entry's window ends at or before `t`).
 
 Two ways to run: a full-sequence pass (`state=None`; training and scoring; queries are processed in
 chunks so memory grows linearly in S), and a cached pass that reads/writes a `LayerState` of
@@ -26,8 +27,9 @@ from dsv4 import ops
 from dsv4.ops import acc_dtype, fp32_region, up
 from dsv4.config import ModelConfig, yarn_low_high
 
-# Elements of the largest per-chunk score tensor (queries × heads × keys); bounds attention memory.
-SCORE_BUDGET = 1 << 24
+# Elements of the per-chunk index lists and index scores (queries × listed keys + queries × entries):
+# bounds attention memory in long calls (the primitives bound their own intermediates).
+ATTN_BUDGET = 1 << 26
 
 
 class RMSNorm(nn.Module):
@@ -101,6 +103,12 @@ class Compressor(nn.Module):
     (i−1)M … (i+1)M−1 over 2M slots (entry 0's borrowed slots have zero weight). Otherwise (HCA)
     entry i pools tokens iM … iM+M−1. Projections and pooling run in fp32; entries are cast to the
     model dtype, RMS-normalised and roped at position i·M.
+
+    One pooling path serves every caller: the caller lists, for each entry, the source token of each
+    of its J slots (`slots`, −1 = empty) and `ops.compress_windows` pools them. `entries` (full
+    sequence, packed documents too) lists windows of the call's tokens; `update` (cache: chunked
+    prefill, rows at different positions, the one-token decode step) lists windows of the row's
+    compressor state followed by the new tokens.
     """
 
     def __init__(self, dim: int, ratio: int, head_dim: int, eps: float):
@@ -118,18 +126,6 @@ class Compressor(nn.Module):
         score = linear(x, self.wgate, fp32=True) + up(self.ape)[pos % self.ratio]
         return kv, score
 
-    def pool(self, kv: torch.Tensor, score: torch.Tensor, prev_kv: torch.Tensor | None,
-             prev_score: torch.Tensor | None) -> torch.Tensor:
-        """kv/score [B, n, M, w] complete windows; prev_* [B, M, w] the window before the first. -> [B, n, c]"""
-        c = self.head_dim
-        if not self.overlap or kv.shape[1] == 0:
-            return ops.compress_pool(kv, score)[..., :c]
-        prev_kv = torch.cat([prev_kv.unsqueeze(1), kv[:, :-1]], dim=1)[..., :c]     # [B, n, M, c]
-        prev_sc = torch.cat([prev_score.unsqueeze(1), score[:, :-1]], dim=1)[..., :c]
-        slots_kv = torch.cat([prev_kv, kv[..., c:]], dim=2)                          # [B, n, 2M, c]
-        slots_sc = torch.cat([prev_sc, score[..., c:]], dim=2)
-        return ops.compress_pool(slots_kv, slots_sc)
-
     def finish(self, pooled: torch.Tensor, index: torch.Tensor, freqs: torch.Tensor,
                dtype: torch.dtype) -> torch.Tensor:
         """Cast, normalise and rope entries [B, n, c] whose entry indices are index [B, n]."""
@@ -137,135 +133,101 @@ class Compressor(nn.Module):
         cos, sin = rope_cos_sin(index * self.ratio, freqs, dtype)
         return apply_rope(e, cos, sin)
 
-    def empty_window(self, x: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        w = self.wkv.weight.shape[0]
-        kv = x.new_zeros(batch, self.ratio, w, dtype=acc_dtype(x.dtype))
-        return kv, torch.full_like(kv, float("-inf"))
+    def _slots(self, own: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
+        """Slot lists [B, n, J] from the first source token of each entry's own window and of the
+        previous window (−1: none), windows being M consecutive source tokens."""
+        k = torch.arange(self.ratio, device=own.device)
+        own_s = torch.where(own.unsqueeze(-1) >= 0, own.unsqueeze(-1) + k, -1)       # [B, n, M]
+        if not self.overlap:
+            return own_s
+        prev_s = torch.where(prev.unsqueeze(-1) >= 0, prev.unsqueeze(-1) + k, -1)
+        return torch.cat([prev_s, own_s], dim=-1)                                  # [B, n, 2M]
 
-    # -- full sequence (no cache); documents given by seg compress independently
-    def forward_full(self, x: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor | None,
-                     freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns entries [B, C, c], their document ids [B, C] (−1 = padding) and indices [B, C]."""
+    # -- full sequence (no cache); packed documents (seg) compress independently
+    def entries(self, x: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor | None,
+                freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Entries [B, C, c] of the complete windows, and with seg the index of the first entry of each
+        token's document [B, S] (entries of one document are consecutive; without seg, 0)."""
         B, S, _ = x.shape
         m = self.ratio
-        kv, score = self.project(x, pos)
+        kv, score = self.project(x, pos)                                          # [B, S, w]
         if seg is None:
             n = S // m
-            pk, ps = self.empty_window(x, B)
-            pooled = self.pool(kv[:, :n * m].unflatten(1, (n, m)), score[:, :n * m].unflatten(1, (n, m)), pk, ps)
-            idx = torch.arange(n, device=x.device).expand(B, n)
-            return self.finish(pooled, idx, freqs, x.dtype), torch.zeros_like(idx), idx
-        rows = []
-        for b in range(B):  # packed documents: each compresses on its own, a trailing partial window is dropped
-            starts = torch.nonzero(torch.diff(seg[b], prepend=seg[b, :1] - 1)).flatten().tolist() + [S]
-            parts = []
-            for a, e in zip(starts[:-1], starts[1:]):
-                n = (e - a) // m
-                if n == 0:
-                    continue
-                pk, ps = self.empty_window(x, 1)
-                pooled = self.pool(kv[b:b + 1, a:a + n * m].unflatten(1, (n, m)),
-                                   score[b:b + 1, a:a + n * m].unflatten(1, (n, m)), pk, ps)
-                idx = torch.arange(n, device=x.device).unsqueeze(0)
-                parts.append((self.finish(pooled, idx, freqs, x.dtype)[0], seg[b, a].expand(n), idx[0]))
-            rows.append(parts)
-        C = max([sum(p[0].shape[0] for p in parts) for parts in rows] + [0])
-        ent = x.new_zeros(B, C, self.head_dim)
-        ent_seg = torch.full((B, C), -1, dtype=torch.long, device=x.device)
-        ent_idx = torch.zeros(B, C, dtype=torch.long, device=x.device)
-        for b, parts in enumerate(rows):
-            if parts:
-                ent[b, :sum(p[0].shape[0] for p in parts)] = torch.cat([p[0] for p in parts])
-                n_b = sum(p[0].shape[0] for p in parts)
-                ent_seg[b, :n_b] = torch.cat([p[1] for p in parts]).long()
-                ent_idx[b, :n_b] = torch.cat([p[2] for p in parts])
-        return ent, ent_seg, ent_idx
+            own = (torch.arange(n, device=x.device) * m).expand(B, n)             # [B, n]
+            first, index = None, own // m
+        else:
+            # a window starts at each token at a position ≡ 0 (mod M) whose document still holds
+            # the window's last token (positions restart at 0 in each document)
+            i = torch.arange(S, device=x.device)
+            end = (i + m - 1).clamp(max=S - 1)
+            starts = (pos % m == 0) & (i + m - 1 < S) & (seg[:, end] == seg) & (pos[:, end] == pos + m - 1)
+            counts = starts.sum(1)                                                # [B]
+            n = int(counts.max()) if B else 0
+            order = torch.where(starts, i, S).sort(dim=1).values[:, :n]           # [B, n] starts first
+            own = torch.where(order < S, order, -1)
+            index = torch.where(own >= 0, pos.gather(1, own.clamp(min=0)) // m, 0)
+            before = torch.cumsum(starts.long(), 1) - starts.long()               # entries before token i
+            new_doc = torch.ones_like(seg, dtype=torch.bool)
+            new_doc[:, 1:] = seg[:, 1:] != seg[:, :-1]
+            doc0 = torch.where(new_doc, i, 0).cummax(dim=1).values                # each token's document start
+            first = before.gather(1, doc0)                                        # [B, S]
+        prev = torch.where((own >= m) & (index > 0), own - m, -1)
+        pooled = ops.compress_windows(kv, score, self._slots(own, prev), self.overlap)
+        return self.finish(pooled, index, freqs, x.dtype), first
 
     # -- cached: state.kv/state.score [Bmax, (1+o)M, w] (slots 0..M-1 = previous complete window when
-    # overlapping, then the current partial window), state.entries [Bmax, Cmax, c]
-    def forward_cached(self, x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor, state,
-                       rows: torch.Tensor) -> torch.Tensor:
-        """Feed S new tokens per row, write completed entries to state.entries; return entries [B, C, c]."""
+    # overlapping, then slot t mod M of the current window holding the last token fed at such a t),
+    # state.entries [Bmax, Cmax, c]
+    def update(self, x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor, state, rows: torch.Tensor) -> None:
+        """Feed S new tokens to each row (rows at any positions, pos[b] = p0_b + arange(S)): write the
+        entries of the windows they complete to state.entries and advance the state.
+
+        Source tokens: the row's (1+o)M state slots, then the S new tokens. Entry i of the call
+        (global entry p0 // M + i) owns the virtual tokens [M(i+1), M(i+2)) of the sequence
+        [previous window | window of p0 | ...]; a window is complete when its last token is fed.
+        With S = 1 there is one window and no host synchronisation (the decode step: the entry is
+        written where its window completes, `torch.where` elsewhere); longer calls write the complete
+        entries by a mask (one host read). Every slot keeps the last token fed to it (what
+        `DecodeCache.rollback` relies on)."""
         B, S, _ = x.shape
         m, o = self.ratio, int(self.overlap)
-        kv, score = self.project(x, pos)
-        st_kv, st_sc = state.kv[rows], state.score[rows]                              # [B, (1+o)M, w]
-        starts = pos[:, 0]
-        if bool((starts == starts[0]).all()):
-            p = int(starts[0])
-            rem, w0 = p % m, p - p % m
-            cur_kv = torch.cat([st_kv[:, o * m:o * m + rem], kv], dim=1)              # positions [w0, p+S)
-            cur_sc = torch.cat([st_sc[:, o * m:o * m + rem], score], dim=1)
-            n = (rem + S) // m
-            if n > 0:
-                win_kv = cur_kv[:, :n * m].unflatten(1, (n, m))                       # [B, n, M, w]
-                win_sc = cur_sc[:, :n * m].unflatten(1, (n, m))
-                pk, ps = (st_kv[:, :m], st_sc[:, :m]) if o else (None, None)
-                idx = (w0 // m + torch.arange(n, device=x.device)).expand(B, n)
-                ent = self.finish(self.pool(win_kv, win_sc, pk, ps), idx, freqs, state.entries.dtype)
-                state.entries[rows.unsqueeze(1), idx] = ent
-                if o:
-                    st_kv[:, :m], st_sc[:, :m] = win_kv[:, -1], win_sc[:, -1]
-                # as the token loop leaves it: every slot holds the last token fed to it, so the slots
-                # past the new partial window keep the tail of the last completed window
-                st_kv[:, o * m:o * m + m], st_sc[:, o * m:o * m + m] = win_kv[:, -1], win_sc[:, -1]
-            left = (rem + S) - n * m
-            st_kv[:, o * m:o * m + left] = cur_kv[:, n * m:]
-            st_sc[:, o * m:o * m + left] = cur_sc[:, n * m:]
-        else:  # rows at different positions: token by token, as the official decode step
-            c = self.head_dim
-            for s in range(S):
-                t = pos[:, s]
-                slot = (o * m + t % m).view(B, 1, 1).expand(B, 1, kv.shape[-1])
-                st_kv.scatter_(1, slot, kv[:, s:s + 1])
-                st_sc.scatter_(1, slot, score[:, s:s + 1])
-                done = (t % m) == m - 1
-                if not bool(done.any()):
-                    continue
-                if o:
-                    pk = torch.cat([st_kv[:, :m, :c], st_kv[:, m:, c:]], dim=1)      # [B, 2M, c]
-                    ps = torch.cat([st_sc[:, :m, :c], st_sc[:, m:, c:]], dim=1)
-                else:
-                    pk, ps = st_kv, st_sc
-                idx = (t // m).unsqueeze(1)                                            # [B, 1]
-                ent = self.finish(ops.compress_pool(pk, ps).unsqueeze(1), idx, freqs, state.entries.dtype)
-                state.entries[rows[done], idx[done, 0]] = ent[done, 0]
-                if o:
-                    st_kv[done, :m], st_sc[done, :m] = st_kv[done, m:], st_sc[done, m:]
-        state.kv[rows], state.score[rows] = st_kv, st_sc
-        n_total = int(((pos[:, -1] + 1) // m).max())
-        return state.entries[rows, :n_total]
-
-    def decode_step(self, x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor, state,
-                    rows: torch.Tensor) -> None:
-        """Feed one token per row (x [B, 1, D], rows at any positions) without a host synchronisation:
-        the entry of every row is pooled and written only where its window completes at this token
-        (`torch.where`), so the step has static shapes and can be captured in a CUDA graph. Entry s is
-        visible from position t iff s < (t + 1) // M, so a row's current (incomplete) entry slot is
-        never read. Same arithmetic as the token loop of `forward_cached`."""
-        B = x.shape[0]
-        m, o, c = self.ratio, int(self.overlap), self.head_dim
-        kv, score = self.project(x, pos)                                              # [B, 1, w]
-        t = pos[:, 0]                                                                 # [B]
-        slot = (o * m + t % m).view(B, 1, 1).expand(B, 1, kv.shape[-1])
-        st_kv = state.kv[rows].scatter(1, slot, kv)                                   # [B, (1+o)M, w]
-        st_sc = state.score[rows].scatter(1, slot, score)
-        if o:
-            pk = torch.cat([st_kv[:, :m, :c], st_kv[:, m:, c:]], dim=1)              # [B, 2M, c]
-            ps = torch.cat([st_sc[:, :m, :c], st_sc[:, m:, c:]], dim=1)
-        else:
-            pk, ps = st_kv, st_sc
-        done = ((t % m) == m - 1).view(B, 1, 1)                                       # [B, 1, 1]
+        dev = x.device
+        kv, score = self.project(x, pos)                                          # [B, S, w]
+        src_kv = torch.cat([state.kv[rows], kv], dim=1)                           # [B, (1+o)M + S, w]
+        src_sc = torch.cat([state.score[rows], score], dim=1)
+        rem = (pos[:, 0] % m).unsqueeze(1)                                        # [B, 1]
+        n_win = (S + 2 * m - 2) // m
+        v = torch.arange(m * (n_win + 1), device=dev)                             # virtual token index
+        off = v - m                                                               # position − window start
+        vsrc = torch.where(off < rem, o * m + off,                               # [B, Lv] source or −1
+                           torch.where(off - rem < S, (1 + o) * m + off - rem, -1))
+        vsrc = torch.where(v < m, v if o else -1, vsrc)
+        win = torch.arange(n_win, device=dev)
+        own = (m * (win + 1)).expand(B, n_win)                                   # virtual start of each window
+        slots = vsrc.gather(1, self._slots(own, own - m).flatten(1)).view(B, n_win, -1)
+        index = pos[:, :1] // m + win                                             # [B, n_win] entry indices
+        ent = self.finish(ops.compress_windows(src_kv, src_sc, slots, self.overlap), index, freqs,
+                          state.entries.dtype)                                    # [B, n_win, c]
+        done = win < (rem + S) // m                                               # [B, n_win]
         n_max = state.entries.shape[1]
-        if n_max:  # (a window that completes always fits; a partial one past the last entry is clamped)
-            idx = (t // m).clamp(max=n_max - 1).unsqueeze(1)                          # [B, 1]
-            ent = self.finish(ops.compress_pool(pk, ps).unsqueeze(1), idx, freqs, state.entries.dtype)  # [B, 1, c]
-            old = state.entries[rows.unsqueeze(1), idx]                               # [B, 1, c]
-            state.entries[rows.unsqueeze(1), idx] = torch.where(done, ent, old)
-        if o:  # a completed window becomes the previous window of the next entry
-            st_kv = torch.cat([torch.where(done, st_kv[:, m:], st_kv[:, :m]), st_kv[:, m:]], dim=1)
-            st_sc = torch.cat([torch.where(done, st_sc[:, m:], st_sc[:, :m]), st_sc[:, m:]], dim=1)
-        state.kv[rows], state.score[rows] = st_kv, st_sc
+        if S == 1 and n_max:   # a window that completes always fits; a partial one past the end is clamped
+            at = index.clamp(max=n_max - 1)
+            old = state.entries[rows.unsqueeze(1), at]
+            state.entries[rows.unsqueeze(1), at] = torch.where(done.unsqueeze(-1), ent, old)
+        elif S > 1:
+            state.entries[rows.unsqueeze(1).expand_as(index)[done], index[done]] = ent[done]
+        # new state: slot j of the current window <- the last fed token at a position ≡ j (mod M);
+        # the previous window <- the last window completed by this call
+        j = torch.arange(m, device=dev)
+        v_end = m + rem + S - 1                                                   # [B, 1]
+        v_j = v_end - torch.remainder(v_end - m - j, m)                           # [B, M]
+        cur = torch.where(v_j >= m, vsrc.gather(1, v_j.clamp(min=0)), o * m + j)
+        keep = [cur]
+        if o:
+            n_done = (rem + S) // m                                               # [B, 1]
+            keep.insert(0, torch.where(n_done >= 1, vsrc.gather(1, (m * n_done + j).clamp(max=vsrc.shape[1] - 1)), j))
+        sel = torch.cat(keep, dim=1).unsqueeze(-1).expand(-1, -1, kv.shape[-1])  # [B, (1+o)M, w]
+        state.kv[rows], state.score[rows] = src_kv.gather(1, sel), src_sc.gather(1, sel)
 
 
 class Indexer(nn.Module):
@@ -290,18 +252,18 @@ class Indexer(nn.Module):
         w = up(linear(x, self.weights_proj)) * (self.head_dim ** -0.5 * self.n_heads ** -0.5)  # [B, S, Hi]
         return q, w
 
-    def select(self, q: torch.Tensor, w: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-        """Boolean [B, Sc, C]: visible entries among each query's top-k index scores."""
-        scores = ops.index_scores(q, keys, w).masked_fill(~visible, float("-inf"))   # [B, Sc, C]
-        k = min(self.topk, scores.shape[-1])
-        top = scores.topk(k, dim=-1).indices                                           # [B, Sc, k]
-        chosen = torch.zeros_like(visible).scatter_(-1, top, True)
-        return chosen & visible
-
 
 class Attention(nn.Module):
     """One attention block of type SWA / CSA / HCA (spec §5.1): low-rank q with per-head RMSNorm,
-    one shared K=V head, partial interleaved RoPE, sinks, output de-rotation, grouped output projection."""
+    one shared K=V head, partial interleaved RoPE, sinks, output de-rotation, grouped output projection.
+
+    Every query attends to one list of keys (spec §5.1 step 4, the official `sparse_attn`): indices
+    into `[window keys | compressed entries]`, −1 = none. Window keys: the call's own tokens (full
+    sequence) or the row's ring followed by the call's tokens (cache); the compressed entries are read
+    in place (`ops.sparse_attention`'s second key source). SWA lists only window keys, HCA adds every
+    visible entry, CSA the indexer's top-k among the visible entries (`ops.index_topk`); entry s is
+    visible from position t iff s < (t + 1) // M. `_indices` builds the lists, one call attends.
+    """
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -346,128 +308,113 @@ class Attention(nn.Module):
         qf = up(q)
         q = apply_rope((qf * torch.rsqrt(qf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype), cos, sin)
         kv = apply_rope(self.kv_norm(linear(x, self.wkv)), cos, sin)                  # [B, S, Dh]
-        if state is not None and S == 1 and not self.index_loss:
-            o = self._attend_one(x, qr, q, kv, pos, cos, sin, freqs, state, rows)     # [B, 1, H, Dh]
-        else:
-            o = self._attend(x, qr, q, kv, pos, cos, sin, freqs, seg, state, rows)    # [B, S, H, Dh]
+        o = self._attend(x, qr, q, kv, pos, cos, sin, freqs, seg, state, rows)        # [B, S, H, Dh]
         o = apply_rope(o, cos, -sin)                                                   # de-rotate
         o = o.reshape(B, S, self.groups, H * Dh // self.groups)                       # [B, S, G, H·Dh/G]
         wo_a = self.wo_a.weight.to(o.dtype).view(self.groups, self.o_rank, -1)        # [G, d_g, H·Dh/G]
         u = torch.einsum("bsgi,gri->bsgr", o, wo_a).flatten(2)                         # [B, S, G·d_g]
         return linear(u, self.wo_b)                                                    # [B, S, D]
 
-    def _attend_one(self, x, qr, q, kv, pos, cos, sin, freqs, state, rows) -> torch.Tensor:
-        """Decode step: one new token per cached row, rows at any lengths, static shapes and no host
-        synchronisation (the step `dsv4.graphs` captures). Keys: the window ring, the new token, and
-        the compressed entries: for CSA the indexer's top-k over the row's whole entry buffer with
-        invisible entries (s >= (t + 1) // M) scored −inf, for HCA (or CSA in dense mode) the whole
-        buffer under the visibility mask. Equal to the general cached path up to summation order."""
-        B, Dh, W = x.shape[0], self.head_dim, self.window
-        t = pos[:, 0]                                                                 # [B]
-        ring_pos = state.ring_positions(t)                                            # [B, W]
-        keys = torch.cat([state.ring[rows], kv], dim=1)                               # [B, W+1, Dh]
-        kpos = torch.cat([ring_pos, pos], dim=1)                                      # [B, W+1]
-        visible = ((t.unsqueeze(1) - kpos) < W) & (kpos >= 0)                        # [B, W+1]
-        if self.compressor is not None:
-            self.compressor.decode_step(x, pos, freqs, state.comp, rows)
-            entries = state.comp.entries                                              # [Bmax, Cmax, Dh]
-            cvis = torch.arange(entries.shape[1], device=x.device) < ((t + 1) // self.ratio).unsqueeze(1)  # [B, Cmax]
-            if self.indexer is not None and self.index_mode == "sparse":
-                self.indexer.compressor.decode_step(x, pos, freqs, state.index, rows)
-                iq, iw = self.indexer.queries(x, qr, cos, sin)
-                scores = ops.index_scores(iq, state.index.entries[rows], iw)[:, 0]   # [B, Cmax]
-                top = scores.masked_fill(~cvis, float("-inf")).topk(min(self.indexer.topk, scores.shape[1])).indices
-                comp, cvis = entries[rows.unsqueeze(1), top], cvis.gather(1, top)     # [B, P, Dh], [B, P]
-            else:
-                comp = entries[rows]                                                  # [B, Cmax, Dh]
-            keys = torch.cat([keys, comp], dim=1)
-            visible = torch.cat([visible, cvis], dim=1)
-        bias = torch.zeros(visible.shape, dtype=acc_dtype(x.dtype), device=x.device)
-        bias = bias.masked_fill(~visible, float("-inf")).unsqueeze(1)                 # [B, 1, T]
-        state.ring[rows, t % W] = kv[:, 0].to(state.ring.dtype)
-        return ops.sink_attention(q, keys, bias, self.attn_sink, Dh ** -0.5)
-
     def _attend(self, x, qr, q, kv, pos, cos, sin, freqs, seg, state, rows) -> torch.Tensor:
-        """Full-sequence or chunked cached attention; queries in chunks bounded by SCORE_BUDGET."""
+        """Keys, index lists and one attention call per query chunk (memory linear in S)."""
         B, S, _ = x.shape
-        H, Dh = self.n_heads, self.head_dim
-        comp = comp_seg = comp_idx = ikeys = None
+        m, W = self.ratio, self.window
+        want_loss = self.indexer is not None and self.index_loss
+        sparse = self.indexer is not None and self.index_mode == "sparse"
         # sparse phase with index loss: the indexer (queries and its own compressor) sees detached inputs,
         # so the KL trains the indexer only
-        want_loss = self.indexer is not None and self.index_loss
-        detach = want_loss and self.index_mode == "sparse"
-        x_idx = x.detach() if detach else x
-        if self.compressor is not None:
-            if state is None:
-                comp, comp_seg, comp_idx = self.compressor.forward_full(x, pos, seg, freqs)
+        detach = want_loss and sparse
+        x_idx, qr_idx = (x.detach(), qr.detach()) if detach else (x, qr)
+        comp = ikeys = first = c_rows = None
+        n_comp = 0
+        if state is None:
+            keys = kv                                                                 # [B, S, Dh]
+            if m:
+                comp, first = self.compressor.entries(x, pos, seg, freqs)             # [B, C, Dh]
+                n_comp = comp.shape[1]
                 if self.indexer is not None:
-                    ikeys = self.indexer.compressor.forward_full(x_idx, pos, seg, freqs)[0]
-            else:
-                comp = self.compressor.forward_cached(x, pos, freqs, state.comp, rows)
+                    ikeys = self.indexer.compressor.entries(x_idx, pos, seg, freqs)[0]  # [B, C, Di]
+        else:
+            keys = torch.cat([state.ring[rows], kv.to(state.ring.dtype)], dim=1)     # [B, W + S, Dh]
+            if m:
+                self.compressor.update(x, pos, freqs, state.comp, rows)
+                comp, c_rows = state.comp.entries, rows                              # [Bmax, Cmax, Dh]
+                # the one-token step reads the whole buffer (static shapes, no host read)
+                n_comp = comp.shape[1] if S == 1 else min(comp.shape[1], int((pos[:, -1] + 1).max()) // m)
                 if self.indexer is not None:
-                    ikeys = self.indexer.compressor.forward_cached(x_idx, pos, freqs, state.index, rows)
-                comp_idx = torch.arange(comp.shape[1], device=x.device).expand(B, -1)
-                comp_seg = torch.zeros_like(comp_idx)
+                    self.indexer.compressor.update(x_idx, pos, freqs, state.index, rows)
+                    ikeys = state.index.entries[:, :n_comp]                          # [Bmax, C, Di]
         iq = iw = None
-        if self.indexer is not None and (self.index_mode == "sparse" or want_loss):
-            iq, iw = self.indexer.queries(x.detach() if detach else x, qr.detach() if detach else qr, cos, sin)
-        kl_sum, kl_count = x.new_zeros((), dtype=acc_dtype(x.dtype)), 0
-
-        if state is not None:  # window keys: the ring (older tokens) then this call's tokens
-            ring, ring_pos = state.ring[rows], state.ring_positions(pos[:, 0])        # [B, W, Dh], [B, W]
-        if seg is None:
-            seg = torch.zeros_like(pos)
-        # query chunk: its window keys span chunk + W − 1 tokens, so cap the chunk as well as the keys
-        C = 0 if comp is None else comp.shape[1]
-        per_query = H * (2 * self.window + C) + (0 if iq is None else iq.shape[2] * C)
-        chunk = max(1, min(S, max(self.window, 256), SCORE_BUDGET // per_query))
-        outs = []
+        if self.indexer is not None and (sparse or want_loss):
+            iq, iw = self.indexer.queries(x_idx, qr_idx, cos, sin)
+        k_comp = min(self.indexer.topk, n_comp) if sparse else n_comp
+        per_query = W + k_comp + (n_comp if sparse else 0)
+        chunk = max(1, min(S, ATTN_BUDGET // max(per_query, 1)))
+        outs, kl_sum, kl_count = [], x.new_zeros((), dtype=acc_dtype(x.dtype)), 0
         for s0 in range(0, S, chunk):
             s1 = min(S, s0 + chunk)
-            qpos, qseg = pos[:, s0:s1], seg[:, s0:s1]                                 # [B, Sc]
-            lo = max(0, s0 - self.window + 1)
-            keys, kpos, kseg = kv[:, lo:s1], pos[:, lo:s1], seg[:, lo:s1]             # [B, Tw, ..]
-            if state is not None:
-                keys = torch.cat([ring, keys], dim=1)
-                kpos = torch.cat([ring_pos, kpos], dim=1)
-                kseg = torch.cat([torch.zeros_like(ring_pos), kseg], dim=1)
-            dist = qpos.unsqueeze(2) - kpos.unsqueeze(1)                              # [B, Sc, Tw]
-            visible = (dist >= 0) & (dist < self.window) & (kpos.unsqueeze(1) >= 0)
-            visible &= qseg.unsqueeze(2) == kseg.unsqueeze(1)
-            if comp is not None:
-                cvis = (comp_seg.unsqueeze(1) == qseg.unsqueeze(2)) & \
-                       (comp_idx.unsqueeze(1) < (qpos.unsqueeze(2) + 1) // self.ratio)  # [B, Sc, C]
-                if iq is not None and self.index_mode == "sparse":
-                    cvis = self.indexer.select(iq[:, s0:s1], iw[:, s0:s1], ikeys, cvis)
-                keys = torch.cat([keys, comp], dim=1)
-                visible = torch.cat([visible, cvis], dim=2)
-            bias = torch.zeros(visible.shape, dtype=acc_dtype(x.dtype), device=x.device)
-            bias = bias.masked_fill(~visible, float("-inf"))                          # [B, Sc, T]
-            outs.append(ops.sink_attention(q[:, s0:s1], keys, bias, self.attn_sink, Dh ** -0.5))
-            if want_loss and C:
-                kl, n = self._index_kl(q[:, s0:s1], keys, bias, iq[:, s0:s1], iw[:, s0:s1], ikeys, cvis)
-                kl_sum, kl_count = kl_sum + kl, kl_count + n
-        o = torch.cat(outs, dim=1)                                                     # [B, S, H, Dh]
+            idx, cidx = self._indices(s0, s1, pos, seg, state is not None, first, n_comp,
+                                      None if iq is None or not sparse else (iq[:, s0:s1], iw[:, s0:s1], ikeys),
+                                      c_rows, keys.shape[1])
+            res = ops.sparse_attention(q[:, s0:s1], keys, idx, self.attn_sink, self.head_dim ** -0.5,
+                                       comp, c_rows, return_lse=want_loss)
+            if want_loss:
+                res, lse = res
+                if n_comp:
+                    kl, n = self._index_kl(q[:, s0:s1], lse, comp, cidx, iq[:, s0:s1], iw[:, s0:s1], ikeys, c_rows)
+                    kl_sum, kl_count = kl_sum + kl, kl_count + n
+            outs.append(res)
         if want_loss:
             self.last_index_loss = kl_sum / max(kl_count, 1)
-
         if state is not None:  # the last W tokens of this call go to the ring at slot t mod W
-            keep = min(S, self.window)
-            slot = (pos[:, S - keep:] % self.window).unsqueeze(-1).expand(B, keep, Dh)
-            state.ring[rows] = ring.scatter(1, slot, kv[:, S - keep:].to(ring.dtype))
-        return o
+            keep = min(S, W)
+            state.ring[rows.unsqueeze(1), pos[:, S - keep:] % W] = kv[:, S - keep:].to(state.ring.dtype)
+        return torch.cat(outs, dim=1)                                                 # [B, S, H, Dh]
 
-    def _index_kl(self, q, keys, bias, iq, iw, ikeys, cvis) -> tuple[torch.Tensor, int]:
-        """Σ over queries of KL(p ‖ softmax(I)) on the candidate compressed entries `cvis` [B, Sc, C]."""
-        C = cvis.shape[-1]
-        with torch.no_grad():  # target: the main attention's mass on each compressed entry
-            z = torch.einsum("bshd,btd->bsht", up(q), up(keys)) * self.head_dim ** -0.5
-            z = z + bias.unsqueeze(2)
-            sink = up(self.attn_sink).view(1, 1, -1, 1).expand(*z.shape[:3], 1)
-            p = torch.softmax(torch.cat([z, sink], dim=-1), dim=-1)[..., -C - 1:-1].sum(dim=2)  # [B, Sc, C]
-            p = p.masked_fill(~cvis, 0)
+    def _indices(self, s0, s1, pos, seg, cached, first, n_comp, indexer_in, c_rows, t_window):
+        """Key lists of queries s0..s1−1: idx [B, Sc, W + K] into [window keys | entries] (entries
+        offset by t_window), and the entries' part alone cidx [B, Sc, K] (−1 = none)."""
+        W, m = self.window, self.ratio
+        dev = pos.device
+        qpos = pos[:, s0:s1]                                                          # [B, Sc]
+        w = torch.arange(W, device=dev)
+        if cached:   # keys: ring slot t mod W for positions before the call, then the call's tokens
+            kpos = qpos.unsqueeze(-1) - (W - 1) + w                                   # [B, Sc, W]
+            p0 = pos[:, :1, None]
+            j = torch.where(kpos < p0, torch.remainder(kpos, W), W + kpos - p0)
+            widx = torch.where(kpos >= 0, j, -1)
+        else:        # keys: the call's tokens; a key must be within W positions and in the same document
+            j = torch.arange(s0, s1, device=dev).unsqueeze(-1) - (W - 1) + w          # [Sc, W]
+            jc = j.clamp(min=0).expand(pos.shape[0], -1, -1)                           # [B, Sc, W]
+            d = qpos.unsqueeze(-1) - pos.gather(1, jc.flatten(1)).view_as(jc)
+            ok = (j >= 0) & (d >= 0) & (d < W)
+            if seg is not None:
+                ok &= seg.gather(1, jc.flatten(1)).view_as(jc) == seg[:, s0:s1].unsqueeze(-1)
+            widx = torch.where(ok, j, -1)
+        if not m:
+            return widx, None
+        lo = first[:, s0:s1] if first is not None else torch.zeros_like(qpos)         # [B, Sc]
+        hi = torch.clamp(lo + (qpos + 1) // m, max=n_comp)
+        if indexer_in is not None:
+            iq, iw, ikeys = indexer_in
+            cidx = ops.index_topk(iq, ikeys, iw, lo, hi, self.indexer.topk, c_rows)  # [B, Sc, P]
+        else:
+            s = torch.arange(n_comp, device=dev)
+            cidx = torch.where((s >= lo.unsqueeze(-1)) & (s < hi.unsqueeze(-1)), s, -1)  # [B, Sc, C]
+        idx = torch.cat([widx, torch.where(cidx >= 0, cidx + t_window, -1)], dim=-1)
+        return idx.to(torch.int32), cidx
+
+    def _index_kl(self, q, lse, comp, cidx, iq, iw, ikeys, c_rows) -> tuple[torch.Tensor, int]:
+        """Σ over queries of KL(p ‖ softmax(I)) on the listed compressed entries cidx [B, Sc, P], where p
+        is the main attention's probability of each entry summed over heads (from the attention's lse)."""
+        if c_rows is not None:   # cache buffers: this call's rows
+            comp, ikeys = comp.index_select(0, c_rows), ikeys.index_select(0, c_rows)
+        with torch.no_grad():
+            keys = up(ops.gather_keys(comp, cidx))                                    # [B, Sc, P, Dh]
+            z = torch.einsum("bshd,bspd->bshp", up(q), keys) * self.head_dim ** -0.5   # [B, Sc, H, P]
+            p = torch.exp(z - lse.unsqueeze(-1)).sum(dim=2).masked_fill(cidx < 0, 0)  # [B, Sc, P]
             p = p / p.sum(-1, keepdim=True).clamp_min(1e-30)
-        logq = torch.log_softmax(ops.index_scores(iq, ikeys, iw).masked_fill(~cvis, float("-inf")), dim=-1)
-        has = cvis.any(-1)                                                            # [B, Sc]
+        logq = torch.log_softmax(ops.index_scores_at(iq, ikeys, iw, cidx), dim=-1)
+        has = (cidx >= 0).any(-1)                                                     # [B, Sc]
         terms = torch.where(p > 0, p * (torch.log(p.clamp_min(1e-30)) - logq), torch.zeros_like(p))
         return terms.sum(-1)[has].sum(), int(has.sum())

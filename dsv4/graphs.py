@@ -4,8 +4,8 @@ A decode step of a small model is a few hundred short kernels; launched one by o
 GPU waits on the CPU (a 4-layer model spent ~30 ms per step that way). `DecodeGraphs` records
 `Transformer.decode_step` once per batch size into a CUDA graph and replays it: one launch per step.
 
-The decode step has static shapes and no host synchronisation (`Attention._attend_one`,
-`Compressor.decode_step`, a sync-free `ops.moe_experts`), and every tensor it writes lives in the
+The decode step has static shapes and no host synchronisation (the one-token case of
+`Attention._attend` and `Compressor.update`, a sync-free `ops.moe_experts`), and every tensor it writes lives in the
 preallocated `DecodeCache`, so a replay with new ids and rows copied into the graph's input tensors
 does exactly what an eager call would. The first call for a batch size runs eagerly (that call is
 also the warm-up) and records the graph for the next calls. Where recording fails (an op that needs

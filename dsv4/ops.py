@@ -1,21 +1,33 @@
-"""Plain-PyTorch reference of every primitive that gets (or will get) a GPU kernel.
+"""Plain-PyTorch reference ("twin") of every primitive that has a GPU kernel, and the backend table.
 
-The model calls these functions only through this module, so a fast implementation can replace
-one by assigning a function with the same signature (see `set_backend`). Each reference states the
-numeric policy of the official inference code (ARCHITECTURE.md §2, §11): fp32 for mHC, compressor
+The model calls these primitives only through this module. Each one is a `Primitive`: a PyTorch twin
+(the reference, and the implementation on CPU) plus other implementations with the same signature
+(Triton kernels in `dsv4.kernels`, imported only when chosen). The implementation is chosen once per
+(device type, dtype) the first time a primitive runs there: 'triton' on CUDA when Triton is installed,
+else 'torch'. `DSV4_OPS` in the environment overrides the choice when the table is first used
+(`DSV4_OPS=torch` or `DSV4_OPS=triton` for all, `DSV4_OPS=sparse_attention=torch,moe_experts=loop` per
+primitive); `set_backend` does the same from code (the one documented global switch of the package);
+`describe_backends()` prints the table (`dsv4 info --backends`). While `torch.compile` traces, the
+twins run (the compiler fuses them).
+
+Numeric policy of the official inference code (ARCHITECTURE.md §2, §11): fp32 for mHC, compressor
 pooling, routing and SwiGLU; attention scores in fp32.
 
 Shapes: B batch, S query tokens, T key positions, D model dim, H heads, Dh head dim, N streams,
-E experts, K experts per token, C compressed entries, Hi/Di indexer heads/head dim.
+E experts, K experts per token / keys per query, C compressed entries, Hi/Di indexer heads/head dim,
+P index top-k, J slots per compressed entry.
 """
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
+import os
 
 import torch
 import torch.nn.functional as F
 
-BACKEND = "torch"
+NEG_INF = float("-inf")
 
 
 def fp32_region(fn):
@@ -41,18 +53,124 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def set_backend(name: str) -> None:
-    """Choose the implementation of the primitives ('torch' is the only one on CPU)."""
-    global BACKEND
-    if name != "torch":
-        raise ValueError(f"unknown ops backend {name!r}; available: 'torch'")
-    BACKEND = name
+# ----------------------------------------------------------------------------- backend table
+class Primitive:
+    """One kernel-backed primitive: named implementations with one signature, 'torch' the reference.
+
+    `impls` maps a name to a function or to "module:attr" (imported on first use). `kernel_dtypes`:
+    the dtypes the non-torch implementations accept (None: any); other dtypes (float64 test models) use
+    the twin.
+    """
+
+    def __init__(self, name: str, impls: dict,
+                 kernel_dtypes: tuple | None = (torch.bfloat16, torch.float16, torch.float32)):
+        self.name, self.impls, self.kernel_dtypes = name, dict(impls), kernel_dtypes
+        self.chosen: dict[tuple[str, torch.dtype], str] = {}
+        self._fns: dict[str, callable] = {}
+        functools.update_wrapper(self, self.fn("torch"))
+
+    def fn(self, impl: str):
+        if impl not in self._fns:
+            f = self.impls[impl]
+            if isinstance(f, str):
+                mod, attr = f.split(":")
+                f = getattr(importlib.import_module(mod), attr)
+            self._fns[impl] = f
+        return self._fns[impl]
+
+    def choose(self, device_type: str, dtype: torch.dtype) -> str:
+        key = (device_type, dtype)
+        if key not in self.chosen:
+            want = _override().get(self.name)
+            if want is None and _override().get("*") in self.impls:    # 'triton' for all: where it exists
+                want = _override()["*"]
+            names = [n for n in self.impls if n != "torch"]
+            if want is not None and want not in self.impls:
+                raise ValueError(f"{self.name}: no implementation {want!r} (available: {', '.join(self.impls)}); "
+                                 "fix DSV4_OPS or the set_backend call")
+            if want is None:
+                want = "triton" if "triton" in names and device_type == "cuda" and triton_available() else "torch"
+            if self.kernel_dtypes is not None and dtype not in self.kernel_dtypes:
+                want = "torch"
+            self.chosen[key] = want
+        return self.chosen[key]
+
+    def __call__(self, *args, **kwargs):
+        t = next(a for a in args if isinstance(a, torch.Tensor))
+        impl = "torch" if torch.compiler.is_compiling() else self.choose(t.device.type, t.dtype)
+        return self.fn(impl)(*args, **kwargs)
+
+
+PRIMITIVES: dict[str, Primitive] = {}
+_OVERRIDE: dict | None = None
+
+
+def _override() -> dict:
+    global _OVERRIDE
+    if _OVERRIDE is None:
+        _OVERRIDE = _parse_override(os.environ.get("DSV4_OPS", ""))
+    return _OVERRIDE
+
+
+def _parse_override(spec: str) -> dict:
+    out = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, impl = part.rpartition("=")
+        name = name.strip() or "*"
+        if name != "*" and name not in PRIMITIVES:
+            raise ValueError(f"DSV4_OPS names an unknown primitive {name!r}; known: {', '.join(PRIMITIVES)}")
+        out[name] = impl.strip()
+    return out
+
+
+def set_backend(spec: str | dict | None) -> None:
+    """Choose implementations: 'torch' or 'triton' for all primitives, {'sparse_attention': 'torch'}
+    or 'sparse_attention=torch,...' per primitive, None to go back to the defaults (and `DSV4_OPS`)."""
+    global _OVERRIDE
+    if spec is None:
+        _OVERRIDE = None
+    else:
+        _OVERRIDE = _parse_override(spec) if isinstance(spec, str) else dict(spec)
+        for name, impl in _OVERRIDE.items():
+            if name != "*" and impl not in PRIMITIVES[name].impls:
+                raise ValueError(f"{name}: no implementation {impl!r} (available: {', '.join(PRIMITIVES[name].impls)})")
+    for p in PRIMITIVES.values():
+        p.chosen.clear()
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def describe_backends(devices=(("cpu", torch.float32), ("cuda", torch.bfloat16))) -> str:
+    """The table: each primitive, its implementations and the one chosen per (device, dtype)."""
+    head = ["primitive", "implementations"] + [f"{d}/{str(t).replace('torch.', '')}" for d, t in devices]
+    rows = [[p.name, ", ".join(p.impls)] + [p.choose(d, t) for d, t in devices] for p in PRIMITIVES.values()]
+    widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    lines = [fmt.format(*head)] + [fmt.format(*r) for r in rows]
+    src = os.environ.get("DSV4_OPS")
+    lines.append(f"(triton {'installed' if triton_available() else 'not installed'}"
+                 f"{'; DSV4_OPS=' + src if src else ''})")
+    return "\n".join(lines)
+
+
+def backend_choices(device_type: str, dtype: torch.dtype | None = None) -> dict:
+    """{primitive: implementation} on a device (for the run logs); dtype: bf16 on CUDA, else fp32."""
+    dtype = dtype or (torch.bfloat16 if device_type == "cuda" else torch.float32)
+    return {p.name: p.choose(device_type, dtype) for p in PRIMITIVES.values()}
+
+
+def register(name: str, impls: dict, **kw) -> Primitive:
+    PRIMITIVES[name] = p = Primitive(name, impls, **kw)
+    return p
 
 
 # ----------------------------------------------------------------------------- mHC
 @fp32_region
-def hc_split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n: int,
-                      iters: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def hc_split_sinkhorn_torch(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n: int,
+                            iters: int, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Turn the (2+n)·n mix logits of each token into pre [.., n], post [.., n], comb [.., n, n].
 
     Exact order of the official kernel (spec §4.1 step 8): row softmax + eps, one column
@@ -74,42 +192,138 @@ def hc_split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tens
 
 # ----------------------------------------------------------------------------- compressor
 @fp32_region
-def compress_pool(kv: torch.Tensor, score: torch.Tensor) -> torch.Tensor:
-    """Softmax-gated pooling over the slot axis, independently per channel (spec §6, eqs 9–12, 20–23).
+def compress_windows_torch(kv: torch.Tensor, score: torch.Tensor, slots: torch.Tensor,
+                           overlap: bool) -> torch.Tensor:
+    """Softmax-gated pooling of token projections into compressed entries (spec §6, eqs 9–12, 20–23).
 
-    kv, score: [.., slots, c] fp32 (score already includes the positional bias `ape`; −inf slots
-    get zero weight). Returns [.., c] fp32.
+    kv, score [B, L, w] fp32: raw projections and gate scores (with `ape`) of L source tokens.
+    slots [B, n, J] int: the source token of each slot of each entry, −1 = empty (zero weight).
+    Overlapping (J = 2M, w = 2c): slots [0, M) read features [0, c) (the previous window), slots
+    [M, 2M) read [c, 2c) (the entry's own window). Otherwise J = M and c = w.
+    The softmax over the J slots runs per channel. Returns [B, n, c] fp32; an entry with no slot is 0.
     """
-    return (kv * torch.softmax(score, dim=-2)).sum(dim=-2)
+    B, L, w = kv.shape
+    n, J = slots.shape[1:]
+    empty = (slots < 0).unsqueeze(-1)                                             # [B, n, J, 1]
+    flat = slots.clamp(min=0).flatten(1).unsqueeze(-1)                            # [B, n·J, 1]
+    if overlap:
+        c, m = w // 2, J // 2
+        def pick(t):                                                              # [B, n, J, c]
+            prev = torch.gather(t[..., :c], 1, flat.expand(-1, -1, c)).view(B, n, J, c)[:, :, :m]
+            own = torch.gather(t[..., c:], 1, flat.expand(-1, -1, c)).view(B, n, J, c)[:, :, m:]
+            return torch.cat([prev, own], dim=2)
+    else:
+        def pick(t):
+            return torch.gather(t, 1, flat.expand(-1, -1, w)).view(B, n, J, w)
+    g_kv, g_sc = pick(up(kv)), pick(up(score))
+    g_sc = g_sc.masked_fill(empty, NEG_INF)
+    none = (slots < 0).all(-1)[..., None, None]                                   # [B, n, 1, 1]
+    wts = torch.softmax(g_sc.masked_fill(none, 0.0), dim=2)                       # [B, n, J, c]
+    return (wts * g_kv.masked_fill(empty, 0.0)).sum(dim=2)
+
+
+# ----------------------------------------------------------------------------- indexer
+def _rows_flat(t: torch.Tensor, rows: torch.Tensor | None, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`t` [B2, C, d] flattened to [B2·C, d] and each query row's base offset [B] (rows: t's row per
+    query row; None = the same row)."""
+    r = torch.arange(B, device=t.device) if rows is None else rows
+    return t.reshape(-1, t.shape[-1]), r * t.shape[1]
+
+
+@fp32_region
+def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor,
+                       k_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Lightning-indexer scores I[t, s] = Σ_h w[t, h] · ReLU(q[t, h] · k[s]) (spec §7, eq. 16).
+
+    q [B, S, Hi, Di]; k [B2, C, Di] (row k_rows[b] for query row b; None: b); w [B, S, Hi] (already
+    scaled). fp32. Returns [B, S, C].
+    """
+    if k_rows is not None:
+        k = k.index_select(0, k_rows)
+    dots = torch.einsum("bshd,bcd->bshc", up(q), up(k))                 # [B, S, Hi, C]
+    return torch.einsum("bshc,bsh->bsc", F.relu(dots), up(w))               # [B, S, C]
+
+
+def index_topk_torch(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor,
+                     topk: int, k_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """The indexer's choice (spec §7 step 5): for each query, the top-`topk` entries by index score
+    among its visible entries s ∈ [lo, hi) of its row of k. Returns idx [B, S, P] int32, P = min(topk, C),
+    −1 where fewer than P entries are visible. Shapes as `index_scores`; lo, hi [B, S]."""
+    B, S, Hi, _ = q.shape
+    C = k.shape[1]
+    chunk = max(1, GATHER_BUDGET // max(1, B * Hi * C))      # bounds the [B, Sc, Hi, C] dot products
+    s = torch.arange(C, device=q.device)
+    out = []
+    for s0 in range(0, S, chunk):
+        sl = slice(s0, s0 + chunk)
+        scores = index_scores(q[:, sl], k, w[:, sl], k_rows)                      # [B, Sc, C]
+        visible = (s >= lo[:, sl].unsqueeze(-1)) & (s < hi[:, sl].unsqueeze(-1))  # [B, Sc, C]
+        top = scores.masked_fill(~visible, NEG_INF).topk(min(topk, C), dim=-1)
+        out.append(torch.where(top.values == NEG_INF, -1, top.indices).to(torch.int32))
+    return torch.cat(out, dim=1)
+
+
+@fp32_region
+def index_scores_at(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Index scores of listed entries only: [B, S, P] for idx [B, S, P] (−1 gives −inf). Differentiable
+    (the index loss trains the indexer through it); k [B, C, Di]."""
+    B, S, P = idx.shape
+    kf, base = _rows_flat(k, None, B)
+    keys = kf.index_select(0, (idx.clamp(min=0).long() + base.view(B, 1, 1)).flatten()).view(B, S, P, -1)
+    dots = torch.einsum("bshd,bspd->bshp", up(q), up(keys))                       # [B, S, Hi, P]
+    scores = torch.einsum("bshp,bsh->bsp", F.relu(dots), up(w))                    # [B, S, P]
+    return scores.masked_fill(idx < 0, NEG_INF)
 
 
 # ----------------------------------------------------------------------------- attention
+GATHER_BUDGET = 1 << 22   # elements of the twin's largest gathered-keys tensor per query chunk
+
+
+def gather_keys(kv: torch.Tensor, idx: torch.Tensor, kv2: torch.Tensor | None = None,
+                rows2: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of the two key sources listed by idx [B, S, K] (j < T: kv[b, j]; j ≥ T: kv2[rows2[b], j − T];
+    −1 gives row 0, to be masked by the caller). -> [B, S, K, Dh]."""
+    B, T, D = kv.shape
+    j = idx.long().clamp(min=0)
+    flat_a, base_a = _rows_flat(kv, None, B)
+    out = flat_a.index_select(0, (j.clamp(max=T - 1) + base_a.view(B, 1, 1)).flatten())
+    if kv2 is not None and kv2.shape[1] > 0:
+        flat_b, base_b = _rows_flat(kv2, rows2, B)
+        second = flat_b.index_select(0, ((j - T).clamp(0, kv2.shape[1] - 1) + base_b.view(B, 1, 1)).flatten())
+        out = torch.where((j >= T).flatten().unsqueeze(-1), second.to(out.dtype), out)
+    return out.view(*idx.shape, D)
+
+
 @fp32_region
-def sink_attention(q: torch.Tensor, kv: torch.Tensor, bias: torch.Tensor, sink: torch.Tensor,
-                   scale: float) -> torch.Tensor:
-    """Single shared K=V head attention with a per-head sink logit in the denominator (spec §5.1.5).
+def sparse_attention_torch(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor,
+                           scale: float, kv2: torch.Tensor | None = None, rows2: torch.Tensor | None = None,
+                           return_lse: bool = False):
+    """Attention of each query over its own key list, one shared K=V head, per-head sink (spec §5.1.5,
+    §11.4: the official `sparse_attn`).
 
-    q [B, S, H, Dh]; kv [B, T, Dh] (keys and values are the same vectors); bias [B, S, T] additive
-    (0 = visible, −inf = not a candidate); sink [H] fp32, not scaled. Scores and softmax in fp32.
-    o_h = Σ_j exp(z_hj) k_j / (Σ_j exp(z_hj) + exp(sink_h)). A query with no candidate gives 0.
+    q [B, S, H, Dh]; keys from two sources: kv [B, T, Dh] (the window part) and optionally kv2
+    [B2, T2, Dh] with rows2 [B] (the compressed entries, read in place: a decode step must not copy the
+    cache); idx [B, S, K] int lists key j of query (b, s): j < T reads kv[b, j], T ≤ j reads
+    kv2[rows2[b], j − T], −1 is no key. sink [H] fp32, not scaled. Scores and softmax in fp32:
+    o_h = Σ_j exp(z_hj) k_j / (Σ_j exp(z_hj) + exp(sink_h)), z_hj = scale · q_h · k_j. A query with no
+    key gives 0. With return_lse, also lse [B, S, H] fp32 = log(Σ_j exp(z_hj) + exp(sink_h)).
     """
-    scores = torch.einsum("bshd,btd->bsht", up(q), up(kv)) * scale      # [B, S, H, T]
-    scores = scores + up(bias).unsqueeze(2)
-    sink_l = up(sink).view(1, 1, -1, 1).expand(*scores.shape[:3], 1)        # [B, S, H, 1]
-    logits = torch.cat([scores, sink_l], dim=-1)                                 # [B, S, H, T+1]
-    probs = torch.softmax(logits, dim=-1)[..., :-1]                              # [B, S, H, T]
-    out = torch.einsum("bsht,btd->bshd", probs, up(kv))                     # [B, S, H, Dh]
-    return out.to(q.dtype)
-
-
-@fp32_region
-def index_scores(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """Lightning-indexer scores I[t, s] = Σ_h w[t, h] · ReLU(q[t, h] · k[s]) (spec §7, eq. 16).
-
-    q [B, S, Hi, Di]; k [B, C, Di]; w [B, S, Hi] (already scaled). fp32. Returns [B, S, C].
-    """
-    dots = torch.einsum("bshd,bcd->bshc", up(q), up(k))                 # [B, S, Hi, C]
-    return torch.einsum("bshc,bsh->bsc", F.relu(dots), up(w))               # [B, S, C]
+    B, S, H, D = q.shape
+    K = idx.shape[-1]
+    chunk = max(1, GATHER_BUDGET // max(1, B * K * max(D, H)))
+    outs, lses = [], []
+    sink_l = up(sink).view(1, 1, H, 1)
+    for s0 in range(0, S, chunk):
+        ix = idx[:, s0:s0 + chunk]                                                # [B, Sc, K]
+        keys = up(gather_keys(kv, ix, kv2, rows2))                                # [B, Sc, K, Dh]
+        z = torch.einsum("bshd,bskd->bshk", up(q[:, s0:s0 + chunk]), keys) * scale  # [B, Sc, H, K]
+        z = z.masked_fill((ix < 0).unsqueeze(2), NEG_INF)
+        lse = torch.logsumexp(torch.cat([z, sink_l.expand(*z.shape[:3], 1)], dim=-1), dim=-1)  # [B, Sc, H]
+        p = torch.exp(z - lse.unsqueeze(-1))                                      # [B, Sc, H, K]
+        outs.append(torch.einsum("bshk,bskd->bshd", p, keys))
+        lses.append(lse)
+    out = torch.cat(outs, dim=1).to(q.dtype)
+    return (out, torch.cat(lses, dim=1)) if return_lse else out
 
 
 # ----------------------------------------------------------------------------- MoE
@@ -123,7 +337,7 @@ def swiglu(g: torch.Tensor, u: torch.Tensor, limit: float) -> torch.Tensor:
     return F.silu(g) * u
 
 
-def moe_experts(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch.Tensor,
+def moe_experts_auto(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch.Tensor,
                 w2: torch.Tensor, w3: torch.Tensor, limit: float) -> torch.Tensor:
     """Routed experts: y_t = Σ_k W2[e_k] · (weight_tk · SwiGLU(W1[e_k] x_t, W3[e_k] x_t)) (spec §8.4–8.5).
 
@@ -133,8 +347,9 @@ def moe_experts(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: to
     fp32 (the weight multiplies the SwiGLU output before `w2`), each expert's output cast to the dtype
     of `x` and summed per token in it. A token listing the same expert twice gets both contributions.
 
-    Three implementations compute this; `moe_path` picks one from shapes, dtypes and the device, never
-    from tensor values:
+    Three implementations compute this; the 'torch' entry of the table (this function) lets `moe_path`
+    pick one from shapes, dtypes and the device, never from tensor values (`DSV4_OPS=moe_experts=loop`
+    forces one):
       'grouped'  `moe_experts_grouped`: pairs sorted by expert, three `torch._grouped_mm`; no host sync,
                  a fixed number of kernels whatever E. Where grouped_mm has a sync-free kernel.
       'gather'   `moe_experts_gather`: a bmm per (token, expert) pair on gathered expert matrices; no
@@ -144,12 +359,14 @@ def moe_experts(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: to
     """
     if idx.numel() == 0:
         return torch.zeros_like(x)
-    return MOE_IMPLS[moe_path(x, idx, w1, w2, w3)](x, idx, weight, w1, w2, w3, limit)
+    path = moe_path(x, idx, w1, w2, w3)
+    impl = {"grouped": moe_experts_grouped, "gather": moe_experts_gather, "loop": moe_experts_loop}[path]
+    return impl(x, idx, weight, w1, w2, w3, limit)
 
 
 def moe_path(x: torch.Tensor, idx: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
              w3: torch.Tensor) -> str:
-    """The implementation `moe_experts` runs for these operands: 'grouped', 'gather' or 'loop'."""
+    """The implementation `moe_experts_auto` runs for these operands: 'grouped', 'gather' or 'loop'."""
     if grouped_mm_applies(x, w1, w2, w3):
         return "grouped"
     if idx.numel() <= w1.shape[0] or not _syncs_allowed(x):
@@ -291,4 +508,114 @@ def moe_experts_loop(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w
     return y
 
 
-MOE_IMPLS = {"grouped": moe_experts_grouped, "gather": moe_experts_gather, "loop": moe_experts_loop}
+# ----------------------------------------------------------------------------- Triton entry points
+# Thin adapters from the twins' signatures to `dsv4.kernels` (imported on first use). Gradients: the
+# sparse attention has its own backward kernel; the small mHC and pooling kernels are differentiated by
+# recomputing their twin in the backward pass.
+def _needs_grad(*ts) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
+
+
+def _twin_grads(twin, inputs, static, grads):
+    leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in inputs]
+    with torch.enable_grad():
+        outs = twin(*leaves, *static)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    pairs = [(o, g) for o, g in zip(outs, grads) if g is not None]
+    want = [t for t in leaves if t.requires_grad]
+    got = iter(torch.autograd.grad([o for o, _ in pairs], want, [g for _, g in pairs], allow_unused=True))
+    return tuple(next(got) if t.requires_grad else None for t in leaves)
+
+
+class _SinkhornFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, mixes, scale, base, n, iters, eps):
+        from dsv4.kernels import mhc
+        ctx.save_for_backward(mixes, scale, base)
+        ctx.static = (n, iters, eps)
+        return mhc.split_sinkhorn(mixes, scale, base, n, iters, eps)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        return (*_twin_grads(hc_split_sinkhorn_torch, ctx.saved_tensors, ctx.static, grads), None, None, None)
+
+
+def hc_split_sinkhorn_triton(mixes, scale, base, n, iters, eps):
+    if _needs_grad(mixes, scale, base):
+        return _SinkhornFn.apply(mixes, scale, base, n, iters, eps)
+    from dsv4.kernels import mhc
+    return mhc.split_sinkhorn(mixes, scale, base, n, iters, eps)
+
+
+class _PoolFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kv, score, slots, overlap):
+        from dsv4.kernels import compressor
+        ctx.save_for_backward(kv, score, slots)
+        ctx.overlap = overlap
+        return compressor.pool(kv, score, slots, overlap)
+
+    @staticmethod
+    def backward(ctx, grad):
+        kv, score, slots = ctx.saved_tensors
+        g_kv, g_sc = _twin_grads(lambda a, b: compress_windows_torch(a, b, slots, ctx.overlap), (kv, score), (),
+                                 (grad,))
+        return g_kv, g_sc, None, None
+
+
+def compress_windows_triton(kv, score, slots, overlap):
+    if _needs_grad(kv, score):
+        return _PoolFn.apply(kv, score, slots, overlap)
+    from dsv4.kernels import compressor
+    return compressor.pool(kv, score, slots, overlap)
+
+
+def index_topk_triton(q, k, w, lo, hi, topk, k_rows=None):
+    from dsv4.kernels import indexer
+    return indexer.topk(q.detach(), k.detach(), w.detach(), lo, hi, topk, k_rows)
+
+
+class _SparseAttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, kv, idx, sink, scale, kv2, rows2):
+        from dsv4.kernels import sparse_attention as kern
+        out, lse = kern.forward(q, kv, idx, sink, scale, kv2, rows2)
+        ctx.save_for_backward(q, kv, idx, sink, kv2, rows2, out, lse)
+        ctx.scale = scale
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        from dsv4.kernels import sparse_attention as kern
+        q, kv, idx, sink, kv2, rows2, out, lse = ctx.saved_tensors
+        dq, dkv, dkv2, dsink = kern.backward(q, kv, idx, sink, ctx.scale, out, lse, dout, kv2, rows2, dlse)
+        return dq, dkv, None, dsink, None, dkv2, None
+
+
+# a decode step has few queries and long key lists: split each list over programs below this many
+# (query, head-block) programs
+SPLIT_BELOW_PROGRAMS = 256
+
+
+def sparse_attention_triton(q, kv, idx, sink, scale, kv2=None, rows2=None, return_lse=False):
+    from dsv4.kernels import sparse_attention as kern
+    kv = kv.to(q.dtype)
+    kv2 = kv2.to(q.dtype) if kv2 is not None else None
+    if _needs_grad(q, kv, sink, kv2):
+        out, lse = _SparseAttentionFn.apply(q, kv, idx, sink, scale, kv2, rows2)
+    elif q.shape[0] * q.shape[1] * -(-q.shape[2] // 32) < SPLIT_BELOW_PROGRAMS and idx.shape[-1] >= 256:
+        out, lse = kern.forward_split(q, kv, idx, sink, scale, kv2, rows2)
+    else:
+        out, lse = kern.forward(q, kv, idx, sink, scale, kv2, rows2)
+    return (out, lse) if return_lse else out
+
+
+# ----------------------------------------------------------------------------- the table
+hc_split_sinkhorn = register("hc_split_sinkhorn", {"torch": hc_split_sinkhorn_torch,
+                                                   "triton": hc_split_sinkhorn_triton})
+compress_windows = register("compress_windows", {"torch": compress_windows_torch, "triton": compress_windows_triton})
+index_topk = register("index_topk", {"torch": index_topk_torch, "triton": index_topk_triton})
+sparse_attention = register("sparse_attention", {"torch": sparse_attention_torch,
+                                                 "triton": sparse_attention_triton})
+moe_experts = register("moe_experts", {"torch": moe_experts_auto, "grouped": moe_experts_grouped,
+                                       "gather": moe_experts_gather, "loop": moe_experts_loop}, kernel_dtypes=None)

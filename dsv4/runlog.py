@@ -81,7 +81,7 @@ def describe_environment(device: torch.device) -> dict[str, Any]:
     return {"git": git_commit(), "python": sys.version.split()[0], "platform": platform.platform(),
             "versions": {p: _version(p) for p in ("torch", "numpy", "tokenizers", "safetensors",
                                                   "transformers", "triton")} | {"dsv4": __version__},
-            "device": dev, "ops_backend": ops.BACKEND}
+            "device": dev, "ops_backends": ops.backend_choices(device.type)}
 
 
 def write_run_json(run_dir: Path, config: dict, environment: dict, resumed_from: int | None) -> None:

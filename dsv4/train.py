@@ -464,7 +464,7 @@ class Trainer:
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.seq_len, mtp=cfg.mtp_weight > 0)["total"]
         counts = cfg.model.param_counts()
         log(f"model: {counts['total_with_mtp'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active "
-            f"per token), device {env['device']['name']} ({self.device}), ops backend {env['ops_backend']}, "
+            f"per token), device {env['device']['name']} ({self.device}), ops {', '.join(f'{k}={v}' for k, v in env['ops_backends'].items())}, "
             f"commit {(env['git']['commit'] or 'unknown')[:10]}")
 
     # -------------------------------------------------------------- one step

@@ -1,10 +1,15 @@
 """Shared fixtures: strict fp32 numerics and random models with non-trivial weights."""
 from __future__ import annotations
 
+import os
 import pathlib
 
 import pytest
 import torch
+
+# without a GPU the Triton kernels run under Triton's interpreter (read when a kernel module is imported)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from dsv4.config import ModelConfig, preset
 from dsv4.model import Transformer

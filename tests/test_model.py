@@ -202,30 +202,23 @@ def test_decode_step_ragged_rows_equals_full_forward(model, ids, full):
 
 
 @torch.no_grad()
-def test_single_token_path_equals_general_cached_path(model, ids, monkeypatch):
-    # the one-token attention (static shapes, top-k over the whole entry buffer) against the general
-    # chunked path on the same cache states, dense and sparse CSA
-    from dsv4.attention import Attention
-
-    def run(general: bool, mode: str):
-        if general:
-            monkeypatch.setattr(Attention, "_attend_one",
-                                lambda self, x, qr, q, kv, pos, cos, sin, freqs, state, rows:
-                                self._attend(x, qr, q, kv, pos, cos, sin, freqs, None, state, rows))
-        else:
-            monkeypatch.undo()
-        for layer in model.layers:
-            layer.attn.index_mode = mode
-        cache = DecodeCache(model.config, 2, 300)
-        model(ids[:, :40], cache=cache)
-        outs = [model(ids[:, t:t + 1], cache=cache, last_only=True) for t in range(40, 200)]
-        return torch.stack(outs, 1)
-
+def test_single_token_and_chunked_cached_paths_equal_the_full_forward(model, ids):
+    # the one-token step (static shapes: index top-k and HCA lists over the whole entry buffer) and
+    # two-token chunks (lists over the visible entries only) against the full forward, dense and
+    # sparse CSA, across 4- and 128-token boundaries
     try:
         for mode in ("sparse", "dense"):
-            assert rel(run(False, mode), run(True, mode)) < 1e-5
+            for layer in model.layers:
+                layer.attn.index_mode = mode
+            full = model(ids[:, :200])
+            one, two = DecodeCache(model.config, 2, 300), DecodeCache(model.config, 2, 300)
+            model(ids[:, :40], cache=one)
+            model(ids[:, :40], cache=two)
+            steps = [model(ids[:, t:t + 1], cache=one) for t in range(40, 200)]
+            pairs = [model(ids[:, t:t + 2], cache=two) for t in range(40, 200, 2)]
+            assert rel(torch.cat(steps, 1), full[:, 40:200]) < 1e-5
+            assert rel(torch.cat(pairs, 1), full[:, 40:200]) < 1e-5
     finally:
-        monkeypatch.undo()
         for layer in model.layers:
             layer.attn.index_mode = "sparse"
 

@@ -340,7 +340,7 @@ def test_resume_is_bitwise_identical(corpus, tmp_path):
     hf_tok = AutoTokenizer.from_pretrained(tmp_path / "full" / "model")
     assert hf_tok("wa0 wb1").input_ids == full.tokenizer.encode("wa0 wb1")
     run = json.loads((tmp_path / "killed" / "run.json").read_text())
-    assert run["resumes"][0]["step"] == 4 and run["git"]["commit"] and run["ops_backend"] == "torch"
+    assert run["resumes"][0]["step"] == 4 and run["git"]["commit"] and run["ops_backends"]["sparse_attention"] == "torch"
     from dsv4.plot import plot_run
     assert len(plot_run(tmp_path / "full")) == 5
 

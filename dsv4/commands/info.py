@@ -14,8 +14,11 @@ PER_LINE = 8
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", metavar="PATH", help="checkpoint folder (or its config.json), or a preset name "
-                                                 "such as deepseek-v4-flash")
+    p.add_argument("model", metavar="PATH", nargs="?", help="checkpoint folder (or its config.json), or a preset "
+                                                            "name such as deepseek-v4-flash")
+    p.add_argument("--backends", action="store_true",
+                   help="print which implementation (PyTorch twin or Triton kernel) each primitive uses per device "
+                        "(override with DSV4_OPS, e.g. DSV4_OPS=torch or DSV4_OPS=sparse_attention=torch)")
     p.add_argument("--context", type=int, default=None, metavar="N",
                    help="context length for the KV-cache figures (default: max_position_embeddings)")
     p.add_argument("--batch", type=int, default=1, metavar="B", help="sequences held in the cache (default 1)")
@@ -93,6 +96,14 @@ def run(args: argparse.Namespace) -> int:
     from dsv4.cache import cache_bytes
     from dsv4.cli import CLIError
 
+    if args.backends:
+        from dsv4 import ops
+        print("kernel-backed primitives (dsv4.ops):\n" + ops.describe_backends())
+        if args.model is None:
+            return 0
+        print()
+    if args.model is None:
+        raise CLIError("info needs a checkpoint folder, config.json or preset name (or --backends)")
     cfg, folder, what = resolve(args.model)
     N = args.context if args.context is not None else cfg.max_position_embeddings
     if N <= 0 or args.batch <= 0:

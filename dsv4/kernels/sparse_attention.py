@@ -1,0 +1,260 @@
+"""Sparse attention with a sink over per-query key lists (twin: `dsv4.ops.sparse_attention_torch`).
+
+One program handles one query token and a block of heads: all heads share the token's key list (one
+K=V head), so each listed key row is loaded once per head block and used by BLOCK_H heads (tensor-core
+`tl.dot` with the heads as the M dimension). Keys come from two sources: kv [B, T, Dh] (index j < T) and
+kv2 [B2, T2, Dh] read at row rows2[b] (index j ≥ T), so a decode step reads the cache in place.
+Online softmax in the log2 domain, fp32 accumulators, the sink joins the denominator at the end.
+
+* `forward`: out [B, S, H, Dh] and lse [B, S, H] (natural log, sink included).
+* `forward_split`: the same, splitting each query's key list over several programs (flash-decoding)
+  and merging the partial results; for decode (few queries, long lists).
+* `backward`: dq (per program, no atomics) and the key gradient, accumulated with fp32 atomics
+  into dkv/dkv2 (a key row is listed by many queries).
+FLOPs per (query, listed key, head): 4·Dh forward (q·k and p·v), 8·Dh backward (recomputed q·k,
+dO·k, dS·k, dSᵀq and pᵀdO).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import INTERPRET
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _key_ptrs(KV, KV2, ROWS2, b, j, T, s_kvb, s_kvt, s_kv2b, s_kv2t, HAS_KV2: tl.constexpr):
+    """Row pointers of listed keys j [BLOCK_N] (j < T: kv[b, j]; else kv2[rows2[b], j − T])."""
+    jj = tl.maximum(j, 0).to(tl.int64)
+    ptr = KV + b.to(tl.int64) * s_kvb + jj * s_kvt
+    if HAS_KV2:
+        r2 = tl.load(ROWS2 + b).to(tl.int64)
+        ptr2 = KV2 + r2 * s_kv2b + (jj - T) * s_kv2t
+        ptr = tl.where(jj < T, ptr, ptr2)
+    return ptr
+
+
+@triton.jit
+def _fwd_kernel(Q, KV, KV2, ROWS2, IDX, SINK, OUT, LSE, ML,
+                s_qb, s_qs, s_qh, s_kvb, s_kvt, s_kv2b, s_kv2t, s_ib, s_is, s_ob, s_os, s_oh,
+                S, H, T, K, K_PER, scale_log2,
+                D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KV2: tl.constexpr,
+                SPLIT: tl.constexpr, F32_DOT: tl.constexpr):
+    pid = tl.program_id(0)
+    hb = tl.program_id(1)
+    sp = tl.program_id(2)
+    b = pid // S
+    s = pid % S
+    h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    d = tl.arange(0, D)
+    hmask = h < H
+    q = tl.load(Q + b.to(tl.int64) * s_qb + s.to(tl.int64) * s_qs + h[:, None] * s_qh + d[None, :],
+                mask=hmask[:, None], other=0.0)
+    if F32_DOT:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_H], -1.0e30, tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, D], tl.float32)
+    k_lo = sp * K_PER
+    k_hi = tl.minimum(K, k_lo + K_PER)
+    idx_row = IDX + b.to(tl.int64) * s_ib + s.to(tl.int64) * s_is
+    for k0 in range(k_lo, k_hi, BLOCK_N):
+        n = k0 + tl.arange(0, BLOCK_N)
+        j = tl.load(idx_row + n, mask=n < k_hi, other=-1)
+        valid = j >= 0
+        ptr = _key_ptrs(KV, KV2, ROWS2, b, j, T, s_kvb, s_kvt, s_kv2b, s_kv2t, HAS_KV2)
+        k = tl.load(ptr[:, None] + d[None, :], mask=valid[:, None], other=0.0)      # [BLOCK_N, D]
+        if F32_DOT:
+            k = k.to(tl.float32)
+            z = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
+        else:
+            z = tl.dot(q, tl.trans(k)) * scale_log2                                 # [BLOCK_H, BLOCK_N]
+        z = tl.where(valid[None, :], z, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(z, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(z - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if F32_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p, k, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(p.to(k.dtype), k)
+        m_i = m_new
+    if SPLIT:   # partial results: unnormalised acc, running max and sum (log2 domain), merged later
+        row = (pid * tl.num_programs(2) + sp).to(tl.int64)
+        tl.store(OUT + row * s_ob + h[:, None] * s_oh + d[None, :], acc, mask=hmask[:, None])
+        tl.store(ML + row * (2 * H) + h, m_i, mask=hmask)
+        tl.store(ML + row * (2 * H) + H + h, l_i, mask=hmask)
+    else:
+        sink = tl.load(SINK + h, mask=hmask, other=0.0).to(tl.float32) * 1.4426950408889634
+        m_new = tl.maximum(m_i, sink)
+        alpha = tl.exp2(m_i - m_new)
+        l = l_i * alpha + tl.exp2(sink - m_new)
+        out = acc * (alpha / l)[:, None]
+        tl.store(OUT + b.to(tl.int64) * s_ob + s.to(tl.int64) * s_os + h[:, None] * s_oh + d[None, :],
+                 out.to(OUT.dtype.element_ty), mask=hmask[:, None])
+        tl.store(LSE + pid.to(tl.int64) * H + h, (m_new + tl.log2(l)) * 0.6931471805599453, mask=hmask)
+
+
+@triton.jit
+def _bwd_kernel(Q, KV, KV2, ROWS2, IDX, DO, LSE, DELTA, DQ, DKV, DKV2,
+                s_qb, s_qs, s_qh, s_kvb, s_kvt, s_kv2b, s_kv2t, s_ib, s_is,
+                s_dkvb, s_dkvt, s_dkv2b, s_dkv2t,
+                S, H, T, K, scale,
+                D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KV2: tl.constexpr,
+                F32_DOT: tl.constexpr):
+    pid = tl.program_id(0)
+    hb = tl.program_id(1)
+    b = pid // S
+    s = pid % S
+    h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    d = tl.arange(0, D)
+    hmask = h < H
+    qoff = b.to(tl.int64) * s_qb + s.to(tl.int64) * s_qs + h[:, None] * s_qh + d[None, :]
+    q = tl.load(Q + qoff, mask=hmask[:, None], other=0.0)
+    do = tl.load(DO + qoff, mask=hmask[:, None], other=0.0)
+    if F32_DOT:
+        q = q.to(tl.float32)
+        do = do.to(tl.float32)
+    lse = tl.load(LSE + pid.to(tl.int64) * H + h, mask=hmask, other=0.0)
+    delta = tl.load(DELTA + pid.to(tl.int64) * H + h, mask=hmask, other=0.0)
+    dq = tl.zeros([BLOCK_H, D], tl.float32)
+    idx_row = IDX + b.to(tl.int64) * s_ib + s.to(tl.int64) * s_is
+    for k0 in range(0, K, BLOCK_N):
+        n = k0 + tl.arange(0, BLOCK_N)
+        j = tl.load(idx_row + n, mask=n < K, other=-1)
+        valid = j >= 0
+        ptr = _key_ptrs(KV, KV2, ROWS2, b, j, T, s_kvb, s_kvt, s_kv2b, s_kv2t, HAS_KV2)
+        k = tl.load(ptr[:, None] + d[None, :], mask=valid[:, None], other=0.0)      # [BLOCK_N, D]
+        if F32_DOT:
+            k = k.to(tl.float32)
+            z = tl.dot(q, tl.trans(k), input_precision="ieee") * scale
+            dp = tl.dot(do, tl.trans(k), input_precision="ieee")
+        else:
+            z = tl.dot(q, tl.trans(k)) * scale
+            dp = tl.dot(do, tl.trans(k))
+        p = tl.exp(z - lse[:, None])
+        p = tl.where(valid[None, :] & hmask[:, None], p, 0.0)                          # [BLOCK_H, BLOCK_N]
+        ds = p * (dp - delta[:, None])
+        if F32_DOT:
+            dq += tl.dot(ds, k, input_precision="ieee")
+            dk = tl.dot(tl.trans(ds), q, input_precision="ieee") * scale + \
+                tl.dot(tl.trans(p), do, input_precision="ieee")
+        else:
+            dq += tl.dot(ds.to(k.dtype), k)
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q) * scale + tl.dot(tl.trans(p.to(do.dtype)), do)
+        jj = tl.maximum(j, 0).to(tl.int64)
+        dptr = DKV + b.to(tl.int64) * s_dkvb + jj * s_dkvt
+        if HAS_KV2:
+            r2 = tl.load(ROWS2 + b).to(tl.int64)
+            dptr = tl.where(jj < T, dptr, DKV2 + r2 * s_dkv2b + (jj - T) * s_dkv2t)
+        tl.atomic_add(dptr[:, None] + d[None, :], dk, mask=valid[:, None], sem="relaxed")
+    tl.store(DQ + qoff, (dq * scale).to(DQ.dtype.element_ty), mask=hmask[:, None])
+
+
+def _block_h(H: int) -> int:
+    return max(16, min(triton.next_power_of_2(H), 32 if not INTERPRET else 64))
+
+
+def _check(q, kv, idx, kv2, rows2):
+    B, S, H, D = q.shape
+    if D & (D - 1) or D < 16:
+        raise ValueError(f"sparse_attention kernel: head dim {D} must be a power of two >= 16")
+    if kv.stride(-1) != 1 or q.stride(-1) != 1 or (kv2 is not None and kv2.stride(-1) != 1):
+        raise ValueError("sparse_attention kernel: the last dim of q, kv, kv2 must be contiguous")
+    if kv2 is not None and kv2.dtype != kv.dtype:
+        raise ValueError(f"sparse_attention kernel: kv {kv.dtype} and kv2 {kv2.dtype} must share a dtype")
+
+
+def forward(q, kv, idx, sink, scale, kv2=None, rows2=None, block_n: int = 32, num_warps: int = 4):
+    """out [B, S, H, Dh] (q's dtype), lse [B, S, H] fp32. Shapes as the twin's."""
+    _check(q, kv, idx, kv2, rows2)
+    B, S, H, D = q.shape
+    K = idx.shape[-1]
+    idx = idx if idx.stride(-1) == 1 else idx.contiguous()
+    out = torch.empty_like(q)
+    lse = torch.empty(B, S, H, device=q.device, dtype=torch.float32)
+    if B * S == 0:
+        return out, lse
+    has2 = kv2 is not None and kv2.shape[1] > 0
+    k2 = kv2 if has2 else kv
+    r2 = rows2 if (has2 and rows2 is not None) else torch.arange(B, device=q.device, dtype=torch.int32)
+    BH = _block_h(H)
+    f32 = INTERPRET or q.dtype == torch.float32
+    grid = (B * S, triton.cdiv(H, BH), 1)
+    _fwd_kernel[grid](q, kv, k2, r2, idx, sink, out, lse, lse,
+                      q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), k2.stride(0), k2.stride(1),
+                      idx.stride(0), idx.stride(1), out.stride(0), out.stride(1), out.stride(2),
+                      S, H, kv.shape[1], K, K, scale * LOG2E,
+                      D=D, BLOCK_H=BH, BLOCK_N=block_n, HAS_KV2=has2, SPLIT=False, F32_DOT=f32,
+                      num_warps=num_warps)
+    return out, lse
+
+
+def forward_split(q, kv, idx, sink, scale, kv2=None, rows2=None, splits: int = 0, block_n: int = 32,
+                  num_warps: int = 4):
+    """`forward` with each key list split over `splits` programs (0: enough to fill ~2 waves of SMs)."""
+    _check(q, kv, idx, kv2, rows2)
+    B, S, H, D = q.shape
+    K = idx.shape[-1]
+    BH = _block_h(H)
+    nh = triton.cdiv(H, BH)
+    if splits <= 0:
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
+        splits = max(1, min(triton.cdiv(K, 64), triton.cdiv(2 * sms, B * S * nh)))
+    per = triton.cdiv(triton.cdiv(K, splits), block_n) * block_n
+    splits = triton.cdiv(K, per) if K else 1
+    idx = idx if idx.stride(-1) == 1 else idx.contiguous()
+    has2 = kv2 is not None and kv2.shape[1] > 0
+    k2 = kv2 if has2 else kv
+    r2 = rows2 if (has2 and rows2 is not None) else torch.arange(B, device=q.device, dtype=torch.int32)
+    part = torch.empty(B * S * splits, H, D, device=q.device, dtype=torch.float32)
+    ml = torch.empty(B * S * splits, 2, H, device=q.device, dtype=torch.float32)
+    f32 = INTERPRET or q.dtype == torch.float32
+    _fwd_kernel[(B * S, nh, splits)](q, kv, k2, r2, idx, sink, part, ml, ml,
+                                     q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
+                                     k2.stride(0), k2.stride(1), idx.stride(0), idx.stride(1),
+                                     part.stride(0), 0, part.stride(1),
+                                     S, H, kv.shape[1], K, per, scale * LOG2E,
+                                     D=D, BLOCK_H=BH, BLOCK_N=block_n, HAS_KV2=has2, SPLIT=True, F32_DOT=f32,
+                                     num_warps=num_warps)
+    part = part.view(B, S, splits, H, D)
+    m, l = ml.view(B, S, splits, 2, H).unbind(3)                                    # [B, S, splits, H]
+    sink2 = sink.float() * LOG2E
+    mx = torch.maximum(m.amax(2), sink2)                                            # [B, S, H]
+    a = torch.exp2(m - mx.unsqueeze(2))                                             # [B, S, splits, H]
+    den = (l * a).sum(2) + torch.exp2(sink2 - mx)
+    out = (part * a.unsqueeze(-1)).sum(2) / den.unsqueeze(-1)
+    return out.to(q.dtype), (mx + torch.log2(den)) / LOG2E
+
+
+def backward(q, kv, idx, sink, scale, out, lse, dout, kv2=None, rows2=None, dlse=None, block_n: int = 32,
+             num_warps: int = 4):
+    """Gradients (dq, dkv, dkv2, dsink) of `forward`, given dout (and optionally dlse, the gradient of lse)."""
+    B, S, H, D = q.shape
+    K = idx.shape[-1]
+    dout = dout.contiguous()
+    delta = (dout.float() * out.float()).sum(-1)                                    # [B, S, H]
+    if dlse is not None:
+        delta = delta - dlse.float()
+    has2 = kv2 is not None and kv2.shape[1] > 0
+    k2 = kv2 if has2 else kv
+    r2 = rows2 if (has2 and rows2 is not None) else torch.arange(B, device=q.device, dtype=torch.int32)
+    dq = torch.empty_like(q)
+    dkv = torch.zeros(kv.shape, device=q.device, dtype=torch.float32)
+    dkv2 = torch.zeros(k2.shape, device=q.device, dtype=torch.float32) if has2 else dkv
+    idx = idx if idx.stride(-1) == 1 else idx.contiguous()
+    BH = _block_h(H)
+    f32 = INTERPRET or q.dtype == torch.float32
+    if B * S:
+        _bwd_kernel[(B * S, triton.cdiv(H, BH))](
+            q, kv, k2, r2, idx, dout, lse, delta, dq, dkv, dkv2,
+            q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), k2.stride(0), k2.stride(1),
+            idx.stride(0), idx.stride(1), dkv.stride(0), dkv.stride(1), dkv2.stride(0), dkv2.stride(1),
+            S, H, kv.shape[1], K, scale,
+            D=D, BLOCK_H=BH, BLOCK_N=block_n, HAS_KV2=has2, F32_DOT=f32, num_warps=num_warps)
+    p_sink = torch.exp(sink.float().view(1, 1, H) - lse)                           # [B, S, H]
+    dsink = -(p_sink * delta).sum((0, 1))
+    return dq, dkv.to(kv.dtype), (dkv2.to(kv2.dtype) if has2 else None), dsink.to(sink.dtype)

@@ -1,0 +1,201 @@
+"""Triton kernels against their PyTorch twins (`dsv4.ops`) and float64, and the backend table.
+
+Without a GPU the kernels run under Triton's interpreter at tiny sizes (conftest sets
+TRITON_INTERPRET=1), with fp32 dots (the interpreter's bf16 `tl.dot` is wrong); on a GPU the same tests
+also run in bf16. Inputs are fresh random values; outputs are poisoned first where the kernel writes
+into a given buffer.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dsv4 import ops
+
+triton = pytest.importorskip("triton")
+from dsv4.kernels import compressor, indexer, mhc, sparse_attention as sa   # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32] + ([torch.bfloat16] if DEV == "cuda" else [])
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def tol(dtype):
+    return 2e-5 if dtype == torch.float32 else 2e-2
+
+
+def attention_case(B=2, S=5, H=4, D=64, T=50, B2=3, T2=30, K=45, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, S, H, D, generator=g)
+    kv = torch.randn(B, T, D, generator=g)
+    kv2 = torch.randn(B2, T2, D, generator=g)
+    rows2 = torch.randperm(B2, generator=g)[:B]
+    # distinct keys per query from both sources, then −1 padding at random places; one query has none
+    idx = torch.stack([torch.randperm(T + T2, generator=g)[:K] for _ in range(B * S)]).view(B, S, K)
+    idx = torch.where(torch.rand(B, S, K, generator=g) < 0.25, -1, idx)
+    idx[0, 1] = -1
+    sink = torch.randn(H, generator=g)
+    cast = lambda t: t.to(DEV, dtype)
+    return (cast(q), cast(kv), idx.to(DEV, torch.int32), sink.to(DEV), D ** -0.5, cast(kv2), rows2.to(DEV))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("split", [False, True])
+def test_sparse_attention_forward_equals_twin_and_float64(dtype, split):
+    q, kv, idx, sink, scale, kv2, rows2 = attention_case(dtype=dtype)
+    run = sa.forward_split if split else sa.forward
+    out, lse = run(q, kv, idx, sink, scale, kv2, rows2)
+    want, want_lse = ops.sparse_attention_torch(q.double(), kv.double(), idx, sink.double(), scale, kv2.double(),
+                                                rows2, return_lse=True)
+    assert rel(out, want) < tol(dtype) and rel(lse, want_lse) < tol(dtype)
+    assert out[0, 1].abs().max() == 0                       # a query with no key gives 0
+    twin = ops.sparse_attention_torch(q, kv, idx, sink, scale, kv2, rows2)
+    assert rel(out, twin) < tol(dtype)
+
+
+def test_sparse_attention_one_source_and_row_mapping():
+    q, kv, idx, sink, scale, kv2, rows2 = attention_case(T=40, K=30, seed=1)
+    idx = torch.where(idx >= 40, -1, idx)                     # only the first source
+    out, _ = sa.forward(q, kv, idx, sink, scale)
+    assert rel(out, ops.sparse_attention_torch(q.double(), kv.double(), idx, sink.double(), scale)) < 2e-5
+    # the second source read in place at another row: equal to gathering that row first
+    full, _ = sa.forward(q, kv, idx.clamp(max=-1) + 0 * idx, sink, scale, kv2, rows2)   # all −1: zeros
+    assert full.abs().max() == 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_sparse_attention_backward_equals_float64_autograd(dtype):
+    q, kv, idx, sink, scale, kv2, rows2 = attention_case(S=4, K=40, seed=2, dtype=dtype)
+    g = torch.Generator().manual_seed(3)
+    dout = torch.randn(q.shape, generator=g).to(DEV, dtype)
+    dlse = torch.randn(q.shape[:3], generator=g).to(DEV)
+    leaves = [t.double().requires_grad_() for t in (q, kv, sink, kv2)]
+    o, l = ops.sparse_attention_torch(leaves[0], leaves[1], idx, leaves[2], scale, leaves[3], rows2, return_lse=True)
+    want = torch.autograd.grad((o * dout.double()).sum() + (l * dlse.double()).sum(), leaves)
+    out, lse = sa.forward(q, kv, idx, sink, scale, kv2, rows2)
+    got = sa.backward(q, kv, idx, sink, scale, out, lse, dout, kv2, rows2, dlse)
+    dq, dkv, dkv2, dsink = got
+    for name, a, b in zip(("dq", "dkv", "dsink", "dkv2"), (dq, dkv, dsink, dkv2), want):
+        assert rel(a, b) < (2e-5 if dtype == torch.float32 else 3e-2), name
+
+
+def test_sparse_attention_through_the_table_with_autograd():
+    # the registered Triton entry point: autograd.Function, gradients equal the twin's
+    q, kv, idx, sink, scale, kv2, rows2 = attention_case(S=3, K=20, seed=4)
+    leaves = [t.clone().requires_grad_() for t in (q, kv, sink, kv2)]
+    out, lse = ops.sparse_attention_triton(*leaves[:2], idx, leaves[2], scale, leaves[3], rows2, return_lse=True)
+    (out.square().sum() + lse.sum()).backward()
+    ref = [t.clone().requires_grad_() for t in (q, kv, sink, kv2)]
+    o2, l2 = ops.sparse_attention_torch(*ref[:2], idx, ref[2], scale, ref[3], rows2, return_lse=True)
+    (o2.square().sum() + l2.sum()).backward()
+    for a, b in zip(leaves, ref):
+        assert rel(a.grad, b.grad) < 2e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_index_topk_equals_twin(dtype):
+    g = torch.Generator().manual_seed(5)
+    B, S, Hi, Di, C, B2 = 2, 9, 3, 32, 70, 3
+    q = torch.randn(B, S, Hi, Di, generator=g).to(DEV, dtype)
+    k = torch.randn(B2, C, Di, generator=g).to(DEV, dtype)
+    w = torch.randn(B, S, Hi, generator=g).to(DEV)
+    rows = torch.tensor([2, 0], device=DEV)
+    lo = torch.randint(0, 10, (B, S), generator=g).to(DEV)
+    hi = (lo + torch.randint(0, 60, (B, S), generator=g).to(DEV)).clamp(max=C)
+    got = indexer.scores(q, k, w, lo, hi, rows)
+    want = ops.index_scores(q.double(), k.double(), w.double(), rows)
+    s = torch.arange(C, device=DEV)
+    vis = (s >= lo.unsqueeze(-1)) & (s < hi.unsqueeze(-1))
+    assert torch.equal(torch.isinf(got), ~vis)
+    assert rel(got[vis], want[vis]) < tol(dtype)
+    for P in (16, 100):
+        a = indexer.topk(q, k, w, lo, hi, P, rows)
+        b = ops.index_topk_torch(q.double(), k.double(), w.double(), lo, hi, P, rows)
+        assert a.shape == b.shape == (B, S, min(P, C))
+        if dtype == torch.float32:    # bf16 rounding may reorder near-ties
+            assert torch.equal(a.sort(-1).values, b.sort(-1).values)
+        assert torch.equal((a >= 0).sum(-1), (hi - lo).clamp(max=P).to(torch.int64))
+
+
+@pytest.mark.parametrize("overlap", [True, False])
+def test_compressor_pooling_equals_twin(overlap):
+    g = torch.Generator().manual_seed(6)
+    B, L, c, m, n = 2, 23, 24, 4, 6
+    w = 2 * c if overlap else c
+    J = 2 * m if overlap else m
+    kv = torch.randn(B, L, w, generator=g, dtype=torch.float64)
+    score = torch.randn(B, L, w, generator=g, dtype=torch.float64)
+    slots = torch.randint(0, L, (B, n, J), generator=g)
+    slots = torch.where(torch.rand(B, n, J, generator=g) < 0.3, -1, slots)
+    slots[1, 2] = -1                                            # an entry with no slot: 0
+    got = compressor.pool(kv.float().to(DEV), score.float().to(DEV), slots.to(DEV), overlap)
+    want = ops.compress_windows_torch(kv, score, slots, overlap)
+    assert rel(got, want) < 2e-6 and got[1, 2].abs().max() == 0
+
+
+def test_sinkhorn_equals_twin():
+    g = torch.Generator().manual_seed(7)
+    n = 4
+    mixes = torch.randn(37, (2 + n) * n, generator=g, dtype=torch.float64)
+    scale = torch.rand(3, generator=g, dtype=torch.float64) + 0.5
+    base = torch.randn((2 + n) * n, generator=g, dtype=torch.float64)
+    got = mhc.split_sinkhorn(mixes.float().to(DEV), scale.float().to(DEV), base.float().to(DEV), n, 20, 1e-6)
+    want = ops.hc_split_sinkhorn_torch(mixes, scale, base, n, 20, 1e-6)
+    for a, b in zip(got, want):
+        assert rel(a, b) < 1e-6
+    # gradients through the table's entry point (backward by the twin)
+    leaves = [t.float().to(DEV).requires_grad_() for t in (mixes, scale, base)]
+    outs = ops.hc_split_sinkhorn_triton(*leaves, n, 20, 1e-6)
+    sum(o.square().sum() for o in outs).backward()
+    ref = [t.clone().requires_grad_() for t in (mixes, scale, base)]
+    sum(o.square().sum() for o in ops.hc_split_sinkhorn_torch(*ref, n, 20, 1e-6)).backward()
+    for a, b in zip(leaves, ref):
+        assert rel(a.grad, b.grad) < 1e-5
+
+
+def test_backend_table_override_and_description(monkeypatch):
+    try:
+        ops.set_backend("sparse_attention=torch,moe_experts=loop")
+        assert ops.sparse_attention.choose("cuda", torch.bfloat16) == "torch"
+        assert ops.moe_experts.choose("cpu", torch.float32) == "loop"
+        ops.set_backend("triton")
+        assert ops.index_topk.choose("cpu", torch.float32) == "triton"
+        assert ops.index_topk.choose("cpu", torch.float64) == "torch"      # kernels take no float64
+        with pytest.raises(ValueError, match="unknown primitive"):
+            ops.set_backend("sparse_attn=torch")
+        with pytest.raises(ValueError, match="no implementation"):
+            ops.set_backend({"moe_experts": "triton"})
+        ops.set_backend(None)
+        monkeypatch.setenv("DSV4_OPS", "index_topk=torch")
+        ops.set_backend(None)
+        assert ops.index_topk.choose("cuda", torch.bfloat16) == "torch"
+        text = ops.describe_backends()
+        assert "sparse_attention" in text and "DSV4_OPS=index_topk=torch" in text
+    finally:
+        monkeypatch.delenv("DSV4_OPS", raising=False)
+        ops.set_backend(None)
+
+
+@torch.no_grad()
+def test_model_with_the_kernels_equals_the_twins():
+    # the whole forward (full sequence, chunked cache prefill and decode steps) of a model with every
+    # layer type, through the Triton entry points, against the twins
+    from tests.conftest import random_model
+    from dsv4.cache import DecodeCache
+
+    model = random_model("tiny", seed=3)
+    ids = torch.randint(0, model.config.vocab_size, (2, 140))
+    try:
+        ops.set_backend("torch")
+        want = model(ids)
+        ops.set_backend("triton")
+        got = model(ids)
+        cache = DecodeCache(model.config, 2, 160)
+        steps = [model(ids[:, :130], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(130, 140)]
+    finally:
+        ops.set_backend(None)
+    assert rel(got, want) < 1e-5
+    assert rel(torch.cat(steps, 1), want) < 1e-5
