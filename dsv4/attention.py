@@ -40,11 +40,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    @fp32_region
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = up(x)
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * up(self.weight)).to(x.dtype)
+        return ops.norm_rope(x, self.weight, self.eps, None, None)
 
 
 def linear(x: torch.Tensor, layer: nn.Linear, fp32: bool = False) -> torch.Tensor:
@@ -78,20 +75,6 @@ def rope_cos_sin(pos: torch.Tensor, freqs: torch.Tensor,
     dtype = acc_dtype(dtype)
     angles = pos.to(dtype).unsqueeze(-1) * freqs.to(device=pos.device, dtype=dtype)  # [.., Dr/2]
     return angles.cos(), angles.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (2i, 2i+1) of the last Dr dims of x (spec §5.2); fp32 math.
-
-    x [B, S, Dh] or [B, S, H, Dh]; cos/sin [B, S, Dr/2]. Pass −sin for the output de-rotation.
-    """
-    if x.dim() == 4:
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    rd = 2 * cos.shape[-1]
-    nope, rope = x[..., :-rd], up(x[..., -rd:]).unflatten(-1, (-1, 2))
-    a, b = rope[..., 0], rope[..., 1]
-    rot = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
-    return torch.cat([nope, rot.to(x.dtype)], dim=-1)
 
 
 # ----------------------------------------------------------------------------- compressor
@@ -129,9 +112,8 @@ class Compressor(nn.Module):
     def finish(self, pooled: torch.Tensor, index: torch.Tensor, freqs: torch.Tensor,
                dtype: torch.dtype) -> torch.Tensor:
         """Cast, normalise and rope entries [B, n, c] whose entry indices are index [B, n]."""
-        e = self.norm(pooled.to(dtype))
         cos, sin = rope_cos_sin(index * self.ratio, freqs, dtype)
-        return apply_rope(e, cos, sin)
+        return ops.norm_rope(pooled.to(dtype), self.norm.weight, self.norm.eps, cos, sin)
 
     def _slots(self, own: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         """Slot lists [B, n, J] from the first source token of each entry's own window and of the
@@ -248,7 +230,7 @@ class Indexer(nn.Module):
                 sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, S, _ = x.shape
         q = linear(qr, self.wq_b).view(B, S, self.n_heads, self.head_dim)             # [B, S, Hi, Di]
-        q = apply_rope(q, cos, sin)
+        q = ops.norm_rope(q, None, None, cos, sin)
         w = up(linear(x, self.weights_proj)) * (self.head_dim ** -0.5 * self.n_heads ** -0.5)  # [B, S, Hi]
         return q, w
 
@@ -305,11 +287,10 @@ class Attention(nn.Module):
         cos, sin = rope_cos_sin(pos, freqs, x.dtype)                                 # [B, S, Dr/2]
         qr = self.q_norm(linear(x, self.wq_a))                                        # [B, S, q_lora]
         q = linear(qr, self.wq_b).view(B, S, H, Dh)                                   # [B, S, H, Dh]
-        qf = up(q)
-        q = apply_rope((qf * torch.rsqrt(qf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype), cos, sin)
-        kv = apply_rope(self.kv_norm(linear(x, self.wkv)), cos, sin)                  # [B, S, Dh]
+        q = ops.norm_rope(q, None, self.eps, cos, sin)                                 # per-head RMS, rope
+        kv = ops.norm_rope(linear(x, self.wkv), self.kv_norm.weight, self.kv_norm.eps, cos, sin)  # [B, S, Dh]
         o = self._attend(x, qr, q, kv, pos, cos, sin, freqs, seg, state, rows)        # [B, S, H, Dh]
-        o = apply_rope(o, cos, -sin)                                                   # de-rotate
+        o = ops.norm_rope(o, None, None, cos, -sin)                                    # de-rotate
         o = o.reshape(B, S, self.groups, H * Dh // self.groups)                       # [B, S, G, H·Dh/G]
         wo_a = self.wo_a.weight.to(o.dtype).view(self.groups, self.o_rank, -1)        # [G, d_g, H·Dh/G]
         u = torch.einsum("bsgi,gri->bsgr", o, wo_a).flatten(2)                         # [B, S, G·d_g]

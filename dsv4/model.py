@@ -37,28 +37,6 @@ def keeps_fp32(name: str) -> bool:
 
 # ----------------------------------------------------------------------------- mHC
 @fp32_region
-def hc_pre(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n: int,
-           iters: int, eps: float, norm_eps: float):
-    """Collapse N streams into one input and compute the mixes (spec §4.1). h [B, S, N, D].
-
-    Returns x [B, S, D] (model dtype), post [B, S, N], comb [B, S, N, N] (fp32).
-    """
-    v = up(h.flatten(2))                                                   # [B, S, N·D]
-    rho = torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + norm_eps)              # unweighted RMS over N·D
-    mixes = F.linear(v, up(fn)) * rho                                      # [B, S, (2+N)·N]
-    pre, post, comb = ops.hc_split_sinkhorn(mixes, up(scale), up(base), n, iters, eps)
-    x = (pre.unsqueeze(-1) * up(h)).sum(dim=2)                             # [B, S, D]
-    return x.to(h.dtype), post, comb
-
-
-@fp32_region
-def hc_post(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-    """h'_k = post_k · f + Σ_j comb[j, k] · h_j in fp32 (spec §4.2). -> [B, S, N, D]."""
-    mixed = torch.einsum("bsjk,bsjd->bskd", comb, up(residual))            # [B, S, N, D]
-    return (post.unsqueeze(-1) * up(f).unsqueeze(2) + mixed).to(residual.dtype)
-
-
-@fp32_region
 def hc_head(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, eps: float,
             norm_eps: float) -> torch.Tensor:
     """Head-side reduction of the N streams (spec §4.3): sigmoid weights, no Sinkhorn. -> [B, S, D]."""
@@ -186,12 +164,12 @@ class Block(nn.Module):
 
     def forward(self, h: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, seg=None, state=None,
                 rows=None) -> torch.Tensor:
-        x, post, comb = hc_pre(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, *self.hc)
+        x, post, comb = ops.hc_pre(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, *self.hc)
         x = self.attn(self.attn_norm(x), pos, seg, state, rows)
-        h = hc_post(x, h, post, comb)
-        x, post, comb = hc_pre(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, *self.hc)
+        h = ops.hc_post(x, h, post, comb)
+        x, post, comb = ops.hc_pre(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, *self.hc)
         x = self.ffn(self.ffn_norm(x), ids)
-        return hc_post(x, h, post, comb)
+        return ops.hc_post(x, h, post, comb)
 
 
 class MTPBlock(Block):

@@ -190,6 +190,55 @@ def hc_split_sinkhorn_torch(mixes: torch.Tensor, scale: torch.Tensor, base: torc
     return pre, post, comb
 
 
+@fp32_region
+def hc_pre_torch(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n: int,
+                 iters: int, eps: float, norm_eps: float):
+    """Collapse N streams into one input and compute the mixes (spec §4.1). h [B, S, N, D].
+
+    Returns x [B, S, D] (h's dtype), post [B, S, N], comb [B, S, N, N] (fp32).
+    """
+    v = up(h.flatten(2))                                                   # [B, S, N·D]
+    rho = torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + norm_eps)              # unweighted RMS over N·D
+    mixes = F.linear(v, up(fn)) * rho                                      # [B, S, (2+N)·N]
+    pre, post, comb = hc_split_sinkhorn(mixes, up(scale), up(base), n, iters, eps)
+    x = (pre.unsqueeze(-1) * up(h)).sum(dim=2)                             # [B, S, D]
+    return x.to(h.dtype), post, comb
+
+
+@fp32_region
+def hc_post_torch(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
+    """h'_k = post_k · f + Σ_j comb[j, k] · h_j in fp32 (spec §4.2). -> [B, S, N, D]."""
+    mixed = torch.einsum("bsjk,bsjd->bskd", comb, up(residual))            # [B, S, N, D]
+    return (post.unsqueeze(-1) * up(f).unsqueeze(2) + mixed).to(residual.dtype)
+
+
+# ----------------------------------------------------------------------------- norms and RoPE
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs (2i, 2i+1) of the last Dr dims of x (spec §5.2); fp32 math.
+
+    x [B, S, Dh] or [B, S, H, Dh]; cos/sin [B, S, Dr/2]. Pass −sin for the output de-rotation.
+    """
+    if x.dim() == 4:
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
+    rd = 2 * cos.shape[-1]
+    nope, rope = x[..., :-rd], up(x[..., -rd:]).unflatten(-1, (-1, 2))
+    a, b = rope[..., 0], rope[..., 1]
+    rot = torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2)
+    return torch.cat([nope, rot.to(x.dtype)], dim=-1)
+
+
+@fp32_region
+def norm_rope_torch(x: torch.Tensor, weight: torch.Tensor | None, eps: float | None, cos: torch.Tensor | None,
+                    sin: torch.Tensor | None) -> torch.Tensor:
+    """RMSNorm of each row of x (spec §10; eps None: none; weight None: unweighted, as the per-head query
+    norm), cast back to x's dtype, then RoPE on the last Dr dims (cos None: none). x [B, S, (H,) Dh]."""
+    if eps is not None:
+        xf = up(x)
+        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        x = (y if weight is None else y * up(weight)).to(x.dtype)
+    return x if cos is None else apply_rope(x, cos, sin)
+
+
 # ----------------------------------------------------------------------------- compressor
 @fp32_region
 def compress_windows_torch(kv: torch.Tensor, score: torch.Tensor, slots: torch.Tensor,
@@ -610,9 +659,38 @@ def sparse_attention_triton(q, kv, idx, sink, scale, kv2=None, rows2=None, retur
     return (out, lse) if return_lse else out
 
 
+def _pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def hc_pre_triton(h, fn, scale, base, n, iters, eps, norm_eps):
+    if _needs_grad(h, fn, scale, base) or not _pow2(n):
+        return hc_pre_torch(h, fn, scale, base, n, iters, eps, norm_eps)
+    from dsv4.kernels import mhc
+    return mhc.hc_pre(h, fn, scale, base, n, iters, eps, norm_eps)
+
+
+def hc_post_triton(f, residual, post, comb):
+    if _needs_grad(f, residual, post, comb) or not _pow2(residual.shape[-2]):
+        return hc_post_torch(f, residual, post, comb)
+    from dsv4.kernels import mhc
+    return mhc.hc_post(f, residual, post, comb)
+
+
+def norm_rope_triton(x, weight, eps, cos, sin):
+    if _needs_grad(x, weight) or not _pow2(x.shape[-1]) or (cos is not None and not _pow2(cos.shape[-1])) \
+            or x.dim() not in (3, 4):
+        return norm_rope_torch(x, weight, eps, cos, sin)
+    from dsv4.kernels import norm_rope as kern
+    return kern.norm_rope(x, weight, eps, cos, sin)
+
+
 # ----------------------------------------------------------------------------- the table
 hc_split_sinkhorn = register("hc_split_sinkhorn", {"torch": hc_split_sinkhorn_torch,
                                                    "triton": hc_split_sinkhorn_triton})
+hc_pre = register("hc_pre", {"torch": hc_pre_torch, "triton": hc_pre_triton})
+hc_post = register("hc_post", {"torch": hc_post_torch, "triton": hc_post_triton})
+norm_rope = register("norm_rope", {"torch": norm_rope_torch, "triton": norm_rope_triton})
 compress_windows = register("compress_windows", {"torch": compress_windows_torch, "triton": compress_windows_triton})
 index_topk = register("index_topk", {"torch": index_topk_torch, "triton": index_topk_triton})
 sparse_attention = register("sparse_attention", {"torch": sparse_attention_torch,

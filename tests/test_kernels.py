@@ -20,7 +20,8 @@ DTYPES = [torch.float32] + ([torch.bfloat16] if DEV == "cuda" else [])
 
 
 def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+    a, b = a.double().cpu(), b.double().cpu()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def tol(dtype):
@@ -199,3 +200,43 @@ def test_model_with_the_kernels_equals_the_twins():
         ops.set_backend(None)
     assert rel(got, want) < 1e-5
     assert rel(torch.cat(steps, 1), want) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_fused_hc_pre_and_post_equal_twins(dtype):
+    from dsv4.kernels import mhc as k
+    g = torch.Generator().manual_seed(8)
+    n, D, B, S = 4, 48, 2, 7                      # D not a multiple of the blocks
+    h = torch.randn(B, S, n, D, generator=g, dtype=torch.float64)
+    fn = torch.randn((2 + n) * n, n * D, generator=g, dtype=torch.float64) / (n * D) ** 0.5
+    scale = torch.rand(3, generator=g, dtype=torch.float64) + 0.5
+    base = torch.randn((2 + n) * n, generator=g, dtype=torch.float64)
+    want = ops.hc_pre_torch(h, fn, scale, base, n, 20, 1e-6, 1e-6)
+    got = k.hc_pre(h.to(DEV, dtype), fn.float().to(DEV), scale.float().to(DEV), base.float().to(DEV), n, 20, 1e-6, 1e-6)
+    for a, b in zip(got, want):
+        assert rel(a, b) < tol(dtype)
+    f = torch.randn(B, S, D, generator=g, dtype=torch.float64)
+    _, post, comb = want
+    want_h = ops.hc_post_torch(f, h, post, comb)
+    got_h = k.hc_post(f.to(DEV, dtype), h.to(DEV, dtype), post.float().to(DEV), comb.float().to(DEV))
+    assert got_h.dtype == dtype and rel(got_h, want_h) < tol(dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["q", "kv", "derotate", "norm"])
+def test_norm_rope_equals_twin(dtype, case):
+    from dsv4.kernels import norm_rope as k
+    g = torch.Generator().manual_seed(9)
+    B, S, H, Dh, Dr = 2, 5, 3, 64, 16
+    x = torch.randn((B, S, H, Dh) if case in ("q", "derotate") else (B, S, Dh), generator=g).to(dtype)
+    w = 1 + 0.1 * torch.randn(Dh, generator=g)
+    ang = torch.rand(B, S, Dr // 2, generator=g) * 6
+    cos, sin = ang.cos(), ang.sin()
+    args = {"q": (None, 1e-6, cos, sin), "kv": (w, 1e-6, cos, sin), "derotate": (None, None, cos, -sin),
+            "norm": (w, 1e-6, None, None)}[case]
+    want = ops.norm_rope_torch(x, *args)
+    dev = lambda t: t.to(DEV) if isinstance(t, torch.Tensor) else t
+    got = k.norm_rope(x.to(DEV), *map(dev, args))
+    assert got.dtype == dtype and rel(got, want) < (1e-6 if dtype == torch.float32 else 1e-2)
+    if dtype == torch.bfloat16:   # same rounding points as the twin: bitwise up to an ulp
+        assert (got.cpu().float() - want.float()).abs().max() <= 2 * want.float().abs().max() * 2 ** -8

@@ -52,3 +52,116 @@ def split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
         _sinkhorn_kernel[(triton.cdiv(T, block),)](mix, scale.float().contiguous(), base.float().contiguous(),
                                                    pre, post, comb, T, eps, ITERS=iters, NS=n, BLOCK=block)
     return pre.view(*lead, n), post.view(*lead, n), comb.view(*lead, n, n)
+
+
+@triton.jit
+def _hc_pre_kernel(H, FN, SCALE, BASE, X, POST, COMB, N_TOK, D, eps, norm_eps,
+                   ITERS: tl.constexpr, NS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+                   BLOCK_D: tl.constexpr):
+    """Fused hc_pre for BLOCK_T tokens: RMS over the N·D stream values, the (2+N)·N mix logits
+    (a GEMV against fn, fp32), the gates and Sinkhorn, then x = Σ_j pre_j h_j (second pass over h)."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tm = t < N_TOK
+    ND = NS * D
+    k = tl.arange(0, BLOCK_K)
+    r2 = tl.arange(0, 2 * NS)                     # pre and post rows of fn
+    rc = tl.arange(0, NS * NS)                    # comb rows
+    hrow = H + t.to(tl.int64)[:, None] * ND
+    ss = tl.zeros([BLOCK_T], tl.float32)
+    pp = tl.zeros([BLOCK_T, 2 * NS], tl.float32)
+    cc = tl.zeros([BLOCK_T, NS * NS], tl.float32)
+    for k0 in range(0, ND, BLOCK_K):
+        kk = k0 + k
+        km = kk < ND
+        hv = tl.load(hrow + kk[None, :], mask=tm[:, None] & km[None, :], other=0.0).to(tl.float32)   # [BT, BK]
+        ss += tl.sum(hv * hv, 1)
+        f2 = tl.load(FN + r2[None, :].to(tl.int64) * ND + kk[:, None], mask=km[:, None], other=0.0)   # [BK, 2N]
+        fc = tl.load(FN + (2 * NS + rc[None, :]).to(tl.int64) * ND + kk[:, None], mask=km[:, None], other=0.0)
+        pp += tl.sum(hv[:, :, None] * f2[None, :, :], 1)
+        cc += tl.sum(hv[:, :, None] * fc[None, :, :], 1)
+    rho = 1.0 / tl.sqrt(ss / ND + norm_eps)
+    s0 = tl.load(SCALE)
+    s1 = tl.load(SCALE + 1)
+    s2 = tl.load(SCALE + 2)
+    i = tl.arange(0, NS)
+    pp3 = tl.reshape(pp * rho[:, None], [BLOCK_T, 2, NS])
+    half = tl.arange(0, 2)[None, :, None]
+    pre_l = tl.sum(tl.where(half == 0, pp3, 0.0), 1)                                 # [BT, N]
+    post_l = tl.sum(tl.where(half == 1, pp3, 0.0), 1)
+    pre = tl.sigmoid(pre_l * s0 + tl.load(BASE + i)[None, :]) + eps
+    post = 2 * tl.sigmoid(post_l * s1 + tl.load(BASE + NS + i)[None, :])
+    tl.store(POST + t[:, None] * NS + i[None, :], post, mask=tm[:, None])
+    jk = i[:, None] * NS + i[None, :]
+    c = tl.reshape(cc * rho[:, None], [BLOCK_T, NS, NS]) * s2 + tl.load(BASE + 2 * NS + jk)[None, :, :]
+    c = tl.exp(c - tl.max(c, 2)[:, :, None])
+    c = c / tl.sum(c, 2)[:, :, None] + eps
+    c = c / (tl.sum(c, 1)[:, None, :] + eps)
+    for _ in tl.static_range(ITERS - 1):
+        c = c / (tl.sum(c, 2)[:, :, None] + eps)
+        c = c / (tl.sum(c, 1)[:, None, :] + eps)
+    tl.store(COMB + t.to(tl.int64)[:, None, None] * (NS * NS) + jk[None, :, :], c, mask=tm[:, None, None])
+    dd = tl.arange(0, BLOCK_D)
+    for d0 in range(0, D, BLOCK_D):
+        dm = (d0 + dd) < D
+        off = t.to(tl.int64)[:, None, None] * ND + i[None, :, None] * D + (d0 + dd)[None, None, :]
+        hv = tl.load(H + off, mask=tm[:, None, None] & dm[None, None, :], other=0.0).to(tl.float32)  # [BT, N, BD]
+        x = tl.sum(pre[:, :, None] * hv, 1)
+        tl.store(X + t.to(tl.int64)[:, None] * D + (d0 + dd)[None, :], x.to(X.dtype.element_ty),
+                 mask=tm[:, None] & dm[None, :])
+
+
+def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int = 8, block_k: int = 32):
+    """x [.., D] (h's dtype), post [.., N], comb [.., N, N] fp32 from streams h [.., N, D]."""
+    if n & (n - 1):
+        raise ValueError(f"mHC kernel: hc_mult {n} must be a power of two")
+    lead, D = h.shape[:-2], h.shape[-1]
+    hv = h.reshape(-1, n, D).contiguous()
+    T = hv.shape[0]
+    x = torch.empty(T, D, device=h.device, dtype=h.dtype)
+    post = torch.empty(T, n, device=h.device, dtype=torch.float32)
+    comb = torch.empty(T, n, n, device=h.device, dtype=torch.float32)
+    if T:
+        _hc_pre_kernel[(triton.cdiv(T, block_t),)](hv, fn.float().contiguous(), scale.float().contiguous(),
+                                                  base.float().contiguous(), x, post, comb, T, D, eps, norm_eps,
+                                                  ITERS=iters, NS=n, BLOCK_T=block_t, BLOCK_K=block_k,
+                                                  BLOCK_D=min(128, triton.next_power_of_2(D)))
+    return x.view(*lead, D), post.view(*lead, n), comb.view(*lead, n, n)
+
+
+@triton.jit
+def _hc_post_kernel(F, H, POST, COMB, OUT, N_TOK, D, NS: tl.constexpr, BLOCK_T: tl.constexpr,
+                    BLOCK_D: tl.constexpr):
+    """out[t, k] = post[t, k] · f[t] + Σ_j comb[t, j, k] · h[t, j] in fp32, for BLOCK_T × BLOCK_D."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    tm = t < N_TOK
+    dm = d < D
+    i = tl.arange(0, NS)
+    t64 = t.to(tl.int64)
+    m3 = tm[:, None, None] & dm[None, None, :]
+    hv = tl.load(H + t64[:, None, None] * (NS * D) + i[None, :, None] * D + d[None, None, :], mask=m3,
+                 other=0.0).to(tl.float32)                                             # [BT, N(j), BD]
+    fv = tl.load(F + t64[:, None] * D + d[None, :], mask=tm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+    post = tl.load(POST + t64[:, None] * NS + i[None, :], mask=tm[:, None], other=0.0)       # [BT, N]
+    comb = tl.load(COMB + t64[:, None, None] * (NS * NS) + i[None, :, None] * NS + i[None, None, :],
+                   mask=tm[:, None, None], other=0.0)                                  # [BT, N(j), N(k)]
+    mixed = tl.sum(comb[:, :, :, None] * hv[:, :, None, :], 1)                          # [BT, N(k), BD]
+    out = post[:, :, None] * fv[:, None, :] + mixed
+    tl.store(OUT + t64[:, None, None] * (NS * D) + i[None, :, None] * D + d[None, None, :],
+             out.to(OUT.dtype.element_ty), mask=m3)
+
+
+def hc_post(f, residual, post, comb, block_t: int = 4, block_d: int = 128):
+    """[.., N, D] in residual's dtype: post_k · f + Σ_j comb[j, k] · h_j (fp32 arithmetic)."""
+    n, D = residual.shape[-2:]
+    if n & (n - 1):
+        raise ValueError(f"mHC kernel: hc_mult {n} must be a power of two")
+    hv = residual.reshape(-1, n, D).contiguous()
+    T = hv.shape[0]
+    out = torch.empty_like(hv)
+    if T:
+        bd = min(block_d, triton.next_power_of_2(D))
+        _hc_post_kernel[(triton.cdiv(T, block_t), triton.cdiv(D, bd))](
+            f.reshape(T, D).contiguous(), hv, post.reshape(T, n).float().contiguous(),
+            comb.reshape(T, n, n).float().contiguous(), out, T, D, NS=n, BLOCK_T=block_t, BLOCK_D=bd)
+    return out.view(residual.shape)
