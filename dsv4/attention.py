@@ -325,16 +325,16 @@ class Attention(nn.Module):
         self.freqs = rope_freqs(cfg.qk_rope_head_dim, theta, cfg.yarn if self.ratio else None)
         self._freqs_on: dict = {}
         # CSA training phases (spec §15): index_mode "sparse" (indexer top-k; inference) or "dense" (all
-        # visible entries). index_loss=True also computes `last_index_loss`, the KL divergence from the
-        # main attention over compressed entries (summed over heads, L1-normalised) to the indexer's
-        # softmax, over all visible entries in dense mode and over the selected ones in sparse mode,
-        # with the indexer's inputs detached in sparse mode.
+        # visible entries). index_loss=True also returns the KL divergence from the main attention over
+        # compressed entries (summed over heads, L1-normalised) to the indexer's softmax, over all
+        # visible entries in dense mode and over the selected ones in sparse mode, with the indexer's
+        # inputs detached in sparse mode, as forward's second output `(Σ over queries, query count)`.
         self.index_mode = "sparse"
         self.index_loss = False
-        self.last_index_loss: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor | None = None,
-                state=None, rows: torch.Tensor | None = None) -> torch.Tensor:
+                state=None, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, int] | None]:
+        """x [B, S, D] -> (output [B, S, D], index KL `(Σ over queries, queries)` or None when not computed)."""
         B, S, _ = x.shape
         H, Dh = self.n_heads, self.head_dim
         freqs = self._freqs_on.get(x.device)
@@ -346,15 +346,16 @@ class Attention(nn.Module):
         qf = up(q)
         q = apply_rope((qf * torch.rsqrt(qf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype), cos, sin)
         kv = apply_rope(self.kv_norm(linear(x, self.wkv)), cos, sin)                  # [B, S, Dh]
+        index_kl = None
         if state is not None and S == 1 and not self.index_loss:
             o = self._attend_one(x, qr, q, kv, pos, cos, sin, freqs, state, rows)     # [B, 1, H, Dh]
         else:
-            o = self._attend(x, qr, q, kv, pos, cos, sin, freqs, seg, state, rows)    # [B, S, H, Dh]
+            o, index_kl = self._attend(x, qr, q, kv, pos, cos, sin, freqs, seg, state, rows)  # [B, S, H, Dh]
         o = apply_rope(o, cos, -sin)                                                   # de-rotate
         o = o.reshape(B, S, self.groups, H * Dh // self.groups)                       # [B, S, G, H·Dh/G]
         wo_a = self.wo_a.weight.to(o.dtype).view(self.groups, self.o_rank, -1)        # [G, d_g, H·Dh/G]
         u = torch.einsum("bsgi,gri->bsgr", o, wo_a).flatten(2)                         # [B, S, G·d_g]
-        return linear(u, self.wo_b)                                                    # [B, S, D]
+        return linear(u, self.wo_b), index_kl                                          # [B, S, D]
 
     def _attend_one(self, x, qr, q, kv, pos, cos, sin, freqs, state, rows) -> torch.Tensor:
         """Decode step: one new token per cached row, rows at any lengths, static shapes and no host
@@ -387,8 +388,9 @@ class Attention(nn.Module):
         state.ring[rows, t % W] = kv[:, 0].to(state.ring.dtype)
         return ops.sink_attention(q, keys, bias, self.attn_sink, Dh ** -0.5)
 
-    def _attend(self, x, qr, q, kv, pos, cos, sin, freqs, seg, state, rows) -> torch.Tensor:
-        """Full-sequence or chunked cached attention; queries in chunks bounded by SCORE_BUDGET."""
+    def _attend(self, x, qr, q, kv, pos, cos, sin, freqs, seg, state, rows):
+        """Full-sequence or chunked cached attention; queries in chunks bounded by SCORE_BUDGET.
+        -> (o [B, S, H, Dh], (Σ KL, queries) when the index loss is on, else None)."""
         B, S, _ = x.shape
         H, Dh = self.n_heads, self.head_dim
         comp = comp_seg = comp_idx = ikeys = None
@@ -448,14 +450,12 @@ class Attention(nn.Module):
                 kl, n = self._index_kl(q[:, s0:s1], keys, bias, iq[:, s0:s1], iw[:, s0:s1], ikeys, cvis)
                 kl_sum, kl_count = kl_sum + kl, kl_count + n
         o = torch.cat(outs, dim=1)                                                     # [B, S, H, Dh]
-        if want_loss:
-            self.last_index_loss = kl_sum / max(kl_count, 1)
 
         if state is not None:  # the last W tokens of this call go to the ring at slot t mod W
             keep = min(S, self.window)
             slot = (pos[:, S - keep:] % self.window).unsqueeze(-1).expand(B, keep, Dh)
             state.ring[rows] = ring.scatter(1, slot, kv[:, S - keep:].to(ring.dtype))
-        return o
+        return o, ((kl_sum, kl_count) if want_loss else None)
 
     def _index_kl(self, q, keys, bias, iq, iw, ikeys, cvis) -> tuple[torch.Tensor, int]:
         """Σ over queries of KL(p ‖ softmax(I)) on the candidate compressed entries `cvis` [B, Sc, C]."""

@@ -211,7 +211,7 @@ def test_single_token_path_equals_general_cached_path(model, ids, monkeypatch):
         if general:
             monkeypatch.setattr(Attention, "_attend_one",
                                 lambda self, x, qr, q, kv, pos, cos, sin, freqs, state, rows:
-                                self._attend(x, qr, q, kv, pos, cos, sin, freqs, None, state, rows))
+                                self._attend(x, qr, q, kv, pos, cos, sin, freqs, None, state, rows)[0])
         else:
             monkeypatch.undo()
         for layer in model.layers:
