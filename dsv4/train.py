@@ -34,6 +34,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -730,7 +731,9 @@ class Trainer:
             return self.model
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        with warnings.catch_warnings():   # gathering expert-parallel shards takes two all-gathers; torch warns
+            warnings.filterwarnings("ignore", message=".*sequential all_gather operations.*")
+            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if not self.is_main:
             return None
         with torch.device("meta"):

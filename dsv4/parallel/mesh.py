@@ -76,7 +76,7 @@ class ParallelDims:
         dense = (f"FSDP over {self.dp_shard}" if self.dp_replicate == 1
                  else f"HSDP {self.dp_replicate} replicas × FSDP over {self.dp_shard}")
         experts = "with the dense layers" if self.ep == 1 else f"expert parallel over {self.ep}, FSDP over {self.edp}"
-        return f"{self.world} processes: dense layers {dense}; routed experts {experts}"
+        return f"{self.world} process{'es' if self.world > 1 else ''}: dense layers {dense}; routed experts {experts}"
 
 
 @dataclass
