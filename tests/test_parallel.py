@@ -140,7 +140,31 @@ def _checks(rank, world, corpus, root, layouts):
     out = {"layouts": _layouts(rank, world, corpus, root, layouts), "ops": _ops(rank, world)}
     if world == 2:
         out["bf16"] = _mixed_precision(rank, world, corpus, root)
+        out["nan"] = _nan_guard(rank, world, corpus, root)
     return out
+
+
+def _nan_guard(rank, world, corpus, root):
+    """A NaN in one process's gradient shard only: every process skips the step (a global decision)."""
+    from dsv4.parallel import reduce
+
+    tr = make_trainer(corpus, pathlib.Path(root) / "nan", **RUN)
+    real = reduce.grad_norm
+
+    def poisoned(params):
+        if rank == 1 and tr.step == 0:
+            reduce.local(params[0].grad).view(-1)[0] = float("nan")
+        return real(params)
+    reduce.grad_norm = poisoned
+    try:
+        before = [reduce.local(p).clone() for p in tr.model.parameters()]
+        first = tr.train_step()
+        unchanged = all(torch.equal(reduce.local(p), b) for p, b in zip(tr.model.parameters(), before))
+        second = tr.train_step()
+        moved = any(not torch.equal(reduce.local(p), b) for p, b in zip(tr.model.parameters(), before))
+    finally:
+        reduce.grad_norm = real
+    return {"skipped": first.get("skipped"), "unchanged": unchanged, "next": second.get("skipped"), "moved": moved}
 
 
 def _mixed_precision(rank, world, corpus, root):
@@ -248,7 +272,8 @@ def test_two_processes_equal_one_process(corpus, reference, tmp_path):
     layouts = [dict(),                              # FSDP over 2 (experts sharded with the dense layers)
                dict(ep=2, dp_replicate=2),          # expert parallel, dense layers replicated
                dict(ep=2)]                          # expert parallel and FSDP
-    out = spawn("_checks", 2, tmp_path, corpus, str(tmp_path), layouts)[0]
+    results = spawn("_checks", 2, tmp_path, corpus, str(tmp_path), layouts)
+    out = results[0]
     for layout, records, facts in out["layouts"]:
         assert_same_trace(records, reference["records"], f"2 processes {layout}")
     facts = [f for _, _, f in out["layouts"]]
@@ -265,6 +290,9 @@ def test_two_processes_equal_one_process(corpus, reference, tmp_path):
     assert out["bf16"]["loss"] == pytest.approx(want["loss"], rel=2e-2) and out["bf16"]["loss"] != want["loss"]
     assert out["bf16"]["grad_norm"] == pytest.approx(want["grad_norm"], rel=0.1)
     assert out["bf16"]["dtypes"] == ["torch.float32"]
+    # rank 1's shard got a NaN: all ranks read the same global norm and skip, then all step again
+    assert all(r["nan"] == {"skipped": True, "unchanged": True, "next": None, "moved": True} for r in results), \
+        [r["nan"] for r in results]
 
 
 def test_four_processes_equal_one_process(corpus, reference, tmp_path):
