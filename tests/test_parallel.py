@@ -3,9 +3,9 @@
 The heart: five optimizer steps (all three CSA phases, two micro-batches per step, an evaluation) on the
 same global batch give the one-process losses to 1e-5 (fp32, Newton–Schulz in fp32), with FSDP, with
 expert parallelism, with both, with HSDP and with gradient checkpointing. Also: expert-parallel dispatch
-and distributed Muon against their one-process twins at op level, a run killed on 4 processes and
-resumed on 2 (and on 1) continuing with the same losses, the export of a sharded run, and the errors of
-bad layouts.
+and distributed Muon against their one-process twins at op level, the NaN guard deciding globally, bf16
+FSDP mixed precision, a run killed on 4 processes and resumed on 2 (and on 1) continuing with the same
+losses, the export of a sharded run, and the errors of bad layouts.
 
 Processes come from a forkserver that imported torch and dsv4 once, so a spawn costs a fraction of a
 second; each spawned test reuses one process group for all its checks.
