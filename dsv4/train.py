@@ -762,10 +762,10 @@ class Trainer:
 
 
 def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype = torch.float32,
-                      tokenizer_dir: str | Path | None = None) -> Path:
-    """Export a training checkpoint (any layout, e.g. written by a sharded run) as a `save_pretrained`
-    folder in one process, without the optimizer state: `export_checkpoint("RUN/checkpoints/step_001000",
-    "RUN/model_1000")`."""
+                      tokenizer_dir: str | Path | None = None, layout: str = "official") -> Path:
+    """Export a training checkpoint (whatever process layout wrote it) as a `save_pretrained` folder in
+    one process, without the optimizer state: `export_checkpoint("RUN/checkpoints/step_001000",
+    "RUN/model_1000")`; `layout="transformers"` for transformers' own tensor names."""
     from dsv4.checkpoint import save_pretrained
 
     path = Path(checkpoint)
@@ -774,7 +774,7 @@ def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: torch.d
     model = Transformer(cfg)
     state = {"model": model.state_dict()}
     runlog.load_checkpoint_state(path, state)
-    return save_pretrained(model.eval(), out, dtype=dtype, tokenizer_dir=tokenizer_dir, overwrite=True)
+    return save_pretrained(model.eval(), out, dtype=dtype, tokenizer_dir=tokenizer_dir, overwrite=True, layout=layout)
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,

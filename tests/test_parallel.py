@@ -12,10 +12,12 @@ second; each spawned test reuses one process group for all its checks.
 """
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import pathlib
 import shutil
+import socket
 import time
 
 import pytest
@@ -45,23 +47,37 @@ def one_thread():
 
 
 # ----------------------------------------------------------------------------- process launcher
-def _entry(rank: int, world: int, init_file: str, out_dir: str, fn_name: str, args: tuple) -> None:
+def _entry(rank: int, world: int, init: str, out_dir: str, fn_name: str, args: tuple) -> None:
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    if init.startswith("file://"):
+        dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    else:  # "env:PORT": torchrun's environment; the code under test starts the process group
+        os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=init.removeprefix("env:"))
     try:
         result = globals()[fn_name](rank, world, *args)
         torch.save(result, pathlib.Path(out_dir) / f"rank{rank}.pt")
     finally:
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def spawn(fn_name: str, world: int, tmp: pathlib.Path, *args, timeout: float = 400.0) -> list:
-    """Run `fn_name(rank, world, *args)` in `world` gloo processes; returns the per-rank results."""
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(fn_name: str, world: int, tmp: pathlib.Path, *args, torchrun_env: bool = False,
+          timeout: float = 400.0) -> list:
+    """Run `fn_name(rank, world, *args)` in `world` gloo processes; returns the per-rank results.
+    `torchrun_env=True` sets torchrun's variables instead of starting the process group."""
     multiprocessing.set_forkserver_preload(["torch", "torch.distributed.fsdp", "torch.distributed.checkpoint",
                                             "dsv4.train", "dsv4.parallel.fsdp", "test_parallel"])
     out = tmp / f"spawn-{fn_name}-{world}-{time.monotonic_ns()}"
     out.mkdir(parents=True)
-    ctx = tmp_mp.start_processes(_entry, args=(world, str(out / "init"), str(out), fn_name, args), nprocs=world,
+    init = f"env:{_free_port()}" if torchrun_env else f"file://{out / 'init'}"
+    ctx = tmp_mp.start_processes(_entry, args=(world, init, str(out), fn_name, args), nprocs=world,
                                  start_method="forkserver", join=False)
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1.0):
@@ -250,6 +266,12 @@ def _tiny_with_experts(n: int):
     return preset("tiny").with_(n_routed_experts=n)
 
 
+def _cli(rank, world, argv):
+    """`python -m dsv4 train ...` as torchrun starts it in each process."""
+    from dsv4.cli import main
+    return main(argv)
+
+
 def _killed(rank, world, corpus, root, layout):
     """Train to step 3 with a checkpoint every 2 steps, then stop as a crash would (last checkpoint: 2)."""
     tr = make_trainer(corpus, pathlib.Path(root), ckpt_every=2, **RUN, **layout)
@@ -348,6 +370,29 @@ def test_kill_on_four_resume_on_two_and_on_one(corpus, reference, tmp_path):
         a, b, want = exported(ids), again(ids), reference["model"].eval()(ids)
     assert torch.equal(a, b)
     assert (a - want).abs().max() < 1e-4 * want.abs().max()
+
+
+def test_torchrun_entry_point(corpus, tmp_path):
+    """The command torchrun runs in each process: process group from the environment, training, sharded
+    checkpoint, gathered export; then `--export` from that checkpoint in one process."""
+    from dsv4.checkpoint import load_pretrained
+    from dsv4.cli import main
+
+    run = tmp_path / "run"
+    argv = ["train", "--recipe", "tiny", "--out", str(run), "--steps", "2", "--no-progress", "model=tiny",
+            f"data={corpus['data']}", f"tokenizer={corpus['tok']}", "seq_len=64", "micro_batch=4", "eval_every=2",
+            "eval_batches=1", "threads=1", "tensorboard=false", "ep=2"]
+    assert spawn("_cli", 2, tmp_path, argv, torchrun_env=True) == [0, 0]
+    rows = runlog.read_metrics(run)
+    assert [r["step"] for r in rows] == [1, 2] and rows[-1]["val_loss"] > 0
+    assert json.loads((run / "run.json").read_text())["parallel"] == {"world": 2, "dp_replicate": 1, "ep": 2}
+    assert len(list((run / "checkpoints" / "step_000002" / "state").glob("*.distcp"))) == 2
+    trained = load_pretrained(run / "model")
+    shutil.rmtree(run / "model")
+    assert main(["train", "--recipe", "tiny", "--out", str(run), "--export", "model=tiny"]) == 0
+    ids = torch.randint(0, 512, (1, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(load_pretrained(run / "model")(ids), trained(ids))
 
 
 def test_layout_errors_in_one_process(corpus, tmp_path):
