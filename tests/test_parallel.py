@@ -23,7 +23,7 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as tmp_mp
+import torch.multiprocessing as torch_mp
 
 from dsv4 import runlog
 from dsv4.parallel import ParallelConfigError, ParallelDims
@@ -77,7 +77,7 @@ def spawn(fn_name: str, world: int, tmp: pathlib.Path, *args, torchrun_env: bool
     out = tmp / f"spawn-{fn_name}-{world}-{time.monotonic_ns()}"
     out.mkdir(parents=True)
     init = f"env:{_free_port()}" if torchrun_env else f"file://{out / 'init'}"
-    ctx = tmp_mp.start_processes(_entry, args=(world, init, str(out), fn_name, args), nprocs=world,
+    ctx = torch_mp.start_processes(_entry, args=(world, init, str(out), fn_name, args), nprocs=world,
                                  start_method="forkserver", join=False)
     deadline = time.monotonic() + timeout
     while not ctx.join(timeout=1.0):
