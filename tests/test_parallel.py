@@ -98,9 +98,10 @@ def trace(records: list[dict]) -> list[dict]:
     return [{k: r.get(k) for k in KEYS + ("max_load",)} for r in records]
 
 
-def train_records(trainer, until=None) -> list[dict]:
+def train_records(trainer) -> list[dict]:
+    """Train to the end as `fit` does (evaluating every `eval_every` steps), without checkpoints."""
     out = []
-    while trainer.step < (until or trainer.cfg.steps):
+    while trainer.step < trainer.cfg.steps:
         rec = trainer.train_step()
         if trainer.step % trainer.cfg.eval_every == 0:
             rec.update(trainer.evaluate())
