@@ -269,16 +269,16 @@ class Attention(nn.Module):
         self.freqs = rope_freqs(cfg.qk_rope_head_dim, theta, cfg.yarn if self.ratio else None)
         self._freqs_on: dict = {}
         # CSA training phases (spec §15): index_mode "sparse" (indexer top-k; inference) or "dense" (all
-        # visible entries). index_loss=True also computes `last_index_loss`, the KL divergence from the
-        # main attention over compressed entries (summed over heads, L1-normalised) to the indexer's
-        # softmax, over all visible entries in dense mode and over the selected ones in sparse mode,
-        # with the indexer's inputs detached in sparse mode.
+        # visible entries). index_loss=True also returns the KL divergence from the main attention over
+        # compressed entries (summed over heads, L1-normalised) to the indexer's softmax, over all
+        # visible entries in dense mode and over the selected ones in sparse mode, with the indexer's
+        # inputs detached in sparse mode, as forward's second output `(Σ over queries, query count)`.
         self.index_mode = "sparse"
         self.index_loss = False
-        self.last_index_loss: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor | None = None,
-                state=None, rows: torch.Tensor | None = None) -> torch.Tensor:
+                state=None, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, int] | None]:
+        """x [B, S, D] -> (output [B, S, D], index KL `(Σ over queries, queries)` or None when not computed)."""
         B, S, _ = x.shape
         H, Dh = self.n_heads, self.head_dim
         freqs = self._freqs_on.get(x.device)
@@ -289,15 +289,16 @@ class Attention(nn.Module):
         q = linear(qr, self.wq_b).view(B, S, H, Dh)                                   # [B, S, H, Dh]
         q = ops.norm_rope(q, None, self.eps, cos, sin)                                 # per-head RMS, rope
         kv = ops.norm_rope(linear(x, self.wkv), self.kv_norm.weight, self.kv_norm.eps, cos, sin)  # [B, S, Dh]
-        o = self._attend(x, qr, q, kv, pos, cos, sin, freqs, seg, state, rows)        # [B, S, H, Dh]
+        o, index_kl = self._attend(x, qr, q, kv, pos, cos, sin, freqs, seg, state, rows)  # [B, S, H, Dh]
         o = ops.norm_rope(o, None, None, cos, -sin)                                    # de-rotate
         o = o.reshape(B, S, self.groups, H * Dh // self.groups)                       # [B, S, G, H·Dh/G]
         wo_a = self.wo_a.weight.to(o.dtype).view(self.groups, self.o_rank, -1)        # [G, d_g, H·Dh/G]
         u = torch.einsum("bsgi,gri->bsgr", o, wo_a).flatten(2)                         # [B, S, G·d_g]
-        return linear(u, self.wo_b)                                                    # [B, S, D]
+        return linear(u, self.wo_b), index_kl                                          # [B, S, D]
 
-    def _attend(self, x, qr, q, kv, pos, cos, sin, freqs, seg, state, rows) -> torch.Tensor:
-        """Keys, index lists and one attention call per query chunk (memory linear in S)."""
+    def _attend(self, x, qr, q, kv, pos, cos, sin, freqs, seg, state, rows):
+        """Keys, index lists and one attention call per query chunk (memory linear in S).
+        -> (o [B, S, H, Dh], (Σ KL, queries) when the index loss is on, else None)."""
         B, S, _ = x.shape
         m, W = self.ratio, self.window
         want_loss = self.indexer is not None and self.index_loss
@@ -345,12 +346,10 @@ class Attention(nn.Module):
                     kl, n = self._index_kl(q[:, s0:s1], lse, comp, cidx, iq[:, s0:s1], iw[:, s0:s1], ikeys, c_rows)
                     kl_sum, kl_count = kl_sum + kl, kl_count + n
             outs.append(res)
-        if want_loss:
-            self.last_index_loss = kl_sum / max(kl_count, 1)
         if state is not None:  # the last W tokens of this call go to the ring at slot t mod W
             keep = min(S, W)
             state.ring[rows.unsqueeze(1), pos[:, S - keep:] % W] = kv[:, S - keep:].to(state.ring.dtype)
-        return torch.cat(outs, dim=1)                                                 # [B, S, H, Dh]
+        return torch.cat(outs, dim=1), ((kl_sum, kl_count) if want_loss else None)   # [B, S, H, Dh]
 
     def _indices(self, s0, s1, pos, seg, cached, first, n_comp, indexer_in, c_rows, t_window):
         """Key lists of queries s0..s1−1: idx [B, Sc, W + K] into [window keys | entries] (entries

@@ -15,6 +15,7 @@ streams and linear layers in the model dtype (fp32 on CPU, bf16 on GPU).
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -118,9 +119,8 @@ class Expert(nn.Module):
 class MoE(nn.Module):
     """DeepSeekMoE block (spec §8): routed experts (weight applied before w2, fp32) + shared expert.
 
-    `record = True` makes the block keep `last_routing = (indices, affinities)` of its last call,
-    which the trainer reads for the balance loss, bias updates and load statistics.
-    """
+    Returns the output and the routing `(indices [B·S, K], affinities [B·S, E])`: the trainer needs
+    them for the balance loss, the router-bias update and the load statistics (spec §8.3)."""
 
     def __init__(self, cfg: ModelConfig, layer: int):
         super().__init__()
@@ -128,22 +128,28 @@ class MoE(nn.Module):
         self.experts = Experts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.swiglu_limit)
         self.shared_experts = (Expert(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts,
                                       cfg.swiglu_limit) if cfg.n_shared_experts else None)
-        self.record = False
-        self.last_routing: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         B, S, D = x.shape
         flat = x.reshape(-1, D)                                                # [B·S, D]
         w, idx, scores = self.gate(flat, ids.reshape(-1))
-        if self.record:
-            self.last_routing = (idx, scores)
         y = self.experts(flat, idx, w)                                         # [B·S, D]
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
-        return y.view(B, S, D)
+        return y.view(B, S, D), (idx, scores)
 
 
 # ----------------------------------------------------------------------------- blocks
+class BlockAux(NamedTuple):
+    """Training-only outputs of one block, returned by forward rather than kept on the modules (so that
+    recomputation under gradient checkpointing and sharded wrappers see plain outputs):
+    the router's `indices` [B·S, K] and `affinities` [B·S, E] (fp32), and for a CSA layer computing the
+    index loss (spec §15) `index_kl = (Σ over queries of the KL, number of queries)`, else None."""
+    indices: torch.Tensor
+    affinities: torch.Tensor
+    index_kl: tuple[torch.Tensor, int] | None
+
+
 class Block(nn.Module):
     """Attention and MoE, each wrapped by an mHC site (spec §3.1). No plain residual add: the
     residual travels through the doubly stochastic `comb` mix."""
@@ -163,13 +169,14 @@ class Block(nn.Module):
             setattr(self, f"hc_{site}_scale", nn.Parameter(torch.empty(3)))
 
     def forward(self, h: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, seg=None, state=None,
-                rows=None) -> torch.Tensor:
+                rows=None) -> tuple[torch.Tensor, BlockAux]:
+        """h [B, S, N, D] -> (h' [B, S, N, D], BlockAux)."""
         x, post, comb = ops.hc_pre(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, *self.hc)
-        x = self.attn(self.attn_norm(x), pos, seg, state, rows)
+        x, index_kl = self.attn(self.attn_norm(x), pos, seg, state, rows)
         h = ops.hc_post(x, h, post, comb)
         x, post, comb = ops.hc_pre(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, *self.hc)
-        x = self.ffn(self.ffn_norm(x), ids)
-        return ops.hc_post(x, h, post, comb)
+        x, (idx, scores) = self.ffn(self.ffn_norm(x), ids)
+        return ops.hc_post(x, h, post, comb), BlockAux(idx, scores, index_kl)
 
 
 class MTPBlock(Block):
@@ -189,13 +196,13 @@ class MTPBlock(Block):
         self.hc_head_scale = nn.Parameter(torch.empty(1))
 
     def forward(self, h: torch.Tensor, next_ids: torch.Tensor, embed: nn.Embedding, pos: torch.Tensor,
-                seg=None, state=None, rows=None) -> torch.Tensor:
-        """h [B, S, N, D] main streams, next_ids [B, S] (token t+1) -> final MTP hidden [B, S, D]."""
+                seg=None, state=None, rows=None) -> tuple[torch.Tensor, BlockAux]:
+        """h [B, S, N, D] main streams, next_ids [B, S] (token t+1) -> (final MTP hidden [B, S, D], BlockAux)."""
         e = self.enorm(embed(next_ids))                                        # [B, S, D]
         z = linear(e, self.e_proj).unsqueeze(2) + linear(self.hnorm(h), self.h_proj)  # [B, S, N, D]
-        z = super().forward(z, next_ids, pos, seg, state, rows)
+        z, aux = super().forward(z, next_ids, pos, seg, state, rows)
         N, _, eps, norm_eps = self.hc
-        return self.norm(hc_head(z, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, eps, norm_eps))
+        return self.norm(hc_head(z, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, eps, norm_eps)), aux
 
 
 class Transformer(nn.Module):
@@ -204,7 +211,8 @@ class Transformer(nn.Module):
     `model(input_ids [B, S])` returns logits [B, S, V] (fp32). With `cache=` (a `dsv4.cache.DecodeCache`)
     the call continues each selected cache row from its current length (prefill in chunks, then
     decode). `segment_ids` [B, S] marks packed documents: attention and compression never cross a
-    document boundary and positions restart at each document.
+    document boundary and positions restart at each document. `return_aux=True` also returns the
+    training-only outputs: a list of `BlockAux`, one per block in order.
     """
 
     def __init__(self, cfg: ModelConfig):
@@ -280,8 +288,10 @@ class Transformer(nn.Module):
                              "(was the input encoded with a different tokenizer?)")
 
     def hidden(self, input_ids: torch.Tensor, *, cache=None, rows: torch.Tensor | None = None,
-               positions: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None):
-        """Run the blocks; returns (streams [B, S, N, D] after the last block, positions, rows)."""
+               positions: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
+               aux: list[BlockAux] | None = None):
+        """Run the blocks; returns (streams [B, S, N, D] after the last block, positions, rows).
+        With a list `aux`, each block's `BlockAux` is appended to it."""
         self.check_ids(input_ids)
         B, S = input_ids.shape
         dev = input_ids.device
@@ -298,19 +308,22 @@ class Transformer(nn.Module):
                 positions = positions_from_segments(segment_ids)
         elif positions is None:
             positions = torch.arange(S, device=dev).expand(B, S)
-        return self.blocks(input_ids, positions, segment_ids, cache, rows), positions, rows
+        return self.blocks(input_ids, positions, segment_ids, cache, rows, aux), positions, rows
 
     def blocks(self, input_ids: torch.Tensor, positions: torch.Tensor, segment_ids=None, cache=None,
-               rows=None) -> torch.Tensor:
-        """Embedding and blocks on already validated inputs. -> streams [B, S, N, D]."""
+               rows=None, aux: list[BlockAux] | None = None) -> torch.Tensor:
+        """Embedding and blocks on already validated inputs. -> streams [B, S, N, D]; each block's
+        `BlockAux` is appended to `aux` when a list is given (and dropped otherwise)."""
         h = self.embed(input_ids)                                              # [B, S, D]
         h = h.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()  # [B, S, N, D]
         for i, layer in enumerate(self.layers):
             state = cache.layers[i] if cache is not None else None
             if self.gradient_checkpointing and self.training and cache is None:
-                h = checkpoint(layer, h, input_ids, positions, segment_ids, use_reentrant=False)
+                h, block_aux = checkpoint(layer, h, input_ids, positions, segment_ids, use_reentrant=False)
             else:
-                h = layer(h, input_ids, positions, segment_ids, state, rows)
+                h, block_aux = layer(h, input_ids, positions, segment_ids, state, rows)
+            if aux is not None:
+                aux.append(block_aux)
         return h
 
     @torch.no_grad()
@@ -337,23 +350,28 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, *, cache=None, rows: torch.Tensor | None = None,
                 positions: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
-                last_only: bool = False, return_hidden: bool = False):
+                last_only: bool = False, return_hidden: bool = False, return_aux: bool = False):
+        """-> logits, or the tuple (logits, streams [B, S, N, D] if return_hidden, [BlockAux] if return_aux)."""
+        aux: list[BlockAux] | None = [] if return_aux else None
         h, positions, rows = self.hidden(input_ids, cache=cache, rows=rows, positions=positions,
-                                         segment_ids=segment_ids)
+                                         segment_ids=segment_ids, aux=aux)
         if cache is not None:
             cache.advance(rows, input_ids.shape[1])
         y = self.final_hidden(h[:, -1:] if last_only else h)
         out = self.logits(y)
         if last_only:
             out = out[:, 0]
-        return (out, h) if return_hidden else out
+        if not (return_hidden or return_aux):
+            return out
+        return (out,) + ((h,) if return_hidden else ()) + ((aux,) if return_aux else ())
 
     def mtp_logits(self, h: torch.Tensor, next_ids: torch.Tensor, *, k: int = 0, cache=None,
                    rows: torch.Tensor | None = None, positions: torch.Tensor | None = None,
-                   segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+                   segment_ids: torch.Tensor | None = None, return_aux: bool = False):
         """MTP block k on main streams h [B, S, N, D] and the ids of the *next* tokens [B, S].
 
         Position t's logits predict token t+2. With a cache, uses the block's own window state.
+        `return_aux=True` returns (logits, [BlockAux] of the block).
         """
         if not len(self.mtp):
             raise ValueError("this model has no MTP block (num_nextn_predict_layers = 0)")
@@ -368,10 +386,10 @@ class Transformer(nn.Module):
             if positions is None:
                 positions = (positions_from_segments(segment_ids) if segment_ids is not None
                              else torch.arange(S, device=next_ids.device).expand(B, S))
-        y = self.mtp[k](h, next_ids, self.embed, positions, segment_ids, state, rows)
+        y, block_aux = self.mtp[k](h, next_ids, self.embed, positions, segment_ids, state, rows)
         if cache is not None:
             cache.advance_mtp(rows, S)
-        return self.logits(y)
+        return (self.logits(y), [block_aux]) if return_aux else self.logits(y)
 
 
 def positions_from_segments(seg: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,14 @@ rounding; it takes the embedding, the head, norms, mHC scales/biases and other v
 
 Learning rate: each group holds `lr` and `lr_scale` (default 1); a schedule sets `lr = base · lr_scale`
 each step (`set_lr`). All state is plain tensors in `self.state`, so the standard `state_dict` /
-`load_state_dict` round-trip resumes a run bitwise.
+`load_state_dict` round-trip resumes a run bitwise; `named_state()` gives the same tensors by parameter
+name for `torch.distributed.checkpoint`.
+
+One class for one and many processes: parameters may be DTensors (FSDP2 / expert parallelism,
+`dsv4.parallel`). AdamW and Muon's momentum are elementwise and run on each rank's shard. Newton–Schulz
+runs on whole matrices: a shard that holds whole matrices (experts sharded over the expert dim) is
+updated where it is; a matrix sharded by rows is gathered to one owner rank, orthogonalised there and
+scattered back (`dsv4.parallel.muon`), so the result equals the single-process update.
 """
 from __future__ import annotations
 
@@ -30,6 +37,8 @@ from typing import Any
 
 import torch
 from torch import Tensor
+
+from dsv4.parallel.reduce import is_dtensor, local
 
 # Hybrid Newton–Schulz (report §2.4): 8 iterations whose slope 3.4445 at 0 lifts small singular values fast
 # but leaves them spread over about [0.68, 1.14], then 2 with (2, −1.5, 0.5), whose fixed point 1 has zero
@@ -116,47 +125,107 @@ class MuonAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("MuonAdamW does not support sparse gradients")
-                if group["kind"] == "muon":
-                    self._muon_step(p, group)
-                else:
+            params = [p for p in group["params"] if p.grad is not None]
+            if any(p.grad.is_sparse for p in params):
+                raise RuntimeError("MuonAdamW does not support sparse gradients")
+            if group["kind"] == "muon":
+                self._muon_step(params, group)
+            else:
+                for p in params:
                     self._adamw_step(p, group)
         return loss
 
-    def _muon_step(self, p: Tensor, group: dict[str, Any]) -> None:
+    def _init_param_state(self, p: Tensor, kind: str) -> dict[str, Any]:
         state = self.state[p]
         if not state:
-            state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        buf, mu = state["momentum_buffer"], group["momentum"]
-        buf.mul_(mu).add_(p.grad)                          # M_t = μ M_{t-1} + G_t
-        nesterov = p.grad.add(buf, alpha=mu)               # μ M_t + G_t
-        update = muon_update(nesterov, batch_dims=group["batch_dims"], dtype=group["ns_dtype"],
-                             update_rms=group["update_rms"])
-        lr = group["lr"]
-        p.mul_(1 - lr * group["weight_decay"])
-        p.add_(update, alpha=-lr)
+            if kind == "muon":
+                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            else:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    def _muon_step(self, params: list[Tensor], group: dict[str, Any]) -> None:
+        mu, lr = group["momentum"], group["lr"]
+        nesterov = []
+        for p in params:
+            buf, g = local(self._init_param_state(p, "muon")["momentum_buffer"]), local(p.grad)
+            buf.mul_(mu).add_(g)                           # M_t = μ M_{t-1} + G_t
+            nesterov.append(g.add(buf, alpha=mu))          # μ M_t + G_t
+        for p, update in zip(params, self._orthogonalise(params, nesterov, group)):
+            w = local(p)
+            w.mul_(1 - lr * group["weight_decay"])
+            w.add_(update, alpha=-lr)
+
+    def _orthogonalise(self, params: list[Tensor], grads: list[Tensor], group: dict[str, Any]) -> list[Tensor]:
+        """Muon's update for each parameter's local part; row-sharded matrices go through their owner rank."""
+        opts = dict(dtype=group["ns_dtype"], update_rms=group["update_rms"])
+        out: list[Tensor | None] = [None] * len(params)
+        gathered = []
+        for i, (p, g) in enumerate(zip(params, grads)):
+            bd = p.ndim - 2 if group["batch_dims"] is None else group["batch_dims"]
+            if is_dtensor(p) and not _whole_matrices_local(p, bd):
+                gathered.append(i)
+            else:
+                out[i] = muon_update(g, batch_dims=bd, **opts)
+        if gathered:  # sharded by rows: only possible when dim 0 is a matrix dim, i.e. batch_dims = 0
+            from dsv4.parallel.muon import row_sharded, sharded_updates
+            mats = [row_sharded(params[i], grads[i]) for i in gathered]
+            for i, u in zip(gathered, sharded_updates(mats, lambda full: muon_update(full, batch_dims=0, **opts))):
+                out[i] = u
+        return out
 
     def _adamw_step(self, p: Tensor, group: dict[str, Any]) -> None:
         # the operation order of torch.optim.AdamW's single-tensor path, so both round alike
-        state = self.state[p]
-        if not state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state = self._init_param_state(p, "adamw")
         state["step"] += 1
-        step, grad = state["step"], p.grad
+        step, grad = state["step"], local(p.grad)
         (beta1, beta2), lr = group["betas"], group["lr"]
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg, exp_avg_sq = local(state["exp_avg"]), local(state["exp_avg_sq"])
+        p = local(p)
         p.mul_(1 - lr * group["weight_decay"])
         exp_avg.lerp_(grad, 1 - beta1)
         exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
         step_size = lr / (1 - beta1 ** step)
         denom = (exp_avg_sq.sqrt() / (1 - beta2 ** step) ** 0.5).add_(group["eps"])
         p.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+    def init_state(self) -> None:
+        """Create every parameter's state now (zeros and step 0, what its first step would create), so
+        that a checkpoint holds the same entries whichever parameters have had a gradient so far."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                self._init_param_state(p, group["kind"])
+
+    def named_state(self) -> dict[str, dict[str, Tensor]]:
+        """{parameter name: {state name: tensor}} for `torch.distributed.checkpoint`: the live state
+        tensors (DTensors for sharded parameters, which a checkpoint can reshard), and AdamW's step
+        count as a new 0-d int64 tensor. Load into it, then call `load_named_state` with it."""
+        out = {}
+        for group in self.param_groups:
+            names = group.get("param_names")
+            if not names:
+                raise ValueError("named_state needs parameter names: build the groups with "
+                                 "dsv4.param_groups.build_param_groups (each group lists `param_names`)")
+            for name, p in zip(names, group["params"]):
+                state = self.state.get(p)
+                if state:
+                    out[name] = {k: torch.tensor(v, dtype=torch.int64) if k == "step" else v for k, v in state.items()}
+        return out
+
+    def load_named_state(self, named: dict[str, dict[str, Tensor]]) -> None:
+        """Finish loading `named_state()` after its tensors were filled in place: copy the step counts back."""
+        for group in self.param_groups:
+            for name, p in zip(group["param_names"], group["params"]):
+                if name in named and "step" in named[name]:
+                    self.state[p]["step"] = int(named[name]["step"])
+
+
+def _whole_matrices_local(p: Tensor, batch_dims: int) -> bool:
+    from dsv4.parallel.muon import whole_matrices_local
+    return whole_matrices_local(p, batch_dims)
 
 
 def _check_group(group: dict[str, Any]) -> None:

@@ -7,10 +7,15 @@
 * `checkpoints/step_XXXXXX/`: written atomically (`write_checkpoint`): every file goes into a hidden
   temporary folder, then `manifest.json` (sha256 and size of each file) is written last and the folder
   is renamed into place. A crash mid-write leaves only the temporary folder, which is ignored and
-  removed by the next run; `read_checkpoint` verifies every checksum before anything is loaded.
+  removed by the next run; `open_checkpoint` verifies every checksum before anything is loaded.
+  Tensors (model and optimizer state) are a `torch.distributed.checkpoint` folder `state/`: each process
+  writes its own shards, and any other layout (another world size, with or without expert parallelism,
+  one process) reads it back (`load_checkpoint_state`). Small objects (`trainer.pt`) are `torch.save`d
+  by rank 0. With several processes the run directory must be on a filesystem all of them see.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -21,12 +26,17 @@ import shutil
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
+
+from dsv4.parallel.reduce import barrier, distributed, rank
 
 MANIFEST = "manifest.json"
+STATE_DIR = "state"
 _STEP_DIR = re.compile(r"^step_(\d{6,})$")
 
 
@@ -169,21 +179,41 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def write_checkpoint(root: Path, step: int, payload: dict[str, Any]) -> Path:
-    """Write `payload` ({file name: object for torch.save}) as checkpoints/step_XXXXXX atomically."""
-    root.mkdir(parents=True, exist_ok=True)
+def write_checkpoint(root: Path, step: int, state: dict[str, Any], objects: dict[str, Any]) -> Path:
+    """Write checkpoints/step_XXXXXX atomically; a collective call when several processes run.
+
+    `state`: nested dict of tensors (DTensors for sharded ones) saved with `torch.distributed.checkpoint`
+    into `state/`; `objects`: {file name: object} that rank 0 `torch.save`s next to it."""
     final = root / f"step_{step:06d}"
-    tmp = root / f".tmp-step_{step:06d}-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    files = {}
-    for name, obj in payload.items():
+    tmp = root / f".tmp-step_{step:06d}"
+    main = rank() == 0
+    if main:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+    barrier()
+    import torch.distributed.checkpoint as dcp
+    with _one_process_ok():
+        dcp.save(state, checkpoint_id=tmp / STATE_DIR, no_dist=not distributed())
+    if main:
+        _seal(root, tmp, final, step, objects)
+    barrier()
+    return final
+
+
+def _seal(root: Path, tmp: Path, final: Path, step: int, objects: dict[str, Any]) -> None:
+    """Rank 0, after every process has written its shards: objects, manifest, rename into place."""
+    for name, obj in objects.items():
         torch.save(obj, tmp / name)
-        _fsync(tmp / name)
-        files[name] = {"sha256": sha256_file(tmp / name), "bytes": (tmp / name).stat().st_size}
-    manifest = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files}
+    files = {}
+    for f in sorted(q for q in tmp.rglob("*") if q.is_file()):
+        _fsync(f)
+        files[f.relative_to(tmp).as_posix()] = {"sha256": sha256_file(f), "bytes": f.stat().st_size}
+    manifest = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files,
+                "objects": sorted(objects), "processes": dist.get_world_size() if distributed() else 1}
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     _fsync(tmp / MANIFEST)
+    _fsync(tmp / STATE_DIR)
     _fsync(tmp)
     old = None
     if final.exists():  # the same step written again (e.g. a resumed run ending where it started)
@@ -193,7 +223,6 @@ def write_checkpoint(root: Path, step: int, payload: dict[str, Any]) -> Path:
     _fsync(root)
     if old is not None:
         shutil.rmtree(old)
-    return final
 
 
 def list_checkpoints(root: Path) -> list[tuple[int, Path]]:
@@ -213,12 +242,15 @@ def latest_checkpoint(root: Path) -> Path | None:
     return ckpts[-1][1] if ckpts else None
 
 
-def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Verify every file against the manifest, then load them: {file name: object}."""
+def verify_checkpoint(path: Path) -> dict[str, Any]:
+    """Check every file against the manifest; returns the manifest or raises CheckpointError."""
     manifest_path = path / MANIFEST
     if not manifest_path.exists():
         raise CheckpointError(f"{path} has no {MANIFEST}: it is not a complete checkpoint")
     manifest = json.loads(manifest_path.read_text())
+    if not (path / STATE_DIR).is_dir():
+        raise CheckpointError(f"{path} has no {STATE_DIR}/ folder: it was written by an older dsv4 "
+                              "(model.pt/optimizer.pt); restart the run or export it with that version")
     for name, info in manifest["files"].items():
         f = path / name
         if not f.exists():
@@ -227,8 +259,45 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         if f.stat().st_size != info["bytes"] or sha256_file(f) != info["sha256"]:
             raise CheckpointError(f"{f} does not match its sha256 in {manifest_path} (corrupted); delete "
                                   f"{path} to resume from the previous checkpoint")
+    return manifest
+
+
+def open_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Verify the checkpoint (rank 0, which tells the others) and load its objects: {file name: object}."""
+    error = None
+    if rank() == 0:
+        try:
+            verify_checkpoint(path)
+        except CheckpointError as exc:
+            error = str(exc)
+    if distributed():
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise CheckpointError(error)
+    manifest = json.loads((path / MANIFEST).read_text())
     return {name: torch.load(path / name, map_location=map_location, weights_only=True)
-            for name in manifest["files"]}
+            for name in manifest["objects"]}
+
+
+def load_checkpoint_state(path: Path, state: dict[str, Any]) -> None:
+    """Fill `state` (the same nested layout `write_checkpoint` got, in any sharding) in place; a
+    collective call when several processes run."""
+    import torch.distributed.checkpoint as dcp
+    try:
+        with _one_process_ok():
+            dcp.load(state, checkpoint_id=path / STATE_DIR, no_dist=not distributed())
+    except Exception as exc:  # DCP names the missing or mismatching entry; say which checkpoint it was
+        raise CheckpointError(f"cannot load {path / STATE_DIR} into this run: {exc}") from exc
+
+
+@contextlib.contextmanager
+def _one_process_ok():
+    """torch.distributed.checkpoint warns on every one-process save/load; that is the intended use here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:

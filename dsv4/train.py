@@ -13,6 +13,12 @@ One optimizer step:
 Periodically: validation loss, atomic checkpoints (model, optimizer, step, loader position, RNG
 states). At the end: `save_pretrained` export plus tokenizer files.
 
+Under torchrun the same loop runs in every process on its rows of each global batch (`micro_batch`
+counts the rows of all processes together), the model sharded by `dsv4.parallel` (FSDP2, expert
+parallelism). Token counts, the loss terms, the gradient norm and the NaN-guard decision, and the
+expert loads behind the router-bias update are all-reduced, so the step is the one-process step on the
+same global batch (tests/test_parallel.py checks the losses to 1e-5).
+
 Choices the report leaves open are listed in docs/training.md; the ones that shape the code:
 * Balance loss (V3 eq. 17–20) per packed row, summed over the non-hash MoE layers (MTP's included),
   averaged over rows. Hash layers route by token id: neither balance loss nor bias (they have none).
@@ -28,6 +34,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -42,6 +49,8 @@ from dsv4.config import ModelConfig, preset
 from dsv4.data import PackedLoader, iterate_val
 from dsv4.model import MoE, Transformer
 from dsv4.optim import MuonAdamW
+from dsv4.parallel import reduce
+from dsv4.parallel.mesh import ParallelDims
 from dsv4.param_groups import build_param_groups, describe_param_groups
 
 IGNORE = -100
@@ -66,7 +75,7 @@ class TrainConfig:
     # tokenizer; or a path to a tokenizer.json / a folder holding one
     tokenizer: str = "bpe"
     seq_len: int = 256
-    micro_batch: int = 4                  # rows per forward/backward
+    micro_batch: int = 4                  # rows per forward/backward, over all processes together
     batch_tokens: int = 0                 # tokens per optimizer step at the end of the ramp (0: one micro-batch)
     batch_ramp_tokens: int = 0            # tokens over which the batch grows linearly from one micro-batch
     steps: int = 300
@@ -104,7 +113,12 @@ class TrainConfig:
     export_dtype: str = "fp32"            # fp32 | bf16 for the final `save_pretrained`
     tensorboard: bool = True
     threads: int = 0                      # torch CPU threads (0: torch's default)
-    peak_tflops: float = 0.0              # the device's bf16 dense peak (e.g. 790 on an H200): logs `mfu`
+    peak_tflops: float = 0.0              # one device's bf16 dense peak (e.g. 790 on an H200): logs `mfu`
+    # several processes (torchrun; dsv4.parallel): world = dp_replicate × dp_shard for the dense layers,
+    # ep ranks share the routed experts of each MoE block (must divide the world and n_routed_experts)
+    dp_replicate: int = 1                 # HSDP replicas (1: FSDP over all processes)
+    ep: int = 1                           # expert-parallel degree
+    fsdp_param_dtype: str = "fp32"        # dtype FSDP gathers parameters in: fp32 (autocast casts) or bf16
 
     def __post_init__(self):
         if self.autocast not in ("bf16", "none"):
@@ -113,7 +127,10 @@ class TrainConfig:
             raise ValueError(f"muon_ns_dtype must be 'bf16' or 'fp32', got {self.muon_ns_dtype!r}")
         if self.export_dtype not in ("fp32", "bf16"):
             raise ValueError(f"export_dtype must be 'fp32' or 'bf16', got {self.export_dtype!r}")
-        for name in ("seq_len", "micro_batch", "steps", "eval_batches", "eval_every", "ckpt_every"):
+        if self.fsdp_param_dtype not in ("fp32", "bf16"):
+            raise ValueError(f"fsdp_param_dtype must be 'fp32' or 'bf16', got {self.fsdp_param_dtype!r}")
+        for name in ("seq_len", "micro_batch", "steps", "eval_batches", "eval_every", "ckpt_every", "dp_replicate",
+                     "ep"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("decay_start", "dense_fraction", "indexer_warmup_fraction"):
@@ -354,55 +371,59 @@ def build_model(cfg: TrainConfig, device: torch.device) -> Transformer:
     model = Transformer(cfg.model)
     model.init_weights(seed=cfg.seed)
     model.gradient_checkpointing = cfg.gradient_checkpointing
-    for _, moe in moe_layers(model):
-        moe.record = True
     return model.to(device).train()
 
 
 def build_optimizer(model: Transformer, cfg: TrainConfig):
+    """MuonAdamW over the model's parameters (built after `parallelize`: it then holds the shards), with
+    every state created up front so that checkpoints always hold the same entries."""
     groups = build_param_groups(model.named_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return MuonAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
-                     betas=cfg.adam_betas, eps=cfg.adam_eps,
-                     ns_dtype=torch.float32 if cfg.muon_ns_dtype == "fp32" else torch.bfloat16)
+    opt = MuonAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
+                    betas=cfg.adam_betas, eps=cfg.adam_eps,
+                    ns_dtype=torch.float32 if cfg.muon_ns_dtype == "fp32" else torch.bfloat16)
+    opt.init_state()
+    return opt
 
 
 def batch_losses(model: Transformer, batch: dict[str, torch.Tensor], cfg: TrainConfig, phase: str,
                  mtp_weight: float, n_lm: int, n_mtp: int, n_micro: int = 1,
-                 counts: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 counts: dict[str, torch.Tensor] | None = None,
+                 share: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The objective of one micro-batch (see the module docstring) and its terms.
 
-    `n_lm`/`n_mtp`: target tokens of the whole optimizer step, so the cross-entropies of the micro-batches
-    add up to the step's token means; the balance and index terms are averaged over `n_micro`.
-    `counts` ({MoE name: [E] long}) accumulates the tokens routed to each expert.
+    `n_lm`/`n_mtp`: target tokens of the whole optimizer step (over all processes), so the cross-entropies
+    of the micro-batches add up to the step's token means; the balance and index terms are averaged over
+    `n_micro`. `counts` ({MoE name: [E] long}) accumulates the tokens routed to each expert.
+    With several processes `batch` is this process's `share` of the micro-batch's rows and the terms are
+    its part of the whole micro-batch's terms (their sum over processes): the balance loss is a mean over
+    rows, so it is scaled by `share`; the index KL divides by the query count of the whole micro-batch
+    (all-reduced here, a collective call).
     """
     ids, labels = batch["input_ids"], batch["labels"]
     seg, pos = batch["doc_ids"].long(), batch["positions"]
     use_mtp = phase != "warmup" and mtp_weight > 0 and len(model.mtp) > 0
-    logits, h = model(ids, segment_ids=seg, positions=pos, return_hidden=True)
+    logits, h, aux = model(ids, segment_ids=seg, positions=pos, return_hidden=True, return_aux=True)
     terms = {"lm": F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
                                    reduction="sum") / n_lm}
     del logits
     if use_mtp:
-        mtp_logits = model.mtp_logits(h[:, :-1], ids[:, 1:], segment_ids=seg[:, :-1], positions=pos[:, :-1])
+        mtp_logits, mtp_aux = model.mtp_logits(h[:, :-1], ids[:, 1:], segment_ids=seg[:, :-1],
+                                               positions=pos[:, :-1], return_aux=True)
         terms["mtp"] = F.cross_entropy(mtp_logits.flatten(0, 1).float(), mtp_targets(labels).flatten(),
                                        ignore_index=IGNORE, reduction="sum") / n_mtp
+        aux = aux + mtp_aux
     balance = []
-    for name, moe in moe_layers(model):
-        if moe.last_routing is None:
-            continue
-        idx, aff = moe.last_routing
+    for (name, moe), a in zip(moe_layers(model), aux):      # main blocks, then the MTP blocks that ran
         if counts is not None:
-            counts[name] += expert_counts(idx, moe.gate.n_experts)
+            counts[name] += expert_counts(a.indices, moe.gate.n_experts)
         if not moe.gate.hashed:
-            balance.append(sequence_balance_loss(idx, aff, ids.shape[0]))
-        moe.last_routing = None
+            balance.append(sequence_balance_loss(a.indices, a.affinities, ids.shape[0]))
     if balance and phase != "warmup":
-        terms["balance"] = torch.stack(balance).sum() / n_micro
-    attns = csa_attentions(model)
-    if phase != "dense" and attns:
-        terms["index"] = torch.stack([a.last_index_loss for a in attns]).sum() / n_micro
-        for a in attns:
-            a.last_index_loss = None
+        terms["balance"] = share * torch.stack(balance).sum() / n_micro
+    kls = [a.index_kl for a in aux if a.index_kl is not None]
+    if phase != "dense" and kls:
+        queries = reduce.sum_values([float(n) for _, n in kls], ids.device)
+        terms["index"] = torch.stack([kl / max(q, 1.0) for (kl, _), q in zip(kls, queries)]).sum() / n_micro
     if phase == "warmup":
         return terms["index"], terms
     objective = terms["lm"] + cfg.balance_weight * terms.get("balance", 0.0)
@@ -413,46 +434,79 @@ def batch_losses(model: Transformer, batch: dict[str, torch.Tensor], cfg: TrainC
     return objective, terms
 
 
+def _quiet(*_) -> None:
+    pass
+
+
 # ----------------------------------------------------------------------------- the trainer
 class Trainer:
     """Owns the model, optimizer, loader and run directory of one training run.
 
     `fit()` runs to `cfg.steps` (`until=` stops earlier without a final checkpoint, as a crash would);
     `train_step()` and `evaluate()` are the pieces. `resume=True` continues from the newest complete
-    checkpoint in `run_dir/checkpoints` exactly (bitwise on CPU).
+    checkpoint in `run_dir/checkpoints` exactly (bitwise on CPU with the same number of processes).
+
+    With an initialised process group (torchrun; `dsv4.parallel.launch`) every process builds a Trainer
+    with the same arguments: the model is sharded with `dsv4.parallel.parallelize` over the layout
+    `cfg.dp_replicate` / `cfg.ep`, each process reads its rows of every global batch, and rank 0 alone
+    logs and writes the run directory's files (checkpoints are written by all).
     """
 
     def __init__(self, cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
                  log: Callable[[str], None] = print):
-        self.cfg, self.run_dir, self.progress, self.print = cfg, Path(run_dir), progress, log
+        self.rank, self.world = reduce.rank(), reduce.world_size()
+        self.is_main = self.rank == 0
+        log = log if self.is_main else _quiet
+        self.cfg, self.run_dir, self.progress, self.print = cfg, Path(run_dir), progress and self.is_main, log
+        self.dims = ParallelDims(self.world, cfg.dp_replicate, cfg.ep)
+        self.dims.check_model(cfg.model.n_routed_experts)
+        self.dims.check_batch(cfg.micro_batch)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.ckpt_dir = self.run_dir / "checkpoints"
         if cfg.threads > 0:
             torch.set_num_threads(cfg.threads)
         self.device = resolve_device(cfg.device)
-        self.tokenizer, self.data_dir = prepare_inputs(cfg, self.run_dir, log)
+        if self.is_main:                       # tokenizer training and tokenization happen once
+            self.tokenizer, self.data_dir = prepare_inputs(cfg, self.run_dir, log)
+        reduce.barrier()
+        if not self.is_main:
+            self.tokenizer, self.data_dir = prepare_inputs(cfg, self.run_dir, _quiet)
         seed_everything(cfg.seed)
         self.model = build_model(cfg, self.device)
+        if reduce.distributed():
+            from dsv4.parallel import build_mesh, parallelize
+            param_dtype = torch.bfloat16 if cfg.fsdp_param_dtype == "bf16" else None
+            parallelize(self.model, build_mesh(self.dims, self.device.type), param_dtype=param_dtype)
         self.optimizer = build_optimizer(self.model, cfg)
-        self.loader = PackedLoader(self.data_dir, "train", cfg.micro_batch, cfg.seq_len, seed=cfg.seed)
+        self.loader = PackedLoader(self.data_dir, "train", cfg.micro_batch // self.world, cfg.seq_len,
+                                   seed=cfg.seed, rank=self.rank, world_size=self.world)
         self.step = self.tokens = self.bad_steps = 0
         self.last_eval: dict[str, float] = {}
         resumed_from = None
-        if not resume and runlog.latest_checkpoint(self.ckpt_dir) is not None:
+        latest = runlog.latest_checkpoint(self.ckpt_dir)
+        if not resume and latest is not None:
             raise ValueError(f"{self.run_dir} already holds checkpoints of a run; resume it (--resume) or "
                              "choose another output directory")
         if resume:
-            ckpt = runlog.latest_checkpoint(self.ckpt_dir)
-            if ckpt is None:
+            if latest is None:
                 log(f"no checkpoint in {self.ckpt_dir}; starting from scratch")
             else:
-                self.load_checkpoint(ckpt)
+                self.load_checkpoint(latest)
                 resumed_from = self.step
-                log(f"resumed from {ckpt} (step {self.step})")
-        runlog.prune_checkpoints(self.ckpt_dir, 0)  # stale temporary folders of a crashed write
+                log(f"resumed from {latest} (step {self.step})")
+        if self.is_main:
+            runlog.prune_checkpoints(self.ckpt_dir, 0)  # stale temporary folders of a crashed write
+        reduce.barrier()
         env = runlog.describe_environment(self.device)
-        runlog.write_run_json(self.run_dir, cfg.to_dict(), env, resumed_from)
-        self.metrics = runlog.MetricsLog(self.run_dir, start_step=self.step, tensorboard=cfg.tensorboard)
+        env["parallel"] = {"world": self.world, "dp_replicate": cfg.dp_replicate, "ep": cfg.ep}
+        self.metrics = None
+        if self.is_main:
+            runlog.write_run_json(self.run_dir, cfg.to_dict(), env, resumed_from)
+            self.metrics = runlog.MetricsLog(self.run_dir, start_step=self.step, tensorboard=cfg.tensorboard)
+        self._log_start(env)
+
+    def _log_start(self, env: dict[str, Any]) -> None:
+        cfg, log = self.cfg, self.print
         log(describe_param_groups(self.optimizer.param_groups))
         d, w = cfg.dense_steps, cfg.indexer_warmup_steps
 
@@ -466,6 +520,9 @@ class Trainer:
         log(f"model: {counts['total_with_mtp'] / 1e6:.2f}M parameters ({counts['active'] / 1e6:.2f}M active "
             f"per token), device {env['device']['name']} ({self.device}), ops {', '.join(f'{k}={v}' for k, v in env['ops_backends'].items())}, "
             f"commit {(env['git']['commit'] or 'unknown')[:10]}")
+        if reduce.distributed():
+            log(f"{self.dims.describe()}; {cfg.micro_batch // self.world} of the {cfg.micro_batch} rows of each "
+                f"micro-batch per process")
 
     # -------------------------------------------------------------- one step
     def autocast(self):
@@ -474,32 +531,39 @@ class Trainer:
         return contextlib.nullcontext()
 
     def train_step(self) -> dict[str, Any]:
-        """One optimizer step (possibly skipped by the NaN guard); returns its metrics record."""
+        """One optimizer step (possibly skipped by the NaN guard); returns its metrics record. Every
+        number in the record is global (summed or gathered over processes), so all processes agree."""
         cfg, model, step = self.cfg, self.model, self.step
         phase = cfg.phase_at(step)
         set_phase(model, phase)
         lr, mtp_w = lr_at(cfg, step), mtp_weight_at(cfg, step)
         self.optimizer.set_lr(lr)
         batches = [next(self.loader) for _ in range(micro_batches_at(cfg, self.tokens))]
-        n_lm = max(1, sum(int((b["labels"] != IGNORE).sum()) for b in batches))
-        n_mtp = max(1, sum(int((mtp_targets(b["labels"]) != IGNORE).sum()) for b in batches))
-        moes = [(n, m) for n, m in moe_layers(model)]
+        n_lm, n_mtp = reduce.sum_values([sum(int((b["labels"] != IGNORE).sum()) for b in batches),
+                                         sum(int((mtp_targets(b["labels"]) != IGNORE).sum()) for b in batches)],
+                                        self.device)
+        n_lm, n_mtp = max(1, int(n_lm)), max(1, int(n_mtp))
+        moes = moe_layers(model)
         counts = {n: torch.zeros(m.gate.n_experts, dtype=torch.long, device=self.device) for n, m in moes}
-        sums: dict[str, float] = {}
+        sums = dict.fromkeys(("lm", "mtp", "balance", "index", "objective"), 0.0)
+        seen: set[str] = set()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
         for b in batches:
             parts = self._micro_step(b, phase, mtp_w, n_lm, n_mtp, len(batches), counts)
             for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v
+                sums[k] += v
+                seen.add(k)
+        sums = dict(zip(sums, reduce.sum_values(list(sums.values()), self.device)))
         params = [p for p in model.parameters() if p.grad is not None]
+        norm = reduce.grad_norm(params)
         if cfg.grad_clip > 0:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip))
-        else:
-            grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params]))) \
-                if params else 0.0
-        ok = math.isfinite(sums["objective"]) and math.isfinite(grad_norm)
+            reduce.clip_grads_(params, cfg.grad_clip, norm)
+        grad_norm = float(norm)
+        ok = math.isfinite(sums["objective"]) and math.isfinite(grad_norm)   # global: the same on every rank
+        flat = reduce.sum_over_ranks(torch.cat(list(counts.values())))       # global expert loads
+        counts = dict(zip(counts, flat.split([c.numel() for c in counts.values()])))
         if ok:
             self.optimizer.step()
             if phase != "warmup":
@@ -510,23 +574,20 @@ class Trainer:
         else:
             self.bad_steps += 1
         self.optimizer.zero_grad(set_to_none=True)
-        for _, moe in moes:
-            moe.last_routing = None
-        for attn in csa_attentions(model):
-            attn.last_index_loss = None
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - t0
         n_tokens = len(batches) * cfg.micro_batch * cfg.seq_len
         self.step += 1
         self.tokens += n_tokens
-        record = {"step": self.step, "loss": sums["lm"], "lr": lr, "tokens_per_s": n_tokens / seconds,
-                  "phase": phase, "objective": sums["objective"], "mtp_loss": sums.get("mtp"),
-                  "mtp_weight": mtp_w, "balance_loss": sums.get("balance"), "index_loss": sums.get("index"),
+        terms = {k: (v if k in seen else None) for k, v in sums.items()}
+        record = {"step": self.step, "loss": terms["lm"], "lr": lr, "tokens_per_s": n_tokens / seconds,
+                  "phase": phase, "objective": terms["objective"], "mtp_loss": terms["mtp"],
+                  "mtp_weight": mtp_w, "balance_loss": terms["balance"], "index_loss": terms["index"],
                   "grad_norm": grad_norm, "tokens": self.tokens, "micro_batches": len(batches),
                   "step_seconds": seconds, "model_tflops": n_tokens * self.flops_per_token / seconds / 1e12}
         if cfg.peak_tflops > 0:
-            record["mfu"] = record["model_tflops"] / cfg.peak_tflops
+            record["mfu"] = record["model_tflops"] / (cfg.peak_tflops * self.world)
         if self.device.type == "cuda":
             record["peak_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         loads = {n: (c.float() / c.sum()).tolist() for n, c in counts.items() if int(c.sum()) > 0}
@@ -537,43 +598,52 @@ class Trainer:
             self.print(f"step {self.step}: non-finite loss {sums['objective']} or gradient norm {grad_norm}; "
                        f"step skipped ({self.bad_steps} in a row)")
             if self.bad_steps >= cfg.max_bad_steps:
-                self.metrics.write(record)
+                self._write_metrics(record)
                 raise TrainingDiverged(f"{self.bad_steps} consecutive steps with a non-finite loss or "
                                        f"gradient (last at step {self.step}); lower lr or check the data")
         return record
 
     def _micro_step(self, batch: dict[str, torch.Tensor], phase: str, mtp_w: float, n_lm: int, n_mtp: int,
                     n_micro: int, counts: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Forward + backward of one micro-batch; returns its share of each loss term."""
+        """Forward + backward of this process's rows of one micro-batch; returns its share of each term."""
         dev = self.device
         batch = {k: v.to(dev) for k, v in batch.items()}
         with self.autocast():
-            objective, terms = batch_losses(self.model, batch, self.cfg, phase, mtp_w, n_lm, n_mtp, n_micro, counts)
+            objective, terms = batch_losses(self.model, batch, self.cfg, phase, mtp_w, n_lm, n_mtp, n_micro,
+                                            counts, share=1.0 / self.world)
         if objective.requires_grad:
             objective.backward()
         out = {k: float(v.detach()) for k, v in terms.items()}
         out["objective"] = float(objective.detach())
         return out
 
+    def _write_metrics(self, record: dict[str, Any]) -> None:
+        if self.metrics is not None:
+            self.metrics.write(record)
+
     # -------------------------------------------------------------- evaluation
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean next-token loss over the first `eval_batches` validation batches (same batches each time)."""
+        """Mean next-token loss over the first `eval_batches` validation batches (same batches each time);
+        each process scores its slice of every batch's rows and the sums are all-reduced."""
         cfg, model = self.cfg, self.model
         model.eval()
         for attn in csa_attentions(model):
             attn.index_loss = False
         total, count = 0.0, 0
         for b in iterate_val(self.data_dir, cfg.micro_batch, cfg.seq_len, max_batches=cfg.eval_batches):
-            labels = b["labels"].to(self.device)
+            rows = torch.arange(b["input_ids"].shape[0]).tensor_split(self.world)[self.rank]
+            # a process without rows in a short last batch still runs the (sharded) forward, on row 0
+            part = {k: v[rows] if len(rows) else v[:1] for k, v in b.items()}
+            labels = part["labels"].to(self.device)
             with self.autocast():
-                logits = model(b["input_ids"].to(self.device), segment_ids=b["doc_ids"].to(self.device).long(),
-                               positions=b["positions"].to(self.device))
-            total += float(F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
-                                           reduction="sum"))
-            count += int((labels != IGNORE).sum())
-        for _, moe in moe_layers(model):
-            moe.last_routing = None
+                logits = model(part["input_ids"].to(self.device), positions=part["positions"].to(self.device),
+                               segment_ids=part["doc_ids"].to(self.device).long())
+            if len(rows):
+                total += float(F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(),
+                                               ignore_index=IGNORE, reduction="sum"))
+                count += int((labels != IGNORE).sum())
+        total, count = reduce.sum_values([total, count], self.device)
         model.train()
         set_phase(model, cfg.phase_at(max(self.step - 1, 0)))
         loss = total / max(count, 1)
@@ -595,7 +665,7 @@ class Trainer:
                 record = self.train_step()
                 if self.step % cfg.eval_every == 0 or self.step == cfg.steps:
                     record.update(self.evaluate())
-                self.metrics.write(record)
+                self._write_metrics(record)
                 bar.update(1)
                 bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}",
                                 tok_s=f"{record['tokens_per_s']:.0f}", phase=record["phase"],
@@ -610,43 +680,101 @@ class Trainer:
         return record
 
     # -------------------------------------------------------------- checkpoints and export
+    def checkpoint_state(self) -> dict[str, Any]:
+        """The tensors of a checkpoint, by name: model parameters and buffers, optimizer state (sharded
+        DTensors when the model is parallelized, so another layout can read them back)."""
+        return {"model": self.model.state_dict(), "optim": self.optimizer.named_state()}
+
     def save_checkpoint(self) -> Path:
+        """Write checkpoints/step_XXXXXX (every process writes its shards; a collective call)."""
         trainer_state = {"step": self.step, "tokens": self.tokens, "bad_steps": self.bad_steps,
                          "loader": self.loader.state_dict(), "rng": rng_state(),
-                         "config": json.dumps(self.cfg.to_dict(), default=str)}
-        path = runlog.write_checkpoint(self.ckpt_dir, self.step, {
-            "model.pt": self.model.state_dict(), "optimizer.pt": self.optimizer.state_dict(),
-            "trainer.pt": trainer_state})
-        runlog.prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
+                         "config": json.dumps(self.cfg.to_dict(), default=str),
+                         "parallel": {"world": self.world, "dp_replicate": self.cfg.dp_replicate, "ep": self.cfg.ep}}
+        path = runlog.write_checkpoint(self.ckpt_dir, self.step, self.checkpoint_state(),
+                                       {"trainer.pt": trainer_state})
+        if self.is_main:
+            runlog.prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
+        reduce.barrier()
         return path
 
     def load_checkpoint(self, path: Path) -> None:
-        state = runlog.read_checkpoint(path)
-        trainer = state["trainer.pt"]
-        saved = json.loads(trainer["config"])["model"]
-        if saved != json.loads(json.dumps(self.cfg.model.to_hf_config(), default=str)):
+        """Resume from `path`, whatever layout (number of processes, expert parallelism) wrote it."""
+        trainer = runlog.open_checkpoint(path)["trainer.pt"]
+        saved_cfg = json.loads(trainer["config"])
+        if saved_cfg["model"] != json.loads(json.dumps(self.cfg.model.to_hf_config(), default=str)):
             raise runlog.CheckpointError(f"{path} was written for another model config; resume with the "
                                          "recipe and overrides the run started with")
-        self.model.load_state_dict(state["model.pt"])
-        self.optimizer.load_state_dict(state["optimizer.pt"])
+        if saved_cfg["micro_batch"] != self.cfg.micro_batch or saved_cfg["seq_len"] != self.cfg.seq_len:
+            raise runlog.CheckpointError(
+                f"{path} was written with micro_batch={saved_cfg['micro_batch']}, seq_len={saved_cfg['seq_len']} "
+                f"(rows and length of a micro-batch over all processes); this run has micro_batch="
+                f"{self.cfg.micro_batch}, seq_len={self.cfg.seq_len}. Resume with the saved values (on any "
+                "number of processes dividing micro_batch) so the data order continues")
+        state = self.checkpoint_state()
+        runlog.load_checkpoint_state(path, state)
+        self.optimizer.load_named_state(state["optim"])
         self.loader.load_state_dict(trainer["loader"])
         self.step, self.tokens, self.bad_steps = trainer["step"], trainer["tokens"], trainer["bad_steps"]
         set_rng_state(trainer["rng"])
+        saved = trainer.get("parallel", {"world": 1, "dp_replicate": 1, "ep": 1})
+        now = {"world": self.world, "dp_replicate": self.cfg.dp_replicate, "ep": self.cfg.ep}
+        if saved != now:
+            self.print(f"resharded {path.name}: written by {saved['world']} process(es) (dp_replicate "
+                       f"{saved['dp_replicate']}, ep {saved['ep']}), read by {now['world']} (dp_replicate "
+                       f"{now['dp_replicate']}, ep {now['ep']})")
+
+    def full_model(self) -> Transformer | None:
+        """The trained model as one single-device `Transformer` on the CPU: this model itself in a
+        one-process run; gathered from the shards on rank 0 (None on the others; a collective call)."""
+        if not reduce.distributed():
+            return self.model
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        with warnings.catch_warnings():   # gathering expert-parallel shards takes two all-gathers; torch warns
+            warnings.filterwarnings("ignore", message=".*sequential all_gather operations.*")
+            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.is_main:
+            return None
+        with torch.device("meta"):
+            model = Transformer(self.cfg.model)
+        model.load_state_dict(full, assign=True)
+        return model.eval()
 
     def export(self, path: Path) -> Path:
         """The final model as a `save_pretrained` folder (+ tokenizer), readable by `load_pretrained`
-        and by transformers' DeepseekV4ForCausalLM."""
+        and by transformers' DeepseekV4ForCausalLM. Rank 0 writes it; a collective call."""
         from dsv4.checkpoint import save_pretrained
 
-        self.tokenizer.save(self.run_dir / "tokenizer")
-        dtype = torch.float32 if self.cfg.export_dtype == "fp32" else torch.bfloat16
-        out = save_pretrained(self.model, path, dtype=dtype, tokenizer_dir=self.run_dir / "tokenizer",
-                              overwrite=True)
-        self.print(f"exported the model to {out}")
+        model = self.full_model()
+        out = Path(path)
+        if self.is_main:
+            self.tokenizer.save(self.run_dir / "tokenizer")
+            dtype = torch.float32 if self.cfg.export_dtype == "fp32" else torch.bfloat16
+            out = save_pretrained(model, path, dtype=dtype, tokenizer_dir=self.run_dir / "tokenizer", overwrite=True)
+            self.print(f"exported the model to {out}")
+        reduce.barrier()
         return out
 
     def close(self) -> None:
-        self.metrics.close()
+        if self.metrics is not None:
+            self.metrics.close()
+
+
+def export_checkpoint(checkpoint: str | Path, out: str | Path, *, dtype: torch.dtype = torch.float32,
+                      tokenizer_dir: str | Path | None = None, layout: str = "official") -> Path:
+    """Export a training checkpoint (whatever process layout wrote it) as a `save_pretrained` folder in
+    one process, without the optimizer state: `export_checkpoint("RUN/checkpoints/step_001000",
+    "RUN/model_1000")`; `layout="transformers"` for transformers' own tensor names."""
+    from dsv4.checkpoint import save_pretrained
+
+    path = Path(checkpoint)
+    trainer = runlog.open_checkpoint(path)["trainer.pt"]
+    cfg = ModelConfig.from_hf_config(json.loads(trainer["config"])["model"])
+    model = Transformer(cfg)
+    state = {"model": model.state_dict()}
+    runlog.load_checkpoint_state(path, state)
+    return save_pretrained(model.eval(), out, dtype=dtype, tokenizer_dir=tokenizer_dir, overwrite=True, layout=layout)
 
 
 def train(cfg: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,

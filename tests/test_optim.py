@@ -268,6 +268,38 @@ def test_state_dict_round_trip_resumes_bitwise():
         assert torch.equal(a, b)
 
 
+def test_named_state_round_trip_and_eager_init_change_nothing():
+    """`init_state` creates what a first step would (the run is unchanged); `named_state` exposes the live
+    tensors by name, and filling them in place + `load_named_state` resumes bitwise (the checkpoint path)."""
+    names = ["w", "experts", "norm"]
+
+    def named_opt(params):
+        return MuonAdamW([dict(params=params[:2], kind="muon", param_names=names[:2]),
+                          dict(params=params[2:], kind="adamw", weight_decay=0.0, param_names=names[2:])], lr=0.02)
+    lazy, eager = make_params(), make_params()
+    opt_lazy, opt_eager = named_opt(lazy), named_opt(eager)
+    opt_eager.init_state()
+    assert opt_eager.named_state()["norm"]["step"] == 0 and not opt_eager.named_state()["w"]["momentum_buffer"].any()
+    run_steps(opt_lazy, lazy, range(3))
+    run_steps(opt_eager, eager, range(3))
+    assert all(torch.equal(a, b) for a, b in zip(lazy, eager))
+    saved = {n: {k: v.clone() for k, v in st.items()} for n, st in opt_eager.named_state().items()}
+    assert saved["norm"]["step"] == 3 and set(saved) == set(names)
+    resumed = [nn.Parameter(p.detach().clone()) for p in eager]
+    opt2 = named_opt(resumed)
+    opt2.init_state()
+    target = opt2.named_state()
+    for n, st in target.items():                      # what torch.distributed.checkpoint.load does
+        for k, v in st.items():
+            v.copy_(saved[n][k])
+    opt2.load_named_state(target)
+    run_steps(opt_eager, eager, range(3, 5))
+    run_steps(opt2, resumed, range(3, 5))
+    assert all(torch.equal(a, b) for a, b in zip(eager, resumed))
+    with pytest.raises(ValueError, match="param_names"):
+        make_opt(make_params()).named_state()
+
+
 def test_set_lr_applies_lr_scale_and_skips_params_without_grad():
     a, b = nn.Parameter(randn(4, 6, seed=80)), nn.Parameter(randn(6, seed=81))
     opt = MuonAdamW([dict(params=[a], kind="muon"), dict(params=[b], kind="adamw", lr_scale=0.5)], lr=1.0)
