@@ -792,6 +792,59 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, fp8: b
     return dst
 
 
+def write_random_checkpoint(cfg: ModelConfig, path: str | os.PathLike, *, seed: int = 0,
+                            device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                            fp8: bool | None = None, fp4_experts: bool | None = None, max_shard_bytes: float = 5e9,
+                            overwrite: bool = False, progress: bool | None = None) -> Path:
+    """Write a checkpoint of `cfg` with random weights in the official layout and formats, shard by shard.
+
+    For benchmarks and tests at the released shapes: no model is built (names and shapes come from a
+    meta-device model) and each tensor is drawn on `device` (a GPU is much faster for the quantisation),
+    quantised there and written with its shard, so host memory peaks at about one shard. fp8 /
+    fp4_experts default to the config's `quantization_config` / `expert_dtype`. Values follow the test
+    recipe: matrices N(0, 1)/sqrt(fan_in) (expert and shared-expert w1/w3 ×3 so the SwiGLU clamp is
+    reached), norms 1 + 0.1·N, mHC scales 0.5 + 0.5·U, mHC bases / sinks / ape 0.5·N, router bias 0.1·N,
+    distinct random experts per token id for hash layers. Each tensor has its own generator seed, so the
+    folder does not depend on the shard size."""
+    fp8 = cfg.quantization_config is not None if fp8 is None else fp8
+    fp4_experts = cfg.expert_dtype == "fp4" if fp4_experts is None else fp4_experts
+    path = _check_save_args(path, "official", dtype, overwrite)
+    device = torch.device(device)
+    groups = []
+    for i, (name, t) in enumerate(empty_model(cfg).state_dict().items()):
+        want = _out_dtype(name, t.is_floating_point(), dtype)
+        if name.endswith(EXPERT_STACKS):
+            for e in range(t.shape[0]):
+                get = lambda name=name, shape=t.shape[1:], s=(seed * 100_003 + i) * 4_099 + e: \
+                    _random_tensor(name, shape, cfg, device, s)
+                groups.append(_group(ours_to_official(name, e), get, t.shape[1:], want, fp8, fp4_experts, "official"))
+        else:
+            get = lambda name=name, shape=t.shape, s=(seed * 100_003 + i) * 4_099 + 4_098: \
+                _random_tensor(name, shape, cfg, device, s)
+            groups.append(_group(name, get, t.shape, want, fp8, fp4_experts, "official"))
+    _write_folder(groups, cfg, path, fp8, fp4_experts, dtype, max_shard_bytes, None, progress)
+    return path
+
+
+def _random_tensor(name: str, shape, cfg: ModelConfig, device: torch.device, seed: int) -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(seed)
+    if name.endswith("tid2eid"):
+        V, K = shape
+        return torch.rand(V, cfg.n_routed_experts, generator=g, device=device).argsort(dim=-1)[:, :K]
+    if name.endswith("_scale"):                                                # mHC gating factors
+        return 0.5 + 0.5 * torch.rand(shape, generator=g, device=device)
+    n = torch.randn(shape, generator=g, device=device)
+    if name.endswith("norm.weight"):
+        return 1 + 0.1 * n
+    if name.endswith(("_base", "attn_sink", "ape")):
+        return 0.5 * n
+    if name.endswith("gate.bias"):
+        return 0.1 * n
+    gain = 3.0 if name.endswith(("experts.w1", "experts.w3", "shared_experts.w1.weight",
+                                 "shared_experts.w3.weight")) else 1.0
+    return n * (gain / shape[-1] ** 0.5)
+
+
 def _write_folder(groups: list[_Group], cfg: ModelConfig, path: Path, fp8, fp4_experts, dtype, max_shard_bytes,
                   tokenizer_dir, progress) -> None:
     from safetensors.torch import save_file

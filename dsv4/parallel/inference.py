@@ -149,3 +149,25 @@ def init_torchrun(device: str | None = None) -> torch.device:
     if not dist.is_initialized():
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
     return dev
+
+
+def load_model_parallel(spec: str, device: str | None, dtype: str | None, quantized: bool | None):
+    """(model, tokenizer, notes) for one torchrun rank of `dsv4 generate`: join the group, load this
+    rank's experts of the checkpoint folder `spec` (bf16 on CUDA, fp32 on CPU unless `dtype` says)."""
+    from pathlib import Path
+
+    from dsv4.engine import resolve_device, tokenizer_for
+    from dsv4.quant import describe
+
+    path = Path(spec)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"expert parallelism loads a checkpoint folder; {spec!r} is not one")
+    dev = init_torchrun(device)
+    _, dt = resolve_device(str(dev), dtype)
+    model = load_expert_parallel(path, device=dev, dtype=dt, quantized=quantized)
+    rank, world = _rank_world(None)
+    experts = expert_range(model.config.n_routed_experts, rank, world)
+    tokenizer, note = tokenizer_for(model.config.vocab_size, path)
+    notes = [f"model: {path} (rank {rank} of {world}, {dev}, {str(dt).replace('torch.', '')}, routed experts "
+             f"{experts.start}..{experts.stop - 1}); {describe(model)}", note]
+    return model, tokenizer, notes
