@@ -773,6 +773,9 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *, fp8: bool = 
     `tokenizer_dir` are copied.
     """
     path = _check_save_args(path, layout, dtype, overwrite)
+    if any(isinstance(m, (quant.FP8Linear, quant.FP4Experts)) for m in model.modules()):
+        raise ValueError("this model keeps FP8/FP4 weights resident (load_pretrained(quantized=True)); copy its "
+                         "checkpoint folder instead, or load it with quantized=False to save it")
     groups = _model_groups(model, dtype, fp8, fp4_experts, layout)
     _write_folder(groups, model.config, path, fp8, fp4_experts, dtype, max_shard_bytes, tokenizer_dir, progress)
     return path

@@ -20,7 +20,8 @@ Weights are decoded in registers: e2m1 code -> fp32 by integer operations, times
 (exact in bf16: a 2-bit significand times a power of two), then a plain `tl.dot` with fp32
 accumulation. The packed layout is consumed without unpacking: the even columns of x meet the low
 nibbles, the odd columns the high nibbles, two dots per K tile. No Hopper-only instructions. Under
-`TRITON_INTERPRET=1` dots run in fp32 with one small tile configuration.
+`TRITON_INTERPRET=1` dots run in fp32 with one small tile configuration (and, as in fp8_gemm, only
+core `tl` builtins are used).
 
 Twin: `dsv4.ops.fp4_experts_torch` (same signature).
 """
@@ -78,8 +79,8 @@ def _fp4_up_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, rw_ptr, row_map_ptr, b
         rn = pid_n * BN + tl.arange(0, BN)
         n_ok = rn < I
         j = tl.arange(0, HK)
-        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
-        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_g = tl.full((BM, BN), 0.0, tl.float32)
+        acc_u = tl.full((BM, BN), 0.0, tl.float32)
         w_off = e * stride_we + rn[:, None] * stride_wn
         s_off = e * stride_se + rn[:, None] * stride_sn
         for k0 in range(0, D, BK):
@@ -100,7 +101,7 @@ def _fp4_up_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, rw_ptr, row_map_ptr, b
             u = tl.minimum(tl.maximum(u, -limit), limit)
             g = tl.minimum(g, limit)
         rw = tl.load(rw_ptr + tl.where(valid, rows, 0), mask=valid, other=0.0).to(tl.float32)
-        h = g * tl.sigmoid(g) * u * rw[:, None]
+        h = g / (1.0 + tl.exp(-g)) * u * rw[:, None]                       # silu(g) · u · routing weight
         h_ptrs = h_ptr + tl.where(valid, rows, 0).to(tl.int64)[:, None] * stride_hm + rn[None, :]
         tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
 
@@ -119,7 +120,7 @@ def _fp4_down_kernel(h_ptr, w2_ptr, s2_ptr, row_map_ptr, block_expert_ptr, out_p
         rn = pid_n * BN + tl.arange(0, BN)
         n_ok = rn < D
         j = tl.arange(0, HK)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        acc = tl.full((BM, BN), 0.0, tl.float32)
         w_off = e * stride_we + rn[:, None] * stride_wn
         s_off = e * stride_se + rn[:, None] * stride_sn
         for k0 in range(0, I, BK):

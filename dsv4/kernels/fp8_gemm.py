@@ -16,7 +16,9 @@ Small M (decode) splits K over several programs (fp32 partial sums in a workspac
 deterministic) so that a matrix of a few thousand rows still spreads over every SM.
 
 Under `TRITON_INTERPRET=1` (CPU tests) the dot runs in fp32 (the interpreter's bf16 dot is wrong)
-with one small tile configuration.
+with one small tile configuration. The kernels use only core `tl` builtins, none of the `@jit` helpers
+of `triton.language.standard` (`tl.cdiv`, `tl.zeros`, `tl.sigmoid`): those are compiled-mode functions
+when triton was imported before TRITON_INTERPRET was set (torch imports it), and fail in the interpreter.
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, k_per_split,
                      DOT_FP32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                      GROUP_M: tl.constexpr):
     pid, split = tl.program_id(0), tl.program_id(1)
-    n_m, n_n = tl.cdiv(M, BM), tl.cdiv(N, BN)
+    n_m, n_n = (M + BM - 1) // BM, (N + BN - 1) // BN
     group = pid // (GROUP_M * n_n)                    # row-block groups: neighbouring programs share W tiles
     first_m = group * GROUP_M
     size_m = min(n_m - first_m, GROUP_M)
@@ -70,7 +72,7 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, k_per_split,
     x_ptrs = x_ptr + rm[:, None] * stride_xm + (k_lo + rk)[None, :]
     w_ptrs = w_ptr + rn[:, None] * stride_wn + (k_lo + rk)[None, :]
     s_ptrs = s_ptr + (rn // SBN) * stride_sn
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    acc = tl.full((BM, BN), 0.0, tl.float32)
     for k0 in range(k_lo, k_hi, BK):
         k_ok = (k0 + rk) < k_hi
         a = tl.load(x_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
@@ -120,6 +122,13 @@ def _tiles(M: int, N: int, K: int, sbk: int, device: torch.device) -> tuple[dict
     return cfg, split
 
 
+def _native_fp8(device: torch.device) -> bool:
+    """Whether the GPU converts e4m3 natively (sm89+); elsewhere the kernel decodes the bits itself."""
+    if INTERPRET or device.type != "cuda":
+        return False
+    return _device_info(device.index if device.index is not None else torch.cuda.current_device())[0] >= (8, 9)
+
+
 def _check(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> None:
     if weight.dtype != torch.float8_e4m3fn or weight.dim() != 2:
         raise ValueError(f"weight must be a 2-D float8_e4m3fn tensor, got {weight.dtype} {tuple(weight.shape)}")
@@ -153,8 +162,7 @@ def _fp8_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_
     w = weight.contiguous().view(torch.uint8)
     e8m0 = scale.dtype == torch.float8_e8m0fnu
     s = scale.contiguous().view(torch.uint8) if e8m0 else scale.contiguous()
-    native = (not INTERPRET and x.device.type == "cuda"
-              and _device_info(x.device.index if x.device.index is not None else torch.cuda.current_device())[0] >= (8, 9))
+    native = _native_fp8(x.device)
     grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]), split)
     _fp8_gemm_kernel[grid](
         x2, w, s, out, M, N, K, k_per_split, x2.stride(0), w.stride(0), s.stride(0),
