@@ -44,21 +44,22 @@ def e2m1_to_fp32(c):
 
 
 @triton.jit
-def _fp4_tile(w_ptrs, s_ptrs, mask, dtype: tl.constexpr):
-    """Packed bytes [BN, BK/2] and their scales -> (even-column, odd-column) weights [BN, BK/2] in dtype."""
+def _fp4_tile(w_ptrs, s_ptrs, mask):
+    """Packed bytes [BN, BK/2] and their scales -> (even-column, odd-column) weights [BN, BK/2] in fp32."""
     b = tl.load(w_ptrs, mask=mask, other=0).to(tl.int32) & 0xFF
     s = e8m0_to_fp32(tl.load(s_ptrs, mask=mask, other=127).to(tl.int32))
-    return (e2m1_to_fp32(b & 0xF) * s).to(dtype), (e2m1_to_fp32(b >> 4) * s).to(dtype)
+    return e2m1_to_fp32(b & 0xF) * s, e2m1_to_fp32(b >> 4) * s
 
 
 @triton.jit
 def _dot2(a_even, a_odd, w_even, w_odd, acc, DOT_FP32: tl.constexpr):
+    """acc + a_even · w_evenᵀ + a_odd · w_oddᵀ; the fp32 weights are cast to the activation dtype (exact)."""
     if DOT_FP32:
-        acc = tl.dot(a_even.to(tl.float32), tl.trans(w_even.to(tl.float32)), acc, input_precision="ieee")
-        acc = tl.dot(a_odd.to(tl.float32), tl.trans(w_odd.to(tl.float32)), acc, input_precision="ieee")
+        acc = tl.dot(a_even.to(tl.float32), tl.trans(w_even), acc, input_precision="ieee")
+        acc = tl.dot(a_odd.to(tl.float32), tl.trans(w_odd), acc, input_precision="ieee")
     else:
-        acc = tl.dot(a_even, tl.trans(w_even), acc)
-        acc = tl.dot(a_odd, tl.trans(w_odd), acc)
+        acc = tl.dot(a_even, tl.trans(w_even.to(a_even.dtype)), acc)
+        acc = tl.dot(a_odd, tl.trans(w_odd.to(a_odd.dtype)), acc)
     return acc
 
 
@@ -92,9 +93,9 @@ def _fp4_up_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, rw_ptr, row_map_ptr, b
             w_mask = n_ok[:, None] & k_ok[None, :]
             byte = (k0 // 2 + j)[None, :]
             blk32 = (kk // 32)[None, :]
-            w1e, w1o = _fp4_tile(w1_ptr + w_off + byte, s1_ptr + s_off + blk32, w_mask, xe.dtype)
+            w1e, w1o = _fp4_tile(w1_ptr + w_off + byte, s1_ptr + s_off + blk32, w_mask)
             acc_g = _dot2(xe, xo, w1e, w1o, acc_g, DOT_FP32)
-            w3e, w3o = _fp4_tile(w3_ptr + w_off + byte, s3_ptr + s_off + blk32, w_mask, xe.dtype)
+            w3e, w3o = _fp4_tile(w3_ptr + w_off + byte, s3_ptr + s_off + blk32, w_mask)
             acc_u = _dot2(xe, xo, w3e, w3o, acc_u, DOT_FP32)
         g, u = acc_g, acc_u
         if HAS_LIMIT:                                    # spec §8.4: up in [-limit, limit], gate <= limit
@@ -130,7 +131,7 @@ def _fp4_down_kernel(h_ptr, w2_ptr, s2_ptr, row_map_ptr, block_expert_ptr, out_p
             he = tl.load(h_ptr + r[:, None] * stride_hm + kk[None, :], mask=a_mask, other=0.0)
             ho = tl.load(h_ptr + r[:, None] * stride_hm + kk[None, :] + 1, mask=a_mask, other=0.0)
             we, wo = _fp4_tile(w2_ptr + w_off + (k0 // 2 + j)[None, :], s2_ptr + s_off + (kk // 32)[None, :],
-                               n_ok[:, None] & k_ok[None, :], he.dtype)
+                               n_ok[:, None] & k_ok[None, :])
             acc = _dot2(he, ho, we, wo, acc, DOT_FP32)
         tl.store(out_ptr + r[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
                  mask=valid[:, None] & n_ok[None, :])

@@ -69,7 +69,7 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, k_per_split,
     m_ok, n_ok = rm < M, rn < N
     k_lo = split * k_per_split
     k_hi = min(K, k_lo + k_per_split)
-    x_ptrs = x_ptr + rm[:, None] * stride_xm + (k_lo + rk)[None, :]
+    x_ptrs = x_ptr + rm.to(tl.int64)[:, None] * stride_xm + (k_lo + rk)[None, :]     # int64: M·K may pass 2^31
     w_ptrs = w_ptr + rn[:, None] * stride_wn + (k_lo + rk)[None, :]
     s_ptrs = s_ptr + (rn // SBN) * stride_sn
     acc = tl.full((BM, BN), 0.0, tl.float32)
@@ -92,7 +92,7 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, k_per_split,
         acc += part * s[None, :]
         x_ptrs += BK
         w_ptrs += BK
-    y_ptrs = y_ptr + split * stride_ys + rm[:, None] * stride_ym + rn[None, :]
+    y_ptrs = y_ptr + split * stride_ys + rm.to(tl.int64)[:, None] * stride_ym + rn[None, :]
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
