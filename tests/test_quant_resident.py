@@ -214,3 +214,26 @@ def test_random_checkpoint_loads_both_ways(tmp_path):
     assert all(torch.equal(t, c.state_dict()[k]) for k, t in a.state_dict().items())
     assert cli(["convert", "--random-like", "tiny", str(dst), str(tmp_path / "y")]) == 2
     assert cli(["convert", "--random-like", "tiny", str(dst)]) == 2                  # exists, no --overwrite
+
+
+# ----------------------------------------------------------------------------- commands
+def test_generate_quantized_flag(capsys, monkeypatch, dequantised):
+    prompt = [5, 17, 300, 42]
+    assert cli(["generate", "--model", str(GOLDEN_DIR), "--prompt-ids", ",".join(map(str, prompt)),
+                "--max-new-tokens", "4", "--print-ids", "--device", "cpu", "--quantized"]) == 0
+    captured = capsys.readouterr()
+    assert "weights: quantised-resident" in captured.err and "kernels: torch" in captured.err
+    ids = list(prompt)
+    with torch.no_grad():                                      # greedy with the dequantised model
+        for _ in range(4):
+            ids.append(int(dequantised(torch.tensor([ids]))[0, -1].argmax()))
+    assert [int(x) for x in captured.out.split()] == ids[len(prompt):]
+    monkeypatch.setenv("WORLD_SIZE", "2")                      # as under torchrun: chat/serve refuse
+    monkeypatch.setenv("RANK", "1")
+    from dsv4.commands.generate import load
+
+    class Args:
+        model, device, dtype, quantized = str(GOLDEN_DIR), "cpu", None, None
+    from dsv4.cli import CLIError
+    with pytest.raises(CLIError, match="only `dsv4 generate` runs expert-parallel"):
+        load(Args())

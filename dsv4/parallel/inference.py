@@ -132,6 +132,8 @@ def torchrun_env() -> dict | None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return None
+    if "RANK" not in os.environ:
+        raise RuntimeError(f"WORLD_SIZE={world} but RANK is not set: start the processes with torchrun")
     return {"rank": int(os.environ["RANK"]), "world": world, "local_rank": int(os.environ.get("LOCAL_RANK", 0))}
 
 
