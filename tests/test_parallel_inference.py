@@ -3,6 +3,8 @@ logits of 1 process on the official golden checkpoint (fp32; full forward, chunk
 quantised-resident and dequantised, loaded from the files or sharded from a model in memory."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -53,8 +55,15 @@ def _worker(rank: int, init: str, out: str, ids: torch.Tensor) -> None:
 
 def test_two_processes_give_the_logits_of_one(tmp_path):
     ids = load_file(str(GOLDEN_DIR / "golden.safetensors"))["input_ids"]
-    mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path), ids), nprocs=WORLD,
-                       start_method="spawn")
+    # fork: the workers skip importing torch again (CPU only; they set their own thread count)
+    ctx = mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path), ids), nprocs=WORLD,
+                             start_method="fork", join=False)
+    deadline = time.monotonic() + 300
+    while not ctx.join(timeout=5):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.terminate()
+            pytest.fail("the expert-parallel workers did not finish within 300 s")
     ref = outputs(load_pretrained(GOLDEN_DIR, quantized=False), ids)
     with torch.no_grad():
         ref_random = random_model("tiny", seed=4)(ids[:, :30])

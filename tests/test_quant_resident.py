@@ -74,7 +74,7 @@ def test_resident_modules_keep_the_stored_formats(resident, dequantised):
     assert torch.equal(copy.layers[1].attn.wq_b.weight, resident.layers[1].attn.wq_b.weight)
 
 
-@pytest.mark.parametrize("n", [1, 129, 300])
+@pytest.mark.parametrize("n", [5, 129])
 def test_resident_prefill_logits_equal_the_dequantised_model(resident, dequantised, golden, n):
     ids = golden["input_ids"][:, :n]
     with torch.no_grad():
