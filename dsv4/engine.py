@@ -767,7 +767,6 @@ def load_model(spec: str, device: torch.device, dtype: torch.dtype, seed: int = 
         path = None  # a preset name, even where a folder of that name exists (bench/)
     if path is not None and path.is_dir():
         from dsv4.checkpoint import load_pretrained
-
         from dsv4.quant import describe
 
         model = load_pretrained(path, device=device, dtype=dtype, quantized=quantized)

@@ -321,9 +321,10 @@ def analytic_resident_bytes(cfg, dtype: torch.dtype = torch.bfloat16, *, fp8: bo
         else:
             plain(E, size=f32)                                                   # gate.bias (fp32 buffer)
         Is = I * cfg.n_shared_experts
-        if Is:
-            fp8_matrix(Is, D), fp8_matrix(D, Is), fp8_matrix(Is, D)              # shared w1, w2, w3
-        expert_matrix(I, D), expert_matrix(D, I), expert_matrix(I, D)            # routed w1, w2, w3
+        for rows, cols in ((Is, D), (D, Is), (Is, D)) if Is else ():
+            fp8_matrix(rows, cols)                                               # shared w1, w2, w3
+        for rows, cols in ((I, D), (D, I), (I, D)):
+            expert_matrix(rows, cols)                                            # routed w1, w2, w3
 
     plain(2 * cfg.vocab_size * D + D)                                            # embed, head, norm
     plain(N * N * D + N + 1, size=f32)                                           # hc_head_*
@@ -331,7 +332,8 @@ def analytic_resident_bytes(cfg, dtype: torch.dtype = torch.bfloat16, *, fp8: bo
         block(i, i < cfg.num_hash_layers)
     for k in range(cfg.num_nextn_predict_layers):
         block(cfg.num_hidden_layers + k, False)
-        fp8_matrix(D, D), fp8_matrix(D, D)                                       # e_proj, h_proj
+        fp8_matrix(D, D)                                                         # e_proj
+        fp8_matrix(D, D)                                                         # h_proj
         plain(3 * D)                                                             # enorm, hnorm, norm
         plain(N * N * D + N + 1, size=f32)                                       # its hc_head_*
     out["total"] = sum(out.values())

@@ -85,12 +85,14 @@ def load(args, expert_parallel: bool = False):
 
 def run(args) -> int:
     from dsv4.engine import Engine, Request
-
-    from dsv4.parallel.inference import torchrun_env
+    from dsv4.parallel.inference import shared_seed, torchrun_env
 
     model, tokenizer = load(args, expert_parallel=True)
-    if (torchrun_env() or {}).get("rank"):   # expert parallel: every rank generates the same, rank 0 prints
-        sys.stdout = sys.stderr = open(os.devnull, "w")
+    if torchrun_env() is not None:   # expert parallel: every rank generates the same tokens, rank 0 prints
+        if args.seed is None:
+            args.seed = shared_seed()   # sampling must draw the same tokens on every rank
+        if torchrun_env()["rank"]:
+            sys.stdout = sys.stderr = open(os.devnull, "w")
     prompt = [int(x) for x in args.prompt_ids.split(",")] if args.prompt_ids else args.prompt
     n_prompt = len(prompt) if args.prompt_ids else len(tokenizer.encode(prompt, add_bos=True))
     engine = Engine(model, tokenizer, max_batch=1, max_len=n_prompt + args.max_new_tokens, **engine_options(args))

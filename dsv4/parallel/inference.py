@@ -126,6 +126,15 @@ def shard_experts(model: nn.Module, group=None) -> nn.Module:
     return _wrap(model, experts, group)
 
 
+def shared_seed(group=None) -> int:
+    """A random seed drawn on rank 0 and given to every rank: ranks that sample must draw the same tokens."""
+    seed = torch.randint(0, 2 ** 31 - 1, (1,))
+    if dist.get_backend(group) == "nccl":
+        seed = seed.cuda()
+    dist.broadcast(seed, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    return int(seed)
+
+
 def torchrun_env() -> dict | None:
     """torchrun's RANK / WORLD_SIZE / LOCAL_RANK when this process was started by it with more than one
     process, else None. (The one place the inference path reads the launcher's environment.)"""
