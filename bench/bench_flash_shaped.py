@@ -135,14 +135,15 @@ def random_fp8(rows: int, cols: int, device) -> tuple[torch.Tensor, torch.Tensor
     return quant.quant_fp8(torch.randn(rows, cols, device=device) / cols ** 0.5)
 
 
-def random_fp4_experts(E: int, D: int, I: int, device):
+def random_fp4_experts(E: int, D: int, I: int, device, chunk: int = 16):
+    """Packed random experts w1, s1, w2, s2, w3, s3, quantised `chunk` experts at a time (bounded memory)."""
     out = []
     for rows, cols in ((I, D), (D, I), (I, D)):
-        w = torch.randn(E * rows, cols, device=device) * (3 / cols ** 0.5)
-        packed, scale = quant.quant_fp4(w)
-        out += [packed.view(E, rows, cols // 2), scale.view(E, rows, -1)]
-        del w
-    return out   # w1, s1, w2, s2, w3, s3
+        parts = [quant.quant_fp4(torch.randn(min(chunk, E - e) * rows, cols, device=device) * (3 / cols ** 0.5))
+                 for e in range(0, E, chunk)]
+        out += [torch.cat([p for p, _ in parts]).view(E, rows, cols // 2),
+                torch.cat([s for _, s in parts]).view(E, rows, -1)]
+    return out
 
 
 @torch.no_grad()
