@@ -45,6 +45,8 @@ class RMSNorm(nn.Module):
 
 
 def linear(x: torch.Tensor, layer: nn.Linear, fp32: bool = False) -> torch.Tensor:
+    if not isinstance(layer, nn.Linear):   # a quantised layer (dsv4.quant.FP8Linear) computes itself
+        return layer(up(x) if fp32 else x)
     if fp32:
         return _linear_fp32(x, layer.weight)
     return F.linear(x, layer.weight.to(x.dtype))

@@ -3,8 +3,10 @@
 Spec: ARCHITECTURE.md §13 (tensor names, shapes, dtypes), §11.1 (FP8 / FP4 formats).
 
 `load_pretrained(path)` streams a checkpoint folder tensor by tensor into a model whose parameters
-start on the meta device, dequantising FP8 / FP4 weights on the way, so peak memory is about the
-final model plus one tensor. `save_pretrained(model, path)` writes config.json, the shard index and
+start on the meta device, so peak memory is about the final model plus one tensor. FP8 / FP4 weights
+are dequantised on the way, or kept in their storage format (`quantized=True`, the default on CUDA:
+`dsv4.quant.FP8Linear` / `FP4Experts`); `experts=range(a, b)` loads one rank's share of the routed
+experts (`dsv4.parallel.inference`). `save_pretrained(model, path)` writes config.json, the shard index and
 the shards into a temporary folder next to `path` and renames it into place at the end.
 
 Names. The model's state_dict names are the official ones, except the routed experts, which the
@@ -530,7 +532,8 @@ def open_checkpoint(path: str | os.PathLike):
 
 
 def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                    strict: bool = True, progress: bool | None = None) -> Transformer:
+                    strict: bool = True, progress: bool | None = None, quantized: bool | None = None,
+                    experts: range | None = None) -> Transformer:
     """Load a DeepSeek-V4 checkpoint folder into a `Transformer` (eval mode).
 
     Reads the official layout (config.json + `model.safetensors.index.json` + shards, or one
@@ -539,9 +542,17 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
     stacked experts). transformers drops the MTP block, so a transformers-layout folder without
     `mtp.*` tensors loads with `num_nextn_predict_layers = 0` (the model has no MTP block).
 
-    Quantised weights are dequantised on `device` tensor by tensor into a model built on the meta
-    device, so peak memory is about the final model plus one tensor. Parameters that the official
-    release keeps in fp32 (`keeps_fp32`) stay fp32; the others get `dtype`; `tid2eid` stays int64.
+    Tensors are streamed one by one onto `device` into a model built on the meta device, so peak
+    memory is about the final model plus one tensor. Parameters that the official release keeps in
+    fp32 (`keeps_fp32`) stay fp32; the others get `dtype` (also the activation dtype); `tid2eid` stays
+    int64.
+
+    quantized: keep FP8 matrices and FP4 routed experts in their storage format (`dsv4.quant.FP8Linear`,
+    `FP4Experts`; Triton kernels on CUDA), about a quarter of the bf16 bytes for the released models;
+    `wo_a` is dequantised, as in the official inference code. False: dequantise everything on load.
+    Default: quantised when the checkpoint stores FP8/FP4 tensors and `device` is CUDA.
+    experts: load only these routed experts of every MoE (a `range`; expert parallelism, see
+    `dsv4.parallel.inference`); the MoE modules then hold `len(experts)` experts.
 
     strict: a missing, unexpected, mis-shaped or wrongly typed tensor raises one `CheckpointError`
     listing them all (checked from the file headers before any weight is read). With strict=False
@@ -556,26 +567,39 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
     device = torch.device(device)
     with open_checkpoint(path) as ckpt:
         ckpt.check(strict)
+        _check_expert_range(experts, ckpt.cfg)
+        resident = _make_resident(ckpt, device, quantized, experts)
         model = ckpt.model
         targets = model.state_dict(keep_vars=True)
         stacks: dict[str, torch.Tensor] = {}
         loaded: set[str] = set()
         show = progress if progress is not None else len(ckpt.items) > PROGRESS_MIN_TENSORS
         for item in tqdm(ckpt.items, desc=f"loading {ckpt.path.name}", unit="tensor", disable=not show):
+            if experts is not None and any(e is not None and e not in experts for _, e, _ in item.targets):
+                continue                                      # another rank's expert: never read
             raw, scale = ckpt.read(item, device)
             for name, expert, rows in item.targets:
-                t = targets[name]
                 loaded.add(name)
-                value = _decode(item, raw, scale, ckpt.block, _target_dtype(name, t, dtype))
-                if rows is not None:
-                    value = value[:, rows]
-                if expert is None:
-                    _assign(model, name, value.contiguous())
-                    continue
-                if name not in stacks:
-                    stacks[name] = torch.zeros(t.shape, dtype=value.dtype, device=device)
-                    _assign(model, name, stacks[name])
-                stacks[name][expert] = value
+                if name in resident:                          # stored bytes and scales kept as they are
+                    scale_name = resident[name]
+                    loaded.add(scale_name)
+                    values = {name: raw.view(torch.int8) if item.fmt == "fp4" else raw,
+                              scale_name: _resident_scale(item, scale, targets[scale_name].dtype)}
+                else:
+                    value = _decode(item, raw, scale, ckpt.block, _target_dtype(name, targets[name], dtype))
+                    if rows is not None:
+                        value = value[:, rows]
+                    if expert is None and experts is not None and name.endswith(EXPERT_STACKS):
+                        value = value[experts.start:experts.stop]     # transformers' stacked experts
+                    values = {name: value}
+                for key, value in values.items():
+                    if expert is None:
+                        _assign(model, key, value.contiguous())
+                        continue
+                    if key not in stacks:
+                        stacks[key] = torch.empty(targets[key].shape, dtype=value.dtype, device=device)
+                        _assign(model, key, stacks[key])
+                    stacks[key][expert - (experts.start if experts is not None else 0)] = value
             del raw, scale
     missing = [n for n in model.state_dict(keep_vars=True) if n not in loaded]
     if missing:
@@ -585,6 +609,64 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
             if b is not None and b.device != device:
                 module._buffers[k] = b.to(device)
     return model.eval()
+
+
+def _check_expert_range(experts: range | None, cfg: ModelConfig) -> None:
+    if experts is None:
+        return
+    E = cfg.n_routed_experts
+    if not isinstance(experts, range) or experts.step != 1 or not 0 <= experts.start < experts.stop <= E:
+        raise ValueError(f"experts must be a range(start, stop) of consecutive expert ids inside [0, {E}) with at "
+                         f"least one expert; got {experts!r}")
+
+
+def _make_resident(ckpt: _Checkpoint, device: torch.device, quantized: bool | None,
+                   experts: range | None) -> dict[str, str]:
+    """Decide what stays quantised and swap `FP8Linear` / `FP4Experts` into the meta model.
+
+    Returns {weight name: scale name} of the tensors loaded as stored. FP8 matrices become `FP8Linear`
+    except `wo_a` (the attention reads it as a grouped weight; the official code dequantises it too);
+    an MoE's experts become `FP4Experts` when all 3·E of them are stored FP4."""
+    stored = [item for item in ckpt.items if item.fmt in ("fp8", "fp4")]
+    if quantized is None:
+        quantized = bool(stored) and device.type == "cuda"
+    if quantized and not stored:
+        raise ValueError(f"{ckpt.path} stores no FP8/FP4 tensors, so nothing can stay quantised: load it with "
+                         "quantized=False, or convert it first (dsv4 convert SRC DST --fp8 --fp4-experts)")
+    model = ckpt.model
+    fp8: dict[str, torch.dtype] = {}
+    fp4_count: dict[str, int] = {}
+    for item in stored if quantized else ():
+        name, expert, rows = item.targets[0]
+        owner = name.rpartition(".")[0]
+        if item.fmt == "fp8" and expert is None and name.endswith(".weight") and not owner.endswith("wo_a") \
+                and isinstance(model.get_submodule(owner), nn.Linear):
+            fp8[owner] = torch.float8_e8m0fnu if _scale_dtype(ckpt, item) == "F8_E8M0" else torch.float32
+        elif item.fmt == "fp4" and expert is not None:
+            fp4_count[owner] = fp4_count.get(owner, 0) + 1
+    fp4 = [m for m, n in fp4_count.items() if n == 3 * ckpt.cfg.n_routed_experts]
+    quant.replace_modules(model, fp8, fp4, n_experts=None if experts is None else len(experts))
+    resident = {f"{m}.weight": f"{m}.scale" for m in fp8}
+    resident.update({f"{m}.{w}": f"{m}.{w}_scale" for m in fp4 for w in ("w1", "w2", "w3")})
+    return resident
+
+
+def _scale_dtype(ckpt: _Checkpoint, item: _Item) -> str:
+    return ckpt.handles[ckpt.where[item.scale_key]].get_slice(item.scale_key).get_dtype()
+
+
+def _resident_scale(item: _Item, scale: torch.Tensor, want: torch.dtype) -> torch.Tensor:
+    """A stored block scale in the dtype its module keeps (e8m0, or fp32 for FP8 weights stored with
+    non-e8m0 scales); a scale that e8m0 cannot hold exactly is an error."""
+    if scale.dtype == want:
+        return scale
+    if want == torch.float32:
+        return scale.float()
+    as_e8m0 = scale.float().to(torch.float8_e8m0fnu)
+    if not torch.equal(as_e8m0.float(), scale.float()):
+        raise CheckpointError(f"{item.scale_key}: FP4 block scales must be powers of two (e8m0) to stay quantised; "
+                              "load with quantized=False to dequantise instead")
+    return as_e8m0
 
 
 # ----------------------------------------------------------------------------- writing
@@ -691,6 +773,9 @@ def save_pretrained(model: Transformer, path: str | os.PathLike, *, fp8: bool = 
     `tokenizer_dir` are copied.
     """
     path = _check_save_args(path, layout, dtype, overwrite)
+    if any(isinstance(m, (quant.FP8Linear, quant.FP4Experts)) for m in model.modules()):
+        raise ValueError("this model keeps FP8/FP4 weights resident (load_pretrained(quantized=True)); copy its "
+                         "checkpoint folder instead, or load it with quantized=False to save it")
     groups = _model_groups(model, dtype, fp8, fp4_experts, layout)
     _write_folder(groups, model.config, path, fp8, fp4_experts, dtype, max_shard_bytes, tokenizer_dir, progress)
     return path
@@ -708,6 +793,59 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, *, fp8: b
         groups = _checkpoint_groups(ckpt, dtype, fp8, fp4_experts, layout)
         _write_folder(groups, ckpt.cfg, dst, fp8, fp4_experts, dtype, max_shard_bytes, ckpt.path, progress)
     return dst
+
+
+def write_random_checkpoint(cfg: ModelConfig, path: str | os.PathLike, *, seed: int = 0,
+                            device: str | torch.device = "cpu", dtype: torch.dtype = torch.bfloat16,
+                            fp8: bool | None = None, fp4_experts: bool | None = None, max_shard_bytes: float = 5e9,
+                            overwrite: bool = False, progress: bool | None = None) -> Path:
+    """Write a checkpoint of `cfg` with random weights in the official layout and formats, shard by shard.
+
+    For benchmarks and tests at the released shapes: no model is built (names and shapes come from a
+    meta-device model) and each tensor is drawn on `device` (a GPU is much faster for the quantisation),
+    quantised there and written with its shard, so host memory peaks at about one shard. fp8 /
+    fp4_experts default to the config's `quantization_config` / `expert_dtype`. Values follow the test
+    recipe: matrices N(0, 1)/sqrt(fan_in) (expert and shared-expert w1/w3 ×3 so the SwiGLU clamp is
+    reached), norms 1 + 0.1·N, mHC scales 0.5 + 0.5·U, mHC bases / sinks / ape 0.5·N, router bias 0.1·N,
+    distinct random experts per token id for hash layers. Each tensor has its own generator seed, so the
+    folder does not depend on the shard size."""
+    fp8 = cfg.quantization_config is not None if fp8 is None else fp8
+    fp4_experts = cfg.expert_dtype == "fp4" if fp4_experts is None else fp4_experts
+    path = _check_save_args(path, "official", dtype, overwrite)
+    device = torch.device(device)
+    groups = []
+    for i, (name, t) in enumerate(empty_model(cfg).state_dict().items()):
+        want = _out_dtype(name, t.is_floating_point(), dtype)
+        if name.endswith(EXPERT_STACKS):
+            for e in range(t.shape[0]):
+                get = lambda name=name, shape=t.shape[1:], s=(seed * 100_003 + i) * 4_099 + e: \
+                    _random_tensor(name, shape, cfg, device, s)
+                groups.append(_group(ours_to_official(name, e), get, t.shape[1:], want, fp8, fp4_experts, "official"))
+        else:
+            get = lambda name=name, shape=t.shape, s=(seed * 100_003 + i) * 4_099 + 4_098: \
+                _random_tensor(name, shape, cfg, device, s)
+            groups.append(_group(name, get, t.shape, want, fp8, fp4_experts, "official"))
+    _write_folder(groups, cfg, path, fp8, fp4_experts, dtype, max_shard_bytes, None, progress)
+    return path
+
+
+def _random_tensor(name: str, shape, cfg: ModelConfig, device: torch.device, seed: int) -> torch.Tensor:
+    g = torch.Generator(device=device).manual_seed(seed)
+    if name.endswith("tid2eid"):
+        V, K = shape
+        return torch.rand(V, cfg.n_routed_experts, generator=g, device=device).argsort(dim=-1)[:, :K]
+    if name.endswith("_scale"):                                                # mHC gating factors
+        return 0.5 + 0.5 * torch.rand(shape, generator=g, device=device)
+    n = torch.randn(shape, generator=g, device=device)
+    if name.endswith("norm.weight"):
+        return 1 + 0.1 * n
+    if name.endswith(("_base", "attn_sink", "ape")):
+        return 0.5 * n
+    if name.endswith("gate.bias"):
+        return 0.1 * n
+    gain = 3.0 if name.endswith(("experts.w1", "experts.w3", "shared_experts.w1.weight",
+                                 "shared_experts.w3.weight")) else 1.0
+    return n * (gain / shape[-1] ** 0.5)
 
 
 def _write_folder(groups: list[_Group], cfg: ModelConfig, path: Path, fp8, fp4_experts, dtype, max_shard_bytes,

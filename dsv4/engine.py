@@ -749,7 +749,7 @@ def resolve_device(device: str | None, dtype: str | None) -> tuple[torch.device,
     return dev, names[dtype]
 
 
-def load_model(spec: str, device: torch.device, dtype: torch.dtype, seed: int = 0):
+def load_model(spec: str, device: torch.device, dtype: torch.dtype, seed: int = 0, quantized: bool | None = None):
     """(model, tokenizer, notes) for a checkpoint folder or a preset name (random weights).
 
     The tokenizer is the folder's tokenizer.json, else the bundled DeepSeek-V4 one when the model's
@@ -767,9 +767,10 @@ def load_model(spec: str, device: torch.device, dtype: torch.dtype, seed: int = 
         path = None  # a preset name, even where a folder of that name exists (bench/)
     if path is not None and path.is_dir():
         from dsv4.checkpoint import load_pretrained
+        from dsv4.quant import describe
 
-        model = load_pretrained(path, device=device, dtype=dtype)
-        notes.append(f"model: {path} ({device}, {str(dtype).replace('torch.', '')})")
+        model = load_pretrained(path, device=device, dtype=dtype, quantized=quantized)
+        notes.append(f"model: {path} ({device}, {str(dtype).replace('torch.', '')}); {describe(model)}")
     elif spec in PRESETS:
         torch.manual_seed(seed)
         model = Transformer(preset(spec)).to(device).to_dtype(dtype).eval()

@@ -685,6 +685,80 @@ def norm_rope_triton(x, weight, eps, cos, sin):
     return kern.norm_rope(x, weight, eps, cos, sin)
 
 
+# ----------------------------------------------------------------------------- quantised linear and experts
+# Weights kept in the release's storage formats (spec §11.1; modules in `dsv4.quant`): FP8 e4m3 matrices with
+# one e8m0 (or fp32) scale per 128×128 block, FP4 e2m1 routed experts (two codes per int8, low nibble first)
+# with one e8m0 scale per 1×32 block along the input dim. Activations stay in the model dtype (no FP8
+# activation quantisation): every function computes what the dequantise-on-load model computes, up to
+# summation order. Each twin below has a Triton kernel with the same signature in `dsv4/kernels/`;
+# `fp8_linear` / `fp4_experts` are primitives of the backend table like the others ('triton' on CUDA,
+# `DSV4_OPS=fp8_linear=torch` or `set_backend` to choose; 'triton' also runs on CPU tensors under
+# TRITON_INTERPRET=1, as the tests do).
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+
+
+def dequant_blocks(weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int],
+                   dtype: torch.dtype) -> torch.Tensor:
+    """FP8 weight [R, C] (e4m3) times one scale per block [⌈R/br⌉, ⌈C/bc⌉] -> [R, C] in dtype (exact in bf16)."""
+    R, C = weight.shape
+    s = scale.to(acc_dtype(dtype)).repeat_interleave(block[0], 0)[:R].repeat_interleave(block[1], 1)[:, :C]
+    return (weight.to(s.dtype) * s).to(dtype)
+
+
+def dequant_fp4_rows(packed: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Packed e2m1 [..., R, C/2] with 1×32 scales [..., R, ⌈C/32⌉] -> [..., R, C] in dtype (exact in bf16)."""
+    u = packed.view(torch.uint8)
+    codes = torch.stack([u & 0x0F, u >> 4], dim=-1).flatten(-2)                 # [..., R, C] low nibble first
+    acc = acc_dtype(dtype)
+    values = torch.tensor(_E2M1, dtype=acc, device=packed.device)[codes.long()]
+    s = scale.to(acc).repeat_interleave(32, dim=-1)[..., :codes.shape[-1]]
+    return (values * s).to(dtype)
+
+
+def fp8_linear_torch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                     block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """Twin of the FP8 GEMM kernel: the weight dequantised to the matmul dtype on the fly, then `F.linear`
+    (the memory holds only the FP8 bytes; the dequantised copy lives for this call)."""
+    return F.linear(x, dequant_blocks(weight, scale, block, _mm_dtype(x)))
+
+
+def fp4_experts_torch(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch.Tensor,
+                      s1: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor, w3: torch.Tensor, s3: torch.Tensor,
+                      limit: float) -> torch.Tensor:
+    """Twin of the FP4 expert kernels: `moe_experts` on the experts this batch uses, dequantised on the fly.
+
+    x [N, D]; idx [N, K], ids outside [0, E) contribute nothing (the experts of other ranks under expert
+    parallelism); weight [N, K] fp32; w1, w3 int8 [E, I, D/2], w2 int8 [E, D, I/2] (two e2m1 codes per
+    byte, low nibble first); s1, s3 [E, I, D/32], s2 [E, D, I/32] e8m0. Finding the used experts syncs
+    with the host; where that is not allowed (CUDA-graph capture, compile) each pair's expert is
+    dequantised instead (memory N·K·3·I·D: decode sizes only).
+    """
+    E = w1.shape[0]
+    dt = _mm_dtype(x)
+    valid = (idx >= 0) & (idx < E)
+    if _syncs_allowed(x):
+        if not bool(valid.all()):
+            tok, k = valid.nonzero(as_tuple=True)                                  # pairs on this device
+            y = torch.zeros_like(x)
+            if tok.numel():
+                part = fp4_experts_torch(x[tok], idx[tok, k, None], weight[tok, k, None], w1, s1, w2, s2, w3, s3,
+                                         limit)                                    # [P, D]
+                y.index_add_(0, tok, part)
+            return y
+        used = torch.unique(idx)                                                   # [U] sorted
+        local = torch.full((E,), -1, dtype=idx.dtype, device=idx.device)
+        local[used] = torch.arange(used.numel(), dtype=idx.dtype, device=idx.device)
+        deq = [dequant_fp4_rows(w.index_select(0, used), s.index_select(0, used), dt)
+               for w, s in ((w1, s1), (w2, s2), (w3, s3))]                         # [U, I, D], [U, D, I], [U, I, D]
+        return moe_experts(x, local[idx], weight, *deq, limit)
+    N, K = idx.shape
+    flat = torch.where(valid, idx, 0).reshape(-1)                                  # [N·K]
+    deq = [dequant_fp4_rows(w.index_select(0, flat), s.index_select(0, flat), dt)
+           for w, s in ((w1, s1), (w2, s2), (w3, s3))]                             # one matrix per pair
+    pairs = torch.arange(N * K, device=idx.device).view(N, K)
+    return moe_experts_gather(x, pairs, torch.where(valid, weight, 0), *deq, limit)
+
+
 # ----------------------------------------------------------------------------- the table
 hc_split_sinkhorn = register("hc_split_sinkhorn", {"torch": hc_split_sinkhorn_torch,
                                                    "triton": hc_split_sinkhorn_triton})
@@ -695,5 +769,10 @@ compress_windows = register("compress_windows", {"torch": compress_windows_torch
 index_topk = register("index_topk", {"torch": index_topk_torch, "triton": index_topk_triton})
 sparse_attention = register("sparse_attention", {"torch": sparse_attention_torch,
                                                  "triton": sparse_attention_triton})
+fp8_linear = register("fp8_linear", {"torch": fp8_linear_torch, "triton": "dsv4.kernels.fp8_gemm:fp8_linear"})
+fp4_experts = register("fp4_experts", {"torch": fp4_experts_torch, "triton": "dsv4.kernels.fp4_moe:fp4_experts"})
 moe_experts = register("moe_experts", {"torch": moe_experts_auto, "grouped": moe_experts_grouped,
                                        "gather": moe_experts_gather, "loop": moe_experts_loop}, kernel_dtypes=None)
+
+
+MOE_IMPLS = {"grouped": moe_experts_grouped, "gather": moe_experts_gather, "loop": moe_experts_loop}

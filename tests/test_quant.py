@@ -1,17 +1,26 @@
-"""FP8 e4m3 / FP4 e2m1 weight formats against an independent bit-level decoder written here in numpy."""
+"""FP8 e4m3 / FP4 e2m1 weight formats against an independent bit-level decoder written here in numpy; the
+Triton FP8 GEMM and FP4 expert kernels against their PyTorch twins (`dsv4.ops`) and float64 dequantised math
+(on CPU in the Triton interpreter, at tiny sizes)."""
 from __future__ import annotations
 
 import json
 import math
+import os
 
 import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
 
-from dsv4 import quant
+if not torch.cuda.is_available():   # kernels run in Triton's interpreter on CPU (read when they are imported)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from dsv4 import ops, quant
 
 from conftest import GOLDEN_DIR
+
+# Triton's interpreter converts its scalar program ids with a numpy call that numpy deprecates
+pytestmark = pytest.mark.filterwarnings("ignore:Conversion of an array with ndim:DeprecationWarning")
 
 
 # ----------------------------------------------------------------------------- independent reference (numpy)
@@ -176,3 +185,182 @@ def test_golden_checkpoint_tensors_decode():
 
 def raw_bytes_t(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.uint8)
+
+
+# ----------------------------------------------------------------------------- Triton kernels vs twins
+KDEV = "cuda" if torch.cuda.is_available() else "cpu"
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}   # relative to max |reference|; bf16: output rounding
+# the kernels' own bf16 outputs: Triton's interpreter casts fp32 -> bf16 by truncation (measured: every value
+# equals the truncated one), which doubles the rounding error of a round-to-nearest GPU
+KTOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2 if INTERPRET else 1e-2}
+
+
+def relerr(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((a.double().cpu() - ref.double().cpu()).abs().max() / ref.double().abs().max()).item()
+
+
+def rand_fp8(rows: int, cols: int, g, block=quant.FP8_BLOCK):
+    """A random FP8 matrix whose blocks span several binades (so that every block scale differs)."""
+    w = torch.randn(rows, cols, generator=g) * torch.logspace(-2, 1, cols).view(1, -1)[:, torch.randperm(cols, generator=g)]
+    return quant.quant_fp8(w, block)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M,N,K", [(1, 96, 256), (20, 130, 200), (33, 64, 128)])
+def test_fp8_kernel_matches_twin_and_float64(M, N, K, dtype):
+    from dsv4.kernels.fp8_gemm import fp8_linear
+
+    g = torch.Generator().manual_seed(M * N + K)
+    w, s = rand_fp8(N, K, g)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    ref = x.double() @ quant.dequant_fp8(w, s, dtype=torch.float64).t()       # float64 from the format decoder
+    twin = ops.fp8_linear_torch(x, w, s)
+    out = fp8_linear(x.to(KDEV), w.to(KDEV), s.to(KDEV))
+    assert out.dtype == dtype and out.shape == (M, N)
+    assert relerr(twin, ref) <= TOL[dtype] and relerr(out, ref) <= KTOL[dtype]
+    assert relerr(out, twin) <= KTOL[dtype]
+
+
+def test_fp8_kernel_paths(monkeypatch):
+    """The sm89+ native e4m3 conversion, K split over programs (decode), fp32 scales, 64x64 blocks and
+    leading batch dims give the float64 result too."""
+    import dsv4.kernels.fp8_gemm as k
+
+    g = torch.Generator().manual_seed(5)
+    w, s = rand_fp8(70, 384, g)
+    x = torch.randn(2, 3, 384, generator=g)
+    ref = x.double() @ quant.dequant_fp8(w, s, dtype=torch.float64).t()
+    dev = lambda *t: [a.to(KDEV) for a in t]                                            # noqa: E731
+    assert relerr(k.fp8_linear(*dev(x, w, s.float())), ref) <= 1e-5                   # fp32 scales
+    w64, s64 = rand_fp8(70, 384, g, block=(64, 64))
+    ref64 = x.double() @ quant.dequant_fp8(w64, s64, (64, 64), dtype=torch.float64).t()
+    assert relerr(k.fp8_linear(*dev(x, w64, s64), block=(64, 64)), ref64) <= 1e-5
+    cfg, _ = k._tiles(6, 70, 384, 128, torch.device(KDEV))
+    monkeypatch.setattr(k, "_tiles", lambda *a: (cfg, 3))                              # split K in 3
+    assert relerr(k.fp8_linear(*dev(x, w, s)), ref) <= 1e-5
+    if k.INTERPRET:
+        monkeypatch.setattr(k, "_native_fp8", lambda device: True)
+        assert relerr(k.fp8_linear(*dev(x, w, s)), ref) <= 1e-5
+
+
+def test_fp8_kernel_rejects_bad_inputs():
+    from dsv4.kernels.fp8_gemm import fp8_linear
+
+    w, s = quant.quant_fp8(torch.randn(64, 128))
+    x = torch.randn(2, 128)
+    with pytest.raises(ValueError, match="float8_e4m3fn"):
+        fp8_linear(x, w.float(), s)
+    with pytest.raises(ValueError, match="features"):
+        fp8_linear(torch.randn(2, 96), w, s)
+    with pytest.raises(ValueError, match="scale must be"):
+        fp8_linear(x, w, s[:, :0])
+    with pytest.raises(ValueError, match="activations"):
+        fp8_linear(x.double(), w, s)
+
+
+def rand_experts(E: int, D: int, I: int, g):
+    """Packed FP4 experts (w1, s1, w2, s2, w3, s3) from random matrices."""
+    def stack(rows, cols):
+        parts = [quant.quant_fp4(torch.randn(rows, cols, generator=g) * 3 / cols ** 0.5) for _ in range(E)]
+        return torch.stack([p for p, _ in parts]), torch.stack([s for _, s in parts])
+    w1, s1 = stack(I, D)
+    w2, s2 = stack(D, I)
+    w3, s3 = stack(I, D)
+    return w1, s1, w2, s2, w3, s3
+
+
+def ref_experts(x, idx, weight, w1, s1, w2, s2, w3, s3, limit):
+    """Spec §8.4 in float64, one (token, expert) pair at a time; ids outside [0, E) contribute nothing."""
+    deq = lambda w, s, e: quant.dequant_fp4(w[e], s[e], dtype=torch.float64)           # noqa: E731
+    x = x.double()
+    y = torch.zeros_like(x)
+    for t in range(idx.shape[0]):
+        for k in range(idx.shape[1]):
+            e = int(idx[t, k])
+            if not 0 <= e < w1.shape[0]:
+                continue
+            gate, upv = deq(w1, s1, e) @ x[t], deq(w3, s3, e) @ x[t]
+            if limit > 0:
+                upv, gate = upv.clamp(-limit, limit), gate.clamp(max=limit)
+            y[t] += deq(w2, s2, e) @ (torch.nn.functional.silu(gate) * upv * float(weight[t, k]))
+    return y
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,K,E", [(13, 2, 8), (40, 2, 3)])
+def test_fp4_kernel_matches_twin_and_float64(N, K, E, dtype):
+    from dsv4.kernels.fp4_moe import fp4_experts
+
+    g = torch.Generator().manual_seed(N * E + K)
+    D, I = 64, 32
+    ws = rand_experts(E, D, I, g)
+    x = torch.randn(N, D, generator=g).to(dtype)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)])
+    idx[::5, 0] = -1                      # pairs held by another rank (expert parallelism)
+    idx[1, -1] = E + 2
+    weight = torch.rand(N, K, generator=g)
+    ref = ref_experts(x, idx, weight, *ws, 10.0)
+    twin = ops.fp4_experts_torch(x, idx, weight, *ws, 10.0)
+    out = fp4_experts(*(t.to(KDEV) for t in (x, idx, weight, *ws)), 10.0)
+    assert out.dtype == dtype and out.shape == (N, D)
+    assert relerr(twin, ref) <= TOL[dtype] and relerr(out, ref) <= KTOL[dtype]
+    assert relerr(out, twin) <= KTOL[dtype]
+
+
+def test_fp4_twin_without_host_sync(monkeypatch):
+    """The capture-safe twin (each pair's expert dequantised) equals the one that finds the used experts."""
+    g = torch.Generator().manual_seed(11)
+    ws = rand_experts(6, 64, 32, g)
+    x, idx, weight = torch.randn(5, 64, generator=g), torch.randint(-1, 6, (5, 3), generator=g), torch.rand(5, 3)
+    synced = ops.fp4_experts_torch(x, idx, weight, *ws, 10.0)
+    monkeypatch.setattr(ops, "_syncs_allowed", lambda x: False)
+    assert relerr(ops.fp4_experts_torch(x, idx, weight, *ws, 10.0), synced) <= 1e-6
+    assert relerr(synced, ref_experts(x, idx, weight, *ws, 10.0)) <= 1e-5
+
+
+def test_fp4_alignment_of_pairs_to_blocks():
+    """Every used block holds pairs of one expert, in token order, padded with -1; each pair exactly once."""
+    from dsv4.kernels.fp4_moe import _align
+
+    g = torch.Generator().manual_seed(12)
+    E, bm = 7, 4
+    idx = torch.randint(-1, E + 1, (23, 3), generator=g)                                 # includes foreign ids
+    row_map, block_expert, n_blocks = _align(idx, E, bm)
+    flat = idx.reshape(-1)
+    n = int(n_blocks)
+    assert (block_expert[n:] == -1).all() and (row_map[n * bm:] == -1).all()
+    seen = []
+    for b in range(n):
+        rows = [int(r) for r in row_map[b * bm:(b + 1) * bm] if r >= 0]
+        assert rows and all(int(flat[r]) == int(block_expert[b]) for r in rows) and rows == sorted(rows)
+        seen += rows
+    mine = [i for i, e in enumerate(flat.tolist()) if 0 <= e < E]
+    assert sorted(seen) == mine and len(seen) == len(set(seen))
+    assert n == sum(-(-int((flat == e).sum()) // bm) for e in range(E))
+
+
+def test_fp4_kernel_rejects_bad_inputs():
+    from dsv4.kernels.fp4_moe import fp4_experts
+
+    g = torch.Generator().manual_seed(13)
+    w1, s1, w2, s2, w3, s3 = rand_experts(4, 64, 32, g)
+    x, idx, wt = torch.randn(3, 64), torch.zeros(3, 2, dtype=torch.long), torch.rand(3, 2)
+    with pytest.raises(ValueError, match="w2 must be int8"):
+        fp4_experts(x, idx, wt, w1, s1, w2[:, :32], s2, w3, s3, 10.0)
+    with pytest.raises(ValueError, match="s1 must be float8_e8m0fnu"):
+        fp4_experts(x, idx, wt, w1, s1.float(), w2, s2, w3, s3, 10.0)
+    with pytest.raises(ValueError, match=r"idx and weight \[N, K\]"):
+        fp4_experts(x, idx, wt[:, :1], w1, s1, w2, s2, w3, s3, 10.0)
+
+
+def test_quant_primitives_in_the_backend_table():
+    assert ops.fp8_linear.choose("cpu", torch.float32) == "torch"
+    assert ops.fp4_experts.choose("cuda", torch.bfloat16) == ("triton" if ops.triton_available() else "torch")
+    with pytest.raises(ValueError, match="no implementation"):
+        ops.set_backend({"fp8_linear": "cuda"})
+    try:
+        ops.set_backend("fp8_linear=triton")
+        assert ops.fp8_linear.choose("cpu", torch.float32) == "triton"
+    finally:
+        ops.set_backend(None)

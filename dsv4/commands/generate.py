@@ -6,6 +6,7 @@ to stderr so that stdout holds only the generated text.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -17,6 +18,9 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cuda, cuda:1 or cpu (default: cuda when available)")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"],
                    help="weights and cache dtype (default: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--quantized", action=argparse.BooleanOptionalAction, default=None,
+                   help="keep FP8 weights and FP4 experts in their storage format in memory (Triton kernels on "
+                        "CUDA); default: on for a quantised checkpoint on CUDA, --no-quantized dequantises on load")
     p.add_argument("--speculative", action="store_true",
                    help="MTP speculative decoding: the MTP block drafts a token that the model verifies")
     p.add_argument("--prefill-chunk", type=int, default=2048, metavar="N", help="prompt tokens per prefill step")
@@ -55,12 +59,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--print-ids", action="store_true", help="print the generated token ids instead of text")
 
 
-def load(args):
-    """(model, tokenizer) for --model, telling the user on stderr what was loaded."""
+def load(args, expert_parallel: bool = False):
+    """(model, tokenizer) for --model, telling the user on stderr what was loaded. Started by torchrun
+    with several processes (and `expert_parallel`), each rank loads its share of the routed experts."""
     from dsv4.engine import load_model, resolve_device
+    from dsv4.parallel.inference import torchrun_env
 
-    device, dtype = resolve_device(args.device, args.dtype)
-    model, tokenizer, notes = load_model(args.model, device, dtype)
+    if torchrun_env() is not None:
+        if not expert_parallel:
+            from dsv4.cli import CLIError
+
+            raise CLIError("under torchrun only `dsv4 generate` runs expert-parallel; start chat/serve as one process")
+        from dsv4.parallel.inference import load_model_parallel
+
+        model, tokenizer, notes = load_model_parallel(args.model, args.device, args.dtype, args.quantized)
+        if torchrun_env()["rank"]:
+            notes = []   # rank 0 speaks for all
+    else:
+        device, dtype = resolve_device(args.device, args.dtype)
+        model, tokenizer, notes = load_model(args.model, device, dtype, quantized=args.quantized)
     for line in notes:
         print(line, file=sys.stderr)
     return model, tokenizer
@@ -68,8 +85,14 @@ def load(args):
 
 def run(args) -> int:
     from dsv4.engine import Engine, Request
+    from dsv4.parallel.inference import shared_seed, torchrun_env
 
-    model, tokenizer = load(args)
+    model, tokenizer = load(args, expert_parallel=True)
+    if torchrun_env() is not None:   # expert parallel: every rank generates the same tokens, rank 0 prints
+        if args.seed is None:
+            args.seed = shared_seed()   # sampling must draw the same tokens on every rank
+        if torchrun_env()["rank"]:
+            sys.stdout = sys.stderr = open(os.devnull, "w")
     prompt = [int(x) for x in args.prompt_ids.split(",")] if args.prompt_ids else args.prompt
     n_prompt = len(prompt) if args.prompt_ids else len(tokenizer.encode(prompt, add_bos=True))
     engine = Engine(model, tokenizer, max_batch=1, max_len=n_prompt + args.max_new_tokens, **engine_options(args))

@@ -2,7 +2,9 @@
 
 Reads only config.json and the safetensors headers, so it is instant even for the released models.
 KV bytes follow `dsv4.cache.cache_bytes` (spec §12.3): the compressed entries grow with the context,
-the window rings and compressor states are a fixed amount per sequence.
+the window rings and compressor states are a fixed amount per sequence. Weight memory follows
+`dsv4.quant.analytic_resident_bytes`: quantised-resident (`load_pretrained(quantized=True)`, FP8 / FP4
+kept as stored) and dequantised on load, whole or per rank of expert parallelism.
 """
 from __future__ import annotations
 
@@ -22,6 +24,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--context", type=int, default=None, metavar="N",
                    help="context length for the KV-cache figures (default: max_position_embeddings)")
     p.add_argument("--batch", type=int, default=1, metavar="B", help="sequences held in the cache (default 1)")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16",
+                   help="model dtype for the weight-memory figures (default bf16)")
+    p.add_argument("--expert-parallel", type=int, default=1, metavar="W",
+                   help="also give the weight memory per rank when the routed experts are split over W ranks")
 
 
 def human_count(n: float) -> str:
@@ -92,6 +98,55 @@ def storage_lines(folder: Path) -> list[str]:
     return [f"weights: {len(files)} file(s), {human_bytes(size)}, {sum(counts.values())} tensors ({kinds})"]
 
 
+def stored_formats(folder: Path | None, cfg) -> tuple[bool, bool]:
+    """(FP8 matrices, FP4 experts) as stored: from the safetensors headers of a folder, else the config."""
+    import contextlib
+
+    from dsv4.checkpoint import CheckpointError, open_shard, weight_files
+
+    if folder is not None:
+        try:
+            files, _ = weight_files(folder)
+            fp8 = fp4 = False
+            for f in files:
+                with contextlib.ExitStack() as stack:
+                    h = open_shard(f, stack)
+                    for k in h.keys():
+                        d = h.get_slice(k).get_dtype()
+                        fp8 |= d == "F8_E4M3"
+                        fp4 |= d in ("I8", "U8") and ".ffn.experts." in k and k.endswith(".weight")
+            return fp8, fp4
+        except (FileNotFoundError, CheckpointError):
+            pass
+    return cfg.quantization_config is not None, cfg.expert_dtype == "fp4"
+
+
+def memory_lines(cfg, folder: Path | None, dtype_name: str, ranks: int) -> list[str]:
+    """Resident weight bytes: quantised as stored, and dequantised on load; per rank with expert parallelism."""
+    import torch
+
+    from dsv4.parallel.inference import expert_range
+    from dsv4.quant import analytic_resident_bytes
+
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    fp8, fp4 = stored_formats(folder, cfg)
+    lines = []
+    if fp8 or fp4:
+        q = analytic_resident_bytes(cfg, dtype, fp8=fp8, fp4_experts=fp4)
+        lines.append(f"weights in memory, quantised-resident ({dtype_name}, as load_pretrained(quantized=True) holds "
+                     f"them): {human_bytes(q['total'])} ({q['total']:,} B = FP8 {human_bytes(q['fp8'])}, FP4 experts "
+                     f"{human_bytes(q['fp4'])}, block scales {human_bytes(q['scales'])}, other "
+                     f"{human_bytes(q['other'])})")
+    d = analytic_resident_bytes(cfg, dtype, fp8=False, fp4_experts=False)
+    lines.append(f"weights in memory, dequantised on load ({dtype_name}): {human_bytes(d['total'])} ({d['total']:,} B)")
+    if ranks > 1:
+        n = len(expert_range(cfg.n_routed_experts, 0, ranks))     # rank 0 holds the most experts
+        per = analytic_resident_bytes(cfg, dtype, fp8=fp8, fp4_experts=fp4, n_experts=n)["total"]
+        lines.append(f"  with the routed experts split over {ranks} ranks (expert parallelism): {human_bytes(per)} "
+                     f"per rank ({n} experts per MoE{', quantised' if fp8 or fp4 else ''})")
+    return lines
+
+
 def run(args: argparse.Namespace) -> int:
     from dsv4.cache import cache_bytes
     from dsv4.cli import CLIError
@@ -106,8 +161,10 @@ def run(args: argparse.Namespace) -> int:
         raise CLIError("info needs a checkpoint folder, config.json or preset name (or --backends)")
     cfg, folder, what = resolve(args.model)
     N = args.context if args.context is not None else cfg.max_position_embeddings
-    if N <= 0 or args.batch <= 0:
-        raise CLIError("--context and --batch must be positive")
+    if N <= 0 or args.batch <= 0 or args.expert_parallel <= 0:
+        raise CLIError("--context, --batch and --expert-parallel must be positive")
+    if args.expert_parallel > cfg.n_routed_experts:
+        raise CLIError(f"--expert-parallel {args.expert_parallel} exceeds the {cfg.n_routed_experts} routed experts")
     L = cfg.num_hidden_layers
     types = cfg.layer_types
     out = [f"DeepSeek-V4 model: {what}",
@@ -137,6 +194,7 @@ def run(args: argparse.Namespace) -> int:
                f"{human_bytes(kv['total'] - fixed)} + window rings and compressor state {human_bytes(fixed)})")
     if args.batch > 1:
         out.append(f"  batch of {args.batch}: {human_bytes(args.batch * kv['total'])}")
+    out += memory_lines(cfg, folder, args.dtype, args.expert_parallel)
     if folder is not None:
         out += storage_lines(folder)
     print("\n".join(out))

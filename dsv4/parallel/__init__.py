@@ -6,6 +6,7 @@
     muon.py     Newton–Schulz on whole matrices of row-sharded parameters (owner rank per matrix)
     reduce.py   all-reduced statistics: sums, global gradient norm and clipping
     launch.py   the one module that reads torchrun's environment
+    inference.py  expert-parallel inference (routed experts sharded over ranks, one all-reduce per MoE)
 
 See docs/training.md ("Several processes") for the recipes and what is checked.
 """

@@ -1,0 +1,374 @@
+"""V4-Flash at its real shapes on one GPU: FP8/FP4 weights resident, Triton kernels, per-layer speed.
+
+Three sections (`--only` picks some):
+  kernels  the Triton FP8 GEMM and FP4 expert kernels against their PyTorch twins and an fp32 reference in
+           bf16 at the released shapes (every FP8 matrix shape of a Flash layer; 256 experts of 4096 x 2048,
+           6 per token) for M = 1, 32 and 8192 tokens: errors, time per call, weight GB/s (decode sizes)
+           and TFLOP/s (prefill size);
+  parity   a Flash-shaped random checkpoint with 4 layers (SWA, SWA, CSA, HCA) and 16 experts: logits of
+           the quantised-resident model (Triton kernels) and of the dequantised bf16 model, both against
+           the dequantised fp32 model (TF32 off), full forward of 2 x 300 tokens; then decode steps
+           replayed from CUDA graphs against eager steps of the same quantised model;
+  model    a Flash-shaped random checkpoint with K layers and 256 experts written shard by shard to a
+           temporary folder (`dsv4 convert --random-like deepseek-v4-flash`), loaded quantised-resident:
+           resident GiB (counted, analytic and CUDA-allocated), prefill tok/s of an 8K prompt, decode
+           ms/step at batch 1 and 32 after 8K (CUDA graphs via dsv4.graphs.DecodeGraphs when they
+           record, else eager: the JSON says which), per layer as total / K and as the slope between
+           K/2 and K layers (the head, embedding and final norm drop out), and the ratio to SGLang's
+           H200 FP8 Flash decode (TPOT 3.28 ms for 43 layers at concurrency 1 after 8K: 76.3 us/layer).
+
+Disk: one Flash layer is ~3.6 GB in FP8/FP4 plus 2.1 GB of embedding and head, so K = 8 needs ~31 GB;
+GPU memory ~3.6 GiB per layer. On the H200 (one GPU, 64 GiB disk):
+
+    python3 bench/bench_flash_shaped.py --out bench_flash_shaped.json                 # all, K = 8
+    python3 bench/bench_flash_shaped.py --only model --layers 12 --out flash12.json   # more layers
+
+CPU check at a toy size (tiny preset with FP8/FP4 storage; kernels only under TRITON_INTERPRET=1):
+
+    TRITON_INTERPRET=1 python3 bench/bench_flash_shaped.py --tiny
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dsv4 import ops, quant  # noqa: E402
+from dsv4.cache import DecodeCache  # noqa: E402
+from dsv4.checkpoint import load_pretrained, write_random_checkpoint  # noqa: E402
+from dsv4.commands.convert import random_like_config  # noqa: E402
+from dsv4.graphs import DecodeGraphs  # noqa: E402
+from dsv4.runlog import describe_environment  # noqa: E402
+
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+SGLANG_MS_PER_LAYER = 3.28 / 43   # SGLang, V4-Flash FP8 on H200, TPOT at concurrency 1 after 8K input
+HBM_BYTES_PER_S = 4.3e12          # H200 measured (TARGETS.md)
+BF16_FLOPS = 790e12
+
+
+def ints(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default="kernels,parity,model", help="sections, comma-separated")
+    p.add_argument("--layers", type=int, default=8, help="main layers of the model section (default 8)")
+    p.add_argument("--context", type=int, default=8192, help="prompt tokens before decoding (default 8192)")
+    p.add_argument("--batches", type=ints, default=[1, 32], help="decode batch sizes (default 1,32)")
+    p.add_argument("--decode-steps", type=int, default=32, help="timed decode steps per batch size")
+    p.add_argument("--kernel-tokens", type=ints, default=[1, 32, 8192], help="M of the kernel section")
+    p.add_argument("--dir", default=None, help="folder for the generated checkpoints (default: a temporary one, "
+                                               "removed at the end)")
+    p.add_argument("--device", default=None, help="default: cuda when available")
+    p.add_argument("--tiny", action="store_true", help="toy sizes (CPU check of the script)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="bench_flash_shaped.json")
+    return p.parse_args(argv)
+
+
+class Timer:
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def best(self, fn, repeats: int = 5, warmup: int = 1) -> float:
+        """Best wall time of `repeats` calls, in seconds (after `warmup` untimed calls)."""
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            self.sync()
+            t0 = time.perf_counter()
+            fn()
+            self.sync()
+            times.append(time.perf_counter() - t0)
+        return min(times)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).abs().max() / b.abs().max())
+
+
+def med(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Median over positions of max |a - b| / max |b| (robust to a routing near-tie at one position)."""
+    a, b = a.double(), b.double()
+    return float(((a - b).abs().amax(-1) / b.abs().max()).median())
+
+
+def model_config(args, layers: int, experts: int | None):
+    if args.tiny:
+        return random_like_config("tiny", layers=layers, mtp=0, experts=experts)
+    return random_like_config("deepseek-v4-flash", layers=layers, mtp=0, experts=experts)
+
+
+def write(cfg, folder: Path, device: torch.device, seed: int) -> dict:
+    t0 = time.perf_counter()
+    write_random_checkpoint(cfg, folder, seed=seed, device=device, fp8=True, fp4_experts=True, overwrite=True)
+    size = sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+    return {"write_s": time.perf_counter() - t0, "disk_gib": size / 2 ** 30}
+
+
+# ----------------------------------------------------------------------------- kernels
+def fp8_shapes(cfg) -> dict[str, tuple[int, int]]:
+    D, H, Dh, Iq = cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim, cfg.q_lora_rank
+    return {"wq_a": (Iq, D), "wq_b": (H * Dh, Iq), "wkv": (Dh, D), "wo_b": (D, cfg.o_groups * cfg.o_lora_rank),
+            "indexer.wq_b": (cfg.index_n_heads * cfg.index_head_dim, Iq),
+            "shared.w1": (cfg.moe_intermediate_size, D), "shared.w2": (D, cfg.moe_intermediate_size)}
+
+
+def random_fp8(rows: int, cols: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    return quant.quant_fp8(torch.randn(rows, cols, device=device) / cols ** 0.5)
+
+
+def random_fp4_experts(E: int, D: int, I: int, device, chunk: int = 16):
+    """Packed random experts w1, s1, w2, s2, w3, s3, quantised `chunk` experts at a time (bounded memory)."""
+    out = []
+    for rows, cols in ((I, D), (D, I), (I, D)):
+        parts = [quant.quant_fp4(torch.randn(min(chunk, E - e) * rows, cols, device=device) * (3 / cols ** 0.5))
+                 for e in range(0, E, chunk)]
+        out += [torch.cat([p for p, _ in parts]).view(E, rows, cols // 2),
+                torch.cat([s for _, s in parts]).view(E, rows, -1)]
+    return out
+
+
+@torch.no_grad()
+def section_kernels(args, device, timer) -> dict:
+    from dsv4.kernels.fp4_moe import fp4_experts
+    from dsv4.kernels.fp8_gemm import fp8_linear
+
+    cfg = model_config(args, 4, None)
+    res = {"fp8": {}, "fp4": {}}
+    for name, (N, K) in fp8_shapes(cfg).items():
+        w, s = random_fp8(N, K, device)
+        for M in args.kernel_tokens:
+            x = torch.randn(M, K, device=device, dtype=torch.bfloat16)
+            ref = x.float() @ quant.dequant_fp8(w, s).t()                                     # fp32, TF32 off
+            out, twin = fp8_linear(x, w, s), ops.fp8_linear_torch(x, w, s)
+            t_k = timer.best(lambda: fp8_linear(x, w, s))
+            t_t = timer.best(lambda: ops.fp8_linear_torch(x, w, s))
+            row = {"kernel_vs_ref": rel(out, ref), "twin_vs_ref": rel(twin, ref), "kernel_vs_twin": rel(out, twin),
+                   "kernel_us": t_k * 1e6, "twin_us": t_t * 1e6}
+            row["kernel_weight_GBps"] = (N * K + s.numel()) / t_k / 1e9
+            row["kernel_TFLOPs"] = 2 * M * N * K / t_k / 1e12
+            res["fp8"][f"{name} {N}x{K} M={M}"] = row
+            print(f"fp8 {name:13s} M={M:5d}: kernel {t_k * 1e6:8.1f} us ({row['kernel_weight_GBps']:7.1f} GB/s, "
+                  f"{row['kernel_TFLOPs']:6.1f} TFLOP/s), twin {t_t * 1e6:8.1f} us; rel err kernel "
+                  f"{row['kernel_vs_ref']:.1e} twin {row['twin_vs_ref']:.1e}", flush=True)
+    E, D, I, K = cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts_per_tok
+    ws = random_fp4_experts(E, D, I, device)
+    expert_bytes = 3 * I * D // 2 + 3 * I * D // 32
+    for M in args.kernel_tokens:
+        x = torch.randn(M, D, device=device, dtype=torch.bfloat16)
+        idx = torch.rand(M, E, device=device).argsort(-1)[:, :K]
+        weight = torch.rand(M, K, device=device)
+        out = fp4_experts(x, idx, weight, *ws, cfg.swiglu_limit)
+        twin = ops.fp4_experts_torch(x, idx, weight, *ws, cfg.swiglu_limit)
+        ref = ops.fp4_experts_torch(x.float(), idx, weight, *ws, cfg.swiglu_limit)           # fp32 matmuls
+        t_k = timer.best(lambda: fp4_experts(x, idx, weight, *ws, cfg.swiglu_limit))
+        t_t = timer.best(lambda: ops.fp4_experts_torch(x, idx, weight, *ws, cfg.swiglu_limit), repeats=2)
+        used = int(idx.unique().numel())
+        row = {"kernel_vs_ref": rel(out, ref), "twin_vs_ref": rel(twin, ref), "kernel_vs_twin": rel(out, twin),
+               "kernel_us": t_k * 1e6, "twin_us": t_t * 1e6, "experts_used": used,
+               "kernel_weight_GBps": used * expert_bytes / t_k / 1e9,
+               "kernel_TFLOPs": 2 * 3 * M * K * I * D / t_k / 1e12}
+        res["fp4"][f"E={E} D={D} I={I} top{K} M={M}"] = row
+        print(f"fp4 experts M={M:5d}: kernel {t_k * 1e6:8.1f} us ({row['kernel_weight_GBps']:7.1f} GB/s over "
+              f"{used} experts, {row['kernel_TFLOPs']:6.1f} TFLOP/s), twin {t_t * 1e6:9.1f} us; rel err kernel "
+              f"{row['kernel_vs_ref']:.1e} twin {row['twin_vs_ref']:.1e}", flush=True)
+    return res
+
+
+# ----------------------------------------------------------------------------- parity
+@torch.no_grad()
+def section_parity(args, device, timer, folder: Path) -> dict:
+    cfg = model_config(args, 4, 16 if not args.tiny else 8)
+    res = write(cfg, folder, device, args.seed)
+    S = 300 if not args.tiny else 40
+    ids = torch.randint(0, cfg.vocab_size, (2, S), generator=torch.Generator().manual_seed(1)).to(device)
+    logits = {}
+    for name, dtype, quantized in (("fp32", torch.float32, False), ("bf16", torch.bfloat16, False),
+                                   ("quantised_bf16", torch.bfloat16, True)):
+        m = load_pretrained(folder, device=device, dtype=dtype, quantized=quantized)
+        logits[name] = m(ids).float()
+        if quantized:
+            res["describe"] = quant.describe(m)
+            res.update(decode_parity(m, ids, args))
+        del m
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    shutil.rmtree(folder)
+    ref = logits["fp32"]
+    for name in ("bf16", "quantised_bf16"):
+        res[f"{name}_vs_fp32"] = {"max": rel(logits[name], ref), "median": med(logits[name], ref),
+                                  "argmax_agree": float((logits[name].argmax(-1) == ref.argmax(-1)).float().mean())}
+    res["quantised_vs_bf16_median"] = med(logits["quantised_bf16"], logits["bf16"])
+    print("parity:", json.dumps({k: v for k, v in res.items() if k.endswith(("fp32", "median"))}), flush=True)
+    return res
+
+
+def decode_parity(model, ids: torch.Tensor, args) -> dict:
+    """Decode steps replayed from CUDA graphs against eager steps, from the same prefilled state."""
+    B, S = ids.shape
+    n = 8
+    caches = [DecodeCache(model.config, B, S + n + 1, device=ids.device, dtype=torch.bfloat16) for _ in range(2)]
+    rows = torch.arange(B, device=ids.device)
+    outs = []
+    for cache, graphs in zip(caches, (False, True)):
+        first = model(ids, cache=cache, last_only=True)
+        step = DecodeGraphs(model, cache, enabled=graphs and ids.device.type == "cuda")
+        nxt, seq = first.argmax(-1, keepdim=True), []
+        for _ in range(n):
+            logits = step(nxt, rows)
+            seq.append(logits.float())
+            nxt = logits.argmax(-1, keepdim=True)
+        outs.append((torch.stack(seq, 1), step))
+    recorded = outs[1][1].graphs.get(B) is not None
+    return {"decode_graph_vs_eager": rel(outs[1][0], outs[0][0]), "decode_graph_recorded": recorded}
+
+
+# ----------------------------------------------------------------------------- the K-layer model
+@torch.no_grad()
+def section_model(args, device, timer, folder: Path) -> dict:
+    cfg = model_config(args, args.layers, None)
+    res = {"layers": cfg.num_hidden_layers, "experts": cfg.n_routed_experts, "config_ratios": list(cfg.compress_ratios)}
+    res.update(write(cfg, folder, device, args.seed))
+    print(f"wrote {res['disk_gib']:.1f} GiB in {res['write_s']:.0f} s", flush=True)
+    t0 = time.perf_counter()
+    model = load_pretrained(folder, device=device, dtype=torch.bfloat16, quantized=True)
+    timer.sync()
+    res["load_s"] = time.perf_counter() - t0
+    counted = quant.resident_bytes(model)
+    res["resident_gib"] = counted["total"] / 2 ** 30
+    res["resident_bytes"] = counted
+    res["analytic_bytes_equal"] = counted == quant.analytic_resident_bytes(model.config, torch.bfloat16, fp8=True,
+                                                                        fp4_experts=True)
+    if device.type == "cuda":
+        res["cuda_allocated_gib"] = torch.cuda.memory_allocated(device) / 2 ** 30
+    res["describe"] = quant.describe(model)
+    print(res["describe"], flush=True)
+
+    P, steps, Bmax = args.context, args.decode_steps, max(args.batches)
+    cache = DecodeCache(cfg, Bmax, P + 2 * (steps + 2) * len(args.batches) + 8, device=device, dtype=torch.bfloat16)
+    ids = torch.randint(0, cfg.vocab_size, (1, P), generator=torch.Generator().manual_seed(2)).to(device)
+    row0 = torch.zeros(1, dtype=torch.long, device=device)
+    out = {}
+
+    def prefill():
+        cache.reset(row0)
+        out["logits"] = model(ids, cache=cache, rows=row0, last_only=True)
+
+    t = timer.best(prefill, repeats=2, warmup=1 if not args.tiny else 0)
+    res["prefill_tok_s"] = P / t
+    res["prefill_s"] = t
+    if device.type == "cuda":
+        res["peak_gib_after_prefill"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+    print(f"prefill {P} tokens: {t:.2f} s, {P / t:,.0f} tok/s", flush=True)
+    copy_row(cache, 0, range(1, Bmax))            # every row continues the same 8K prefix
+
+    full = list(model.layers)
+    half = max(1, len(full) // 2)
+    res["decode"] = {}
+    for k in sorted({len(full), half}, reverse=True):
+        model.layers = torch.nn.ModuleList(full[:k])
+        for B in args.batches:
+            res["decode"][f"layers={k} batch={B}"] = decode_ms(model, cache, B, steps, timer)
+    model.layers = torch.nn.ModuleList(full)
+    K = len(full)
+    for B in args.batches:
+        total = res["decode"][f"layers={K} batch={B}"]["ms_per_step"]
+        per = {"ms_per_layer_total_over_K": total / K}
+        if half < K:
+            slope = (total - res["decode"][f"layers={half} batch={B}"]["ms_per_step"]) / (K - half)
+            per["ms_per_layer_slope"] = slope
+            per["ratio_to_sglang_per_layer"] = slope / SGLANG_MS_PER_LAYER
+        per["ratio_to_sglang_total_over_K"] = per["ms_per_layer_total_over_K"] / SGLANG_MS_PER_LAYER
+        res[f"per_layer_batch{B}"] = per
+        print(f"decode batch {B}: {total:.3f} ms/step for {K} layers; per layer {json.dumps(per)}", flush=True)
+    return res
+
+
+def copy_row(cache: DecodeCache, src: int, dst) -> None:
+    """Give rows `dst` the state of row `src` (decode cost depends on lengths, not contents)."""
+    dst = torch.as_tensor(list(dst), dtype=torch.long, device=cache.device)
+    if not dst.numel():
+        return
+    for layer in cache.layers:
+        layer.ring[dst] = layer.ring[src].clone()
+        for s in layer.states():
+            for t in (s.kv, s.score, s.entries):
+                t[dst] = t[src].clone()
+    cache.lengths[dst] = int(cache.lengths[src])
+
+
+def decode_ms(model, cache: DecodeCache, B: int, steps: int, timer: Timer) -> dict:
+    """ms per decode step for rows 0..B-1 (replayed from a CUDA graph when it records). Rows are rolled
+    back to their starting length afterwards so that every measurement decodes after the same context."""
+    rows = torch.arange(B, device=cache.device)
+    start = cache.lengths[rows].clone()
+    graphs = DecodeGraphs(model, cache)
+    nxt = torch.ones(B, 1, dtype=torch.long, device=cache.device)
+    graphs(nxt, rows)                                            # eager warm-up, records the graph
+    graphs(nxt, rows)
+    mode = "graph" if graphs.enabled and graphs.graphs.get(B) is not None else "eager"
+
+    def run():
+        for _ in range(steps):
+            graphs(nxt, rows)
+
+    timer.sync()
+    t = timer.best(run, repeats=2, warmup=0)
+    cache.lengths[rows] = start
+    return {"ms_per_step": t / steps * 1e3, "mode": mode, "context": int(start[0])}
+
+
+# ----------------------------------------------------------------------------- main
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.tiny:
+        args.layers, args.context = min(args.layers, 4), min(args.context, 64)
+        args.batches, args.decode_steps = [1, 4], min(args.decode_steps, 4)
+        args.kernel_tokens = [1, 5]
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    timer = Timer(device)
+    sections = set(args.only.split(","))
+    results = {"args": vars(args), "environment": describe_environment(device),
+               "ops_backends": ops.backend_choices(device.type), "sglang_ms_per_layer": SGLANG_MS_PER_LAYER}
+    def save():   # after every section, so that a later failure keeps the earlier results
+        Path(args.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+    if "kernels" in sections:
+        if device.type == "cpu" and not ops.triton_available():
+            results["kernels"] = "skipped: no triton"
+        elif device.type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+            results["kernels"] = "skipped: on CPU the kernels need TRITON_INTERPRET=1"
+        else:
+            results["kernels"] = section_kernels(args, device, timer)
+        save()
+    with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
+        if "parity" in sections:
+            results["parity"] = section_parity(args, device, timer, Path(tmp) / "parity")
+            save()
+        if "model" in sections:
+            results["model"] = section_model(args, device, timer, Path(tmp) / "model")
+            save()
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,246 @@
+"""Grouped MoE expert GEMMs on FP4 e2m1 weights in Triton (routed experts of the DeepSeek-V4 releases).
+
+Spec: ARCHITECTURE.md §8.4 (clamped SwiGLU, routing weight before w2), §11.1 (FP4 experts: int8 bytes
+holding two e2m1 codes, the low nibble the even element, one e8m0 scale per 1×32 block along K).
+
+    y_t = Σ_k W2[e_k] · (weight_tk · SwiGLU(W1[e_k] x_t, W3[e_k] x_t))
+
+Two kernels over the (token, expert) pairs, with no host synchronisation (CUDA-graph capturable):
+  1. `_fp4_up_kernel`: per block of pairs of one expert, g = x·W1ᵀ and u = x·W3ᵀ (x rows gathered by
+     token), the clamped SwiGLU and the routing weight in fp32, h stored in the activation dtype;
+  2. `_fp4_down_kernel`: out = h·W2ᵀ per pair.
+The per-token sum of the K pair outputs is a plain reduction afterwards (no atomics: deterministic).
+
+Pairs are sorted by expert and each expert's run is padded to whole blocks of BM rows (`_align`,
+vectorised torch ops): `row_map` gives each padded row its pair (or −1) and `block_expert` each block
+its expert (or −1). The grid has the static upper bound of blocks; programs of unused blocks do no
+work. Expert ids outside [0, E) mean "not on this device" (expert parallelism): those pairs give 0.
+
+Weights are decoded in registers: e2m1 code -> fp32 by integer operations, times the e8m0 block scale
+(exact in bf16: a 2-bit significand times a power of two), then a plain `tl.dot` with fp32
+accumulation. The packed layout is consumed without unpacking: the even columns of x meet the low
+nibbles, the odd columns the high nibbles, two dots per K tile. No Hopper-only instructions. Under
+`TRITON_INTERPRET=1` dots run in fp32 with one small tile configuration (and, as in fp8_gemm, only
+core `tl` builtins are used).
+
+Twin: `dsv4.ops.fp4_experts_torch` (same signature).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .fp8_gemm import INTERPRET, e8m0_to_fp32
+
+
+@triton.jit
+def e2m1_to_fp32(c):
+    """e2m1 codes (int32, 0..15) -> fp32: 0, .5, 1, 1.5, 2, 3, 4, 6 and their negatives (bit 3 = sign)."""
+    m = c & 7
+    normal = ((m << 22) + (126 << 23)).to(tl.float32, bitcast=True)    # m >= 2: 2^((m>>1)-1)·(1 + (m&1)/2)
+    v = tl.where(m < 2, m.to(tl.float32) * 0.5, normal)
+    return tl.where((c & 8) != 0, -v, v)
+
+
+@triton.jit
+def _fp4_tile(w_ptrs, s_ptrs, mask):
+    """Packed bytes [BN, BK/2] and their scales -> (even-column, odd-column) weights [BN, BK/2] in fp32."""
+    b = tl.load(w_ptrs, mask=mask, other=0).to(tl.int32) & 0xFF
+    s = e8m0_to_fp32(tl.load(s_ptrs, mask=mask, other=127).to(tl.int32))
+    return e2m1_to_fp32(b & 0xF) * s, e2m1_to_fp32(b >> 4) * s
+
+
+@triton.jit
+def _dot2(a_even, a_odd, w_even, w_odd, acc, DOT_FP32: tl.constexpr):
+    """acc + a_even · w_evenᵀ + a_odd · w_oddᵀ; the fp32 weights are cast to the activation dtype (exact)."""
+    if DOT_FP32:
+        acc = tl.dot(a_even.to(tl.float32), tl.trans(w_even), acc, input_precision="ieee")
+        acc = tl.dot(a_odd.to(tl.float32), tl.trans(w_odd), acc, input_precision="ieee")
+    else:
+        acc = tl.dot(a_even, tl.trans(w_even.to(a_even.dtype)), acc)
+        acc = tl.dot(a_odd, tl.trans(w_odd.to(a_odd.dtype)), acc)
+    return acc
+
+
+@triton.jit
+def _fp4_up_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, rw_ptr, row_map_ptr, block_expert_ptr, h_ptr,
+                   D, I, TOPK, n_blocks, limit,
+                   stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
+                   HAS_LIMIT: tl.constexpr, DOT_FP32: tl.constexpr,
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid_n = tl.program_id(1)
+    HK: tl.constexpr = BK // 2
+    # one iteration for a used block, none for the unused tail of the static grid
+    for blk in range(tl.program_id(0), tl.load(n_blocks), tl.num_programs(0)):
+        e = tl.load(block_expert_ptr + blk).to(tl.int64)
+        rows = tl.load(row_map_ptr + blk * BM + tl.arange(0, BM))               # [BM] pair ids, -1 = padding
+        valid = rows >= 0
+        tok = tl.where(valid, rows // TOPK, 0).to(tl.int64)
+        rn = pid_n * BN + tl.arange(0, BN)
+        n_ok = rn < I
+        j = tl.arange(0, HK)
+        acc_g = tl.full((BM, BN), 0.0, tl.float32)
+        acc_u = tl.full((BM, BN), 0.0, tl.float32)
+        w_off = e * stride_we + rn[:, None] * stride_wn
+        s_off = e * stride_se + rn[:, None] * stride_sn
+        for k0 in range(0, D, BK):
+            kk = k0 + 2 * j                                                      # even columns of this tile
+            k_ok = kk < D
+            a_mask = valid[:, None] & k_ok[None, :]
+            xe = tl.load(x_ptr + tok[:, None] * stride_xm + kk[None, :], mask=a_mask, other=0.0)
+            xo = tl.load(x_ptr + tok[:, None] * stride_xm + kk[None, :] + 1, mask=a_mask, other=0.0)
+            w_mask = n_ok[:, None] & k_ok[None, :]
+            byte = (k0 // 2 + j)[None, :]
+            blk32 = (kk // 32)[None, :]
+            w1e, w1o = _fp4_tile(w1_ptr + w_off + byte, s1_ptr + s_off + blk32, w_mask)
+            acc_g = _dot2(xe, xo, w1e, w1o, acc_g, DOT_FP32)
+            w3e, w3o = _fp4_tile(w3_ptr + w_off + byte, s3_ptr + s_off + blk32, w_mask)
+            acc_u = _dot2(xe, xo, w3e, w3o, acc_u, DOT_FP32)
+        g, u = acc_g, acc_u
+        if HAS_LIMIT:                                    # spec §8.4: up in [-limit, limit], gate <= limit
+            u = tl.minimum(tl.maximum(u, -limit), limit)
+            g = tl.minimum(g, limit)
+        rw = tl.load(rw_ptr + tl.where(valid, rows, 0), mask=valid, other=0.0).to(tl.float32)
+        h = g / (1.0 + tl.exp(-g)) * u * rw[:, None]                       # silu(g) · u · routing weight
+        h_ptrs = h_ptr + tl.where(valid, rows, 0).to(tl.int64)[:, None] * stride_hm + rn[None, :]
+        tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def _fp4_down_kernel(h_ptr, w2_ptr, s2_ptr, row_map_ptr, block_expert_ptr, out_ptr,
+                     D, I, n_blocks, stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
+                     DOT_FP32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    pid_n = tl.program_id(1)
+    HK: tl.constexpr = BK // 2
+    for blk in range(tl.program_id(0), tl.load(n_blocks), tl.num_programs(0)):
+        e = tl.load(block_expert_ptr + blk).to(tl.int64)
+        rows = tl.load(row_map_ptr + blk * BM + tl.arange(0, BM))
+        valid = rows >= 0
+        r = tl.where(valid, rows, 0).to(tl.int64)
+        rn = pid_n * BN + tl.arange(0, BN)
+        n_ok = rn < D
+        j = tl.arange(0, HK)
+        acc = tl.full((BM, BN), 0.0, tl.float32)
+        w_off = e * stride_we + rn[:, None] * stride_wn
+        s_off = e * stride_se + rn[:, None] * stride_sn
+        for k0 in range(0, I, BK):
+            kk = k0 + 2 * j
+            k_ok = kk < I
+            a_mask = valid[:, None] & k_ok[None, :]
+            he = tl.load(h_ptr + r[:, None] * stride_hm + kk[None, :], mask=a_mask, other=0.0)
+            ho = tl.load(h_ptr + r[:, None] * stride_hm + kk[None, :] + 1, mask=a_mask, other=0.0)
+            we, wo = _fp4_tile(w2_ptr + w_off + (k0 // 2 + j)[None, :], s2_ptr + s_off + (kk // 32)[None, :],
+                               n_ok[:, None] & k_ok[None, :])
+            acc = _dot2(he, ho, we, wo, acc, DOT_FP32)
+        tl.store(out_ptr + r[:, None] * stride_om + rn[None, :], acc.to(out_ptr.dtype.element_ty),
+                 mask=valid[:, None] & n_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- launch
+def _align(idx: torch.Tensor, n_experts: int, bm: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pairs sorted by expert, each expert's run padded to whole blocks of bm rows, on the device.
+
+    Returns row_map [B·bm] (pair id or −1), block_expert [B] (expert or −1) and the used block count
+    [1], where B = NK // bm + min(E, NK) + 1 bounds the blocks from the shapes alone."""
+    E = n_experts
+    flat = idx.reshape(-1)
+    NK = flat.numel()
+    key = torch.where((flat >= 0) & (flat < E), flat, E)                      # foreign experts: sorted last
+    _, order = torch.sort(key, stable=True)                                   # [NK] pairs by expert
+    counts = torch.zeros(E + 1, dtype=torch.long, device=idx.device).scatter_add_(
+        0, key, torch.ones_like(key))[:E]                                      # [E]
+    blocks = (counts + bm - 1) // bm                                          # [E]
+    block_end = torch.cumsum(blocks, 0)                                       # [E]
+    pair_start = torch.cumsum(counts, 0) - counts                             # [E] first sorted pair
+    B = NK // bm + min(E, NK) + 1
+    expert = torch.searchsorted(block_end, torch.arange(B, device=idx.device), right=True)   # [B] in [0, E]
+    used = expert < E
+    block_expert = torch.where(used, expert, -1).to(torch.int32)
+    r = torch.arange(B * bm, device=idx.device)
+    e = expert.clamp(max=E - 1).repeat_interleave(bm)                         # [B·bm]
+    j = r - (block_end[e] - blocks[e]) * bm                                   # row within the expert's run
+    ok = used.repeat_interleave(bm) & (j < counts[e])
+    row_map = torch.where(ok, order[(pair_start[e] + j).clamp(0, max(NK - 1, 0))], -1).to(torch.int32)
+    return row_map, block_expert, block_end[-1:].to(torch.int32)
+
+
+def _tiles(pairs_per_expert: float) -> tuple[int, dict]:
+    if INTERPRET:
+        return 16, dict(BN=32, BK=32, num_warps=4, num_stages=1)
+    if pairs_per_expert <= 16:   # decode: memory-bound, one or two pairs per expert
+        return 16, dict(BN=64, BK=128, num_warps=4, num_stages=3)
+    if pairs_per_expert <= 64:
+        return 32, dict(BN=64, BK=128, num_warps=4, num_stages=3)
+    return 64, dict(BN=128, BK=64, num_warps=8, num_stages=3)
+
+
+def _check(x, idx, weight, w1, s1, w2, s2, w3, s3) -> None:
+    E, I, half = w1.shape
+    D = x.shape[-1]
+    if x.dim() != 2 or idx.dim() != 2 or weight.shape != idx.shape:
+        raise ValueError(f"x must be [N, D], idx and weight [N, K]; got {tuple(x.shape)}, {tuple(idx.shape)}, "
+                         f"{tuple(weight.shape)}")
+    shapes = {"w1": (w1, (E, I, D // 2)), "w3": (w3, (E, I, D // 2)), "w2": (w2, (E, D, I // 2)),
+              "s1": (s1, (E, I, D // 32)), "s3": (s3, (E, I, D // 32)), "s2": (s2, (E, D, I // 32))}
+    for name, (t, want) in shapes.items():
+        packed = name.startswith("w")
+        if tuple(t.shape) != want or t.dtype != (torch.int8 if packed else torch.float8_e8m0fnu):
+            raise ValueError(f"{name} must be {'int8 (two e2m1 codes per byte)' if packed else 'float8_e8m0fnu'} "
+                             f"of shape {want} for x [N, {D}] and {E} experts of width {I}; got {t.dtype} "
+                             f"{tuple(t.shape)}")
+    if D % 32 or I % 32 or x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"the Triton FP4 experts need D and I multiples of 32 and bf16/fp16/fp32 activations; "
+                         f"got D={D}, I={I}, {x.dtype}")
+
+
+def _fp4_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor,
+             w2: torch.Tensor, s2: torch.Tensor, w3: torch.Tensor, s3: torch.Tensor, limit: float) -> torch.Tensor:
+    N, K = idx.shape
+    E, I, _ = w1.shape
+    D = x.shape[1]
+    NK = N * K
+    out = torch.zeros(NK, D, dtype=x.dtype, device=x.device)                  # [N·K, D] pairs
+    if NK == 0:
+        return out.view(N, K, D).sum(1)
+    bm, cfg = _tiles(NK / min(E, NK))
+    row_map, block_expert, n_blocks = _align(idx, E, bm)
+    B = block_expert.numel()
+    x = x.contiguous()
+    h = torch.empty(NK, I, dtype=x.dtype, device=x.device)                    # [N·K, I]
+    rw = weight.reshape(-1).float().contiguous()                              # [N·K]
+    s1u, s2u, s3u = (s.contiguous().view(torch.uint8) for s in (s1, s2, s3))
+    w1, w2, w3 = (w.contiguous() for w in (w1, w2, w3))
+    dot32 = INTERPRET or x.dtype == torch.float32
+    _fp4_up_kernel[(B, triton.cdiv(I, cfg["BN"]))](
+        x, w1, s1u, w3, s3u, rw, row_map, block_expert, h, D, I, K, n_blocks, float(limit),
+        x.stride(0), w1.stride(0), w1.stride(1), s1u.stride(0), s1u.stride(1), h.stride(0),
+        HAS_LIMIT=limit > 0, DOT_FP32=dot32, BM=bm, **cfg)
+    _fp4_down_kernel[(B, triton.cdiv(D, cfg["BN"]))](
+        h, w2, s2u, row_map, block_expert, out, D, I, n_blocks,
+        h.stride(0), w2.stride(0), w2.stride(1), s2u.stride(0), s2u.stride(1), out.stride(0),
+        DOT_FP32=dot32, BM=bm, **cfg)
+    return out.view(N, K, D).sum(1)                                           # [N, D], K outputs per token
+
+
+@torch.library.custom_op("dsv4::fp4_moe", mutates_args=())
+def _fp4_moe_op(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor,
+                w2: torch.Tensor, s2: torch.Tensor, w3: torch.Tensor, s3: torch.Tensor, limit: float) -> torch.Tensor:
+    return _fp4_moe(x, idx, weight, w1, s1, w2, s2, w3, s3, limit)
+
+
+@_fp4_moe_op.register_fake
+def _(x, idx, weight, w1, s1, w2, s2, w3, s3, limit):
+    return torch.empty_like(x)
+
+
+def fp4_experts(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor,
+                w2: torch.Tensor, s2: torch.Tensor, w3: torch.Tensor, s3: torch.Tensor, limit: float) -> torch.Tensor:
+    """Routed experts on FP4 weights: x [N, D], idx [N, K] (ids outside [0, E) contribute nothing), weight
+    [N, K] routing weights; w1, w3 int8 [E, I, D/2], w2 int8 [E, D, I/2] (two e2m1 codes per byte, low
+    nibble first); s1, s3 e8m0 [E, I, D/32], s2 e8m0 [E, D, I/32]. -> [N, D] in x's dtype.
+    Twin: `dsv4.ops.fp4_experts_torch`."""
+    _check(x, idx, weight, w1, s1, w2, s2, w3, s3)
+    if torch.compiler.is_compiling():
+        return _fp4_moe_op(x, idx, weight, w1, s1, w2, s2, w3, s3, float(limit))
+    return _fp4_moe(x, idx, weight, w1, s1, w2, s2, w3, s3, float(limit))
