@@ -8,6 +8,7 @@
 Rows (each: tokens/s, step time, MFU, peak memory):
   dsv4 bf16          bf16 weights (fp32 mHC/sink/ape/router bias), forward + next-token CE + backward
   dsv4 bf16 ckpt     the same with activation checkpointing (`--ckpt`)
+  dsv4 bf16 graph    the same step captured in a CUDA graph and replayed (`--graph`): no Python/launch cost
   dsv4 recipe        what `dsv4 train` runs per step: fp32 master weights under bf16 autocast, next-token +
                      MTP + balance losses, backward, Muon+AdamW step (`--recipe`)
   transformers bf16  DeepseekV4ForCausalLM(config).to(bf16), forward with labels + backward (`--peer`)
@@ -63,6 +64,38 @@ def dsv4_step_fn(cfg: ModelConfig, dev: torch.device, B: int, S: int, dtype: tor
         loss.backward()
         for p in model.parameters():
             p.grad = None
+        return float(loss.detach())
+    return step
+
+
+def dsv4_graph_step_fn(cfg: ModelConfig, dev: torch.device, B: int, S: int, dtype: torch.dtype):
+    """The `dsv4 bf16` step (forward, CE, backward) captured once in a CUDA graph and replayed: what the
+    step costs on the GPU alone, without Python and launch overhead (static shapes, no host syncs)."""
+    torch.manual_seed(0)
+    model = Transformer(cfg)
+    model = (model.to_dtype(dtype) if dtype != torch.float32 else model).to(dev).train()
+    ids = torch.randint(0, cfg.vocab_size, (B, S + 1), device=dev)
+
+    def fwd_bwd():
+        logits = model(ids[:, :-1])
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten())
+        loss.backward()
+        return loss
+
+    side = torch.cuda.Stream(dev)
+    side.wait_stream(torch.cuda.current_stream(dev))
+    with torch.cuda.stream(side):            # warm-up (kernel compilation, allocator) off the capture stream
+        for _ in range(2):
+            fwd_bwd()
+            for p in model.parameters():
+                p.grad = None
+    torch.cuda.current_stream(dev).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):            # gradients are None here: each replay writes them afresh
+        loss = fwd_bwd()
+
+    def step():
+        graph.replay()
         return float(loss.detach())
     return step
 
@@ -152,6 +185,7 @@ def main(argv=None) -> int:
     ap.add_argument("--peer", action="store_true", help="also time transformers' DeepseekV4ForCausalLM")
     ap.add_argument("--ckpt", action="store_true", help="also time dsv4 with activation checkpointing")
     ap.add_argument("--recipe", action="store_true", help="also time the full training-loop step")
+    ap.add_argument("--graph", action="store_true", help="also time the dsv4 step replayed from a CUDA graph")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny preset, fp32: checks that everything runs")
     ap.add_argument("--out", default=None, help="write the results as JSON here")
     args = ap.parse_args(argv)
@@ -170,6 +204,8 @@ def main(argv=None) -> int:
     jobs = [(f"dsv4 {tag}", lambda: dsv4_step_fn(cfg, dev, B, S, dtype, False), fl["total"])]
     if args.ckpt:
         jobs.append((f"dsv4 {tag} ckpt", lambda: dsv4_step_fn(cfg, dev, B, S, dtype, True), fl["total"]))
+    if args.graph and dev.type == "cuda":
+        jobs.append((f"dsv4 {tag} graph", lambda: dsv4_graph_step_fn(cfg, dev, B, S, dtype), fl["total"]))
     if args.recipe:
         jobs.append(("dsv4 recipe", lambda: recipe_step_fn(cfg, dev, B, S), fl_mtp["total"]))
     if args.peer:

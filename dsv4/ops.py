@@ -559,8 +559,9 @@ def moe_experts_loop(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w
 
 # ----------------------------------------------------------------------------- Triton entry points
 # Thin adapters from the twins' signatures to `dsv4.kernels` (imported on first use). Gradients: the
-# sparse attention has its own backward kernel; the small mHC and pooling kernels are differentiated by
-# recomputing their twin in the backward pass.
+# sparse attention and Sinkhorn have their own backward kernels; the compressor pooling is differentiated
+# by recomputing its twin in the backward pass; the fused mHC and norm/RoPE kernels run without gradients
+# (with gradients the twins run).
 def _needs_grad(*ts) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
 
@@ -585,8 +586,11 @@ class _SinkhornFn(torch.autograd.Function):
         return mhc.split_sinkhorn(mixes, scale, base, n, iters, eps)
 
     @staticmethod
-    def backward(ctx, *grads):
-        return (*_twin_grads(hc_split_sinkhorn_torch, ctx.saved_tensors, ctx.static, grads), None, None, None)
+    def backward(ctx, dpre, dpost, dcomb):
+        from dsv4.kernels import mhc
+        mixes, scale, base = ctx.saved_tensors
+        dmix, dscale, dbase = mhc.split_sinkhorn_backward(mixes, scale, base, *ctx.static, dpre, dpost, dcomb)
+        return dmix.to(mixes.dtype), dscale.to(scale.dtype), dbase.to(base.dtype), None, None, None
 
 
 def hc_split_sinkhorn_triton(mixes, scale, base, n, iters, eps):

@@ -147,14 +147,18 @@ def test_sinkhorn_equals_twin():
     want = ops.hc_split_sinkhorn_torch(mixes, scale, base, n, 20, 1e-6)
     for a, b in zip(got, want):
         assert rel(a, b) < 1e-6
-    # gradients through the table's entry point (backward by the twin)
-    leaves = [t.float().to(DEV).requires_grad_() for t in (mixes, scale, base)]
-    outs = ops.hc_split_sinkhorn_triton(*leaves, n, 20, 1e-6)
-    sum(o.square().sum() for o in outs).backward()
-    ref = [t.clone().requires_grad_() for t in (mixes, scale, base)]
-    sum(o.square().sum() for o in ops.hc_split_sinkhorn_torch(*ref, n, 20, 1e-6)).backward()
-    for a, b in zip(leaves, ref):
-        assert rel(a.grad, b.grad) < 1e-5
+    # gradients through the table's entry point (the backward kernel) against float64 autograd, with all
+    # outputs used and with comb alone (the other output gradients None)
+    w = [torch.randn(o.shape, generator=g, dtype=torch.float64) for o in want]
+    for used in ((0, 1, 2), (2,)):
+        leaves = [t.float().to(DEV).requires_grad_() for t in (mixes, scale, base)]
+        outs = ops.hc_split_sinkhorn_triton(*leaves, n, 20, 1e-6)
+        sum((outs[i] * w[i].float().to(DEV)).sum() for i in used).backward()
+        ref = [t.clone().requires_grad_() for t in (mixes, scale, base)]
+        outs = ops.hc_split_sinkhorn_torch(*ref, n, 20, 1e-6)
+        sum((outs[i] * w[i]).sum() for i in used).backward()
+        for a, b in zip(leaves, ref):
+            assert rel(a.grad, b.grad) < 1e-5
 
 
 def test_backend_table_override_and_description(monkeypatch):

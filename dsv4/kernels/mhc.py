@@ -165,3 +165,93 @@ def hc_post(f, residual, post, comb, block_t: int = 4, block_d: int = 128):
             f.reshape(T, D).contiguous(), hv, post.reshape(T, n).float().contiguous(),
             comb.reshape(T, n, n).float().contiguous(), out, T, D, NS=n, BLOCK_T=block_t, BLOCK_D=bd)
     return out.view(residual.shape)
+
+
+@triton.jit
+def _norm_step(c, j, eps):
+    """Normalisation step j ≥ 1 of the Sinkhorn sequence: j = 1 and odd j divide by column sums, even j by
+    row sums (comb [BLOCK, N, N], sums over axis 1 = columns, axis 2 = rows)."""
+    if j % 2 == 1:
+        c = c / (tl.sum(c, 1)[:, None, :] + eps)
+    else:
+        c = c / (tl.sum(c, 2)[:, :, None] + eps)
+    return c
+
+
+@triton.jit
+def _sinkhorn_bwd_kernel(MIX, SCALE, BASE, DPRE, DPOST, DCOMB, DMIX, DSB, N_TOK, eps,
+                         ITERS: tl.constexpr, NS: tl.constexpr, BLOCK: tl.constexpr):
+    """Gradient of `split_sinkhorn` for BLOCK tokens. The 2·ITERS − 1 normalisation steps are replayed
+    from the softmax for each step's input (ITERS² cheap in-register steps, no stored history).
+    DSB [grid, 3 + (2+N)·N]: this block's partial sums for d scale and d base."""
+    pid = tl.program_id(0)
+    t = pid * BLOCK + tl.arange(0, BLOCK)
+    tm = t < N_TOK
+    i = tl.arange(0, NS)
+    width = (2 + NS) * NS
+    row = MIX + t.to(tl.int64)[:, None] * width
+    drow = DMIX + t.to(tl.int64)[:, None] * width
+    s0 = tl.load(SCALE)
+    s1 = tl.load(SCALE + 1)
+    s2 = tl.load(SCALE + 2)
+    # gates: pre = σ(a s0 + b) + eps, post = 2 σ(a s1 + b)
+    a_pre = tl.load(row + i[None, :], mask=tm[:, None], other=0.0)
+    a_post = tl.load(row + NS + i[None, :], mask=tm[:, None], other=0.0)
+    g_pre = tl.sigmoid(a_pre * s0 + tl.load(BASE + i)[None, :])
+    g_post = tl.sigmoid(a_post * s1 + tl.load(BASE + NS + i)[None, :])
+    dz_pre = tl.load(DPRE + t[:, None] * NS + i[None, :], mask=tm[:, None], other=0.0) * g_pre * (1 - g_pre)
+    dz_post = 2 * tl.load(DPOST + t[:, None] * NS + i[None, :], mask=tm[:, None], other=0.0) * g_post * (1 - g_post)
+    tl.store(drow + i[None, :], dz_pre * s0, mask=tm[:, None])
+    tl.store(drow + NS + i[None, :], dz_post * s1, mask=tm[:, None])
+    # comb: c0 = softmax(a s2 + b) + eps, then the normalisation steps 1 .. 2·ITERS − 1
+    jk = i[:, None] * NS + i[None, :]
+    a_c = tl.load(row[:, :, None] + 2 * NS + jk[None, :, :], mask=tm[:, None, None], other=0.0)
+    z = a_c * s2 + tl.load(BASE + 2 * NS + jk)[None, :, :]
+    p = tl.exp(z - tl.max(z, 2)[:, :, None])
+    p = p / tl.sum(p, 2)[:, :, None]
+    c0 = p + eps
+    g = tl.load(DCOMB + t.to(tl.int64)[:, None, None] * (NS * NS) + jk[None, :, :], mask=tm[:, None, None], other=0.0)
+    for jj in range(0, 2 * ITERS - 1):
+        j = 2 * ITERS - 1 - jj                       # backward through step j: needs its input x_{j-1}
+        x = c0
+        for r in range(1, j):
+            x = _norm_step(x, r, eps)
+        if j % 2 == 1:
+            s = tl.sum(x, 1)[:, None, :] + eps
+            g = g / s - tl.sum(g * x, 1)[:, None, :] / (s * s)
+        else:
+            s = tl.sum(x, 2)[:, :, None] + eps
+            g = g / s - tl.sum(g * x, 2)[:, :, None] / (s * s)
+    dz = p * (g - tl.sum(g * p, 2)[:, :, None])                                     # softmax backward
+    dz = tl.where(tm[:, None, None], dz, 0.0)
+    tl.store(drow[:, :, None] + 2 * NS + jk[None, :, :], dz * s2, mask=tm[:, None, None])
+    # partial sums of d scale and d base over this block's tokens
+    out = DSB + pid * (3 + width)
+    dz_pre = tl.where(tm[:, None], dz_pre, 0.0)
+    dz_post = tl.where(tm[:, None], dz_post, 0.0)
+    tl.store(out, tl.sum(tl.sum(dz_pre * a_pre, 1), 0))
+    tl.store(out + 1, tl.sum(tl.sum(dz_post * a_post, 1), 0))
+    tl.store(out + 2, tl.sum(tl.sum(tl.sum(dz * a_c, 2), 1), 0))
+    tl.store(out + 3 + i, tl.sum(dz_pre, 0))
+    tl.store(out + 3 + NS + i, tl.sum(dz_post, 0))
+    tl.store(out + 3 + 2 * NS + jk, tl.sum(dz, 0))
+
+
+def split_sinkhorn_backward(mixes, scale, base, n, iters, eps, dpre, dpost, dcomb, block: int = 64):
+    """(d mixes, d scale, d base) of `split_sinkhorn` given the output gradients (None = zeros)."""
+    lead = mixes.shape[:-1]
+    width = (2 + n) * n
+    mix = mixes.float().reshape(-1, width).contiguous()
+    T = mix.shape[0]
+    z = lambda shape: torch.zeros(shape, device=mix.device, dtype=torch.float32)
+    dpre = z((T, n)) if dpre is None else dpre.float().reshape(T, n).contiguous()
+    dpost = z((T, n)) if dpost is None else dpost.float().reshape(T, n).contiguous()
+    dcomb = z((T, n, n)) if dcomb is None else dcomb.float().reshape(T, n, n).contiguous()
+    dmix = torch.empty_like(mix)
+    grid = triton.cdiv(T, block)
+    dsb = z((max(grid, 1), 3 + width))
+    if T:
+        _sinkhorn_bwd_kernel[(grid,)](mix, scale.float().contiguous(), base.float().contiguous(), dpre, dpost, dcomb,
+                                      dmix, dsb, T, eps, ITERS=iters, NS=n, BLOCK=block)
+    sums = dsb.sum(0)
+    return dmix.view(*lead, width), sums[:3], sums[3:]
