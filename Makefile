@@ -14,8 +14,9 @@ $(STAMP): requirements.txt pyproject.toml
 
 setup: $(STAMP)
 
+# -v: one line per test as it finishes (name, PASSED, percent done); the 25 slowest tests at the end
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -x -p no:cacheprovider
+	$(BIN)/python -m pytest tests -x -p no:cacheprovider -v --durations=25
 
 demo: $(STAMP)
 	$(BIN)/python -m dsv4 demo --out runs/demo

@@ -726,6 +726,7 @@ def _write_folder(groups: list[_Group], cfg: ModelConfig, path: Path, fp8, fp4_e
     n = len(shards)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    tmp.chmod(0o777 & ~_umask())   # mkdtemp makes it 0700; the finished folder gets the usual mode
     show = progress if progress is not None else len(groups) > PROGRESS_MIN_TENSORS
     bar = tqdm(total=len(groups), desc=f"writing {path.name}", unit="tensor", disable=not show)
     try:
@@ -764,6 +765,12 @@ def _config_dict(cfg: ModelConfig, fp8: bool, fp4_experts: bool, dtype: torch.dt
         d["expert_dtype"] = "fp4"
     d["torch_dtype"] = str(dtype).removeprefix("torch.")
     return d
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _replace(tmp: Path, path: Path) -> None:

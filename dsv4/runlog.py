@@ -218,8 +218,13 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     manifest_path = path / MANIFEST
     if not manifest_path.exists():
         raise CheckpointError(f"{path} has no {MANIFEST}: it is not a complete checkpoint")
-    manifest = json.loads(manifest_path.read_text())
-    for name, info in manifest["files"].items():
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"].items()
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{manifest_path} is not a valid checkpoint manifest (corrupted); delete {path} "
+                              "to resume from the previous checkpoint") from None
+    for name, info in files:
         f = path / name
         if not f.exists():
             raise CheckpointError(f"{f} is listed in the manifest but missing; delete {path} to resume "
@@ -227,8 +232,12 @@ def read_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
         if f.stat().st_size != info["bytes"] or sha256_file(f) != info["sha256"]:
             raise CheckpointError(f"{f} does not match its sha256 in {manifest_path} (corrupted); delete "
                                   f"{path} to resume from the previous checkpoint")
-    return {name: torch.load(path / name, map_location=map_location, weights_only=True)
-            for name in manifest["files"]}
+    try:
+        return {name: torch.load(path / name, map_location=map_location, weights_only=True)
+                for name in manifest["files"]}
+    except Exception as exc:   # matches its checksum but torch cannot read it (written by another version?)
+        raise CheckpointError(f"{path} could not be loaded ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}); "
+                              f"delete {path} to resume from the previous checkpoint") from None
 
 
 def prune_checkpoints(root: Path, keep: int) -> None:
