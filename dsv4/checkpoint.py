@@ -747,6 +747,8 @@ def _write_folder(groups: list[_Group], cfg: ModelConfig, path: Path, fp8, fp4_e
             for f in TOKENIZER_FILES:
                 if (Path(tokenizer_dir) / f).is_file():
                     shutil.copy2(Path(tokenizer_dir) / f, tmp / f)
+        for f in tmp.iterdir():   # safetensors writes its files 0600
+            f.chmod(0o666 & ~_umask())
         _replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -63,10 +63,25 @@ MAX_WS = 32      # whitespace bytes in a row between tokens (a model cannot pad 
 
 # A state is (mode, aux, stack): stack is a tuple of "o"/"a" (open objects/arrays), aux depends on the
 # mode (key/value string, bytes left in a literal or a \\u escape, whitespace bytes in a row between
-# tokens).
+# tokens, the rest of a UTF-8 character).
 START, OBJ_FIRST, OBJ_KEY, COLON, VALUE, ARR_FIRST, AFTER, DONE = range(8)
-STR, ESC, UHEX, LIT = range(8, 12)
-NUM_MINUS, NUM_ZERO, NUM_INT, FRAC0, FRAC, EXP0, EXP_SIGN, EXP = range(12, 20)
+STR, ESC, UHEX, LIT, UTF8 = range(8, 13)
+NUM_MINUS, NUM_ZERO, NUM_INT, FRAC0, FRAC, EXP0, EXP_SIGN, EXP = range(13, 21)
+# UTF-8 inside strings (RFC 3629): a lead byte, then continuation bytes 80-BF, except that the first
+# one is narrower after E0 (no overlong forms), ED (no surrogates), F0 and F4 (nothing past U+10FFFF).
+_UTF8_FIRST = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F), 0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}
+
+
+def _utf8_lead(b: int):
+    """(continuation bytes that follow, range of the next one) for a lead byte, or None."""
+    if 0xC2 <= b <= 0xDF:
+        return 1, (0x80, 0xBF)
+    if 0xE0 <= b <= 0xEF:
+        return 2, _UTF8_FIRST.get(b, (0x80, 0xBF))
+    if 0xF0 <= b <= 0xF4:
+        return 3, _UTF8_FIRST.get(b, (0x80, 0xBF))
+    return None
+
 _NUMBER_END = {NUM_ZERO, NUM_INT, FRAC, EXP}     # a number may end in these modes
 
 
@@ -102,7 +117,15 @@ def json_step(state: tuple, b: int):
             return (COLON, None, stack) if aux == "k" else (AFTER, None, stack)
         if b == 0x5C:
             return ESC, aux, stack
+        if b >= 0x80:
+            lead = _utf8_lead(b)
+            return None if lead is None else (UTF8, (aux, *lead), stack)
         return None if b < 0x20 else state
+    if mode == UTF8:
+        kind, left, (lo, hi) = aux
+        if not lo <= b <= hi:
+            return None
+        return (STR, kind, stack) if left == 1 else (UTF8, (kind, left - 1, (0x80, 0xBF)), stack)
     if mode == ESC:
         if b == ord("u"):
             return UHEX, (aux, 4), stack
@@ -189,6 +212,18 @@ def _byte_decoder() -> dict[str, int]:
     return {chr(c): b for b, c in zip(keep, chars)}
 
 
+def _plain(data: bytes) -> bool:
+    """Whether these bytes, inside a string, leave it as they found it: no quote, backslash or control
+    byte, and whole UTF-8 characters."""
+    if any(b < 0x20 or b in (0x22, 0x5C) for b in data):
+        return False
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
 class JsonVocab:
     """The byte strings of a tokenizer's tokens and the tries the JSON masks walk, built once per
     tokenizer (`JsonVocab.of(tokenizer)`). Added tokens (special, chat) have no bytes: never allowed,
@@ -214,7 +249,7 @@ class JsonVocab:
             data = bytes(table[c] for c in token)
             self.token_bytes[i] = data
             self._insert(self.full, data, i)
-            if all(b >= 0x20 and b not in (0x22, 0x5C) for b in data):
+            if _plain(data):
                 plain[i] = True        # stays inside a string whatever the string's state
             else:
                 self._insert(self.special, data, i)

@@ -951,17 +951,18 @@ def load_model(spec: str, device: torch.device, dtype: torch.dtype, seed: int = 
 
 def tokenizer_for(vocab_size: int, folder=None):
     """(tokenizer, description) that fits a model with `vocab_size` ids."""
-    from dsv4.tokenizer import DEFAULT_TRAIN_SPECIAL_TOKENS, load_tokenizer, train_bpe
+    from dsv4.tokenizer import BUNDLED_VOCAB_SIZE, DEFAULT_TRAIN_SPECIAL_TOKENS, load_tokenizer, train_bpe
 
     if folder is not None and (folder / "tokenizer.json").is_file():
         tok = load_tokenizer(folder)
         return tok, f"tokenizer: {folder / 'tokenizer.json'} ({tok.vocab_size} ids)"
-    try:
-        tok = load_tokenizer()
-        if tok.vocab_size <= vocab_size:
-            return tok, f"tokenizer: bundled DeepSeek-V4 ({tok.vocab_size} ids)"
-    except FileNotFoundError:
-        pass
+    if vocab_size >= BUNDLED_VOCAB_SIZE:   # (loading the bundled one takes seconds: only when it fits)
+        try:
+            tok = load_tokenizer()
+            if tok.vocab_size <= vocab_size:
+                return tok, f"tokenizer: bundled DeepSeek-V4 ({tok.vocab_size} ids)"
+        except FileNotFoundError:
+            pass
     n = len(DEFAULT_TRAIN_SPECIAL_TOKENS) + 256
     if n > vocab_size:
         raise ValueError(f"no tokenizer fits a vocabulary of {vocab_size} ids: put a tokenizer.json in the "

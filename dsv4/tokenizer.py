@@ -42,6 +42,7 @@ TASK_TOKENS = {
     "title": "<｜title｜>",
     "read_url": "<｜read_url｜>",
 }
+BUNDLED_VOCAB_SIZE = 129_280   # ids in the released tokenizer (a test checks the bundled file)
 # Every token the chat format writes; each is a single id in the released vocabulary.
 CHAT_SPECIAL_TOKENS = (BOS, EOS, USER, ASSISTANT, THINK_START, THINK_END, DSML, LATEST_REMINDER,
                        *TASK_TOKENS.values())

@@ -26,7 +26,9 @@ def tok() -> Tokenizer:
 # --- the released tokenizer ------------------------------------------------------------------------
 
 def test_released_tokenizer_ids(tok):
-    assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (129280, 0, 1)
+    from dsv4.tokenizer import BUNDLED_VOCAB_SIZE
+
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (BUNDLED_VOCAB_SIZE, 0, 1) == (129280, 0, 1)
     assert tok.encode("Hello", add_bos=True) == [0, tok.token_to_id("Hello")]
     assert tok.token_to_id("no-such-token-xyz") is None
     assert tok.special_tokens["<｜User｜>"] == 128803
