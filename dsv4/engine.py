@@ -222,6 +222,7 @@ class _Seq:
         self.times = {"arrival": time.monotonic()}
         self.cached = 0                      # prompt tokens loaded from the prefix cache
         self.prefix_keys: list[bytes] | None = None
+        self.snapshot_at = 0                 # a boundary shared with an earlier prompt: end a chunk there
         self.ids = list(prompt_ids)          # prompt + generated; ids[:fed] are in the cache
         self.n_prompt = len(prompt_ids)
         self.row: int | None = None
@@ -545,6 +546,7 @@ class Engine:
             return
         seq.prefix_keys = block_keys(seq.ids, pc.block, seq.n_prompt - 1)
         n, state = pc.lookup(seq.prefix_keys, seq.ids, seq.n_prompt - 1, mtp=seq.spec)
+        seq.snapshot_at = pc.shared(seq.prefix_keys, seq.n_prompt - 1)
         if state is not None:
             with torch.no_grad():
                 self.cache.load_row(seq.row, state)
@@ -616,9 +618,11 @@ class Engine:
                 break
             if seq.fed < seq.n_prompt and seq.finish_reason is None:
                 n = min(seq.n_prompt - seq.fed, budget)
-                if self.prefix_cache is not None:  # end at the last block boundary before the prompt's end
+                if self.prefix_cache is not None:  # end at a shared boundary, else at the last one before the end
                     b = self.prefix_cache.block
                     boundary = min(seq.fed + n, seq.n_prompt - 1) // b * b
+                    if seq.fed < seq.snapshot_at < seq.fed + n:
+                        boundary = seq.snapshot_at
                     if boundary > seq.fed:
                         n = boundary - seq.fed
                 groups[(seq.fed, n)].append(seq)

@@ -7,7 +7,10 @@ models), no HCA window is partly filled and the compressed entries are final, so
 whole of what the prefix contributes. The engine copies a row's state (`DecodeCache.copy_row`) when its
 prefill reaches such a boundary (its prefill chunks end there) and keys it by a hash of the tokens
 before it; a later request whose prompt starts with the same tokens gets the longest such state copied
-into its row (`load_row`) and prefills only the rest. The sliding-window part is kept the way the
+into its row (`load_row`) and prefills only the rest. Snapshots are taken at the last boundary before a
+prompt's end (what the next turn of a conversation shares) and, since a prompt's block keys are
+remembered (`seen`, 16 bytes per block), at the deepest boundary a prompt shares with an earlier one:
+the second request with a common system prompt leaves a snapshot that the third one starts from. The sliding-window part is kept the way the
 report calls periodic checkpointing: the ring is part of each block-boundary snapshot, so nothing
 has to be recomputed.
 
@@ -54,6 +57,8 @@ class PrefixCache:
             raise ValueError(f"block must be >= 1 and max_bytes >= 0; got {block}, {max_bytes}")
         self.block, self.max_bytes = block, max_bytes
         self.entries: OrderedDict[bytes, tuple[dict, int]] = OrderedDict()
+        self.seen: OrderedDict[bytes, None] = OrderedDict()   # block keys of prompts prefilled so far
+        self.max_seen = 1 << 16
         self.bytes = 0
         self.stats = {"queries": 0, "hits": 0, "hit_tokens": 0, "stored": 0, "evicted": 0}
 
@@ -76,6 +81,21 @@ class PrefixCache:
                 return P, self.entries[key][0]
         return 0, None
 
+    def shared(self, keys: list[bytes], n_max: int) -> int:
+        """The longest prefix (a multiple of the block, at most `n_max` tokens) that an earlier prompt
+        had too; then remember these keys."""
+        best = 0
+        for k in range(min(len(keys), n_max // self.block), 0, -1):
+            if keys[k - 1] in self.seen:
+                best = k * self.block
+                break
+        for key in keys:
+            self.seen[key] = None
+            self.seen.move_to_end(key)
+        while len(self.seen) > self.max_seen:
+            self.seen.popitem(last=False)
+        return best
+
     def store(self, key: bytes, state: dict, nbytes: int) -> bool:
         if key in self.entries:
             self.entries.move_to_end(key)
@@ -93,4 +113,5 @@ class PrefixCache:
 
     def clear(self) -> None:
         self.entries.clear()
+        self.seen.clear()
         self.bytes = 0

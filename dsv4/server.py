@@ -564,6 +564,14 @@ def create_app(engine: Engine, model_name: str = "dsv4", *, api_key: str | None 
     app = FastAPI(title="dsv4", version=__version__, lifespan=lifespan)
     app.state.server = srv
     app.add_middleware(_Gate, srv=srv)
+    _error_handlers(app)
+    _info_routes(app, srv)
+    _generation_routes(app, srv)
+    return app
+
+
+def _error_handlers(app: FastAPI) -> None:
+    """Every error, expected or not, in OpenAI's error body."""
 
     @app.exception_handler(APIError)
     async def _api_error(request: HTTPRequest, exc: APIError):
@@ -598,6 +606,13 @@ def create_app(engine: Engine, model_name: str = "dsv4", *, api_key: str | None 
     async def _internal_error(request: HTTPRequest, exc: Exception):
         log.exception("unhandled error on %s", request.url.path, exc_info=exc)
         return _json_error(500, f"internal server error: {type(exc).__name__}: {exc}", "server_error")
+
+
+def _info_routes(app: FastAPI, srv: Server) -> None:
+    """/health, /metrics, /version, /v1/models, /tokenize, /detokenize."""
+    from dsv4 import __version__
+
+    engine, model_name = srv.engine, srv.model_name
 
     @app.get("/health")
     async def health():
@@ -635,6 +650,11 @@ def create_app(engine: Engine, model_name: str = "dsv4", *, api_key: str | None 
     async def detokenize(body: DetokenizeRequest):
         return await srv.run(srv.detokenize, body)
 
+
+def _generation_routes(app: FastAPI, srv: Server) -> None:
+    """/v1/completions and /v1/chat/completions."""
+    model_name = srv.model_name
+
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, http: HTTPRequest):
         groups = await srv.run(srv.completion_requests, body)
@@ -669,8 +689,6 @@ def create_app(engine: Engine, model_name: str = "dsv4", *, api_key: str | None 
         choices = [_chat_choice(srv, i, r, plan) for i, r in enumerate(results)]
         return {"id": rid, "object": "chat.completion", "created": created, "model": model_name,
                 "choices": choices, "usage": srv.usage(results, [reqs[0].prompt])}
-
-    return app
 
 
 def _chat_choice(srv: Server, index: int, result: Result, plan: ChatPlan) -> dict:

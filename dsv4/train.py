@@ -342,8 +342,10 @@ def prepare_inputs(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None] =
         tok = load_tokenizer(tok_dir)
     elif cfg.tokenizer == "bpe":
         if given is not None:
-            raise ValueError("tokenizer=bpe trains on the bundled corpus only; pass tokenizer=PATH (or "
-                             "deepseek-v4) for other data")
+            raise ValueError("tokenizer=bpe trains on the bundled corpus only; with data= give a tokenizer too: "
+                             "tokenizer=runs/demo/tokenizer (the demo's byte-level BPE, which reads any text), "
+                             "a folder or tokenizer.json of your own, or tokenizer=deepseek-v4 "
+                             "model.vocab_size=129280")
         t0 = time.perf_counter()
         tok = train_bpe([d["text"] for d in D.load_bundled_corpus()], cfg.model.vocab_size)
         log(f"trained a byte-level BPE of {tok.vocab_size} ids on the bundled corpus "

@@ -445,6 +445,18 @@ def test_prefix_cache_gives_the_outputs_of_an_uncached_run(model):
                 assert [i for i, _ in x.top] == [i for i, _ in y.top]
                 assert [v for _, v in x.top] == pytest.approx([v for _, v in y.top], abs=1e-5)
         assert eng.stats["prefill_tokens"] == sum(len(p) for p in order) - sum(cached)
+    # a shared system prompt (140 tokens): the second request leaves a snapshot at the boundary the
+    # first one shared with it (128), the third starts there
+    tails = [torch.randint(2, 512, (130,), generator=g).tolist() for _ in range(3)]
+    shared = [base[:140] + t for t in tails]
+    ref = Engine(model, max_batch=1, max_len=300)
+    eng = Engine(model, max_batch=1, max_len=300, prefix_cache_bytes=64 << 20)
+    got = [eng.generate([p], max_tokens=3, logprobs=0)[0] for p in shared]
+    assert [r.cached_tokens for r in got] == [0, 0, 128]
+    for p, r in zip(shared, got):
+        want = ref.generate([p], max_tokens=3, logprobs=0)[0]
+        assert r.token_ids == want.token_ids
+        assert [x.logprob for x in r.logprobs] == pytest.approx([x.logprob for x in want.logprobs], abs=1e-5)
     # the byte bound: room for one snapshot keeps only the most recent one
     size = eng.cache.row_state_bytes(next(iter(eng.prefix_cache.entries.values()))[0])
     small = Engine(model, max_batch=1, max_len=300, prefix_cache_bytes=size + 1)

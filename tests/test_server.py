@@ -618,19 +618,20 @@ def tokens_of(text):
 
 def test_logit_bias_and_penalties_follow_their_formulas(served, model, tok):
     prompt = tok.encode("Bias", add_bos=True)
+    repeats = tok.encode("Penalties", add_bos=True)     # its greedy chain repeats a token
     bias = {"65": 8.5, "66": -100, "97": 4.0}
     with httpx.Client(base_url=served.url, timeout=60) as c:
         r = c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 8, "temperature": 0, "logit_bias": bias,
                                             "skip_special_tokens": False})
         got = r.json()["choices"][0]["text"]
-        r2 = c.post("/v1/completions", json={"prompt": prompt, "max_tokens": 12, "temperature": 0,
+        r2 = c.post("/v1/completions", json={"prompt": repeats, "max_tokens": 12, "temperature": 0,
                                              "presence_penalty": 2, "frequency_penalty": 2, "ignore_eos": True,
                                              "logprobs": 0, "skip_special_tokens": False})
     want = greedy_ids(model, prompt, 8, {int(k): v for k, v in bias.items()})
     assert got == tok.decode(want) and 66 not in want
     toks = r2.json()["choices"][0]["logprobs"]["tokens"]
     # the reference: an argmax chain with logit -= 2·[seen] + 2·count over the generated tokens
-    ref, counts = list(prompt), {}
+    ref, counts = list(repeats), {}
     with torch.no_grad():
         for _ in range(12):
             logits = model(torch.tensor([ref]))[0, -1].double()
@@ -639,8 +640,8 @@ def test_logit_bias_and_penalties_follow_their_formulas(served, model, tok):
             t = int(logits.argmax())
             counts[t] = counts.get(t, 0) + 1
             ref.append(t)
-    assert toks == [tok.decode([t]) for t in ref[len(prompt):]]
-    plain = list(prompt)
+    assert toks == [tok.decode([t]) for t in ref[len(repeats):]]
+    plain = list(repeats)
     with torch.no_grad():
         for _ in range(12):
             plain.append(int(model(torch.tensor([plain]))[0, -1].argmax()))
