@@ -119,6 +119,26 @@ def test_stream_with_special_tokens_and_broken_tail(tok):
     assert "".join(_stream(tok, broken)[0]) == tok.decode(broken) == "\ufffdab"
 
 
+def test_control_tokens_hidden_from_generated_text(tok):
+    hidden = tok.control_ids
+    names = {tok.id_to_token(i) for i in hidden}
+    assert {"<｜User｜>", "<｜Assistant｜>", "<｜place▁holder▁no▁627｜>", "<｜begin▁of▁sentence｜>"} <= names
+    assert not {"<think>", "</think>", "｜DSML｜"} & names
+    assert len(hidden) == len(tok.special_tokens) - 3
+    ids = tok.apply_chat([{"role": "user", "content": "表情😀"}], thinking=True) + tok.encode("好</think>ok") + \
+        [tok.token_to_id("<｜place▁holder▁no▁627｜>"), 1]
+    deltas, rest = _stream(tok, ids, hide=hidden)
+    assert "".join(deltas) + rest == tok.decode([i for i in ids if i not in hidden]) == "表情😀<think>好</think>ok"
+
+
+def test_max_token_bytes_bounds_the_bytes_of_any_token(tok):
+    bound = tok.max_token_bytes
+    for text in (MIXED * 50, " " * 5000, "a" * 5000, "\n" * 999, "0" * 3000):
+        ids = tok.encode(text)
+        assert len(text.encode()) <= bound * len(ids)
+    assert max(len(tok.decode([i]).encode()) for i in range(0, tok.vocab_size, 7)) <= bound
+
+
 # --- chat format -----------------------------------------------------------------------------------
 
 def _tools_block(schema_line: str) -> str:
