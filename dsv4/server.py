@@ -794,8 +794,9 @@ def _event(data: dict | str) -> str:
 async def _relay(srv: Server, streams: list, on_output):
     """Events for the outputs of `streams` (`on_output(index, out)` yields the chunks of one Output),
     ending with an error event if a request failed or the request timeout passed."""
+    merged = _merged(streams, _deadline(srv))
     try:
-        async for i, out in _merged(streams, _deadline(srv)):
+        async for i, out in merged:
             if out.finish_reason == ERROR:
                 yield _event(error_body(f"generation failed: {out.result.error}", "server_error"))
                 return
@@ -805,6 +806,8 @@ async def _relay(srv: Server, streams: list, on_output):
         srv.metrics.reject("timeout")
         err = _timeout_error(srv.request_timeout)
         yield _event(error_body(err.message, err.type, code=err.code))
+    finally:
+        await merged.aclose()   # cancels the requests still running
 
 
 async def _completion_chunks(srv: Server, rid: str, streams: list, created: int, body: CompletionRequest,
