@@ -14,8 +14,10 @@ $(STAMP): requirements.txt pyproject.toml
 
 setup: $(STAMP)
 
+# one line per test as it finishes (name, PASSED, percent done: -v, without the -q of pyproject.toml);
+# the 25 slowest tests at the end
 test: $(STAMP)
-	$(BIN)/python -m pytest tests -x -p no:cacheprovider
+	$(BIN)/python -m pytest tests -x -p no:cacheprovider -o addopts= -v --durations=25
 
 demo: $(STAMP)
 	$(BIN)/python -m dsv4 demo --out runs/demo

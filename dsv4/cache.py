@@ -231,6 +231,35 @@ class DecodeCache:
                 total += sum(t.numel() * t.element_size() for t in (s.kv, s.score, s.entries))
         return total
 
+    # -- prefix caching: a row's whole state at its current length, copied out and into another row
+    def copy_row(self, row: int) -> dict:
+        """Everything row `row` holds at its current length (ring, compressor state, the compressed
+        entries written so far, for the main layers and the MTP blocks) as new tensors. `load_row`
+        puts it into any row, which then continues exactly as `row` would."""
+        L = self.config.num_hidden_layers
+        n, m = int(self.lengths[row]), int(self.mtp_lengths[row])
+        layers = []
+        for i, layer in enumerate(self.layers):
+            count = (n if i < L else m) // layer.ratio if layer.ratio else 0
+            layers.append((layer.ring[row].clone(), [(s.kv[row].clone(), s.score[row].clone(),
+                                                      s.entries[row, :count].clone()) for s in layer.states()]))
+        return {"length": n, "mtp_length": m, "layers": layers}
+
+    def load_row(self, row: int, state: dict) -> None:
+        """Make row `row` hold `state` (from `copy_row`); entries past the copied ones are invisible
+        until rewritten (see `snapshot`). Every write is in place, so recorded CUDA graphs stay valid."""
+        self.lengths[row], self.mtp_lengths[row] = state["length"], state["mtp_length"]
+        for layer, (ring, states) in zip(self.layers, state["layers"]):
+            layer.ring[row] = ring
+            for s, (kv, score, entries) in zip(layer.states(), states):
+                s.kv[row], s.score[row] = kv, score
+                s.entries[row, :entries.shape[0]] = entries
+
+    @staticmethod
+    def row_state_bytes(state: dict) -> int:
+        return sum(t.numel() * t.element_size() for ring, states in state["layers"]
+                   for t in (ring, *(x for s in states for x in s)))
+
 
 def cache_bytes(cfg: ModelConfig, max_len: int, dtype_bytes: int = 2, with_mtp: bool = True) -> dict:
     """Bytes one sequence of `max_len` tokens needs in a DecodeCache: per layer type and in total."""

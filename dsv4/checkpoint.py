@@ -864,6 +864,7 @@ def _write_folder(groups: list[_Group], cfg: ModelConfig, path: Path, fp8, fp4_e
     n = len(shards)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.partial-", dir=path.parent))
+    tmp.chmod(0o777 & ~_umask())   # mkdtemp makes it 0700; the finished folder gets the usual mode
     show = progress if progress is not None else len(groups) > PROGRESS_MIN_TENSORS
     bar = tqdm(total=len(groups), desc=f"writing {path.name}", unit="tensor", disable=not show)
     try:
@@ -884,6 +885,8 @@ def _write_folder(groups: list[_Group], cfg: ModelConfig, path: Path, fp8, fp4_e
             for f in TOKENIZER_FILES:
                 if (Path(tokenizer_dir) / f).is_file():
                     shutil.copy2(Path(tokenizer_dir) / f, tmp / f)
+        for f in tmp.iterdir():   # safetensors writes its files 0600
+            f.chmod(0o666 & ~_umask())
         _replace(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -902,6 +905,12 @@ def _config_dict(cfg: ModelConfig, fp8: bool, fp4_experts: bool, dtype: torch.dt
         d["expert_dtype"] = "fp4"
     d["torch_dtype"] = str(dtype).removeprefix("torch.")
     return d
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _replace(tmp: Path, path: Path) -> None:

@@ -2,13 +2,19 @@
 
 Each subcommand lives in `dsv4/commands/<name>.py` and exposes `add_arguments(parser)` and
 `run(args) -> int`. Modules are imported only when their command runs, so `dsv4 info` does not pay for
-the server's imports.
+the server's imports. A command with an `overrides` argument takes `key=value` words anywhere on its
+command line (before, between or after options). Errors a user can fix (bad arguments, missing or
+corrupt files, bad config values) print one line naming the command, exit status 2, no traceback.
 """
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import re
 import sys
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w.]*=")
 
 COMMANDS = {
     "info": "print a checkpoint's layer pattern, parameter counts and KV-cache bytes",
@@ -34,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="dsv4", description="DeepSeek-V4 in plain PyTorch")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    available = {}
+    available, parsers = {}, {}
     for name, help_text in COMMANDS.items():
         try:
             module = _module(name)
@@ -44,19 +50,54 @@ def main(argv: list[str] | None = None) -> int:
             raise
         p = sub.add_parser(name, help=help_text, description=help_text)
         module.add_arguments(p)
-        available[name] = module
-    args = parser.parse_args(argv)
+        available[name], parsers[name] = module, p
+    args, extra = parser.parse_known_args(argv)
     if args.command is None:
+        if extra:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
         parser.print_help()
         return 2
+    if extra:   # key=value words after options (argparse takes only the first run of positionals)
+        rest = [x for x in extra if not _OVERRIDE.match(x)]
+        if rest or not hasattr(args, "overrides"):
+            parsers[args.command].error(f"unrecognized arguments: {' '.join(rest or extra)}")
+        args.overrides = list(args.overrides) + extra
     try:
         return int(available[args.command].run(args) or 0)
-    except (CLIError, FileNotFoundError, ValueError) as exc:
-        print(f"dsv4 {args.command}: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        if not user_error(exc):
+            raise
+        print(f"dsv4 {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def cpu_threads() -> tuple[int, str]:
+    """A CPU thread count for this machine as it is now, and a line saying why: OMP_NUM_THREADS if
+    set, else the cores this process may run on minus one per whole unit of load average (others'
+    work), at least one. Oversubscribed cores make PyTorch's CPU kernels much slower, not faster."""
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) > 0:
+        return int(env), f"{env} CPU threads (OMP_NUM_THREADS)"
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        load = os.getloadavg()[0]
+    except (OSError, AttributeError):
+        load = 0.0
+    n = max(1, min(cores, cores - int(load)))
+    return n, f"{n} CPU thread{'s' if n > 1 else ''} ({cores} cores, load average {load:.1f}; " \
+              "set OMP_NUM_THREADS to choose)"
+
+
+def user_error(exc: BaseException) -> bool:
+    """Errors whose message tells the user what to fix: argument and value errors, files that are
+    missing or unreadable, and the RuntimeErrors dsv4 raises on purpose (a checkpoint that fails its
+    checksums, a diverged run)."""
+    if isinstance(exc, (CLIError, OSError, ValueError)):
+        return True
+    return isinstance(exc, RuntimeError) and type(exc).__module__.startswith("dsv4.")
 
 
 if __name__ == "__main__":

@@ -89,6 +89,26 @@ def _open_text(path: Path):
         else open(path, encoding="utf-8")
 
 
+def _not_utf8(path: Path) -> ValueError:
+    """The error for a text source that is not UTF-8: the file and the offset of its first bad byte
+    (in the decompressed stream for .gz), found by decoding it again in binary."""
+    import codecs
+
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
+    opener = gzip.open if path.name.lower().endswith(".gz") else open
+    with opener(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            pending = len(decoder.getstate()[0])   # bytes of a character begun in the previous block
+            try:
+                decoder.decode(block)
+            except UnicodeDecodeError as e:
+                bad = offset - pending + e.start
+                return ValueError(f"{path} is not UTF-8 text: byte {e.object[e.start]:#04x} at offset {bad} "
+                                  f"cannot be decoded; convert the file to UTF-8 (e.g. `iconv -f latin1 -t utf-8`)")
+            offset += len(block)
+    return ValueError(f"{path} is not UTF-8 text (it ends inside a multi-byte character); convert it to UTF-8")
+
+
 def _arrow_files(path: Path) -> list[Path]:
     """The arrow files of a `save_to_disk` directory, in the order its state.json lists them."""
     state = path / "state.json"
@@ -243,7 +263,12 @@ def prepare(sources: Iterable | str | Path, out_dir: str | Path, encode: Callabl
     if not 0 <= eos_id < limit:
         raise ValueError(f"eos_id {eos_id} is outside [0, {limit})")
     parts = [p for s in sources for p in _expand(s)]
-    counts = [_count(kind, path, text_key) for kind, path in parts]
+    counts = []
+    for kind, path in parts:
+        try:
+            counts.append(_count(kind, path, text_key))
+        except UnicodeDecodeError:
+            raise _not_utf8(path) from None
     n_docs = sum(counts)
     if n_docs == 0:
         raise ValueError(f"empty corpus: no documents in {[str(s) for s in sources]}")
@@ -261,15 +286,18 @@ def prepare(sources: Iterable | str | Path, out_dir: str | Path, encode: Callabl
     bar = tqdm(total=n_docs, desc=f"tokenizing into {out}", unit="doc", disable=not progress)
     i, skipped, max_id = 0, 0, eos_id
     for kind, path in parts:
-        for text in _texts(kind, path, text_key):
-            if text:
-                ids = _checked_ids(encode(text), eos_id, limit, f"document {i} (from {path or BUNDLED})")
-                max_id = max(max_id, int(ids.max()))
-                writers["val" if is_val[i] else "train"].add(ids)
-            else:
-                skipped += 1
-            i += 1
-            bar.update()
+        try:
+            for text in _texts(kind, path, text_key):
+                if text:
+                    ids = _checked_ids(encode(text), eos_id, limit, f"document {i} (from {path or BUNDLED})")
+                    max_id = max(max_id, int(ids.max()))
+                    writers["val" if is_val[i] else "train"].add(ids)
+                else:
+                    skipped += 1
+                i += 1
+                bar.update()
+        except UnicodeDecodeError:
+            raise _not_utf8(path) from None
     bar.close()
     if i != n_docs:
         raise RuntimeError(f"sources changed while being read: counted {n_docs} documents, read {i}")

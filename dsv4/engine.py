@@ -21,14 +21,21 @@ in order, so each decode step verifies [last token, draft] in one main-model cal
     two-token verify call that does not happen, see `DecodeCache.rollback`.)
 Greedy output is identical to plain greedy decoding. Sampling requests draw the draft from their own
 processed MTP distribution q and accept it with probability min(1, p/q), else draw from max(p − q, 0):
-each token is distributed exactly as without speculation.
+each token is distributed exactly as without speculation. Requests with logits processors (penalties,
+logit bias, constraints) decode without speculation.
+
+Prefix caching (`prefix_cache_bytes > 0`, dsv4/prefix_cache.py): prefill chunks end at multiples of
+the compression ratios' lcm, the row's state there is kept, and a request whose prompt starts with a
+kept prefix starts from a copy of it.
 Shapes: b rows in a call, S tokens per row, V vocab, N streams, D model dim.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import threading
+import time
 import uuid
 from collections import defaultdict, deque
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -38,7 +45,9 @@ import torch
 
 from dsv4.cache import DecodeCache
 from dsv4.graphs import DecodeGraphs
-from dsv4.sampling import draft, is_greedy, make_generator, sample, token_logprobs, verify_draft
+from dsv4.prefix_cache import PrefixCache, block_keys, mtp_key, prefix_block
+from dsv4.sampling import (LogitBias, LogitsProcessor, Penalties, check_seed, draft, is_greedy, make_generator,
+                           sample, token_logprobs, verify_draft)
 
 log = logging.getLogger("dsv4.engine")
 
@@ -67,7 +76,11 @@ class Request:
     temperature 0 (or top_k 1) is greedy decoding. `stop` strings end the text before the match and
     are never emitted; `stop_token_ids` (and EOS unless `ignore_eos`) end it after the token, whose
     text is not emitted. `logprobs`: None for none, 0 for the chosen tokens' log-probabilities,
-    k > 0 to add the k most likely alternatives.
+    k > 0 to add the k most likely alternatives. Penalties (presence/frequency as OpenAI's,
+    repetition as transformers'), `logit_bias` ({token id: added logit}, -inf bans) and `processors`
+    (`dsv4.sampling`: one instance per request) change the distribution the token is chosen from.
+    `skip_special_tokens` hides the tokenizer's control tokens from the text (`Tokenizer.control_ids`:
+    placeholders, BOS/EOS, turn markers; `<think>`, `</think>` and DSML stay).
     """
     prompt: str | Sequence[int]
     max_tokens: int = 256
@@ -79,6 +92,12 @@ class Request:
     stop_token_ids: Sequence[int] = ()
     ignore_eos: bool = False
     logprobs: int | None = None
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: dict[int, float] | None = None
+    processors: Sequence[LogitsProcessor] = ()
+    skip_special_tokens: bool = True
     id: str = field(default_factory=lambda: "req-" + uuid.uuid4().hex[:24])
 
 
@@ -102,6 +121,8 @@ class Result:
     error: str | None = None
     drafted: int = 0                   # speculative decoding: drafts verified / accepted
     accepted: int = 0
+    cached_tokens: int = 0             # prompt tokens taken from the prefix cache
+    times: dict[str, float] = field(default_factory=dict)   # time.monotonic() of "arrival", "first_token", "finished"
 
 
 @dataclass
@@ -123,10 +144,11 @@ class TextStream:
     StreamDecoder), a tail that could begin a stop string is held back, and the text is cut at the
     first stop string."""
 
-    def __init__(self, tokenizer, stop: Sequence[str] = ()):
+    def __init__(self, tokenizer, stop: Sequence[str] = (), skip_special: bool = False):
         from dsv4.tokenizer import StreamDecoder
 
-        self.decoder = StreamDecoder(tokenizer) if tokenizer is not None else None
+        hide = tokenizer.control_ids if tokenizer is not None and skip_special else ()
+        self.decoder = StreamDecoder(tokenizer, hide=hide) if tokenizer is not None else None
         self.stop = [s for s in stop if s]
         self.text = ""   # decoded so far (cut at a stop string once one is found)
         self.sent = 0    # characters already released
@@ -194,8 +216,13 @@ class ThinkSplit:
 
 # ----------------------------------------------------------------------------- one running request
 class _Seq:
-    def __init__(self, req: Request, prompt_ids: list[int], tokenizer, sink, stop_ids: set[int]):
-        self.req, self.sink, self.stop_ids = req, sink, stop_ids
+    def __init__(self, req: Request, prompt_ids: list[int], tokenizer, sink, stop_ids: set[int],
+                 processors: list[LogitsProcessor]):
+        self.req, self.sink, self.stop_ids, self.processors = req, sink, stop_ids, processors
+        self.times = {"arrival": time.monotonic()}
+        self.cached = 0                      # prompt tokens loaded from the prefix cache
+        self.prefix_keys: list[bytes] | None = None
+        self.snapshot_at = 0                 # a boundary shared with an earlier prompt: end a chunk there
         self.ids = list(prompt_ids)          # prompt + generated; ids[:fed] are in the cache
         self.n_prompt = len(prompt_ids)
         self.row: int | None = None
@@ -206,7 +233,7 @@ class _Seq:
         self.draft: int | None = None
         self.draft_q: torch.Tensor | None = None   # distribution the draft was sampled from (None: argmax)
         self.drafted = self.accepted = 0
-        self.stream = TextStream(tokenizer, req.stop)
+        self.stream = TextStream(tokenizer, req.stop, req.skip_special_tokens)
         self.logprobs: list[TokenLogprob] | None = [] if req.logprobs is not None else None
         self.finish_reason: str | None = None
         self.error: str | None = None
@@ -224,6 +251,7 @@ class _Seq:
 
     def append(self, token: int, lp: TokenLogprob | None) -> bool:
         """Add a generated token and apply the stop rules; True when the request is finished."""
+        self.times.setdefault("first_token", time.monotonic())
         self.ids.append(token)
         self.new_tokens.append(token)
         if lp is not None:
@@ -236,6 +264,7 @@ class _Seq:
         self.new_text.append(delta)
         if hit:
             self.finish_reason = STOP  # text already cut at the stop string
+            self.times["finished"] = time.monotonic()
             return True
         if self.remaining <= 0:
             self.finish(LENGTH)
@@ -247,6 +276,7 @@ class _Seq:
         delta, hit = self.stream.finish()
         self.new_text.append(delta)
         self.finish_reason, self.error = (STOP if hit else reason), error
+        self.times["finished"] = time.monotonic()
 
     def output(self) -> Output | None:
         if not (self.new_tokens or any(self.new_text) or self.finish_reason):
@@ -255,7 +285,8 @@ class _Seq:
                      self.new_logprobs if self.logprobs is not None else None, self.finish_reason)
         if self.finish_reason is not None:
             out.result = Result(self.req.id, self.ids[:self.n_prompt], self.ids[self.n_prompt:], self.stream.text,
-                                self.finish_reason, self.logprobs, self.error, self.drafted, self.accepted)
+                                self.finish_reason, self.logprobs, self.error, self.drafted, self.accepted,
+                                self.cached, dict(self.times))
         self.new_tokens, self.new_text, self.new_logprobs = [], [], []
         return out
 
@@ -283,14 +314,16 @@ class Engine:
         step (over all rows); max_queue: waiting requests before `add` raises EngineOverloaded
         (None: unbounded); speculative: MTP speculative decoding (the model needs an MTP block);
         cuda_graphs: replay plain decode steps from CUDA graphs (`dsv4.graphs`; default: on CUDA),
-        compile: also pass the decode step through `torch.compile` first.
+        compile: also pass the decode step through `torch.compile` first; prefix_cache_bytes: memory
+        for prefix-cache snapshots on the model's device (0: no prefix caching).
 
     `add`/`cancel` may be called from any thread; `step` from one thread only.
     """
 
     def __init__(self, model, tokenizer=None, *, max_batch: int = 8, max_len: int = 4096,
                  prefill_chunk: int = 2048, max_queue: int | None = None, speculative: bool = False,
-                 eos_token_id: int | None = None, cuda_graphs: bool | None = None, compile: bool = False):
+                 eos_token_id: int | None = None, cuda_graphs: bool | None = None, compile: bool = False,
+                 prefix_cache_bytes: int = 0):
         cfg = model.config
         if speculative and not getattr(model, "mtp", None):
             raise ValueError("speculative decoding drafts with the MTP block, but this model has none "
@@ -316,8 +349,10 @@ class Engine:
         self._lock = threading.Lock()
         self._cancel: set[str] = set()
         self._ids: set[str] = set()          # ids of queued or running requests
+        self._ended: list[Output] = []       # last Outputs of requests that ended without a row
+        self.prefix_cache = PrefixCache(prefix_block(cfg), prefix_cache_bytes) if prefix_cache_bytes > 0 else None
         self.stats = {"prefill_tokens": 0, "generated_tokens": 0, "steps": 0, "drafted": 0, "accepted": 0,
-                      "refeeds": 0}
+                      "refeeds": 0, "cached_tokens": 0}
 
     # ------------------------------------------------------------------ public API
     @property
@@ -378,7 +413,7 @@ class Engine:
             waiting, self.waiting = list(self.waiting), deque()
         for seq in waiting:
             seq.finish(ERROR, message)
-            self._deliver(seq)
+            self._ended.append(self._deliver(seq))
         for seq in self.running.values():
             seq.finish(ERROR, message)
         return self._emit()
@@ -440,7 +475,29 @@ class Engine:
         stop_ids = {int(i) for i in req.stop_token_ids}
         if not req.ignore_eos:
             stop_ids.add(self.eos_token_id)
-        return _Seq(req, ids, self.tokenizer, sink, stop_ids)
+        try:
+            check_seed(req.seed)
+        except ValueError as exc:
+            bad(str(exc))
+        for name, lo, hi in (("presence_penalty", -2.0, 2.0), ("frequency_penalty", -2.0, 2.0),
+                             ("repetition_penalty", 1e-6, float("inf"))):
+            v = getattr(req, name)
+            if not (isinstance(v, (int, float)) and lo <= v <= hi and math.isfinite(v)):
+                bad(f"{name} must be a number in [{lo:g}, {hi:g}]; got {v!r}")
+        bias = {}
+        for k, v in (req.logit_bias or {}).items():
+            if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < V:
+                bad(f"logit_bias keys must be token ids in [0, {V}); got {k!r}")
+            if not isinstance(v, (int, float)) or math.isnan(v) or v == float("inf"):
+                bad(f"logit_bias values must be numbers (-inf bans a token); got {v!r} for token {k}")
+            bias[k] = float(v)
+        processors = []
+        if bias:
+            processors.append(LogitBias(bias))
+        if req.presence_penalty or req.frequency_penalty or req.repetition_penalty != 1.0:
+            processors.append(Penalties(ids, req.presence_penalty, req.frequency_penalty, req.repetition_penalty))
+        processors += list(req.processors)
+        return _Seq(req, ids, self.tokenizer, sink, stop_ids, processors)
 
     # ------------------------------------------------------------------ scheduling
     def _apply_cancels(self) -> None:
@@ -452,27 +509,75 @@ class Engine:
             self.waiting = deque(s for s in self.waiting if s.req.id not in cancel)
         for seq in dropped:
             seq.finish(CANCELLED)
-            self._deliver(seq)
+            self._ended.append(self._deliver(seq))
         for seq in self.running.values():
             if seq.req.id in cancel:
                 seq.finish(CANCELLED)
 
     def _admit(self) -> None:
+        """Give waiting requests free rows. A request that fails here ends with an error alone; its
+        row goes back at once."""
         while self.free_rows:
             with self._lock:
                 if not self.waiting:
                     return
                 seq = self.waiting.popleft()
             row = self.free_rows.pop(0)
-            self.cache.reset([row])
-            seq.row, seq.fed = row, 0
-            if not seq.greedy:
-                seq.generator = make_generator(seq.req.seed, self.device)
-            seq.spec = self.speculative and seq.req.max_tokens >= 2
+            try:
+                self.cache.reset([row])
+                seq.row, seq.fed = row, 0
+                if not seq.greedy:
+                    seq.generator = make_generator(seq.req.seed, self.device)
+                seq.spec = self.speculative and seq.req.max_tokens >= 2 and not seq.processors
+                self._load_prefix(seq)
+            except Exception as exc:
+                log.exception("admitting %s failed", seq.req.id)
+                seq.finish(ERROR, f"{type(exc).__name__}: {exc}")
+                self._ended.append(self._deliver(seq))
+                self.free_rows.append(row)
+                self.free_rows.sort()
+                continue
             self.running[row] = seq
 
+    def _load_prefix(self, seq: _Seq) -> None:
+        """Start the row from the longest cached prefix of the prompt (leaving >= 1 token to prefill)."""
+        pc = self.prefix_cache
+        if pc is None:
+            return
+        seq.prefix_keys = block_keys(seq.ids, pc.block, seq.n_prompt - 1)
+        n, state = pc.lookup(seq.prefix_keys, seq.ids, seq.n_prompt - 1, mtp=seq.spec)
+        seq.snapshot_at = pc.shared(seq.prefix_keys, seq.n_prompt - 1)
+        if state is not None:
+            with torch.no_grad():
+                self.cache.load_row(seq.row, state)
+            seq.fed = seq.cached = n
+            self.stats["cached_tokens"] += n
+
+    def _store_prefix(self, seq: _Seq) -> None:
+        """Keep the row's state if its prefill stopped at a block boundary inside the prompt."""
+        pc = self.prefix_cache
+        if pc is None or seq.fed % pc.block or seq.fed >= seq.n_prompt or seq.finish_reason is not None:
+            return
+        k = seq.fed // pc.block
+        key = seq.prefix_keys[k - 1]
+        if seq.spec:
+            key = mtp_key(key, seq.ids[seq.fed])
+        if key not in pc:
+            state = self.cache.copy_row(seq.row)
+            pc.store(key, state, self.cache.row_state_bytes(state))
+
+    def check(self) -> list[str]:
+        """Inconsistencies that would stop the engine from serving (for health checks; call it
+        between steps, from the stepping thread)."""
+        problems = []
+        rows = sorted(self.free_rows + list(self.running))
+        if rows != list(range(self.max_batch)):
+            problems.append(f"cache rows are lost or doubled: free {sorted(self.free_rows)}, running "
+                            f"{sorted(self.running)} of {self.max_batch}")
+        return problems
+
     def _emit(self) -> list[Output]:
-        outs = []
+        outs, self._ended = [o for o in self._ended if o is not None], []
         for row, seq in list(self.running.items()):
             out = self._deliver(seq)
             if out is not None:
@@ -513,6 +618,13 @@ class Engine:
                 break
             if seq.fed < seq.n_prompt and seq.finish_reason is None:
                 n = min(seq.n_prompt - seq.fed, budget)
+                if self.prefix_cache is not None:  # end at a shared boundary, else at the last one before the end
+                    b = self.prefix_cache.block
+                    boundary = min(seq.fed + n, seq.n_prompt - 1) // b * b
+                    if seq.fed < seq.snapshot_at < seq.fed + n:
+                        boundary = seq.snapshot_at
+                    if boundary > seq.fed:
+                        n = boundary - seq.fed
                 groups[(seq.fed, n)].append(seq)
                 budget -= n
         for (start, n), seqs in groups.items():
@@ -535,6 +647,8 @@ class Engine:
                 for j, i in enumerate(spec):
                     if i in done:
                         self._draft(seqs[i], last[j])
+            for s in seqs:
+                self._store_prefix(s)
 
     def _draft(self, s: _Seq, logits: torch.Tensor) -> None:
         r = s.req
@@ -562,17 +676,37 @@ class Engine:
         if spec:
             self._decode_speculative(spec)
 
-    def _choose(self, seqs: list[_Seq], logits: torch.Tensor) -> list[int]:
-        """Pick each row's next token from logits [b, V] and append it."""
+    def _choose(self, seqs: list[_Seq], logits: torch.Tensor) -> None:
+        """Pick each row's next token from logits [b, V] (after its processors) and append it."""
+        raw = logits
+        if any(s.processors for s in seqs):
+            logits = logits.clone()       # the raw logits still give the log-probs
+            for i, s in enumerate(seqs):
+                if s.processors:
+                    self._process(s, logits[i])
         greedy = [i for i, s in enumerate(seqs) if s.greedy]
         best = dict(zip(greedy, logits[greedy].argmax(-1).tolist())) if greedy else {}
-        tokens = []
         for i, s in enumerate(seqs):
+            if s.finish_reason is not None:   # a processor failed
+                continue
             t = best[i] if s.greedy else sample(logits[i], s.req.temperature, s.req.top_k, s.req.top_p, s.generator)
-            s.append(t, self._logprob(s, logits[i], t))
-            tokens.append(t)
+            s.append(t, self._logprob(s, raw[i], t))
             self.stats["generated_tokens"] += 1
-        return tokens
+
+    def _process(self, s: _Seq, row: torch.Tensor) -> None:
+        """Apply a request's logits processors to its row [V] in place; a failing processor, or one that
+        leaves no token possible, ends that request alone."""
+        try:
+            out = row
+            for p in s.processors:
+                out = p(s.ids[s.n_prompt:], out)
+            if not bool(torch.isfinite(out).any()):
+                raise RuntimeError("the logits processors left no token possible")
+            if out is not row:
+                row.copy_(out)
+        except Exception as exc:
+            log.exception("logits processor of %s failed", s.req.id)
+            s.finish(ERROR, f"{type(exc).__name__}: {exc}")
 
     def _logprob(self, s: _Seq, logits: torch.Tensor, token: int) -> TokenLogprob | None:
         if s.req.logprobs is None:
@@ -649,13 +783,20 @@ def generate(model, prompts: Sequence[str | Sequence[int]], tokenizer=None, *, m
 # ----------------------------------------------------------------------------- background loop
 class EngineLoop:
     """Runs `engine.step()` on a background thread while there is work; thread-safe `submit` and
-    `cancel`, and `stream()` for asyncio code (the HTTP server)."""
+    `cancel`, and `open()` for asyncio code (the HTTP server). `health()` says whether it serves:
+    the thread is alive, no step has run longer than `stall_seconds`, and the engine's own checks
+    (`Engine.check`, run after every step) pass. `on_result(result)` and `on_step(engine)` are called
+    on the loop's thread after each finished request and each step (metrics)."""
 
-    def __init__(self, engine: Engine):
-        self.engine = engine
+    def __init__(self, engine: Engine, stall_seconds: float = 300.0,
+                 on_result: Callable[[Result], None] | None = None, on_step: Callable[[Engine], None] | None = None):
+        self.engine, self.stall_seconds = engine, stall_seconds
+        self.on_result, self.on_step = on_result, on_step
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.step_started: float | None = None   # time.monotonic() of the step in progress
+        self.problems: list[str] = []
 
     def start(self) -> "EngineLoop":
         self._thread = threading.Thread(target=self._run, name="dsv4-engine", daemon=True)
@@ -663,28 +804,58 @@ class EngineLoop:
         return self
 
     def stop(self, timeout: float = 10.0) -> None:
+        """Stop stepping; whatever is still queued or running ends with an error (rows freed)."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+            if not self._thread.is_alive() and self.engine.has_work():
+                self.engine.fail_all("the engine loop stopped (server shutting down)")
 
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def health(self) -> tuple[bool, str]:
+        """(serving, "ok" or what is wrong)."""
+        if not self.alive:
+            return False, "engine stopped"
+        started = self.step_started
+        if started is not None and time.monotonic() - started > self.stall_seconds:
+            return False, f"engine stalled: one step has run {time.monotonic() - started:.0f} s"
+        if self.problems:
+            return False, "engine wedged: " + "; ".join(self.problems)
+        return True, "ok"
+
     def _run(self) -> None:
         while not self._stop.is_set():
             if self.engine.has_work():
+                self.step_started = time.monotonic()
                 try:
                     self.engine.step()
                 except Exception as exc:  # keep serving: fail what is in flight, not the thread
                     log.exception("engine loop error")
                     self.engine.fail_all(f"{type(exc).__name__}: {exc}")
+                finally:
+                    self.step_started = None
+                self.problems = self.engine.check()
+                if self.on_step is not None:
+                    self.on_step(self.engine)
             else:
                 self._wake.wait(0.1)
                 self._wake.clear()
 
     def submit(self, request: Request, sink: Callable[[Output], None]) -> None:
+        if self.on_result is not None:
+            inner, observe = sink, self.on_result
+
+            def sink(out: Output) -> None:
+                if out.result is not None:
+                    try:
+                        observe(out.result)
+                    except Exception:
+                        log.exception("on_result failed")
+                inner(out)
         self.engine.add(request, sink)
         self._wake.set()
 
@@ -785,17 +956,18 @@ def load_model(spec: str, device: torch.device, dtype: torch.dtype, seed: int = 
 
 def tokenizer_for(vocab_size: int, folder=None):
     """(tokenizer, description) that fits a model with `vocab_size` ids."""
-    from dsv4.tokenizer import DEFAULT_TRAIN_SPECIAL_TOKENS, load_tokenizer, train_bpe
+    from dsv4.tokenizer import BUNDLED_VOCAB_SIZE, DEFAULT_TRAIN_SPECIAL_TOKENS, load_tokenizer, train_bpe
 
     if folder is not None and (folder / "tokenizer.json").is_file():
         tok = load_tokenizer(folder)
         return tok, f"tokenizer: {folder / 'tokenizer.json'} ({tok.vocab_size} ids)"
-    try:
-        tok = load_tokenizer()
-        if tok.vocab_size <= vocab_size:
-            return tok, f"tokenizer: bundled DeepSeek-V4 ({tok.vocab_size} ids)"
-    except FileNotFoundError:
-        pass
+    if vocab_size >= BUNDLED_VOCAB_SIZE:   # (loading the bundled one takes seconds: only when it fits)
+        try:
+            tok = load_tokenizer()
+            if tok.vocab_size <= vocab_size:
+                return tok, f"tokenizer: bundled DeepSeek-V4 ({tok.vocab_size} ids)"
+        except FileNotFoundError:
+            pass
     n = len(DEFAULT_TRAIN_SPECIAL_TOKENS) + 256
     if n > vocab_size:
         raise ValueError(f"no tokenizer fits a vocabulary of {vocab_size} ids: put a tokenizer.json in the "

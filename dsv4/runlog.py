@@ -247,11 +247,16 @@ def verify_checkpoint(path: Path) -> dict[str, Any]:
     manifest_path = path / MANIFEST
     if not manifest_path.exists():
         raise CheckpointError(f"{path} has no {MANIFEST}: it is not a complete checkpoint")
-    manifest = json.loads(manifest_path.read_text())
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"].items()
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise CheckpointError(f"{manifest_path} is not a valid checkpoint manifest (corrupted); delete {path} "
+                              "to resume from the previous checkpoint") from None
     if not (path / STATE_DIR).is_dir():
         raise CheckpointError(f"{path} has no {STATE_DIR}/ folder: it was written by an older dsv4 "
                               "(model.pt/optimizer.pt); restart the run or export it with that version")
-    for name, info in manifest["files"].items():
+    for name, info in files:
         f = path / name
         if not f.exists():
             raise CheckpointError(f"{f} is listed in the manifest but missing; delete {path} to resume "
@@ -277,8 +282,12 @@ def open_checkpoint(path: Path, map_location: str | torch.device = "cpu") -> dic
     if error is not None:
         raise CheckpointError(error)
     manifest = json.loads((path / MANIFEST).read_text())
-    return {name: torch.load(path / name, map_location=map_location, weights_only=True)
-            for name in manifest["objects"]}
+    try:
+        return {name: torch.load(path / name, map_location=map_location, weights_only=True)
+                for name in manifest["objects"]}
+    except Exception as exc:   # matches its checksum but torch cannot read it (written by another version?)
+        raise CheckpointError(f"{path} could not be loaded ({type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}); "
+                              f"delete {path} to resume from the previous checkpoint") from None
 
 
 def load_checkpoint_state(path: Path, state: dict[str, Any]) -> None:

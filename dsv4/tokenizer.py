@@ -42,6 +42,7 @@ TASK_TOKENS = {
     "title": "<｜title｜>",
     "read_url": "<｜read_url｜>",
 }
+BUNDLED_VOCAB_SIZE = 129_280   # ids in the released tokenizer (a test checks the bundled file)
 # Every token the chat format writes; each is a single id in the released vocabulary.
 CHAT_SPECIAL_TOKENS = (BOS, EOS, USER, ASSISTANT, THINK_START, THINK_END, DSML, LATEST_REMINDER,
                        *TASK_TOKENS.values())
@@ -50,6 +51,9 @@ DEFAULT_TRAIN_SPECIAL_TOKENS = (BOS, EOS, PAD) + CHAT_SPECIAL_TOKENS[2:]
 # Only these are flagged "special" in the released tokenizer.json (decode(skip_special=True) drops
 # them); the chat tokens are ordinary added tokens there, and `train_bpe` copies that choice.
 _SKIPPABLE = (BOS, EOS, PAD)
+# Added tokens that structure an assistant reply and are parsed out of it (reasoning, tool calls): the
+# only added tokens that generated text keeps when control tokens are hidden (`Tokenizer.control_ids`).
+REPLY_STRUCTURE_TOKENS = (THINK_START, THINK_END, DSML)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -96,6 +100,26 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         """The id of a vocabulary entry or added token, None if there is none."""
         return self.backend.token_to_id(token)
+
+    @property
+    def control_ids(self) -> frozenset[int]:
+        """Ids that generated text hides by default: every added token (BOS/EOS/PAD, the ~1,200
+        placeholders, turn markers such as "<｜User｜>", task tokens) except the reply-structure tokens
+        `<think>`, `</think>` and `｜DSML｜`, which the chat parsers read. Wider than
+        `decode(skip_special=True)`, which drops only the tokens flagged special."""
+        if not hasattr(self, "_control_ids"):
+            self._control_ids = frozenset(i for t, i in self.special_tokens.items()
+                                          if t not in REPLY_STRUCTURE_TOKENS)
+        return self._control_ids
+
+    @property
+    def max_token_bytes(self) -> int:
+        """An upper bound on the UTF-8 bytes of text one token stands for (the longest vocabulary
+        string in UTF-8: a byte-level symbol stands for one byte and takes one to two). A text of
+        more than `n * max_token_bytes` bytes is more than `n` tokens, known without tokenizing it."""
+        if not hasattr(self, "_max_token_bytes"):
+            self._max_token_bytes = max(len(t.encode("utf-8")) for t in self.backend.get_vocab(with_added_tokens=True))
+        return self._max_token_bytes
 
     def id_to_token(self, token_id: int) -> str | None:
         return self.backend.id_to_token(token_id)
@@ -217,12 +241,14 @@ class StreamDecoder:
     where the text was complete (`_read`), plus the window before it (`_prefix`), and emit the new part
     of decode(window) only when it does not end in U+FFFD. Decoding a window (not a lone id) also keeps
     decoders whose output depends on the previous token (leading-space rules) correct.
-    The concatenation of all deltas and `flush()` equals `tokenizer.decode(all ids)`.
+    The concatenation of all deltas and `flush()` equals `tokenizer.decode(all ids)` (of the ids not in
+    `hide`, which never reach the window).
     """
 
-    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False):
+    def __init__(self, tokenizer: Tokenizer, skip_special: bool = False, hide: Iterable[int] = ()):
         self.tokenizer = tokenizer
         self.skip_special = skip_special
+        self.hide = frozenset(hide)  # ids that produce no text at all (e.g. `Tokenizer.control_ids`)
         self._ids: list[int] = []
         self._prefix = 0  # start of the context window
         self._read = 0    # ids before this have been emitted
@@ -231,6 +257,8 @@ class StreamDecoder:
         return self.tokenizer.decode(ids, skip_special=self.skip_special)
 
     def push(self, token_id: int) -> str:
+        if token_id in self.hide:
+            return ""
         self._ids.append(int(token_id))
         before = self._decode(self._ids[self._prefix:self._read])
         text = self._decode(self._ids[self._prefix:])

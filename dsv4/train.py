@@ -164,26 +164,44 @@ class TrainConfig:
         return d
 
     def with_overrides(self, items: list[str]) -> "TrainConfig":
-        """Apply `key=value` strings; `model.KEY=value` changes the model, `model=PRESET` swaps it."""
+        """Apply `key=value` strings; `model.KEY=value` changes the model, `model=PRESET` swaps it.
+
+        All of them are applied at once, in any order: the preset first, then every model field
+        together (so `model.num_hidden_layers=2 model.compress_ratios=[0,4,0]` is one consistent
+        change), then the training fields; every unknown key or bad value is reported in one error."""
         changes: dict[str, Any] = {}
-        model = self.model
+        model_changes: dict[str, Any] = {}
+        model, errors = self.model, []
+        model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+        fields = {f.name: f for f in dataclasses.fields(self)}
         for item in items:
             key, sep, raw = item.partition("=")
-            if not sep:
-                raise ValueError(f"override {item!r} must look like key=value")
             key = key.strip()
-            if key == "model":
-                model = preset(raw)
-            elif key.startswith("model."):
-                name = key[len("model."):]
-                if name not in {f.name for f in dataclasses.fields(ModelConfig)}:
-                    raise ValueError(f"unknown model field {name!r} in override {item!r}")
-                model = model.with_(**{name: _coerce(raw, getattr(model, name))})
-            else:
-                fields = {f.name: f for f in dataclasses.fields(self)}
-                if key not in fields:
+            try:
+                if not sep:
+                    raise ValueError(f"override {item!r} must look like key=value")
+                if key == "model":
+                    model = preset(raw)
+                elif key.startswith("model."):
+                    name = key[len("model."):]
+                    if name not in model_fields:
+                        raise ValueError(f"unknown model field {name!r} in override {item!r}")
+                    model_changes[name] = raw
+                elif key not in fields:
                     raise ValueError(f"unknown training field {key!r}; known: {', '.join(sorted(fields))}")
-                changes[key] = _coerce(raw, getattr(self, key))
+                else:
+                    changes[key] = _coerce(raw, getattr(self, key))
+            except ValueError as exc:
+                errors.append(f"{item}: {exc}" if str(exc).find(item) < 0 else str(exc))
+        for name, raw in model_changes.items():
+            try:
+                model_changes[name] = _coerce(raw, getattr(model, name))
+            except ValueError as exc:
+                errors.append(f"model.{name}={raw}: {exc}")
+        if errors:
+            raise ValueError("; ".join(errors))
+        if model_changes:
+            model = model.with_(**model_changes)
         return dataclasses.replace(self, model=model, **changes)
 
 
@@ -341,8 +359,10 @@ def prepare_inputs(cfg: TrainConfig, run_dir: Path, log: Callable[[str], None] =
         tok = load_tokenizer(tok_dir)
     elif cfg.tokenizer == "bpe":
         if given is not None:
-            raise ValueError("tokenizer=bpe trains on the bundled corpus only; pass tokenizer=PATH (or "
-                             "deepseek-v4) for other data")
+            raise ValueError("tokenizer=bpe trains on the bundled corpus only; with data= give a tokenizer too: "
+                             "tokenizer=runs/demo/tokenizer (the demo's byte-level BPE, which reads any text), "
+                             "a folder or tokenizer.json of your own, or tokenizer=deepseek-v4 "
+                             "model.vocab_size=129280")
         t0 = time.perf_counter()
         tok = train_bpe([d["text"] for d in D.load_bundled_corpus()], cfg.model.vocab_size)
         log(f"trained a byte-level BPE of {tok.vocab_size} ids on the bundled corpus "

@@ -6,6 +6,7 @@ import pathlib
 
 import pytest
 import torch
+from torch import nn
 
 # without a GPU the Triton kernels run under Triton's interpreter (read when a kernel module is imported)
 if not torch.cuda.is_available():
@@ -19,6 +20,22 @@ GOLDEN_DIR = DATA / "tiny-official"
 
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
+
+
+def _threads() -> str:
+    """CPU threads for this run, chosen for the machine as it is now (fewer on a busy machine)."""
+    from dsv4.cli import cpu_threads
+
+    n, why = cpu_threads()
+    torch.set_num_threads(n)
+    return why
+
+
+_THREADS = _threads()
+
+
+def pytest_report_header(config):
+    return f"dsv4: torch uses {_THREADS}"
 
 
 @torch.no_grad()
@@ -89,3 +106,29 @@ def random_hf_model(cfg, seed: int = 0):
         elif name.endswith("tid2eid"):
             b.copy_(torch.rand(b.shape[0], cfg.n_routed_experts, generator=g).argsort(-1)[:, :b.shape[1]])
     return hf
+
+
+class Scripted(nn.Module):
+    """A stand-in model that always predicts the next token of a fixed script (by position)."""
+
+    def __init__(self, script: list[int]):
+        super().__init__()
+        self.config = preset("tiny").with_(num_nextn_predict_layers=0)
+        self.embed = nn.Embedding(1, 1)
+        self.mtp = []
+        self.script = torch.tensor(script + [1] * 64)   # then EOS (id 1)
+
+    def forward(self, ids, *, cache, rows, last_only=False, return_hidden=False):
+        if getattr(self, "fail", False):
+            raise RuntimeError("boom")
+        B, S = ids.shape
+        pos = cache.lengths[rows].unsqueeze(1) + torch.arange(S)                       # [B, S]
+        cache.advance(rows, S)
+        logits = torch.full((B, S, self.config.vocab_size), -10.0)
+        logits.scatter_(2, self.script[pos + 1].unsqueeze(-1), 10.0)
+        if last_only:
+            logits = logits[:, -1]
+        return (logits, None) if return_hidden else logits
+
+    def decode_step(self, ids, cache, rows):
+        return self.forward(ids, cache=cache, rows=rows, last_only=True)

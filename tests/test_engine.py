@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
 from dsv4.config import preset
 from dsv4.engine import (Engine, EngineOverloaded, PromptTooLong, Request, RequestError, TextStream, ThinkSplit,
                          generate)
 from dsv4.tokenizer import DEFAULT_TRAIN_SPECIAL_TOKENS, train_bpe
 
-from conftest import random_hf_model, random_model
+from conftest import Scripted, random_hf_model, random_model
 
 EOS = 1
 
@@ -261,32 +260,6 @@ def test_cancel_frees_the_row(model):
 
 
 # ----------------------------------------------------------------------------- text: stops and streaming
-class Scripted(nn.Module):
-    """A stand-in model that always predicts the next token of a fixed script (by position)."""
-
-    def __init__(self, script: list[int]):
-        super().__init__()
-        self.config = preset("tiny").with_(num_nextn_predict_layers=0)
-        self.embed = nn.Embedding(1, 1)
-        self.mtp = []
-        self.script = torch.tensor(script + [EOS] * 64)
-
-    def forward(self, ids, *, cache, rows, last_only=False, return_hidden=False):
-        if getattr(self, "fail", False):
-            raise RuntimeError("boom")
-        B, S = ids.shape
-        pos = cache.lengths[rows].unsqueeze(1) + torch.arange(S)                       # [B, S]
-        cache.advance(rows, S)
-        logits = torch.full((B, S, self.config.vocab_size), -10.0)
-        logits.scatter_(2, self.script[pos + 1].unsqueeze(-1), 10.0)
-        if last_only:
-            logits = logits[:, -1]
-        return (logits, None) if return_hidden else logits
-
-    def decode_step(self, ids, cache, rows):
-        return self.forward(ids, cache=cache, rows=rows, last_only=True)
-
-
 def run_stream(engine, req):
     deltas = []
     engine.add(req, lambda out: deltas.append(out))
@@ -369,3 +342,136 @@ def test_cli_generate_equals_transformers_greedy(tmp_path, tok, capsys):
                  "--max-new-tokens", str(n), "--ignore-eos", "--print-ids", "--device", "cpu"]) == 0
     got = [int(x) for x in capsys.readouterr().out.split()]
     assert got == want
+
+
+# ----------------------------------------------------------------------------- admission, processors
+def test_admission_failures_end_only_their_request_and_return_the_row(model, monkeypatch):
+    import dsv4.engine as E
+
+    eng = Engine(model, max_batch=2, max_len=64)
+    for seed in (2 ** 64, -2 ** 63 - 1, 1.5, True):
+        with pytest.raises(RequestError, match="seed"):
+            eng.add(Request([3, 4], max_tokens=2, temperature=1.0, seed=seed))
+    real = E.make_generator
+    monkeypatch.setattr(E, "make_generator", lambda seed, device: real(seed, device) if seed != 13 else 1 / 0)
+    ps = prompts([5, 9, 7, 6], seed=10)
+    reqs = [Request(ps[0], max_tokens=6, temperature=1.0, seed=1), Request(ps[1], max_tokens=6, temperature=1.0,
+                                                                           seed=13),
+            Request(ps[2], max_tokens=6, temperature=1.0, seed=13), Request(ps[3], max_tokens=6, temperature=1.0,
+                                                                            seed=2)]
+    res = eng.generate(reqs)                      # returns (the failed ones do not hang it)
+    assert [r.finish_reason for r in res] == ["length", "error", "error", "length"]
+    assert "ZeroDivisionError" in res[1].error and res[1].token_ids == []
+    alone = Engine(model, max_batch=1, max_len=64).generate([reqs[3]])[0]
+    assert res[3].token_ids == alone.token_ids
+    assert eng.free_rows == [0, 1] and eng.num_running == 0 and eng.check() == []
+
+
+@torch.no_grad()
+def penalized_chain(model, prompt, n, presence=0.0, frequency=0.0, repetition=1.0, bias=None):
+    """Reference: argmax of full-forward logits (float64) after the penalty formulas, no EOS stop."""
+    ids, out = list(prompt), []
+    for _ in range(n):
+        logits = model(torch.tensor([ids]))[0, -1].double()
+        for t, b in (bias or {}).items():
+            logits[t] += b
+        for t in set(ids):
+            logits[t] = logits[t] / repetition if logits[t] > 0 else logits[t] * repetition
+        for t in set(out):
+            logits[t] -= presence + frequency * out.count(t)
+        t = int(logits.argmax())
+        out.append(t)
+        ids.append(t)
+    return out
+
+
+def test_penalties_and_logit_bias_follow_their_formulas(model):
+    p = prompts([11], seed=12)[0]        # its greedy chain repeats tokens of the prompt and of itself
+    cases = [dict(repetition_penalty=1.8), dict(presence_penalty=1.5),
+             dict(presence_penalty=-0.5, frequency_penalty=1.0, repetition_penalty=1.2, logit_bias={7: 3.0, 9: -50.0})]
+    plain = penalized_chain(model, p, 10)
+    eng = Engine(model, max_batch=1, max_len=64)
+    for kw in cases:
+        got = eng.generate([p], max_tokens=10, ignore_eos=True, **kw)[0]
+        want = penalized_chain(model, p, 10, kw.get("presence_penalty", 0.0), kw.get("frequency_penalty", 0.0),
+                               kw.get("repetition_penalty", 1.0), kw.get("logit_bias"))
+        assert got.token_ids == want, kw
+        assert want != plain, kw
+    for bad, match in [(dict(repetition_penalty=0.0), "repetition_penalty"), (dict(presence_penalty=3.0), "presence"),
+                       (dict(logit_bias={512: 1.0}), "logit_bias keys"),
+                       (dict(logit_bias={3: float("nan")}), "logit_bias values")]:
+        with pytest.raises(RequestError, match=match):
+            eng.add(Request(p, max_tokens=2, **bad))
+
+
+def test_forced_tokens_and_a_failing_processor(model):
+    from dsv4.constraints import ForcedTokens
+
+    p = prompts([9], seed=12)[0]
+    plain = Engine(model, max_batch=1, max_len=64).generate([p], max_tokens=8, ignore_eos=True)[0].token_ids
+    trigger = plain[2]
+    req = Request(p, max_tokens=8, ignore_eos=True, processors=[ForcedTokens([5, 6, 7], after=trigger)])
+    eng = Engine(model, max_batch=2, max_len=64, speculative=True)   # processors decode without speculation
+    got = eng.generate([req])[0]
+    assert got.token_ids[:6] == plain[:3] + [5, 6, 7] and got.drafted == 0
+
+    def broken(generated, logits):
+        return logits.fill_(float("-inf"))
+
+    res = eng.generate([Request(p, max_tokens=4, processors=[broken]), Request(p, max_tokens=4)])
+    assert res[0].finish_reason == "error" and "no token possible" in res[0].error
+    assert res[1].token_ids == plain[:4] and eng.free_rows == [0, 1]
+
+
+# ----------------------------------------------------------------------------- prefix caching
+def test_prefix_cache_gives_the_outputs_of_an_uncached_run(model):
+    from dsv4.prefix_cache import prefix_block
+
+    assert prefix_block(model.config) == 128                  # lcm of the tiny preset's ratios (4, 128)
+    g = torch.Generator().manual_seed(13)
+    base = torch.randint(2, 512, (262,), generator=g).tolist()
+    branch = base[:258] + torch.randint(2, 512, (9,), generator=g).tolist()
+    for spec, order, cached in ((False, [base, branch, base, base[:100]], [0, 256, 256, 0]),
+                                (True, [base, branch], [0, 256])):
+        ref = Engine(model, max_batch=1, max_len=300, speculative=spec)
+        want = [ref.generate([p], max_tokens=6, ignore_eos=True, logprobs=5)[0] for p in order]
+        eng = Engine(model, max_batch=2, max_len=300, prefix_cache_bytes=64 << 20, speculative=spec, prefill_chunk=90)
+        got = [eng.generate([p], max_tokens=6, ignore_eos=True, logprobs=5)[0] for p in order]
+        assert [r.cached_tokens for r in got] == cached
+        for a, b in zip(want, got):   # logits: the chosen tokens' log-probs and the top 5, ids and values
+            assert a.token_ids == b.token_ids
+            assert [x.logprob for x in a.logprobs] == pytest.approx([x.logprob for x in b.logprobs], abs=1e-5)
+            for x, y in zip(a.logprobs, b.logprobs):
+                assert [i for i, _ in x.top] == [i for i, _ in y.top]
+                assert [v for _, v in x.top] == pytest.approx([v for _, v in y.top], abs=1e-5)
+        assert eng.stats["prefill_tokens"] == sum(len(p) for p in order) - sum(cached)
+    # a shared system prompt (140 tokens): the second request leaves a snapshot at the boundary the
+    # first one shared with it (128), the third starts there
+    tails = [torch.randint(2, 512, (130,), generator=g).tolist() for _ in range(3)]
+    shared = [base[:140] + t for t in tails]
+    ref = Engine(model, max_batch=1, max_len=300)
+    eng = Engine(model, max_batch=1, max_len=300, prefix_cache_bytes=64 << 20)
+    got = [eng.generate([p], max_tokens=3, logprobs=0)[0] for p in shared]
+    assert [r.cached_tokens for r in got] == [0, 0, 128]
+    for p, r in zip(shared, got):
+        want = ref.generate([p], max_tokens=3, logprobs=0)[0]
+        assert r.token_ids == want.token_ids
+        assert [x.logprob for x in r.logprobs] == pytest.approx([x.logprob for x in want.logprobs], abs=1e-5)
+    # the byte bound: room for one snapshot keeps only the most recent one
+    size = eng.cache.row_state_bytes(next(iter(eng.prefix_cache.entries.values()))[0])
+    small = Engine(model, max_batch=1, max_len=300, prefix_cache_bytes=size + 1)
+    small.generate([base[:130], [7] * 130], max_tokens=1)
+    assert len(small.prefix_cache) == 1 and small.prefix_cache.stats["evicted"] == 1
+    assert small.prefix_cache.bytes <= size + 1
+
+
+def test_control_tokens_are_hidden_unless_asked(tok):
+    prompt = tok.encode("Q:", add_bos=True)
+    user, pad = tok.token_to_id("<｜User｜>"), tok.token_to_id("<｜▁pad▁｜>")
+    think = tok.token_to_id("</think>")
+    reply = tok.encode("x") + [user, pad] + tok.encode("y") + [think] + tok.encode("z")
+    eng = Engine(Scripted(prompt + reply), tok, max_batch=1, max_len=64)
+    deltas, res = run_stream(eng, Request(prompt, max_tokens=20))
+    assert res.text == "".join(deltas) == "xy</think>z" and res.token_ids[:-1] == reply
+    deltas, res = run_stream(eng, Request(prompt, max_tokens=20, skip_special_tokens=False))
+    assert res.text == "".join(deltas) == tok.decode(reply)

@@ -26,7 +26,9 @@ def tok() -> Tokenizer:
 # --- the released tokenizer ------------------------------------------------------------------------
 
 def test_released_tokenizer_ids(tok):
-    assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (129280, 0, 1)
+    from dsv4.tokenizer import BUNDLED_VOCAB_SIZE
+
+    assert (tok.vocab_size, tok.bos_id, tok.eos_id) == (BUNDLED_VOCAB_SIZE, 0, 1) == (129280, 0, 1)
     assert tok.encode("Hello", add_bos=True) == [0, tok.token_to_id("Hello")]
     assert tok.token_to_id("no-such-token-xyz") is None
     assert tok.special_tokens["<｜User｜>"] == 128803
@@ -115,6 +117,26 @@ def test_stream_with_special_tokens_and_broken_tail(tok):
     # bytes that can never form a character are emitted as U+FFFD exactly where a full decode puts them
     broken = tok.encode("😀")[:1] + tok.encode("ab")
     assert "".join(_stream(tok, broken)[0]) == tok.decode(broken) == "\ufffdab"
+
+
+def test_control_tokens_hidden_from_generated_text(tok):
+    hidden = tok.control_ids
+    names = {tok.id_to_token(i) for i in hidden}
+    assert {"<｜User｜>", "<｜Assistant｜>", "<｜place▁holder▁no▁627｜>", "<｜begin▁of▁sentence｜>"} <= names
+    assert not {"<think>", "</think>", "｜DSML｜"} & names
+    assert len(hidden) == len(tok.special_tokens) - 3
+    ids = tok.apply_chat([{"role": "user", "content": "表情😀"}], thinking=True) + tok.encode("好</think>ok") + \
+        [tok.token_to_id("<｜place▁holder▁no▁627｜>"), 1]
+    deltas, rest = _stream(tok, ids, hide=hidden)
+    assert "".join(deltas) + rest == tok.decode([i for i in ids if i not in hidden]) == "表情😀<think>好</think>ok"
+
+
+def test_max_token_bytes_bounds_the_bytes_of_any_token(tok):
+    bound = tok.max_token_bytes
+    for text in (MIXED * 50, " " * 5000, "a" * 5000, "\n" * 999, "0" * 3000):
+        ids = tok.encode(text)
+        assert len(text.encode()) <= bound * len(ids)
+    assert max(len(tok.decode([i]).encode()) for i in range(0, tok.vocab_size, 7)) <= bound
 
 
 # --- chat format -----------------------------------------------------------------------------------

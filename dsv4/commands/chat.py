@@ -21,6 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--thinking", action="store_true", help="start in thinking mode")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--max-len", type=int, default=8192, metavar="N", help="context length (conversation + reply)")
+    p.add_argument("--prefix-cache-mb", type=int, default=1024, metavar="MB",
+                   help="memory for reusing the conversation's cached prefix between turns (0: off; default 1024)")
 
 
 class _Printer:
@@ -62,7 +64,8 @@ def reply(engine, messages: list[dict], thinking: bool, args, seed: int | None =
               file=sys.stderr)
         return None
     req = Request(prompt=ids, max_tokens=min(args.max_new_tokens, room), temperature=args.temperature,
-                  top_p=args.top_p, top_k=args.top_k, seed=seed)
+                  top_p=args.top_p, top_k=args.top_k, seed=seed, repetition_penalty=args.repetition_penalty,
+                  skip_special_tokens=not args.keep_special_tokens)
     split, printer = ThinkSplit(thinking), _Printer(out, out.isatty())
     parts = {"reasoning": [], "content": []}
 
@@ -97,7 +100,8 @@ def run(args) -> int:
     from dsv4.engine import Engine
 
     model, tokenizer = load(args)
-    engine = Engine(model, tokenizer, max_batch=1, max_len=args.max_len, **engine_options(args))
+    engine = Engine(model, tokenizer, max_batch=1, max_len=args.max_len, prefix_cache_bytes=args.prefix_cache_mb << 20,
+                    **engine_options(args))
     thinking = args.thinking
     system = [{"role": "system", "content": args.system}] if args.system else []
     messages = list(system)

@@ -2,6 +2,8 @@
 on the CPU, print text sampled from the trained model, and write the run's plots.
 
 Re-running continues from the run's newest checkpoint (a finished run only re-samples and re-plots).
+The CPU thread count is chosen for the machine as it is (`dsv4.cli.cpu_threads`: fewer on a busy
+machine) and printed; `threads=N` or OMP_NUM_THREADS chooses it.
 """
 from __future__ import annotations
 
@@ -9,11 +11,13 @@ import argparse
 import time
 
 PROMPTS = ("ROMEO.\n", "To be, or not to be", "KING HENRY.\nNow, lords,", "O, what a noble")
+TINY_STEPS = 250   # the tiny recipe's steps, for --help without importing torch (a test keeps them equal)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
-    p.add_argument("--steps", type=int, default=None, help="training steps (default: the tiny recipe's 300)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"training steps (default: the tiny recipe's {TINY_STEPS})")
     p.add_argument("--max-tokens", type=int, default=60, help="tokens sampled per prompt (default 60)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="TrainConfig / model.* field overrides")
@@ -37,8 +41,18 @@ def run(args: argparse.Namespace) -> int:
     from dsv4.runlog import read_metrics
     from dsv4.train import train
 
+    from dsv4.cli import cpu_threads
+
     t0 = time.perf_counter()
-    cfg = tiny().with_overrides(list(args.overrides) + ([f"steps={args.steps}"] if args.steps else []))
+    overrides = list(args.overrides) + ([f"steps={args.steps}"] if args.steps is not None else [])
+    given = [o for o in overrides if o.startswith("threads=")]
+    if given:
+        print(f"using {given[-1].split('=', 1)[1]} CPU threads (threads=)")
+    else:
+        n, why = cpu_threads()
+        overrides.append(f"threads={n}")
+        print(f"using {why}")
+    cfg = tiny().with_overrides(overrides)
     trainer = train(cfg, args.out, resume=True, progress=not args.no_progress)
     t_train = time.perf_counter() - t0
     ev = trainer.last_eval or trainer.evaluate()

@@ -1,7 +1,8 @@
 """`dsv4 generate --model DIR|PRESET --prompt TEXT`: stream a continuation to stdout.
 
 Greedy unless --temperature > 0. Timing (and, with --speculative, the MTP draft acceptance rate) goes
-to stderr so that stdout holds only the generated text.
+to stderr so that stdout holds only the generated text. Control tokens (placeholders, turn markers)
+are left out of the text unless --keep-special-tokens.
 """
 from __future__ import annotations
 
@@ -46,6 +47,10 @@ def add_sampling_arguments(p: argparse.ArgumentParser, max_new: int) -> None:
     p.add_argument("--top-p", type=float, default=1.0, metavar="P")
     p.add_argument("--top-k", type=int, default=0, metavar="K", help="0 = off")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible output)")
+    p.add_argument("--repetition-penalty", type=float, default=1.0, metavar="R",
+                   help="divide the logits of tokens already in the text by R (> 1 discourages repeats; default 1)")
+    p.add_argument("--keep-special-tokens", action="store_true",
+                   help="show control tokens (placeholders, <｜User｜>, ...) in the output; hidden by default")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -84,20 +89,33 @@ def load(args, expert_parallel: bool = False):
 
 
 def run(args) -> int:
+    from dsv4.cli import CLIError
     from dsv4.engine import Engine, Request
     from dsv4.parallel.inference import shared_seed, torchrun_env
 
+    if args.prompt_ids is not None:
+        try:
+            prompt = [int(x) for x in args.prompt_ids.split(",")]
+        except ValueError:
+            raise CLIError(f"--prompt-ids must be token ids separated by commas (0,17,42); got {args.prompt_ids!r}") \
+                from None
+    else:
+        prompt = args.prompt
+    if args.max_new_tokens < 1:
+        raise CLIError(f"--max-new-tokens must be at least 1; got {args.max_new_tokens}")
     model, tokenizer = load(args, expert_parallel=True)
     if torchrun_env() is not None:   # expert parallel: every rank generates the same tokens, rank 0 prints
         if args.seed is None:
             args.seed = shared_seed()   # sampling must draw the same tokens on every rank
         if torchrun_env()["rank"]:
             sys.stdout = sys.stderr = open(os.devnull, "w")
-    prompt = [int(x) for x in args.prompt_ids.split(",")] if args.prompt_ids else args.prompt
-    n_prompt = len(prompt) if args.prompt_ids else len(tokenizer.encode(prompt, add_bos=True))
+    if prompt == "":
+        print("the prompt is empty: generating from the begin-of-sentence token alone", file=sys.stderr)
+    n_prompt = len(prompt) if args.prompt_ids is not None else len(tokenizer.encode(prompt, add_bos=True))
     engine = Engine(model, tokenizer, max_batch=1, max_len=n_prompt + args.max_new_tokens, **engine_options(args))
     req = Request(prompt=prompt, max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                  top_p=args.top_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos)
+                  top_p=args.top_p, seed=args.seed, stop=args.stop, ignore_eos=args.ignore_eos,
+                  repetition_penalty=args.repetition_penalty, skip_special_tokens=not args.keep_special_tokens)
 
     def show(out) -> None:
         if not args.print_ids:
@@ -105,7 +123,10 @@ def run(args) -> int:
             sys.stdout.flush()
 
     t0 = time.perf_counter()
-    engine.add(req, show)
+    try:
+        engine.add(req, show)
+    except ValueError as exc:   # RequestError: a bad value (seed, top_p, ...)
+        raise CLIError(str(exc)) from None
     result = None
     while result is None:
         for out in engine.step():
