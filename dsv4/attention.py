@@ -48,13 +48,8 @@ def linear(x: torch.Tensor, layer: nn.Linear, fp32: bool = False) -> torch.Tenso
     if not isinstance(layer, nn.Linear):   # a quantised layer (dsv4.quant.FP8Linear) computes itself
         return layer(up(x) if fp32 else x)
     if fp32:
-        return _linear_fp32(x, layer.weight)
+        return ops.linear_fp32(x, layer.weight)
     return F.linear(x, layer.weight.to(x.dtype))
-
-
-@fp32_region
-def _linear_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    return F.linear(up(x), up(w))
 
 
 # ----------------------------------------------------------------------------- RoPE

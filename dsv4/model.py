@@ -342,7 +342,7 @@ class Transformer(nn.Module):
     @fp32_region
     def logits(self, y: torch.Tensor) -> torch.Tensor:
         """LM head in fp32 on the final normalised hidden state."""
-        return F.linear(up(y), up(self.head.weight))
+        return ops.linear_fp32(y, self.head.weight)
 
     def final_hidden(self, h: torch.Tensor) -> torch.Tensor:
         eps, norm_eps = self.config.hc_eps, self.config.rms_norm_eps

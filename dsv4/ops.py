@@ -167,6 +167,28 @@ def register(name: str, impls: dict, **kw) -> Primitive:
     return p
 
 
+# ----------------------------------------------------------------------------- fp32 matmuls
+@fp32_region
+def linear_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x · wᵀ in fp32, as the official code computes the compressor projections and the LM head.
+
+    When both operands are bf16 on CUDA the products are exact in fp32, so a bf16 GEMM that accumulates
+    and returns fp32 (`torch.mm(..., out_dtype=float32)`) computes the same function as upcasting both,
+    on the tensor cores, without the fp32 copies; elsewhere both are upcast."""
+    if x.is_cuda and x.dtype == w.dtype == torch.bfloat16 and _mm_out_dtype_works():
+        return torch.mm(x.reshape(-1, x.shape[-1]), w.t(), out_dtype=torch.float32).view(*x.shape[:-1], w.shape[0])
+    return F.linear(up(x), up(w))
+
+
+@functools.cache
+def _mm_out_dtype_works() -> bool:
+    a = torch.ones(16, 16, device="cuda", dtype=torch.bfloat16)
+    try:
+        return torch.mm(a, a, out_dtype=torch.float32).dtype == torch.float32
+    except (TypeError, RuntimeError):
+        return False
+
+
 # ----------------------------------------------------------------------------- mHC
 @fp32_region
 def hc_split_sinkhorn_torch(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n: int,
