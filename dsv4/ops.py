@@ -176,8 +176,27 @@ def linear_fp32(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     and returns fp32 (`torch.mm(..., out_dtype=float32)`) computes the same function as upcasting both,
     on the tensor cores, without the fp32 copies; elsewhere both are upcast."""
     if x.is_cuda and x.dtype == w.dtype == torch.bfloat16 and _mm_out_dtype_works():
+        if _needs_grad(x, w):
+            return _LinearFp32Fn.apply(x, w)
         return torch.mm(x.reshape(-1, x.shape[-1]), w.t(), out_dtype=torch.float32).view(*x.shape[:-1], w.shape[0])
     return F.linear(up(x), up(w))
+
+
+class _LinearFp32Fn(torch.autograd.Function):
+    """`linear_fp32` of bf16 operands with gradients: the forward on the tensor cores (fp32 out), the
+    backward in fp32 as the upcast form's (torch.mm with out_dtype has no derivative)."""
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return torch.mm(x.reshape(-1, x.shape[-1]), w.t(), out_dtype=torch.float32).view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        g2 = g.reshape(-1, g.shape[-1]).float()
+        dx = (g2 @ w.float()).view(x.shape).to(x.dtype) if ctx.needs_input_grad[0] else None
+        dw = (g2.t() @ x.reshape(-1, x.shape[-1]).float()).to(w.dtype) if ctx.needs_input_grad[1] else None
+        return dx, dw
 
 
 @functools.cache
@@ -678,7 +697,7 @@ def sparse_attention_triton(q, kv, idx, sink, scale, kv2=None, rows2=None, retur
     kv2 = kv2.to(q.dtype) if kv2 is not None else None
     if _needs_grad(q, kv, sink, kv2):
         out, lse = _SparseAttentionFn.apply(q, kv, idx, sink, scale, kv2, rows2)
-    elif q.shape[0] * q.shape[1] * -(-q.shape[2] // 32) < SPLIT_BELOW_PROGRAMS and idx.shape[-1] >= 256:
+    elif q.shape[0] * q.shape[1] * -(-q.shape[2] // 32) < SPLIT_BELOW_PROGRAMS and idx.shape[-1] >= 2048:
         out, lse = kern.forward_split(q, kv, idx, sink, scale, kv2, rows2)
     else:
         out, lse = kern.forward(q, kv, idx, sink, scale, kv2, rows2)

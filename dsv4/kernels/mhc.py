@@ -55,12 +55,13 @@ def split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
 
 
 @triton.jit
-def _hc_pre_kernel(H, FN, SCALE, BASE, X, POST, COMB, N_TOK, D, eps, norm_eps,
-                   ITERS: tl.constexpr, NS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-                   BLOCK_D: tl.constexpr):
-    """Fused hc_pre for BLOCK_T tokens: RMS over the N·D stream values, the (2+N)·N mix logits
-    (a GEMV against fn, fp32), the gates and Sinkhorn, then x = Σ_j pre_j h_j (second pass over h)."""
+def _hc_mix_kernel(H, FN, SS, PP, CC, N_TOK, D, K_PER,
+                   NS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+    """hc_pre, part 1, for BLOCK_T tokens and one slice [K_PER·split, K_PER·(split+1)) of the N·D stream
+    values: Σ h² and the (2+N)·N mix logits h · fnᵀ (fp32), as partial sums per slice (a slice per
+    program keeps the GPU busy when there are few tokens, as in a decode step)."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    sp = tl.program_id(1)
     tm = t < N_TOK
     ND = NS * D
     k = tl.arange(0, BLOCK_K)
@@ -70,15 +71,39 @@ def _hc_pre_kernel(H, FN, SCALE, BASE, X, POST, COMB, N_TOK, D, eps, norm_eps,
     ss = tl.zeros([BLOCK_T], tl.float32)
     pp = tl.zeros([BLOCK_T, 2 * NS], tl.float32)
     cc = tl.zeros([BLOCK_T, NS * NS], tl.float32)
-    for k0 in range(0, ND, BLOCK_K):
+    k_hi = tl.minimum(ND, (sp + 1) * K_PER)
+    for k0 in range(sp * K_PER, k_hi, BLOCK_K):
         kk = k0 + k
-        km = kk < ND
+        km = kk < k_hi
         hv = tl.load(hrow + kk[None, :], mask=tm[:, None] & km[None, :], other=0.0).to(tl.float32)   # [BT, BK]
         ss += tl.sum(hv * hv, 1)
         f2 = tl.load(FN + r2[None, :].to(tl.int64) * ND + kk[:, None], mask=km[:, None], other=0.0)   # [BK, 2N]
         fc = tl.load(FN + (2 * NS + rc[None, :]).to(tl.int64) * ND + kk[:, None], mask=km[:, None], other=0.0)
         pp += tl.sum(hv[:, :, None] * f2[None, :, :], 1)
         cc += tl.sum(hv[:, :, None] * fc[None, :, :], 1)
+    base = (sp * N_TOK + t).to(tl.int64)
+    tl.store(SS + base, ss, mask=tm)
+    tl.store(PP + base[:, None] * (2 * NS) + r2[None, :], pp, mask=tm[:, None])
+    tl.store(CC + base[:, None] * (NS * NS) + rc[None, :], cc, mask=tm[:, None])
+
+
+@triton.jit
+def _hc_finish_kernel(H, SS, PP, CC, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLIT, eps, norm_eps,
+                      ITERS: tl.constexpr, NS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """hc_pre, part 2: the slices' sums, RMS scaling, gates, Sinkhorn, then x = Σ_j pre_j h_j."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tm = t < N_TOK
+    ND = NS * D
+    r2 = tl.arange(0, 2 * NS)
+    rc = tl.arange(0, NS * NS)
+    ss = tl.zeros([BLOCK_T], tl.float32)
+    pp = tl.zeros([BLOCK_T, 2 * NS], tl.float32)
+    cc = tl.zeros([BLOCK_T, NS * NS], tl.float32)
+    for sp in range(0, NSPLIT):
+        base = (sp * N_TOK + t).to(tl.int64)
+        ss += tl.load(SS + base, mask=tm, other=0.0)
+        pp += tl.load(PP + base[:, None] * (2 * NS) + r2[None, :], mask=tm[:, None], other=0.0)
+        cc += tl.load(CC + base[:, None] * (NS * NS) + rc[None, :], mask=tm[:, None], other=0.0)
     rho = 1.0 / tl.sqrt(ss / ND + norm_eps)
     s0 = tl.load(SCALE)
     s1 = tl.load(SCALE + 1)
@@ -110,8 +135,9 @@ def _hc_pre_kernel(H, FN, SCALE, BASE, X, POST, COMB, N_TOK, D, eps, norm_eps,
                  mask=tm[:, None] & dm[None, :])
 
 
-def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int = 8, block_k: int = 32):
-    """x [.., D] (h's dtype), post [.., N], comb [.., N, N] fp32 from streams h [.., N, D]."""
+def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int = 8, block_k: int = 32, programs: int = 264):
+    """x [.., D] (h's dtype), post [.., N], comb [.., N, N] fp32 from streams h [.., N, D]. The mix GEMV is
+    split over enough slices of N·D to give ~`programs` programs (one slice when tokens are many)."""
     if n & (n - 1):
         raise ValueError(f"mHC kernel: hc_mult {n} must be a power of two")
     lead, D = h.shape[:-2], h.shape[-1]
@@ -121,10 +147,19 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int = 8, block_
     post = torch.empty(T, n, device=h.device, dtype=torch.float32)
     comb = torch.empty(T, n, n, device=h.device, dtype=torch.float32)
     if T:
-        _hc_pre_kernel[(triton.cdiv(T, block_t),)](hv, fn.float().contiguous(), scale.float().contiguous(),
-                                                  base.float().contiguous(), x, post, comb, T, D, eps, norm_eps,
-                                                  ITERS=iters, NS=n, BLOCK_T=block_t, BLOCK_K=block_k,
-                                                  BLOCK_D=min(128, triton.next_power_of_2(D)))
+        nd = n * D
+        tb = triton.cdiv(T, block_t)
+        split = max(1, min(triton.cdiv(programs, tb), triton.cdiv(nd, 4 * block_k)))
+        k_per = triton.cdiv(triton.cdiv(nd, split), block_k) * block_k
+        split = triton.cdiv(nd, k_per)
+        ss = torch.empty(split, T, device=h.device, dtype=torch.float32)
+        pp = torch.empty(split, T, 2 * n, device=h.device, dtype=torch.float32)
+        cc = torch.empty(split, T, n * n, device=h.device, dtype=torch.float32)
+        fnc = fn.float().contiguous()
+        _hc_mix_kernel[(tb, split)](hv, fnc, ss, pp, cc, T, D, k_per, NS=n, BLOCK_T=block_t, BLOCK_K=block_k)
+        _hc_finish_kernel[(tb,)](hv, ss, pp, cc, scale.float().contiguous(), base.float().contiguous(), x, post, comb,
+                                 T, D, split, eps, norm_eps, ITERS=iters, NS=n, BLOCK_T=block_t,
+                                 BLOCK_D=min(128, triton.next_power_of_2(D)))
     return x.view(*lead, D), post.view(*lead, n), comb.view(*lead, n, n)
 
 
@@ -216,12 +251,12 @@ def _sinkhorn_bwd_kernel(MIX, SCALE, BASE, DPRE, DPOST, DCOMB, DMIX, DSB, N_TOK,
         x = c0
         for r in range(1, j):
             x = _norm_step(x, r, eps)
-        if j % 2 == 1:
-            s = tl.sum(x, 1)[:, None, :] + eps
-            g = g / s - tl.sum(g * x, 1)[:, None, :] / (s * s)
+        if j % 2 == 1:       # (each branch keeps its own sums: only g, of one shape, leaves the if)
+            sc = tl.sum(x, 1)[:, None, :] + eps
+            g = g / sc - tl.sum(g * x, 1)[:, None, :] / (sc * sc)
         else:
-            s = tl.sum(x, 2)[:, :, None] + eps
-            g = g / s - tl.sum(g * x, 2)[:, :, None] / (s * s)
+            sr = tl.sum(x, 2)[:, :, None] + eps
+            g = g / sr - tl.sum(g * x, 2)[:, :, None] / (sr * sr)
     dz = p * (g - tl.sum(g * p, 2)[:, :, None])                                     # softmax backward
     dz = tl.where(tm[:, None, None], dz, 0.0)
     tl.store(drow[:, :, None] + 2 * NS + jk[None, :, :], dz * s2, mask=tm[:, None, None])
