@@ -38,15 +38,27 @@ def keeps_fp32(name: str) -> bool:
 # ----------------------------------------------------------------------------- mHC
 @fp32_region
 def hc_pre(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n: int,
-           iters: int, eps: float, norm_eps: float):
+           iters: int, eps: float, norm_eps: float, mode: str = "mhc"):
     """Collapse N streams into one input and compute the mixes (spec §4.1). h [B, S, N, D].
 
-    Returns x [B, S, D] (model dtype), post [B, S, N], comb [B, S, N, N] (fp32).
+    Returns x [B, S, D] (model dtype), post [B, S, N], comb [B, S, N, N] (fp32). `mode` is
+    `ModelConfig.hc_mode`: the release's "mhc", or the ablations "hc" and "residual".
     """
+    if mode == "residual":  # h' = f + h_k: the streams stay equal copies of one plain residual stream
+        B, S = h.shape[:2]
+        hf = up(h)
+        post = hf.new_ones(B, S, n)
+        comb = torch.eye(n, dtype=hf.dtype, device=h.device).expand(B, S, n, n)
+        return hf.mean(dim=2).to(h.dtype), post, comb
     v = up(h.flatten(2))                                                   # [B, S, N·D]
     rho = torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + norm_eps)              # unweighted RMS over N·D
     mixes = F.linear(v, up(fn)) * rho                                      # [B, S, (2+N)·N]
-    pre, post, comb = ops.hc_split_sinkhorn(mixes, up(scale), up(base), n, iters, eps)
+    if mode == "hc":  # unconstrained: static base + gated tanh of the dynamic part, no projection
+        m, s, b = torch.tanh(mixes), up(scale), up(base)
+        pre, post, comb = (b[:n] + s[0] * m[..., :n], b[n:2 * n] + s[1] * m[..., n:2 * n],
+                           (b[2 * n:] + s[2] * m[..., 2 * n:]).unflatten(-1, (n, n)))
+    else:
+        pre, post, comb = ops.hc_split_sinkhorn(mixes, up(scale), up(base), n, iters, eps)
     x = (pre.unsqueeze(-1) * up(h)).sum(dim=2)                             # [B, S, D]
     return x.to(h.dtype), post, comb
 
@@ -175,6 +187,7 @@ class Block(nn.Module):
         D, N = cfg.hidden_size, cfg.hc_mult
         mix = (2 + N) * N
         self.hc = (N, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps)
+        self.hc_mode = cfg.hc_mode
         self.attn_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.attn = Attention(cfg, layer)
         self.ffn_norm = RMSNorm(D, cfg.rms_norm_eps)
@@ -186,10 +199,10 @@ class Block(nn.Module):
 
     def forward(self, h: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, seg=None, state=None,
                 rows=None) -> torch.Tensor:
-        x, post, comb = hc_pre(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, *self.hc)
+        x, post, comb = hc_pre(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, *self.hc, self.hc_mode)
         x = self.attn(self.attn_norm(x), pos, seg, state, rows)
         h = hc_post(x, h, post, comb)
-        x, post, comb = hc_pre(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, *self.hc)
+        x, post, comb = hc_pre(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, *self.hc, self.hc_mode)
         x = self.ffn(self.ffn_norm(x), ids)
         return hc_post(x, h, post, comb)
 
@@ -260,6 +273,8 @@ class Transformer(nn.Module):
                 p.fill_(1.0)
             elif name.endswith(("_scale",)):
                 p.fill_(0.01)
+            elif name.endswith(("hc_attn_base", "hc_ffn_base")) and cfg.hc_mode == "hc":
+                p.copy_(torch.cat([torch.full((N,), 1 / N), torch.ones(N), torch.eye(N).flatten()]))  # same start
             elif name.endswith(("hc_attn_base", "hc_ffn_base")):
                 comb = torch.full((N, N), -4.0)
                 comb.fill_diagonal_(0.0)
