@@ -3,7 +3,7 @@
     nice -n 15 env OMP_NUM_THREADS=1 python3 bench/ablations/run_ablations.py all     # every study, resumable
     python3 bench/ablations/run_ablations.py lr                # the learning-rate sweep only (seed 0)
     python3 bench/ablations/run_ablations.py attention|residual|optimizer
-    python3 bench/ablations/run_ablations.py report            # tables + plots from the finished runs
+    python3 bench/ablations/report.py                          # tables + plots from the finished runs
 
 Studies (each variant × seeds 0, 1, 2; everything else equal):
   attention   V4 hybrid (SWA / CSA / HCA layers of the `tiny` preset)  vs  full dense causal attention
@@ -17,12 +17,13 @@ The V4 variant (hybrid attention, mHC, Muon at its tuned lr) is shared by the th
 
 Setup: the `tiny` preset (4 layers SWA/CSA/HCA/CSA + an SWA MTP block, hidden 64, 8 experts top-2; 0.34M
 active parameters), sequences of 512 tokens (HCA 128:1 has up to 4 entries, CSA up to 128 of which the
-indexer picks 16), 4 rows per step, 300 steps (614K tokens), the `tiny` recipe's schedule and phases
-(V4 variants: dense attention for 150 steps, indexer warm-up 18, sparse 132; variants without CSA layers
-have no phases). A 512-id byte-level BPE trained once on the bundled Shakespeare; the same two held-out
-plays for every run. Validation: next-token loss on 64 rows of 512 tokens of those plays
-(`val_loss`), and on 64 rows of the King James Genesis and John (`heldout_loss`, data/, see
-make_heldout.py). Runs write `results/<run>/result.json` and `metrics.jsonl`; finished runs are skipped.
+indexer picks 16), 2 rows per step, 120 steps (123K tokens; the budget of a shared 2-core machine), the
+`tiny` recipe's schedule and phases (V4 variants: dense attention for 60 steps, indexer warm-up 7, sparse
+53; variants without CSA layers have no phases). A 512-id byte-level BPE trained once on the bundled
+Shakespeare; the same two held-out plays for every run. Validation: next-token loss on 64 rows of 512
+tokens of those plays (`val_loss`), and on 64 rows of the King James Genesis and John (`heldout_loss`,
+data/, see make_heldout.py). Runs write `results/<run>/result.json` and `metrics.jsonl`; finished runs
+are skipped, so the command resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -50,8 +51,8 @@ HERE = pathlib.Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 HELDOUT = HERE / "data" / "kjv_genesis_john.jsonl.gz"
 SEEDS = (0, 1, 2)
-SEQ, ROWS, STEPS = 512, 2, 200
-EVAL_EVERY, EVAL_BATCHES = 50, 32                  # 32 batches × 2 rows × 512 tokens = 32K tokens
+SEQ, ROWS, STEPS = 512, 2, 120
+EVAL_EVERY, EVAL_BATCHES = 40, 32                  # 32 batches × 2 rows × 512 tokens = 32K tokens
 LR_GRID = (1e-3, 3e-3, 1e-2)
 LOCK = "/tmp/dsv4-cpu.lock"                        # "" to run without it
 STUDIES = {"attention": ("v4", "dense", "swa"), "residual": ("v4", "hc", "residual"),
@@ -63,7 +64,7 @@ def base_config(seed: int, lr: float, data: pathlib.Path) -> TrainConfig:
     """The `tiny` recipe's schedule on the `tiny` preset at sequence length 512."""
     return TrainConfig(
         name="ablation", model=preset("tiny"), data=str(data / "tokens"), tokenizer=str(data / "tokenizer"),
-        seq_len=SEQ, micro_batch=ROWS, steps=STEPS, seed=seed, lr=lr, warmup_steps=20, decay_start=0.7,
+        seq_len=SEQ, micro_batch=ROWS, steps=STEPS, seed=seed, lr=lr, warmup_steps=12, decay_start=0.7,
         final_lr_ratio=0.1, weight_decay=0.1, bias_update_speed=0.01, dense_fraction=0.5,
         indexer_warmup_fraction=0.06, eval_every=EVAL_EVERY, eval_batches=EVAL_BATCHES, ckpt_every=10 ** 9,
         keep_checkpoints=1, device="cpu", tensorboard=False, threads=1)
@@ -251,7 +252,7 @@ def run_studies(studies: list[str], data: pathlib.Path, out: pathlib.Path) -> No
 def main(argv=None) -> int:
     global STEPS, EVAL_EVERY, LOCK
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("study", choices=["lr", *STUDIES, "all", "report"])
+    p.add_argument("study", choices=["lr", *STUDIES, "all"])
     p.add_argument("--out", type=pathlib.Path, default=RESULTS)
     p.add_argument("--steps", type=int, default=None, help="override the step count (smoke checks only)")
     p.add_argument("--no-lock", action="store_true", help="do not take /tmp/dsv4-cpu.lock around each run")
@@ -261,10 +262,6 @@ def main(argv=None) -> int:
     if args.steps:
         STEPS, EVAL_EVERY = args.steps, max(1, args.steps // 2)
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.study == "report":
-        from report import write_report  # bench/ablations/report.py
-        write_report(args.out)
-        return 0
     data = prepare_data(args.out)
     if args.study == "lr":
         print(json.dumps(tuned_lrs(data, args.out)))
