@@ -236,8 +236,9 @@ def _v4_flops(cfg: ModelConfig, n: np.ndarray, context: int, position: str, with
         fc.add("attention_core", "bf16", 4 * H * Dh * keys.mean())             # QKᵀ + PV, K = V of width Dh
         mix = (2 + N) * N
         # two sites: mixing matrix, Sinkhorn (row and column sums and divisions), pre collapse, post + comb
-        fc.add("mhc", "fp32", 2 * (2 * mix * N * D + 4 * cfg.hc_sinkhorn_iters * N * N + 2 * N * D
-                                   + 2 * N * D + 2 * N * N * D))
+        if cfg.hc_mode != "residual":   # (a plain residual, the ablation: its add is not counted)
+            fc.add("mhc", "fp32", 2 * (2 * mix * N * D + 4 * cfg.hc_sinkhorn_iters * N * N + 2 * N * D
+                                       + 2 * N * D + 2 * N * N * D))
         fc.add("moe", "bf16", 2 * D * E)                                         # router
         fc.add("moe", expert_prec, 2 * K * 3 * D * I)
         fc.add("moe", "fp8", 2 * cfg.n_shared_experts * 3 * D * I)
