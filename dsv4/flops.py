@@ -144,7 +144,8 @@ class V32Config:
         dense = 3 * D * self.intermediate_size
         L, k = self.num_hidden_layers, self.first_k_dense_replace
         return {"attention": L * attn, "indexer": L * index, "ffn": k * dense + (L - k) * moe,
-                "head": D * self.vocab_size, "active": L * (attn + index) + k * dense + (L - k) * moe + D * self.vocab_size}
+                "head": D * self.vocab_size,
+                "active": L * (attn + index) + k * dense + (L - k) * moe + D * self.vocab_size}
 
 
 REFERENCE_MODELS = {"deepseek-v3.2": V32Config}
@@ -265,7 +266,8 @@ def _v32_flops(cfg: V32Config, n: np.ndarray, context: int, position: str, with_
     for i in range(n_layers):
         # wkv_b's key and value halves are absorbed into the query and the output: the same FLOPs as
         # applying wkv_b once per token
-        fc.add("attention_proj", "fp8", 2 * (D * dq + dq * H * (dn + dr) + D * (dc + dr) + dc * H * (dn + dv) + H * dv * D))
+        fc.add("attention_proj", "fp8",
+               2 * (D * dq + dq * H * (dn + dr) + D * (dc + dr) + dc * H * (dn + dv) + H * dv * D))
         fc.add("indexer", "fp8", 2 * (dq * Hi * Di + D * Di))                    # wq_b, wk
         fc.add("indexer", "bf16", 2 * D * Hi)                                    # weights_proj
         fc.add("indexer", "fp8", (2 * Hi * Di + 2 * Hi) * n.mean())              # scores over every earlier token

@@ -3,6 +3,7 @@
     nice -n 15 env OMP_NUM_THREADS=1 python3 bench/ablations/run_ablations.py all     # every study, resumable
     python3 bench/ablations/run_ablations.py lr                # the learning-rate sweep only (seed 0)
     python3 bench/ablations/run_ablations.py attention|residual|optimizer
+    python3 bench/ablations/run_ablations.py attention --steps 480 --seeds 0 --out bench/ablations/results_long
     python3 bench/ablations/report.py                          # tables + plots from the finished runs
 
 Studies (each variant × seeds 0, 1, 2; everything else equal):
@@ -64,7 +65,7 @@ def base_config(seed: int, lr: float, data: pathlib.Path) -> TrainConfig:
     """The `tiny` recipe's schedule on the `tiny` preset at sequence length 512."""
     return TrainConfig(
         name="ablation", model=preset("tiny"), data=str(data / "tokens"), tokenizer=str(data / "tokenizer"),
-        seq_len=SEQ, micro_batch=ROWS, steps=STEPS, seed=seed, lr=lr, warmup_steps=12, decay_start=0.7,
+        seq_len=SEQ, micro_batch=ROWS, steps=STEPS, seed=seed, lr=lr, warmup_steps=STEPS // 10, decay_start=0.7,
         final_lr_ratio=0.1, weight_decay=0.1, bias_update_speed=0.01, dense_fraction=0.5,
         indexer_warmup_fraction=0.06, eval_every=EVAL_EVERY, eval_batches=EVAL_BATCHES, ckpt_every=10 ** 9,
         keep_checkpoints=1, device="cpu", tensorboard=False, threads=1)
@@ -215,7 +216,10 @@ def _train(name: str, cfg: TrainConfig, data: pathlib.Path, run_dir: pathlib.Pat
 
 # ----------------------------------------------------------------------------- studies
 def tuned_lrs(data: pathlib.Path, out: pathlib.Path) -> dict:
-    """Best lr per optimizer on seed 0 by validation loss; extends the grid past an edge optimum."""
+    """Best lr per optimizer on seed 0 by validation loss; extends the grid past an edge optimum.
+    A `tuned_lr.json` already in `out` (a finished sweep, or one copied from another study) is used as is."""
+    if (out / "tuned_lr.json").exists():
+        return json.loads((out / "tuned_lr.json").read_text())
     best = {}
     for opt in ("muon", "adamw"):
         grid = list(LR_GRID)
@@ -240,10 +244,10 @@ def run_name(variant: str, seed: int, lr: float) -> str:
     return f"{variant}_lr{lr:g}_s{seed}"
 
 
-def run_studies(studies: list[str], data: pathlib.Path, out: pathlib.Path) -> None:
+def run_studies(studies: list[str], data: pathlib.Path, out: pathlib.Path, seeds=SEEDS) -> None:
     """Seed by seed (so that an interrupted session still has every variant at the first seeds)."""
     lrs = tuned_lrs(data, out)
-    for seed in SEEDS:
+    for seed in seeds:
         for variant in dict.fromkeys(v for s in studies for v in STUDIES[s]):
             cfg = variant_config(variant, seed, lrs, data)
             run_one(run_name(variant, seed, cfg.lr), cfg, data, out)
@@ -254,19 +258,22 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("study", choices=["lr", *STUDIES, "all"])
     p.add_argument("--out", type=pathlib.Path, default=RESULTS)
-    p.add_argument("--steps", type=int, default=None, help="override the step count (smoke checks only)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="override the step count (120): a longer check, or a smoke check")
     p.add_argument("--no-lock", action="store_true", help="do not take /tmp/dsv4-cpu.lock around each run")
+    p.add_argument("--seeds", default=",".join(map(str, SEEDS)), help="comma-separated seeds (default 0,1,2)")
     args = p.parse_args(argv)
     if args.no_lock:
         LOCK = ""
     if args.steps:
-        STEPS, EVAL_EVERY = args.steps, max(1, args.steps // 2)
+        STEPS, EVAL_EVERY = args.steps, max(1, args.steps // 3)
     args.out.mkdir(parents=True, exist_ok=True)
     data = prepare_data(args.out)
     if args.study == "lr":
         print(json.dumps(tuned_lrs(data, args.out)))
     if args.study != "lr":
-        run_studies(list(STUDIES) if args.study == "all" else [args.study], data, args.out)
+        run_studies(list(STUDIES) if args.study == "all" else [args.study], data, args.out,
+                    [int(x) for x in args.seeds.split(",")])
     return 0
 
 
