@@ -25,6 +25,8 @@ COMMANDS = {
     "generate": "continue a prompt with a model",
     "chat": "interactive chat in the DeepSeek-V4 chat format",
     "serve": "OpenAI-compatible HTTP server",
+    "flops": "per-token inference FLOPs by term at any context, and the ratio to DeepSeek-V3.2",
+    "kv": "KV-cache bytes per sequence at any context, and the ratio to DeepSeek-V3.2",
 }
 
 

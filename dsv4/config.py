@@ -59,6 +59,11 @@ class ModelConfig:
     hc_mult: int = 4
     hc_sinkhorn_iters: int = 20
     hc_eps: float = 1e-6
+    # research switch (not in the official config.json; written only when not "mhc"): the residual
+    # streams' mixing. "mhc": the release (sigmoid pre/post, Sinkhorn-projected doubly stochastic comb);
+    # "hc": unconstrained dynamic hyper-connections (static base + scale·tanh(dynamic), as the mHC paper
+    # writes HC); "residual": a plain residual h + f (all streams equal, the mixing parameters unused).
+    hc_mode: str = "mhc"
     rms_norm_eps: float = 1e-6
     num_nextn_predict_layers: int = 1
     max_position_embeddings: int = 1048576
@@ -119,6 +124,8 @@ class ModelConfig:
             if kind == "yarn":
                 for k in ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow"):
                     need(k in rs, f"rope_scaling.{k}", "missing from the yarn rope_scaling dict")
+        need(self.hc_mode in ("mhc", "hc", "residual"), "hc_mode",
+             f"must be 'mhc' (the release), 'hc' (unconstrained) or 'residual'; got {self.hc_mode!r}")
         if self.expert_dtype not in (None, "fp4", "fp8", "bf16", "bfloat16"):
             raise ConfigError(f"expert_dtype: must be 'fp4', 'fp8' or null; got {self.expert_dtype!r}")
 
@@ -258,6 +265,8 @@ class ModelConfig:
             d.pop("quantization_config")
         if d["expert_dtype"] is None:
             d.pop("expert_dtype")
+        if d["hc_mode"] == "mhc":
+            d.pop("hc_mode")
         d.update({"architectures": ["DeepseekV4ForCausalLM"], "model_type": "deepseek_v4",
                   "attention_bias": False, "attention_dropout": 0.0, "hidden_act": "silu", "use_cache": True})
         return d

@@ -38,6 +38,41 @@ def keeps_fp32(name: str) -> bool:
 
 # ----------------------------------------------------------------------------- mHC
 @fp32_region
+def hc_pre(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n: int, iters: int,
+           eps: float, norm_eps: float, mode: str = "mhc"):
+    """`ops.hc_pre` (the release's mHC: x [B, S, D], post [B, S, N], comb [B, S, N, N]), or one of the
+    ablation variants of `ModelConfig.hc_mode` with the same outputs."""
+    if mode == "mhc":
+        return ops.hc_pre(h, fn, scale, base, n, iters, eps, norm_eps)
+    return hc_pre_variant(h, fn, scale, base, n, iters, eps, norm_eps, mode)
+
+
+hc_post = ops.hc_post   # the same mixing for every hc_mode (the residual variant: post = 1, comb = I)
+
+
+@fp32_region
+def hc_pre_variant(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n: int,
+                   iters: int, eps: float, norm_eps: float, mode: str):
+    """The ablation variants of `ops.hc_pre` (`ModelConfig.hc_mode`; the release is "mhc"): "hc"
+    unconstrained hyper-connections, "residual" a plain residual stream. Same outputs as `ops.hc_pre`."""
+    if mode == "residual":  # h' = f + h_k: the streams stay equal copies of one plain residual stream
+        B, S = h.shape[:2]
+        hf = up(h)
+        post = hf.new_ones(B, S, n)
+        comb = torch.eye(n, dtype=hf.dtype, device=h.device).expand(B, S, n, n)
+        return hf.mean(dim=2).to(h.dtype), post, comb
+    v = up(h.flatten(2))                                                   # [B, S, N·D]
+    rho = torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + norm_eps)              # unweighted RMS over N·D
+    mixes = F.linear(v, up(fn)) * rho                                      # [B, S, (2+N)·N]
+    # unconstrained: static base + gated tanh of the dynamic part, no projection
+    m, s, b = torch.tanh(mixes), up(scale), up(base)
+    pre, post, comb = (b[:n] + s[0] * m[..., :n], b[n:2 * n] + s[1] * m[..., n:2 * n],
+                       (b[2 * n:] + s[2] * m[..., 2 * n:]).unflatten(-1, (n, n)))
+    x = (pre.unsqueeze(-1) * up(h)).sum(dim=2)                             # [B, S, D]
+    return x.to(h.dtype), post, comb
+
+
+@fp32_region
 def hc_head(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, eps: float,
             norm_eps: float) -> torch.Tensor:
     """Head-side reduction of the N streams (spec §4.3): sigmoid weights, no Sinkhorn. -> [B, S, D]."""
@@ -159,6 +194,7 @@ class Block(nn.Module):
         D, N = cfg.hidden_size, cfg.hc_mult
         mix = (2 + N) * N
         self.hc = (N, cfg.hc_sinkhorn_iters, cfg.hc_eps, cfg.rms_norm_eps)
+        self.hc_mode = cfg.hc_mode
         self.attn_norm = RMSNorm(D, cfg.rms_norm_eps)
         self.attn = Attention(cfg, layer)
         self.ffn_norm = RMSNorm(D, cfg.rms_norm_eps)
@@ -171,10 +207,10 @@ class Block(nn.Module):
     def forward(self, h: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, seg=None, state=None,
                 rows=None) -> tuple[torch.Tensor, BlockAux]:
         """h [B, S, N, D] -> (h' [B, S, N, D], BlockAux)."""
-        x, post, comb = ops.hc_pre(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, *self.hc)
+        x, post, comb = hc_pre(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, *self.hc, self.hc_mode)
         x, index_kl = self.attn(self.attn_norm(x), pos, seg, state, rows)
         h = ops.hc_post(x, h, post, comb)
-        x, post, comb = ops.hc_pre(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, *self.hc)
+        x, post, comb = hc_pre(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, *self.hc, self.hc_mode)
         x, (idx, scores) = self.ffn(self.ffn_norm(x), ids)
         return ops.hc_post(x, h, post, comb), BlockAux(idx, scores, index_kl)
 
@@ -246,6 +282,8 @@ class Transformer(nn.Module):
                 p.fill_(1.0)
             elif name.endswith(("_scale",)):
                 p.fill_(0.01)
+            elif name.endswith(("hc_attn_base", "hc_ffn_base")) and cfg.hc_mode == "hc":
+                p.copy_(torch.cat([torch.full((N,), 1 / N), torch.ones(N), torch.eye(N).flatten()]))  # same start
             elif name.endswith(("hc_attn_base", "hc_ffn_base")):
                 comb = torch.full((N, N), -4.0)
                 comb.fill_diagonal_(0.0)

@@ -90,6 +90,7 @@ class TrainConfig:
     adam_eps: float = 1e-20
     muon_momentum: float = 0.95
     muon_ns_dtype: str = "bf16"           # Newton–Schulz in bf16 (the report) or fp32 (bit-stable traces)
+    optimizer: str = "muon"               # "muon": Muon for matrices (the report); "adamw": AdamW for all (ablation)
     grad_clip: float = 1.0                # global norm; 0 disables clipping (the norm is still logged)
     # DeepSeek-V4 losses and balancing
     mtp_weight: float = 0.3
@@ -123,6 +124,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.autocast not in ("bf16", "none"):
             raise ValueError(f"autocast must be 'bf16' or 'none', got {self.autocast!r}")
+        if self.optimizer not in ("muon", "adamw"):
+            raise ValueError(f"optimizer must be 'muon' or 'adamw', got {self.optimizer!r}")
         if self.muon_ns_dtype not in ("fp32", "bf16"):
             raise ValueError(f"muon_ns_dtype must be 'bf16' or 'fp32', got {self.muon_ns_dtype!r}")
         if self.export_dtype not in ("fp32", "bf16"):
@@ -398,6 +401,8 @@ def build_optimizer(model: Transformer, cfg: TrainConfig):
     """MuonAdamW over the model's parameters (built after `parallelize`: it then holds the shards), with
     every state created up front so that checkpoints always hold the same entries."""
     groups = build_param_groups(model.named_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adamw":  # same groups and decay, every update AdamW
+        groups = [dict(g, kind="adamw") for g in groups]
     opt = MuonAdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.muon_momentum,
                     betas=cfg.adam_betas, eps=cfg.adam_eps,
                     ns_dtype=torch.float32 if cfg.muon_ns_dtype == "fp32" else torch.bfloat16)
