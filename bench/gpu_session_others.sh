@@ -18,5 +18,6 @@ case "${1:-}" in
     TAIL=20 step serving 300 python3 bench/bench_serving.py --device cuda --preset bench --prompt 4096,16384 --suffix 64 \
       --out "$OUT/serving_h200.json" ;;
   context)
-    TAIL=25 step context 500 python3 bench/bench_context_cost.py --out "$OUT/context_cost.json" ;;
+    TAIL=25 step context 500 python3 bench/bench_context_cost.py --graphs --check-fill --prefill-max 1048576 \
+      --out "$OUT/context_cost.json" --plot "$OUT/context_cost.png" ;;
 esac
