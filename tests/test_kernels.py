@@ -111,6 +111,7 @@ def test_index_topk_equals_twin(dtype):
     s = torch.arange(C, device=DEV)
     vis = (s >= lo.unsqueeze(-1)) & (s < hi.unsqueeze(-1))
     assert torch.equal(torch.isinf(got), ~vis)
+    assert got.dtype == (torch.float32 if dtype == torch.float32 else torch.bfloat16)
     assert rel(got[vis], want[vis]) < tol(dtype)
     for P in (16, 100):
         a = indexer.topk(q, k, w, lo, hi, P, rows)

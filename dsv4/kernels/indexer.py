@@ -5,7 +5,7 @@ I[t, s] = Σ_h w[t, h] · ReLU(q[t, h] · k[s]) for entries s ∈ [lo_t, hi_t) (
 computes a BLOCK_S × BLOCK_C tile: the key tile is loaded once and reused by every head (a `tl.dot` per
 head: BLOCK_S queries × Di × BLOCK_C entries), ReLU, weight and sum in fp32 registers. Tiles whose
 entries are all invisible skip the arithmetic. FLOPs: 2·Hi·Di per (query, visible-tile entry).
-The top-k runs on the fp32 score matrix with `torch.topk`.
+The top-k runs on the score matrix with `torch.topk` (bf16 scores for bf16 inputs).
 """
 from __future__ import annotations
 
@@ -46,13 +46,14 @@ def _scores_kernel(Q, K, W, ROWS, LO, HI, OUT,
                 dots = tl.dot(q, tl.trans(k))
             acc += tl.maximum(dots, 0.0) * w[:, None]
     out = tl.where(visible, acc, float("-inf"))
-    tl.store(OUT + b.to(tl.int64) * s_ob + ts[:, None].to(tl.int64) * s_os + cs[None, :], out,
+    tl.store(OUT + b.to(tl.int64) * s_ob + ts[:, None].to(tl.int64) * s_os + cs[None, :], out.to(OUT.dtype.element_ty),
              mask=smask[:, None] & (cs < C)[None, :])
 
 
 def scores(q, k, w, lo, hi, k_rows=None, block_s: int = 64, block_c: int = 64, num_warps: int = 4):
-    """I [B, S, C] fp32 with −inf outside [lo, hi). q [B, S, Hi, Di]; k [B2, C, Di] (row k_rows[b]);
-    w [B, S, Hi]; lo, hi [B, S] int."""
+    """I [B, S, C] with −inf outside [lo, hi), accumulated in fp32 and stored in bf16 for bf16 inputs (as
+    the official code's bf16 index scores; it halves the top-k's traffic), else fp32. q [B, S, Hi, Di];
+    k [B2, C, Di] (row k_rows[b]); w [B, S, Hi]; lo, hi [B, S] int."""
     B, S, Hi, Di = q.shape
     C = k.shape[1]
     if Di & (Di - 1) or Di < 16:
@@ -61,7 +62,7 @@ def scores(q, k, w, lo, hi, k_rows=None, block_s: int = 64, block_c: int = 64, n
         raise ValueError("index scores kernel: the last dim of q and k must be contiguous")
     if k.dtype != q.dtype:
         k = k.to(q.dtype)
-    out = torch.empty(B, S, C, device=q.device, dtype=torch.float32)
+    out = torch.empty(B, S, C, device=q.device, dtype=torch.bfloat16 if q.dtype == torch.bfloat16 else torch.float32)
     if B * S * C == 0:
         return out
     rows = k_rows if k_rows is not None else torch.arange(B, device=q.device)
