@@ -17,5 +17,5 @@ case "${1:-all}" in
   all|long) TAIL=12 step long 400 python3 bench/bench_long_prefill.py --lengths 65536,262144,1048576 --budget-s 120 \
       --out "$OUT/long_prefill.json" ;;&
   all|train) TAIL=20 step train 300 python3 bench/bench_train.py --peer --graph --out "$OUT/train.json" ;;&
-  all|prof) TAIL=80 step profile 300 python3 bench/profile_steps.py --out-dir "$OUT/prof" ;;
+  all|prof) TAIL=80 step profile 300 python3 bench/profile_steps.py --prefill 4096 --train 4096 --out-dir "$OUT/prof" ;;
 esac
