@@ -51,12 +51,17 @@ def _entry(rank: int, world: int, init: str, out_dir: str, fn_name: str, args: t
     torch.set_num_threads(1)
     if init.startswith("file://"):
         dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+        # every rank has its connections before any may leave: a rank that finishes without a collective
+        # and exits would otherwise close a pair another rank is still setting up
+        dist.barrier()
     else:  # "env:PORT": torchrun's environment; the code under test starts the process group
         os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                           MASTER_ADDR="127.0.0.1", MASTER_PORT=init.removeprefix("env:"))
     try:
         result = globals()[fn_name](rank, world, *args)
         torch.save(result, pathlib.Path(out_dir) / f"rank{rank}.pt")
+        if dist.is_initialized():
+            dist.barrier()   # leave together (a failed rank is reported by the parent, which stops the others)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -35,6 +35,9 @@ def init_from_torchrun(device: str = "auto") -> str | None:
         dev = "cpu"
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo", device_id=torch.device(dev) if use_cuda else None)
+        # all ranks connected before any goes on: a rank that fails its set-up early and exits must not
+        # close a connection another rank is still establishing (gloo reports that as a crash of the peer)
+        dist.barrier()
     return dev
 
 
