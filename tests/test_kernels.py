@@ -192,14 +192,14 @@ def test_model_with_the_kernels_equals_the_twins():
     from tests.conftest import random_model
     from dsv4.cache import DecodeCache
 
-    model = random_model("tiny", seed=3)
-    ids = torch.randint(0, model.config.vocab_size, (2, 140))
+    model = random_model("tiny", seed=3).to(DEV)
+    ids = torch.randint(0, model.config.vocab_size, (2, 140)).to(DEV)
     try:
         ops.set_backend("torch")
         want = model(ids)
         ops.set_backend("triton")
         got = model(ids)
-        cache = DecodeCache(model.config, 2, 160)
+        cache = DecodeCache(model.config, 2, 160, device=DEV)
         steps = [model(ids[:, :130], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(130, 140)]
     finally:
         ops.set_backend(None)

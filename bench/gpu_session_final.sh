@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# One device call, steps in priority order under one deadline (DEADLINE seconds from the start, default
+# 560): the 1-process NCCL training run, decode cost from 4K to 1M, prefill/decode and training against
+# transformers, the kernel tests on CUDA, the V4-Flash-shaped quantised model. Logs and JSON go to a
+# scratch folder that is packed into $OUT/results.tgz whatever happens (a trap), so a step cut short
+# still returns what it wrote.   bash bench/gpu_session_final.sh [steps...]   (default: all, in order)
+set -u
+OUT=${OUT:-gpu_out}
+RES=${RES:-/tmp/dsv4_results}
+mkdir -p "$OUT" "$RES"
+export PYTHONPATH=$PWD
+T0=$(date +%s)
+DEADLINE=${DEADLINE:-560}
+trap 'tar -czf "$OUT/results.tgz" -C "$RES" . 2>/dev/null' EXIT
+step() { local name=$1 limit=$2; shift 2
+  local left=$(( DEADLINE - ($(date +%s) - T0) )); [ "$left" -lt "$limit" ] && limit=$left
+  if [ "$limit" -lt 20 ]; then echo "== $name skipped (no time left)"; return; fi
+  echo "== $name (limit ${limit}s)"; local t=$(date +%s)
+  timeout "$limit" "$@" > "$RES/$name.log" 2>&1; echo "rc=$? $(( $(date +%s) - t ))s"; tail -n "${TAIL:-15}" "$RES/$name.log"; }
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,memory.used --format=csv,noheader
+python3 -c "import torch, triton, transformers; print(torch.__version__, triton.__version__, transformers.__version__)"
+for s in ${@:-dist context e2e train tests flash}; do case $s in
+  dist) TAIL=30 step dist 130 bash bench/run_torchrun_small.sh "$RES/torchrun_small" 12 1 ;;
+  context) TAIL=20 step context 160 python3 bench/bench_context_cost.py --graphs --check-fill --prefill-max 65536 \
+      --steps 16 --out "$RES/context_cost.json" --plot "$RES/context_cost.png" ;;
+  e2e) TAIL=20 step generate 170 python3 bench/bench_generate.py --device cuda --batch 1 --prompt-lens 4096,16384 \
+      --decode-tokens 32 --peer --decode-modes graph --no-engine --repeats 2 --out "$RES/generate.json" ;;
+  train) TAIL=20 step train 130 python3 bench/bench_train.py --peer --graph --out "$RES/train.json" ;;
+  tests) TAIL=8 step tests 150 python3 -m pytest tests/test_kernels.py -x -q -p no:cacheprovider ;;
+  flash) TAIL=25 step flash 200 python3 bench/bench_flash_shaped.py --only kernels,parity,model --layers 2 \
+      --batches 1,32 --decode-steps 16 --out "$RES/flash_shaped.json" ;;
+esac; done
