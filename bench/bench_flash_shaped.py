@@ -73,6 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="default: cuda when available")
     p.add_argument("--tiny", action="store_true", help="toy sizes (CPU check of the script)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fp4-gemv-tiles", default=None,
+                   help="JSON launch configuration of the FP4 decode GEMV (see bench/probe_quant_kernels.py)")
     p.add_argument("--out", default="bench_flash_shaped.json")
     return p.parse_args(argv)
 
@@ -344,6 +346,9 @@ def main(argv=None) -> int:
         args.batches, args.decode_steps = [1, 4], min(args.decode_steps, 4)
         args.kernel_tokens = [1, 5]
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.fp4_gemv_tiles:
+        from dsv4.kernels import fp4_moe
+        fp4_moe.TILES["gemv"] = json.loads(args.fp4_gemv_tiles)
     timer = Timer(device)
     sections = set(args.only.split(","))
     results = {"args": vars(args), "environment": describe_environment(device),

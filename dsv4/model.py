@@ -320,6 +320,8 @@ class Transformer(nn.Module):
             raise TypeError("input_ids must be an integer tensor [B, S] (torch.long)")
         if input_ids.dim() != 2 or input_ids.numel() == 0:
             raise ValueError(f"input_ids must be a non-empty [B, S] tensor; got shape {tuple(input_ids.shape)}")
+        if input_ids.is_cuda and (torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling()):
+            return   # reading the values needs the host: not inside a CUDA-graph capture or a compiled graph
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= self.config.vocab_size:
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); got min {lo}, max {hi} "

@@ -287,10 +287,15 @@ def ref_experts(x, idx, weight, w1, s1, w2, s2, w3, s3, limit):
     return y
 
 
+@pytest.mark.parametrize("path", ["gemv", "dot"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N,K,E", [(13, 2, 8), (40, 2, 3)])
-def test_fp4_kernel_matches_twin_and_float64(N, K, E, dtype):
+def test_fp4_kernel_matches_twin_and_float64(N, K, E, dtype, path, monkeypatch):
+    # both launch paths on every shape: the per-pair GEMV (decode) and the tiled blocks of pairs
+    from dsv4.kernels import fp4_moe
     from dsv4.kernels.fp4_moe import fp4_experts
+
+    monkeypatch.setattr(fp4_moe, "_path", lambda n_pairs, n_experts: path)
 
     g = torch.Generator().manual_seed(N * E + K)
     D, I = 64, 32

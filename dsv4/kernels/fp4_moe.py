@@ -5,7 +5,14 @@ holding two e2m1 codes, the low nibble the even element, one e8m0 scale per 1×3
 
     y_t = Σ_k W2[e_k] · (weight_tk · SwiGLU(W1[e_k] x_t, W3[e_k] x_t))
 
-Two kernels over the (token, expert) pairs, with no host synchronisation (CUDA-graph capturable):
+Two paths, both without host synchronisation (CUDA-graph capturable), chosen from the shapes:
+
+- few pairs per expert (decode: at most one pair per expert on average), `_fp4_up_gemv_kernel` and
+  `_fp4_down_gemv_kernel`: one program per (pair, tile of output rows), a GEMV that reads the pair's
+  expert rows once, decodes them in registers and reduces along K with no `tl.dot` (no sorting or
+  padding of pairs either: the expert id is read from `idx` in the kernel). Many small programs keep
+  every SM streaming weight bytes, which is what a memory-bound decode step needs;
+- otherwise the tiled kernels below, two over blocks of pairs of one expert:
   1. `_fp4_up_kernel`: per block of pairs of one expert, g = x·W1ᵀ and u = x·W3ᵀ (x rows gathered by
      token), the clamped SwiGLU and the routing weight in fp32, h stored in the activation dtype;
   2. `_fp4_down_kernel`: out = h·W2ᵀ per pair.
@@ -137,6 +144,73 @@ def _fp4_down_kernel(h_ptr, w2_ptr, s2_ptr, row_map_ptr, block_expert_ptr, out_p
                  mask=valid[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _fp4_up_gemv_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, rw_ptr, idx_ptr, h_ptr,
+                        D, I, TOPK, E, limit,
+                        stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
+                        HAS_LIMIT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """h[p, n-tile] = routing weight · SwiGLU(W1[e] x, W3[e] x) for pair p = (token p // TOPK, expert e)."""
+    p, pid_n = tl.program_id(0), tl.program_id(1)
+    e = tl.load(idx_ptr + p).to(tl.int64)
+    if (e >= 0) & (e < E):                        # a pair of another device's expert: h is not read
+        HK: tl.constexpr = BK // 2
+        tok = (p // TOPK).to(tl.int64)
+        rn = pid_n * BN + tl.arange(0, BN)
+        n_ok = rn < I
+        j = tl.arange(0, HK)
+        acc_g = tl.full((BN, HK), 0.0, tl.float32)
+        acc_u = tl.full((BN, HK), 0.0, tl.float32)
+        w_off = e * stride_we + rn[:, None] * stride_wn
+        s_off = e * stride_se + rn[:, None] * stride_sn
+        for k0 in range(0, D, BK):
+            kk = k0 + 2 * j
+            k_ok = kk < D
+            xe = tl.load(x_ptr + tok * stride_xm + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            xo = tl.load(x_ptr + tok * stride_xm + kk + 1, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            w_mask = n_ok[:, None] & k_ok[None, :]
+            byte = (k0 // 2 + j)[None, :]
+            blk32 = (kk // 32)[None, :]
+            w1e, w1o = _fp4_tile(w1_ptr + w_off + byte, s1_ptr + s_off + blk32, w_mask)
+            acc_g += w1e * xe + w1o * xo
+            w3e, w3o = _fp4_tile(w3_ptr + w_off + byte, s3_ptr + s_off + blk32, w_mask)
+            acc_u += w3e * xe + w3o * xo
+        g = tl.sum(acc_g, 1)
+        u = tl.sum(acc_u, 1)
+        if HAS_LIMIT:
+            u = tl.minimum(tl.maximum(u, -limit), limit)
+            g = tl.minimum(g, limit)
+        rw = tl.load(rw_ptr + p).to(tl.float32)
+        h = g / (1.0 + tl.exp(-g)) * u * rw
+        tl.store(h_ptr + p.to(tl.int64) * stride_hm + rn, h.to(h_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _fp4_down_gemv_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
+                          stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
+                          BN: tl.constexpr, BK: tl.constexpr):
+    """out[p, n-tile] = W2[e] h[p] for pair p; pairs of another device's expert keep their zeros."""
+    p, pid_n = tl.program_id(0), tl.program_id(1)
+    e = tl.load(idx_ptr + p).to(tl.int64)
+    if (e >= 0) & (e < E):
+        HK: tl.constexpr = BK // 2
+        r = p.to(tl.int64)
+        rn = pid_n * BN + tl.arange(0, BN)
+        n_ok = rn < D
+        j = tl.arange(0, HK)
+        acc = tl.full((BN, HK), 0.0, tl.float32)
+        w_off = e * stride_we + rn[:, None] * stride_wn
+        s_off = e * stride_se + rn[:, None] * stride_sn
+        for k0 in range(0, I, BK):
+            kk = k0 + 2 * j
+            k_ok = kk < I
+            he = tl.load(h_ptr + r * stride_hm + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            ho = tl.load(h_ptr + r * stride_hm + kk + 1, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            we, wo = _fp4_tile(w2_ptr + w_off + (k0 // 2 + j)[None, :], s2_ptr + s_off + (kk // 32)[None, :],
+                               n_ok[:, None] & k_ok[None, :])
+            acc += we * he + wo * ho
+        tl.store(out_ptr + r * stride_om + rn, tl.sum(acc, 1).to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
 # ----------------------------------------------------------------------------- launch
 def _align(idx: torch.Tensor, n_experts: int, bm: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pairs sorted by expert, each expert's run padded to whole blocks of bm rows, on the device.
@@ -163,6 +237,15 @@ def _align(idx: torch.Tensor, n_experts: int, bm: int) -> tuple[torch.Tensor, to
     ok = used.repeat_interleave(bm) & (j < counts[e])
     row_map = torch.where(ok, order[(pair_start[e] + j).clamp(0, max(NK - 1, 0))], -1).to(torch.int32)
     return row_map, block_expert, block_end[-1:].to(torch.int32)
+
+
+# launch configurations; `TILES` may be replaced (bench/probe_quant_kernels.py tries variants)
+TILES = {"gemv": dict(BN=16, BK=256, num_warps=4, num_stages=2)}
+
+
+def _path(n_pairs: int, n_experts: int) -> str:
+    """'gemv' while pairs do not outnumber experts (each expert's rows read about once), else 'dot'."""
+    return "gemv" if n_pairs <= n_experts else "dot"
 
 
 def _tiles(pairs_per_expert: float) -> tuple[int, dict]:
@@ -195,7 +278,8 @@ def _check(x, idx, weight, w1, s1, w2, s2, w3, s3) -> None:
 
 
 def _fp4_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor,
-             w2: torch.Tensor, s2: torch.Tensor, w3: torch.Tensor, s3: torch.Tensor, limit: float) -> torch.Tensor:
+             w2: torch.Tensor, s2: torch.Tensor, w3: torch.Tensor, s3: torch.Tensor, limit: float,
+             path: str | None = None) -> torch.Tensor:
     N, K = idx.shape
     E, I, _ = w1.shape
     D = x.shape[1]
@@ -203,14 +287,25 @@ def _fp4_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch
     out = torch.zeros(NK, D, dtype=x.dtype, device=x.device)                  # [N·K, D] pairs
     if NK == 0:
         return out.view(N, K, D).sum(1)
-    bm, cfg = _tiles(NK / min(E, NK))
-    row_map, block_expert, n_blocks = _align(idx, E, bm)
-    B = block_expert.numel()
     x = x.contiguous()
     h = torch.empty(NK, I, dtype=x.dtype, device=x.device)                    # [N·K, I]
     rw = weight.reshape(-1).float().contiguous()                              # [N·K]
     s1u, s2u, s3u = (s.contiguous().view(torch.uint8) for s in (s1, s2, s3))
     w1, w2, w3 = (w.contiguous() for w in (w1, w2, w3))
+    if (path or _path(NK, E)) == "gemv":
+        cfg = dict(BN=32, BK=32, num_warps=4, num_stages=1) if INTERPRET else TILES["gemv"]
+        flat = idx.reshape(-1).contiguous()
+        _fp4_up_gemv_kernel[(NK, triton.cdiv(I, cfg["BN"]))](
+            x, w1, s1u, w3, s3u, rw, flat, h, D, I, K, E, float(limit),
+            x.stride(0), w1.stride(0), w1.stride(1), s1u.stride(0), s1u.stride(1), h.stride(0),
+            HAS_LIMIT=limit > 0, **cfg)
+        _fp4_down_gemv_kernel[(NK, triton.cdiv(D, cfg["BN"]))](
+            h, w2, s2u, flat, out, D, I, E, h.stride(0), w2.stride(0), w2.stride(1), s2u.stride(0),
+            s2u.stride(1), out.stride(0), **cfg)
+        return out.view(N, K, D).sum(1)
+    bm, cfg = _tiles(NK / min(E, NK))
+    row_map, block_expert, n_blocks = _align(idx, E, bm)
+    B = block_expert.numel()
     dot32 = INTERPRET or x.dtype == torch.float32
     _fp4_up_kernel[(B, triton.cdiv(I, cfg["BN"]))](
         x, w1, s1u, w3, s3u, rw, row_map, block_expert, h, D, I, K, n_blocks, float(limit),
