@@ -68,6 +68,35 @@ def dsv4_step_fn(cfg: ModelConfig, dev: torch.device, B: int, S: int, dtype: tor
     return step
 
 
+def report_host_syncs(fn, model) -> None:
+    """Run `fn` once with CUDA's sync debugging on and print where the host waits for the GPU (each place
+    once, a few frames of its stack): what a CUDA-graph capture of the step would trip over. The token-id
+    check at the model's entry is expected (it is skipped inside a capture)."""
+    import traceback
+    import warnings
+    seen = set()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        stack = "".join(traceback.format_stack(limit=9)[:-2])
+        if "check_ids" not in stack and stack not in seen:
+            seen.add(stack)
+            print(f"# host sync: {message}\n{stack}", file=sys.stderr)
+    old = warnings.showwarning
+    warnings.showwarning = show
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = show
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+        warnings.showwarning = old
+        for p in model.parameters():
+            p.grad = None
+    print(f"# host syncs in the step besides the id check: {len(seen)}", file=sys.stderr)
+
+
 def dsv4_graph_step_fn(cfg: ModelConfig, dev: torch.device, B: int, S: int, dtype: torch.dtype):
     """The `dsv4 bf16` step (forward, CE, backward) captured once in a CUDA graph and replayed: what the
     step costs on the GPU alone, without Python and launch overhead (static shapes, no host syncs)."""
@@ -90,6 +119,7 @@ def dsv4_graph_step_fn(cfg: ModelConfig, dev: torch.device, B: int, S: int, dtyp
             for p in model.parameters():
                 p.grad = None
     torch.cuda.current_stream(dev).wait_stream(side)
+    report_host_syncs(fwd_bwd, model)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):            # gradients are None here: each replay writes them afresh
         loss = fwd_bwd()
@@ -204,12 +234,12 @@ def main(argv=None) -> int:
     jobs = [(f"dsv4 {tag}", lambda: dsv4_step_fn(cfg, dev, B, S, dtype, False), fl["total"])]
     if args.ckpt:
         jobs.append((f"dsv4 {tag} ckpt", lambda: dsv4_step_fn(cfg, dev, B, S, dtype, True), fl["total"]))
-    if args.graph and dev.type == "cuda":
-        jobs.append((f"dsv4 {tag} graph", lambda: dsv4_graph_step_fn(cfg, dev, B, S, dtype), fl["total"]))
     if args.recipe:
         jobs.append(("dsv4 recipe", lambda: recipe_step_fn(cfg, dev, B, S), fl_mtp["total"]))
     if args.peer:
         jobs.append((f"transformers {tag}", lambda: peer_step_fn(cfg, dev, B, S, dtype), fl["total"]))
+    if args.graph and dev.type == "cuda":   # last: a capture that fails leaves the CUDA RNG unusable
+        jobs.append((f"dsv4 {tag} graph", lambda: dsv4_graph_step_fn(cfg, dev, B, S, dtype), fl["total"]))
     rows = [measure(name, make, dev, tokens, flops, args.warmup, args.iters) for name, make, flops in jobs]
 
     from dsv4.runlog import describe_environment
