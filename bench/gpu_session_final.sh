@@ -32,6 +32,7 @@ for s in ${@:-dist context e2e train tests flash}; do case $s in
   flashmodel) BEST=$(python3 -c "import json,sys; b=json.load(open('$RES/probe_quant.json'))['best_gemv']; print(json.dumps(b) if b else '')" 2>/dev/null)
       TAIL=12 step flashmodel 100 python3 bench/bench_flash_shaped.py --only model --layers 2 --batches 1,32 \
       --decode-steps 16 ${BEST:+--fp4-gemv-tiles "$BEST"} --out "$RES/flash_model.json" ;;
+  prof) TAIL=45 step profile 120 python3 bench/profile_steps.py --prefill 4096 --train 4096 --out-dir "$RES/prof" ;;
   flash) TAIL=25 step flash 200 python3 bench/bench_flash_shaped.py --only kernels,parity,model --layers 2 \
       --batches 1,32 --decode-steps 16 --out "$RES/flash_shaped.json" ;;
 esac; done
