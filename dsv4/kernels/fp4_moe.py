@@ -151,15 +151,15 @@ def _fp4_up_gemv_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, rw_ptr, idx_ptr, 
                         HAS_LIMIT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """h[p, n-tile] = routing weight · SwiGLU(W1[e] x, W3[e] x) for pair p = (token p // TOPK, expert e)."""
     p, pid_n = tl.program_id(0), tl.program_id(1)
+    HK: tl.constexpr = BK // 2
     e = tl.load(idx_ptr + p).to(tl.int64)
     if (e >= 0) & (e < E):                        # a pair of another device's expert: h is not read
-        HK: tl.constexpr = BK // 2
         tok = (p // TOPK).to(tl.int64)
         rn = pid_n * BN + tl.arange(0, BN)
         n_ok = rn < I
         j = tl.arange(0, HK)
-        acc_g = tl.full((BN, HK), 0.0, tl.float32)
-        acc_u = tl.full((BN, HK), 0.0, tl.float32)
+        g = tl.full((BN,), 0.0, tl.float32)
+        u = tl.full((BN,), 0.0, tl.float32)
         w_off = e * stride_we + rn[:, None] * stride_wn
         s_off = e * stride_se + rn[:, None] * stride_sn
         for k0 in range(0, D, BK):
@@ -171,11 +171,9 @@ def _fp4_up_gemv_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, rw_ptr, idx_ptr, 
             byte = (k0 // 2 + j)[None, :]
             blk32 = (kk // 32)[None, :]
             w1e, w1o = _fp4_tile(w1_ptr + w_off + byte, s1_ptr + s_off + blk32, w_mask)
-            acc_g += w1e * xe + w1o * xo
+            g += tl.sum(w1e * xe + w1o * xo, 1)
             w3e, w3o = _fp4_tile(w3_ptr + w_off + byte, s3_ptr + s_off + blk32, w_mask)
-            acc_u += w3e * xe + w3o * xo
-        g = tl.sum(acc_g, 1)
-        u = tl.sum(acc_u, 1)
+            u += tl.sum(w3e * xe + w3o * xo, 1)
         if HAS_LIMIT:
             u = tl.minimum(tl.maximum(u, -limit), limit)
             g = tl.minimum(g, limit)
@@ -190,14 +188,14 @@ def _fp4_down_gemv_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
                           BN: tl.constexpr, BK: tl.constexpr):
     """out[p, n-tile] = W2[e] h[p] for pair p; pairs of another device's expert keep their zeros."""
     p, pid_n = tl.program_id(0), tl.program_id(1)
+    HK: tl.constexpr = BK // 2
     e = tl.load(idx_ptr + p).to(tl.int64)
     if (e >= 0) & (e < E):
-        HK: tl.constexpr = BK // 2
         r = p.to(tl.int64)
         rn = pid_n * BN + tl.arange(0, BN)
         n_ok = rn < D
         j = tl.arange(0, HK)
-        acc = tl.full((BN, HK), 0.0, tl.float32)
+        acc = tl.full((BN,), 0.0, tl.float32)
         w_off = e * stride_we + rn[:, None] * stride_wn
         s_off = e * stride_se + rn[:, None] * stride_sn
         for k0 in range(0, I, BK):
@@ -207,8 +205,8 @@ def _fp4_down_gemv_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
             ho = tl.load(h_ptr + r * stride_hm + kk + 1, mask=k_ok, other=0.0).to(tl.float32)[None, :]
             we, wo = _fp4_tile(w2_ptr + w_off + (k0 // 2 + j)[None, :], s2_ptr + s_off + (kk // 32)[None, :],
                                n_ok[:, None] & k_ok[None, :])
-            acc += we * he + wo * ho
-        tl.store(out_ptr + r * stride_om + rn, tl.sum(acc, 1).to(out_ptr.dtype.element_ty), mask=n_ok)
+            acc += tl.sum(we * he + wo * ho, 1)
+        tl.store(out_ptr + r * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 # ----------------------------------------------------------------------------- launch
@@ -240,7 +238,7 @@ def _align(idx: torch.Tensor, n_experts: int, bm: int) -> tuple[torch.Tensor, to
 
 
 # launch configurations; `TILES` may be replaced (bench/probe_quant_kernels.py tries variants)
-TILES = {"gemv": dict(BN=16, BK=256, num_warps=4, num_stages=2)}
+TILES = {"gemv": dict(BN=8, BK=256, num_warps=4, num_stages=2)}   # no register spills on sm90
 
 
 def _path(n_pairs: int, n_experts: int) -> str:
