@@ -291,15 +291,18 @@ def ref_experts(x, idx, weight, w1, s1, w2, s2, w3, s3, limit):
     return y
 
 
-@pytest.mark.parametrize("path", ["gemv", "dot"])
+@pytest.mark.parametrize("path", ["gemv", "dot", "dequant"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N,K,E", [(13, 2, 8), (40, 2, 3)])
 def test_fp4_kernel_matches_twin_and_float64(N, K, E, dtype, path, monkeypatch):
-    # both launch paths on every shape: the per-pair GEMV (decode) and the tiled blocks of pairs
+    # every launch path on every shape: the per-pair GEMV (decode), the tiled blocks of pairs, and
+    # dequantise-then-grouped-GEMM (prefill on CUDA)
     from dsv4.kernels import fp4_moe
     from dsv4.kernels.fp4_moe import fp4_experts
 
     monkeypatch.setattr(fp4_moe, "_path", lambda n_pairs, n_experts: path)
+    monkeypatch.setattr(fp4_moe, "_prefill_path", lambda *a: "dequant" if path == "dequant" else "dot")
+    monkeypatch.setattr(fp4_moe, "DEQUANT_CHUNK", 2)                 # several chunks, some without pairs
 
     g = torch.Generator().manual_seed(N * E + K)
     D, I = 64, 32
@@ -315,6 +318,18 @@ def test_fp4_kernel_matches_twin_and_float64(N, K, E, dtype, path, monkeypatch):
     assert out.dtype == dtype and out.shape == (N, D)
     assert relerr(twin, ref) <= TOL[dtype] and relerr(out, ref) <= KTOL[dtype]
     assert relerr(out, twin) <= KTOL[dtype]
+
+
+def test_fp4_dequant_kernel_equals_the_format_decoder():
+    from dsv4.kernels.fp4_moe import dequant_fp4
+
+    g = torch.Generator().manual_seed(13)
+    w, s = quant.quant_fp4(torch.randn(3 * 40, 96, generator=g) * 2)
+    w, s = w.view(3, 40, 48), s.view(3, 40, 3)
+    want = torch.stack([quant.dequant_fp4(w[e], s[e], dtype=torch.float64) for e in range(3)])
+    for dtype in (torch.float32, torch.bfloat16):
+        got = dequant_fp4(w.to(KDEV), s.to(KDEV), dtype)
+        assert got.dtype == dtype and torch.equal(got.cpu().double(), want)      # exact in bf16
 
 
 def test_fp4_twin_without_host_sync(monkeypatch):

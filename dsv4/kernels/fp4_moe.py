@@ -12,6 +12,9 @@ Two paths, both without host synchronisation (CUDA-graph capturable), chosen fro
   expert rows once, decodes them in registers and reduces along K with no `tl.dot` (no sorting or
   padding of pairs either: the expert id is read from `idx` in the kernel). Many small programs keep
   every SM streaming weight bytes, which is what a memory-bound decode step needs;
+- many pairs per expert on CUDA in bf16 (prefill), `_fp4_moe_dequant`: a chunk of experts at a time
+  dequantised to bf16 (`_fp4_dequant_kernel`) and run as grouped GEMMs (`torch._grouped_mm`), after
+  one host read of the pair counts (not inside a CUDA-graph capture: there the tiled kernels run);
 - otherwise the tiled kernels below, two over blocks of pairs of one expert:
   1. `_fp4_up_kernel`: per block of pairs of one expert, g = x·W1ᵀ and u = x·W3ᵀ (x rows gathered by
      token), the clamped SwiGLU and the routing weight in fp32, h stored in the activation dtype;
@@ -209,6 +212,29 @@ def _fp4_down_gemv_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
         tl.store(out_ptr + r * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
+@triton.jit
+def _fp4_dequant_kernel(w_ptr, s_ptr, out_ptr, n_bytes, BLOCK: tl.constexpr):
+    """Packed e2m1 bytes (rows of K/2 bytes, K a multiple of 32) and their e8m0 1x32 scales -> the
+    K values per row in the output dtype, low nibble first: out[2b] and out[2b + 1] from byte b, whose
+    scale is number b // 16 (16 bytes hold one 32-value block)."""
+    b = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = b < n_bytes
+    even, odd = _fp4_tile(w_ptr + b, s_ptr + b // 16, ok)
+    tl.store(out_ptr + 2 * b, even.to(out_ptr.dtype.element_ty), mask=ok)
+    tl.store(out_ptr + 2 * b + 1, odd.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def dequant_fp4(w: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Packed FP4 int8 [..., R, K/2] with e8m0 scales [..., R, K/32] -> [..., R, K] in `dtype` (exact in
+    bf16). Twin: `dsv4.ops.dequant_fp4_rows`."""
+    w, su = w.contiguous(), s.contiguous().view(torch.uint8)
+    out = torch.empty(*w.shape[:-1], 2 * w.shape[-1], dtype=dtype, device=w.device)
+    n = w.numel()
+    block = 256 if INTERPRET else 1024
+    _fp4_dequant_kernel[(triton.cdiv(n, block),)](w, su, out, n, BLOCK=block)
+    return out
+
+
 # ----------------------------------------------------------------------------- launch
 def _align(idx: torch.Tensor, n_experts: int, bm: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pairs sorted by expert, each expert's run padded to whole blocks of bm rows, on the device.
@@ -301,6 +327,8 @@ def _fp4_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch
             h, w2, s2u, flat, out, D, I, E, h.stride(0), w2.stride(0), w2.stride(1), s2u.stride(0),
             s2u.stride(1), out.stride(0), **cfg)
         return out.view(N, K, D).sum(1)
+    if (path or _prefill_path(x, NK, E, w1)) == "dequant":
+        return _fp4_moe_dequant(x, idx, weight, w1, s1, w2, s2, w3, s3, limit)
     bm, cfg = _tiles(NK / min(E, NK))
     row_map, block_expert, n_blocks = _align(idx, E, bm)
     B = block_expert.numel()
@@ -314,6 +342,54 @@ def _fp4_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch
         h.stride(0), w2.stride(0), w2.stride(1), s2u.stride(0), s2u.stride(1), out.stride(0),
         DOT_FP32=dot32, BM=bm, **cfg)
     return out.view(N, K, D).sum(1)                                           # [N, D], K outputs per token
+
+
+DEQUANT_CHUNK = 32     # experts dequantised at a time by the prefill path (Flash: 1.6 GB of bf16 scratch)
+
+
+def _prefill_path(x: torch.Tensor, n_pairs: int, n_experts: int, w1: torch.Tensor) -> str:
+    """'dequant' for many pairs per expert on CUDA outside graph capture and compile, where grouped GEMMs
+    (torch._grouped_mm) take bf16 operands; else 'dot' (the tiled kernels)."""
+    from dsv4 import ops
+    if not x.is_cuda or x.dtype != torch.bfloat16 or n_pairs < 4 * n_experts:
+        return "dot"
+    if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
+        return "dot"
+    I, D = w1.shape[1], 2 * w1.shape[2]
+    probe = x.new_empty(0, D)
+    return "dequant" if ops.grouped_mm_applies(probe, x.new_empty(1, I, D), x.new_empty(1, D, I),
+                                               x.new_empty(1, I, D)) else "dot"
+
+
+def _fp4_moe_dequant(x, idx, weight, w1, s1, w2, s2, w3, s3, limit) -> torch.Tensor:
+    """Prefill: pairs sorted by expert (one host read of the counts); `DEQUANT_CHUNK` experts at a time
+    are dequantised to bf16 by `_fp4_dequant_kernel` and run as grouped GEMMs (`ops.moe_experts_grouped`,
+    the numerics of the bf16 model). Reads every expert's FP4 bytes once per call."""
+    from dsv4 import ops
+    N, K = idx.shape
+    E = w1.shape[0]
+    flat = idx.reshape(-1)
+    key = torch.where((flat >= 0) & (flat < E), flat, E)
+    order = torch.argsort(key, stable=True)                                    # [N·K] pairs by expert
+    counts = torch.bincount(key, minlength=E + 1)[:E].tolist()                 # the one host read
+    out = torch.zeros(N * K, x.shape[1], dtype=x.dtype, device=x.device)      # [N·K, D] per pair
+    rw = weight.reshape(-1)
+    start = 0
+    for c0 in range(0, E, DEQUANT_CHUNK):
+        c1 = min(E, c0 + DEQUANT_CHUNK)
+        n = sum(counts[c0:c1])
+        if n == 0:
+            continue
+        pairs = order[start:start + n]
+        start += n
+        used = [e for e in range(c0, c1) if counts[e]]
+        lo, hi = used[0], used[-1] + 1                                          # experts with pairs
+        W1, W3 = dequant_fp4(w1[lo:hi], s1[lo:hi], x.dtype), dequant_fp4(w3[lo:hi], s3[lo:hi], x.dtype)
+        W2 = dequant_fp4(w2[lo:hi], s2[lo:hi], x.dtype)
+        local = (flat.index_select(0, pairs) - lo)[:, None]                    # [n, 1] in [0, hi - lo)
+        out[pairs] = ops.moe_experts_grouped(x.index_select(0, pairs // K), local, rw.index_select(0, pairs)[:, None],
+                                             W1, W2, W3, limit)
+    return out.view(N, K, x.shape[1]).sum(1)
 
 
 @torch.library.custom_op("dsv4::fp4_moe", mutates_args=())
