@@ -96,6 +96,19 @@ def main(argv=None):
     full = {k: sum(v) for k, v in totals.items() if len(v) == n}
     res["best_gemv"] = json.loads(min(full, key=full.get)) if full else None
     print("best gemv over all M:", res["best_gemv"], flush=True)
+    # prefill-sized M: the tiled kernels against dequantise + grouped GEMMs (eager: one host read)
+    M = 8192
+    x = torch.randn(M, D, device=dev, dtype=torch.bfloat16)
+    idx = torch.rand(M, E, device=dev).argsort(-1)[:, :K].contiguous()
+    weight = torch.rand(M, K, device=dev)
+    base = fp4_moe._fp4_moe(x, idx, weight, *ws, cfg.swiglu_limit, path="dot")
+    for path in ("dot", "dequant"):
+        fn = lambda: fp4_moe._fp4_moe(x, idx, weight, *ws, cfg.swiglu_limit, path=path)  # noqa: E731
+        ms = triton.testing.do_bench(fn, warmup=2, rep=200)
+        res["fp4"][f"M={M} {path}"] = {"ms": ms, "TFLOPs": 2 * 3 * M * K * I * D / (ms * 1e-3) / 1e12,
+                                        "rel_vs_dot": rel(fn(), base)}
+        print(f"fp4 M={M} {path:7s}: {ms:8.2f} ms, {res['fp4'][f'M={M} {path}']['TFLOPs']:6.1f} TFLOP/s, "
+              f"rel vs dot {res['fp4'][f'M={M} {path}']['rel_vs_dot']:.1e}", flush=True)
     for name, (N, Kd) in fp8_shapes(cfg).items():
         w, s = random_fp8(N, Kd, dev)
         for M in (1, 32):
