@@ -323,7 +323,10 @@ def decode_ms(model, cache: DecodeCache, B: int, steps: int, timer: Timer) -> di
     rows = torch.arange(B, device=cache.device)
     start = cache.lengths[rows].clone()
     graphs = DecodeGraphs(model, cache)
-    nxt = torch.ones(B, 1, dtype=torch.long, device=cache.device)
+    # a different token per row: with one token for all rows, hash-routed layers (and most others) send
+    # every row to the same experts, and the batch reads 6 experts instead of a realistic spread
+    nxt = torch.randint(2, model.config.vocab_size, (B, 1), device=cache.device,
+                        generator=torch.Generator(device=cache.device).manual_seed(B))
     graphs(nxt, rows)                                            # eager warm-up, records the graph
     graphs(nxt, rows)
     mode = "graph" if graphs.enabled and graphs.graphs.get(B) is not None else "eager"
