@@ -10,8 +10,11 @@ Two paths, both without host synchronisation (CUDA-graph capturable), chosen fro
 - few pairs per expert (decode: at most one pair per expert on average), `_fp4_up_gemv_kernel` and
   `_fp4_down_gemv_kernel`: one program per (pair, tile of output rows), a GEMV that reads the pair's
   expert rows once, decodes them in registers and reduces along K with no `tl.dot` (no sorting or
-  padding of pairs either: the expert id is read from `idx` in the kernel). Many small programs keep
-  every SM streaming weight bytes, which is what a memory-bound decode step needs;
+  padding of pairs either: the expert id is read from `idx` in the kernel). Decoding, not memory,
+  bounds this path, so it is lean: each thread holds whole 16-byte scale blocks (one vector load), a
+  code becomes a float with four integer operations (`_e2m1_pair`), and the block scale multiplies the
+  block's partial sum rather than every weight (`_gemv_tile`). `bench/sass_fp4_gemv.py` counts the
+  instructions per weight byte offline (sm90: ~20, against ~54 when every weight was scaled);
 - many pairs per expert on CUDA in bf16 (prefill), `_fp4_moe_dequant`: a chunk of experts at a time
   dequantised to bf16 (`_fp4_dequant_kernel`) and run as grouped GEMMs (`torch._grouped_mm`), after
   one host read of the pair counts (not inside a CUDA-graph capture: there the tiled kernels run);
@@ -148,35 +151,64 @@ def _fp4_down_kernel(h_ptr, w2_ptr, s2_ptr, row_map_ptr, block_expert_ptr, out_p
 
 
 @triton.jit
+def _e2m1_pair(b):
+    """Bytes (int32, 0..255) -> (low, high) nibble values times 2^-14, in fp32, with four integer ops
+    per nibble and no select: the nibble's 3 magnitude bits placed at bits 9-11 of an fp16 are its
+    exponent and top mantissa bit, and as an fp16 the code is worth exactly 2^-14 times its e2m1 value
+    (subnormal code 1 included); the sign goes to bit 15. The 2^14 is folded into the block scale."""
+    lo = ((b & 7) << 9) | ((b & 8) << 12)
+    hi = ((b & 0x70) << 5) | ((b & 0x80) << 8)
+    return (lo.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32),
+            hi.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32))
+
+
+@triton.jit
+def _gemv_tile(w_ptr, s_ptr, w_off, s_off, x_ptr, kx, k0, K, n_ok, jb, t, acc,
+               BN: tl.constexpr, NB: tl.constexpr):
+    """acc[n, b] += scale[n, b] · Σ_t code[n, b, t] · x: one K tile of NB blocks of 32 values (16 packed
+    bytes each) for BN rows. Each thread holds whole 16-byte blocks, so the sum over a block stays in
+    registers; the power-of-two block scale multiplies the partial sum (exact) instead of every weight.
+    `kx` [NB, 16] are the offsets of the even x values of this tile (odd: +1)."""
+    blk_ok = (k0 + 32 * jb) < K                                                            # [NB]
+    xm = blk_ok[:, None] & (t >= 0)[None, :]
+    xe = tl.load(x_ptr + kx, mask=xm, other=0.0).to(tl.float32)[None, :, :]              # [1, NB, 16]
+    xo = tl.load(x_ptr + kx + 1, mask=xm, other=0.0).to(tl.float32)[None, :, :]
+    bmask = n_ok[:, None, None] & xm[None, :, :]
+    b = tl.load(w_ptr + w_off + (k0 // 2 + 16 * jb[None, :, None] + t[None, None, :]), mask=bmask,
+                other=0).to(tl.int32) & 0xFF                                              # [BN, NB, 16]
+    ce, co = _e2m1_pair(b)
+    part = tl.sum(ce * xe + co * xo, 2)                                                   # [BN, NB]
+    smask = n_ok[:, None] & blk_ok[None, :]
+    sc = e8m0_to_fp32(tl.load(s_ptr + s_off + (k0 // 32 + jb[None, :]), mask=smask, other=127).to(tl.int32))
+    return acc + part * sc
+
+
+@triton.jit
 def _fp4_up_gemv_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, rw_ptr, idx_ptr, h_ptr,
                         D, I, TOPK, E, limit,
                         stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
                         HAS_LIMIT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
     """h[p, n-tile] = routing weight · SwiGLU(W1[e] x, W3[e] x) for pair p = (token p // TOPK, expert e)."""
     p, pid_n = tl.program_id(0), tl.program_id(1)
-    HK: tl.constexpr = BK // 2
+    NB: tl.constexpr = BK // 32
     e = tl.load(idx_ptr + p).to(tl.int64)
     if (e >= 0) & (e < E):                        # a pair of another device's expert: h is not read
         tok = (p // TOPK).to(tl.int64)
         rn = pid_n * BN + tl.arange(0, BN)
         n_ok = rn < I
-        j = tl.arange(0, HK)
-        g = tl.full((BN,), 0.0, tl.float32)
-        u = tl.full((BN,), 0.0, tl.float32)
-        w_off = e * stride_we + rn[:, None] * stride_wn
+        jb = tl.arange(0, NB)
+        t = tl.arange(0, 16)
+        acc_g = tl.full((BN, NB), 0.0, tl.float32)
+        acc_u = tl.full((BN, NB), 0.0, tl.float32)
+        w_off = e * stride_we + rn[:, None, None] * stride_wn
         s_off = e * stride_se + rn[:, None] * stride_sn
+        xrow = x_ptr + tok * stride_xm
         for k0 in range(0, D, BK):
-            kk = k0 + 2 * j
-            k_ok = kk < D
-            xe = tl.load(x_ptr + tok * stride_xm + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-            xo = tl.load(x_ptr + tok * stride_xm + kk + 1, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-            w_mask = n_ok[:, None] & k_ok[None, :]
-            byte = (k0 // 2 + j)[None, :]
-            blk32 = (kk // 32)[None, :]
-            w1e, w1o = _fp4_tile(w1_ptr + w_off + byte, s1_ptr + s_off + blk32, w_mask)
-            g += tl.sum(w1e * xe + w1o * xo, 1)
-            w3e, w3o = _fp4_tile(w3_ptr + w_off + byte, s3_ptr + s_off + blk32, w_mask)
-            u += tl.sum(w3e * xe + w3o * xo, 1)
+            kx = k0 + 32 * jb[:, None] + 2 * t[None, :]
+            acc_g = _gemv_tile(w1_ptr, s1_ptr, w_off, s_off, xrow, kx, k0, D, n_ok, jb, t, acc_g, BN, NB)
+            acc_u = _gemv_tile(w3_ptr, s3_ptr, w_off, s_off, xrow, kx, k0, D, n_ok, jb, t, acc_u, BN, NB)
+        g = tl.sum(acc_g, 1) * 16384.0            # the 2^14 of the fp16 code reading (`_e2m1_pair`)
+        u = tl.sum(acc_u, 1) * 16384.0
         if HAS_LIMIT:
             u = tl.minimum(tl.maximum(u, -limit), limit)
             g = tl.minimum(g, limit)
@@ -191,25 +223,23 @@ def _fp4_down_gemv_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
                           BN: tl.constexpr, BK: tl.constexpr):
     """out[p, n-tile] = W2[e] h[p] for pair p; pairs of another device's expert keep their zeros."""
     p, pid_n = tl.program_id(0), tl.program_id(1)
-    HK: tl.constexpr = BK // 2
+    NB: tl.constexpr = BK // 32
     e = tl.load(idx_ptr + p).to(tl.int64)
     if (e >= 0) & (e < E):
         r = p.to(tl.int64)
         rn = pid_n * BN + tl.arange(0, BN)
         n_ok = rn < D
-        j = tl.arange(0, HK)
-        acc = tl.full((BN,), 0.0, tl.float32)
-        w_off = e * stride_we + rn[:, None] * stride_wn
+        jb = tl.arange(0, NB)
+        t = tl.arange(0, 16)
+        acc = tl.full((BN, NB), 0.0, tl.float32)
+        w_off = e * stride_we + rn[:, None, None] * stride_wn
         s_off = e * stride_se + rn[:, None] * stride_sn
+        hrow = h_ptr + r * stride_hm
         for k0 in range(0, I, BK):
-            kk = k0 + 2 * j
-            k_ok = kk < I
-            he = tl.load(h_ptr + r * stride_hm + kk, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-            ho = tl.load(h_ptr + r * stride_hm + kk + 1, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-            we, wo = _fp4_tile(w2_ptr + w_off + (k0 // 2 + j)[None, :], s2_ptr + s_off + (kk // 32)[None, :],
-                               n_ok[:, None] & k_ok[None, :])
-            acc += tl.sum(we * he + wo * ho, 1)
-        tl.store(out_ptr + r * stride_om + rn, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+            kx = k0 + 32 * jb[:, None] + 2 * t[None, :]
+            acc = _gemv_tile(w2_ptr, s2_ptr, w_off, s_off, hrow, kx, k0, I, n_ok, jb, t, acc, BN, NB)
+        out = tl.sum(acc, 1) * 16384.0
+        tl.store(out_ptr + r * stride_om + rn, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit
@@ -317,7 +347,7 @@ def _fp4_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch
     s1u, s2u, s3u = (s.contiguous().view(torch.uint8) for s in (s1, s2, s3))
     w1, w2, w3 = (w.contiguous() for w in (w1, w2, w3))
     if (path or _path(NK, E)) == "gemv":
-        cfg = dict(BN=32, BK=32, num_warps=4, num_stages=1) if INTERPRET else TILES["gemv"]
+        cfg = dict(BN=16, BK=64, num_warps=4, num_stages=1) if INTERPRET else TILES["gemv"]
         flat = idx.reshape(-1).contiguous()
         _fp4_up_gemv_kernel[(NK, triton.cdiv(I, cfg["BN"]))](
             x, w1, s1u, w3, s3u, rw, flat, h, D, I, K, E, float(limit),

@@ -1,0 +1,88 @@
+"""Compile the FP4 decode GEMV kernels for sm90 without a GPU and report what decides their speed.
+
+The decode kernels of `dsv4/kernels/fp4_moe.py` are bound by integer work, not memory, so the number of
+SASS instructions per weight byte is a good proxy for their speed. Triton compiles for a target it is
+told (no driver needed; ptxas and nvdisasm ship with the wheel). Integer and pointer arguments get the
+divisibility-by-16 attribute that the JIT gives them at run time for V4-Flash's shapes (without it the
+byte loads would not vectorise and the counts would mislead).
+
+    python3 bench/sass_fp4_gemv.py                   # the default launch configuration
+    python3 bench/sass_fp4_gemv.py --bn 8 --bk 512 --warps 4
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from dsv4.kernels import fp4_moe  # noqa: E402
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+UP = dict(x_ptr="*bf16", w1_ptr="*i8", s1_ptr="*u8", w3_ptr="*i8", s3_ptr="*u8", rw_ptr="*fp32", idx_ptr="*i64",
+          h_ptr="*bf16", D="i32", I="i32", TOPK="i32", E="i32", limit="fp32", stride_xm="i32", stride_we="i32",
+          stride_wn="i32", stride_se="i32", stride_sn="i32", stride_hm="i32", HAS_LIMIT="constexpr",
+          BN="constexpr", BK="constexpr")
+DOWN = dict(h_ptr="*bf16", w2_ptr="*i8", s2_ptr="*u8", idx_ptr="*i64", out_ptr="*bf16", D="i32", I="i32", E="i32",
+            stride_hm="i32", stride_we="i32", stride_wn="i32", stride_se="i32", stride_sn="i32", stride_om="i32",
+            BN="constexpr", BK="constexpr")
+
+
+def report(fn, sig: dict, consts: dict, warps: int, stages: int, matrices: int) -> dict:
+    names = fn.arg_names
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
+             if t.startswith("*") or (t == "i32" and n not in ("TOPK", "E"))}
+    c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = Path(tmp, "k.ptx"), Path(tmp, "k.cubin")
+        ptx.write_text(c.asm["ptx"])
+        cubin.write_bytes(c.asm["cubin"])
+        info = subprocess.run([f"{BIN}/ptxas", "-arch=sm_90a", "-v", str(ptx), "-o", os.devnull],
+                              capture_output=True, text=True).stderr
+        sass = subprocess.run([f"{BIN}/nvdisasm", "-c", str(cubin)], capture_output=True, text=True).stdout
+    regs = int(re.findall(r"Used (\d+) registers", info)[-1])
+    spills = int(re.findall(r"(\d+) bytes spill stores", info)[-1])
+    labels, loops, n = {}, [], 0
+    for line in sass.splitlines():
+        m = re.match(r"\s*\.(L_x_\d+):", line)
+        if m:
+            labels[m.group(1)] = n
+        if re.search(r"/\*[0-9a-f]{4}\*/", line):
+            b = re.search(r"BRA[^`]*`\(\.(L_x_\d+)\)", line)
+            if b and labels.get(b.group(1), n + 1) <= n:
+                loops.append(n - labels[b.group(1)] + 1)
+            n += 1
+    loop = max(loops) if loops else None
+    bytes_per_thread = matrices * consts["BN"] * consts["BK"] // 2 / (32 * warps)
+    return {"registers": regs, "spill_bytes": spills, "sass": n, "k_loop": loop,
+            "instructions_per_byte": loop / bytes_per_thread if loop else None}
+
+
+def main(argv=None):
+    cfg = fp4_moe.TILES["gemv"]
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--bn", type=int, default=cfg["BN"])
+    ap.add_argument("--bk", type=int, default=cfg["BK"])
+    ap.add_argument("--warps", type=int, default=cfg["num_warps"])
+    ap.add_argument("--stages", type=int, default=cfg["num_stages"])
+    a = ap.parse_args(argv)
+    for name, fn, sig, consts, mats in (
+            ("up (w1, w3)", fp4_moe._fp4_up_gemv_kernel, UP, dict(HAS_LIMIT=True, BN=a.bn, BK=a.bk), 2),
+            ("down (w2)", fp4_moe._fp4_down_gemv_kernel, DOWN, dict(BN=a.bn, BK=a.bk), 1)):
+        r = report(fn, sig, consts, a.warps, a.stages, mats)
+        print(f"{name:12s} BN {a.bn} BK {a.bk} warps {a.warps}: {r['registers']} registers, {r['spill_bytes']} B "
+              f"spilled, K loop {r['k_loop']} SASS instructions = {r['instructions_per_byte']:.1f} per weight byte "
+              f"per thread")
+
+
+if __name__ == "__main__":
+    main()
