@@ -9,6 +9,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import INTERPRET
+
 
 @triton.jit
 def _sinkhorn_kernel(MIX, SCALE, BASE, PRE, POST, COMB, N_TOK, eps, ITERS: tl.constexpr,
@@ -135,9 +137,13 @@ def _hc_finish_kernel(H, SS, PP, CC, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLI
                  mask=tm[:, None] & dm[None, :])
 
 
-def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int = 8, block_k: int = 32, programs: int = 264):
+def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = None, block_k: int = 32,
+           programs: int | None = None):
     """x [.., D] (h's dtype), post [.., N], comb [.., N, N] fp32 from streams h [.., N, D]. The mix GEMV is
-    split over enough slices of N·D to give ~`programs` programs (one slice when tokens are many)."""
+    split over enough slices of N·D to give ~`programs` programs (one slice when tokens are many).
+    Under the interpreter the defaults are few large programs (its cost is per program and per op)."""
+    block_t = block_t or (128 if INTERPRET else 8)
+    programs = programs or (1 if INTERPRET else 264)
     if n & (n - 1):
         raise ValueError(f"mHC kernel: hc_mult {n} must be a power of two")
     lead, D = h.shape[:-2], h.shape[-1]
@@ -186,8 +192,9 @@ def _hc_post_kernel(F, H, POST, COMB, OUT, N_TOK, D, NS: tl.constexpr, BLOCK_T: 
              out.to(OUT.dtype.element_ty), mask=m3)
 
 
-def hc_post(f, residual, post, comb, block_t: int = 4, block_d: int = 128):
+def hc_post(f, residual, post, comb, block_t: int | None = None, block_d: int = 128):
     """[.., N, D] in residual's dtype: post_k · f + Σ_j comb[j, k] · h_j (fp32 arithmetic)."""
+    block_t = block_t or (64 if INTERPRET else 4)
     n, D = residual.shape[-2:]
     if n & (n - 1):
         raise ValueError(f"mHC kernel: hc_mult {n} must be a power of two")

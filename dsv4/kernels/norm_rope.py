@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import INTERPRET
+
 
 @triton.jit
 def _norm_rope_kernel(X, W, COS, SIN, OUT, R, HEADS, eps,
@@ -53,8 +55,9 @@ def _norm_rope_kernel(X, W, COS, SIN, OUT, R, HEADS, eps,
         tl.store(OUT + r64[:, None] * DH + d[None, :], y, mask=rm[:, None])
 
 
-def norm_rope(x, weight, eps, cos, sin, block_r: int = 16):
+def norm_rope(x, weight, eps, cos, sin, block_r: int | None = None):
     """x [B, S, Dh] or [B, S, H, Dh]; weight [Dh] or None; eps None = no norm; cos/sin [B, S, Dr/2] fp32 or None."""
+    block_r = block_r or (128 if INTERPRET else 16)
     Dh = x.shape[-1]
     if Dh & (Dh - 1):
         raise ValueError(f"norm/rope kernel: row width {Dh} must be a power of two")

@@ -168,8 +168,10 @@ def _check(q, kv, idx, kv2, rows2):
         raise ValueError(f"sparse_attention kernel: kv {kv.dtype} and kv2 {kv2.dtype} must share a dtype")
 
 
-def forward(q, kv, idx, sink, scale, kv2=None, rows2=None, block_n: int = 32, num_warps: int = 4):
-    """out [B, S, H, Dh] (q's dtype), lse [B, S, H] fp32. Shapes as the twin's."""
+def forward(q, kv, idx, sink, scale, kv2=None, rows2=None, block_n: int | None = None, num_warps: int = 4):
+    """out [B, S, H, Dh] (q's dtype), lse [B, S, H] fp32. Shapes as the twin's. Under the interpreter the
+    key blocks are larger by default (fewer loop iterations: its cost is per op)."""
+    block_n = block_n or (128 if INTERPRET else 32)
     _check(q, kv, idx, kv2, rows2)
     B, S, H, D = q.shape
     K = idx.shape[-1]
