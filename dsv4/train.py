@@ -31,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import math
 import random
 import time
@@ -756,9 +757,18 @@ class Trainer:
             return self.model
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-        with warnings.catch_warnings():   # gathering expert-parallel shards takes two all-gathers; torch warns
-            warnings.filterwarnings("ignore", message=".*sequential all_gather operations.*")
-            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # gathering expert-parallel shards takes two all-gathers, which torch reports on every rank
+        # (through `logging`, in some versions through `warnings`): expected here, so kept quiet
+        log = logging.getLogger("torch.distributed.tensor._redistribute")
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*sequential all_gather operations.*")
+                full = get_model_state_dict(self.model,
+                                            options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        finally:
+            log.setLevel(level)
         if not self.is_main:
             return None
         with torch.device("meta"):
@@ -776,7 +786,8 @@ class Trainer:
         if self.is_main:
             self.tokenizer.save(self.run_dir / "tokenizer")
             dtype = torch.float32 if self.cfg.export_dtype == "fp32" else torch.bfloat16
-            out = save_pretrained(model, path, dtype=dtype, tokenizer_dir=self.run_dir / "tokenizer", overwrite=True)
+            out = save_pretrained(model, path, dtype=dtype, tokenizer_dir=self.run_dir / "tokenizer", overwrite=True,
+                                  progress=self.progress)
             self.print(f"exported the model to {out}")
         reduce.barrier()
         return out
