@@ -787,7 +787,7 @@ class Trainer:
             self.tokenizer.save(self.run_dir / "tokenizer")
             dtype = torch.float32 if self.cfg.export_dtype == "fp32" else torch.bfloat16
             out = save_pretrained(model, path, dtype=dtype, tokenizer_dir=self.run_dir / "tokenizer", overwrite=True,
-                                  progress=self.progress)
+                                  progress=None if self.progress else False)
             self.print(f"exported the model to {out}")
         reduce.barrier()
         return out
