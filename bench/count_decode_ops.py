@@ -1,9 +1,13 @@
 """Count the operators one decode step launches (CPU profiler; on a GPU each non-view op is a kernel).
 
     python bench/count_decode_ops.py [--preset bench] [--batch 1]
+    TRITON_INTERPRET=1 python bench/count_decode_ops.py --backend triton     # with the Triton kernels
 
 Prints the number of top-level aten ops of `Transformer.decode_step`, the number that are not views
-(each a kernel launch on CUDA), and those that come from mHC's Sinkhorn normalisation.
+(each a kernel launch on CUDA), and those that come from mHC's Sinkhorn normalisation. With
+`--backend triton` the primitives of `dsv4.ops` run their Triton kernels (on a CPU under the
+interpreter) and the Triton launches are counted too; the aten ops the interpreter itself runs inside
+a launch are left out, so the total is what a CUDA decode step launches.
 """
 from __future__ import annotations
 
@@ -25,7 +29,9 @@ from dsv4.model import Transformer  # noqa: E402
 VIEWS = {"aten::slice", "aten::unsqueeze", "aten::select", "aten::view", "aten::flatten", "aten::unflatten",
          "aten::t", "aten::reshape", "aten::expand", "aten::split", "aten::transpose", "aten::permute",
          "aten::squeeze", "aten::as_strided", "aten::alias", "aten::_unsafe_view", "aten::detach",
-         "aten::split_with_sizes", "aten::narrow", "aten::to"}
+         "aten::split_with_sizes", "aten::narrow", "aten::to",
+         # allocations launch nothing
+         "aten::empty", "aten::empty_like", "aten::new_empty", "aten::empty_strided", "aten::resize_"}
 
 
 @torch.no_grad()
@@ -33,7 +39,24 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="bench")
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--backend", choices=["torch", "triton"], default="torch")
     args = ap.parse_args(argv)
+    ops.set_backend(args.backend)
+    launches = collections.Counter()
+    if args.backend == "triton":
+        from triton.runtime.interpreter import InterpretedFunction
+        from triton.runtime.jit import JITFunction
+
+        def counting(cls):
+            real_run = cls.run
+
+            def counted_run(self, *a, **k):
+                launches[self.fn.__name__] += 1
+                with record_function("triton_launch"):
+                    return real_run(self, *a, **k)
+            cls.run = counted_run
+        counting(JITFunction)
+        counting(InterpretedFunction)
     torch.manual_seed(0)
     cfg = preset(args.preset)
     model = Transformer(cfg).eval()
@@ -49,26 +72,34 @@ def main(argv=None) -> int:
             return real(*a, **k)
 
     ops.hc_split_sinkhorn = tagged
+    launches.clear()
     try:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             model.decode_step(ids[:, :1], cache, rows)
     finally:
         ops.hc_split_sinkhorn = real
-    top = [e for e in prof.events() if e.name.startswith("aten::")
-           and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))]
-    kernels = [e for e in top if e.name not in VIEWS]
-
-    def in_sinkhorn(e):
+    def inside(e, name):
         p = e.cpu_parent
         while p is not None:
-            if p.name == "sinkhorn":
+            if p.name == name:
                 return True
             p = p.cpu_parent
         return False
 
+    top = [e for e in prof.events() if e.name.startswith("aten::")
+           and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
+           and not inside(e, "triton_launch")]
+    kernels = [e for e in top if e.name not in VIEWS]
+
+    def in_sinkhorn(e):
+        return inside(e, "sinkhorn")
+
     print(f"{args.preset}, batch {args.batch}: {len(top)} top-level aten ops per decode step, "
-          f"{len(kernels)} not views or casts, {sum(map(in_sinkhorn, kernels))} of those in mHC's Sinkhorn")
-    print(collections.Counter(e.name for e in kernels).most_common(8))
+          f"{len(kernels)} not views, casts or allocations, {sum(map(in_sinkhorn, kernels))} of those in mHC's Sinkhorn")
+    print(collections.Counter(e.name for e in kernels).most_common(12))
+    if args.backend == "triton":
+        print(f"Triton launches: {sum(launches.values())} ({dict(launches.most_common())}); "
+              f"kernels per decode step in all: {len(kernels) + sum(launches.values())}")
     return 0
 
 
