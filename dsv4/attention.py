@@ -164,14 +164,16 @@ class Compressor(nn.Module):
         Source tokens: the row's (1+o)M state slots, then the S new tokens. Entry i of the call
         (global entry p0 // M + i) owns the virtual tokens [M(i+1), M(i+2)) of the sequence
         [previous window | window of p0 | ...]; a window is complete when its last token is fed.
-        With S = 1 there is one window and no host synchronisation (the decode step: the entry is
-        written where its window completes, `torch.where` elsewhere); longer calls write the complete
+        With S = 1 there is one window and no host synchronisation (`_update_one`, the decode step: the
+        entry is written where its window completes, `torch.where` elsewhere); longer calls write the complete
         entries by a mask (one host read). Every slot keeps the last token fed to it (what
         `DecodeCache.rollback` relies on)."""
         B, S, _ = x.shape
         m, o = self.ratio, int(self.overlap)
         dev = x.device
         kv, score = self.project(x, pos)                                          # [B, S, w]
+        if S == 1:
+            return self._update_one(kv, score, pos[:, 0], freqs, state, rows)
         src_kv = torch.cat([state.kv[rows], kv], dim=1)                           # [B, (1+o)M + S, w]
         src_sc = torch.cat([state.score[rows], score], dim=1)
         rem = (pos[:, 0] % m).unsqueeze(1)                                        # [B, 1]
@@ -189,12 +191,7 @@ class Compressor(nn.Module):
                           state.entries.dtype)                                    # [B, n_win, c]
         done = win < (rem + S) // m                                               # [B, n_win]
         n_max = state.entries.shape[1]
-        if S == 1 and n_max:   # a window that completes always fits; a partial one past the end is clamped
-            at = index.clamp(max=n_max - 1)
-            old = state.entries[rows.unsqueeze(1), at]
-            state.entries[rows.unsqueeze(1), at] = torch.where(done.unsqueeze(-1), ent, old)
-        elif S > 1:
-            state.entries[rows.unsqueeze(1).expand_as(index)[done], index[done]] = ent[done]
+        state.entries[rows.unsqueeze(1).expand_as(index)[done], index[done]] = ent[done]
         # new state: slot j of the current window <- the last fed token at a position ≡ j (mod M);
         # the previous window <- the last window completed by this call
         j = torch.arange(m, device=dev)
@@ -207,6 +204,36 @@ class Compressor(nn.Module):
             keep.insert(0, torch.where(n_done >= 1, vsrc.gather(1, (m * n_done + j).clamp(max=vsrc.shape[1] - 1)), j))
         sel = torch.cat(keep, dim=1).unsqueeze(-1).expand(-1, -1, kv.shape[-1])  # [B, (1+o)M, w]
         state.kv[rows], state.score[rows] = src_kv.gather(1, sel), src_sc.gather(1, sel)
+
+    def _update_one(self, kv: torch.Tensor, score: torch.Tensor, p: torch.Tensor, freqs: torch.Tensor, state,
+                    rows: torch.Tensor) -> None:
+        """`update` for one token per row at positions p [B] (the decode step), with no host read and a
+        fraction of the general path's index arithmetic; the same entries and state, bit for bit.
+
+        The token goes to state slot (o·M + p mod M); the window it would complete is pooled over the
+        state slots as they then stand (previous window, then the current one) and its entry written
+        where p ends a window (`torch.where` elsewhere: a window that is not complete yet holds slots
+        of the window before, and its entry is never written). A completed window becomes the previous
+        one when windows overlap."""
+        m, o = self.ratio, int(self.overlap)
+        J = (1 + o) * m
+        rem = p % m                                                               # [B]
+        j = torch.arange(J, device=p.device)
+        hit = (j == (o * m + rem).unsqueeze(1)).unsqueeze(-1)                      # [B, J, 1]
+        src_kv = torch.where(hit, kv, state.kv[rows])                              # [B, J, w]
+        src_sc = torch.where(hit, score, state.score[rows])
+        index = (p // m).unsqueeze(1)                                             # [B, 1]
+        ent = self.finish(ops.compress_windows(src_kv, src_sc, j.expand(len(p), 1, J), self.overlap), index,
+                          freqs, state.entries.dtype)                             # [B, 1, c]
+        done = (rem == m - 1).view(-1, 1, 1)                                      # [B, 1, 1]
+        n_max = state.entries.shape[1]
+        if n_max:   # a window that completes always fits; a partial one past the end is clamped
+            at = index.clamp(max=n_max - 1)
+            state.entries[rows.unsqueeze(1), at] = torch.where(done, ent, state.entries[rows.unsqueeze(1), at])
+        if o:
+            src_kv = torch.cat([torch.where(done, src_kv[:, m:], src_kv[:, :m]), src_kv[:, m:]], dim=1)
+            src_sc = torch.cat([torch.where(done, src_sc[:, m:], src_sc[:, :m]), src_sc[:, m:]], dim=1)
+        state.kv[rows], state.score[rows] = src_kv, src_sc
 
 
 class Indexer(nn.Module):
