@@ -147,8 +147,7 @@ class Expert(nn.Module):
         self.w3 = nn.Linear(dim, inter, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = ops.swiglu(linear(x, self.w1), linear(x, self.w3), self.limit)
-        return linear(h.to(x.dtype), self.w2)
+        return linear(ops.swiglu_act(linear(x, self.w1), linear(x, self.w3), self.limit, None, x.dtype), self.w2)
 
 
 class MoE(nn.Module):

@@ -427,6 +427,23 @@ def swiglu(g: torch.Tensor, u: torch.Tensor, limit: float) -> torch.Tensor:
     return F.silu(g) * u
 
 
+def swiglu_act_torch(g: torch.Tensor, u: torch.Tensor, limit: float, weight: torch.Tensor | None = None,
+                     out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The expert activation as the callers use it: `swiglu` (fp32), times the per-row routing weight
+    [rows] when given, cast to `out_dtype` when given. Twin of `dsv4.kernels.swiglu`."""
+    h = swiglu(g, u, limit)
+    if weight is not None:
+        h = h * weight.reshape(-1, 1)
+    return h if out_dtype is None else h.to(out_dtype)
+
+
+def swiglu_act_triton(g, u, limit, weight=None, out_dtype=None):
+    if _needs_grad(g, u, weight) or g.shape != u.shape or g.dtype == torch.float64 or not g.numel():
+        return swiglu_act_torch(g, u, limit, weight, out_dtype)
+    from dsv4.kernels import swiglu as kern
+    return kern.swiglu(g, u, limit, weight, out_dtype)
+
+
 def moe_experts_auto(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch.Tensor,
                 w2: torch.Tensor, w3: torch.Tensor, limit: float) -> torch.Tensor:
     """Routed experts: y_t = Σ_k W2[e_k] · (weight_tk · SwiGLU(W1[e_k] x_t, W3[e_k] x_t)) (spec §8.4–8.5).
@@ -555,8 +572,8 @@ def moe_experts_grouped(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor
     xs = x.to(dt).index_select(0, token)                                         # [N·K, D]
     g = torch._grouped_mm(xs, w1.to(dt).transpose(-2, -1), offs=ends)           # [N·K, I]
     u = torch._grouped_mm(xs, w3.to(dt).transpose(-2, -1), offs=ends)           # [N·K, I]
-    h = swiglu(g, u, limit) * weight.reshape(-1).index_select(0, order)[:, None]  # [N·K, I] fp32
-    out = torch._grouped_mm(h.to(dt), w2.to(dt).transpose(-2, -1), offs=ends)   # [N·K, D] by expert
+    h = swiglu_act(g, u, limit, weight.reshape(-1).index_select(0, order), dt)   # [N·K, I] fp32 math
+    out = torch._grouped_mm(h, w2.to(dt).transpose(-2, -1), offs=ends)          # [N·K, D] by expert
     return _combine(x, out.index_select(0, back))
 
 
@@ -570,8 +587,8 @@ def moe_experts_gather(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
     xs = x.to(dt).unsqueeze(1).expand(N, K, D).reshape(N * K, D, 1)               # [N·K, D, 1]
     g = torch.bmm(w1.index_select(0, flat).to(dt), xs).squeeze(-1)              # [N·K, I]
     u = torch.bmm(w3.index_select(0, flat).to(dt), xs).squeeze(-1)              # [N·K, I]
-    h = swiglu(g, u, limit) * weight.reshape(-1, 1)                              # [N·K, I] fp32
-    out = torch.bmm(w2.index_select(0, flat).to(dt), h.to(dt).unsqueeze(-1))    # [N·K, D, 1]
+    h = swiglu_act(g, u, limit, weight, dt)                                      # [N·K, I] fp32 math
+    out = torch.bmm(w2.index_select(0, flat).to(dt), h.unsqueeze(-1))           # [N·K, D, 1]
     return _combine(x, out.squeeze(-1))
 
 
@@ -814,6 +831,7 @@ compress_windows = register("compress_windows", {"torch": compress_windows_torch
 index_topk = register("index_topk", {"torch": index_topk_torch, "triton": index_topk_triton})
 sparse_attention = register("sparse_attention", {"torch": sparse_attention_torch,
                                                  "triton": sparse_attention_triton})
+swiglu_act = register("swiglu", {"torch": swiglu_act_torch, "triton": swiglu_act_triton})
 fp8_linear = register("fp8_linear", {"torch": fp8_linear_torch, "triton": "dsv4.kernels.fp8_gemm:fp8_linear"})
 fp4_experts = register("fp4_experts", {"torch": fp4_experts_torch, "triton": "dsv4.kernels.fp4_moe:fp4_experts"})
 moe_experts = register("moe_experts", {"torch": moe_experts_auto, "grouped": moe_experts_grouped,

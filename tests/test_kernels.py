@@ -247,3 +247,20 @@ def test_norm_rope_equals_twin(dtype, case):
     assert got.dtype == dtype and rel(got, want) < (1e-6 if dtype == torch.float32 else 1e-2)
     if dtype == torch.bfloat16:   # same rounding points as the twin: bitwise up to an ulp
         assert (got.cpu().float() - want.float()).abs().max() <= 2 * want.float().abs().max() * 2 ** -8
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("limit,weighted", [(7.0, True), (0.0, False)])
+def test_fused_swiglu_equals_twin_and_float64(dtype, limit, weighted):
+    from dsv4.kernels import swiglu as k
+    g = torch.Generator().manual_seed(10)
+    shape = (13, 40)                                    # 520 values: not a multiple of the block
+    gate, upv = (torch.randn(shape, generator=g, dtype=torch.float64) * 6 for _ in range(2))   # past the clamp
+    w = torch.rand(shape[0], generator=g, dtype=torch.float64) if weighted else None
+    want = ops.swiglu_act_torch(gate, upv, limit, w)                                 # float64
+    if limit > 0:
+        assert (gate > limit).any() and (upv.abs() > limit).any()
+    twin = ops.swiglu_act_torch(gate.to(dtype), upv.to(dtype), limit, None if w is None else w.float(), dtype)
+    got = k.swiglu(gate.to(DEV, dtype), upv.to(DEV, dtype), limit, None if w is None else w.float().to(DEV), dtype)
+    assert got.dtype == dtype and got.shape == shape
+    assert rel(got, want) < tol(dtype) and rel(got, twin) < (1e-6 if dtype == torch.float32 else 1e-2)
