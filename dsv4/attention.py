@@ -359,9 +359,13 @@ class Attention(nn.Module):
         outs, kl_sum, kl_count = [], x.new_zeros((), dtype=acc_dtype(x.dtype)), 0
         for s0 in range(0, S, chunk):
             s1 = min(S, s0 + chunk)
-            idx, cidx = self._indices(s0, s1, pos, seg, state is not None, first, n_comp,
-                                      None if iq is None or not sparse else (iq[:, s0:s1], iw[:, s0:s1], ikeys),
-                                      c_rows, keys.shape[1])
+            if state is not None and S == 1 and not want_loss:   # the decode step: one launch for the lists
+                idx, cidx = self._decode_indices(pos, n_comp, None if iq is None or not sparse else (iq, iw, ikeys),
+                                                 c_rows, keys.shape[1]), None
+            else:
+                idx, cidx = self._indices(s0, s1, pos, seg, state is not None, first, n_comp,
+                                          None if iq is None or not sparse else (iq[:, s0:s1], iw[:, s0:s1], ikeys),
+                                          c_rows, keys.shape[1])
             res = ops.sparse_attention(q[:, s0:s1], keys, idx, self.attn_sink, self.head_dim ** -0.5,
                                        comp, c_rows, return_lse=want_loss)
             if want_loss:
@@ -374,6 +378,16 @@ class Attention(nn.Module):
             keep = min(S, W)
             state.ring[rows.unsqueeze(1), pos[:, S - keep:] % W] = kv[:, S - keep:].to(state.ring.dtype)
         return torch.cat(outs, dim=1), ((kl_sum, kl_count) if want_loss else None)   # [B, S, H, Dh]
+
+    def _decode_indices(self, pos, n_comp, indexer_in, c_rows, t_window):
+        """`_indices` of one cached query per row (what it builds for s1 = s0 + 1, the lists only), through
+        `ops.decode_key_lists`: one kernel instead of ~20 small ops."""
+        cidx = None
+        if self.ratio and indexer_in is not None:
+            iq, iw, ikeys = indexer_in
+            hi = torch.clamp((pos + 1) // self.ratio, max=n_comp)                     # [B, 1]
+            cidx = ops.index_topk(iq, ikeys, iw, torch.zeros_like(pos), hi, self.indexer.topk, c_rows)[:, 0]
+        return ops.decode_key_lists(pos[:, 0], self.window, self.ratio, n_comp, t_window, cidx)
 
     def _indices(self, s0, s1, pos, seg, cached, first, n_comp, indexer_in, c_rows, t_window):
         """Key lists of queries s0..s1−1: idx [B, Sc, W + K] into [window keys | entries] (entries

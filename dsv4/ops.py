@@ -427,6 +427,30 @@ def swiglu(g: torch.Tensor, u: torch.Tensor, limit: float) -> torch.Tensor:
     return F.silu(g) * u
 
 
+def decode_key_lists_torch(pos: torch.Tensor, window: int, ratio: int, n_comp: int, t_window: int,
+                           cidx: torch.Tensor | None) -> torch.Tensor:
+    """Key lists of a one-token decode step: pos [B]; keys are [ring of `window` | the new key | entries]
+    (entries from `t_window` on); cidx [B, K] the indexer's entries (−1 padded) or None for every visible
+    entry s < min((pos + 1) // ratio, n_comp). -> idx [B, 1, W + K] int32, −1 = none (what
+    `Attention._indices` builds for one cached query). Twin of `dsv4.kernels.key_lists`."""
+    W = window
+    kpos = pos.view(-1, 1, 1) - (W - 1) + torch.arange(W, device=pos.device)    # [B, 1, W]
+    j = torch.where(kpos < pos.view(-1, 1, 1), torch.remainder(kpos, W), W)
+    parts = [torch.where(kpos >= 0, j, -1)]
+    if ratio:
+        if cidx is None:
+            s = torch.arange(n_comp, device=pos.device)
+            hi = torch.clamp((pos.view(-1, 1, 1) + 1) // ratio, max=n_comp)
+            cidx = torch.where(s < hi, s, -1)
+        parts.append(torch.where(cidx.view(pos.shape[0], 1, -1) >= 0, cidx.view(pos.shape[0], 1, -1) + t_window, -1))
+    return torch.cat(parts, dim=-1).to(torch.int32)
+
+
+def decode_key_lists_triton(pos, window, ratio, n_comp, t_window, cidx):
+    from dsv4.kernels import key_lists as kern
+    return kern.decode_key_lists(pos, window, ratio, n_comp, t_window, cidx)
+
+
 def swiglu_act_torch(g: torch.Tensor, u: torch.Tensor, limit: float, weight: torch.Tensor | None = None,
                      out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """The expert activation as the callers use it: `swiglu` (fp32), times the per-row routing weight
@@ -831,6 +855,8 @@ compress_windows = register("compress_windows", {"torch": compress_windows_torch
 index_topk = register("index_topk", {"torch": index_topk_torch, "triton": index_topk_triton})
 sparse_attention = register("sparse_attention", {"torch": sparse_attention_torch,
                                                  "triton": sparse_attention_triton})
+decode_key_lists = register("decode_key_lists", {"torch": decode_key_lists_torch, "triton": decode_key_lists_triton},
+                            kernel_dtypes=None)
 swiglu_act = register("swiglu", {"torch": swiglu_act_torch, "triton": swiglu_act_triton})
 fp8_linear = register("fp8_linear", {"torch": fp8_linear_torch, "triton": "dsv4.kernels.fp8_gemm:fp8_linear"})
 fp4_experts = register("fp4_experts", {"torch": fp4_experts_torch, "triton": "dsv4.kernels.fp4_moe:fp4_experts"})

@@ -264,3 +264,33 @@ def test_fused_swiglu_equals_twin_and_float64(dtype, limit, weighted):
     got = k.swiglu(gate.to(DEV, dtype), upv.to(DEV, dtype), limit, None if w is None else w.float().to(DEV), dtype)
     assert got.dtype == dtype and got.shape == shape
     assert rel(got, want) < tol(dtype) and rel(got, twin) < (1e-6 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("ratio,indexed", [(0, False), (4, True), (128, False), (4, False)])
+def test_decode_key_lists_kernel_equals_twin_and_the_general_builder(ratio, indexed):
+    # the one-launch key lists of a decode step against the twin and against what Attention._indices
+    # builds for one cached query (rows at different positions, some before a full window)
+    from dsv4.attention import Attention
+    from dsv4.kernels import key_lists as k
+    g = torch.Generator().manual_seed(ratio + indexed)
+    W, B, C = 16, 5, 12
+    pos = torch.tensor([0, 3, 15, 16, 47])
+    cidx = None
+    if indexed:
+        cidx = torch.randint(-1, C, (B, 6), generator=g)
+    want = ops.decode_key_lists_torch(pos, W, ratio, C, W + 1, cidx)
+    got = k.decode_key_lists(pos.to(DEV), W, ratio, C, W + 1, None if cidx is None else cidx.to(DEV))
+    assert got.dtype == torch.int32 and torch.equal(got.cpu(), want)
+    att = Attention.__new__(Attention)
+    att.window, att.ratio = W, ratio
+    if indexed:   # the general builder with the indexer's choice given
+        ops_topk = ops.index_topk
+        try:
+            ops.index_topk = lambda *a, **kw: cidx.unsqueeze(1)
+            att.indexer = type("I", (), {"topk": 6})()
+            general, _ = att._indices(0, 1, pos.unsqueeze(1), None, True, None, C, (None, None, None), None, W + 1)
+        finally:
+            ops.index_topk = ops_topk
+    else:
+        general, _ = att._indices(0, 1, pos.unsqueeze(1), None, True, None, C, None, None, W + 1)
+    assert torch.equal(general, want)
