@@ -210,31 +210,19 @@ class Compressor(nn.Module):
         """`update` for one token per row at positions p [B] (the decode step), with no host read and a
         fraction of the general path's index arithmetic; the same entries and state, bit for bit.
 
-        The token goes to state slot (o·M + p mod M); the window it would complete is pooled over the
-        state slots as they then stand (previous window, then the current one) and its entry written
-        where p ends a window (`torch.where` elsewhere: a window that is not complete yet holds slots
-        of the window before, and its entry is never written). A completed window becomes the previous
-        one when windows overlap."""
-        m, o = self.ratio, int(self.overlap)
-        J = (1 + o) * m
-        rem = p % m                                                               # [B]
-        j = torch.arange(J, device=p.device)
-        hit = (j == (o * m + rem).unsqueeze(1)).unsqueeze(-1)                      # [B, J, 1]
-        src_kv = torch.where(hit, kv, state.kv[rows])                              # [B, J, w]
-        src_sc = torch.where(hit, score, state.score[rows])
+        `ops.compressor_step` puts the token in state slot (o·M + p mod M), pools the window it would
+        complete over the slots as they then stand (previous window, then the current one) and moves a
+        completed window to the previous one when windows overlap; the entry is written where p ends a
+        window (`torch.where` elsewhere: a window that is not complete yet is never written)."""
+        m = self.ratio
+        pooled = ops.compressor_step(state.kv, state.score, rows, kv, score, p, m, self.overlap)   # [B, 1, c]
         index = (p // m).unsqueeze(1)                                             # [B, 1]
-        ent = self.finish(ops.compress_windows(src_kv, src_sc, j.expand(len(p), 1, J), self.overlap), index,
-                          freqs, state.entries.dtype)                             # [B, 1, c]
-        done = (rem == m - 1).view(-1, 1, 1)                                      # [B, 1, 1]
+        ent = self.finish(pooled, index, freqs, state.entries.dtype)              # [B, 1, c]
         n_max = state.entries.shape[1]
         if n_max:   # a window that completes always fits; a partial one past the end is clamped
+            done = (p % m == m - 1).view(-1, 1, 1)                                # [B, 1, 1]
             at = index.clamp(max=n_max - 1)
             state.entries[rows.unsqueeze(1), at] = torch.where(done, ent, state.entries[rows.unsqueeze(1), at])
-        if o:
-            src_kv = torch.cat([torch.where(done, src_kv[:, m:], src_kv[:, :m]), src_kv[:, m:]], dim=1)
-            src_sc = torch.cat([torch.where(done, src_sc[:, m:], src_sc[:, :m]), src_sc[:, m:]], dim=1)
-        state.kv[rows], state.score[rows] = src_kv, src_sc
-
 
 class Indexer(nn.Module):
     """Lightning indexer (spec §7): picks the top-k compressed entries for each query of a CSA layer.

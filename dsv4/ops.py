@@ -427,6 +427,40 @@ def swiglu(g: torch.Tensor, u: torch.Tensor, limit: float) -> torch.Tensor:
     return F.silu(g) * u
 
 
+def compressor_step_torch(state_kv: torch.Tensor, state_sc: torch.Tensor, rows: torch.Tensor, kv: torch.Tensor,
+                          score: torch.Tensor, pos: torch.Tensor, ratio: int, overlap: bool) -> torch.Tensor:
+    """One token per row into a compressor's state (the decode step), in place; returns the pooled entry
+    [B, 1, c] of the window the token would complete (meaningful where pos ≡ M − 1 (mod M)).
+
+    state_kv, state_sc [Bmax, J, w] (J = (1+o)·M: the previous window's slots when windows overlap, then
+    the current window's slot t mod M holding the last token fed at such a t); rows [B]; kv, score
+    [B, 1, w]; pos [B]. The token goes to slot o·M + pos mod M; the window is pooled over the slots as
+    they then stand; a completed window becomes the previous one when overlapping. Twin of
+    `dsv4.kernels.compressor.decode_step`."""
+    m, o = ratio, int(overlap)
+    J = (1 + o) * m
+    rem = pos % m                                                                 # [B]
+    j = torch.arange(J, device=pos.device)
+    hit = (j == (o * m + rem).unsqueeze(1)).unsqueeze(-1)                          # [B, J, 1]
+    src_kv = torch.where(hit, kv, state_kv[rows])                                  # [B, J, w]
+    src_sc = torch.where(hit, score, state_sc[rows])
+    pooled = compress_windows(src_kv, src_sc, j.expand(len(pos), 1, J), overlap)  # [B, 1, c]
+    if o:
+        done = (rem == m - 1).view(-1, 1, 1)
+        src_kv = torch.cat([torch.where(done, src_kv[:, m:], src_kv[:, :m]), src_kv[:, m:]], dim=1)
+        src_sc = torch.cat([torch.where(done, src_sc[:, m:], src_sc[:, :m]), src_sc[:, m:]], dim=1)
+    state_kv[rows], state_sc[rows] = src_kv, src_sc
+    return pooled
+
+
+def compressor_step_triton(state_kv, state_sc, rows, kv, score, pos, ratio, overlap):
+    J = state_kv.shape[1]
+    if _needs_grad(kv, score) or J & (J - 1) or state_kv.stride(-1) != 1 or state_sc.stride() != state_kv.stride():
+        return compressor_step_torch(state_kv, state_sc, rows, kv, score, pos, ratio, overlap)
+    from dsv4.kernels import compressor as kern
+    return kern.decode_step(state_kv, state_sc, rows, kv, score, pos, ratio, overlap)
+
+
 def decode_key_lists_torch(pos: torch.Tensor, window: int, ratio: int, n_comp: int, t_window: int,
                            cidx: torch.Tensor | None) -> torch.Tensor:
     """Key lists of a one-token decode step: pos [B]; keys are [ring of `window` | the new key | entries]
@@ -855,6 +889,8 @@ compress_windows = register("compress_windows", {"torch": compress_windows_torch
 index_topk = register("index_topk", {"torch": index_topk_torch, "triton": index_topk_triton})
 sparse_attention = register("sparse_attention", {"torch": sparse_attention_torch,
                                                  "triton": sparse_attention_triton})
+compressor_step = register("compressor_step", {"torch": compressor_step_torch, "triton": compressor_step_triton},
+                           kernel_dtypes=(torch.float32,))
 decode_key_lists = register("decode_key_lists", {"torch": decode_key_lists_torch, "triton": decode_key_lists_triton},
                             kernel_dtypes=None)
 swiglu_act = register("swiglu", {"torch": swiglu_act_torch, "triton": swiglu_act_triton})

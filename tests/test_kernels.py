@@ -294,3 +294,26 @@ def test_decode_key_lists_kernel_equals_twin_and_the_general_builder(ratio, inde
     else:
         general, _ = att._indices(0, 1, pos.unsqueeze(1), None, True, None, C, None, None, W + 1)
     assert torch.equal(general, want)
+
+
+@pytest.mark.parametrize("ratio,overlap", [(4, True), (128, False), (4, False)])
+def test_compressor_decode_step_kernel_equals_twin(ratio, overlap):
+    # the in-place state update (exact: data movement) and the pooled entry of the one-token compressor
+    # step, rows at every phase of a window (the one that completes it included) and out of order
+    from dsv4.kernels import compressor as k
+    g = torch.Generator().manual_seed(ratio + overlap)
+    c, Bmax = 24, 6
+    J, w = (2 if overlap else 1) * ratio, (2 if overlap else 1) * c
+    skv = torch.randn(Bmax, J, w, generator=g)
+    ssc = torch.randn(Bmax, J, w, generator=g)
+    ssc[0, : J // 2] = float("-inf")                      # a row whose previous window is still empty
+    rows = torch.tensor([4, 0, 2, 5])
+    pos = torch.tensor([ratio - 1, 2 * ratio + 1, 3 * ratio - 1, 5])
+    kv, sc = torch.randn(4, 1, w, generator=g), torch.randn(4, 1, w, generator=g)
+    want_kv, want_sc = skv.clone(), ssc.clone()
+    want = ops.compressor_step_torch(want_kv, want_sc, rows, kv, sc, pos, ratio, overlap)
+    got_kv, got_sc = skv.clone().to(DEV), ssc.clone().to(DEV)
+    got = k.decode_step(got_kv, got_sc, rows.to(DEV), kv.to(DEV), sc.to(DEV), pos.to(DEV), ratio, overlap)
+    assert torch.equal(got_kv.cpu(), want_kv) and torch.equal(got_sc.cpu(), want_sc)
+    assert not torch.equal(want_kv, skv)                  # the step did change the state
+    assert rel(got, want) < 1e-6

@@ -53,3 +53,81 @@ def pool(kv: torch.Tensor, score: torch.Tensor, slots: torch.Tensor, overlap: bo
                                               slots.stride(0), slots.stride(1), out.stride(0), out.stride(1),
                                               n, c, J=J, M=J // 2 if overlap else J, OVERLAP=overlap, BLOCK_C=bc)
     return out
+
+
+@triton.jit
+def _decode_step_kernel(SKV, SSC, ROWS, KV, SC, POS, OUT, s_sb, s_sl, s_nb, s_ob, C,
+                        M: tl.constexpr, J: tl.constexpr, OVERLAP: tl.constexpr, BLOCK_C: tl.constexpr):
+    """One token per row into the compressor state, in place, and the pooled entry of the window it
+    would complete: program (row b, block of c channels) reads the J state slots at its channels (both
+    feature halves when windows overlap), puts the token in slot (o·M + p mod M), pools (softmax over the
+    slots per channel: previous-window slots read features [0, c), own slots [c, 2c)) and writes the
+    slots back, the completed window moved to the previous one when overlapping."""
+    b = tl.program_id(0)
+    ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cm = ch < C
+    r = tl.load(ROWS + b).to(tl.int64)
+    p = tl.load(POS + b).to(tl.int64)
+    rem = p % M
+    jj = tl.arange(0, J)
+    slot_new = rem + (M if OVERLAP else 0)
+    new = (jj == slot_new)[:, None]
+    st = SKV + r * s_sb + jj.to(tl.int64)[:, None] * s_sl
+    ss = SSC + r * s_sb + jj.to(tl.int64)[:, None] * s_sl
+    m2 = (jj >= 0)[:, None] & cm[None, :]
+    # features [0, c) (the only half without overlap) and [c, 2c)
+    kv_a = tl.where(new, tl.load(KV + b * s_nb + ch, mask=cm, other=0.0)[None, :],
+                    tl.load(st + ch[None, :], mask=m2, other=0.0))
+    sc_a = tl.where(new, tl.load(SC + b * s_nb + ch, mask=cm, other=0.0)[None, :],
+                    tl.load(ss + ch[None, :], mask=m2, other=0.0))
+    if OVERLAP:
+        kv_b = tl.where(new, tl.load(KV + b * s_nb + C + ch, mask=cm, other=0.0)[None, :],
+                        tl.load(st + C + ch[None, :], mask=m2, other=0.0))
+        sc_b = tl.where(new, tl.load(SC + b * s_nb + C + ch, mask=cm, other=0.0)[None, :],
+                        tl.load(ss + C + ch[None, :], mask=m2, other=0.0))
+        own = (jj >= M)[:, None]
+        pk = tl.where(own, kv_b, kv_a)
+        ps = tl.where(own, sc_b, sc_a)
+    else:
+        pk = kv_a
+        ps = sc_a
+    mx = tl.max(ps, 0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    e = tl.exp(ps - mx[None, :])
+    den = tl.sum(e, 0)
+    pooled = tl.where(den > 0, tl.sum(e * pk, 0) / tl.where(den > 0, den, 1.0), 0.0)
+    tl.store(OUT + b * s_ob + ch, pooled, mask=cm)
+    if OVERLAP:
+        # slot j < M (previous window) takes slot j + M (own window) when this token completes it
+        done = rem == M - 1
+        jsrc = tl.where((jj < M) & done, jj + M, jj)
+        sel = (jsrc[:, None] == jj[None, :])                                        # [J(dst), J(src)]
+        kv_a = tl.sum(tl.where(sel[:, :, None], kv_a[None, :, :], 0.0), 1)
+        sc_a = tl.sum(tl.where(sel[:, :, None], sc_a[None, :, :], 0.0), 1)
+        kv_b = tl.sum(tl.where(sel[:, :, None], kv_b[None, :, :], 0.0), 1)
+        sc_b = tl.sum(tl.where(sel[:, :, None], sc_b[None, :, :], 0.0), 1)
+        tl.store(st + C + ch[None, :], kv_b, mask=m2)
+        tl.store(ss + C + ch[None, :], sc_b, mask=m2)
+    tl.store(st + ch[None, :], kv_a, mask=m2)
+    tl.store(ss + ch[None, :], sc_a, mask=m2)
+
+
+def decode_step(state_kv: torch.Tensor, state_sc: torch.Tensor, rows: torch.Tensor, kv: torch.Tensor,
+                score: torch.Tensor, pos: torch.Tensor, ratio: int, overlap: bool, block_c: int = 64) -> torch.Tensor:
+    """state_kv, state_sc [Bmax, J, w] fp32 (updated in place); rows [B] (distinct); kv, score [B, 1, w]
+    fp32; pos [B] -> pooled [B, 1, c] fp32. Twin: `dsv4.ops.compressor_step_torch`."""
+    B = rows.shape[0]
+    J, w = state_kv.shape[1:]
+    c = w // 2 if overlap else w
+    if state_kv.stride(-1) != 1 or state_sc.stride() != state_kv.stride() or J & (J - 1):
+        raise ValueError("compressor decode kernel: contiguous-channel states of one layout and a power-of-two "
+                         f"slot count needed; got strides {state_kv.stride()} / {state_sc.stride()}, J={J}")
+    kv, score = kv.float().reshape(B, w).contiguous(), score.float().reshape(B, w).contiguous()
+    out = torch.empty(B, 1, c, device=kv.device, dtype=torch.float32)
+    if B:
+        bc = min(block_c, triton.next_power_of_2(c))
+        _decode_step_kernel[(B, triton.cdiv(c, bc))](state_kv, state_sc, rows.contiguous(), kv, score,
+                                                      pos.contiguous(), out, state_kv.stride(0), state_kv.stride(1),
+                                                      kv.stride(0), out.stride(0), c, M=ratio, J=J,
+                                                      OVERLAP=overlap, BLOCK_C=bc)
+    return out
