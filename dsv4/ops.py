@@ -842,6 +842,79 @@ def fp8_linear_torch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     return F.linear(x, dequant_blocks(weight, scale, block, _mm_dtype(x)))
 
 
+FP8_DEQUANT_ABOVE_ROWS = 64   # fp8_linear on CUDA: more rows than this go to dequantise + cuBLAS
+FP4_DEQUANT_CHUNK = 32        # experts dequantised at a time by the FP4 prefill path (Flash: 1.6 GB bf16)
+
+
+def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                      block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """The Triton FP8 GEMM for decode-sized inputs; on CUDA, prefill-sized ones (more than
+    `FP8_DEQUANT_ABOVE_ROWS` rows, bf16/fp16) take a dequantised copy and cuBLAS, which beat the kernel
+    there (H200, V4-Flash shapes at M = 8192: 1.0 ms against 2.3 ms for wo_b; at M = 32 the kernel wins,
+    0.11 against 0.40 ms: `bench/bench_flash_shaped.py --only kernels`)."""
+    if x.is_cuda and x.numel() // max(x.shape[-1], 1) > FP8_DEQUANT_ABOVE_ROWS and x.dtype != torch.float32:
+        return fp8_linear_torch(x, weight, scale, block)
+    from dsv4.kernels.fp8_gemm import fp8_linear
+    return fp8_linear(x, weight, scale, block)
+
+
+def fp4_prefill_applies(x: torch.Tensor, n_pairs: int, w1: torch.Tensor) -> bool:
+    """Whether `fp4_experts_dequant` serves these pairs: many per expert, bf16 on a GPU whose grouped GEMM
+    has a sync-free kernel (sm90, `grouped_mm_applies`), outside graph capture and compile (it reads the
+    pair counts on the host). The dequantised chunks are fresh contiguous tensors, so only the widths
+    (multiples of 8) and the expert count remain to check."""
+    E, I, D = w1.shape[0], w1.shape[1], 2 * w1.shape[2]
+    if not x.is_cuda or x.dtype != torch.bfloat16 or n_pairs < 4 * E or not hasattr(torch, "_grouped_mm"):
+        return False
+    if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
+        return False
+    return _cuda_major(x.device.index) == 9 and D % 8 == 0 and I % 8 == 0 and E < 1024
+
+
+def fp4_experts_dequant(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch.Tensor,
+                        s1: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor, w3: torch.Tensor, s3: torch.Tensor,
+                        limit: float, chunk: int | None = None) -> torch.Tensor:
+    """FP4 experts for prefill: pairs sorted by expert (one host read of the counts); `chunk` experts at a
+    time (those with pairs) dequantised to x's dtype by the Triton dequantisation kernel and run as grouped
+    GEMMs (`moe_experts_grouped`: the numerics of the dequantised model). Reads each used expert's FP4
+    bytes once. Ids outside [0, E) contribute nothing."""
+    from dsv4.kernels.fp4_moe import dequant_fp4
+    chunk = chunk or FP4_DEQUANT_CHUNK
+    N, K = idx.shape
+    E = w1.shape[0]
+    flat = idx.reshape(-1)
+    key = torch.where((flat >= 0) & (flat < E), flat, E)
+    order = torch.argsort(key, stable=True)                                    # [N·K] pairs by expert
+    counts = torch.bincount(key, minlength=E + 1)[:E].tolist()                 # the one host read
+    out = torch.zeros(N * K, x.shape[1], dtype=x.dtype, device=x.device)      # [N·K, D] per pair
+    rw = weight.reshape(-1)
+    start = 0
+    for c0 in range(0, E, chunk):
+        c1 = min(E, c0 + chunk)
+        n = sum(counts[c0:c1])
+        if n == 0:
+            continue
+        pairs = order[start:start + n]
+        start += n
+        used = [e for e in range(c0, c1) if counts[e]]
+        lo, hi = used[0], used[-1] + 1                                          # experts with pairs
+        W1, W3 = dequant_fp4(w1[lo:hi], s1[lo:hi], x.dtype), dequant_fp4(w3[lo:hi], s3[lo:hi], x.dtype)
+        W2 = dequant_fp4(w2[lo:hi], s2[lo:hi], x.dtype)
+        local = (flat.index_select(0, pairs) - lo)[:, None]                    # [n, 1] in [0, hi - lo)
+        out[pairs] = moe_experts_grouped(x.index_select(0, pairs // K), local, rw.index_select(0, pairs)[:, None],
+                                         W1, W2, W3, limit)
+    return out.view(N, K, x.shape[1]).sum(1)
+
+
+def fp4_experts_triton(x, idx, weight, w1, s1, w2, s2, w3, s3, limit):
+    """The Triton FP4 expert kernels (decode GEMV, tiled), or `fp4_experts_dequant` for prefill on sm90
+    (150 ms -> 18 ms at 8,192 V4-Flash tokens on the H200: `bench/probe_quant_kernels.py`)."""
+    if x.dim() == 2 and idx.dim() == 2 and fp4_prefill_applies(x, idx.numel(), w1):
+        return fp4_experts_dequant(x, idx, weight, w1, s1, w2, s2, w3, s3, limit)
+    from dsv4.kernels.fp4_moe import fp4_experts
+    return fp4_experts(x, idx, weight, w1, s1, w2, s2, w3, s3, limit)
+
+
 def fp4_experts_torch(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch.Tensor,
                       s1: torch.Tensor, w2: torch.Tensor, s2: torch.Tensor, w3: torch.Tensor, s3: torch.Tensor,
                       limit: float) -> torch.Tensor:
@@ -894,8 +967,8 @@ compressor_step = register("compressor_step", {"torch": compressor_step_torch, "
 decode_key_lists = register("decode_key_lists", {"torch": decode_key_lists_torch, "triton": decode_key_lists_triton},
                             kernel_dtypes=None)
 swiglu_act = register("swiglu", {"torch": swiglu_act_torch, "triton": swiglu_act_triton})
-fp8_linear = register("fp8_linear", {"torch": fp8_linear_torch, "triton": "dsv4.kernels.fp8_gemm:fp8_linear"})
-fp4_experts = register("fp4_experts", {"torch": fp4_experts_torch, "triton": "dsv4.kernels.fp4_moe:fp4_experts"})
+fp8_linear = register("fp8_linear", {"torch": fp8_linear_torch, "triton": fp8_linear_triton})
+fp4_experts = register("fp4_experts", {"torch": fp4_experts_torch, "triton": fp4_experts_triton})
 moe_experts = register("moe_experts", {"torch": moe_experts_auto, "grouped": moe_experts_grouped,
                                        "gather": moe_experts_gather, "loop": moe_experts_loop}, kernel_dtypes=None)
 

@@ -5,7 +5,8 @@ holding two e2m1 codes, the low nibble the even element, one e8m0 scale per 1×3
 
     y_t = Σ_k W2[e_k] · (weight_tk · SwiGLU(W1[e_k] x_t, W3[e_k] x_t))
 
-Two paths, both without host synchronisation (CUDA-graph capturable), chosen from the shapes:
+Two paths, both without host synchronisation (CUDA-graph capturable), chosen from the shapes (prefill
+on sm90 goes elsewhere: `dsv4.ops.fp4_experts_dequant`, on `dequant_fp4` below and grouped GEMMs):
 
 - few pairs per expert (decode: at most one pair per expert on average), `_fp4_up_gemv_kernel` and
   `_fp4_down_gemv_kernel`: one program per (pair, tile of output rows), a GEMV that reads the pair's
@@ -15,9 +16,6 @@ Two paths, both without host synchronisation (CUDA-graph capturable), chosen fro
   code becomes a float with four integer operations (`_e2m1_pair`), and the block scale multiplies the
   block's partial sum rather than every weight (`_gemv_tile`). `bench/sass_fp4_gemv.py` counts the
   instructions per weight byte offline (sm90: ~20, against ~54 when every weight was scaled);
-- many pairs per expert on CUDA in bf16 (prefill), `_fp4_moe_dequant`: a chunk of experts at a time
-  dequantised to bf16 (`_fp4_dequant_kernel`) and run as grouped GEMMs (`torch._grouped_mm`), after
-  one host read of the pair counts (not inside a CUDA-graph capture: there the tiled kernels run);
 - otherwise the tiled kernels below, two over blocks of pairs of one expert:
   1. `_fp4_up_kernel`: per block of pairs of one expert, g = x·W1ᵀ and u = x·W3ᵀ (x rows gathered by
      token), the clamped SwiGLU and the routing weight in fp32, h stored in the activation dtype;
@@ -359,8 +357,6 @@ def _fp4_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch
             h, w2, s2u, flat, out, D, I, E, h.stride(0), w2.stride(0), w2.stride(1), s2u.stride(0),
             s2u.stride(1), out.stride(0), **cfg)
         return out.view(N, K, D).sum(1)
-    if (path or _prefill_path(x, NK, E, w1)) == "dequant":
-        return _fp4_moe_dequant(x, idx, weight, w1, s1, w2, s2, w3, s3, limit)
     bm, cfg = _tiles(NK / min(E, NK))
     row_map, block_expert, n_blocks = _align(idx, E, bm)
     B = block_expert.numel()
@@ -374,54 +370,6 @@ def _fp4_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch
         h.stride(0), w2.stride(0), w2.stride(1), s2u.stride(0), s2u.stride(1), out.stride(0),
         DOT_FP32=dot32, BM=bm, **cfg)
     return out.view(N, K, D).sum(1)                                           # [N, D], K outputs per token
-
-
-DEQUANT_CHUNK = 32     # experts dequantised at a time by the prefill path (Flash: 1.6 GB of bf16 scratch)
-
-
-def _prefill_path(x: torch.Tensor, n_pairs: int, n_experts: int, w1: torch.Tensor) -> str:
-    """'dequant' for many pairs per expert on CUDA outside graph capture and compile, where grouped GEMMs
-    (torch._grouped_mm) take bf16 operands; else 'dot' (the tiled kernels)."""
-    from dsv4 import ops
-    if not x.is_cuda or x.dtype != torch.bfloat16 or n_pairs < 4 * n_experts:
-        return "dot"
-    if torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling():
-        return "dot"
-    I, D = w1.shape[1], 2 * w1.shape[2]
-    probe = x.new_empty(0, D)
-    return "dequant" if ops.grouped_mm_applies(probe, x.new_empty(1, I, D), x.new_empty(1, D, I),
-                                               x.new_empty(1, I, D)) else "dot"
-
-
-def _fp4_moe_dequant(x, idx, weight, w1, s1, w2, s2, w3, s3, limit) -> torch.Tensor:
-    """Prefill: pairs sorted by expert (one host read of the counts); `DEQUANT_CHUNK` experts at a time
-    are dequantised to bf16 by `_fp4_dequant_kernel` and run as grouped GEMMs (`ops.moe_experts_grouped`,
-    the numerics of the bf16 model). Reads every expert's FP4 bytes once per call."""
-    from dsv4 import ops
-    N, K = idx.shape
-    E = w1.shape[0]
-    flat = idx.reshape(-1)
-    key = torch.where((flat >= 0) & (flat < E), flat, E)
-    order = torch.argsort(key, stable=True)                                    # [N·K] pairs by expert
-    counts = torch.bincount(key, minlength=E + 1)[:E].tolist()                 # the one host read
-    out = torch.zeros(N * K, x.shape[1], dtype=x.dtype, device=x.device)      # [N·K, D] per pair
-    rw = weight.reshape(-1)
-    start = 0
-    for c0 in range(0, E, DEQUANT_CHUNK):
-        c1 = min(E, c0 + DEQUANT_CHUNK)
-        n = sum(counts[c0:c1])
-        if n == 0:
-            continue
-        pairs = order[start:start + n]
-        start += n
-        used = [e for e in range(c0, c1) if counts[e]]
-        lo, hi = used[0], used[-1] + 1                                          # experts with pairs
-        W1, W3 = dequant_fp4(w1[lo:hi], s1[lo:hi], x.dtype), dequant_fp4(w3[lo:hi], s3[lo:hi], x.dtype)
-        W2 = dequant_fp4(w2[lo:hi], s2[lo:hi], x.dtype)
-        local = (flat.index_select(0, pairs) - lo)[:, None]                    # [n, 1] in [0, hi - lo)
-        out[pairs] = ops.moe_experts_grouped(x.index_select(0, pairs // K), local, rw.index_select(0, pairs)[:, None],
-                                             W1, W2, W3, limit)
-    return out.view(N, K, x.shape[1]).sum(1)
 
 
 @torch.library.custom_op("dsv4::fp4_moe", mutates_args=())

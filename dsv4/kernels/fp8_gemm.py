@@ -29,7 +29,6 @@ import triton
 import triton.language as tl
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
-DEQUANT_ABOVE_ROWS = 64    # fp8_linear on CUDA: more rows than this go to dequantise + cuBLAS
 
 
 # ----------------------------------------------------------------------------- format decoding (shared with fp4_moe)
@@ -192,12 +191,6 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     """x [..., K] (bf16/fp16/fp32) · (weight [N, K] e4m3 ⊙ scale per block)ᵀ -> [..., N] in x's dtype.
     Twin: `dsv4.ops.fp8_linear_torch`."""
     _check(x, weight, scale, block)
-    if x.is_cuda and x.numel() // x.shape[-1] > DEQUANT_ABOVE_ROWS and x.dtype != torch.float32:
-        # prefill-sized M: a dequantised bf16 copy of the weight and cuBLAS beat this kernel (H200,
-        # V4-Flash shapes at M = 8192: 1.0 ms against 2.3 ms for wo_b); decode stays in the kernel
-        # (M = 32: 0.11 ms against 0.40 ms), where reading the FP8 bytes once is what counts
-        from dsv4.ops import fp8_linear_torch
-        return fp8_linear_torch(x, weight, scale, block)
     if torch.compiler.is_compiling():
         return _fp8_gemm_op(x, weight, scale, int(block[0]), int(block[1]))
     return _fp8_gemm(x, weight, scale, int(block[0]), int(block[1]))   # eager: skip the dispatcher
