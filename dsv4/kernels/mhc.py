@@ -13,6 +13,19 @@ from . import INTERPRET
 
 
 @triton.jit
+def _sinkhorn(c, eps, ITERS: tl.constexpr):
+    """comb logits [BLOCK, N, N] -> doubly stochastic: row softmax (+ eps), column normalisation, then
+    ITERS − 1 more row/column normalisation pairs (spec §9; sums over axis 2 = rows, axis 1 = columns)."""
+    c = tl.exp(c - tl.max(c, 2)[:, :, None])
+    c = c / tl.sum(c, 2)[:, :, None] + eps
+    c = c / (tl.sum(c, 1)[:, None, :] + eps)
+    for _ in tl.static_range(ITERS - 1):
+        c = c / (tl.sum(c, 2)[:, :, None] + eps)
+        c = c / (tl.sum(c, 1)[:, None, :] + eps)
+    return c
+
+
+@triton.jit
 def _sinkhorn_kernel(MIX, SCALE, BASE, PRE, POST, COMB, N_TOK, eps, ITERS: tl.constexpr,
                      NS: tl.constexpr, BLOCK: tl.constexpr):
     t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -30,12 +43,7 @@ def _sinkhorn_kernel(MIX, SCALE, BASE, PRE, POST, COMB, N_TOK, eps, ITERS: tl.co
     jk = i[:, None] * NS + i[None, :]                                                  # [NS, NS]
     c = tl.load(row[:, :, None] + 2 * NS + jk[None, :, :], mask=tm[:, None, None], other=0.0) * s2 \
         + tl.load(BASE + 2 * NS + jk)[None, :, :]                                      # [BLOCK, NS, NS]
-    c = tl.exp(c - tl.max(c, 2)[:, :, None])
-    c = c / tl.sum(c, 2)[:, :, None] + eps
-    c = c / (tl.sum(c, 1)[:, None, :] + eps)
-    for _ in tl.static_range(ITERS - 1):
-        c = c / (tl.sum(c, 2)[:, :, None] + eps)
-        c = c / (tl.sum(c, 1)[:, None, :] + eps)
+    c = _sinkhorn(c, eps, ITERS)
     tl.store(COMB + t.to(tl.int64)[:, None, None] * (NS * NS) + jk[None, :, :], c, mask=tm[:, None, None])
 
 
@@ -120,12 +128,7 @@ def _hc_finish_kernel(H, SS, PP, CC, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLI
     tl.store(POST + t[:, None] * NS + i[None, :], post, mask=tm[:, None])
     jk = i[:, None] * NS + i[None, :]
     c = tl.reshape(cc * rho[:, None], [BLOCK_T, NS, NS]) * s2 + tl.load(BASE + 2 * NS + jk)[None, :, :]
-    c = tl.exp(c - tl.max(c, 2)[:, :, None])
-    c = c / tl.sum(c, 2)[:, :, None] + eps
-    c = c / (tl.sum(c, 1)[:, None, :] + eps)
-    for _ in tl.static_range(ITERS - 1):
-        c = c / (tl.sum(c, 2)[:, :, None] + eps)
-        c = c / (tl.sum(c, 1)[:, None, :] + eps)
+    c = _sinkhorn(c, eps, ITERS)
     tl.store(COMB + t.to(tl.int64)[:, None, None] * (NS * NS) + jk[None, :, :], c, mask=tm[:, None, None])
     dd = tl.arange(0, BLOCK_D)
     for d0 in range(0, D, BLOCK_D):
