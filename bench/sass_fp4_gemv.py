@@ -8,6 +8,7 @@ byte loads would not vectorise and the counts would mislead).
 
     python3 bench/sass_fp4_gemv.py                   # the default launch configuration
     python3 bench/sass_fp4_gemv.py --bn 8 --bk 512 --warps 4
+    python3 bench/sass_fp4_gemv.py --tiled           # registers and spills of the tiled gate/up kernel
 """
 from __future__ import annotations
 
@@ -31,6 +32,11 @@ UP = dict(x_ptr="*bf16", w1_ptr="*i8", s1_ptr="*u8", w3_ptr="*i8", s3_ptr="*u8",
           h_ptr="*bf16", D="i32", I="i32", TOPK="i32", E="i32", limit="fp32", stride_xm="i32", stride_we="i32",
           stride_wn="i32", stride_se="i32", stride_sn="i32", stride_hm="i32", HAS_LIMIT="constexpr",
           BN="constexpr", BK="constexpr")
+TILED_UP = dict(x_ptr="*bf16", w1_ptr="*i8", s1_ptr="*u8", w3_ptr="*i8", s3_ptr="*u8", rw_ptr="*fp32",
+                row_map_ptr="*i32", block_expert_ptr="*i32", h_ptr="*bf16", D="i32", I="i32", TOPK="i32",
+                n_blocks="*i32", limit="fp32", stride_xm="i32", stride_we="i32", stride_wn="i32", stride_se="i32",
+                stride_sn="i32", stride_hm="i32", HAS_LIMIT="constexpr", DOT_FP32="constexpr", BM="constexpr",
+                BN="constexpr", BK="constexpr")
 DOWN = dict(h_ptr="*bf16", w2_ptr="*i8", s2_ptr="*u8", idx_ptr="*i64", out_ptr="*bf16", D="i32", I="i32", E="i32",
             stride_hm="i32", stride_we="i32", stride_wn="i32", stride_se="i32", stride_sn="i32", stride_om="i32",
             BN="constexpr", BK="constexpr")
@@ -74,7 +80,18 @@ def main(argv=None):
     ap.add_argument("--bk", type=int, default=cfg["BK"])
     ap.add_argument("--warps", type=int, default=cfg["num_warps"])
     ap.add_argument("--stages", type=int, default=cfg["num_stages"])
+    ap.add_argument("--tiled", action="store_true", help="the tiled gate/up kernel at each launch size of _tiles, "
+                                                         "and at K tiles of 128")
     a = ap.parse_args(argv)
+    if a.tiled:
+        cases = [(fp4_moe._tiles(p), f"pairs/expert {p}") for p in (1, 32, 128)]
+        cases += [((bm, dict(BN=64, BK=128, num_warps=4, num_stages=3)), "K tile 128") for bm in (16, 32)]
+        for (bm, cfg), what in cases:
+            consts = dict(HAS_LIMIT=True, DOT_FP32=False, BM=bm, BN=cfg["BN"], BK=cfg["BK"])
+            r = report(fp4_moe._fp4_up_kernel, TILED_UP, consts, cfg["num_warps"], cfg["num_stages"], 2)
+            print(f"tiled up ({what}) BM {bm} BN {cfg['BN']} BK {cfg['BK']} warps {cfg['num_warps']}: "
+                  f"{r['registers']} registers, {r['spill_bytes']} B spilled")
+        return
     for name, fn, sig, consts, mats in (
             ("up (w1, w3)", fp4_moe._fp4_up_gemv_kernel, UP, dict(HAS_LIMIT=True, BN=a.bn, BK=a.bk), 2),
             ("down (w2)", fp4_moe._fp4_down_gemv_kernel, DOWN, dict(BN=a.bn, BK=a.bk), 1)):
