@@ -75,6 +75,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fp4-gemv-tiles", default=None,
                    help="JSON launch configuration of the FP4 decode GEMV (see bench/probe_quant_kernels.py)")
+    p.add_argument("--profile", default=None, metavar="FILE",
+                   help="also profile one eager batch-1 decode step of the model section; kernel table to FILE")
     p.add_argument("--out", default="bench_flash_shaped.json")
     return p.parse_args(argv)
 
@@ -290,6 +292,8 @@ def section_model(args, device, timer, folder: Path) -> dict:
         for B in args.batches:
             res["decode"][f"layers={k} batch={B}"] = decode_ms(model, cache, B, steps, timer)
     model.layers = torch.nn.ModuleList(full)
+    if args.profile and device.type == "cuda":
+        res["profile"] = profile_decode(model, cache, Path(args.profile))
     K = len(full)
     for B in args.batches:
         total = res["decode"][f"layers={K} batch={B}"]["ms_per_step"]
@@ -301,6 +305,38 @@ def section_model(args, device, timer, folder: Path) -> dict:
         per["ratio_to_sglang_total_over_K"] = per["ms_per_layer_total_over_K"] / SGLANG_MS_PER_LAYER
         res[f"per_layer_batch{B}"] = per
         print(f"decode batch {B}: {total:.3f} ms/step for {K} layers; per layer {json.dumps(per)}", flush=True)
+    return res
+
+
+@torch.no_grad()
+def profile_decode(model, cache: DecodeCache, path: Path) -> dict:
+    """One eager decode step of row 0 under torch.profiler: the kernel table (by device time) to `path`,
+    and the summed kernel time and count (against the step's eager wall time)."""
+    rows = torch.zeros(1, dtype=torch.long, device=cache.device)
+    start = cache.lengths[rows].clone()
+    tok = torch.full((1, 1), 7, dtype=torch.long, device=cache.device)
+
+    def step():
+        cache.lengths[rows] = start
+        model.decode_step(tok, cache, rows)
+    step()
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        step()
+        torch.cuda.synchronize()
+    evs = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(table)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    res = {"kernel_ms": sum(e.device_time for e in evs) / 1e3, "kernels": len(evs),
+           "eager_wall_ms": (time.perf_counter() - t0) / 5 * 1e3, "table": str(path)}
+    cache.lengths[rows] = start
+    print(f"decode step profile: {json.dumps(res)}\n{table}", flush=True)
     return res
 
 

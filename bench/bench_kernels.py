@@ -149,17 +149,38 @@ def bench_sinkhorn(N, dev, smoke):
     return row
 
 
+def bench_hc_pre(T, D, dev, dtype, smoke, **blocks):
+    """mHC's fused pre-mixing (mix GEMV + Sinkhorn + collapse) for T tokens of 4 streams of D; bytes =
+    the streams read twice (mix, collapse) + x written."""
+    from dsv4 import ops
+    from dsv4.kernels import mhc
+    g = torch.Generator(device=dev).manual_seed(4)
+    n = 4
+    h = torch.randn(1, T, n, D, generator=g, device=dev).to(dtype)
+    fn = torch.randn((2 + n) * n, n * D, generator=g, device=dev) / (n * D) ** 0.5
+    scale = torch.rand(3, generator=g, device=dev) + 0.5
+    base = torch.randn((2 + n) * n, generator=g, device=dev)
+    got = mhc.hc_pre(h, fn, scale, base, n, 20, 1e-6, 1e-6, **blocks)
+    want = ops.hc_pre_torch(h.double(), fn.double(), scale.double(), base.double(), n, 20, 1e-6, 1e-6)
+    ms = timed(lambda: mhc.hc_pre(h, fn, scale, base, n, 20, 1e-6, 1e-6, **blocks), smoke)
+    nbytes = 2 * h.numel() * h.element_size() + T * D * h.element_size()
+    return {"kernel": "hc_pre", "case": f"T={T} D={D} {blocks or 'default'}",
+            "rel_err_vs_float64": max(rel(a, b) for a, b in zip(got, want)), "ms": ms,
+            "GB_s": nbytes / ms / 1e6, "hbm_fraction": nbytes / ms / 1e-3 / HBM,
+            "twin_ms": timed(lambda: ops.hc_pre_torch(h, fn, scale, base, n, 20, 1e-6, 1e-6), smoke)}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter at tiny shapes")
-    ap.add_argument("--only", default=None, help="comma-separated: attention,decode,indexer,pool,sinkhorn")
+    ap.add_argument("--only", default=None, help="comma-separated: attention,decode,indexer,pool,sinkhorn,hc")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     dev = "cpu" if args.smoke else "cuda"
     dtype = torch.float32 if args.smoke else torch.bfloat16
-    only = set(args.only.split(",")) if args.only else {"attention", "decode", "indexer", "pool", "sinkhorn"}
+    only = set(args.only.split(",")) if args.only else {"attention", "decode", "indexer", "pool", "sinkhorn", "hc"}
     rows = []
     sm = args.smoke
     if "attention" in only:
@@ -190,6 +211,13 @@ def main(argv=None):
     if "sinkhorn" in only:
         for N in ([40] if sm else [1, 32, 16384]):
             rows.append(bench_sinkhorn(N, dev, sm))
+            print(rows[-1], flush=True)
+    if "hc" in only:
+        cases = [(8, 32, {})] if sm else [
+            (1, 1024, {}), (1, 4096, {}), (4096, 1024, {}), (4096, 1024, {"block_t": 32}),
+            (4096, 1024, {"block_t": 64}), (4096, 1024, {"block_k": 32}), (16384, 1024, {}), (4096, 4096, {})]
+        for T, D, blocks in cases:
+            rows.append(bench_hc_pre(T, D, dev, dtype, sm, **blocks))
             print(rows[-1], flush=True)
     env = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
            "device": torch.cuda.get_device_name() if torch.cuda.is_available() and not sm else "cpu"}

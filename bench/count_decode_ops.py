@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="bench")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--backend", choices=["torch", "triton"], default="torch")
+    ap.add_argument("--where", action="store_true",
+                    help="also list the kernels by the dsv4 function that launches them")
     args = ap.parse_args(argv)
     ops.set_backend(args.backend)
     launches = collections.Counter()
@@ -74,7 +76,7 @@ def main(argv=None) -> int:
     ops.hc_split_sinkhorn = tagged
     launches.clear()
     try:
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with profile(activities=[ProfilerActivity.CPU], with_stack=args.where) as prof:
             model.decode_step(ids[:, :1], cache, rows)
     finally:
         ops.hc_split_sinkhorn = real
@@ -100,6 +102,15 @@ def main(argv=None) -> int:
     if args.backend == "triton":
         print(f"Triton launches: {sum(launches.values())} ({dict(launches.most_common())}); "
               f"kernels per decode step in all: {len(kernels) + sum(launches.values())}")
+    if args.where:
+        def site(e):
+            for frame in e.stack:
+                if "/dsv4/" in frame and "/dsv4/kernels/" not in frame:
+                    return frame.split("/dsv4/")[-1]
+            return "?"
+        print("kernels by launching line (aten ops, not counting Triton launches):")
+        for where, n in collections.Counter(site(e) for e in kernels).most_common():
+            print(f"  {n:4d}  {where}")
     return 0
 
 

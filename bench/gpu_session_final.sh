@@ -31,8 +31,12 @@ for s in ${@:-dist context e2e train tests flash}; do case $s in
   probe) TAIL=30 step probe 70 python3 bench/probe_quant_kernels.py --out "$RES/probe_quant.json" ;;
   flashmodel) BEST=$(python3 -c "import json,sys; b=json.load(open('$RES/probe_quant.json'))['best_gemv']; print(json.dumps(b) if b else '')" 2>/dev/null)
       TAIL=12 step flashmodel 70 python3 bench/bench_flash_shaped.py --only model --layers 2 --batches 1,32 \
-      --decode-steps 16 ${BEST:+--fp4-gemv-tiles "$BEST"} --out "$RES/flash_model.json" ;;
+      --decode-steps 16 ${BEST:+--fp4-gemv-tiles "$BEST"} --profile "$RES/prof/flash_decode.txt" \
+      --out "$RES/flash_model.json" ;;
   prof) TAIL=45 step profile 120 python3 bench/profile_steps.py --prefill 4096 --train 4096 --out-dir "$RES/prof" ;;
+  anatomy) TAIL=12 step anatomy 120 python3 bench/profile_steps.py --prefill 4096 --decode 4096 --train 4096 \
+      --out-dir "$RES/prof" ;;
+  hc) TAIL=12 step hc 60 python3 bench/bench_kernels.py --only hc --out "$RES/kernels_hc.json" ;;
   flash) TAIL=25 step flash 200 python3 bench/bench_flash_shaped.py --only kernels,parity,model --layers 2 \
       --batches 1,32 --decode-steps 16 --out "$RES/flash_shaped.json" ;;
 esac; done

@@ -1,13 +1,22 @@
-"""Where the time goes: torch.profiler over a cached prefill (batch 1) and a training step (forward +
-next-token CE + backward, bf16 weights) of the `bench` preset on CUDA; prints the top kernels by CUDA
-time and writes the tables to --out-dir.
+"""Where the time goes: torch.profiler over a cached prefill (batch 1), an eager decode step and a
+training step (forward + next-token CE + backward, bf16 weights) of the `bench` preset on CUDA; prints
+the top kernels by CUDA time and writes the tables to --out-dir.
 
-  python bench/profile_steps.py --prefill 16384 --train 4096 --out-dir prof
+Each section also prints its anatomy: wall time without the profiler (best of 3), the kernels' summed
+time and count (is the step bound by the GPU or by the host issuing it?), and every host
+synchronisation with the dsv4 line that caused it (`torch.cuda.set_sync_debug_mode`).
+
+  python bench/profile_steps.py --prefill 16384 --decode 4096 --train 4096 --out-dir prof
 """
 from __future__ import annotations
 
 import argparse
+import collections
+import json
 import sys
+import time
+import traceback
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,10 +34,61 @@ def table(prof, n=30) -> str:
     return prof.key_averages().table(sort_by="cuda_time_total", row_limit=n, max_name_column_width=60)
 
 
+def kernel_time(prof) -> tuple[float, int]:
+    """(ms of device time summed over kernels, number of kernels) in a profile."""
+    evs = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.device_time for e in evs) / 1e3, len(evs)
+
+
+def best_ms(fn, repeats: int = 3) -> float:
+    best = float("inf")
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def sync_sites(fn) -> dict:
+    """{dsv4 file:line: count} of the host synchronisations one call of fn makes."""
+    sites = collections.Counter()
+
+    def record(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack() if "/dsv4/" in f.filename]
+        sites[f"{frames[-1].filename.split('/dsv4/')[-1]}:{frames[-1].lineno}" if frames else "?"] += 1
+
+    old = warnings.showwarning
+    warnings.showwarning = record
+    torch.cuda.set_sync_debug_mode(1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = record
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+        warnings.showwarning = old
+    return dict(sites.most_common())
+
+
+def anatomy(name: str, fn, prof, out: Path) -> dict:
+    wall = best_ms(fn)
+    busy, n = kernel_time(prof)
+    res = {"wall_ms": wall, "kernel_ms": busy, "kernels": n, "kernel_fraction": busy / wall,
+           "syncs": sync_sites(fn)}
+    print(f"== {name} anatomy: wall {wall:.2f} ms, kernels {busy:.2f} ms ({n} kernels, {busy / wall:.0%} of the "
+          f"wall), host syncs {sum(res['syncs'].values())}: {res['syncs']}", flush=True)
+    (out / f"{name}_anatomy.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="bench")
     ap.add_argument("--prefill", type=int, default=16384)
+    ap.add_argument("--decode", type=int, default=0, help="profile one eager decode step after this many tokens")
     ap.add_argument("--train", type=int, default=4096)
     ap.add_argument("--out-dir", default="prof")
     args = ap.parse_args(argv)
@@ -54,6 +114,33 @@ def main(argv=None):
         t = table(prof)
         (out / "prefill.txt").write_text(t)
         print(f"== prefill {args.prefill}\n{t}")
+
+        def prefill():
+            with torch.no_grad():
+                model(ids, cache=DecodeCache(cfg, 1, args.prefill + 64, device=dev, dtype=torch.bfloat16),
+                      last_only=True)
+        anatomy("prefill", prefill, prof, out)
+    if args.decode:
+        ids = torch.randint(0, cfg.vocab_size, (1, args.decode), device=dev)
+        rows = torch.zeros(1, dtype=torch.long, device=dev)
+        with torch.no_grad():
+            cache = DecodeCache(cfg, 1, args.decode + 64, device=dev, dtype=torch.bfloat16)
+            model(ids, cache=cache, last_only=True)
+            start = cache.lengths.clone()
+            tok = ids[:, :1]
+
+            def step():
+                cache.lengths.copy_(start)
+                model.decode_step(tok, cache, rows)
+            step()
+            torch.cuda.synchronize()
+            with torch.profiler.profile(activities=acts) as prof:
+                step()
+                torch.cuda.synchronize()
+            t = table(prof)
+            (out / "decode.txt").write_text(t)
+            print(f"== decode step after {args.decode}\n{t}")
+            anatomy("decode", step, prof, out)
     if args.train:
         model.train()
         ids = torch.randint(0, cfg.vocab_size, (1, args.train + 1), device=dev)
@@ -73,6 +160,7 @@ def main(argv=None):
         t = table(prof)
         (out / "train.txt").write_text(t)
         print(f"== train step {args.train}\n{t}")
+        anatomy("train", step, prof, out)
 
 
 if __name__ == "__main__":

@@ -166,7 +166,7 @@ class Compressor(nn.Module):
         [previous window | window of p0 | ...]; a window is complete when its last token is fed.
         With S = 1 there is one window and no host synchronisation (`_update_one`, the decode step: the
         entry is written where its window completes, `torch.where` elsewhere); longer calls write the complete
-        entries by a mask (one host read). Every slot keeps the last token fed to it (what
+        entries by a scatter whose other writes repeat a value already written (no host read either). Every slot keeps the last token fed to it (what
         `DecodeCache.rollback` relies on)."""
         B, S, _ = x.shape
         m, o = self.ratio, int(self.overlap)
@@ -189,9 +189,17 @@ class Compressor(nn.Module):
         index = pos[:, :1] // m + win                                             # [B, n_win] entry indices
         ent = self.finish(ops.compress_windows(src_kv, src_sc, slots, self.overlap), index, freqs,
                           state.entries.dtype)                                    # [B, n_win, c]
-        done = win < (rem + S) // m                                               # [B, n_win]
-        n_max = state.entries.shape[1]
-        state.entries[rows.unsqueeze(1).expand_as(index)[done], index[done]] = ent[done]
+        # write the complete windows with no host read: every other window's write is sent to a complete
+        # one of its row with that window's entry (or, in a row that completes none, to the row's first
+        # entry with the value it holds), so each written place gets one value
+        n_done = (rem + S) // m                                                   # [B, 1]
+        if state.entries.shape[1]:            # (a cache shorter than one window holds no entries)
+            tgt = torch.where(win < n_done, win, (n_done - 1).clamp(min=0))      # [B, n_win]
+            at = (pos[:, :1] // m + tgt).clamp(max=state.entries.shape[1] - 1)
+            r = rows.unsqueeze(1).expand_as(at)
+            val = torch.where((n_done > 0).unsqueeze(-1), ent.gather(1, tgt.unsqueeze(-1).expand_as(ent)),
+                              state.entries[r, at])
+            state.entries[r, at] = val
         # new state: slot j of the current window <- the last fed token at a position ≡ j (mod M);
         # the previous window <- the last window completed by this call
         j = torch.arange(m, device=dev)
@@ -200,7 +208,6 @@ class Compressor(nn.Module):
         cur = torch.where(v_j >= m, vsrc.gather(1, v_j.clamp(min=0)), o * m + j)
         keep = [cur]
         if o:
-            n_done = (rem + S) // m                                               # [B, 1]
             keep.insert(0, torch.where(n_done >= 1, vsrc.gather(1, (m * n_done + j).clamp(max=vsrc.shape[1] - 1)), j))
         sel = torch.cat(keep, dim=1).unsqueeze(-1).expand(-1, -1, kv.shape[-1])  # [B, (1+o)M, w]
         state.kv[rows], state.score[rows] = src_kv.gather(1, sel), src_sc.gather(1, sel)

@@ -211,15 +211,16 @@ def test_model_with_the_kernels_equals_the_twins():
 def test_fused_hc_pre_and_post_equal_twins(dtype):
     from dsv4.kernels import mhc as k
     g = torch.Generator().manual_seed(8)
-    n, D, B, S = 4, 48, 2, 7                      # D not a multiple of the blocks
+    n, D, B, S = 4, 48, 2, 9                      # D not a multiple of the blocks
     h = torch.randn(B, S, n, D, generator=g, dtype=torch.float64)
     fn = torch.randn((2 + n) * n, n * D, generator=g, dtype=torch.float64) / (n * D) ** 0.5
     scale = torch.rand(3, generator=g, dtype=torch.float64) + 0.5
     base = torch.randn((2 + n) * n, generator=g, dtype=torch.float64)
     want = ops.hc_pre_torch(h, fn, scale, base, n, 20, 1e-6, 1e-6)
-    for programs in (1, 264):        # one slice of the mix GEMV per token block, and many (decode-sized)
+    # one slice of the mix GEMV per token block, many (decode-sized), and two token blocks (T = 18)
+    for programs, block_t in ((1, None), (264, None), (1, 16)):
         got = k.hc_pre(h.to(DEV, dtype), fn.float().to(DEV), scale.float().to(DEV), base.float().to(DEV), n, 20,
-                       1e-6, 1e-6, programs=programs)
+                       1e-6, 1e-6, programs=programs, block_t=block_t)
         for a, b in zip(got, want):
             assert rel(a, b) < tol(dtype)
     f = torch.randn(B, S, D, generator=g, dtype=torch.float64)
@@ -317,3 +318,20 @@ def test_compressor_decode_step_kernel_equals_twin(ratio, overlap):
     assert torch.equal(got_kv.cpu(), want_kv) and torch.equal(got_sc.cpu(), want_sc)
     assert not torch.equal(want_kv, skv)                  # the step did change the state
     assert rel(got, want) < 1e-6
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="the tensor-core form runs for bf16 operands on CUDA")
+def test_linear_fp32_of_bf16_operands_forward_and_gradients():
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(3, 70, 256, generator=g).to(DEV, torch.bfloat16).requires_grad_()
+    w = (torch.randn(1000, 256, generator=g) * 0.05).to(DEV, torch.bfloat16).requires_grad_()
+    t = torch.randn(3, 70, 1000, generator=g).to(DEV)
+    y = ops.linear_fp32(x, w)
+    assert y.dtype == torch.float32
+    xd, wd = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    want = xd @ wd.t()
+    assert rel(y, want) < 1e-6                        # bf16 products are exact in fp32
+    (y * t).sum().backward()
+    (want * t.double()).sum().backward()
+    assert x.grad.dtype == w.grad.dtype == torch.bfloat16
+    assert rel(x.grad, xd.grad) < 1e-2 and rel(w.grad, wd.grad) < 1e-2   # one bf16 rounding of g, fp32 sums

@@ -65,41 +65,40 @@ def split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
 
 
 @triton.jit
-def _hc_mix_kernel(H, FN, SS, PP, CC, N_TOK, D, K_PER,
-                   NS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+def _hc_mix_kernel(H, FN, SS, MIX, N_TOK, D, K_PER,
+                   NS: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
     """hc_pre, part 1, for BLOCK_T tokens and one slice [K_PER·split, K_PER·(split+1)) of the N·D stream
-    values: Σ h² and the (2+N)·N mix logits h · fnᵀ (fp32), as partial sums per slice (a slice per
-    program keeps the GPU busy when there are few tokens, as in a decode step)."""
+    values: Σ h² and the (2+N)·N mix logits h · fnᵀ as one fp32 dot against fn read as NP rows (zeros
+    past its (2+N)·N),
+    stored as partial sums per slice (a slice per program keeps the GPU busy when there are few
+    tokens, as in a decode step)."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     sp = tl.program_id(1)
     tm = t < N_TOK
     ND = NS * D
     k = tl.arange(0, BLOCK_K)
-    r2 = tl.arange(0, 2 * NS)                     # pre and post rows of fn
-    rc = tl.arange(0, NS * NS)                    # comb rows
+    r = tl.arange(0, NP)
     hrow = H + t.to(tl.int64)[:, None] * ND
     ss = tl.zeros([BLOCK_T], tl.float32)
-    pp = tl.zeros([BLOCK_T, 2 * NS], tl.float32)
-    cc = tl.zeros([BLOCK_T, NS * NS], tl.float32)
+    acc = tl.zeros([BLOCK_T, NP], tl.float32)
     k_hi = tl.minimum(ND, (sp + 1) * K_PER)
     for k0 in range(sp * K_PER, k_hi, BLOCK_K):
         kk = k0 + k
         km = kk < k_hi
         hv = tl.load(hrow + kk[None, :], mask=tm[:, None] & km[None, :], other=0.0).to(tl.float32)   # [BT, BK]
         ss += tl.sum(hv * hv, 1)
-        f2 = tl.load(FN + r2[None, :].to(tl.int64) * ND + kk[:, None], mask=km[:, None], other=0.0)   # [BK, 2N]
-        fc = tl.load(FN + (2 * NS + rc[None, :]).to(tl.int64) * ND + kk[:, None], mask=km[:, None], other=0.0)
-        pp += tl.sum(hv[:, :, None] * f2[None, :, :], 1)
-        cc += tl.sum(hv[:, :, None] * fc[None, :, :], 1)
+        f = tl.load(FN + r[None, :].to(tl.int64) * ND + kk[:, None],
+                    mask=km[:, None] & (r < (2 + NS) * NS)[None, :], other=0.0)                        # [BK, NP]
+        acc += tl.dot(hv, f, input_precision="ieee")
     base = (sp * N_TOK + t).to(tl.int64)
     tl.store(SS + base, ss, mask=tm)
-    tl.store(PP + base[:, None] * (2 * NS) + r2[None, :], pp, mask=tm[:, None])
-    tl.store(CC + base[:, None] * (NS * NS) + rc[None, :], cc, mask=tm[:, None])
+    tl.store(MIX + base[:, None] * NP + r[None, :], acc, mask=tm[:, None])
 
 
 @triton.jit
-def _hc_finish_kernel(H, SS, PP, CC, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLIT, eps, norm_eps,
-                      ITERS: tl.constexpr, NS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+def _hc_finish_kernel(H, SS, MIX, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLIT, eps, norm_eps,
+                      ITERS: tl.constexpr, NS: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
     """hc_pre, part 2: the slices' sums, RMS scaling, gates, Sinkhorn, then x = Σ_j pre_j h_j."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tm = t < N_TOK
@@ -112,8 +111,8 @@ def _hc_finish_kernel(H, SS, PP, CC, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLI
     for sp in range(0, NSPLIT):
         base = (sp * N_TOK + t).to(tl.int64)
         ss += tl.load(SS + base, mask=tm, other=0.0)
-        pp += tl.load(PP + base[:, None] * (2 * NS) + r2[None, :], mask=tm[:, None], other=0.0)
-        cc += tl.load(CC + base[:, None] * (NS * NS) + rc[None, :], mask=tm[:, None], other=0.0)
+        pp += tl.load(MIX + base[:, None] * NP + r2[None, :], mask=tm[:, None], other=0.0)
+        cc += tl.load(MIX + base[:, None] * NP + 2 * NS + rc[None, :], mask=tm[:, None], other=0.0)
     rho = 1.0 / tl.sqrt(ss / ND + norm_eps)
     s0 = tl.load(SCALE)
     s1 = tl.load(SCALE + 1)
@@ -140,12 +139,15 @@ def _hc_finish_kernel(H, SS, PP, CC, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLI
                  mask=tm[:, None] & dm[None, :])
 
 
-def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = None, block_k: int = 32,
-           programs: int | None = None):
+def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = None, block_k: int = 64,
+           programs: int | None = None, finish_block_t: int | None = None):
     """x [.., D] (h's dtype), post [.., N], comb [.., N, N] fp32 from streams h [.., N, D]. The mix GEMV is
     split over enough slices of N·D to give ~`programs` programs (one slice when tokens are many).
-    Under the interpreter the defaults are few large programs (its cost is per program and per op)."""
-    block_t = block_t or (128 if INTERPRET else 8)
+    Under the interpreter the defaults are few large programs (its cost is per program and per op).
+    On sm90 (ptxas): the mix at 16 tokens uses 138 registers, the finish at 8 tokens 168, no spills
+    (the finish at 16 × 128 spills)."""
+    block_t = block_t or (128 if INTERPRET else 16)
+    finish_block_t = finish_block_t or (128 if INTERPRET else 8)
     programs = programs or (1 if INTERPRET else 264)
     if n & (n - 1):
         raise ValueError(f"mHC kernel: hc_mult {n} must be a power of two")
@@ -157,18 +159,19 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
     comb = torch.empty(T, n, n, device=h.device, dtype=torch.float32)
     if T:
         nd = n * D
+        if T < block_t:                  # a decode step: the smallest tile tl.dot takes, more slices
+            block_t = 16
         tb = triton.cdiv(T, block_t)
         split = max(1, min(triton.cdiv(programs, tb), triton.cdiv(nd, 4 * block_k)))
         k_per = triton.cdiv(triton.cdiv(nd, split), block_k) * block_k
         split = triton.cdiv(nd, k_per)
+        n_pad = max(16, triton.next_power_of_2((2 + n) * n))
         ss = torch.empty(split, T, device=h.device, dtype=torch.float32)
-        pp = torch.empty(split, T, 2 * n, device=h.device, dtype=torch.float32)
-        cc = torch.empty(split, T, n * n, device=h.device, dtype=torch.float32)
-        fnc = fn.float().contiguous()
-        _hc_mix_kernel[(tb, split)](hv, fnc, ss, pp, cc, T, D, k_per, NS=n, BLOCK_T=block_t, BLOCK_K=block_k)
-        _hc_finish_kernel[(tb,)](hv, ss, pp, cc, scale.float().contiguous(), base.float().contiguous(), x, post, comb,
-                                 T, D, split, eps, norm_eps, ITERS=iters, NS=n, BLOCK_T=block_t,
-                                 BLOCK_D=min(128, triton.next_power_of_2(D)))
+        mix = torch.empty(split, T, n_pad, device=h.device, dtype=torch.float32)
+        _hc_mix_kernel[(tb, split)](hv, fn.float().contiguous(), ss, mix, T, D, k_per, NS=n, NP=n_pad, BLOCK_T=block_t, BLOCK_K=block_k)
+        _hc_finish_kernel[(triton.cdiv(T, finish_block_t),)](
+            hv, ss, mix, scale.float().contiguous(), base.float().contiguous(), x, post, comb, T, D, split, eps,
+            norm_eps, ITERS=iters, NS=n, NP=n_pad, BLOCK_T=finish_block_t, BLOCK_D=min(128, triton.next_power_of_2(D)))
     return x.view(*lead, D), post.view(*lead, n), comb.view(*lead, n, n)
 
 
