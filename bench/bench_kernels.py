@@ -214,8 +214,9 @@ def main(argv=None):
             print(rows[-1], flush=True)
     if "hc" in only:
         cases = [(8, 32, {})] if sm else [
-            (1, 1024, {}), (1, 4096, {}), (4096, 1024, {}), (4096, 1024, {"block_t": 32}),
-            (4096, 1024, {"block_t": 64}), (4096, 1024, {"block_k": 32}), (16384, 1024, {}), (4096, 4096, {})]
+            (1, 1024, {}), (1, 1024, {"block_k": 128}), (1, 1024, {"programs": 32}), (1, 4096, {}),
+            (1, 4096, {"block_k": 128}), (32, 1024, {}), (4096, 1024, {}), (4096, 1024, {"block_t": 64}),
+            (4096, 1024, {"block_t": 16}), (16384, 1024, {}), (4096, 4096, {})]
         for T, D, blocks in cases:
             rows.append(bench_hc_pre(T, D, dev, dtype, sm, **blocks))
             print(rows[-1], flush=True)

@@ -78,7 +78,7 @@ def report_host_syncs(fn, model) -> None:
 
     def show(message, category, filename, lineno, file=None, line=None):
         stack = "".join(traceback.format_stack(limit=9)[:-2])
-        if "check_ids" not in stack and stack not in seen:
+        if "check_ids" not in stack and stack not in seen and "prototype feature" not in str(message):
             seen.add(stack)
             print(f"# host sync: {message}\n{stack}", file=sys.stderr)
     old = warnings.showwarning

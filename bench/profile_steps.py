@@ -56,6 +56,8 @@ def sync_sites(fn) -> dict:
     sites = collections.Counter()
 
     def record(message, category, filename, lineno, file=None, line=None):
+        if "prototype feature" in str(message):          # torch's notice about the debug mode itself
+            return
         frames = [f for f in traceback.extract_stack() if "/dsv4/" in f.filename]
         sites[f"{frames[-1].filename.split('/dsv4/')[-1]}:{frames[-1].lineno}" if frames else "?"] += 1
 

@@ -41,7 +41,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return ops.norm_rope(x, self.weight, self.eps, None, None)
+        return ops.norm_rope(x, self.weight, self.eps, None)
 
 
 def linear(x: torch.Tensor, layer: nn.Linear, fp32: bool = False) -> torch.Tensor:
@@ -65,13 +65,6 @@ def rope_freqs(rope_dim: int, theta: float, yarn: dict | None) -> torch.Tensor:
         ramp = ((torch.arange(rope_dim // 2, dtype=torch.float64, device="cpu") - low) / (high - low)).clamp(0, 1)
         freqs = freqs * ((1 - ramp) + ramp / yarn["factor"])
     return freqs
-
-
-def rope_cos_sin(pos: torch.Tensor, freqs: torch.Tensor,
-                 dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
-    dtype = acc_dtype(dtype)
-    angles = pos.to(dtype).unsqueeze(-1) * freqs.to(device=pos.device, dtype=dtype)  # [.., Dr/2]
-    return angles.cos(), angles.sin()
 
 
 # ----------------------------------------------------------------------------- compressor
@@ -109,8 +102,7 @@ class Compressor(nn.Module):
     def finish(self, pooled: torch.Tensor, index: torch.Tensor, freqs: torch.Tensor,
                dtype: torch.dtype) -> torch.Tensor:
         """Cast, normalise and rope entries [B, n, c] whose entry indices are index [B, n]."""
-        cos, sin = rope_cos_sin(index * self.ratio, freqs, dtype)
-        return ops.norm_rope(pooled.to(dtype), self.norm.weight, self.norm.eps, cos, sin)
+        return ops.norm_rope(pooled.to(dtype), self.norm.weight, self.norm.eps, ops.Rope(index, freqs, self.ratio))
 
     def _slots(self, own: torch.Tensor, prev: torch.Tensor) -> torch.Tensor:
         """Slot lists [B, n, J] from the first source token of each entry's own window and of the
@@ -245,11 +237,10 @@ class Indexer(nn.Module):
         self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False)
         self.compressor = Compressor(cfg.hidden_size, 4, self.head_dim, cfg.rms_norm_eps)
 
-    def queries(self, x: torch.Tensor, qr: torch.Tensor, cos: torch.Tensor,
-                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def queries(self, x: torch.Tensor, qr: torch.Tensor, rope: ops.Rope) -> tuple[torch.Tensor, torch.Tensor]:
         B, S, _ = x.shape
         q = linear(qr, self.wq_b).view(B, S, self.n_heads, self.head_dim)             # [B, S, Hi, Di]
-        q = ops.norm_rope(q, None, None, cos, sin)
+        q = ops.norm_rope(q, None, None, rope)
         w = up(linear(x, self.weights_proj)) * (self.head_dim ** -0.5 * self.n_heads ** -0.5)  # [B, S, Hi]
         return q, w
 
@@ -303,19 +294,19 @@ class Attention(nn.Module):
         freqs = self._freqs_on.get(x.device)
         if freqs is None:
             freqs = self._freqs_on[x.device] = self.freqs.to(x.device)
-        cos, sin = rope_cos_sin(pos, freqs, x.dtype)                                 # [B, S, Dr/2]
+        rope = ops.Rope(pos, freqs)                                                    # angles pos · freqs
         qr = self.q_norm(linear(x, self.wq_a))                                        # [B, S, q_lora]
         q = linear(qr, self.wq_b).view(B, S, H, Dh)                                   # [B, S, H, Dh]
-        q = ops.norm_rope(q, None, self.eps, cos, sin)                                 # per-head RMS, rope
-        kv = ops.norm_rope(linear(x, self.wkv), self.kv_norm.weight, self.kv_norm.eps, cos, sin)  # [B, S, Dh]
-        o, index_kl = self._attend(x, qr, q, kv, pos, cos, sin, freqs, seg, state, rows)  # [B, S, H, Dh]
-        o = ops.norm_rope(o, None, None, cos, -sin)                                    # de-rotate
+        q = ops.norm_rope(q, None, self.eps, rope)                                     # per-head RMS, rope
+        kv = ops.norm_rope(linear(x, self.wkv), self.kv_norm.weight, self.kv_norm.eps, rope)  # [B, S, Dh]
+        o, index_kl = self._attend(x, qr, q, kv, pos, rope, freqs, seg, state, rows)   # [B, S, H, Dh]
+        o = ops.norm_rope(o, None, None, rope.inverse())                               # de-rotate
         o = o.reshape(B, S, self.groups, H * Dh // self.groups)                       # [B, S, G, H·Dh/G]
         wo_a = self.wo_a.weight.to(o.dtype).view(self.groups, self.o_rank, -1)        # [G, d_g, H·Dh/G]
         u = torch.einsum("bsgi,gri->bsgr", o, wo_a).flatten(2)                         # [B, S, G·d_g]
         return linear(u, self.wo_b), index_kl                                          # [B, S, D]
 
-    def _attend(self, x, qr, q, kv, pos, cos, sin, freqs, seg, state, rows):
+    def _attend(self, x, qr, q, kv, pos, rope, freqs, seg, state, rows):
         """Keys, index lists and one attention call per query chunk (memory linear in S).
         -> (o [B, S, H, Dh], (Σ KL, queries) when the index loss is on, else None)."""
         B, S, _ = x.shape
@@ -347,7 +338,7 @@ class Attention(nn.Module):
                     ikeys = state.index.entries[:, :n_comp]                          # [Bmax, C, Di]
         iq = iw = None
         if self.indexer is not None and (sparse or want_loss):
-            iq, iw = self.indexer.queries(x_idx, qr_idx, cos, sin)
+            iq, iw = self.indexer.queries(x_idx, qr_idx, rope)
         k_comp = min(self.indexer.topk, n_comp) if sparse else n_comp
         per_query = W + k_comp + (n_comp if sparse else 0)
         chunk = max(1, min(S, ATTN_BUDGET // max(per_query, 1)))

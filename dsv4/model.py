@@ -101,7 +101,7 @@ class Gate(nn.Module):
     @fp32_region
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, D], ids [N] -> weights [N, K] fp32, indices [N, K], affinities [N, E] fp32."""
-        logits = F.linear(up(x), up(self.weight))                      # [N, E]
+        logits = ops.linear_fp32(x, self.weight)                       # [N, E] fp32 (bf16 products exact)
         if self.score_func == "sqrtsoftplus":
             scores = F.softplus(logits).sqrt()
         elif self.score_func == "sigmoid":

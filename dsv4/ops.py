@@ -256,6 +256,36 @@ def hc_post_torch(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, c
 
 
 # ----------------------------------------------------------------------------- norms and RoPE
+class Rope:
+    """The rotation of a call's rows (spec §5.2): token positions pos [B, S] (int) times `stride`, angles
+    (pos · stride) · freqs [Dr/2]. Kept as positions so that a kernel computes cos/sin where it applies
+    them (a decode step builds no angle tensors); the PyTorch form computes them once per object and
+    dtype (`cos_sin`), shared by the rotations that use this object. `inverse()` de-rotates."""
+    __slots__ = ("pos", "freqs", "stride", "sign", "_memo")
+
+    def __init__(self, pos: torch.Tensor, freqs: torch.Tensor, stride: int = 1, sign: float = 1.0,
+                 memo: dict | None = None):
+        self.pos, self.freqs, self.stride, self.sign = pos, freqs, stride, sign
+        self._memo = {} if memo is None else memo
+
+    @property
+    def pairs(self) -> int:
+        return self.freqs.shape[-1]
+
+    def cos_sin(self, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, S, Dr/2] in acc_dtype(dtype) (sin negated for an inverse)."""
+        dt = acc_dtype(dtype)
+        if dt not in self._memo:
+            pos = self.pos * self.stride if self.stride != 1 else self.pos
+            angles = pos.to(dt).unsqueeze(-1) * self.freqs.to(device=pos.device, dtype=dt)   # [.., Dr/2]
+            self._memo[dt] = (angles.cos(), angles.sin())
+        c, s = self._memo[dt]
+        return (c, s) if self.sign > 0 else (c, -s)
+
+    def inverse(self) -> "Rope":
+        return Rope(self.pos, self.freqs, self.stride, -self.sign, self._memo)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate interleaved pairs (2i, 2i+1) of the last Dr dims of x (spec §5.2); fp32 math.
 
@@ -270,16 +300,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([nope, rot.to(x.dtype)], dim=-1)
 
 
-@fp32_region
-def norm_rope_torch(x: torch.Tensor, weight: torch.Tensor | None, eps: float | None, cos: torch.Tensor | None,
-                    sin: torch.Tensor | None) -> torch.Tensor:
+def norm_rope_torch(x: torch.Tensor, weight: torch.Tensor | None, eps: float | None,
+                    rope: Rope | None) -> torch.Tensor:
     """RMSNorm of each row of x (spec §10; eps None: none; weight None: unweighted, as the per-head query
-    norm), cast back to x's dtype, then RoPE on the last Dr dims (cos None: none). x [B, S, (H,) Dh]."""
+    norm), cast back to x's dtype, then RoPE on the last Dr dims (rope None: none). x [B, S, (H,) Dh]."""
     if eps is not None:
         xf = up(x)
         y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         x = (y if weight is None else y * up(weight)).to(x.dtype)
-    return x if cos is None else apply_rope(x, cos, sin)
+    return x if rope is None else apply_rope(x, *rope.cos_sin(x.dtype))
 
 
 # ----------------------------------------------------------------------------- compressor
@@ -531,6 +560,24 @@ def moe_experts_auto(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w
     return impl(x, idx, weight, w1, w2, w3, limit)
 
 
+# a decode step's few (token, expert) pairs: two GEMV launches (`kernels/moe_gemv.py`) instead of the
+# sort / grouped-GEMM bookkeeping (~14 launches); each pair reads its expert, so only up to this many
+GEMV_MAX_PAIRS = 64
+
+
+def moe_experts_triton(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch.Tensor,
+                       w2: torch.Tensor, w3: torch.Tensor, limit: float) -> torch.Tensor:
+    """`moe_experts` through the expert GEMV kernels for a few pairs without gradients (model-dtype
+    weights with a contiguous last dim), else `moe_experts_auto`."""
+    if (x.dim() == 2 and 0 < idx.numel() <= min(GEMV_MAX_PAIRS, w1.shape[0])
+            and not _needs_grad(x, weight, w1, w2, w3) and not torch.is_autocast_enabled(x.device.type)
+            and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and w1.dtype == w2.dtype == w3.dtype == x.dtype
+            and w1.stride(-1) == w2.stride(-1) == 1 and w1.stride() == w3.stride()):
+        from dsv4.kernels import moe_gemv
+        return moe_gemv.experts_gemv(x, idx, weight, w1, w2, w3, limit)
+    return moe_experts_auto(x, idx, weight, w1, w2, w3, limit)
+
+
 def moe_path(x: torch.Tensor, idx: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
              w3: torch.Tensor) -> str:
     """The implementation `moe_experts_auto` runs for these operands: 'grouped', 'gather' or 'loop'."""
@@ -764,8 +811,10 @@ class _SparseAttentionFn(torch.autograd.Function):
 
 
 # a decode step has few queries and long key lists: split each list over programs below this many
-# (query, head-block) programs
+# (query, head-block) programs, when lists hold at least SPLIT_FROM_KEYS entries (two launches: the
+# split programs, then one merge; bench decode after 4K, 640 keys: one program per list took 32 µs)
 SPLIT_BELOW_PROGRAMS = 256
+SPLIT_FROM_KEYS = 128
 
 
 def sparse_attention_triton(q, kv, idx, sink, scale, kv2=None, rows2=None, return_lse=False):
@@ -774,7 +823,8 @@ def sparse_attention_triton(q, kv, idx, sink, scale, kv2=None, rows2=None, retur
     kv2 = kv2.to(q.dtype) if kv2 is not None else None
     if _needs_grad(q, kv, sink, kv2):
         out, lse = _SparseAttentionFn.apply(q, kv, idx, sink, scale, kv2, rows2)
-    elif q.shape[0] * q.shape[1] * -(-q.shape[2] // 32) < SPLIT_BELOW_PROGRAMS and idx.shape[-1] >= 2048:
+    elif q.shape[0] * q.shape[1] * -(-q.shape[2] // 32) < SPLIT_BELOW_PROGRAMS \
+            and idx.shape[-1] >= SPLIT_FROM_KEYS:
         out, lse = kern.forward_split(q, kv, idx, sink, scale, kv2, rows2)
     else:
         out, lse = kern.forward(q, kv, idx, sink, scale, kv2, rows2)
@@ -799,12 +849,14 @@ def hc_post_triton(f, residual, post, comb):
     return mhc.hc_post(f, residual, post, comb)
 
 
-def norm_rope_triton(x, weight, eps, cos, sin):
-    if _needs_grad(x, weight) or not _pow2(x.shape[-1]) or (cos is not None and not _pow2(cos.shape[-1])) \
+def norm_rope_triton(x, weight, eps, rope):
+    if _needs_grad(x, weight) or not _pow2(x.shape[-1]) or (rope is not None and not _pow2(rope.pairs)) \
             or x.dim() not in (3, 4):
-        return norm_rope_torch(x, weight, eps, cos, sin)
+        return norm_rope_torch(x, weight, eps, rope)
     from dsv4.kernels import norm_rope as kern
-    return kern.norm_rope(x, weight, eps, cos, sin)
+    if rope is None:
+        return kern.norm_rope(x, weight, eps, None, None)
+    return kern.norm_rope(x, weight, eps, rope.pos, rope.freqs, rope.stride, rope.sign)
 
 
 # ----------------------------------------------------------------------------- quantised linear and experts
@@ -971,8 +1023,9 @@ decode_key_lists = register("decode_key_lists", {"torch": decode_key_lists_torch
 swiglu_act = register("swiglu", {"torch": swiglu_act_torch, "triton": swiglu_act_triton})
 fp8_linear = register("fp8_linear", {"torch": fp8_linear_torch, "triton": fp8_linear_triton})
 fp4_experts = register("fp4_experts", {"torch": fp4_experts_torch, "triton": fp4_experts_triton})
-moe_experts = register("moe_experts", {"torch": moe_experts_auto, "grouped": moe_experts_grouped,
-                                       "gather": moe_experts_gather, "loop": moe_experts_loop}, kernel_dtypes=None)
+moe_experts = register("moe_experts", {"torch": moe_experts_auto, "triton": moe_experts_triton,
+                                       "grouped": moe_experts_grouped, "gather": moe_experts_gather,
+                                       "loop": moe_experts_loop}, kernel_dtypes=None)
 
 
 MOE_IMPLS = {"grouped": moe_experts_grouped, "gather": moe_experts_gather, "loop": moe_experts_loop}

@@ -217,11 +217,13 @@ def test_fused_hc_pre_and_post_equal_twins(dtype):
     scale = torch.rand(3, generator=g, dtype=torch.float64) + 0.5
     base = torch.randn((2 + n) * n, generator=g, dtype=torch.float64)
     want = ops.hc_pre_torch(h, fn, scale, base, n, 20, 1e-6, 1e-6)
-    # one slice of the mix GEMV per token block, many (decode-sized), and two token blocks (T = 18)
-    for programs, block_t in ((1, None), (264, None), (1, 16)):
-        got = k.hc_pre(h.to(DEV, dtype), fn.float().to(DEV), scale.float().to(DEV), base.float().to(DEV), n, 20,
-                       1e-6, 1e-6, programs=programs, block_t=block_t)
-        for a, b in zip(got, want):
+    # one slice of the mix per token block, many (decode-sized), two token blocks (T = 18), and the GEMV
+    # form of a decode step's few tokens (T = 3)
+    rows = h.reshape(1, B * S, n, D)
+    for programs, block_t, t in ((1, None, B * S), (264, None, B * S), (1, 16, B * S), (264, None, 3), (1, None, 3)):
+        got = k.hc_pre(rows[:, :t].to(DEV, dtype), fn.float().to(DEV), scale.float().to(DEV), base.float().to(DEV),
+                       n, 20, 1e-6, 1e-6, programs=programs, block_t=block_t)
+        for a, b in zip(got, ops.hc_pre_torch(rows[:, :t], fn, scale, base, n, 20, 1e-6, 1e-6)):
             assert rel(a, b) < tol(dtype)
     f = torch.randn(B, S, D, generator=g, dtype=torch.float64)
     _, post, comb = want
@@ -231,21 +233,29 @@ def test_fused_hc_pre_and_post_equal_twins(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", ["q", "kv", "derotate", "norm"])
+@pytest.mark.parametrize("case", ["q", "kv", "derotate", "norm", "entries"])
 def test_norm_rope_equals_twin(dtype, case):
     from dsv4.kernels import norm_rope as k
     g = torch.Generator().manual_seed(9)
     B, S, H, Dh, Dr = 2, 5, 3, 64, 16
     x = torch.randn((B, S, H, Dh) if case in ("q", "derotate") else (B, S, Dh), generator=g).to(dtype)
     w = 1 + 0.1 * torch.randn(Dh, generator=g)
-    ang = torch.rand(B, S, Dr // 2, generator=g) * 6
-    cos, sin = ang.cos(), ang.sin()
-    args = {"q": (None, 1e-6, cos, sin), "kv": (w, 1e-6, cos, sin), "derotate": (None, None, cos, -sin),
-            "norm": (w, 1e-6, None, None)}[case]
+    pos = torch.randint(0, 300_000, (B, S), generator=g)               # far positions: large angles
+    freqs = 10000.0 ** -(torch.arange(Dr // 2) / (Dr // 2))
+    rope = ops.Rope(pos, freqs, stride=4 if case == "entries" else 1)
+    args = {"q": (None, 1e-6, rope), "kv": (w, 1e-6, rope), "derotate": (None, None, rope.inverse()),
+            "norm": (w, 1e-6, None), "entries": (w, 1e-6, rope)}[case]
     want = ops.norm_rope_torch(x, *args)
-    dev = lambda t: t.to(DEV) if isinstance(t, torch.Tensor) else t
-    got = k.norm_rope(x.to(DEV), *map(dev, args))
+    r = args[2]
+    got = k.norm_rope(x.to(DEV), w.to(DEV) if args[0] is not None else None, args[1],
+                      *((r.pos.to(DEV), r.freqs.to(DEV), r.stride, r.sign) if r is not None else (None, None)))
     assert got.dtype == dtype and rel(got, want) < (1e-6 if dtype == torch.float32 else 1e-2)
+    if r is not None and dtype == torch.float32:   # cos/sin and the rotation in float64, of the fp32 angles
+        a = ((r.pos * r.stride).float().unsqueeze(-1) * r.freqs.float()).double()    # (as the spec forms them)
+        c, s_ = a.cos(), a.sin() * r.sign
+        base = ops.norm_rope_torch(x.double(), *(t.double() if isinstance(t, torch.Tensor) else t
+                                                 for t in args[:2]), None)
+        assert rel(got, ops.apply_rope(base, c, s_)) < 1e-5
     if dtype == torch.bfloat16:   # same rounding points as the twin: bitwise up to an ulp
         assert (got.cpu().float() - want.float()).abs().max() <= 2 * want.float().abs().max() * 2 ** -8
 
@@ -335,3 +345,33 @@ def test_linear_fp32_of_bf16_operands_forward_and_gradients():
     (want * t.double()).sum().backward()
     assert x.grad.dtype == w.grad.dtype == torch.bfloat16
     assert rel(x.grad, xd.grad) < 1e-2 and rel(w.grad, wd.grad) < 1e-2   # one bf16 rounding of g, fp32 sums
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("limit", [0.0, 1.5])
+def test_expert_gemv_equals_loop_reference_and_float64(dtype, limit):
+    from dsv4.kernels import moe_gemv
+    g = torch.Generator().manual_seed(12)
+    N, K, E, D, I = 3, 4, 9, 72, 40                     # D, I not multiples of the tiles
+    x = torch.randn(N, D, generator=g, dtype=torch.float64)
+    w1, w3 = (torch.randn(E, I, D, generator=g, dtype=torch.float64) / D ** 0.5 for _ in range(2))
+    w2 = torch.randn(E, D, I, generator=g, dtype=torch.float64) / I ** 0.5
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)])
+    idx[1, 2] = idx[1, 0]                               # a token listing an expert twice counts it twice
+    weight = torch.rand(N, K, generator=g, dtype=torch.float64)
+    want = ops.moe_experts_loop(x, idx, weight, w1, w2, w3, limit)                    # float64 reference
+    if limit:
+        assert (x @ w1[0].t()).abs().max() > limit      # the clamp is reached
+    cast = lambda t: t.to(DEV, dtype)
+    got = moe_gemv.experts_gemv(cast(x), idx.to(DEV), weight.float().to(DEV), cast(w1), cast(w2), cast(w3), limit)
+    assert got.dtype == dtype and rel(got, want) < tol(dtype)
+    twin = ops.moe_experts_loop(x.to(dtype), idx, weight.float(), w1.to(dtype), w2.to(dtype), w3.to(dtype), limit)
+    assert rel(got, twin) < (1e-6 if dtype == torch.float32 else 1e-2)
+    # ids outside [0, E) (another rank's experts) contribute nothing
+    idx2 = idx.clone()
+    idx2[0, 1] = -1
+    idx2[2, 3] = E
+    keep = (idx2 >= 0) & (idx2 < E)
+    want2 = ops.moe_experts_loop(x, idx2.clamp(0, E - 1), weight * keep, w1, w2, w3, limit)
+    got2 = moe_gemv.experts_gemv(cast(x), idx2.to(DEV), weight.float().to(DEV), cast(w1), cast(w2), cast(w3), limit)
+    assert rel(got2, want2) < tol(dtype)

@@ -66,8 +66,7 @@ def scores(q, k, w, lo, hi, k_rows=None, block_s: int = 64, block_c: int = 64, n
     if B * S * C == 0:
         return out
     rows = k_rows if k_rows is not None else torch.arange(B, device=q.device)
-    lo = lo.to(torch.int32).contiguous()
-    hi = hi.to(torch.int32).contiguous()
+    lo, hi = lo.contiguous(), hi.contiguous()                 # any integer dtype (loaded as is)
     f32 = INTERPRET or q.dtype == torch.float32
     grid = (triton.cdiv(S, block_s), triton.cdiv(C, block_c), B)
     _scores_kernel[grid](q, k, w, rows, lo, hi, out,

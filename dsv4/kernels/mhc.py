@@ -69,7 +69,7 @@ def _hc_mix_kernel(H, FN, SS, MIX, N_TOK, D, K_PER,
                    NS: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
     """hc_pre, part 1, for BLOCK_T tokens and one slice [K_PER·split, K_PER·(split+1)) of the N·D stream
     values: Σ h² and the (2+N)·N mix logits h · fnᵀ as one fp32 dot against fn read as NP rows (zeros
-    past its (2+N)·N),
+    past its (2+N)·N; below 16 tokens, products summed over the block instead of a dot),
     stored as partial sums per slice (a slice per program keeps the GPU busy when there are few
     tokens, as in a decode step)."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -89,7 +89,10 @@ def _hc_mix_kernel(H, FN, SS, MIX, N_TOK, D, K_PER,
         ss += tl.sum(hv * hv, 1)
         f = tl.load(FN + r[None, :].to(tl.int64) * ND + kk[:, None],
                     mask=km[:, None] & (r < (2 + NS) * NS)[None, :], other=0.0)                        # [BK, NP]
-        acc += tl.dot(hv, f, input_precision="ieee")
+        if BLOCK_T >= 16:
+            acc += tl.dot(hv, f, input_precision="ieee")
+        else:                          # a decode step's few tokens: products and a sum over the block
+            acc += tl.sum(hv[:, :, None] * f[None, :, :], 1)
     base = (sp * N_TOK + t).to(tl.int64)
     tl.store(SS + base, ss, mask=tm)
     tl.store(MIX + base[:, None] * NP + r[None, :], acc, mask=tm[:, None])
@@ -145,8 +148,9 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
     split over enough slices of N·D to give ~`programs` programs (one slice when tokens are many).
     Under the interpreter the defaults are few large programs (its cost is per program and per op).
     On sm90 (ptxas): the mix at 16 tokens uses 138 registers, the finish at 8 tokens 168, no spills
-    (the finish at 16 × 128 spills)."""
-    block_t = block_t or (128 if INTERPRET else 16)
+    (the finish at 16 × 128 spills). Below 16 tokens (decode) the mix is a GEMV over one block of N·D
+    per program, as many programs as blocks up to `programs`."""
+    block_t = block_t or (128 if INTERPRET else 32)
     finish_block_t = finish_block_t or (128 if INTERPRET else 8)
     programs = programs or (1 if INTERPRET else 264)
     if n & (n - 1):
@@ -159,16 +163,21 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
     comb = torch.empty(T, n, n, device=h.device, dtype=torch.float32)
     if T:
         nd = n * D
-        if T < block_t:                  # a decode step: the smallest tile tl.dot takes, more slices
-            block_t = 16
+        if T < 16:
+            block_t = triton.next_power_of_2(T)
+            split = max(1, min(programs, triton.cdiv(nd, block_k)))
+        else:
+            block_t = min(block_t, max(16, triton.next_power_of_2(T)))
+            split = max(1, min(triton.cdiv(programs, triton.cdiv(T, block_t)), triton.cdiv(nd, 4 * block_k)))
         tb = triton.cdiv(T, block_t)
-        split = max(1, min(triton.cdiv(programs, tb), triton.cdiv(nd, 4 * block_k)))
         k_per = triton.cdiv(triton.cdiv(nd, split), block_k) * block_k
         split = triton.cdiv(nd, k_per)
         n_pad = max(16, triton.next_power_of_2((2 + n) * n))
         ss = torch.empty(split, T, device=h.device, dtype=torch.float32)
         mix = torch.empty(split, T, n_pad, device=h.device, dtype=torch.float32)
-        _hc_mix_kernel[(tb, split)](hv, fn.float().contiguous(), ss, mix, T, D, k_per, NS=n, NP=n_pad, BLOCK_T=block_t, BLOCK_K=block_k)
+        _hc_mix_kernel[(tb, split)](hv, fn.float().contiguous(), ss, mix, T, D, k_per, NS=n, NP=n_pad,
+                                    BLOCK_T=block_t, BLOCK_K=block_k)
+        finish_block_t = min(finish_block_t, triton.next_power_of_2(T))
         _hc_finish_kernel[(triton.cdiv(T, finish_block_t),)](
             hv, ss, mix, scale.float().contiguous(), base.float().contiguous(), x, post, comb, T, D, split, eps,
             norm_eps, ITERS=iters, NS=n, NP=n_pad, BLOCK_T=finish_block_t, BLOCK_D=min(128, triton.next_power_of_2(D)))

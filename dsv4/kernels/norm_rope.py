@@ -2,8 +2,10 @@
 
 Each row x [Dh]: optionally y = x / sqrt(mean(x²) + eps) (· w), cast to the row's dtype (as the twin,
 which rounds before the rotation), then the pairs (Dh − Dr + 2i, Dh − Dr + 2i + 1) of the last Dr dims
-rotated by the row's (cos, sin)[i]. Rows of one token share its angles (heads). Memory-bound: one read
-and one write per element instead of the ~8 passes of the PyTorch form.
+rotated by the angle (p · stride) · freqs[i] of the row's token position p, cos and sin computed in fp32
+here (the twin computes the same product in fp32 before its cos/sin). Rows of one token share its
+position (heads). Memory-bound: one read and one write per element instead of the ~8 passes of the
+PyTorch form, and no angle tensors.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from . import INTERPRET
 
 
 @triton.jit
-def _norm_rope_kernel(X, W, COS, SIN, OUT, R, HEADS, eps,
+def _norm_rope_kernel(X, W, POS, FREQ, OUT, R, HEADS, eps, STRIDE, SIGN,
                       DH: tl.constexpr, DR2: tl.constexpr, NORM: tl.constexpr, WEIGHT: tl.constexpr,
                       ROPE: tl.constexpr, BLOCK_R: tl.constexpr):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -34,8 +36,10 @@ def _norm_rope_kernel(X, W, COS, SIN, OUT, R, HEADS, eps,
         tl.store(OUT + r64[:, None] * DH + d[None, :], y, mask=rm[:, None] & (d < NOPE)[None, :])
         tok = (r // HEADS).to(tl.int64)
         p = tl.arange(0, DR2)
-        c = tl.load(COS + tok[:, None] * DR2 + p[None, :], mask=rm[:, None], other=0.0)
-        s = tl.load(SIN + tok[:, None] * DR2 + p[None, :], mask=rm[:, None], other=0.0)
+        at = (tl.load(POS + tok, mask=rm, other=0) * STRIDE).to(tl.float32)
+        ang = at[:, None] * tl.load(FREQ + p).to(tl.float32)[None, :]                                # [BR, DR2]
+        c = tl.cos(ang)
+        s = tl.sin(ang) * SIGN
         # the pairs again, as the rounded values (the twin rotates the rounded normalised row)
         xe = tl.load(X + r64[:, None] * DH + NOPE + 2 * p[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
         xo = tl.load(X + r64[:, None] * DH + NOPE + 2 * p[None, :] + 1, mask=rm[:, None], other=0.0).to(tl.float32)
@@ -55,8 +59,9 @@ def _norm_rope_kernel(X, W, COS, SIN, OUT, R, HEADS, eps,
         tl.store(OUT + r64[:, None] * DH + d[None, :], y, mask=rm[:, None])
 
 
-def norm_rope(x, weight, eps, cos, sin, block_r: int | None = None):
-    """x [B, S, Dh] or [B, S, H, Dh]; weight [Dh] or None; eps None = no norm; cos/sin [B, S, Dr/2] fp32 or None."""
+def norm_rope(x, weight, eps, pos, freqs, stride: int = 1, sign: float = 1.0, block_r: int | None = None):
+    """x [B, S, Dh] or [B, S, H, Dh]; weight [Dh] or None; eps None = no norm; pos [B, S] int and freqs
+    [Dr/2] (pos None: no rope); sign −1 de-rotates."""
     block_r = block_r or (128 if INTERPRET else 16)
     Dh = x.shape[-1]
     if Dh & (Dh - 1):
@@ -65,15 +70,17 @@ def norm_rope(x, weight, eps, cos, sin, block_r: int | None = None):
     xv = x.contiguous()
     out = torch.empty_like(xv)
     R = xv.numel() // Dh
-    rope = cos is not None
-    dr2 = cos.shape[-1] if rope else 1
+    rope = pos is not None
+    dr2 = freqs.shape[-1] if rope else 1
     if rope and dr2 & (dr2 - 1):
         raise ValueError(f"norm/rope kernel: rope pairs {dr2} must be a power of two")
-    c = cos.float().contiguous() if rope else xv
-    s = sin.float().contiguous() if rope else xv
+    if rope and pos.numel() * heads != R:
+        raise ValueError(f"norm/rope kernel: {pos.numel()} positions for {R // heads} tokens")
+    pv = pos.contiguous() if rope else xv
+    fv = freqs.contiguous() if rope else xv
     w = weight.contiguous() if weight is not None else xv
     if R:
-        _norm_rope_kernel[(triton.cdiv(R, block_r),)](xv, w, c, s, out, R, heads, eps if eps is not None else 0.0,
-                                                     DH=Dh, DR2=dr2, NORM=eps is not None, WEIGHT=weight is not None,
-                                                     ROPE=rope, BLOCK_R=block_r)
+        _norm_rope_kernel[(triton.cdiv(R, block_r),)](xv, w, pv, fv, out, R, heads, eps if eps is not None else 0.0,
+                                                     stride, float(sign), DH=Dh, DR2=dr2, NORM=eps is not None,
+                                                     WEIGHT=weight is not None, ROPE=rope, BLOCK_R=block_r)
     return out

@@ -222,14 +222,36 @@ def forward_split(q, kv, idx, sink, scale, kv2=None, rows2=None, splits: int = 0
                                      S, H, kv.shape[1], K, per, scale * LOG2E,
                                      D=D, BLOCK_H=BH, BLOCK_N=block_n, HAS_KV2=has2, SPLIT=True, F32_DOT=f32,
                                      num_warps=num_warps)
-    part = part.view(B, S, splits, H, D)
-    m, l = ml.view(B, S, splits, 2, H).unbind(3)                                    # [B, S, splits, H]
-    sink2 = sink.float() * LOG2E
-    mx = torch.maximum(m.amax(2), sink2)                                            # [B, S, H]
-    a = torch.exp2(m - mx.unsqueeze(2))                                             # [B, S, splits, H]
-    den = (l * a).sum(2) + torch.exp2(sink2 - mx)
-    out = (part * a.unsqueeze(-1)).sum(2) / den.unsqueeze(-1)
-    return out.to(q.dtype), (mx + torch.log2(den)) / LOG2E
+    out = torch.empty(B, S, H, D, device=q.device, dtype=q.dtype)
+    lse = torch.empty(B, S, H, device=q.device, dtype=torch.float32)
+    bc = min(16, triton.next_power_of_2(H))
+    if B * S:
+        _combine_kernel[(B * S, triton.cdiv(H, bc))](part, ml, sink, out, lse, splits, H, D=D, BLOCK_H=bc)
+    return out, lse
+
+
+@triton.jit
+def _combine_kernel(PART, ML, SINK, OUT, LSE, SPLITS, H, D: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Merge one query's split partials (unnormalised acc, running max m and sum l in the log2 domain)
+    with the head's sink: out = Σ_s acc_s 2^(m_s − M) / (Σ_s l_s 2^(m_s − M) + 2^(sink − M))."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    hm = h < H
+    d = tl.arange(0, D)
+    sink = tl.load(SINK + h, mask=hm, other=0.0).to(tl.float32) * 1.4426950408889634
+    mx = sink
+    for sp in range(0, SPLITS):
+        mx = tl.maximum(mx, tl.load(ML + (t * SPLITS + sp) * (2 * H) + h, mask=hm, other=-1.0e30))
+    den = tl.exp2(sink - mx)
+    acc = tl.zeros([BLOCK_H, D], tl.float32)
+    for sp in range(0, SPLITS):
+        row = t * SPLITS + sp
+        a = tl.exp2(tl.load(ML + row * (2 * H) + h, mask=hm, other=-1.0e30) - mx)
+        den += tl.load(ML + row * (2 * H) + H + h, mask=hm, other=0.0) * a
+        acc += tl.load(PART + (row * H + h[:, None]) * D + d[None, :], mask=hm[:, None], other=0.0) * a[:, None]
+    tl.store(OUT + (t * H + h[:, None]) * D + d[None, :], (acc / den[:, None]).to(OUT.dtype.element_ty),
+             mask=hm[:, None])
+    tl.store(LSE + t * H + h, (mx + tl.log2(den)) * 0.6931471805599453, mask=hm)
 
 
 def backward(q, kv, idx, sink, scale, out, lse, dout, kv2=None, rows2=None, dlse=None, block_n: int = 32,
