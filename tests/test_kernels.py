@@ -173,7 +173,7 @@ def test_backend_table_override_and_description(monkeypatch):
         with pytest.raises(ValueError, match="unknown primitive"):
             ops.set_backend("sparse_attn=torch")
         with pytest.raises(ValueError, match="no implementation"):
-            ops.set_backend({"moe_experts": "triton"})
+            ops.set_backend({"moe_experts": "cutlass"})
         ops.set_backend(None)
         monkeypatch.setenv("DSV4_OPS", "index_topk=torch")
         ops.set_backend(None)
