@@ -74,6 +74,10 @@ def bench_attention(name, B, S, H, D, T2, window, topk, dev, dtype, smoke, backw
     ms = timed(lambda: sa.forward(q, kv, idx, sink, scale, kv2), smoke)
     fl = 4 * H * D * valid
     row.update(fwd_ms=ms, fwd_tflops=fl / ms / 1e9, fwd_frac_peak=fl / ms / 1e9 / PEAK_TFLOPS)
+    if not smoke:                     # the launch width against the default's (sa._warps)
+        for w in (4, 8):
+            msw = timed(lambda: sa.forward(q, kv, idx, sink, scale, kv2, num_warps=w), smoke)
+            row[f"fwd_tflops_{w}warps"] = fl / msw / 1e9
     if S * B <= 64:   # decode: the split kernel, bandwidth counted on the key rows read
         ms2 = timed(lambda: sa.forward_split(q, kv, idx, sink, scale, kv2), smoke)
         by = valid * D * q.element_size()

@@ -27,7 +27,7 @@ for s in ${@:-dist context e2e train tests flash}; do case $s in
       --decode-tokens 32 --peer --decode-modes graph --no-engine --repeats 2 --out "$RES/generate.json" ;;
   train) TAIL=20 step train 130 python3 bench/bench_train.py --peer --graph --out "$RES/train.json" ;;
   tests) TAIL=8 step tests 150 python3 -m pytest tests/test_kernels.py -x -q -p no:cacheprovider ;;
-  ktests) TAIL=6 step ktests 60 python3 -m pytest tests/test_kernels.py tests/test_quant.py -x -q -p no:cacheprovider ;;
+  ktests) TAIL=6 step ktests 150 python3 -m pytest tests/test_kernels.py tests/test_quant.py -x -q -p no:cacheprovider ;;
   probe) TAIL=30 step probe 70 python3 bench/probe_quant_kernels.py --out "$RES/probe_quant.json" ;;
   flashmodel) BEST=$(python3 -c "import json,sys; b=json.load(open('$RES/probe_quant.json'))['best_gemv']; print(json.dumps(b) if b else '')" 2>/dev/null)
       TAIL=12 step flashmodel 70 python3 bench/bench_flash_shaped.py --only model --layers 2 --batches 1,32 \
@@ -36,6 +36,7 @@ for s in ${@:-dist context e2e train tests flash}; do case $s in
   prof) TAIL=45 step profile 120 python3 bench/profile_steps.py --prefill 4096 --train 4096 --out-dir "$RES/prof" ;;
   anatomy) TAIL=12 step anatomy 120 python3 bench/profile_steps.py --prefill 4096 --decode 4096 --train 4096 \
       --out-dir "$RES/prof" ;;
+  attn) TAIL=12 step attn 90 python3 bench/bench_kernels.py --only attention,decode --out "$RES/kernels_attn.json" ;;
   hc) TAIL=12 step hc 60 python3 bench/bench_kernels.py --only hc --out "$RES/kernels_hc.json" ;;
   flash) TAIL=25 step flash 200 python3 bench/bench_flash_shaped.py --only kernels,parity,model --layers 2 \
       --batches 1,32 --decode-steps 16 --out "$RES/flash_shaped.json" ;;

@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import argparse
 import collections
+import cProfile
+import io
+import pstats
 import json
 import sys
 import time
@@ -75,7 +78,22 @@ def sync_sites(fn) -> dict:
     return dict(sites.most_common())
 
 
+def host_profile(fn, path: Path, top: int = 30) -> str:
+    """cProfile of one call (the host side: Python, dispatch, launches), by own time; written to path."""
+    pr = cProfile.Profile()
+    pr.enable()
+    fn()
+    torch.cuda.synchronize()
+    pr.disable()
+    buf = io.StringIO()
+    pstats.Stats(pr, stream=buf).sort_stats("tottime").print_stats(top)
+    path.write_text(buf.getvalue())
+    return buf.getvalue()
+
+
 def anatomy(name: str, fn, prof, out: Path) -> dict:
+    text = host_profile(fn, out / f"{name}_host.txt")
+    print("\n".join(text.splitlines()[:22]), flush=True)
     wall = best_ms(fn)
     busy, n = kernel_time(prof)
     res = {"wall_ms": wall, "kernel_ms": busy, "kernels": n, "kernel_fraction": busy / wall,

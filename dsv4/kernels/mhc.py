@@ -101,7 +101,7 @@ def _hc_mix_kernel(H, FN, SS, MIX, N_TOK, D, K_PER,
 @triton.jit
 def _hc_finish_kernel(H, SS, MIX, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLIT, eps, norm_eps,
                       ITERS: tl.constexpr, NS: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr,
-                      BLOCK_D: tl.constexpr):
+                      BLOCK_D: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
     """hc_pre, part 2: the slices' sums, RMS scaling, gates, Sinkhorn, then x = Σ_j pre_j h_j."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tm = t < N_TOK
@@ -111,11 +111,15 @@ def _hc_finish_kernel(H, SS, MIX, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLIT, 
     ss = tl.zeros([BLOCK_T], tl.float32)
     pp = tl.zeros([BLOCK_T, 2 * NS], tl.float32)
     cc = tl.zeros([BLOCK_T, NS * NS], tl.float32)
-    for sp in range(0, NSPLIT):
-        base = (sp * N_TOK + t).to(tl.int64)
-        ss += tl.load(SS + base, mask=tm, other=0.0)
-        pp += tl.load(MIX + base[:, None] * NP + r2[None, :], mask=tm[:, None], other=0.0)
-        cc += tl.load(MIX + base[:, None] * NP + 2 * NS + rc[None, :], mask=tm[:, None], other=0.0)
+    sb = tl.arange(0, SPLIT_BLOCK)
+    for sp0 in range(0, NSPLIT, SPLIT_BLOCK):        # SPLIT_BLOCK slices' partial sums per load
+        spv = sp0 + sb
+        m2 = (spv < NSPLIT)[:, None] & tm[None, :]
+        base = (spv[:, None] * N_TOK + t[None, :]).to(tl.int64)                                # [SB, BT]
+        ss += tl.sum(tl.load(SS + base, mask=m2, other=0.0), 0)
+        pp += tl.sum(tl.load(MIX + base[:, :, None] * NP + r2[None, None, :], mask=m2[:, :, None], other=0.0), 0)
+        cc += tl.sum(tl.load(MIX + base[:, :, None] * NP + 2 * NS + rc[None, None, :], mask=m2[:, :, None],
+                             other=0.0), 0)
     rho = 1.0 / tl.sqrt(ss / ND + norm_eps)
     s0 = tl.load(SCALE)
     s1 = tl.load(SCALE + 1)
@@ -142,14 +146,16 @@ def _hc_finish_kernel(H, SS, MIX, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLIT, 
                  mask=tm[:, None] & dm[None, :])
 
 
-def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = None, block_k: int = 64,
+def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = None, block_k: int | None = None,
            programs: int | None = None, finish_block_t: int | None = None):
     """x [.., D] (h's dtype), post [.., N], comb [.., N, N] fp32 from streams h [.., N, D]. The mix GEMV is
     split over enough slices of N·D to give ~`programs` programs (one slice when tokens are many).
     Under the interpreter the defaults are few large programs (its cost is per program and per op).
     On sm90 (ptxas): the mix at 16 tokens uses 138 registers, the finish at 8 tokens 168, no spills
     (the finish at 16 × 128 spills). Below 16 tokens (decode) the mix is a GEMV over one block of N·D
-    per program, as many programs as blocks up to `programs`."""
+    per program (128 values: 0.070 ms vs 0.155 at 64 for one token on the H200, `bench_kernels --only
+    hc`), as many programs as blocks up to `programs`; the finish reads the slices' partial sums in
+    groups (a serial loop over V4-Flash's 128 slices took 47 µs)."""
     block_t = block_t or (128 if INTERPRET else 32)
     finish_block_t = finish_block_t or (128 if INTERPRET else 8)
     programs = programs or (1 if INTERPRET else 264)
@@ -164,9 +170,11 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
     if T:
         nd = n * D
         if T < 16:
+            block_k = block_k or 128
             block_t = triton.next_power_of_2(T)
             split = max(1, min(programs, triton.cdiv(nd, block_k)))
         else:
+            block_k = block_k or 64
             block_t = min(block_t, max(16, triton.next_power_of_2(T)))
             split = max(1, min(triton.cdiv(programs, triton.cdiv(T, block_t)), triton.cdiv(nd, 4 * block_k)))
         tb = triton.cdiv(T, block_t)
@@ -180,7 +188,8 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
         finish_block_t = min(finish_block_t, triton.next_power_of_2(T))
         _hc_finish_kernel[(triton.cdiv(T, finish_block_t),)](
             hv, ss, mix, scale.float().contiguous(), base.float().contiguous(), x, post, comb, T, D, split, eps,
-            norm_eps, ITERS=iters, NS=n, NP=n_pad, BLOCK_T=finish_block_t, BLOCK_D=min(128, triton.next_power_of_2(D)))
+            norm_eps, ITERS=iters, NS=n, NP=n_pad, BLOCK_T=finish_block_t, BLOCK_D=min(128, triton.next_power_of_2(D)),
+            SPLIT_BLOCK=min(64 // finish_block_t if finish_block_t < 64 else 1, triton.next_power_of_2(split)))
     return x.view(*lead, D), post.view(*lead, n), comb.view(*lead, n, n)
 
 
