@@ -27,6 +27,8 @@ for s in ${@:-dist context e2e train tests flash}; do case $s in
       --decode-tokens 32 --peer --decode-modes graph --no-engine --repeats 2 --out "$RES/generate.json" ;;
   train) TAIL=20 step train 130 python3 bench/bench_train.py --peer --graph --out "$RES/train.json" ;;
   tests) TAIL=8 step tests 150 python3 -m pytest tests/test_kernels.py -x -q -p no:cacheprovider ;;
+  kquick) TAIL=6 step kquick 60 python3 -m pytest tests/test_kernels.py -x -q -p no:cacheprovider \
+      -k "hc_pre or sparse or norm_rope or expert_gemv" ;;
   ktests) TAIL=6 step ktests 150 python3 -m pytest tests/test_kernels.py tests/test_quant.py -x -q -p no:cacheprovider ;;
   probe) TAIL=30 step probe 70 python3 bench/probe_quant_kernels.py --out "$RES/probe_quant.json" ;;
   flashmodel) BEST=$(python3 -c "import json,sys; b=json.load(open('$RES/probe_quant.json'))['best_gemv']; print(json.dumps(b) if b else '')" 2>/dev/null)

@@ -188,7 +188,8 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
         finish_block_t = min(finish_block_t, triton.next_power_of_2(T))
         _hc_finish_kernel[(triton.cdiv(T, finish_block_t),)](
             hv, ss, mix, scale.float().contiguous(), base.float().contiguous(), x, post, comb, T, D, split, eps,
-            norm_eps, ITERS=iters, NS=n, NP=n_pad, BLOCK_T=finish_block_t, BLOCK_D=min(128, triton.next_power_of_2(D)),
+            norm_eps, ITERS=iters, NS=n, NP=n_pad, BLOCK_T=finish_block_t,
+            BLOCK_D=min(max(128, 1024 // finish_block_t), triton.next_power_of_2(D)),
             SPLIT_BLOCK=min(64 // finish_block_t if finish_block_t < 64 else 1, triton.next_power_of_2(split)))
     return x.view(*lead, D), post.view(*lead, n), comb.view(*lead, n, n)
 

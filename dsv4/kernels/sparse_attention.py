@@ -169,8 +169,10 @@ def _check(q, kv, idx, kv2, rows2):
 
 
 def _warps(BH: int, D: int) -> int:
-    """8 warps for a 32-head × 512 tile: at 4 it spills 288 B of registers on sm90 (ptxas), at 8 none."""
-    return 8 if BH * D >= 32 * 512 else 4
+    """4 warps. A 32-head × 512 tile spills 288 B of registers at 4 warps on sm90 (ptxas) and none at 8,
+    but 8 is slower on the H200: V4-Flash's 64 heads at 4K, 129 TFLOP/s at 4 warps, 82 at 8 (half the
+    programs per SM); `bench_kernels.py --only attention` times both."""
+    return 4
 
 
 def forward(q, kv, idx, sink, scale, kv2=None, rows2=None, block_n: int | None = None, num_warps: int | None = None):
