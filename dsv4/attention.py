@@ -93,6 +93,7 @@ class Compressor(nn.Module):
         self.wgate = nn.Linear(dim, width, bias=False)
         self.ape = nn.Parameter(torch.zeros(ratio, width))
         self.norm = RMSNorm(head_dim, eps)
+        self._plans: dict = {}                 # update's index plans by call length (`_plan_table`)
 
     def project(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         kv = linear(x, self.wkv, fp32=True)                                       # [B, S, w]
@@ -161,48 +162,76 @@ class Compressor(nn.Module):
         entries by a scatter whose other writes repeat a value already written (no host read either). Every slot keeps the last token fed to it (what
         `DecodeCache.rollback` relies on)."""
         B, S, _ = x.shape
-        m, o = self.ratio, int(self.overlap)
-        dev = x.device
+        m = self.ratio
         kv, score = self.project(x, pos)                                          # [B, S, w]
         if S == 1:
             return self._update_one(kv, score, pos[:, 0], freqs, state, rows)
         src_kv = torch.cat([state.kv[rows], kv], dim=1)                           # [B, (1+o)M + S, w]
         src_sc = torch.cat([state.score[rows], score], dim=1)
-        rem = (pos[:, 0] % m).unsqueeze(1)                                        # [B, 1]
-        n_win = (S + 2 * m - 2) // m
-        v = torch.arange(m * (n_win + 1), device=dev)                             # virtual token index
-        off = v - m                                                               # position − window start
-        vsrc = torch.where(off < rem, o * m + off,                               # [B, Lv] source or −1
-                           torch.where(off - rem < S, (1 + o) * m + off - rem, -1))
-        vsrc = torch.where(v < m, v if o else -1, vsrc)
-        win = torch.arange(n_win, device=dev)
-        own = (m * (win + 1)).expand(B, n_win)                                   # virtual start of each window
-        slots = vsrc.gather(1, self._slots(own, own - m).flatten(1)).view(B, n_win, -1)
-        index = pos[:, :1] // m + win                                             # [B, n_win] entry indices
-        ent = self.finish(ops.compress_windows(src_kv, src_sc, slots, self.overlap), index, freqs,
+        rem = pos[:, 0] % m                                                       # [B]
+        if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+            win, slots, tgt, n_done, sel = self._plan(S, rem.unsqueeze(1))
+        else:                                 # the plan of each residue, built once per call length
+            win, *table = self._plan_table(S, x.device)
+            slots, tgt, n_done, sel = (t[rem] for t in table)
+        base = pos[:, :1] // m                                                    # [B, 1] first entry
+        ent = self.finish(ops.compress_windows(src_kv, src_sc, slots, self.overlap), base + win, freqs,
                           state.entries.dtype)                                    # [B, n_win, c]
         # write the complete windows with no host read: every other window's write is sent to a complete
         # one of its row with that window's entry (or, in a row that completes none, to the row's first
         # entry with the value it holds), so each written place gets one value
-        n_done = (rem + S) // m                                                   # [B, 1]
         if state.entries.shape[1]:            # (a cache shorter than one window holds no entries)
-            tgt = torch.where(win < n_done, win, (n_done - 1).clamp(min=0))      # [B, n_win]
-            at = (pos[:, :1] // m + tgt).clamp(max=state.entries.shape[1] - 1)
+            at = (base + tgt).clamp(max=state.entries.shape[1] - 1)
             r = rows.unsqueeze(1).expand_as(at)
             val = torch.where((n_done > 0).unsqueeze(-1), ent.gather(1, tgt.unsqueeze(-1).expand_as(ent)),
                               state.entries[r, at])
             state.entries[r, at] = val
+        sel = sel.unsqueeze(-1).expand(-1, -1, kv.shape[-1])                     # [B, (1+o)M, w]
+        state.kv[rows], state.score[rows] = src_kv.gather(1, sel), src_sc.gather(1, sel)
+
+    def _plan(self, S: int, rem: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Index plan of feeding S tokens to rows whose first position is ≡ rem [R, 1] (mod M): win
+        [n_win] (the call's windows), slots [R, n_win, J] (source token of each pooling slot, −1 none;
+        sources are the row's (1+o)M state slots, then the S tokens), tgt [R, n_win] (the window whose
+        entry each window's write carries), n_done [R, 1] (windows completed), sel [R, (1+o)M] (source
+        of each slot of the new state)."""
+        m, o = self.ratio, int(self.overlap)
+        dev = rem.device
+        R = rem.shape[0]
+        n_win = (S + 2 * m - 2) // m
+        v = torch.arange(m * (n_win + 1), device=dev)                             # virtual token index
+        off = v - m                                                               # position − window start
+        vsrc = torch.where(off < rem, o * m + off,                               # [R, Lv] source or −1
+                           torch.where(off - rem < S, (1 + o) * m + off - rem, -1))
+        vsrc = torch.where(v < m, v if o else -1, vsrc)
+        win = torch.arange(n_win, device=dev)
+        own = (m * (win + 1)).expand(R, n_win)                                   # virtual start of each window
+        slots = vsrc.gather(1, self._slots(own, own - m).flatten(1)).view(R, n_win, -1)
+        n_done = (rem + S) // m                                                   # [R, 1]
+        tgt = torch.where(win < n_done, win, (n_done - 1).clamp(min=0))          # [R, n_win]
         # new state: slot j of the current window <- the last fed token at a position ≡ j (mod M);
         # the previous window <- the last window completed by this call
         j = torch.arange(m, device=dev)
-        v_end = m + rem + S - 1                                                   # [B, 1]
-        v_j = v_end - torch.remainder(v_end - m - j, m)                           # [B, M]
-        cur = torch.where(v_j >= m, vsrc.gather(1, v_j.clamp(min=0)), o * m + j)
-        keep = [cur]
+        v_end = m + rem + S - 1                                                   # [R, 1]
+        v_j = v_end - torch.remainder(v_end - m - j, m)                           # [R, M]
+        keep = [torch.where(v_j >= m, vsrc.gather(1, v_j.clamp(min=0)), o * m + j)]
         if o:
-            keep.insert(0, torch.where(n_done >= 1, vsrc.gather(1, (m * n_done + j).clamp(max=vsrc.shape[1] - 1)), j))
-        sel = torch.cat(keep, dim=1).unsqueeze(-1).expand(-1, -1, kv.shape[-1])  # [B, (1+o)M, w]
-        state.kv[rows], state.score[rows] = src_kv.gather(1, sel), src_sc.gather(1, sel)
+            prev = vsrc.gather(1, (m * n_done + j).clamp(max=vsrc.shape[1] - 1))
+            keep.insert(0, torch.where(n_done >= 1, prev, j))
+        return win, slots, tgt, n_done, torch.cat(keep, dim=1)
+
+    def _plan_table(self, S: int, device: torch.device) -> tuple[torch.Tensor, ...]:
+        """`_plan` for every residue 0..M−1 (rows indexed by the residue), kept per (S, device): a
+        cached prefill then costs four lookups instead of ~45 small index ops on the host."""
+        key = (S, str(device))
+        table = self._plans.get(key)
+        if table is None:
+            with torch.inference_mode(False), torch.no_grad():    # plain tensors, usable in any mode
+                table = self._plan(S, torch.arange(self.ratio, device=device).unsqueeze(1))
+            if len(self._plans) >= 8:
+                self._plans.clear()
+            self._plans[key] = table
+        return table
 
     def _update_one(self, kv: torch.Tensor, score: torch.Tensor, p: torch.Tensor, freqs: torch.Tensor, state,
                     rows: torch.Tensor) -> None:
