@@ -73,25 +73,16 @@ def report_host_syncs(fn, model) -> None:
     once, a few frames of its stack): what a CUDA-graph capture of the step would trip over. The token-id
     check at the model's entry is expected (it is skipped inside a capture)."""
     import traceback
-    import warnings
-    seen = set()
 
-    def show(message, category, filename, lineno, file=None, line=None):
-        stack = "".join(traceback.format_stack(limit=9)[:-2])
-        if "check_ids" not in stack and stack not in seen and "prototype feature" not in str(message):
-            seen.add(stack)
-            print(f"# host sync: {message}\n{stack}", file=sys.stderr)
-    old = warnings.showwarning
-    warnings.showwarning = show
-    torch.cuda.set_sync_debug_mode("warn")
+    from host_syncs import capture
+    seen = set()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = show
-            fn()
+        for message, stack in capture(fn):
+            text = "".join(traceback.format_list(stack))
+            if "check_ids" not in text and text not in seen:
+                seen.add(text)
+                print(f"# host sync: {message}\n{text}", file=sys.stderr)
     finally:
-        torch.cuda.set_sync_debug_mode("default")
-        warnings.showwarning = old
         for p in model.parameters():
             p.grad = None
     print(f"# host syncs in the step besides the id check: {len(seen)}", file=sys.stderr)

@@ -18,8 +18,6 @@ import pstats
 import json
 import sys
 import time
-import traceback
-import warnings
 from pathlib import Path
 
 import torch
@@ -28,6 +26,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dsv4 import ops  # noqa: E402
+from host_syncs import capture  # noqa: E402
 from dsv4.cache import DecodeCache  # noqa: E402
 from dsv4.config import preset  # noqa: E402
 from dsv4.model import Transformer  # noqa: E402
@@ -57,24 +56,9 @@ def best_ms(fn, repeats: int = 3) -> float:
 def sync_sites(fn) -> dict:
     """{dsv4 file:line: count} of the host synchronisations one call of fn makes."""
     sites = collections.Counter()
-
-    def record(message, category, filename, lineno, file=None, line=None):
-        if "prototype feature" in str(message):          # torch's notice about the debug mode itself
-            return
-        frames = [f for f in traceback.extract_stack() if "/dsv4/" in f.filename]
+    for _, stack in capture(fn, frames=40):
+        frames = [f for f in stack if "/dsv4/" in f.filename]
         sites[f"{frames[-1].filename.split('/dsv4/')[-1]}:{frames[-1].lineno}" if frames else "?"] += 1
-
-    old = warnings.showwarning
-    warnings.showwarning = record
-    torch.cuda.set_sync_debug_mode(1)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("always")
-            warnings.showwarning = record
-            fn()
-    finally:
-        torch.cuda.set_sync_debug_mode(0)
-        warnings.showwarning = old
     return dict(sites.most_common())
 
 
@@ -119,69 +103,52 @@ def main(argv=None):
     torch.manual_seed(0)
     model = Transformer(cfg).to(dev).to_dtype(torch.bfloat16).eval()
     print(ops.describe_backends())
-    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
     if args.prefill:
         ids = torch.randint(0, cfg.vocab_size, (1, args.prefill), device=dev)
-        with torch.no_grad():
-            for _ in range(2):
-                cache = DecodeCache(cfg, 1, args.prefill + 64, device=dev, dtype=torch.bfloat16)
-                model(ids, cache=cache, last_only=True)
-            torch.cuda.synchronize()
-            cache = DecodeCache(cfg, 1, args.prefill + 64, device=dev, dtype=torch.bfloat16)
-            with torch.profiler.profile(activities=acts) as prof:
-                model(ids, cache=cache, last_only=True)
-                torch.cuda.synchronize()
-        t = table(prof)
-        (out / "prefill.txt").write_text(t)
-        print(f"== prefill {args.prefill}\n{t}")
 
+        @torch.no_grad()
         def prefill():
-            with torch.no_grad():
-                model(ids, cache=DecodeCache(cfg, 1, args.prefill + 64, device=dev, dtype=torch.bfloat16),
-                      last_only=True)
-        anatomy("prefill", prefill, prof, out)
+            model(ids, cache=DecodeCache(cfg, 1, args.prefill + 64, device=dev, dtype=torch.bfloat16),
+                  last_only=True)
+        section("prefill", f"prefill {args.prefill}", prefill, out)
     if args.decode:
         ids = torch.randint(0, cfg.vocab_size, (1, args.decode), device=dev)
         rows = torch.zeros(1, dtype=torch.long, device=dev)
         with torch.no_grad():
             cache = DecodeCache(cfg, 1, args.decode + 64, device=dev, dtype=torch.bfloat16)
             model(ids, cache=cache, last_only=True)
-            start = cache.lengths.clone()
-            tok = ids[:, :1]
+        start = cache.lengths.clone()
 
-            def step():
-                cache.lengths.copy_(start)
-                model.decode_step(tok, cache, rows)
-            step()
-            torch.cuda.synchronize()
-            with torch.profiler.profile(activities=acts) as prof:
-                step()
-                torch.cuda.synchronize()
-            t = table(prof)
-            (out / "decode.txt").write_text(t)
-            print(f"== decode step after {args.decode}\n{t}")
-            anatomy("decode", step, prof, out)
+        @torch.no_grad()
+        def step():
+            cache.lengths.copy_(start)
+            model.decode_step(ids[:, :1], cache, rows)
+        section("decode", f"decode step after {args.decode}", step, out)
     if args.train:
         model.train()
         ids = torch.randint(0, cfg.vocab_size, (1, args.train + 1), device=dev)
 
-        def step():
+        def train_step():
             logits = model(ids[:, :-1])
             loss = F.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
             loss.backward()
             model.zero_grad(set_to_none=True)
+        section("train", f"train step {args.train}", train_step, out)
 
-        for _ in range(2):
-            step()
+
+def section(name: str, title: str, fn, out: Path) -> None:
+    """Two warm-up calls, one profiled call (kernel table to out/name.txt), then the anatomy."""
+    for _ in range(2):
+        fn()
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        fn()
         torch.cuda.synchronize()
-        with torch.profiler.profile(activities=acts) as prof:
-            step()
-            torch.cuda.synchronize()
-        t = table(prof)
-        (out / "train.txt").write_text(t)
-        print(f"== train step {args.train}\n{t}")
-        anatomy("train", step, prof, out)
-
+    t = table(prof)
+    (out / f"{name}.txt").write_text(t)
+    print(f"== {title}\n{t}")
+    anatomy(name, fn, prof, out)
 
 if __name__ == "__main__":
     main()

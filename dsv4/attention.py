@@ -17,14 +17,13 @@ chunks so memory grows linearly in S), and a cached pass that reads/writes a `La
 """
 from __future__ import annotations
 
-import math
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dsv4 import ops
-from dsv4.ops import acc_dtype, fp32_region, up
+from dsv4.ops import acc_dtype, up
 from dsv4.config import ModelConfig, yarn_low_high
 
 # Elements of the per-chunk index lists and index scores (queries × listed keys + queries × entries):
@@ -158,9 +157,10 @@ class Compressor(nn.Module):
         (global entry p0 // M + i) owns the virtual tokens [M(i+1), M(i+2)) of the sequence
         [previous window | window of p0 | ...]; a window is complete when its last token is fed.
         With S = 1 there is one window and no host synchronisation (`_update_one`, the decode step: the
-        entry is written where its window completes, `torch.where` elsewhere); longer calls write the complete
-        entries by a scatter whose other writes repeat a value already written (no host read either). Every slot keeps the last token fed to it (what
-        `DecodeCache.rollback` relies on)."""
+        entry is written where its window completes, `torch.where` elsewhere); longer calls write the
+        complete entries by a scatter whose other writes repeat a value already written (no host read
+        either), from an index plan looked up by the start position mod M (`_plan_table`). Every slot
+        keeps the last token fed to it (what `DecodeCache.rollback` relies on)."""
         B, S, _ = x.shape
         m = self.ratio
         kv, score = self.project(x, pos)                                          # [B, S, w]

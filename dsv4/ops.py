@@ -571,7 +571,8 @@ def moe_experts_triton(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor,
     weights with a contiguous last dim), else `moe_experts_auto`."""
     if (x.dim() == 2 and 0 < idx.numel() <= min(GEMV_MAX_PAIRS, w1.shape[0])
             and not _needs_grad(x, weight, w1, w2, w3) and not torch.is_autocast_enabled(x.device.type)
-            and x.dtype in (torch.bfloat16, torch.float16, torch.float32) and w1.dtype == w2.dtype == w3.dtype == x.dtype
+            and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and w1.dtype == w2.dtype == w3.dtype == x.dtype
             and w1.stride(-1) == w2.stride(-1) == 1 and w1.stride() == w3.stride()):
         from dsv4.kernels import moe_gemv
         return moe_gemv.experts_gemv(x, idx, weight, w1, w2, w3, limit)

@@ -4,9 +4,10 @@ weights in the model dtype (twin: `dsv4.ops.moe_experts_loop`; the FP4 form is `
 Pair p = (token p // K, expert idx[p]): the up launch computes h[p] = w[p] · SwiGLU(W1[e] x, W3[e] x)
 for a tile of I rows per program (fp32 sums, the clamp and SwiGLU in fp32, h stored in x's dtype as
 the twin's), the down launch, per token and tile of D rows, the K products W2[e] h[p] rounded to x's
-dtype and summed (fp32, one final rounding, as the twin's sum in x's dtype). No sorting, no host read, static shapes: one program reads only its expert's
-rows, so a step reads each used expert's weights once per pair (as the grouped path does at K
-distinct experts per token). Pairs with an id outside [0, E) contribute nothing.
+dtype and summed (fp32, one final rounding, as the twin's sum in x's dtype). No sorting, no host read,
+static shapes: one program reads only its expert's rows, so a step reads each used expert's weights
+once per pair (as the grouped path does at K distinct experts per token). Pairs with an id outside
+[0, E) contribute nothing.
 """
 from __future__ import annotations
 
