@@ -29,6 +29,10 @@ from dsv4.config import ModelConfig, yarn_low_high
 # Elements of the per-chunk index lists and index scores (queries × listed keys + queries × entries):
 # bounds attention memory in long calls (the primitives bound their own intermediates).
 ATTN_BUDGET = 1 << 26
+# the compressors' cached-update index plans (`Compressor._plan_table`): at most 8 kept, each of at most
+# PLAN_TABLE_MAX pooling slots (8 MiB of int64)
+_PLANS: dict = {}
+PLAN_TABLE_MAX = 1 << 20
 
 
 class RMSNorm(nn.Module):
@@ -92,7 +96,6 @@ class Compressor(nn.Module):
         self.wgate = nn.Linear(dim, width, bias=False)
         self.ape = nn.Parameter(torch.zeros(ratio, width))
         self.norm = RMSNorm(head_dim, eps)
-        self._plans: dict = {}                 # update's index plans by call length (`_plan_table`)
 
     def project(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         kv = linear(x, self.wkv, fp32=True)                                       # [B, S, w]
@@ -169,11 +172,14 @@ class Compressor(nn.Module):
         src_kv = torch.cat([state.kv[rows], kv], dim=1)                           # [B, (1+o)M + S, w]
         src_sc = torch.cat([state.score[rows], score], dim=1)
         rem = pos[:, 0] % m                                                       # [B]
-        if torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing()):
+        table = None
+        if not (torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())):
+            table = self._plan_table(S, x.device)           # the plan of each residue, once per call length
+        if table is None:
             win, slots, tgt, n_done, sel = self._plan(S, rem.unsqueeze(1))
-        else:                                 # the plan of each residue, built once per call length
-            win, *table = self._plan_table(S, x.device)
-            slots, tgt, n_done, sel = (t[rem] for t in table)
+        else:
+            win = table[0]
+            slots, tgt, n_done, sel = (t[rem] for t in table[1:])
         base = pos[:, :1] // m                                                    # [B, 1] first entry
         ent = self.finish(ops.compress_windows(src_kv, src_sc, slots, self.overlap), base + win, freqs,
                           state.entries.dtype)                                    # [B, n_win, c]
@@ -220,17 +226,22 @@ class Compressor(nn.Module):
             keep.insert(0, torch.where(n_done >= 1, prev, j))
         return win, slots, tgt, n_done, torch.cat(keep, dim=1)
 
-    def _plan_table(self, S: int, device: torch.device) -> tuple[torch.Tensor, ...]:
-        """`_plan` for every residue 0..M−1 (rows indexed by the residue), kept per (S, device): a
-        cached prefill then costs four lookups instead of ~45 small index ops on the host."""
-        key = (S, str(device))
-        table = self._plans.get(key)
+    def _plan_table(self, S: int, device: torch.device) -> tuple[torch.Tensor, ...] | None:
+        """`_plan` for every residue 0..M−1 (rows indexed by the residue), shared by the compressors of
+        one (M, overlap) and kept per call length S: a cached prefill then costs four lookups instead
+        of ~45 small index ops on the host. None where the table would exceed PLAN_TABLE_MAX entries
+        (long calls, where the host's share is small anyway)."""
+        key = (self.ratio, self.overlap, S, str(device))
+        table = _PLANS.get(key)
         if table is None:
+            n_win = (S + 2 * self.ratio - 2) // self.ratio
+            if self.ratio * n_win * self.ratio * (1 + int(self.overlap)) > PLAN_TABLE_MAX:
+                return None
             with torch.inference_mode(False), torch.no_grad():    # plain tensors, usable in any mode
                 table = self._plan(S, torch.arange(self.ratio, device=device).unsqueeze(1))
-            if len(self._plans) >= 8:
-                self._plans.clear()
-            self._plans[key] = table
+            if len(_PLANS) >= 8:
+                _PLANS.pop(next(iter(_PLANS)))
+            _PLANS[key] = table
         return table
 
     def _update_one(self, kv: torch.Tensor, score: torch.Tensor, p: torch.Tensor, freqs: torch.Tensor, state,

@@ -224,6 +224,32 @@ def test_single_token_and_chunked_cached_paths_equal_the_full_forward(model, ids
 
 
 @torch.no_grad()
+def test_cached_update_plan_table_equals_the_direct_plan(model, ids, monkeypatch):
+    # the compressors' index plan looked up by residue (the default) and computed for the call's rows
+    # (what a CUDA-graph capture or a table over PLAN_TABLE_MAX runs) leave the same cache, bit for bit;
+    # rows start at different residues mod 4 and 128 (different lengths fed first)
+    import dsv4.attention as att
+
+    def run():
+        cache = DecodeCache(model.config, 3, 300)
+        for r, n in enumerate((1, 6, 131)):
+            model(ids[:1, :n], cache=cache, rows=torch.tensor([r]))
+        out = [model(ids[:, s:s + 37].repeat(2, 1)[:3], cache=cache, rows=torch.tensor([2, 0, 1])) for s in (0, 37)]
+        return out, cache
+    att._PLANS.clear()
+    got, table_cache = run()
+    assert att._PLANS                                   # the table path ran
+    monkeypatch.setattr(att, "PLAN_TABLE_MAX", 0)
+    att._PLANS.clear()
+    want, direct_cache = run()
+    assert not att._PLANS
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    for la, lb in zip(table_cache.layers, direct_cache.layers):
+        for sa, sb in zip(la.states(), lb.states()):
+            assert torch.equal(sa.kv, sb.kv) and torch.equal(sa.score, sb.score) and torch.equal(sa.entries, sb.entries)
+
+
+@torch.no_grad()
 def test_decode_step_has_no_host_synchronisation(model, ids, monkeypatch):
     # what would block CUDA-graph capture: reading a tensor's value on the host
     cache = DecodeCache(model.config, 2, 300)
