@@ -300,6 +300,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return torch.cat([nope, rot.to(x.dtype)], dim=-1)
 
 
+@fp32_region
 def norm_rope_torch(x: torch.Tensor, weight: torch.Tensor | None, eps: float | None,
                     rope: Rope | None) -> torch.Tensor:
     """RMSNorm of each row of x (spec §10; eps None: none; weight None: unweighted, as the per-head query
