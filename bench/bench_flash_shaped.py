@@ -312,6 +312,7 @@ def section_model(args, device, timer, folder: Path) -> dict:
 def profile_decode(model, cache: DecodeCache, path: Path) -> dict:
     """One eager decode step of row 0 under torch.profiler: the kernel table (by device time) to `path`,
     and the summed kernel time and count (against the step's eager wall time)."""
+    from step_profile import profile_once   # bench/ is the script's folder, first on sys.path
     rows = torch.zeros(1, dtype=torch.long, device=cache.device)
     start = cache.lengths[rows].clone()
     tok = torch.full((1, 1), 7, dtype=torch.long, device=cache.device)
@@ -320,21 +321,14 @@ def profile_decode(model, cache: DecodeCache, path: Path) -> dict:
         cache.lengths[rows] = start
         model.decode_step(tok, cache, rows)
     step()
-    torch.cuda.synchronize()
-    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts) as prof:
-        step()
-        torch.cuda.synchronize()
-    evs = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70)
+    table, busy, n = profile_once(step)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(table)
     t0 = time.perf_counter()
     for _ in range(5):
         step()
     torch.cuda.synchronize()
-    res = {"kernel_ms": sum(e.device_time for e in evs) / 1e3, "kernels": len(evs),
-           "eager_wall_ms": (time.perf_counter() - t0) / 5 * 1e3, "table": str(path)}
+    res = {"kernel_ms": busy, "kernels": n, "eager_wall_ms": (time.perf_counter() - t0) / 5 * 1e3, "table": str(path)}
     cache.lengths[rows] = start
     print(f"decode step profile: {json.dumps(res)}\n{table}", flush=True)
     return res

@@ -74,7 +74,7 @@ def report_host_syncs(fn, model) -> None:
     check at the model's entry is expected (it is skipped inside a capture)."""
     import traceback
 
-    from host_syncs import capture
+    from step_profile import capture
     seen = set()
     try:
         for message, stack in capture(fn):

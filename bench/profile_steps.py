@@ -26,20 +26,10 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dsv4 import ops  # noqa: E402
-from host_syncs import capture  # noqa: E402
+from step_profile import capture, profile_once  # noqa: E402
 from dsv4.cache import DecodeCache  # noqa: E402
 from dsv4.config import preset  # noqa: E402
 from dsv4.model import Transformer  # noqa: E402
-
-
-def table(prof, n=30) -> str:
-    return prof.key_averages().table(sort_by="cuda_time_total", row_limit=n, max_name_column_width=60)
-
-
-def kernel_time(prof) -> tuple[float, int]:
-    """(ms of device time summed over kernels, number of kernels) in a profile."""
-    evs = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return sum(e.device_time for e in evs) / 1e3, len(evs)
 
 
 def best_ms(fn, repeats: int = 3) -> float:
@@ -75,11 +65,11 @@ def host_profile(fn, path: Path, top: int = 30) -> str:
     return buf.getvalue()
 
 
-def anatomy(name: str, fn, prof, out: Path) -> dict:
+def anatomy(name: str, fn, busy: float, n: int, out: Path) -> dict:
+    """Wall time against the kernels' (busy ms, n kernels), host syncs and a host profile of fn."""
     text = host_profile(fn, out / f"{name}_host.txt")
     print("\n".join(text.splitlines()[:22]), flush=True)
     wall = best_ms(fn)
-    busy, n = kernel_time(prof)
     res = {"wall_ms": wall, "kernel_ms": busy, "kernels": n, "kernel_fraction": busy / wall,
            "syncs": sync_sites(fn)}
     print(f"== {name} anatomy: wall {wall:.2f} ms, kernels {busy:.2f} ms ({n} kernels, {busy / wall:.0%} of the "
@@ -140,15 +130,11 @@ def section(name: str, title: str, fn, out: Path) -> None:
     """Two warm-up calls, one profiled call (kernel table to out/name.txt), then the anatomy."""
     for _ in range(2):
         fn()
-    torch.cuda.synchronize()
-    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts) as prof:
-        fn()
-        torch.cuda.synchronize()
-    t = table(prof)
+    t, busy, n = profile_once(fn)
     (out / f"{name}.txt").write_text(t)
     print(f"== {title}\n{t}")
-    anatomy(name, fn, prof, out)
+    anatomy(name, fn, busy, n, out)
+
 
 if __name__ == "__main__":
     main()
