@@ -59,12 +59,15 @@ class Primitive:
 
     `impls` maps a name to a function or to "module:attr" (imported on first use). `kernel_dtypes`:
     the dtypes the non-torch implementations accept (None: any); other dtypes (float64 test models) use
-    the twin.
+    the twin. `operand_dtype`: the dtype of the tensor the choice is made on, as a function of the model's
+    (default the same; fp32 for the compressor's state in a bf16 model), for the tables of the logs.
     """
 
     def __init__(self, name: str, impls: dict,
-                 kernel_dtypes: tuple | None = (torch.bfloat16, torch.float16, torch.float32)):
+                 kernel_dtypes: tuple | None = (torch.bfloat16, torch.float16, torch.float32),
+                 operand_dtype=None):
         self.name, self.impls, self.kernel_dtypes = name, dict(impls), kernel_dtypes
+        self.operand_dtype = operand_dtype or (lambda model_dtype: model_dtype)
         self.chosen: dict[tuple[str, torch.dtype], str] = {}
         self._fns: dict[str, callable] = {}
         functools.update_wrapper(self, self.fn("torch"))
@@ -146,7 +149,8 @@ def triton_available() -> bool:
 def describe_backends(devices=(("cpu", torch.float32), ("cuda", torch.bfloat16))) -> str:
     """The table: each primitive, its implementations and the one chosen per (device, dtype)."""
     head = ["primitive", "implementations"] + [f"{d}/{str(t).replace('torch.', '')}" for d, t in devices]
-    rows = [[p.name, ", ".join(p.impls)] + [p.choose(d, t) for d, t in devices] for p in PRIMITIVES.values()]
+    rows = [[p.name, ", ".join(p.impls)] + [p.choose(d, p.operand_dtype(t)) for d, t in devices]
+            for p in PRIMITIVES.values()]
     widths = [max(len(str(r[i])) for r in rows + [head]) for i in range(len(head))]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     lines = [fmt.format(*head)] + [fmt.format(*r) for r in rows]
@@ -159,7 +163,7 @@ def describe_backends(devices=(("cpu", torch.float32), ("cuda", torch.bfloat16))
 def backend_choices(device_type: str, dtype: torch.dtype | None = None) -> dict:
     """{primitive: implementation} on a device (for the run logs); dtype: bf16 on CUDA, else fp32."""
     dtype = dtype or (torch.bfloat16 if device_type == "cuda" else torch.float32)
-    return {p.name: p.choose(device_type, dtype) for p in PRIMITIVES.values()}
+    return {p.name: p.choose(device_type, p.operand_dtype(dtype)) for p in PRIMITIVES.values()}
 
 
 def register(name: str, impls: dict, **kw) -> Primitive:
@@ -1019,7 +1023,7 @@ index_topk = register("index_topk", {"torch": index_topk_torch, "triton": index_
 sparse_attention = register("sparse_attention", {"torch": sparse_attention_torch,
                                                  "triton": sparse_attention_triton})
 compressor_step = register("compressor_step", {"torch": compressor_step_torch, "triton": compressor_step_triton},
-                           kernel_dtypes=(torch.float32,))
+                           kernel_dtypes=(torch.float32,), operand_dtype=acc_dtype)
 decode_key_lists = register("decode_key_lists", {"torch": decode_key_lists_torch, "triton": decode_key_lists_triton},
                             kernel_dtypes=None)
 swiglu_act = register("swiglu", {"torch": swiglu_act_torch, "triton": swiglu_act_triton})

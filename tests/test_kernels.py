@@ -175,6 +175,9 @@ def test_backend_table_override_and_description(monkeypatch):
         with pytest.raises(ValueError, match="no implementation"):
             ops.set_backend({"moe_experts": "cutlass"})
         ops.set_backend(None)
+        # the compressor's state is fp32 in a bf16 model: the logs report what that state runs on
+        assert ops.backend_choices("cuda")["compressor_step"] == "triton"
+        assert ops.backend_choices("cpu", torch.float64)["compressor_step"] == "torch"
         monkeypatch.setenv("DSV4_OPS", "index_topk=torch")
         ops.set_backend(None)
         assert ops.index_topk.choose("cuda", torch.bfloat16) == "torch"
