@@ -17,7 +17,6 @@ chunks so memory grows linearly in S), and a cached pass that reads/writes a `La
 """
 from __future__ import annotations
 
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -262,6 +261,7 @@ class Compressor(nn.Module):
             done = (p % m == m - 1).view(-1, 1, 1)                                # [B, 1, 1]
             at = index.clamp(max=n_max - 1)
             state.entries[rows.unsqueeze(1), at] = torch.where(done, ent, state.entries[rows.unsqueeze(1), at])
+
 
 class Indexer(nn.Module):
     """Lightning indexer (spec §7): picks the top-k compressed entries for each query of a CSA layer.
