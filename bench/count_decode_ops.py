@@ -1,4 +1,5 @@
-"""Count the operators one decode step launches (CPU profiler; on a GPU each non-view op is a kernel).
+"""Count the operators one decode step (or, with --prefill N, one cached prefill) launches (CPU
+profiler; on a GPU each non-view op is a kernel).
 
     python bench/count_decode_ops.py [--preset bench] [--batch 1]
     TRITON_INTERPRET=1 python bench/count_decode_ops.py --backend triton     # with the Triton kernels
@@ -40,6 +41,8 @@ def main(argv=None) -> int:
     ap.add_argument("--preset", default="bench")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--backend", choices=["torch", "triton"], default="torch")
+    ap.add_argument("--prefill", type=int, default=0, metavar="N",
+                    help="count a cached prefill of N tokens into empty rows instead of a decode step")
     ap.add_argument("--where", action="store_true",
                     help="also list the kernels by the dsv4 function that launches them")
     args = ap.parse_args(argv)
@@ -62,11 +65,23 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     cfg = preset(args.preset)
     model = Transformer(cfg).eval()
-    cache = DecodeCache(cfg, args.batch, 512)
-    ids = torch.randint(0, cfg.vocab_size, (args.batch, 200))
-    rows = torch.arange(args.batch)
-    model(ids, cache=cache)
-    model.decode_step(ids[:, :1], cache, rows)
+    B = args.batch
+    if args.prefill:   # a warm-up prefill of the same length in other rows, then the counted one
+        cache = DecodeCache(cfg, 2 * B, args.prefill + 8)
+        ids = torch.randint(0, cfg.vocab_size, (B, args.prefill))
+        model(ids, cache=cache, rows=torch.arange(B, 2 * B), last_only=True)
+
+        def counted():
+            model(ids, cache=cache, rows=torch.arange(B), last_only=True)
+    else:
+        cache = DecodeCache(cfg, B, 512)
+        ids = torch.randint(0, cfg.vocab_size, (B, 200))
+        rows = torch.arange(B)
+        model(ids, cache=cache)
+        model.decode_step(ids[:, :1], cache, rows)
+
+        def counted():
+            model.decode_step(ids[:, :1], cache, rows)
     real = ops.hc_split_sinkhorn
 
     def tagged(*a, **k):
@@ -77,7 +92,7 @@ def main(argv=None) -> int:
     launches.clear()
     try:
         with profile(activities=[ProfilerActivity.CPU], with_stack=args.where) as prof:
-            model.decode_step(ids[:, :1], cache, rows)
+            counted()
     finally:
         ops.hc_split_sinkhorn = real
     def inside(e, name):
@@ -96,12 +111,13 @@ def main(argv=None) -> int:
     def in_sinkhorn(e):
         return inside(e, "sinkhorn")
 
-    print(f"{args.preset}, batch {args.batch}: {len(top)} top-level aten ops per decode step, "
+    what = f"cached prefill of {args.prefill} tokens" if args.prefill else "decode step"
+    print(f"{args.preset}, batch {args.batch}: {len(top)} top-level aten ops per {what}, "
           f"{len(kernels)} not views, casts or allocations, {sum(map(in_sinkhorn, kernels))} of those in mHC's Sinkhorn")
     print(collections.Counter(e.name for e in kernels).most_common(12))
     if args.backend == "triton":
         print(f"Triton launches: {sum(launches.values())} ({dict(launches.most_common())}); "
-              f"kernels per decode step in all: {len(kernels) + sum(launches.values())}")
+              f"kernels in all: {len(kernels) + sum(launches.values())}")
     if args.where:
         def site(e):
             for frame in e.stack:

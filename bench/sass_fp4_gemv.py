@@ -13,21 +13,15 @@ byte loads would not vectorise and the counts would mislead).
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dsv4.kernels import fp4_moe  # noqa: E402
-
-BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+from ptxas_report import BIN, compile_sm90  # noqa: E402
 UP = dict(x_ptr="*bf16", w1_ptr="*i8", s1_ptr="*u8", w3_ptr="*i8", s3_ptr="*u8", rw_ptr="*fp32", idx_ptr="*i64",
           h_ptr="*bf16", D="i32", I="i32", TOPK="i32", E="i32", limit="fp32", stride_xm="i32", stride_we="i32",
           stride_wn="i32", stride_se="i32", stride_sn="i32", stride_hm="i32", HAS_LIMIT="constexpr",
@@ -46,17 +40,11 @@ def report(fn, sig: dict, consts: dict, warps: int, stages: int, matrices: int) 
     names = fn.arg_names
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
              if t.startswith("*") or (t == "i32" and n not in ("TOPK", "E"))}
-    c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    c, regs, spills = compile_sm90(fn, sig, consts, warps, stages, attrs)
     with tempfile.TemporaryDirectory() as tmp:
-        ptx, cubin = Path(tmp, "k.ptx"), Path(tmp, "k.cubin")
-        ptx.write_text(c.asm["ptx"])
+        cubin = Path(tmp, "k.cubin")
         cubin.write_bytes(c.asm["cubin"])
-        info = subprocess.run([f"{BIN}/ptxas", "-arch=sm_90a", "-v", str(ptx), "-o", os.devnull],
-                              capture_output=True, text=True).stderr
         sass = subprocess.run([f"{BIN}/nvdisasm", "-c", str(cubin)], capture_output=True, text=True).stdout
-    regs = int(re.findall(r"Used (\d+) registers", info)[-1])
-    spills = int(re.findall(r"(\d+) bytes spill stores", info)[-1])
     labels, loops, n = {}, [], 0
     for line in sass.splitlines():
         m = re.match(r"\s*\.(L_x_\d+):", line)

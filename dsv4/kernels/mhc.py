@@ -151,7 +151,7 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
     """x [.., D] (h's dtype), post [.., N], comb [.., N, N] fp32 from streams h [.., N, D]. The mix GEMV is
     split over enough slices of N·D to give ~`programs` programs (one slice when tokens are many).
     Under the interpreter the defaults are few large programs (its cost is per program and per op).
-    On sm90 (ptxas): the mix at 16 tokens uses 138 registers, the finish at 8 tokens 168, no spills
+    On sm90 (`bench/ptxas_report.py`): the mix at 16 tokens uses 138 registers, the finish at 8 tokens 168, no spills
     (the finish at 16 × 128 spills). Below 16 tokens (decode) the mix is a GEMV over one block of N·D
     per program (128 values: 0.070 ms vs 0.155 at 64 for one token on the H200, `bench_kernels --only
     hc`), as many programs as blocks up to `programs`; the finish reads the slices' partial sums in

@@ -168,11 +168,10 @@ def _check(q, kv, idx, kv2, rows2):
         raise ValueError(f"sparse_attention kernel: kv {kv.dtype} and kv2 {kv2.dtype} must share a dtype")
 
 
-def _warps(BH: int, D: int) -> int:
-    """4 warps. A 32-head × 512 tile spills 288 B of registers at 4 warps on sm90 (ptxas) and none at 8,
-    but 8 is slower on the H200: V4-Flash's 64 heads at 4K, 129 TFLOP/s at 4 warps, 82 at 8 (half the
-    programs per SM); `bench_kernels.py --only attention` times both."""
-    return 4
+# 4 warps per program. A 32-head × 512 tile spills 288 B of registers at 4 warps on sm90 and none at 8
+# (`bench/ptxas_report.py`), but 8 is slower on the H200: V4-Flash's 64 heads at 4K, 129 TFLOP/s at 4
+# warps, 82 at 8 (half the programs per SM); `bench_kernels.py --only attention` times both.
+WARPS = 4
 
 
 def forward(q, kv, idx, sink, scale, kv2=None, rows2=None, block_n: int | None = None, num_warps: int | None = None):
@@ -198,7 +197,7 @@ def forward(q, kv, idx, sink, scale, kv2=None, rows2=None, block_n: int | None =
                       idx.stride(0), idx.stride(1), out.stride(0), out.stride(1), out.stride(2),
                       S, H, kv.shape[1], K, K, scale * LOG2E,
                       D=D, BLOCK_H=BH, BLOCK_N=block_n, HAS_KV2=has2, SPLIT=False, F32_DOT=f32,
-                      num_warps=num_warps or _warps(BH, D))
+                      num_warps=num_warps or WARPS)
     return out, lse
 
 
@@ -228,7 +227,7 @@ def forward_split(q, kv, idx, sink, scale, kv2=None, rows2=None, splits: int = 0
                                      part.stride(0), 0, part.stride(1),
                                      S, H, kv.shape[1], K, per, scale * LOG2E,
                                      D=D, BLOCK_H=BH, BLOCK_N=block_n, HAS_KV2=has2, SPLIT=True, F32_DOT=f32,
-                                     num_warps=num_warps or _warps(BH, D))
+                                     num_warps=num_warps or WARPS)
     out = torch.empty(B, S, H, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, S, H, device=q.device, dtype=torch.float32)
     bc = min(16, triton.next_power_of_2(H))

@@ -1,0 +1,92 @@
+"""Registers and spills of the Triton kernels' launch shapes on sm90, compiled without a GPU (Triton
+compiles for the target it is told; ptxas ships with the wheel). Reproduces the launch-shape choices
+written next to the kernels:
+
+* norm/RoPE: 16 rows of 4,096 spill ~14 KB (rows per program are sized to the width instead);
+* mHC: the mix at 16/32 tokens, the finish at 8 tokens × 128 columns and at 1 token × 1,024 (no spills),
+  the finish at 16 × 128 (spills);
+* sparse attention, 32 heads × 512: 4 warps spill, 8 do not (yet 8 measured slower on the H200);
+* the expert GEMV kernels.
+
+    python3 bench/ptxas_report.py
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+
+
+def compile_sm90(fn, sig: dict, consts: dict, warps: int, stages: int = 2, attrs: dict | None = None):
+    """-> (compiled kernel, registers, spill bytes) of fn for sm90; sig maps every non-constexpr
+    argument to its Triton type."""
+    sig = dict(sig, **{k: "constexpr" for k in consts})
+    c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs or {}),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx = Path(tmp, "k.ptx")
+        ptx.write_text(c.asm["ptx"])
+        info = subprocess.run([f"{BIN}/ptxas", "-arch=sm_90a", "-v", str(ptx), "-o", os.devnull],
+                              capture_output=True, text=True).stderr
+    return c, int(re.findall(r"Used (\d+) registers", info)[-1]), int(re.findall(r"(\d+) bytes spill stores", info)[-1])
+
+
+def main() -> int:
+    from dsv4.kernels import mhc, moe_gemv, norm_rope, sparse_attention as sa
+    nr = dict(X="*bf16", W="*bf16", POS="*i64", FREQ="*fp32", OUT="*bf16", R="i32", HEADS="i32", eps="fp32",
+              STRIDE="i32", SIGN="fp32")
+    mix = dict(H="*bf16", FN="*fp32", SS="*fp32", MIX="*fp32", N_TOK="i32", D="i32", K_PER="i32")
+    fin = dict(H="*bf16", SS="*fp32", MIX="*fp32", SCALE="*fp32", BASE="*fp32", X="*bf16", POST="*fp32",
+               COMB="*fp32", N_TOK="i32", D="i32", NSPLIT="i32", eps="fp32", norm_eps="fp32")
+    att = {n: "i32" for n in sa._fwd_kernel.arg_names}
+    att.update(Q="*bf16", KV="*bf16", KV2="*bf16", OUT="*bf16", ROWS2="*i32", IDX="*i32", SINK="*fp32",
+               LSE="*fp32", ML="*fp32", scale_log2="fp32")
+    for k in ("D", "BLOCK_H", "BLOCK_N", "HAS_KV2", "SPLIT", "F32_DOT"):
+        att.pop(k)
+    up = dict(x_ptr="*bf16", w1_ptr="*bf16", w3_ptr="*bf16", rw_ptr="*fp32", idx_ptr="*i64", h_ptr="*bf16",
+              D="i32", I="i32", TOPK="i32", E="i32", limit="fp32", s_xm="i32", s_we="i32", s_wn="i32", s_hm="i32")
+    down = dict(h_ptr="*bf16", w2_ptr="*bf16", idx_ptr="*i64", out_ptr="*bf16", D="i32", I="i32", TOPK="i32",
+                E="i32", s_hm="i32", s_we="i32", s_wn="i32", s_om="i32")
+    cases = [
+        ("norm/RoPE 16 rows x 4096", norm_rope._norm_rope_kernel, nr,
+         dict(DH=4096, DR2=32, NORM=True, WEIGHT=True, ROPE=False, BLOCK_R=16), 4),
+        ("norm/RoPE 2 rows x 4096", norm_rope._norm_rope_kernel, nr,
+         dict(DH=4096, DR2=32, NORM=True, WEIGHT=True, ROPE=False, BLOCK_R=2), 4),
+        ("norm/RoPE 16 rows x 512, rope", norm_rope._norm_rope_kernel, nr,
+         dict(DH=512, DR2=32, NORM=True, WEIGHT=True, ROPE=True, BLOCK_R=16), 4),
+        ("mHC mix 16 tokens", mhc._hc_mix_kernel, mix, dict(NS=4, NP=32, BLOCK_T=16, BLOCK_K=64), 4),
+        ("mHC mix 32 tokens", mhc._hc_mix_kernel, mix, dict(NS=4, NP=32, BLOCK_T=32, BLOCK_K=64), 4),
+        ("mHC finish 8 x 128", mhc._hc_finish_kernel, fin,
+         dict(ITERS=20, NS=4, NP=32, BLOCK_T=8, BLOCK_D=128, SPLIT_BLOCK=8), 4),
+        ("mHC finish 16 x 128", mhc._hc_finish_kernel, fin,
+         dict(ITERS=20, NS=4, NP=32, BLOCK_T=16, BLOCK_D=128, SPLIT_BLOCK=4), 4),
+        ("mHC finish 1 x 1024", mhc._hc_finish_kernel, fin,
+         dict(ITERS=20, NS=4, NP=32, BLOCK_T=1, BLOCK_D=1024, SPLIT_BLOCK=64), 4),
+        ("attention 32 heads x 512, 4 warps", sa._fwd_kernel, att,
+         dict(D=512, BLOCK_H=32, BLOCK_N=32, HAS_KV2=True, SPLIT=False, F32_DOT=False), 4),
+        ("attention 32 heads x 512, 8 warps", sa._fwd_kernel, att,
+         dict(D=512, BLOCK_H=32, BLOCK_N=32, HAS_KV2=True, SPLIT=False, F32_DOT=False), 8),
+        ("attention 16 heads x 512, 4 warps", sa._fwd_kernel, att,
+         dict(D=512, BLOCK_H=16, BLOCK_N=32, HAS_KV2=True, SPLIT=False, F32_DOT=False), 4),
+        ("expert GEMV up", moe_gemv._up_kernel, up, dict(HAS_LIMIT=True, BN=8, BK=256), 4),
+        ("expert GEMV down", moe_gemv._down_kernel, down, dict(BN=8, BK=256), 4),
+    ]
+    for name, fn, sig, consts, warps in cases:
+        _, regs, spills = compile_sm90(fn, sig, consts, warps)
+        print(f"{name:36s} {regs:4d} registers, {spills:6d} B spilled")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
