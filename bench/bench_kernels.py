@@ -116,6 +116,34 @@ def bench_indexer(name, S, C, Hi, Di, topk, dev, dtype, smoke):
     return row
 
 
+def bench_select(R, C, P, dev, smoke, **launch):
+    """The radix-select top-k (`indexer.select`) against `torch.topk` on bf16 scores [R, C] (one row per
+    decode step, 4K-16K rows in prefill), timed from CUDA graphs (the small cases are launch-sized).
+    Both must choose the same scores (ties may pick other indices of equal score)."""
+    from dsv4.kernels import indexer
+    g = torch.Generator(device=dev).manual_seed(3)
+    sc = torch.randn(R, C, generator=g, device=dev).to(torch.float32 if smoke else torch.bfloat16)
+
+    def ref():
+        top = sc.topk(min(P, C), dim=-1)
+        return torch.where(top.values == float("-inf"), -1, top.indices).to(torch.int32)
+
+    got, want = indexer.select(sc, P, **launch), ref()
+    chosen = lambda idx: sc.float().gather(-1, idx.long()).sort(-1).values
+    row = {"kernel": "topk_select", "case": f"R {R} C {C} P {P} {launch or ''}", "R": R, "C": C, "P": P,
+           "launch": launch, "same_scores": bool(torch.equal(chosen(got), chosen(want))), "rel_err_vs_twin": 0.0}
+    if smoke:
+        row.update(ms=timed(lambda: indexer.select(sc, P, **launch), smoke), torch_ms=timed(ref, smoke))
+    else:
+        import triton
+        row["ms"] = triton.testing.do_bench_cudagraph(lambda: indexer.select(sc, P, **launch), rep=50)
+        row["torch_ms"] = triton.testing.do_bench_cudagraph(ref, rep=50)
+    row["gbs"] = R * C * sc.element_size() / row["ms"] / 1e6
+    row["frac_hbm"] = row["gbs"] * 1e9 / HBM
+    row["tflops"] = 0.0
+    return row
+
+
 def bench_pool(S, c, m, dev, smoke):
     from dsv4 import ops
     from dsv4.kernels import compressor
@@ -177,14 +205,15 @@ def bench_hc_pre(T, D, dev, dtype, smoke, **blocks):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter at tiny shapes")
-    ap.add_argument("--only", default=None, help="comma-separated: attention,decode,indexer,pool,sinkhorn,hc")
+    ap.add_argument("--only", default=None, help="comma-separated: attention,decode,indexer,select,pool,sinkhorn,hc")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.smoke:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     dev = "cpu" if args.smoke else "cuda"
     dtype = torch.float32 if args.smoke else torch.bfloat16
-    only = set(args.only.split(",")) if args.only else {"attention", "decode", "indexer", "pool", "sinkhorn", "hc"}
+    only = set(args.only.split(",")) if args.only else {"attention", "decode", "indexer", "select", "pool", "sinkhorn",
+                                                        "hc"}
     rows = []
     sm = args.smoke
     if "attention" in only:
@@ -207,6 +236,15 @@ def main(argv=None):
             ("bench 64K chunk of 8K queries", 8192, 16384, 16, 128, 512)]
         for c in cases:
             rows.append(bench_indexer(*c, dev, dtype, sm))
+            print(rows[-1], flush=True)
+    if "select" in only:
+        cases = [(3, 300, 16, {})] if sm else [
+            (1, 1024, 512, {}), (1, 1024, 512, {"block": 256, "num_warps": 4}), (1, 4096, 512, {}),
+            (1, 16384, 512, {}), (1, 65536, 512, {}), (1, 262144, 512, {}), (1, 262144, 1024, {}),
+            (32, 4096, 512, {}), (32, 65536, 512, {}), (4096, 1024, 512, {}), (4096, 4096, 512, {}),
+            (4096, 4096, 512, {"block": 1024, "num_warps": 4}), (16384, 4096, 512, {}), (8192, 16384, 512, {})]
+        for R, C, P, launch in cases:
+            rows.append(bench_select(R, C, P, dev, sm, **launch))
             print(rows[-1], flush=True)
     if "pool" in only:
         for S, c, m in ([(32, 16, 4)] if sm else [(16384, 512, 4), (16384, 512, 128), (16384, 128, 4)]):
@@ -239,7 +277,8 @@ def main(argv=None):
               f"  {r.get('rel_err_vs_float64', r.get('rel_err_vs_twin')):.1e}"
               + (f"  bwd {r['bwd_ms']:.3f} ms {r['bwd_tflops']:.1f} TF/s" if "bwd_ms" in r else "")
               + (f"  split {r['split_ms']:.3f} ms {r['split_gbs']:.0f} GB/s" if "split_ms" in r else "")
-              + (f"  twin {r.get('twin_fwd_ms', r.get('twin_ms')):.3f} ms" if ("twin_ms" in r or "twin_fwd_ms" in r) else ""))
+              + (f"  twin {r.get('twin_fwd_ms', r.get('twin_ms')):.3f} ms" if ("twin_ms" in r or "twin_fwd_ms" in r) else "")
+              + (f"  torch.topk {r['torch_ms']:.3f} ms, same scores {r['same_scores']}" if "torch_ms" in r else ""))
     if args.out:
         Path(args.out).write_text(json.dumps({"env": env, "rows": rows}, indent=1))
 

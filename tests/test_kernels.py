@@ -122,6 +122,58 @@ def test_index_topk_equals_twin(dtype):
         assert torch.equal((a >= 0).sum(-1), (hi - lo).clamp(max=P).to(torch.int64))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])   # no dots: bf16 runs in the interpreter
+@pytest.mark.parametrize("ranged", [False, True])
+def test_radix_select_equals_torch_topk(dtype, ranged):
+    g = torch.Generator().manual_seed(11)
+    R, C, P = 7, 600, 40
+    sc = torch.randn(R, C, generator=g) * 3
+    sc[1, 25:] = float("-inf")                      # fewer than P finite scores
+    sc[2] = sc[2].round()                           # many ties at the threshold
+    sc[3] = -sc[3].abs()                            # all negative
+    sc[4, ::3] = 100.0                              # 200 equal maxima: P of them, the lowest indices
+    sc = sc.to(dtype)
+    lo = torch.randint(0, 200, (R,), generator=g) if ranged else torch.zeros(R, dtype=torch.int64)
+    hi = (lo + torch.randint(0, 400, (R,), generator=g)).clamp(max=C) if ranged else torch.full((R,), C)
+    lo[[0, 4]], hi[[0, 4]] = 0, C                   # full rows either way
+    got = indexer.select(sc.to(DEV), P, lo.to(DEV), hi.to(DEV) if ranged else None) if ranged else \
+        indexer.select(sc.to(DEV), P)
+    got = got.cpu()
+    assert got.shape == (R, P) and got.dtype == torch.int32
+    s = torch.arange(C)
+    for r in range(R):
+        vis = (s >= lo[r]) & (s < hi[r])
+        want = sc[r].float().masked_fill(~vis, float("-inf")).topk(P)
+        want_vals = want.values[want.values > float("-inf")]
+        n = len(want_vals)
+        row = got[r]
+        assert (row[n:] == -1).all() and (row[:n] >= 0).all()           # the entries first, then −1
+        assert (row[:n].diff() > 0).all()                                  # distinct, in index order
+        assert vis[row[:n].long()].all()
+        assert torch.equal(sc[r, row[:n].long()].float().sort().values, want_vals.sort().values)
+        if n:   # ties at the threshold: the lowest indices among them
+            t = want_vals.min()
+            tied = torch.nonzero(vis & (sc[r].float() == t)).flatten()
+            taken = row[:n][sc[r, row[:n].long()].float() == t].long()
+            assert torch.equal(taken, tied[:len(taken)])
+    assert torch.equal(got[4], torch.arange(0, 3 * P, 3, dtype=torch.int32))
+
+
+def test_index_topk_long_rows_go_to_torch_topk(monkeypatch):
+    g = torch.Generator().manual_seed(12)
+    q, k, w = torch.randn(1, 3, 2, 16, generator=g), torch.randn(1, 90, 16, generator=g), torch.randn(1, 3, 2, generator=g)
+    lo, hi = torch.zeros(1, 3, dtype=torch.int64), torch.tensor([[90, 50, 7]])
+    args = [t.to(DEV) for t in (q, k, w, lo, hi)]
+    kernel = indexer.topk(*args, 20)
+    monkeypatch.setattr(indexer, "SELECT_MAX_ENTRIES", 64)             # 90 entries, 3 rows: torch.topk
+    assert not indexer.use_select(3, 90) and indexer.use_select(indexer.SELECT_MANY_ROWS, 90)
+    fallback = indexer.topk(*args, 20)
+    sc = indexer.scores(*args[:5])                 # ReLU zeros tie: compare the chosen scores
+    chosen = lambda idx: torch.where(idx >= 0, sc.gather(-1, idx.clamp(min=0).long()), -1e30).sort(-1).values
+    assert torch.equal(chosen(kernel), chosen(fallback))
+    assert torch.equal((kernel >= 0).sum(-1).cpu(), torch.tensor([[20, 20, 7]]))
+
+
 @pytest.mark.parametrize("overlap", [True, False])
 def test_compressor_pooling_equals_twin(overlap):
     g = torch.Generator().manual_seed(6)

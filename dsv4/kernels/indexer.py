@@ -5,7 +5,12 @@ I[t, s] = Σ_h w[t, h] · ReLU(q[t, h] · k[s]) for entries s ∈ [lo_t, hi_t) (
 computes a BLOCK_S × BLOCK_C tile: the key tile is loaded once and reused by every head (a `tl.dot` per
 head: BLOCK_S queries × Di × BLOCK_C entries), ReLU, weight and sum in fp32 registers. Tiles whose
 entries are all invisible skip the arithmetic. FLOPs: 2·Hi·Di per (query, visible-tile entry).
-The top-k runs on the score matrix with `torch.topk` (bf16 scores for bf16 inputs).
+The top-k then runs on the score matrix (bf16 scores for bf16 inputs) as a radix select, one program per
+row (`select`): 8 bits of the scores per pass find the P-th largest value exactly (2 passes for bf16,
+4 for fp32), and a last pass writes the entries above it and the first ties at it, in index order. It
+reads a row 3 (bf16) or 5 times and sorts nothing; `torch.topk` sorts. Only the entries [lo, hi) of a
+row are read. A few very long rows (one decode row at long context) stay with `torch.topk`, which
+spreads one row over many programs.
 """
 from __future__ import annotations
 
@@ -77,7 +82,122 @@ def scores(q, k, w, lo, hi, k_rows=None, block_s: int = 64, block_c: int = 64, n
 
 
 def topk(q, k, w, lo, hi, topk: int, k_rows=None) -> torch.Tensor:
-    """idx [B, S, P] int32 (−1 where fewer than P entries are visible), P = min(topk, C)."""
+    """idx [B, S, P] int32 (−1 where fewer than P entries are visible), P = min(topk, C): the scores
+    kernel, then the radix-select kernel (`select`), or `torch.topk` for a few very long rows."""
     sc = scores(q, k, w, lo, hi, k_rows)
-    top = sc.topk(min(topk, sc.shape[-1]), dim=-1)
+    B, S, C = sc.shape
+    if use_select(B * S, C):
+        return select(sc, topk, lo, hi)
+    top = sc.topk(min(topk, C), dim=-1)
     return torch.where(top.values == float("-inf"), -1, top.indices).to(torch.int32)
+
+
+SELECT_MAX_ENTRIES = 16384   # one program per row: longer rows go to torch.topk unless there are many rows
+SELECT_MANY_ROWS = 256
+
+
+def use_select(rows: int, entries: int) -> bool:
+    """Whether the radix-select kernel serves a top-k over `rows` rows of `entries` scores: it runs one
+    program per row, so a few very long rows (decode at long context) are left to `torch.topk`, which
+    spreads one row over the whole GPU."""
+    return entries <= SELECT_MAX_ENTRIES or rows >= SELECT_MANY_ROWS
+
+
+# ----------------------------------------------------------------------------- top-k by radix select
+@triton.jit
+def _orderable_key(bits, NBITS: tl.constexpr):
+    """Float bits (sign-extended int32) -> an unsigned key in [0, 2^NBITS) that orders as the floats do:
+    positive values get the sign bit set, negative values are inverted."""
+    if NBITS == 16:
+        key = tl.where(bits < 0, ~bits, bits | 0x8000) & 0xFFFF
+    else:
+        key = tl.where(bits < 0, ~bits, bits | -2147483648)
+    return key.to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _select_kernel(SC, LO, HI, OUT, s_sr, s_or, C, P,
+                   NBITS: tl.constexpr, NEG_KEY: tl.constexpr, BLOCK: tl.constexpr, HAS_RANGE: tl.constexpr):
+    """One row: the P largest scores among entries [lo, hi) (all C without a range), written as their
+    indices in increasing order, then −1 for the rest and for −inf scores. Radix select on the scores'
+    bits, 8 bits per pass (2 passes for bf16, 4 for fp32): each pass histograms the next byte of the
+    entries whose higher bytes equal the threshold's so far, and keeps the byte where the count of larger
+    entries reaches P. The last pass writes every entry above the threshold and the first of the ties
+    at it (lowest index first; `torch.topk` picks among ties in no set order)."""
+    r = tl.program_id(0).to(tl.int64)
+    row = SC + r * s_sr
+    if HAS_RANGE:
+        lo = tl.load(LO + r).to(tl.int32)
+        hi = tl.minimum(tl.load(HI + r).to(tl.int32), C)
+    else:
+        lo = 0
+        hi = C
+    c0 = (lo // BLOCK) * BLOCK
+    offs = tl.arange(0, BLOCK)
+    digits = tl.arange(0, 256)
+    need = tl.minimum(P, hi - lo)                              # a range may hold fewer than P entries
+    prefix = tl.full((), 0, tl.uint32)
+    for p in tl.static_range(NBITS // 8):
+        shift: tl.constexpr = NBITS - 8 * (p + 1)
+        hist = tl.zeros((256,), tl.int32)
+        for start in range(c0, hi, BLOCK):
+            c = start + offs
+            ok = (c >= lo) & (c < hi)
+            key = _orderable_key(tl.load(row + c, mask=ok, other=0).to(tl.int32), NBITS)
+            if p > 0:
+                ok = ok & ((key >> (shift + 8)) == prefix)
+            hist += tl.histogram(((key >> shift) & 0xFF).to(tl.int32), 256, mask=ok)
+        above_or_at = tl.cumsum(hist, 0, reverse=True)         # entries whose byte is >= each digit
+        b = tl.max(tl.where(above_or_at >= need, digits, -1), 0)
+        need -= tl.sum(tl.where(digits > b, hist, 0), 0)
+        prefix = (prefix << 8) | b.to(tl.uint32)
+    # prefix is the P-th largest key; `need` (≥ 1) of the entries equal to it are taken
+    out = OUT + r * s_or
+    written = 0
+    ties = 0
+    for start in range(c0, hi, BLOCK):
+        c = start + offs
+        ok = (c >= lo) & (c < hi)
+        key = _orderable_key(tl.load(row + c, mask=ok, other=0).to(tl.int32), NBITS)
+        eq = ok & (key == prefix)
+        tie_rank = ties + tl.cumsum(eq.to(tl.int32), 0) - 1
+        take = ok & ((key > prefix) | (eq & (tie_rank < need))) & (key > NEG_KEY)
+        slot = written + tl.cumsum(take.to(tl.int32), 0) - 1
+        tl.store(out + slot, c, mask=take)
+        written += tl.sum(take.to(tl.int32), 0)
+        ties += tl.sum(eq.to(tl.int32), 0)
+    for start in range(written, P, BLOCK):
+        j = start + offs
+        tl.store(out + j, -1, mask=j < P)
+
+
+def select(scores: torch.Tensor, topk: int, lo: torch.Tensor | None = None, hi: torch.Tensor | None = None,
+           block: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+    """idx [..., P] int32, P = min(topk, C): the indices of the P largest of each row of scores [..., C]
+    (bf16 or fp32) among entries [lo, hi) when given (per row, [...] ints), in increasing index order;
+    −1 for −inf scores and past the row's candidates. The same sets as `torch.topk` up to ties at the
+    threshold (the lowest indices are taken)."""
+    if scores.dtype not in (torch.bfloat16, torch.float32):
+        raise ValueError(f"top-k kernel: scores must be bf16 or fp32, got {scores.dtype}")
+    *lead, C = scores.shape
+    P = min(topk, C)
+    sc = scores.reshape(-1, C)
+    if sc.stride(-1) != 1:
+        sc = sc.contiguous()
+    R = sc.shape[0]
+    out = torch.empty(R, P, dtype=torch.int32, device=scores.device)
+    if R * P == 0:
+        return out.view(*lead, P)
+    if block is None:   # the row in as few steps as a program holds well (16 values per thread at most)
+        block = 256 if INTERPRET else min(4096, max(256, triton.next_power_of_2(C)))
+    if num_warps is None:
+        num_warps = 8 if block >= 2048 else 4
+    bits = sc.view(torch.int16 if sc.dtype == torch.bfloat16 else torch.int32)
+    nbits = 16 if sc.dtype == torch.bfloat16 else 32
+    neg_key = 0x7F if nbits == 16 else 0x7FFFFF                 # the key of −inf
+    has_range = lo is not None
+    lo_ = lo.reshape(-1).contiguous() if has_range else out
+    hi_ = hi.reshape(-1).contiguous() if has_range else out
+    _select_kernel[(R,)](bits, lo_, hi_, out, bits.stride(0), out.stride(0), C, P,
+                         NBITS=nbits, NEG_KEY=neg_key, BLOCK=block, HAS_RANGE=has_range, num_warps=num_warps)
+    return out.view(*lead, P)
