@@ -331,6 +331,12 @@ PRESETS: dict[str, Any] = {
         qk_rope_head_dim=64, q_lora_rank=512, o_groups=4, o_lora_rank=512, sliding_window=128,
         compress_ratios=(0, 4, 128, 4, 0), index_n_heads=16, index_head_dim=128, index_topk=512,
         n_routed_experts=16, num_experts_per_tok=2, moe_intermediate_size=512, num_hash_layers=1),
+    # the bench model's shape at ~1B total parameters (the MFU figure of TARGETS.md): hidden 2048, 8 layers
+    "bench-1b": lambda: ModelConfig(
+        vocab_size=32000, hidden_size=2048, num_hidden_layers=8, num_attention_heads=16, head_dim=512,
+        qk_rope_head_dim=64, q_lora_rank=1024, o_groups=4, o_lora_rank=1024, sliding_window=128,
+        compress_ratios=(0, 4, 128, 4, 128, 4, 128, 4, 0), index_n_heads=16, index_head_dim=128, index_topk=512,
+        n_routed_experts=16, num_experts_per_tok=2, moe_intermediate_size=768, num_hash_layers=1),
 }
 
 
