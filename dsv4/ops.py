@@ -841,28 +841,96 @@ def _pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
+class _HcPreFn(torch.autograd.Function):
+    """`hc_pre` with gradients from kernels: the forward also keeps the [T, (2+N)·N] mix logits, rho and
+    pre; the backward reads h twice (dpre, then dh and dfn together) around the Sinkhorn backward kernel
+    (the twin's backward is a chain of fp32 elementwise passes over h)."""
+    @staticmethod
+    def forward(ctx, h, fn, scale, base, n, iters, eps, norm_eps):
+        from dsv4.kernels import mhc
+        x, post, comb, saved = mhc.hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, save=True)
+        ctx.save_for_backward(h, fn, scale, base, *saved)
+        ctx.static = (n, iters, eps)
+        return x, post, comb
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dx, dpost, dcomb):
+        from dsv4.kernels import mhc
+        h, fn, scale, base, *saved = ctx.saved_tensors
+        dh, dfn, dscale, dbase = mhc.hc_pre_backward(h, fn, scale, base, saved, *ctx.static, dx, dpost, dcomb)
+        need = ctx.needs_input_grad
+        return (dh if need[0] else None, dfn.to(fn.dtype) if need[1] else None,
+                dscale.to(scale.dtype) if need[2] else None, dbase.to(base.dtype) if need[3] else None,
+                None, None, None, None)
+
+
 def hc_pre_triton(h, fn, scale, base, n, iters, eps, norm_eps):
-    if _needs_grad(h, fn, scale, base) or not _pow2(n):
+    if not _pow2(n):
         return hc_pre_torch(h, fn, scale, base, n, iters, eps, norm_eps)
+    if _needs_grad(h, fn, scale, base):
+        return _HcPreFn.apply(h, fn, scale, base, n, iters, eps, norm_eps)
     from dsv4.kernels import mhc
     return mhc.hc_pre(h, fn, scale, base, n, iters, eps, norm_eps)
 
 
+class _HcPostFn(torch.autograd.Function):
+    """`hc_post` with gradients from one kernel pass over (grad, f, h) (the twin's backward: an einsum's
+    bmm and fp32 elementwise passes)."""
+    @staticmethod
+    def forward(ctx, f, residual, post, comb):
+        from dsv4.kernels import mhc
+        ctx.save_for_backward(f, residual, post, comb)
+        return mhc.hc_post(f, residual, post, comb)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        from dsv4.kernels import mhc
+        f, residual, post, comb = ctx.saved_tensors
+        df, dh, dpost, dcomb = mhc.hc_post_backward(grad, f, residual, post, comb)
+        need = ctx.needs_input_grad
+        return (df if need[0] else None, dh if need[1] else None, dpost.to(post.dtype) if need[2] else None,
+                dcomb.to(comb.dtype) if need[3] else None)
+
+
 def hc_post_triton(f, residual, post, comb):
-    if _needs_grad(f, residual, post, comb) or not _pow2(residual.shape[-2]):
+    if not _pow2(residual.shape[-2]):
         return hc_post_torch(f, residual, post, comb)
+    if _needs_grad(f, residual, post, comb):
+        return _HcPostFn.apply(f, residual, post, comb)
     from dsv4.kernels import mhc
     return mhc.hc_post(f, residual, post, comb)
 
 
+class _NormRopeFn(torch.autograd.Function):
+    """`norm_rope` with its gradient from one kernel pass (the twin's backward is ~10 fp32 elementwise
+    passes over the rows); weight's gradient from per-block partial sums."""
+    @staticmethod
+    def forward(ctx, x, weight, eps, pos, freqs, stride, sign):
+        from dsv4.kernels import norm_rope as kern
+        ctx.save_for_backward(x, weight, pos, freqs)
+        ctx.static = (eps, stride, sign)
+        return kern.norm_rope(x, weight, eps, pos, freqs, stride, sign)
+
+    @staticmethod
+    def backward(ctx, grad):
+        from dsv4.kernels import norm_rope as kern
+        x, weight, pos, freqs = ctx.saved_tensors
+        eps, stride, sign = ctx.static
+        dx, dw = kern.norm_rope_backward(grad, x, weight, eps, pos, freqs, stride, sign)
+        dw = dw.to(weight.dtype) if dw is not None and ctx.needs_input_grad[1] else None
+        return dx, dw, None, None, None, None, None
+
+
 def norm_rope_triton(x, weight, eps, rope):
-    if _needs_grad(x, weight) or not _pow2(x.shape[-1]) or (rope is not None and not _pow2(rope.pairs)) \
-            or x.dim() not in (3, 4):
+    if not _pow2(x.shape[-1]) or (rope is not None and not _pow2(rope.pairs)) or x.dim() not in (3, 4):
         return norm_rope_torch(x, weight, eps, rope)
     from dsv4.kernels import norm_rope as kern
-    if rope is None:
-        return kern.norm_rope(x, weight, eps, None, None)
-    return kern.norm_rope(x, weight, eps, rope.pos, rope.freqs, rope.stride, rope.sign)
+    pos, freqs, stride, sign = (None, None, 1, 1.0) if rope is None else (rope.pos, rope.freqs, rope.stride, rope.sign)
+    if _needs_grad(x, weight):     # (kernels only: autocast changes nothing inside, as the twin's fp32 region)
+        return _NormRopeFn.apply(x, weight, eps, pos, freqs, stride, sign)
+    return kern.norm_rope(x, weight, eps, pos, freqs, stride, sign)
 
 
 # ----------------------------------------------------------------------------- quantised linear and experts

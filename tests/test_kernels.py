@@ -262,6 +262,43 @@ def test_model_with_the_kernels_equals_the_twins():
     assert rel(torch.cat(steps, 1), want) < 1e-5
 
 
+def test_training_step_with_the_kernels_equals_the_twins():
+    # loss and every parameter's gradient of a model with every layer type (MTP and the index loss on),
+    # through the Triton entry points with autograd, against the twins
+    from tests.conftest import random_model
+
+    model = random_model("tiny", seed=4).to(DEV)
+    for m in model.modules():
+        if hasattr(m, "index_loss"):
+            m.index_loss = True                       # the sparse phase: top-k attention + index KL
+    ids = torch.randint(0, model.config.vocab_size, (2, 40)).to(DEV)
+    results = []
+    try:
+        for backend in ("torch", "triton"):
+            ops.set_backend(backend)
+            model.zero_grad(set_to_none=True)
+            logits, h, aux = model(ids, return_hidden=True, return_aux=True)
+            mtp_logits = model.mtp_logits(h[:, :-1], ids[:, 1:])
+            kls = [a.index_kl[0] for a in aux if a.index_kl is not None]
+            loss = (torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+                    + torch.nn.functional.cross_entropy(mtp_logits[:, :-1].flatten(0, 1).float(), ids[:, 2:].flatten())
+                    + 0.1 * torch.stack(kls).sum())
+            loss.backward()
+            results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                            if p.grad is not None}))
+    finally:
+        ops.set_backend(None)
+    (l0, g0), (l1, g1) = results
+    assert len(g0) > 20
+    assert rel(l1, l0) < 1e-6
+    for name in g0.keys() | g1.keys():   # a compressor with no entry yet: no gradient, or a zero one
+        a, b = g1.get(name), g0.get(name)
+        if a is None or b is None:
+            assert (a if b is None else b).abs().max() == 0, name
+        else:
+            assert rel(a, b) < 1e-4, name
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_fused_hc_pre_and_post_equal_twins(dtype):
     from dsv4.kernels import mhc as k
@@ -313,6 +350,45 @@ def test_norm_rope_equals_twin(dtype, case):
         assert rel(got, ops.apply_rope(base, c, s_)) < 1e-5
     if dtype == torch.bfloat16:   # same rounding points as the twin: bitwise up to an ulp
         assert (got.cpu().float() - want.float()).abs().max() <= 2 * want.float().abs().max() * 2 ** -8
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", ["q", "kv", "derotate", "norm", "entries"])
+def test_norm_rope_gradients_equal_float64_autograd(dtype, case):
+    g = torch.Generator().manual_seed(13)
+    B, S, H, Dh, Dr = 2, 5, 3, 64, 16
+    x = torch.randn((B, S, H, Dh) if case in ("q", "derotate") else (B, S, Dh), generator=g, dtype=torch.float64)
+    w = (1 + 0.3 * torch.randn(Dh, generator=g, dtype=torch.float64))
+    gy = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    pos = torch.randint(0, 300_000, (B, S), generator=g)
+    freqs = 10000.0 ** -(torch.arange(Dr // 2, dtype=torch.float64) / (Dr // 2))
+    rope = ops.Rope(pos, freqs, stride=4 if case == "entries" else 1)
+    weight, eps, r = {"q": (None, 1e-6, rope), "kv": (w, 1e-6, rope), "derotate": (None, None, rope.inverse()),
+                      "norm": (w, 1e-6, None), "entries": (w, 1e-6, rope)}[case]
+
+    def grads(xx, ww, rr, fn):
+        xx = xx.detach().requires_grad_()
+        ww = ww.detach().requires_grad_() if ww is not None else None
+        y = fn(xx, ww, eps, rr)
+        (y.double() * gy.to(y.device)).sum().backward()
+        return y, xx.grad, (ww.grad if ww is not None else None)
+
+    # float64 autograd of the twin, with the fp32 angles the kernel forms (cos/sin of them in float64)
+    def reference(xx, ww, ee, rr):
+        y = ops.norm_rope_torch(xx, ww, ee, None)
+        if rr is None:
+            return y
+        a = ((rr.pos * rr.stride).float().unsqueeze(-1) * rr.freqs.float()).double()
+        return ops.apply_rope(y, a.cos(), a.sin() * rr.sign)
+
+    want = grads(x, weight, r, reference)
+    dev_rope = None if r is None else ops.Rope(r.pos.to(DEV), r.freqs.float().to(DEV), r.stride, r.sign)
+    got = grads(x.to(DEV, dtype), None if weight is None else weight.float().to(DEV), dev_rope, ops.norm_rope_triton)
+    assert got[0].grad_fn is not None and "NormRope" in type(got[0].grad_fn).__name__   # the kernel's backward
+    t = 1e-5 if dtype == torch.float32 else 2e-2
+    assert got[1].dtype == dtype and rel(got[1], want[1]) < t
+    if weight is not None:
+        assert got[2].dtype == torch.float32 and rel(got[2], want[2]) < t
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -430,3 +506,115 @@ def test_expert_gemv_equals_loop_reference_and_float64(dtype, limit):
     want2 = ops.moe_experts_loop(x, idx2.clamp(0, E - 1), weight * keep, w1, w2, w3, limit)
     got2 = moe_gemv.experts_gemv(cast(x), idx2.to(DEV), weight.float().to(DEV), cast(w1), cast(w2), cast(w3), limit)
     assert rel(got2, want2) < tol(dtype)
+
+
+def hc_case(B=2, S=5, n=4, D=96, seed=14):
+    """Random mHC inputs in float64 (D not a multiple of the column blocks, B·S of the token blocks) and
+    random output gradients: hc_pre's (h, fn, scale, base) and (dx, dpost, dcomb), hc_post's (f, post,
+    comb) and its output gradient."""
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    pre_in = (r(B, S, n, D), r((2 + n) * n, n * D) / (n * D) ** 0.5,
+              torch.rand(3, generator=g, dtype=torch.float64) + 0.5, r((2 + n) * n))
+    pre_grads = (r(B, S, D), r(B, S, n), r(B, S, n, n))
+    post_in = (r(B, S, D), 2 * torch.rand(B, S, n, generator=g, dtype=torch.float64),
+               torch.rand(B, S, n, n, generator=g, dtype=torch.float64))
+    return pre_in, pre_grads, post_in, r(B, S, n, D)
+
+
+def _outs_and_grads(fn, inputs, grads, static=()):
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    outs = fn(*leaves, *static)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    got = torch.autograd.grad([o for o in outs], leaves, [w.to(o.dtype) for o, w in zip(outs, grads)])
+    return outs, got
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hc_post_gradients_equal_twin_and_float64(dtype):
+    (h, *_), _, (f, post, comb), gout = hc_case()
+    # f and h in the model dtype, post and comb fp32; the same rounded values for every reference
+    inputs = [f.to(DEV, dtype), h.to(DEV, dtype), post.float().to(DEV), comb.float().to(DEV)]
+    gout = gout.to(DEV, dtype)
+    outs, got = _outs_and_grads(ops.hc_post_triton, inputs, [gout])
+    assert type(outs[0].grad_fn).__name__ == "_HcPostFnBackward"
+    t_outs, twin = _outs_and_grads(ops.hc_post_torch, inputs, [gout])
+    d_outs, want = _outs_and_grads(ops.hc_post_torch, [t.double() for t in inputs], [gout.double()])
+    assert outs[0].dtype == dtype and rel(outs[0], d_outs[0]) < tol(dtype) and rel(outs[0], t_outs[0]) < tol(dtype)
+    t = 1e-5 if dtype == torch.float32 else tol(dtype)
+    for name, a, b, c, x in zip(("df", "dh", "dpost", "dcomb"), got, twin, want, inputs):
+        assert a.dtype == x.dtype and a.shape == x.shape, name
+        assert rel(a, b) < t and rel(a, c) < t, name
+    # the D reduction split over programs (partial sums per slice), small token blocks
+    again = mhc.hc_post_backward(gout, *inputs, block_t=4, block_d=32, programs=264)
+    for name, a, c in zip(("df", "dh", "dpost", "dcomb"), again, want):
+        assert rel(a, c) < t, name
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hc_pre_gradients_equal_twin_and_float64(dtype):
+    (h, fn, scale, base), grads, *_ = hc_case()
+    static = (4, 20, 1e-6, 1e-6)
+    inputs = [h.to(DEV, dtype), fn.float().to(DEV), scale.float().to(DEV), base.float().to(DEV)]
+    grads = [gr.to(DEV, dtype if i == 0 else torch.float32) for i, gr in enumerate(grads)]
+    outs, got = _outs_and_grads(ops.hc_pre_triton, inputs, grads, static)
+    assert type(outs[0].grad_fn).__name__ == "_HcPreFnBackward"
+    t_outs, twin = _outs_and_grads(ops.hc_pre_torch, inputs, grads, static)
+    d_outs, want = _outs_and_grads(ops.hc_pre_torch, [t.double() for t in inputs], [gr.double() for gr in grads],
+                                   static)
+    assert outs[0].dtype == dtype and outs[1].dtype == outs[2].dtype == torch.float32
+    for name, a, b, c in zip(("x", "post", "comb"), outs, t_outs, d_outs):
+        assert rel(a, b) < tol(dtype) and rel(a, c) < tol(dtype), name
+    t = 1e-5 if dtype == torch.float32 else tol(dtype)
+    for name, a, b, c, x in zip(("dh", "dfn", "dscale", "dbase"), got, twin, want, inputs):
+        assert a.dtype == x.dtype and a.shape == x.shape, name
+        assert rel(a, b) < t and rel(a, c) < t, name
+
+
+def test_hc_pre_backward_split_over_programs():
+    # the dpre reduction split over slices of D, dfn's over slices of tokens (37 tokens, blocks of 16),
+    # against float64 autograd of the twin
+    (h, fn, scale, base), grads, *_ = hc_case(B=1, S=37, seed=15)
+    n = 4
+    inputs = [h.float().to(DEV), fn.float().to(DEV), scale.float().to(DEV), base.float().to(DEV)]
+    _, want = _outs_and_grads(ops.hc_pre_torch, [t.double() for t in inputs], [gr.to(DEV) for gr in grads],
+                              (n, 20, 1e-6, 1e-6))
+    x, post, comb, saved = mhc.hc_pre(*inputs, n, 20, 1e-6, 1e-6, save=True)
+    got = mhc.hc_pre_backward(*inputs, saved, n, 20, 1e-6, *[gr.float().to(DEV) for gr in grads], block_t=16,
+                              block_d=32, programs=264)
+    for name, a, b in zip(("dh", "dfn", "dscale", "dbase"), got, want):
+        assert rel(a, b) < 1e-5, name
+
+
+def test_hc_entry_points_with_gradients_take_the_kernels():
+    (h, fn, scale, base), grads, (f, post, comb), gout = hc_case(S=3, D=64, seed=16)
+    pre_in = [t.float().to(DEV).requires_grad_() for t in (h, fn, scale, base)]
+    post_in = [t.float().to(DEV).requires_grad_() for t in (f, h, post, comb)]
+    x, p, c = ops.hc_pre_triton(*pre_in, 4, 20, 1e-6, 1e-6)
+    out = ops.hc_post_triton(*post_in)
+    assert all(type(o.grad_fn).__name__ == "_HcPreFnBackward" for o in (x, p, c))
+    assert type(out.grad_fn).__name__ == "_HcPostFnBackward"
+    # only some inputs needing gradients (here the mHC parameters alone) take the kernels too
+    x2, _, _ = ops.hc_pre_triton(pre_in[0].detach(), *pre_in[1:], 4, 20, 1e-6, 1e-6)
+    assert type(x2.grad_fn).__name__ == "_HcPreFnBackward"
+    (dfn,) = torch.autograd.grad((x2 * grads[0].float().to(DEV)).sum(), [pre_in[1]])
+    _, (want,) = _outs_and_grads(lambda a: ops.hc_pre_torch(pre_in[0].detach(), a, *pre_in[2:], 4, 20, 1e-6, 1e-6)[0],
+                                 [pre_in[1]], [grads[0].float().to(DEV)])
+    assert rel(dfn, want) < 1e-5
+    # autocast does not change the math (fp32 regions, as the twins)
+    with torch.autocast(DEV, dtype=torch.bfloat16):
+        xa, _, _ = ops.hc_pre_triton(*pre_in, 4, 20, 1e-6, 1e-6)
+        outa = ops.hc_post_triton(*post_in)
+    assert torch.equal(xa, x) and torch.equal(outa, out)
+    # without gradients: the forward kernels, no graph; streams not a power of two: the twins
+    with torch.no_grad():
+        assert ops.hc_pre_triton(*pre_in, 4, 20, 1e-6, 1e-6)[0].grad_fn is None
+    h3 = pre_in[0][:, :, :3].detach().requires_grad_()
+    try:
+        ops.set_backend("hc_split_sinkhorn=torch")     # (the Sinkhorn kernel takes powers of two alone)
+        x3, _, _ = ops.hc_pre_triton(h3, fn[:15, :3 * 64].float().to(DEV), pre_in[2], pre_in[3][:15], 3, 20, 1e-6, 1e-6)
+    finally:
+        ops.set_backend(None)
+    assert "HcPre" not in type(x3.grad_fn).__name__
+    out3 = ops.hc_post_triton(post_in[0], h3, post_in[2][..., :3], post_in[3][..., :3, :3])
+    assert "HcPost" not in type(out3.grad_fn).__name__

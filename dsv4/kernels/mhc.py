@@ -1,7 +1,8 @@
 """mHC mixing coefficients (twin: `dsv4.ops.hc_split_sinkhorn_torch`): sigmoid pre/post gates and the
 Sinkhorn projection of the n×n stream-mixing matrix, all iterations in registers in one launch (the
 PyTorch form launches ~4 small kernels per iteration). One program handles BLOCK tokens; the n×n
-matrices are held as [BLOCK, n, n] (n a power of two).
+matrices are held as [BLOCK, n, n] (n a power of two). hc_pre and hc_post have backward kernels too
+(`hc_pre_backward`, `hc_post_backward`, used by the autograd Functions in `dsv4.ops`).
 """
 from __future__ import annotations
 
@@ -101,8 +102,10 @@ def _hc_mix_kernel(H, FN, SS, MIX, N_TOK, D, K_PER,
 @triton.jit
 def _hc_finish_kernel(H, SS, MIX, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLIT, eps, norm_eps,
                       ITERS: tl.constexpr, NS: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr,
-                      BLOCK_D: tl.constexpr, SPLIT_BLOCK: tl.constexpr):
-    """hc_pre, part 2: the slices' sums, RMS scaling, gates, Sinkhorn, then x = Σ_j pre_j h_j."""
+                      BLOCK_D: tl.constexpr, SPLIT_BLOCK: tl.constexpr, MIXES=None, RHO=None, PRE=None):
+    """hc_pre, part 2: the slices' sums, RMS scaling, gates, Sinkhorn, then x = Σ_j pre_j h_j.
+    With MIXES (and RHO, PRE) given, also stores what the backward pass needs: the scaled mix logits
+    [T, (2+N)·N], rho [T] and pre [T, N] (None: not compiled in)."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     tm = t < N_TOK
     ND = NS * D
@@ -132,6 +135,12 @@ def _hc_finish_kernel(H, SS, MIX, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLIT, 
     pre = tl.sigmoid(pre_l * s0 + tl.load(BASE + i)[None, :]) + eps
     post = 2 * tl.sigmoid(post_l * s1 + tl.load(BASE + NS + i)[None, :])
     tl.store(POST + t[:, None] * NS + i[None, :], post, mask=tm[:, None])
+    if MIXES is not None:
+        mrow = MIXES + t.to(tl.int64)[:, None] * ((2 + NS) * NS)
+        tl.store(mrow + r2[None, :], pp * rho[:, None], mask=tm[:, None])
+        tl.store(mrow + 2 * NS + rc[None, :], cc * rho[:, None], mask=tm[:, None])
+        tl.store(RHO + t, rho, mask=tm)
+        tl.store(PRE + t[:, None] * NS + i[None, :], pre, mask=tm[:, None])
     jk = i[:, None] * NS + i[None, :]
     c = tl.reshape(cc * rho[:, None], [BLOCK_T, NS, NS]) * s2 + tl.load(BASE + 2 * NS + jk)[None, :, :]
     c = _sinkhorn(c, eps, ITERS)
@@ -147,8 +156,9 @@ def _hc_finish_kernel(H, SS, MIX, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLIT, 
 
 
 def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = None, block_k: int | None = None,
-           programs: int | None = None, finish_block_t: int | None = None):
-    """x [.., D] (h's dtype), post [.., N], comb [.., N, N] fp32 from streams h [.., N, D]. The mix GEMV is
+           programs: int | None = None, finish_block_t: int | None = None, save: bool = False):
+    """x [.., D] (h's dtype), post [.., N], comb [.., N, N] fp32 from streams h [.., N, D]; with `save`, also
+    (mixes [T, (2+N)·N], rho [T], pre [T, N]) fp32 for `hc_pre_backward`. The mix GEMV is
     split over enough slices of N·D to give ~`programs` programs (one slice when tokens are many).
     Under the interpreter the defaults are few large programs (its cost is per program and per op).
     On sm90 (`bench/ptxas_report.py`): the mix at 16 tokens uses 138 registers, the finish at 8 tokens 168, no spills
@@ -167,6 +177,9 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
     x = torch.empty(T, D, device=h.device, dtype=h.dtype)
     post = torch.empty(T, n, device=h.device, dtype=torch.float32)
     comb = torch.empty(T, n, n, device=h.device, dtype=torch.float32)
+    saved = (torch.empty(T, (2 + n) * n, device=h.device, dtype=torch.float32),
+             torch.empty(T, device=h.device, dtype=torch.float32),
+             torch.empty(T, n, device=h.device, dtype=torch.float32)) if save else (None, None, None)
     if T:
         nd = n * D
         if T < 16:
@@ -190,8 +203,10 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
             hv, ss, mix, scale.float().contiguous(), base.float().contiguous(), x, post, comb, T, D, split, eps,
             norm_eps, ITERS=iters, NS=n, NP=n_pad, BLOCK_T=finish_block_t,
             BLOCK_D=min(max(128, 1024 // finish_block_t), triton.next_power_of_2(D)),
-            SPLIT_BLOCK=min(64 // finish_block_t if finish_block_t < 64 else 1, triton.next_power_of_2(split)))
-    return x.view(*lead, D), post.view(*lead, n), comb.view(*lead, n, n)
+            SPLIT_BLOCK=min(64 // finish_block_t if finish_block_t < 64 else 1, triton.next_power_of_2(split)),
+            MIXES=saved[0], RHO=saved[1], PRE=saved[2])
+    out = x.view(*lead, D), post.view(*lead, n), comb.view(*lead, n, n)
+    return (*out, saved) if save else out
 
 
 @triton.jit
@@ -322,3 +337,216 @@ def split_sinkhorn_backward(mixes, scale, base, n, iters, eps, dpre, dpost, dcom
                                       dmix, dsb, T, eps, ITERS=iters, NS=n, BLOCK=block)
     sums = dsb.sum(0)
     return dmix.view(*lead, width), sums[:3], sums[3:]
+
+
+# ----------------------------------------------------------------------------- backward of hc_post and hc_pre
+# Reductions over D are split over programs only when tokens are few (partial sums per slice of D, summed
+# afterwards in a fixed order: deterministic, no atomics); with many tokens one program per token block
+# loops over all of D.
+def _split(n_items: int, block: int, other_programs: int, programs: int) -> tuple[int, int]:
+    """(items per slice, slices): `n_items` cut into block-multiple slices, enough of them to give about
+    `programs` programs beside `other_programs` (one slice when those are already enough)."""
+    split = max(1, min(triton.cdiv(programs, other_programs), triton.cdiv(n_items, block)))
+    per = triton.cdiv(triton.cdiv(n_items, split), block) * block
+    return per, triton.cdiv(n_items, per)
+
+
+@triton.jit
+def _hc_post_bwd_kernel(G, F, H, POST, COMB, DF, DH, DPOST, DCOMB, N_TOK, D, D_PER, NS: tl.constexpr,
+                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Gradients of `_hc_post_kernel` for BLOCK_T tokens over one slice [D_PER·s, D_PER·(s+1)) of D, one
+    pass over g, f, h: df = Σ_k post_k g_k and dh_j = Σ_k comb[j, k] g_k stored per column block;
+    dpost_k = Σ_d g_k f and dcomb[j, k] = Σ_d h_j g_k summed over the slice (partial sums per slice).
+    The output streams k one at a time (g_k [BT, BD]), so that every product is at most [BT, N, BD] and
+    every sum runs over the columns (a [BT, N, N, BD] product took 2-6x longer on the H200)."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    sp = tl.program_id(1)
+    tm = t < N_TOK
+    i = tl.arange(0, NS)
+    t64 = t.to(tl.int64)
+    dpost = tl.zeros([BLOCK_T, NS], tl.float32)
+    dcomb = tl.zeros([BLOCK_T, NS, NS], tl.float32)                                    # [BT, N(j), N(k)]
+    dd = tl.arange(0, BLOCK_D)
+    d_hi = tl.minimum(D, (sp + 1) * D_PER)
+    for d0 in range(sp * D_PER, d_hi, BLOCK_D):
+        d = d0 + dd
+        dm = d < d_hi
+        m2 = tm[:, None] & dm[None, :]
+        m3 = tm[:, None, None] & dm[None, None, :]
+        off = t64[:, None, None] * (NS * D) + i[None, :, None] * D + d[None, None, :]
+        hv = tl.load(H + off, mask=m3, other=0.0).to(tl.float32)                       # [BT, N(j), BD]
+        fv = tl.load(F + t64[:, None] * D + d[None, :], mask=m2, other=0.0).to(tl.float32)    # [BT, BD]
+        df = tl.zeros([BLOCK_T, BLOCK_D], tl.float32)
+        dh = tl.zeros([BLOCK_T, NS, BLOCK_D], tl.float32)
+        for k in tl.static_range(NS):
+            gk = tl.load(G + t64[:, None] * (NS * D) + k * D + d[None, :], mask=m2, other=0.0).to(tl.float32)
+            pk = tl.load(POST + t64 * NS + k, mask=tm, other=0.0)                                 # [BT]
+            ck = tl.load(COMB + t64[:, None] * (NS * NS) + i[None, :] * NS + k, mask=tm[:, None], other=0.0)
+            df += pk[:, None] * gk
+            dh += ck[:, :, None] * gk[:, None, :]
+            dpost += tl.where(i[None, :] == k, tl.sum(gk * fv, 1)[:, None], 0.0)
+            dcomb += tl.where(i[None, None, :] == k, tl.sum(hv * gk[:, None, :], 2)[:, :, None], 0.0)
+        tl.store(DF + t64[:, None] * D + d[None, :], df.to(DF.dtype.element_ty), mask=m2)
+        tl.store(DH + off, dh.to(DH.dtype.element_ty), mask=m3)
+    base = (sp * N_TOK + t).to(tl.int64)
+    tl.store(DPOST + base[:, None] * NS + i[None, :], dpost, mask=tm[:, None])
+    tl.store(DCOMB + base[:, None, None] * (NS * NS) + i[None, :, None] * NS + i[None, None, :], dcomb,
+             mask=tm[:, None, None])
+
+
+def hc_post_backward(grad, f, residual, post, comb, block_t: int | None = None, block_d: int = 256,
+                     programs: int | None = None):
+    """(df, dh, dpost, dcomb) of `hc_post` given the gradient of its output: df in f's dtype, dh in the
+    residual's, dpost and dcomb fp32; shapes of the inputs. H200, 4,096 tokens × 4 × 4,096 bf16: 131 µs at
+    4 tokens × 256 columns (3.6 TB/s of g, h, f, dh, df), 150 µs at 4 × 128 or 8 × 128; forward + backward
+    0.43 ms against 3.15 for the twin's autograd."""
+    block_t = block_t or (64 if INTERPRET else 4)
+    programs = programs or (1 if INTERPRET else 264)
+    n, D = residual.shape[-2:]
+    hv = residual.reshape(-1, n, D).contiguous()
+    T = hv.shape[0]
+    g = grad.reshape(T, n, D).contiguous()
+    fv = f.reshape(T, D).contiguous()
+    df = torch.empty_like(fv)
+    dh = torch.empty_like(hv)
+    bd = min(block_d, triton.next_power_of_2(D))
+    tb = triton.cdiv(T, block_t)
+    d_per, split = _split(D, bd, max(tb, 1), programs)
+    dpost = torch.empty(split, T, n, device=hv.device, dtype=torch.float32)
+    dcomb = torch.empty(split, T, n, n, device=hv.device, dtype=torch.float32)
+    if T:
+        _hc_post_bwd_kernel[(tb, split)](g, fv, hv, post.reshape(T, n).float().contiguous(),
+                                         comb.reshape(T, n, n).float().contiguous(), df, dh, dpost, dcomb, T, D,
+                                         d_per, NS=n, BLOCK_T=block_t, BLOCK_D=bd)
+    dpost = dpost[0] if split == 1 else dpost.sum(0)
+    dcomb = dcomb[0] if split == 1 else dcomb.sum(0)
+    return df.view(f.shape), dh.view(residual.shape), dpost.view(post.shape), dcomb.view(comb.shape)
+
+
+@triton.jit
+def _hc_pre_dpre_kernel(DX, H, DPRE, N_TOK, D, D_PER, NS: tl.constexpr, BLOCK_T: tl.constexpr,
+                        BLOCK_D: tl.constexpr):
+    """hc_pre backward, part 1: dpre_n = Σ_d dx · h_n for BLOCK_T tokens over one slice of D (partial
+    sums per slice)."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    sp = tl.program_id(1)
+    tm = t < N_TOK
+    i = tl.arange(0, NS)
+    t64 = t.to(tl.int64)
+    acc = tl.zeros([BLOCK_T, NS], tl.float32)
+    dd = tl.arange(0, BLOCK_D)
+    d_hi = tl.minimum(D, (sp + 1) * D_PER)
+    for d0 in range(sp * D_PER, d_hi, BLOCK_D):
+        d = d0 + dd
+        dm = d < d_hi
+        hv = tl.load(H + t64[:, None, None] * (NS * D) + i[None, :, None] * D + d[None, None, :],
+                     mask=tm[:, None, None] & dm[None, None, :], other=0.0).to(tl.float32)     # [BT, N, BD]
+        dx = tl.load(DX + t64[:, None] * D + d[None, :], mask=tm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(hv * dx[:, None, :], 2)
+    tl.store(DPRE + (sp * N_TOK + t).to(tl.int64)[:, None] * NS + i[None, :], acc, mask=tm[:, None])
+
+
+@triton.jit
+def _hc_pre_dz_kernel(DMIX, MIXES, RHO, DZ, C, N_TOK, ND, WIDTH: tl.constexpr, NP: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """hc_pre backward, part 2 (after the Sinkhorn backward): with mixes = z·rho, z = v·fnᵀ,
+    dz = dmixes·rho (stored as NP columns, zeros past WIDTH) and c = (Σ dmixes·mixes)·rho²/(N·D), the
+    factor of v in the RMS term of dv."""
+    t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tm = t < N_TOK
+    r = tl.arange(0, NP)
+    m = tm[:, None] & (r < WIDTH)[None, :]
+    off = t.to(tl.int64)[:, None] * WIDTH + r[None, :]
+    dmix = tl.load(DMIX + off, mask=m, other=0.0)
+    mix = tl.load(MIXES + off, mask=m, other=0.0)
+    rho = tl.load(RHO + t, mask=tm, other=0.0)
+    tl.store(DZ + t.to(tl.int64)[:, None] * NP + r[None, :], dmix * rho[:, None], mask=tm[:, None])
+    tl.store(C + t, tl.sum(dmix * mix, 1) * rho * rho / ND, mask=tm)
+
+
+@triton.jit
+def _hc_pre_bwd_kernel(DX, H, FN, DZ, C, PRE, DH, DFN, N_TOK, D, T_PER, NS: tl.constexpr, NP: tl.constexpr,
+                       WIDTH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+    """hc_pre backward, part 3, for stream n and one column block of D (program 0's index n fastest, so
+    the N programs of a column block read the same dx), over the tokens of one slice [T_PER·s,
+    T_PER·(s+1)): dh_n = pre_n·dx + dz·fn[:, n·D + d] − c·h_n in one pass over h, and
+    dfn[:, n·D + d] = Σ_t dzᵀ h_n (partial sums per slice of tokens), both as fp32 dots."""
+    n = tl.program_id(0) % NS
+    d = (tl.program_id(0) // NS) * BLOCK_D + tl.arange(0, BLOCK_D)
+    sp = tl.program_id(1)
+    dm = d < D
+    ND = NS * D
+    col = n * D + d
+    r = tl.arange(0, NP)
+    fn = tl.load(FN + r[:, None].to(tl.int64) * ND + col[None, :], mask=(r < WIDTH)[:, None] & dm[None, :],
+                 other=0.0)                                                           # [NP, BD]
+    acc = tl.zeros([NP, BLOCK_D], tl.float32)
+    tt = tl.arange(0, BLOCK_T)
+    t_hi = tl.minimum(N_TOK, (sp + 1) * T_PER)
+    for t0 in range(sp * T_PER, t_hi, BLOCK_T):
+        t = t0 + tt
+        tm = t < t_hi
+        t64 = t.to(tl.int64)
+        m2 = tm[:, None] & dm[None, :]
+        dz = tl.load(DZ + t64[:, None] * NP + r[None, :], mask=tm[:, None], other=0.0)     # [BT, NP]
+        c = tl.load(C + t, mask=tm, other=0.0)
+        pre = tl.load(PRE + t64 * NS + n, mask=tm, other=0.0)
+        hv = tl.load(H + t64[:, None] * ND + col[None, :], mask=m2, other=0.0).to(tl.float32)   # [BT, BD]
+        dx = tl.load(DX + t64[:, None] * D + d[None, :], mask=m2, other=0.0).to(tl.float32)
+        dh = pre[:, None] * dx + tl.dot(dz, fn, input_precision=PREC) - c[:, None] * hv
+        tl.store(DH + t64[:, None] * ND + col[None, :], dh.to(DH.dtype.element_ty), mask=m2)
+        acc += tl.dot(tl.trans(dz), hv, input_precision=PREC)
+    tl.store(DFN + (sp * WIDTH + r[:, None]).to(tl.int64) * ND + col[None, :], acc,
+             mask=(r < WIDTH)[:, None] & dm[None, :])
+
+
+def hc_pre_backward(h, fn, scale, base, saved, n, iters, eps, dx, dpost, dcomb, block_t: int | None = None,
+                    block_d: int | None = None, programs: int | None = None, prec: str | None = None,
+                    sinkhorn_block: int | None = None):
+    """(dh, dfn, dscale, dbase) of `hc_pre` given the gradients of x, post, comb (None = zeros) and the
+    forward's `saved` (mixes, rho, pre) (`hc_pre(..., save=True)`): dh in h's dtype, the others fp32.
+    Two passes over h: dpre (part 1), then the Sinkhorn backward on the [T, (2+N)·N] logits and dz, c
+    (part 2), then dh and dfn together (part 3). Part 3's dots are fp32 as 3 TF32 products ("tf32x3":
+    the same error as the FMA form against float64 here, ~2e-7) on a GPU. H200, 4,096 tokens × 4 × 4,096
+    bf16: part 1 46 µs, the Sinkhorn backward ~100 µs in blocks of 8 tokens (177 µs in blocks of 64),
+    part 3 ~270 µs at 64 tokens × 64 columns (315 at 32 × 64; "ieee" FMA dots at best 336; 64 × 64 shows
+    260 B of spills in ptxas, yet measured fastest); forward + backward 1.18 ms against 3.15 for the twin's
+    autograd, of which the forward's mix GEMV (`_hc_mix_kernel`, fp32 FMA dot) is 0.65 ms."""
+    mixes, rho, pre = saved
+    D = h.shape[-1]
+    hv = h.reshape(-1, n, D).contiguous()
+    T = hv.shape[0]
+    width, nd = (2 + n) * n, n * D
+    n_pad = max(16, triton.next_power_of_2(width))
+    programs = programs or (1 if INTERPRET else 264)
+    prec = prec or ("ieee" if INTERPRET else "tf32x3")
+    sinkhorn_block = sinkhorn_block or (64 if INTERPRET else 8)
+    dx = torch.zeros(T, D, device=h.device, dtype=h.dtype) if dx is None else dx.reshape(T, D).contiguous()
+    # part 1: dpre
+    bt = block_t or (64 if INTERPRET else 8)
+    bd = min(block_d or 128, triton.next_power_of_2(D))
+    tb = triton.cdiv(T, bt)
+    d_per, split = _split(D, bd, max(tb, 1), programs)
+    dpre = torch.empty(split, T, n, device=h.device, dtype=torch.float32)
+    if T:
+        _hc_pre_dpre_kernel[(tb, split)](dx, hv, dpre, T, D, d_per, NS=n, BLOCK_T=bt, BLOCK_D=bd)
+    dpre = dpre[0] if split == 1 else dpre.sum(0)
+    # part 2: Sinkhorn backward, then dz and c
+    dmix, dscale, dbase = split_sinkhorn_backward(mixes, scale, base, n, iters, eps, dpre, dpost, dcomb,
+                                                  block=sinkhorn_block)
+    dz = torch.empty(T, n_pad, device=h.device, dtype=torch.float32)
+    c = torch.empty(T, device=h.device, dtype=torch.float32)
+    if T:
+        _hc_pre_dz_kernel[(triton.cdiv(T, 64),)](dmix, mixes, rho, dz, c, T, nd, WIDTH=width, NP=n_pad, BLOCK=64)
+    # part 3: dh and dfn
+    bt = min(block_t or 64, max(16, triton.next_power_of_2(T)))
+    bd = min(block_d or (128 if INTERPRET else 64), triton.next_power_of_2(D))
+    cols = n * triton.cdiv(D, bd)
+    t_per, tsplit = _split(max(T, 1), bt, cols, programs)
+    dh = torch.empty_like(hv)
+    dfn = (torch.empty if T else torch.zeros)(tsplit, width, nd, device=h.device, dtype=torch.float32)
+    if T:
+        _hc_pre_bwd_kernel[(cols, tsplit)](dx, hv, fn.float().contiguous(), dz, c, pre, dh, dfn, T, D, t_per,
+                                           NS=n, NP=n_pad, WIDTH=width, BLOCK_T=bt, BLOCK_D=bd, PREC=prec)
+    dfn = dfn[0] if tsplit == 1 else dfn.sum(0)
+    return dh.view(h.shape), dfn, dscale, dbase

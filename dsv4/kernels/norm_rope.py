@@ -87,3 +87,98 @@ def norm_rope(x, weight, eps, pos, freqs, stride: int = 1, sign: float = 1.0, bl
                                                      stride, float(sign), DH=Dh, DR2=dr2, NORM=eps is not None,
                                                      WEIGHT=weight is not None, ROPE=rope, BLOCK_R=block_r)
     return out
+
+
+@triton.jit
+def _norm_rope_bwd_kernel(G, X, W, POS, FREQ, DX, DW, R, HEADS, eps, STRIDE, SIGN,
+                          DH: tl.constexpr, DR2: tl.constexpr, NORM: tl.constexpr, WEIGHT: tl.constexpr,
+                          ROPE: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Gradient of `_norm_rope_kernel` for BLOCK_R rows (the casts pass gradients through, as autograd's):
+    the rotation's transpose on the pairs, then dx = rs · (gy·w − x̂ · mean(gy·w·x̂)) with x̂ = x · rs;
+    this block's Σ gy·x̂ over its rows goes to DW[program] (summed after: deterministic)."""
+    pid = tl.program_id(0)
+    r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    rm = r < R
+    d = tl.arange(0, DH)
+    r64 = r.to(tl.int64)
+    NOPE: tl.constexpr = DH - 2 * DR2
+    g = tl.load(G + r64[:, None] * DH + d[None, :], mask=rm[:, None], other=0.0).to(tl.float32)   # [BR, DH]
+    if ROPE:
+        tok = (r // HEADS).to(tl.int64)
+        p = tl.arange(0, DR2)
+        at = (tl.load(POS + tok, mask=rm, other=0) * STRIDE).to(tl.float32)
+        ang = at[:, None] * tl.load(FREQ + p).to(tl.float32)[None, :]
+        c = tl.cos(ang)
+        s = tl.sin(ang) * SIGN
+        pe = r64[:, None] * DH + NOPE + 2 * p[None, :]
+        ge = tl.load(G + pe, mask=rm[:, None], other=0.0).to(tl.float32)
+        go = tl.load(G + pe + 1, mask=rm[:, None], other=0.0).to(tl.float32)
+        ye = ge * c + go * s                      # the rotation's transpose
+        yo = go * c - ge * s
+    if NORM:
+        x = tl.load(X + r64[:, None] * DH + d[None, :], mask=rm[:, None], other=0.0).to(tl.float32)
+        rs = 1.0 / tl.sqrt(tl.sum(x * x, 1) / DH + eps)
+        xh = x * rs[:, None]
+        if WEIGHT:
+            w = tl.load(W + d).to(tl.float32)[None, :]
+        else:
+            w = tl.full((1, DH), 1.0, tl.float32)
+        if ROPE:
+            keep = (d < NOPE)[None, :]
+            xe = tl.load(X + pe, mask=rm[:, None], other=0.0).to(tl.float32) * rs[:, None]
+            xo = tl.load(X + pe + 1, mask=rm[:, None], other=0.0).to(tl.float32) * rs[:, None]
+            if WEIGHT:
+                we = tl.load(W + NOPE + 2 * p).to(tl.float32)[None, :]
+                wo = tl.load(W + NOPE + 2 * p + 1).to(tl.float32)[None, :]
+            else:
+                we = tl.full((1, DR2), 1.0, tl.float32)
+                wo = tl.full((1, DR2), 1.0, tl.float32)
+            gn = tl.where(keep, g, 0.0)
+            dot = tl.sum(gn * w * xh, 1) + tl.sum(ye * we * xe + yo * wo * xo, 1)
+            m = (dot / DH)[:, None]
+            tl.store(DX + r64[:, None] * DH + d[None, :], ((gn * w - xh * m) * rs[:, None]).to(DX.dtype.element_ty),
+                     mask=rm[:, None] & keep)
+            tl.store(DX + pe, ((ye * we - xe * m) * rs[:, None]).to(DX.dtype.element_ty), mask=rm[:, None])
+            tl.store(DX + pe + 1, ((yo * wo - xo * m) * rs[:, None]).to(DX.dtype.element_ty), mask=rm[:, None])
+            if WEIGHT:
+                tl.store(DW + pid * DH + d, tl.sum(gn * xh, 0), mask=d < NOPE)
+                tl.store(DW + pid * DH + NOPE + 2 * p, tl.sum(ye * xe, 0))
+                tl.store(DW + pid * DH + NOPE + 2 * p + 1, tl.sum(yo * xo, 0))
+        else:
+            m = (tl.sum(g * w * xh, 1) / DH)[:, None]
+            tl.store(DX + r64[:, None] * DH + d[None, :], ((g * w - xh * m) * rs[:, None]).to(DX.dtype.element_ty),
+                     mask=rm[:, None])
+            if WEIGHT:
+                tl.store(DW + pid * DH + d, tl.sum(g * xh, 0))
+    else:   # rotation only
+        tl.store(DX + r64[:, None] * DH + d[None, :], g.to(DX.dtype.element_ty), mask=rm[:, None] & (d < NOPE)[None, :])
+        tl.store(DX + pe, ye.to(DX.dtype.element_ty), mask=rm[:, None])
+        tl.store(DX + pe + 1, yo.to(DX.dtype.element_ty), mask=rm[:, None])
+
+
+def norm_rope_backward(grad, x, weight, eps, pos, freqs, stride: int = 1, sign: float = 1.0,
+                       block_r: int | None = None):
+    """(dx in x's dtype, dweight fp32 or None) of `norm_rope(x, weight, eps, pos, freqs, stride, sign)` for
+    the output gradient `grad` (same shape as x)."""
+    Dh = x.shape[-1]
+    block_r = block_r or (128 if INTERPRET else max(1, min(16, 8192 // Dh)))
+    heads = x.shape[2] if x.dim() == 4 else 1
+    xv, gv = x.contiguous(), grad.contiguous()
+    R = xv.numel() // Dh
+    block_r = min(block_r, triton.next_power_of_2(max(R, 1)))
+    rope = pos is not None
+    if eps is None and not rope:
+        return grad.to(x.dtype), None
+    dx = torch.empty_like(xv)
+    n_prog = triton.cdiv(R, block_r)
+    want_dw = weight is not None and eps is not None
+    dw = torch.empty(n_prog, Dh, device=x.device, dtype=torch.float32) if want_dw else dx
+    pv = pos.contiguous() if rope else xv
+    fv = freqs.contiguous() if rope else xv
+    w = weight.contiguous() if weight is not None else xv
+    if R:
+        _norm_rope_bwd_kernel[(n_prog,)](gv, xv, w, pv, fv, dx, dw, R, heads, eps if eps is not None else 0.0,
+                                        stride, float(sign), DH=Dh, DR2=freqs.shape[-1] if rope else 1,
+                                        NORM=eps is not None, WEIGHT=weight is not None, ROPE=rope,
+                                        BLOCK_R=block_r)
+    return dx, (dw.sum(0) if want_dw and R else (torch.zeros(Dh, device=x.device) if want_dw else None))
