@@ -730,9 +730,8 @@ def moe_experts_loop(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w
 
 # ----------------------------------------------------------------------------- Triton entry points
 # Thin adapters from the twins' signatures to `dsv4.kernels` (imported on first use). Gradients: the
-# sparse attention and Sinkhorn have their own backward kernels; the compressor pooling is differentiated
-# by recomputing its twin in the backward pass; the fused mHC and norm/RoPE kernels run without gradients
-# (with gradients the twins run).
+# sparse attention, Sinkhorn, the fused mHC pre/post mixing and norm/RoPE have their own backward kernels;
+# the compressor pooling is differentiated by recomputing its twin in the backward pass.
 def _needs_grad(*ts) -> bool:
     return torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in ts)
 
@@ -765,6 +764,8 @@ class _SinkhornFn(torch.autograd.Function):
 
 
 def hc_split_sinkhorn_triton(mixes, scale, base, n, iters, eps):
+    if not _pow2(n):     # the kernels hold the n×n matrices as power-of-two blocks
+        return hc_split_sinkhorn_torch(mixes, scale, base, n, iters, eps)
     if _needs_grad(mixes, scale, base):
         return _SinkhornFn.apply(mixes, scale, base, n, iters, eps)
     from dsv4.kernels import mhc

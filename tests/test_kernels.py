@@ -610,11 +610,7 @@ def test_hc_entry_points_with_gradients_take_the_kernels():
     with torch.no_grad():
         assert ops.hc_pre_triton(*pre_in, 4, 20, 1e-6, 1e-6)[0].grad_fn is None
     h3 = pre_in[0][:, :, :3].detach().requires_grad_()
-    try:
-        ops.set_backend("hc_split_sinkhorn=torch")     # (the Sinkhorn kernel takes powers of two alone)
-        x3, _, _ = ops.hc_pre_triton(h3, fn[:15, :3 * 64].float().to(DEV), pre_in[2], pre_in[3][:15], 3, 20, 1e-6, 1e-6)
-    finally:
-        ops.set_backend(None)
+    x3, _, _ = ops.hc_pre_triton(h3, fn[:15, :3 * 64].float().to(DEV), pre_in[2], pre_in[3][:15], 3, 20, 1e-6, 1e-6)
     assert "HcPre" not in type(x3.grad_fn).__name__
     out3 = ops.hc_post_triton(post_in[0], h3, post_in[2][..., :3], post_in[3][..., :3, :3])
     assert "HcPost" not in type(out3.grad_fn).__name__
