@@ -165,8 +165,8 @@ def test_index_topk_long_rows_go_to_torch_topk(monkeypatch):
     lo, hi = torch.zeros(1, 3, dtype=torch.int64), torch.tensor([[90, 50, 7]])
     args = [t.to(DEV) for t in (q, k, w, lo, hi)]
     kernel = indexer.topk(*args, 20)
-    monkeypatch.setattr(indexer, "SELECT_MAX_ENTRIES", 64)             # 90 entries, 3 rows: torch.topk
-    assert not indexer.use_select(3, 90) and indexer.use_select(indexer.SELECT_MANY_ROWS, 90)
+    monkeypatch.setattr(indexer, "SELECT_MAX_ENTRIES", 64)             # 90 entries: torch.topk
+    assert not indexer.use_select(3, 90) and indexer.use_select(3, 64)
     fallback = indexer.topk(*args, 20)
     sc = indexer.scores(*args[:5])                 # ReLU zeros tie: compare the chosen scores
     chosen = lambda idx: torch.where(idx >= 0, sc.gather(-1, idx.clamp(min=0).long()), -1e30).sort(-1).values

@@ -9,8 +9,8 @@ The top-k then runs on the score matrix (bf16 scores for bf16 inputs) as a radix
 row (`select`): 8 bits of the scores per pass find the P-th largest value exactly (2 passes for bf16,
 4 for fp32), and a last pass writes the entries above it and the first ties at it, in index order. It
 reads a row 3 (bf16) or 5 times and sorts nothing; `torch.topk` sorts. Only the entries [lo, hi) of a
-row are read. A few very long rows (one decode row at long context) stay with `torch.topk`, which
-spreads one row over many programs.
+row are read. Rows longer than 16K entries (contexts past 64K tokens) stay with `torch.topk`
+(`use_select`).
 """
 from __future__ import annotations
 
@@ -92,15 +92,15 @@ def topk(q, k, w, lo, hi, topk: int, k_rows=None) -> torch.Tensor:
     return torch.where(top.values == float("-inf"), -1, top.indices).to(torch.int32)
 
 
-SELECT_MAX_ENTRIES = 16384   # one program per row: longer rows go to torch.topk unless there are many rows
-SELECT_MANY_ROWS = 256
+SELECT_MAX_ENTRIES = 16384   # rows up to 64K tokens of context (ratio 4); longer rows go to torch.topk
 
 
 def use_select(rows: int, entries: int) -> bool:
-    """Whether the radix-select kernel serves a top-k over `rows` rows of `entries` scores: it runs one
-    program per row, so a few very long rows (decode at long context) are left to `torch.topk`, which
-    spreads one row over the whole GPU."""
-    return entries <= SELECT_MAX_ENTRIES or rows >= SELECT_MANY_ROWS
+    """Whether the radix-select kernel serves a top-k over `rows` rows of `entries` scores. It runs one
+    program per row, reading the row 3-5 times: a few very long rows (decode at long context) are left
+    to `torch.topk`, which spreads one row over the whole GPU, and so are the long rows of prefills
+    past 64K tokens until the kernel is timed there (`bench_kernels.py --only select`)."""
+    return entries <= SELECT_MAX_ENTRIES
 
 
 # ----------------------------------------------------------------------------- top-k by radix select
