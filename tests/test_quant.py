@@ -247,6 +247,111 @@ def test_fp8_kernel_paths(monkeypatch):
         assert relerr(k.fp8_linear(*dev(x, w, s)), ref) <= 1e-5
 
 
+def f64_fp8_linear(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, block=quant.FP8_BLOCK) -> torch.Tensor:
+    """x · (W ⊙ S)ᵀ in float64: the e4m3 bytes through the numpy decoder, e8m0 scales through theirs (fp32
+    scales as they are), every block's scale spread over its rows and columns."""
+    N, K = w.shape
+    wd = torch.from_numpy(np_e4m3(raw_bytes(w)))
+    sd = torch.from_numpy(np_e8m0(raw_bytes(s))) if s.dtype == torch.float8_e8m0fnu else s.double()
+    sd = sd.repeat_interleave(block[0], 0)[:N].repeat_interleave(block[1], 1)[:, :K]
+    return x.double().reshape(-1, K) @ (wd * sd).t()
+
+
+def fp32_scales(s: torch.Tensor, g) -> torch.Tensor:
+    """e8m0 scales times random factors in [0.5, 2): fp32 scales that are not powers of two."""
+    return s.float() * (0.5 + 1.5 * torch.rand(s.shape, generator=g))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("N,K,scales", [(200, 384, "e8m0"), (130, 200, "fp32")])
+@pytest.mark.parametrize("M", [1, 2, 3, 4])
+def test_fp8_gemv_matches_twin_and_float64(M, N, K, scales, dtype):
+    """The decode GEMV (one launch carries up to 4 rows of x) against the twin and float64, with N and K
+    off the 128 blocks (masked rows, columns and scale blocks), e8m0 and fp32 scales."""
+    from dsv4.kernels.fp8_gemm import fp8_gemv
+
+    g = torch.Generator().manual_seed(100 * M + N + K)
+    w, s = rand_fp8(N, K, g)
+    if scales == "fp32":
+        s = fp32_scales(s, g)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    ref = f64_fp8_linear(x, w, s)
+    twin = ops.fp8_linear_torch(x, w, s)
+    out = fp8_gemv(x.to(KDEV), w.to(KDEV), s.to(KDEV))
+    assert out.dtype == dtype and out.shape == (M, N)
+    assert relerr(twin, ref) <= TOL[dtype]
+    assert relerr(out, ref) <= KTOL[dtype] and relerr(out, twin) <= KTOL[dtype]
+
+
+def test_fp8_gemv_launch_variants(monkeypatch):
+    """Tile variants (a chunk of several scale blocks, chunks smaller than a scale block, one-row
+    programs), non-contiguous x (row stride, column stride, leading dims), 64x64 blocks, more rows than
+    one launch carries, the native e4m3 conversion: all give the float64 result."""
+    import dsv4.kernels.fp8_gemm as k
+
+    g = torch.Generator().manual_seed(7)
+    N, K = 36, 200                                  # few programs even at one row each (interpreter time)
+    w, s = rand_fp8(N, K, g)
+    s32 = fp32_scales(s, g)
+    dev = lambda *t: [a.to(KDEV) for a in t]                                            # noqa: E731
+    base = torch.randn(3, K + 40, generator=g)
+    x = base[:, 8:8 + K]                                                                # row stride K + 40
+    assert not x.is_contiguous()
+    ref = f64_fp8_linear(x, w, s)
+    for tiles in (dict(BN=8, BK=256), dict(BN=2, BK=64), dict(BN=1, BK=512), dict(BN=128, BK=128),
+                  dict(BN=16, BK=128, num_warps=2)):
+        assert relerr(k.fp8_gemv(*dev(x, w, s), **tiles), ref) <= 1e-5, tiles
+    assert relerr(k.fp8_gemv(*dev(x, w, s32), BN=8, BK=256), f64_fp8_linear(x, w, s32)) <= 1e-5
+    xc = torch.randn(2, 2 * K, generator=g)[:, ::2]                                     # column stride 2
+    assert relerr(k.fp8_gemv(*dev(xc, w, s)), f64_fp8_linear(xc, w, s)) <= 1e-5
+    x3 = torch.randn(2, 1, K, generator=g).to(torch.bfloat16)                            # [2, 1, K]: M = 2
+    out3 = k.fp8_gemv(*dev(x3, w, s))
+    assert out3.shape == (2, 1, N) and relerr(out3.reshape(2, N), f64_fp8_linear(x3, w, s)) <= KTOL[torch.bfloat16]
+    w64, s64 = rand_fp8(70, K, g, block=(64, 64))
+    x2 = torch.randn(2, K, generator=g)
+    assert relerr(k.fp8_gemv(*dev(x2, w64, s64), block=(64, 64)), f64_fp8_linear(x2, w64, s64, (64, 64))) <= 1e-5
+    x6 = torch.randn(6, K, generator=g)                                                 # two launches (4 + 2 rows)
+    assert relerr(k.fp8_gemv(*dev(x6, w, s)), f64_fp8_linear(x6, w, s)) <= 1e-5
+    with pytest.raises(ValueError, match="BN must be a power of two"):
+        k.fp8_gemv(*dev(x2, w64, s64), block=(64, 64), BN=128)                         # rows over two scale rows
+    if k.INTERPRET:
+        monkeypatch.setattr(k, "_native_fp8", lambda device: True)
+        assert relerr(k.fp8_gemv(*dev(x, w, s)), ref) <= 1e-5
+
+
+class _LaunchSpy:
+    """Stands in for a Triton kernel and counts its launches, which run the real kernel."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+def test_fp8_small_m_takes_the_gemv(monkeypatch):
+    """Up to GEMV_MAX_ROWS rows of x, `fp8_linear` (through the 'triton' backend entry) is one GEMV launch
+    and no tiled one; a row more goes to the tiled kernel. The forced tiled path at M = 1 (what the GEMV
+    replaced) still agrees."""
+    import dsv4.kernels.fp8_gemm as k
+
+    g = torch.Generator().manual_seed(11)
+    w, s = rand_fp8(130, 200, g)
+    dev = lambda *t: [a.to(KDEV) for a in t]                                            # noqa: E731
+    for M in (1, k.GEMV_MAX_ROWS, k.GEMV_MAX_ROWS + 1):
+        gemv, tiled = _LaunchSpy(k._fp8_gemv_kernel), _LaunchSpy(k._fp8_gemm_kernel)
+        monkeypatch.setattr(k, "_fp8_gemv_kernel", gemv)
+        monkeypatch.setattr(k, "_fp8_gemm_kernel", tiled)
+        x = torch.randn(M, 200, generator=g)
+        out = ops.fp8_linear_triton(*dev(x, w, s))
+        assert relerr(out, f64_fp8_linear(x, w, s)) <= 1e-5
+        assert (gemv.launches, tiled.launches) == ((1, 0) if M <= k.GEMV_MAX_ROWS else (0, 1)), M
+        monkeypatch.undo()
+    x = torch.randn(1, 200, generator=g)
+    assert relerr(k._fp8_gemm(*dev(x, w, s), 128, 128, path="tiled"), f64_fp8_linear(x, w, s)) <= 1e-5
+
+
 def test_fp8_kernel_rejects_bad_inputs():
     from dsv4.kernels.fp8_gemm import fp8_linear
 

@@ -12,12 +12,37 @@ Portability: only `tl.dot` and integer/float arithmetic. e4m3 is decoded with in
 GPUs before sm89 (and under the interpreter); sm89+ uses the native fp8 conversion. No TMA, no
 wgmma-specific API, so it runs on A100, L40 and consumer GPUs as well as Hopper.
 
-Small M (decode) splits K over several programs (fp32 partial sums in a workspace, summed after:
-deterministic) so that a matrix of a few thousand rows still spreads over every SM.
+Decode-sized inputs (M <= `GEMV_MAX_ROWS` = 2 rows) take a GEMV instead, `_fp8_gemv_kernel`: one launch,
+no `tl.dot`, no workspace, no atomics (deterministic). A 16-row dot tile wastes 14..15 of its rows and,
+with a few thousand output rows, occupies too few SMs, so the tiled path splits K into an fp32
+workspace summed afterwards (two or three launches). The GEMV spreads the work over N instead: each
+program owns BN output rows (BN a power of two dividing the scale block's rows, so that the program's
+rows share one row of scales) and loops over all of K in chunks of BK. A thread reads 16 contiguous
+weight bytes at a time (one 16-byte load), decodes them, sums their 16 products with x in fp32 in its
+registers and multiplies that partial sum by the run's block scale (so one scale multiply per 16
+weights, exact for e8m0); each row of x has its own accumulator [BN, BK/16], reduced across K once
+after the loop, and the weight tile is decoded once for all rows (up to `GEMV_ROWS` = 4 per launch).
+
+Why 2 rows: per weight byte the GEMV spends a decode, one FMA per row of x and x's conversion, and an
+H200 SM issues only ~8 instructions per byte it can stream from HBM (128 lanes per clock against ~16 B
+per clock), so its cost grows with M while the dot tile's is flat up to 16 rows. Measured on an H200
+(`bench/probe_fp8_gemv.py`, weights cycled through more than L2 holds): at M = 1 and 2 the GEMV beats
+the tiled path on all four V4-Flash decode shapes (M = 1, default tiles: wq_a 1024x4096 3.5 against
+9.2 us, wq_b 32768x1024 13.1 against 17.0, wkv 512x4096 2.9 against 9.1, wo_b 4096x8192 11.9 against
+22.1; M = 2: 5.4, 15.7, 3.4, 16.1 against 9.1, 16.8, 8.8, 22.1); at M = 4 it still wins on the two
+small matrices but loses on the two large ones (wq_b 29 against 17 us, wo_b 30 against 22, and no
+variant did better than 27 and 28). `fp8_gemv` runs the GEMV at any M.
+
+The default tiles (`_gemv_tiles`): BN the largest power of two (at most 32) with N / BN >= 6·SMs (6 to
+12 programs per SM; fewer programs of more rows measured slower), BK filling a tile of 4096
+weights (32 per thread at 4 warps) — V4-Flash wkv (512 x 4096) runs 512 one-row programs over the
+whole of K, wo_b (4096 x 8192) 1024 programs of 4 rows in chunks of 1024 columns. `GEMV_VARIANTS`
+lists other launch shapes, run through `fp8_gemv(..., **variant)` and timed by the same script.
 
 Under `TRITON_INTERPRET=1` (CPU tests) the dot runs in fp32 (the interpreter's bf16 dot is wrong)
-with one small tile configuration. The kernels use only core `tl` builtins, none of the `@jit` helpers
-of `triton.language.standard` (`tl.cdiv`, `tl.zeros`, `tl.sigmoid`): those are compiled-mode functions
+and each path has one small tile configuration. The kernels use only core `tl` builtins and `tl.sum`
+(which runs in the interpreter: the GEMV tests use it), none of the other `@jit` helpers of
+`triton.language.standard` (`tl.cdiv`, `tl.zeros`, `tl.sigmoid`): those are compiled-mode functions
 when triton was imported before TRITON_INTERPRET was set (torch imports it), and fail in the interpreter.
 """
 from __future__ import annotations
@@ -96,6 +121,64 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, k_per_split,
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
+                     ROWS: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr, SCALE_E8M0: tl.constexpr,
+                     NATIVE_FP8: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """y[r, n-tile] = Σ_k x[r, k] · s[n // SBN, k // SBK] · Wq[n, k] for the ROWS (1..4) rows of x.
+
+    A chunk of BK columns is a [BN, J, 16] tile: J = BK / 16 runs of 16 bytes, each one 16-byte load by
+    one thread and inside one scale block (SBK >= 16). A run's 16 products are summed in the thread (an
+    FMA chain), then its block scale multiplies that partial sum (exact for e8m0) into acc_r [BN, J];
+    the program's BN rows lie in one scale row-block (SBN % BN == 0). One accumulator per row of x, so
+    the weight tile is decoded once for all rows; the J lanes are reduced once, after the loop."""
+    V: tl.constexpr = 16
+    J: tl.constexpr = BK // V
+    pid = tl.program_id(0)
+    rn = pid * BN + tl.arange(0, BN)
+    n_ok = rn < N
+    jv = V * tl.arange(0, J)                                             # [J]: each run's first column
+    kk = jv[:, None] + tl.arange(0, V)[None, :]                          # [J, V]: a chunk's columns
+    w_ptrs = w_ptr + rn.to(tl.int64)[:, None, None] * stride_wn + kk[None, :, :]
+    s_ptrs = s_ptr + ((pid * BN) // SBN) * stride_sn                    # the program's row of scales
+    acc0 = tl.full((BN, J), 0.0, tl.float32)
+    acc1 = tl.full((BN, J), 0.0, tl.float32)
+    acc2 = tl.full((BN, J), 0.0, tl.float32)
+    acc3 = tl.full((BN, J), 0.0, tl.float32)
+    for k0 in range(0, K, BK):
+        k_ok = (k0 + kk) < K
+        wb = tl.load(w_ptrs + k0, mask=n_ok[:, None, None] & k_ok[None, :, :], other=0)
+        if NATIVE_FP8:
+            w = wb.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+        else:
+            w = e4m3_to_fp32(wb.to(tl.int32))
+        run_ok = (k0 + jv) < K
+        if SCALE_E8M0:
+            s = e8m0_to_fp32(tl.load(s_ptrs + (k0 + jv) // SBK, mask=run_ok, other=127).to(tl.int32))
+        else:
+            s = tl.load(s_ptrs + (k0 + jv) // SBK, mask=run_ok, other=1.0)
+        s = s[None, :]
+        xv = tl.load(x_ptr + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
+        acc0 += tl.sum(w * xv[None, :, :], 2) * s
+        if ROWS > 1:
+            xv = tl.load(x_ptr + stride_xm + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
+            acc1 += tl.sum(w * xv[None, :, :], 2) * s
+        if ROWS > 2:
+            xv = tl.load(x_ptr + 2 * stride_xm + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
+            acc2 += tl.sum(w * xv[None, :, :], 2) * s
+        if ROWS > 3:
+            xv = tl.load(x_ptr + 3 * stride_xm + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
+            acc3 += tl.sum(w * xv[None, :, :], 2) * s
+    out_ty = y_ptr.dtype.element_ty
+    tl.store(y_ptr + rn, tl.sum(acc0, 1).to(out_ty), mask=n_ok)
+    if ROWS > 1:
+        tl.store(y_ptr + stride_ym + rn, tl.sum(acc1, 1).to(out_ty), mask=n_ok)
+    if ROWS > 2:
+        tl.store(y_ptr + 2 * stride_ym + rn, tl.sum(acc2, 1).to(out_ty), mask=n_ok)
+    if ROWS > 3:
+        tl.store(y_ptr + 3 * stride_ym + rn, tl.sum(acc3, 1).to(out_ty), mask=n_ok)
+
+
 # ----------------------------------------------------------------------------- launch
 @functools.lru_cache(maxsize=None)
 def _device_info(index: int) -> tuple[tuple[int, int], int]:
@@ -144,7 +227,68 @@ def _check(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tu
                          f"two >= 16; got {x.dtype}, block {block}")
 
 
-def _fp8_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_n: int, block_k: int) -> torch.Tensor:
+GEMV_MAX_ROWS = 2        # at most this many rows of x take the GEMV (module docstring: why 2, measured)
+GEMV_ROWS = 4            # rows of x one GEMV launch carries (its accumulators); more rows: more launches
+GEMV_BN_MAX = 32         # output rows per GEMV program at most
+# launch variants of the GEMV for timing (`bench/probe_fp8_gemv.py`); `fp8_gemv(..., **variant)` runs one.
+# Tiles of 2048..16384 weights (16..128 per thread), from one row over 4096 columns to 32 rows over 128,
+# so that every V4-Flash shape (512..32768 rows) has some with >= 2 programs per SM; fewer warps at the
+# same tile give a thread more rows (x converted once for them). num_stages 3 measured the same as 2.
+GEMV_VARIANTS = [dict(BN=bn, BK=bk, num_warps=nw, num_stages=2) for bn, bk, nw in
+                 [(1, 1024, 2), (1, 2048, 4), (1, 4096, 4), (2, 1024, 2), (2, 2048, 4), (4, 512, 2),
+                  (4, 1024, 4), (8, 256, 2), (8, 512, 4), (8, 1024, 4), (16, 256, 4), (16, 512, 4),
+                  (16, 512, 8), (32, 128, 4), (32, 256, 4), (32, 512, 8)]]
+
+
+def _pow2_divisor(n: int) -> int:
+    """The largest power of two dividing n (n >= 1)."""
+    return n & -n
+
+
+def _gemv_tiles(M: int, N: int, K: int, block_n: int, device: torch.device) -> dict:
+    """The default GEMV launch: BN the largest power of two <= GEMV_BN_MAX with N / BN >= 6·SMs (at
+    least one row), and dividing the scale block's rows; BK filling a tile of 4096 weights (32 per
+    thread: two 16-byte loads), at least 64 and at most K rounded up to a power of two."""
+    cap = min(GEMV_BN_MAX, _pow2_divisor(block_n))
+    if INTERPRET or device.type != "cuda":
+        return dict(BN=min(32, cap), BK=128, num_warps=4, num_stages=1)
+    _, sms = _device_info(device.index if device.index is not None else torch.cuda.current_device())
+    bn = 1
+    while 2 * bn <= cap and N // (2 * bn) >= 6 * sms:
+        bn *= 2
+    bk = min(max(64, 4096 // bn), max(64, triton.next_power_of_2(K)))
+    return dict(BN=bn, BK=bk, num_warps=4, num_stages=2)
+
+
+def _fp8_gemv(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_n: int, block_k: int,
+              y: torch.Tensor, cfg: dict):
+    """y [M, N] = x2 [M, K] (unit column stride) · (weight ⊙ scale)ᵀ: one launch per GEMV_ROWS rows.
+    Returns the last launch's compiled kernel (registers and spills for the benchmarks)."""
+    M, K = x2.shape
+    N = weight.shape[0]
+    BN, BK = int(cfg["BN"]), int(cfg["BK"])
+    if BN < 1 or BN & (BN - 1) or block_n % BN or BK < 16 or BK & (BK - 1):
+        raise ValueError(f"GEMV tiles: BN must be a power of two dividing the scale block's {block_n} rows and "
+                         f"BK a power of two >= 16; got BN={BN}, BK={BK}")
+    w = weight.contiguous().view(torch.uint8)
+    e8m0 = scale.dtype == torch.float8_e8m0fnu
+    s = scale.contiguous().view(torch.uint8) if e8m0 else scale.contiguous()
+    native = _native_fp8(x2.device)
+    grid = (triton.cdiv(N, BN),)
+    kernel = None
+    for r0 in range(0, M, GEMV_ROWS):
+        rows = min(GEMV_ROWS, M - r0)
+        kernel = _fp8_gemv_kernel[grid](
+            x2[r0:], w, s, y[r0:], N, K, x2.stride(0), w.stride(0), s.stride(0), y.stride(0),
+            ROWS=rows, SBN=block_n, SBK=block_k, SCALE_E8M0=e8m0, NATIVE_FP8=native, BN=BN, BK=BK,
+            num_warps=int(cfg.get("num_warps", 4)), num_stages=int(cfg.get("num_stages", 2)))
+    return kernel
+
+
+def _fp8_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_n: int, block_k: int,
+              path: str | None = None, gemv: dict | None = None) -> torch.Tensor:
+    """`path`: None (GEMV up to GEMV_MAX_ROWS rows of x, else tiled), 'gemv' or 'tiled'; `gemv`: launch
+    settings overriding the default GEMV tiles (BN, BK, num_warps, num_stages)."""
     K = x.shape[-1]
     N = weight.shape[0]
     x2 = x.reshape(-1, K)                                                         # [M, K]
@@ -154,6 +298,13 @@ def _fp8_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
     if M == 0:
         return y.view(*x.shape[:-1], N)
+    if path is None:
+        path = "gemv" if M <= GEMV_MAX_ROWS else "tiled"
+    if path == "gemv":
+        _fp8_gemv(x2, weight, scale, block_n, block_k, y, {**_gemv_tiles(M, N, K, block_n, x.device), **(gemv or {})})
+        return y.view(*x.shape[:-1], N)
+    if path != "tiled":
+        raise ValueError(f"path must be None, 'gemv' or 'tiled', got {path!r}")
     cfg, split = _tiles(M, N, K, block_k, x.device)
     bk = cfg["BK"]
     k_per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk       # a multiple of BK (so of no scale block edge)
@@ -194,3 +345,11 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     if torch.compiler.is_compiling():
         return _fp8_gemm_op(x, weight, scale, int(block[0]), int(block[1]))
     return _fp8_gemm(x, weight, scale, int(block[0]), int(block[1]))   # eager: skip the dispatcher
+
+
+def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] = (128, 128),
+             **tiles) -> torch.Tensor:
+    """`fp8_linear` through the GEMV path at any number of rows, with launch settings `tiles` (BN, BK,
+    num_warps, num_stages; e.g. one of GEMV_VARIANTS) overriding the default ones: for timing variants."""
+    _check(x, weight, scale, block)
+    return _fp8_gemm(x, weight, scale, int(block[0]), int(block[1]), path="gemv", gemv=tiles)
