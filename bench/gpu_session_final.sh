@@ -26,8 +26,9 @@ for s in ${@:-dist context e2e train tests flash}; do case $s in
   e2e) TAIL=20 step generate 170 python3 bench/bench_generate.py --device cuda --batch 1 --prompt-lens 4096,16384 \
       --decode-tokens 32 --peer --decode-modes graph --no-engine --repeats 2 --out "$RES/generate.json" ;;
   train) TAIL=20 step train 130 python3 bench/bench_train.py --peer --graph --out "$RES/train.json" ;;
+  trainq) TAIL=20 step trainq 70 python3 bench/bench_train.py --graph --out "$RES/train_q.json" ;;
   train1b) TAIL=20 step train1b 90 python3 bench/bench_train.py --preset bench-1b --graph --iters 3 --out "$RES/train_1b.json" ;;
-  knew) TAIL=6 step knew 70 python3 -m pytest tests/test_kernels.py -x -q -p no:cacheprovider \
+  knew) TAIL=6 step knew 50 python3 -m pytest tests/test_kernels.py -x -q -p no:cacheprovider \
       -k "radix or long_rows or topk or norm_rope or training_step or model_with" ;;
   e2e4k) TAIL=20 step generate 130 python3 bench/bench_generate.py --device cuda --batch 1 --prompt-lens 4096,16384 \
       --decode-tokens 32 --peer --decode-modes graph --no-engine --repeats 1 --out "$RES/generate.json" ;;

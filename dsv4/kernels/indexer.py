@@ -138,7 +138,7 @@ def _select_kernel(SC, LO, HI, OUT, s_sr, s_or, C, P,
     need = tl.minimum(P, hi - lo)                              # a range may hold fewer than P entries
     prefix = tl.full((), 0, tl.uint32)
     for p in tl.static_range(NBITS // 8):
-        shift: tl.constexpr = NBITS - 8 * (p + 1)
+        shift = NBITS - 8 * (p + 1)
         hist = tl.zeros((256,), tl.int32)
         for start in range(c0, hi, BLOCK):
             c = start + offs
