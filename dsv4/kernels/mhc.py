@@ -156,7 +156,8 @@ def _hc_finish_kernel(H, SS, MIX, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLIT, 
 
 
 def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = None, block_k: int | None = None,
-           programs: int | None = None, finish_block_t: int | None = None, save: bool = False):
+           programs: int | None = None, finish_block_t: int | None = None, save: bool = False,
+           finish_warps: int = 4):
     """x [.., D] (h's dtype), post [.., N], comb [.., N, N] fp32 from streams h [.., N, D]; with `save`, also
     (mixes [T, (2+N)·N], rho [T], pre [T, N]) fp32 for `hc_pre_backward`. The mix GEMV is
     split over enough slices of N·D to give ~`programs` programs (one slice when tokens are many).
@@ -165,7 +166,9 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
     (the finish at 16 × 128 spills). Below 16 tokens (decode) the mix is a GEMV over one block of N·D
     per program (128 values: 0.070 ms vs 0.155 at 64 for one token on the H200, `bench_kernels --only
     hc`), as many programs as blocks up to `programs`; the finish reads the slices' partial sums in
-    groups (a serial loop over V4-Flash's 128 slices took 47 µs)."""
+    groups (a serial loop over V4-Flash's 128 slices took 47 µs). `finish_warps`: the finish's warps
+    (its Sinkhorn is ~40 dependent reductions over [BLOCK_T, N, N]; fewer warps keep them inside one
+    warp at a token or two; `bench_kernels --only hc` times 1, 2 and 4)."""
     block_t = block_t or (128 if INTERPRET else 32)
     finish_block_t = finish_block_t or (128 if INTERPRET else 8)
     programs = programs or (1 if INTERPRET else 264)
@@ -204,7 +207,7 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
             norm_eps, ITERS=iters, NS=n, NP=n_pad, BLOCK_T=finish_block_t,
             BLOCK_D=min(max(128, 1024 // finish_block_t), triton.next_power_of_2(D)),
             SPLIT_BLOCK=min(64 // finish_block_t if finish_block_t < 64 else 1, triton.next_power_of_2(split)),
-            MIXES=saved[0], RHO=saved[1], PRE=saved[2])
+            MIXES=saved[0], RHO=saved[1], PRE=saved[2], num_warps=finish_warps)
     out = x.view(*lead, D), post.view(*lead, n), comb.view(*lead, n, n)
     return (*out, saved) if save else out
 
