@@ -265,7 +265,8 @@ def main(argv=None):
             (1, 4096, {"finish_warps": 1}), (1, 4096, {"finish_warps": 2}),
             (1, 1024, {"block_k": 128}), (1, 1024, {"programs": 32}), (1, 4096, {}),
             (1, 4096, {"block_k": 128}), (32, 1024, {}), (4096, 1024, {}), (4096, 1024, {"block_t": 64}),
-            (4096, 1024, {"block_t": 16}), (16384, 1024, {}), (4096, 4096, {})]
+            (4096, 1024, {"block_t": 16}), (4096, 1024, {"mix_precision": "tf32x3"}), (16384, 1024, {}),
+            (4096, 4096, {}), (4096, 4096, {"mix_precision": "tf32x3"})]
         for T, D, blocks in cases:
             rows.append(bench_hc_pre(T, D, dev, dtype, sm, **blocks))
             print(rows[-1], flush=True)

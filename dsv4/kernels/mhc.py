@@ -67,7 +67,8 @@ def split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
 
 @triton.jit
 def _hc_mix_kernel(H, FN, SS, MIX, N_TOK, D, K_PER,
-                   NS: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr):
+                   NS: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+                   PREC: tl.constexpr = "ieee"):
     """hc_pre, part 1, for BLOCK_T tokens and one slice [K_PER·split, K_PER·(split+1)) of the N·D stream
     values: Σ h² and the (2+N)·N mix logits h · fnᵀ as one fp32 dot against fn read as NP rows (zeros
     past its (2+N)·N; below 16 tokens, products summed over the block instead of a dot),
@@ -91,7 +92,7 @@ def _hc_mix_kernel(H, FN, SS, MIX, N_TOK, D, K_PER,
         f = tl.load(FN + r[None, :].to(tl.int64) * ND + kk[:, None],
                     mask=km[:, None] & (r < (2 + NS) * NS)[None, :], other=0.0)                        # [BK, NP]
         if BLOCK_T >= 16:
-            acc += tl.dot(hv, f, input_precision="ieee")
+            acc += tl.dot(hv, f, input_precision=PREC)
         else:                          # a decode step's few tokens: products and a sum over the block
             acc += tl.sum(hv[:, :, None] * f[None, :, :], 1)
     base = (sp * N_TOK + t).to(tl.int64)
@@ -157,7 +158,7 @@ def _hc_finish_kernel(H, SS, MIX, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLIT, 
 
 def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = None, block_k: int | None = None,
            programs: int | None = None, finish_block_t: int | None = None, save: bool = False,
-           finish_warps: int = 4):
+           finish_warps: int = 4, mix_precision: str = "ieee"):
     """x [.., D] (h's dtype), post [.., N], comb [.., N, N] fp32 from streams h [.., N, D]; with `save`, also
     (mixes [T, (2+N)·N], rho [T], pre [T, N]) fp32 for `hc_pre_backward`. The mix GEMV is
     split over enough slices of N·D to give ~`programs` programs (one slice when tokens are many).
@@ -168,7 +169,8 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
     hc`), as many programs as blocks up to `programs`; the finish reads the slices' partial sums in
     groups (a serial loop over V4-Flash's 128 slices took 47 µs). `finish_warps`: the finish's warps
     (its Sinkhorn is ~40 dependent reductions over [BLOCK_T, N, N]; fewer warps keep them inside one
-    warp at a token or two; `bench_kernels --only hc` times 1, 2 and 4)."""
+    warp at a token or two; `bench_kernels --only hc` times 1, 2 and 4). `mix_precision`: the fp32 dot
+    of the mix from 16 tokens ("ieee"; "tf32x3", three TF32 products, is timed beside it)."""
     block_t = block_t or (128 if INTERPRET else 32)
     finish_block_t = finish_block_t or (128 if INTERPRET else 8)
     programs = programs or (1 if INTERPRET else 264)
@@ -200,7 +202,8 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
         ss = torch.empty(split, T, device=h.device, dtype=torch.float32)
         mix = torch.empty(split, T, n_pad, device=h.device, dtype=torch.float32)
         _hc_mix_kernel[(tb, split)](hv, fn.float().contiguous(), ss, mix, T, D, k_per, NS=n, NP=n_pad,
-                                    BLOCK_T=block_t, BLOCK_K=block_k)
+                                    BLOCK_T=block_t, BLOCK_K=block_k,
+                                    PREC="ieee" if INTERPRET else mix_precision)
         finish_block_t = min(finish_block_t, triton.next_power_of_2(T))
         _hc_finish_kernel[(triton.cdiv(T, finish_block_t),)](
             hv, ss, mix, scale.float().contiguous(), base.float().contiguous(), x, post, comb, T, D, split, eps,
