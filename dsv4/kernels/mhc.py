@@ -68,7 +68,7 @@ def split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
 @triton.jit
 def _hc_mix_kernel(H, FN, SS, MIX, N_TOK, D, K_PER,
                    NS: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-                   PREC: tl.constexpr = "ieee"):
+                   PREC: tl.constexpr):
     """hc_pre, part 1, for BLOCK_T tokens and one slice [K_PER·split, K_PER·(split+1)) of the N·D stream
     values: Σ h² and the (2+N)·N mix logits h · fnᵀ as one fp32 dot against fn read as NP rows (zeros
     past its (2+N)·N; below 16 tokens, products summed over the block instead of a dot),
