@@ -915,6 +915,7 @@ class _NormRopeFn(torch.autograd.Function):
         return kern.norm_rope(x, weight, eps, pos, freqs, stride, sign)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         from dsv4.kernels import norm_rope as kern
         x, weight, pos, freqs = ctx.saved_tensors

@@ -296,7 +296,9 @@ def test_training_step_with_the_kernels_equals_the_twins():
         if a is None or b is None:
             assert (a if b is None else b).abs().max() == 0, name
         else:
-            assert rel(a, b) < 1e-4, name
+            # fp32, other summation orders; the mHC scale gradients (3 values, sums over every token
+            # with cancellation) differ most: 1.4e-5
+            assert rel(a, b) < 5e-5, name
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
