@@ -28,6 +28,11 @@ for s in ${@:-dist context e2e train tests flash}; do case $s in
   train) TAIL=20 step train 130 python3 bench/bench_train.py --peer --graph --out "$RES/train.json" ;;
   trainq) TAIL=20 step trainq 70 python3 bench/bench_train.py --graph --out "$RES/train_q.json" ;;
   train1b) TAIL=20 step train1b 90 python3 bench/bench_train.py --preset bench-1b --graph --iters 3 --out "$RES/train_1b.json" ;;
+  prof1b) TAIL=40 step prof1b 120 python3 bench/profile_steps.py --preset bench-1b --prefill 0 --train 4096 \
+      --out-dir "$RES/prof1b" ;;
+  proftrain) TAIL=40 step proftrain 90 python3 bench/profile_steps.py --prefill 0 --train 4096 --out-dir "$RES/proftrain" ;;
+  train1b16k) TAIL=20 step train1b16k 120 python3 bench/bench_train.py --preset bench-1b --batch 4 --graph --iters 3 \
+      --out "$RES/train_1b_16k.json" ;;
   knew) TAIL=6 step knew 50 python3 -m pytest tests/test_kernels.py -x -q -p no:cacheprovider \
       -k "radix or long_rows or topk or norm_rope or training_step or model_with" ;;
   e2e4k) TAIL=20 step generate 130 python3 bench/bench_generate.py --device cuda --batch 1 --prompt-lens 4096,16384 \
