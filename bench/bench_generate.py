@@ -236,6 +236,7 @@ def main(argv=None) -> int:
     timer = Timer(device)
     torch.manual_seed(args.seed)
     model = Transformer(cfg).to(device).to_dtype(dtype).eval()
+    model.pack_projections()          # inference: projection groups as one GEMM each
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     modes = (args.decode_modes or ("eager,graph" if device.type == "cuda" else "eager")).split(",")
     if not set(modes) <= {"eager", "graph", "compile"}:

@@ -43,6 +43,7 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", choices=["torch", "triton"], default="torch")
     ap.add_argument("--prefill", type=int, default=0, metavar="N",
                     help="count a cached prefill of N tokens into empty rows instead of a decode step")
+    ap.add_argument("--no-pack", action="store_true", help="leave the projection groups unpacked (one GEMM each)")
     ap.add_argument("--where", action="store_true",
                     help="also list the kernels by the dsv4 function that launches them")
     args = ap.parse_args(argv)
@@ -65,6 +66,8 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     cfg = preset(args.preset)
     model = Transformer(cfg).eval()
+    if not args.no_pack:
+        model.pack_projections()        # as the inference entry points do (`DecodeGraphs`, the engine)
     B = args.batch
     if args.prefill:   # a warm-up prefill of the same length in other rows, then the counted one
         cache = DecodeCache(cfg, 2 * B, args.prefill + 8)

@@ -33,6 +33,9 @@ for s in ${@:-dist context e2e train tests flash}; do case $s in
   proftrain) TAIL=40 step proftrain 90 python3 bench/profile_steps.py --prefill 0 --train 4096 --out-dir "$RES/proftrain" ;;
   train1b16k) TAIL=20 step train1b16k 120 python3 bench/bench_train.py --preset bench-1b --batch 4 --graph --iters 3 \
       --out "$RES/train_1b_16k.json" ;;
+  kcomp) TAIL=6 step kcomp 60 python3 -m pytest tests/test_kernels.py -x -q -p no:cacheprovider -k "compressor" ;;
+  profdec) TAIL=30 step profdec 60 python3 bench/profile_steps.py --prefill 0 --decode 4096 --train 0 \
+      --out-dir "$RES/profdec" ;;
   knew) TAIL=6 step knew 50 python3 -m pytest tests/test_kernels.py -x -q -p no:cacheprovider \
       -k "radix or long_rows or topk or norm_rope or training_step or model_with" ;;
   e2e4k) TAIL=20 step generate 130 python3 bench/bench_generate.py --device cuda --batch 1 --prompt-lens 4096,16384 \

@@ -92,6 +92,7 @@ def main(argv=None):
     cfg = preset(args.preset)
     torch.manual_seed(0)
     model = Transformer(cfg).to(dev).to_dtype(torch.bfloat16).eval()
+    model.pack_projections()          # inference: projection groups as one GEMM each
     print(ops.describe_backends())
     if args.prefill:
         ids = torch.randint(0, cfg.vocab_size, (1, args.prefill), device=dev)

@@ -54,6 +54,69 @@ def linear(x: torch.Tensor, layer: nn.Linear, fp32: bool = False) -> torch.Tenso
     return F.linear(x, layer.weight.to(x.dtype))
 
 
+def linears(x: torch.Tensor, layers: list, fp32: bool = False) -> list[torch.Tensor]:
+    """`linear(x, layer, fp32)` for each of `layers` (projections of one input), as a list.
+
+    Weights that `pack` put back to back in one buffer run as one GEMM over their rows when no gradient
+    is wanted (inference): one launch instead of len(layers), the outputs slices of one output. A decode
+    step is mostly such small launches. Otherwise (training, unpacked or quantised layers) each layer
+    runs on its own."""
+    if len(layers) > 1 and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        w = packed_weight(layers)
+        if w is not None:
+            y = ops.linear_fp32(x, w) if fp32 else F.linear(x, w.to(x.dtype))
+            return list(y.split([layer.weight.shape[0] for layer in layers], dim=-1))
+    return [linear(x, layer, fp32) for layer in layers]
+
+
+def _plain_weights(layers: list) -> list | None:
+    ws = [layer.weight for layer in layers if isinstance(layer, nn.Linear) and layer.bias is None]
+    if not ws or len(ws) != len(layers) or any(type(w.data) is not torch.Tensor or w.dim() != 2 for w in ws):
+        return None
+    w0 = ws[0]
+    if any(w.dtype != w0.dtype or w.device != w0.device or w.shape[1] != w0.shape[1] for w in ws):
+        return None
+    return ws
+
+
+def packed_weight(layers: list) -> torch.Tensor | None:
+    """[ΣN, K]: the weights of `layers` as one matrix (a view) when they lie back to back in one buffer,
+    as `pack` leaves them; else None."""
+    ws = _plain_weights(layers)
+    if ws is None:
+        return None
+    key = tuple(w.data_ptr() for w in ws)
+    memo = getattr(layers[0], "_packed", None)
+    if memo is not None and memo[0] == key:
+        return memo[1]
+    w0, K = ws[0], ws[0].shape[1]
+    at = [key[0] + sum(w.shape[0] for w in ws[:i]) * K * w0.element_size() for i in range(len(ws))]
+    if not (all(w.is_contiguous() for w in ws) and list(key) == at):
+        return None
+    view = torch.empty(0, dtype=w0.dtype, device=w0.device).set_(
+        w0.untyped_storage(), w0.storage_offset(), (sum(w.shape[0] for w in ws), K), (K, 1))
+    layers[0]._packed = (key, view)
+    return view
+
+
+def pack(layers: list) -> bool:
+    """Move the weights of `layers` (plain `nn.Linear`s of one input) back to back into one new buffer,
+    each weight a view of it: parameters, names and the state dict are unchanged, and `linears` then
+    runs them as one GEMM in inference. For inference only (`Transformer.pack_projections`): a checkpoint
+    writer may store each view with the whole buffer. False where the layers cannot be packed."""
+    ws = _plain_weights(layers)
+    if ws is None or len(ws) < 2:
+        return False
+    with torch.inference_mode(False), torch.no_grad():
+        buf = torch.cat([w.data for w in ws])
+        at = 0
+        for layer in layers:
+            n = layer.weight.shape[0]
+            layer.weight.data = buf[at:at + n]
+            at += n
+    return True
+
+
 # ----------------------------------------------------------------------------- RoPE
 def rope_freqs(rope_dim: int, theta: float, yarn: dict | None) -> torch.Tensor:
     """Per-pair frequencies f_i = θ^(−2i/Dr), with the YaRN ramp when given (spec §5.2). [Dr/2] float64
@@ -96,10 +159,12 @@ class Compressor(nn.Module):
         self.ape = nn.Parameter(torch.zeros(ratio, width))
         self.norm = RMSNorm(head_dim, eps)
 
-    def project(self, x: torch.Tensor, pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        kv = linear(x, self.wkv, fp32=True)                                       # [B, S, w]
-        score = linear(x, self.wgate, fp32=True) + up(self.ape)[pos % self.ratio]
-        return kv, score
+    def project(self, x: torch.Tensor, pos: torch.Tensor, pre=None,
+                with_ape: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """kv and gate scores [B, S, w] fp32, the scores with `ape` added at pos mod M unless with_ape is
+        False (the decode step's kernel adds it). pre: the two projections of x, computed by the caller."""
+        kv, gate = pre if pre is not None else (linear(x, self.wkv, fp32=True), linear(x, self.wgate, fp32=True))
+        return kv, gate + up(self.ape)[pos % self.ratio] if with_ape else gate
 
     def finish(self, pooled: torch.Tensor, index: torch.Tensor, freqs: torch.Tensor,
                dtype: torch.dtype) -> torch.Tensor:
@@ -118,12 +183,12 @@ class Compressor(nn.Module):
 
     # -- full sequence (no cache); packed documents (seg) compress independently
     def entries(self, x: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor | None,
-                freqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+                freqs: torch.Tensor, pre=None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Entries [B, C, c] of the complete windows, and with seg the index of the first entry of each
         token's document [B, S] (entries of one document are consecutive; without seg, 0)."""
         B, S, _ = x.shape
         m = self.ratio
-        kv, score = self.project(x, pos)                                          # [B, S, w]
+        kv, score = self.project(x, pos, pre)                                     # [B, S, w]
         if seg is None:
             n = S // m
             own = (torch.arange(n, device=x.device) * m).expand(B, n)             # [B, n]
@@ -151,7 +216,8 @@ class Compressor(nn.Module):
     # -- cached: state.kv/state.score [Bmax, (1+o)M, w] (slots 0..M-1 = previous complete window when
     # overlapping, then slot t mod M of the current window holding the last token fed at such a t),
     # state.entries [Bmax, Cmax, c]
-    def update(self, x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor, state, rows: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor, state, rows: torch.Tensor,
+               pre=None) -> None:
         """Feed S new tokens to each row (rows at any positions, pos[b] = p0_b + arange(S)): write the
         entries of the windows they complete to state.entries and advance the state.
 
@@ -165,9 +231,10 @@ class Compressor(nn.Module):
         keeps the last token fed to it (what `DecodeCache.rollback` relies on)."""
         B, S, _ = x.shape
         m = self.ratio
-        kv, score = self.project(x, pos)                                          # [B, S, w]
         if S == 1:
-            return self._update_one(kv, score, pos[:, 0], freqs, state, rows)
+            kv, gate = self.project(x, pos, pre, with_ape=False)                  # [B, 1, w]
+            return self._update_one(kv, gate, pos[:, 0], freqs, state, rows)
+        kv, score = self.project(x, pos, pre)                                     # [B, S, w]
         src_kv = torch.cat([state.kv[rows], kv], dim=1)                           # [B, (1+o)M + S, w]
         src_sc = torch.cat([state.score[rows], score], dim=1)
         rem = pos[:, 0] % m                                                       # [B]
@@ -243,24 +310,20 @@ class Compressor(nn.Module):
             _PLANS[key] = table
         return table
 
-    def _update_one(self, kv: torch.Tensor, score: torch.Tensor, p: torch.Tensor, freqs: torch.Tensor, state,
+    def _update_one(self, kv: torch.Tensor, gate: torch.Tensor, p: torch.Tensor, freqs: torch.Tensor, state,
                     rows: torch.Tensor) -> None:
-        """`update` for one token per row at positions p [B] (the decode step), with no host read and a
-        fraction of the general path's index arithmetic; the same entries and state, bit for bit.
+        """`update` for one token per row at positions p [B] (the decode step), with no host read and two
+        launches; the same entries and state, bit for bit.
 
-        `ops.compressor_step` puts the token in state slot (o·M + p mod M), pools the window it would
+        `ops.compressor_step` adds `ape` to the gate scores, puts the token in state slot (o·M + p mod M),
+        pools the window it would
         complete over the slots as they then stand (previous window, then the current one) and moves a
-        completed window to the previous one when windows overlap; the entry is written where p ends a
-        window (`torch.where` elsewhere: a window that is not complete yet is never written)."""
-        m = self.ratio
-        pooled = ops.compressor_step(state.kv, state.score, rows, kv, score, p, m, self.overlap)   # [B, 1, c]
-        index = (p // m).unsqueeze(1)                                             # [B, 1]
-        ent = self.finish(pooled, index, freqs, state.entries.dtype)              # [B, 1, c]
-        n_max = state.entries.shape[1]
-        if n_max:   # a window that completes always fits; a partial one past the end is clamped
-            done = (p % m == m - 1).view(-1, 1, 1)                                # [B, 1, 1]
-            at = index.clamp(max=n_max - 1)
-            state.entries[rows.unsqueeze(1), at] = torch.where(done, ent, state.entries[rows.unsqueeze(1), at])
+        completed window to the previous one when windows overlap; `ops.compressor_entry` finishes the
+        pooled value (`finish`) and writes it where p ends a window (a window that is not complete yet is
+        never written)."""
+        pooled = ops.compressor_step(state.kv, state.score, rows, kv, gate, self.ape, p, self.ratio,
+                                     self.overlap)                                # [B, 1, c]
+        ops.compressor_entry(state.entries, rows, pooled, p, self.ratio, self.norm.weight, self.norm.eps, freqs)
 
 
 class Indexer(nn.Module):
@@ -277,11 +340,14 @@ class Indexer(nn.Module):
         self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False)
         self.compressor = Compressor(cfg.hidden_size, 4, self.head_dim, cfg.rms_norm_eps)
 
-    def queries(self, x: torch.Tensor, qr: torch.Tensor, rope: ops.Rope) -> tuple[torch.Tensor, torch.Tensor]:
+    def queries(self, x: torch.Tensor, qr: torch.Tensor, rope: ops.Rope,
+                pre=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Roped queries [B, S, Hi, Di] and head weights [B, S, Hi] fp32 (pre: wq_b(qr) and weights_proj(x),
+        computed by the caller)."""
         B, S, _ = x.shape
-        q = linear(qr, self.wq_b).view(B, S, self.n_heads, self.head_dim)             # [B, S, Hi, Di]
-        q = ops.norm_rope(q, None, None, rope)
-        w = up(linear(x, self.weights_proj)) * (self.head_dim ** -0.5 * self.n_heads ** -0.5)  # [B, S, Hi]
+        q, w = pre if pre is not None else (linear(qr, self.wq_b), linear(x, self.weights_proj))
+        q = ops.norm_rope(q.view(B, S, self.n_heads, self.head_dim), None, None, rope)   # [B, S, Hi, Di]
+        w = up(w) * (self.head_dim ** -0.5 * self.n_heads ** -0.5)                   # [B, S, Hi]
         return q, w
 
 
@@ -335,20 +401,52 @@ class Attention(nn.Module):
         if freqs is None:
             freqs = self._freqs_on[x.device] = self.freqs.to(x.device)
         rope = ops.Rope(pos, freqs)                                                    # angles pos · freqs
-        qr = self.q_norm(linear(x, self.wq_a))                                        # [B, S, q_lora]
-        q = linear(qr, self.wq_b).view(B, S, H, Dh)                                   # [B, S, H, Dh]
-        q = ops.norm_rope(q, None, self.eps, rope)                                     # per-head RMS, rope
-        kv = ops.norm_rope(linear(x, self.wkv), self.kv_norm.weight, self.kv_norm.eps, rope)  # [B, S, Dh]
-        o, index_kl = self._attend(x, qr, q, kv, pos, rope, freqs, seg, state, rows)   # [B, S, H, Dh]
+        if torch.is_grad_enabled():    # (the indexer's inputs may be detached: each projection on its own)
+            qa, kv, pre = linear(x, self.wq_a), linear(x, self.wkv), None
+            qr = self.q_norm(qa)                                                      # [B, S, q_lora]
+            q = linear(qr, self.wq_b)                                                 # [B, S, H·Dh]
+        else:                          # inference: the projections of one input as one GEMM (`linears`)
+            qr, q, kv, pre = self._projections(x)
+        q = ops.norm_rope(q.view(B, S, H, Dh), None, self.eps, rope)                   # per-head RMS, rope
+        kv = ops.norm_rope(kv, self.kv_norm.weight, self.kv_norm.eps, rope)            # [B, S, Dh]
+        o, index_kl = self._attend(x, qr, q, kv, pos, rope, freqs, seg, state, rows, pre)   # [B, S, H, Dh]
         o = ops.norm_rope(o, None, None, rope.inverse())                               # de-rotate
         o = o.reshape(B, S, self.groups, H * Dh // self.groups)                       # [B, S, G, H·Dh/G]
         wo_a = self.wo_a.weight.to(o.dtype).view(self.groups, self.o_rank, -1)        # [G, d_g, H·Dh/G]
         u = torch.einsum("bsgi,gri->bsgr", o, wo_a).flatten(2)                         # [B, S, G·d_g]
         return linear(u, self.wo_b), index_kl                                          # [B, S, D]
 
-    def _attend(self, x, qr, q, kv, pos, rope, freqs, seg, state, rows):
-        """Keys, index lists and one attention call per query chunk (memory linear in S).
+    def projection_groups(self) -> list[tuple[list, bool]]:
+        """The projections that share an input, as (layers, fp32 output): of the block input x in the
+        model dtype, of x in fp32 (the compressors'), and of the query latent. `Transformer.pack_projections`
+        packs each group; `_projections` runs each as one GEMM."""
+        xs, x32, qs = [self.wq_a, self.wkv], [], [self.wq_b]
+        if self.compressor is not None:
+            x32 += [self.compressor.wkv, self.compressor.wgate]
+        if self.indexer is not None:
+            xs.append(self.indexer.weights_proj)
+            x32 += [self.indexer.compressor.wkv, self.indexer.compressor.wgate]
+            qs.append(self.indexer.wq_b)
+        return [(xs, False), (x32, True), (qs, False)]
+
+    def _projections(self, x: torch.Tensor):
+        """Inference: the block's projections by group -> (qr (normalised), wq_b(qr), wkv(x), the
+        compressors' and indexer's projections for `_attend`)."""
+        (xs, _), (x32, _), (qs, _) = self.projection_groups()
+        a = linears(x, xs)
+        c = linears(x, x32, fp32=True) if x32 else []
+        qr = self.q_norm(a[0])
+        b = linears(qr, qs)
+        pre = {"comp": tuple(c[:2]) if c else None}
+        if self.indexer is not None:
+            pre["index"], pre["icomp"] = (b[1], a[2]), tuple(c[2:4])
+        return qr, b[0], a[1], pre
+
+    def _attend(self, x, qr, q, kv, pos, rope, freqs, seg, state, rows, pre=None):
+        """Keys, index lists and one attention call per query chunk (memory linear in S); pre: the
+        compressors' and indexer's projections when `_projections` computed them.
         -> (o [B, S, H, Dh], (Σ KL, queries) when the index loss is on, else None)."""
+        pre = pre or {}
         B, S, _ = x.shape
         m, W = self.ratio, self.window
         want_loss = self.indexer is not None and self.index_loss
@@ -362,27 +460,27 @@ class Attention(nn.Module):
         if state is None:
             keys = kv                                                                 # [B, S, Dh]
             if m:
-                comp, first = self.compressor.entries(x, pos, seg, freqs)             # [B, C, Dh]
+                comp, first = self.compressor.entries(x, pos, seg, freqs, pre.get("comp"))   # [B, C, Dh]
                 n_comp = comp.shape[1]
                 if self.indexer is not None:
-                    ikeys = self.indexer.compressor.entries(x_idx, pos, seg, freqs)[0]  # [B, C, Di]
+                    ikeys = self.indexer.compressor.entries(x_idx, pos, seg, freqs, pre.get("icomp"))[0]  # [B, C, Di]
         else:
             keys = torch.cat([state.ring[rows], kv.to(state.ring.dtype)], dim=1)     # [B, W + S, Dh]
             if m:
-                self.compressor.update(x, pos, freqs, state.comp, rows)
+                self.compressor.update(x, pos, freqs, state.comp, rows, pre.get("comp"))
                 comp, c_rows = state.comp.entries, rows                              # [Bmax, Cmax, Dh]
                 # the one-token step reads the whole buffer (static shapes, no host read)
                 n_comp = comp.shape[1] if S == 1 else min(comp.shape[1], int((pos[:, -1] + 1).max()) // m)
                 if self.indexer is not None:
-                    self.indexer.compressor.update(x_idx, pos, freqs, state.index, rows)
+                    self.indexer.compressor.update(x_idx, pos, freqs, state.index, rows, pre.get("icomp"))
                     ikeys = state.index.entries[:, :n_comp]                          # [Bmax, C, Di]
         iq = iw = None
         if self.indexer is not None and (sparse or want_loss):
-            iq, iw = self.indexer.queries(x_idx, qr_idx, rope)
+            iq, iw = self.indexer.queries(x_idx, qr_idx, rope, pre.get("index"))
         k_comp = min(self.indexer.topk, n_comp) if sparse else n_comp
         per_query = W + k_comp + (n_comp if sparse else 0)
         chunk = max(1, min(S, ATTN_BUDGET // max(per_query, 1)))
-        outs, kl_sum, kl_count = [], x.new_zeros((), dtype=acc_dtype(x.dtype)), 0
+        outs, kl_sum, kl_count = [], (x.new_zeros((), dtype=acc_dtype(x.dtype)) if want_loss else None), 0
         for s0 in range(0, S, chunk):
             s1 = min(S, s0 + chunk)
             if state is not None and S == 1 and not want_loss:   # the decode step: one launch for the lists
@@ -403,7 +501,8 @@ class Attention(nn.Module):
         if state is not None:  # the last W tokens of this call go to the ring at slot t mod W
             keep = min(S, W)
             state.ring[rows.unsqueeze(1), pos[:, S - keep:] % W] = kv[:, S - keep:].to(state.ring.dtype)
-        return torch.cat(outs, dim=1), ((kl_sum, kl_count) if want_loss else None)   # [B, S, H, Dh]
+        o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)                    # [B, S, H, Dh]
+        return o, ((kl_sum, kl_count) if want_loss else None)
 
     def _decode_indices(self, pos, n_comp, indexer_in, c_rows, t_window):
         """`_indices` of one cached query per row (what it builds for s1 = s0 + 1, the lists only), through

@@ -35,11 +35,14 @@ class _Graph:
 class DecodeGraphs:
     """`runner(ids [B, 1], rows [B]) -> logits [B, V]`: `model.decode_step` on `cache`, replayed from
     a CUDA graph per batch size (up to `max_graphs` sizes; beyond that, eager). The caller guarantees
-    the inputs `decode_step` does not check (distinct rows with room for one more token)."""
+    the inputs `decode_step` does not check (distinct rows with room for one more token). The model's
+    projection groups are packed for inference (`Transformer.pack_projections`: fewer launches per step)."""
 
     def __init__(self, model, cache, *, enabled: bool | None = None, compile: bool = False,
                  compile_backend: str = "inductor", max_graphs: int = 64):
         self.model, self.cache = model, cache
+        if hasattr(model, "pack_projections"):
+            model.pack_projections()
         device = cache.device
         self.enabled = (device.type == "cuda") if enabled is None else enabled
         if self.enabled and device.type != "cuda":

@@ -464,18 +464,20 @@ def swiglu(g: torch.Tensor, u: torch.Tensor, limit: float) -> torch.Tensor:
 
 
 def compressor_step_torch(state_kv: torch.Tensor, state_sc: torch.Tensor, rows: torch.Tensor, kv: torch.Tensor,
-                          score: torch.Tensor, pos: torch.Tensor, ratio: int, overlap: bool) -> torch.Tensor:
+                          gate: torch.Tensor, ape: torch.Tensor, pos: torch.Tensor, ratio: int,
+                          overlap: bool) -> torch.Tensor:
     """One token per row into a compressor's state (the decode step), in place; returns the pooled entry
     [B, 1, c] of the window the token would complete (meaningful where pos ≡ M − 1 (mod M)).
 
     state_kv, state_sc [Bmax, J, w] (J = (1+o)·M: the previous window's slots when windows overlap, then
-    the current window's slot t mod M holding the last token fed at such a t); rows [B]; kv, score
-    [B, 1, w]; pos [B]. The token goes to slot o·M + pos mod M; the window is pooled over the slots as
-    they then stand; a completed window becomes the previous one when overlapping. Twin of
-    `dsv4.kernels.compressor.decode_step`."""
+    the current window's slot t mod M holding the last token fed at such a t); rows [B]; kv, gate
+    [B, 1, w] (projections; the token's score is gate + ape[pos mod M], ape [M, w]); pos [B]. The token
+    goes to slot o·M + pos mod M; the window is pooled over the slots as they then stand; a completed
+    window becomes the previous one when overlapping. Twin of `dsv4.kernels.compressor.decode_step`."""
     m, o = ratio, int(overlap)
     J = (1 + o) * m
     rem = pos % m                                                                 # [B]
+    score = gate + up(ape)[rem].unsqueeze(1)                                      # [B, 1, w]
     j = torch.arange(J, device=pos.device)
     hit = (j == (o * m + rem).unsqueeze(1)).unsqueeze(-1)                          # [B, J, 1]
     src_kv = torch.where(hit, kv, state_kv[rows])                                  # [B, J, w]
@@ -489,12 +491,37 @@ def compressor_step_torch(state_kv: torch.Tensor, state_sc: torch.Tensor, rows: 
     return pooled
 
 
-def compressor_step_triton(state_kv, state_sc, rows, kv, score, pos, ratio, overlap):
+def compressor_step_triton(state_kv, state_sc, rows, kv, gate, ape, pos, ratio, overlap):
     J = state_kv.shape[1]
-    if _needs_grad(kv, score) or J & (J - 1) or state_kv.stride(-1) != 1 or state_sc.stride() != state_kv.stride():
-        return compressor_step_torch(state_kv, state_sc, rows, kv, score, pos, ratio, overlap)
+    if _needs_grad(kv, gate) or J & (J - 1) or state_kv.stride(-1) != 1 or state_sc.stride() != state_kv.stride():
+        return compressor_step_torch(state_kv, state_sc, rows, kv, gate, ape, pos, ratio, overlap)
     from dsv4.kernels import compressor as kern
-    return kern.decode_step(state_kv, state_sc, rows, kv, score, pos, ratio, overlap)
+    return kern.decode_step(state_kv, state_sc, rows, kv, gate, ape, pos, ratio, overlap)
+
+
+def compressor_entry_torch(entries: torch.Tensor, rows: torch.Tensor, pooled: torch.Tensor, pos: torch.Tensor,
+                           ratio: int, weight: torch.Tensor, eps: float, freqs: torch.Tensor) -> None:
+    """The entry of the window that position pos [B] completes (pos ≡ ratio − 1), written in place to
+    entries [Bmax, Cmax, c] at row rows [B], index pos // ratio (clamped to the buffer): the pooled
+    value [B, 1, c] (fp32, `compressor_step`'s) cast to the entries' dtype, RMS-normalised with weight and
+    roped at position (pos // ratio)·ratio, as `Compressor.finish`; rows whose window is not complete
+    keep what they hold. Twin of `dsv4.kernels.compressor.write_entry`."""
+    n_max = entries.shape[1]
+    if not n_max:
+        return
+    index = (pos // ratio).unsqueeze(1)                                           # [B, 1]
+    ent = norm_rope_torch(pooled.to(entries.dtype), weight, eps, Rope(index, freqs, ratio))
+    done = (pos % ratio == ratio - 1).view(-1, 1, 1)                              # [B, 1, 1]
+    r, at = rows.unsqueeze(1), index.clamp(max=n_max - 1)
+    entries[r, at] = torch.where(done, ent, entries[r, at])
+
+
+def compressor_entry_triton(entries, rows, pooled, pos, ratio, weight, eps, freqs):
+    c, dr2 = pooled.shape[-1], freqs.shape[-1]
+    if _needs_grad(pooled) or not _pow2(c) or not _pow2(dr2) or 2 * dr2 > c or entries.stride(-1) != 1:
+        return compressor_entry_torch(entries, rows, pooled, pos, ratio, weight, eps, freqs)
+    from dsv4.kernels import compressor as kern
+    kern.write_entry(entries, rows, pooled, pos, ratio, weight, eps, freqs)
 
 
 def decode_key_lists_torch(pos: torch.Tensor, window: int, ratio: int, n_comp: int, t_window: int,
@@ -1094,6 +1121,7 @@ sparse_attention = register("sparse_attention", {"torch": sparse_attention_torch
                                                  "triton": sparse_attention_triton})
 compressor_step = register("compressor_step", {"torch": compressor_step_torch, "triton": compressor_step_triton},
                            kernel_dtypes=(torch.float32,), operand_dtype=acc_dtype)
+compressor_entry = register("compressor_entry", {"torch": compressor_entry_torch, "triton": compressor_entry_triton})
 decode_key_lists = register("decode_key_lists", {"torch": decode_key_lists_torch, "triton": decode_key_lists_triton},
                             kernel_dtypes=None)
 swiglu_act = register("swiglu", {"torch": swiglu_act_torch, "triton": swiglu_act_triton})

@@ -454,13 +454,49 @@ def test_compressor_decode_step_kernel_equals_twin(ratio, overlap):
     rows = torch.tensor([4, 0, 2, 5])
     pos = torch.tensor([ratio - 1, 2 * ratio + 1, 3 * ratio - 1, 5])
     kv, sc = torch.randn(4, 1, w, generator=g), torch.randn(4, 1, w, generator=g)
+    ape = torch.randn(ratio, w, generator=g)
     want_kv, want_sc = skv.clone(), ssc.clone()
-    want = ops.compressor_step_torch(want_kv, want_sc, rows, kv, sc, pos, ratio, overlap)
+    want = ops.compressor_step_torch(want_kv, want_sc, rows, kv, sc, ape, pos, ratio, overlap)
     got_kv, got_sc = skv.clone().to(DEV), ssc.clone().to(DEV)
-    got = k.decode_step(got_kv, got_sc, rows.to(DEV), kv.to(DEV), sc.to(DEV), pos.to(DEV), ratio, overlap)
+    got = k.decode_step(got_kv, got_sc, rows.to(DEV), kv.to(DEV), sc.to(DEV), ape.to(DEV), pos.to(DEV), ratio,
+                        overlap)
     assert torch.equal(got_kv.cpu(), want_kv) and torch.equal(got_sc.cpu(), want_sc)
     assert not torch.equal(want_kv, skv)                  # the step did change the state
     assert rel(got, want) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ratio,c,dr2", [(4, 64, 8), (128, 32, 4)])
+def test_compressor_entry_kernel_equals_twin_and_float64(dtype, ratio, c, dr2):
+    # the finished entry (cast, RMSNorm, rope at the entry's position) written only for rows whose position
+    # completes a window, clamped to the buffer's end; other rows and entries keep their (random) values
+    from dsv4.kernels import compressor as k
+    from dsv4.attention import rope_freqs
+    g = torch.Generator().manual_seed(ratio + c)
+    Bmax, n_max = 6, 5
+    entries = torch.randn(Bmax, n_max, c, generator=g).to(dtype)
+    rows = torch.tensor([4, 0, 2, 5, 1])
+    pos = torch.tensor([ratio - 1, 2 * ratio + 1, 3 * ratio - 1, 7 * ratio - 1, 0])   # done, not, done, past end, not
+    pooled = torch.randn(5, 1, c, generator=g) * 3
+    weight = torch.rand(c, generator=g) + 0.5
+    freqs = rope_freqs(2 * dr2, 10000.0, None).float()
+    want = entries.clone()
+    ops.compressor_entry_torch(want, rows, pooled, pos, ratio, weight, 1e-6, freqs)
+    got = entries.clone().to(DEV)
+    k.write_entry(got, rows.to(DEV), pooled.to(DEV), pos.to(DEV), ratio, weight.to(DEV), 1e-6, freqs.to(DEV))
+    got = got.cpu()
+    written = torch.zeros(Bmax, n_max, dtype=torch.bool)
+    written[4, 0] = written[2, 2] = written[5, n_max - 1] = True
+    assert torch.equal(got[~written], entries[~written]) and torch.equal(want[~written], entries[~written])
+    assert not torch.equal(want[written], entries[written])
+    assert rel(got[written], want[written]) < tol(dtype)
+    # float64 from the spec's formulas: x̂ = w ⊙ x / rms(x), pairs of the last 2·dr2 dims rotated by i·M·f
+    x = pooled[[2, 0, 3], 0].double()                     # the written places in row-major order: (2,2), (4,0), (5,4)
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * weight.double()
+    ang = torch.tensor([2, 0, 6]).double().unsqueeze(1) * ratio * freqs.double()
+    e, o = y[:, c - 2 * dr2::2], y[:, c - 2 * dr2 + 1::2]
+    y[:, c - 2 * dr2::2], y[:, c - 2 * dr2 + 1::2] = e * ang.cos() - o * ang.sin(), e * ang.sin() + o * ang.cos()
+    assert rel(got[written], y) < (2e-6 if dtype == torch.float32 else 1e-2)
 
 
 @pytest.mark.skipif(DEV != "cuda", reason="the tensor-core form runs for bf16 operands on CUDA")

@@ -314,13 +314,13 @@ def test_compressor_paths_leave_bit_identical_state(model, ids, monkeypatch):
 
     tables = {}
 
-    def project(self, x, pos):
+    def project(self, x, pos, pre=None, with_ape=True):
         if self not in tables:
             g = torch.Generator().manual_seed(len(tables))
             w = self.wkv.weight.shape[0]
-            tables[self] = [torch.randn(400, w, generator=g) for _ in range(2)]  # kv, score (fp32)
-        kv, score = tables[self]
-        return kv[pos], score[pos]
+            tables[self] = [torch.randn(400, w, generator=g) for _ in range(2)]  # kv, gate (fp32)
+        kv, gate = tables[self]
+        return kv[pos], gate[pos] + self.ape.float()[pos % self.ratio] if with_ape else gate[pos]
 
     monkeypatch.setattr(Compressor, "project", project)
     cfg, rows = model.config, torch.arange(2)
@@ -350,3 +350,53 @@ def test_compressor_paths_leave_bit_identical_state(model, ids, monkeypatch):
             torch.testing.assert_close(sa.entries[:2, :n], sc.entries[:2, :n])
             compressed += 1
     assert compressed == sum((r > 0) + (r == 4) for r in cfg.compress_ratios)  # CSA: compressor and indexer
+
+
+def test_packed_projections_give_the_same_model(ids):
+    # packing moves the weights of each projection group into one buffer (views): inference then runs
+    # each group as one GEMM. Same state dict, same logits (full, cached prefill, decode), and training
+    # still reaches every parameter on its own
+    from dsv4.attention import linears, packed_weight
+    a, b = random_model("tiny", seed=5), random_model("tiny", seed=5)
+    before = {k: v.clone() for k, v in b.state_dict().items()}
+    n = b.pack_projections()
+    assert n == 5 + 5 + 3 + 2   # shared experts and x groups (4 layers + MTP), compressors' groups, CSA query groups
+    assert b.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in b.state_dict().items())
+    att = b.layers[1].attn                                                    # a CSA layer: three groups
+    for layers, _ in att.projection_groups():
+        w = packed_weight(layers)
+        assert w is not None and torch.equal(w, torch.cat([l.weight for l in layers]))
+    x = ids[:, :150]
+    with torch.no_grad():
+        calls = {a: [], b: []}
+        real = torch.nn.functional.linear
+        try:
+            for m in (a, b):
+                torch.nn.functional.linear = lambda *a_, _m=m, **k: calls[_m].append(a_[1].shape) or real(*a_, **k)
+                calls[m].append(m(x))
+        finally:
+            torch.nn.functional.linear = real
+        want, got = calls[a].pop(), calls[b].pop()
+        # per forward: SWA 2 -> 1, CSA 9 -> 3 (twice), HCA 4 -> 2, shared experts 2 -> 1 (4 layers)
+        assert len(calls[a]) - len(calls[b]) == 1 + 6 + 2 + 6 + 4
+        assert torch.Size([sum(l.weight.shape[0] for l in att.projection_groups()[1][0]), 64]) in calls[b]
+        assert rel(got, want) < 1e-5
+        ca, cb = DecodeCache(a.config, 2, 200), DecodeCache(b.config, 2, 200)
+        outs = [(a(x[:, :100], cache=ca), b(x[:, :100], cache=cb))]
+        for t in range(100, 110):
+            outs.append((a(x[:, t:t + 1], cache=ca), b(x[:, t:t + 1], cache=cb)))
+        assert all(rel(o_b, o_a) < 1e-5 for o_a, o_b in outs)
+    b.train()
+    loss = b(x[:, :64]).float().logsumexp(-1).mean()
+    loss.backward()
+    layers = att.projection_groups()[1][0]                                   # the main compressor's (the
+    assert all(l.weight.grad is not None and l.weight.grad.abs().sum() > 0 for l in layers[:2])  # indexer's: no loss)
+    # moving the weights unpacks: the groups then run layer by layer, with the same outputs
+    y = torch.randn(3, 64, dtype=torch.float64)
+    with torch.no_grad():
+        packed = linears(y.float(), layers, fp32=True)
+        b.to(torch.float64)
+        assert packed_weight(layers) is None
+        alone = linears(y, layers, fp32=True)
+    assert all(torch.allclose(p.double(), q, atol=1e-5) for p, q in zip(packed, alone))

@@ -56,10 +56,11 @@ def pool(kv: torch.Tensor, score: torch.Tensor, slots: torch.Tensor, overlap: bo
 
 
 @triton.jit
-def _decode_step_kernel(SKV, SSC, ROWS, KV, SC, POS, OUT, s_sb, s_sl, s_nb, s_ob, C,
+def _decode_step_kernel(SKV, SSC, ROWS, KV, SC, APE, POS, OUT, s_sb, s_sl, s_nb, s_ob, s_ape, C,
                         M: tl.constexpr, J: tl.constexpr, OVERLAP: tl.constexpr, BLOCK_C: tl.constexpr):
     """One token per row into the compressor state, in place, and the pooled entry of the window it
-    would complete: program (row b, block of c channels) reads the J state slots at its channels (both
+    would complete: the token's score is its gate projection SC plus APE[p mod M];
+    program (row b, block of c channels) reads the J state slots at its channels (both
     feature halves when windows overlap), puts the token in slot (o·M + p mod M), pools (softmax over the
     slots per channel: previous-window slots read features [0, c), own slots [c, 2c)) and writes the
     slots back, the completed window moved to the previous one when overlapping."""
@@ -78,12 +79,15 @@ def _decode_step_kernel(SKV, SSC, ROWS, KV, SC, POS, OUT, s_sb, s_sl, s_nb, s_ob
     # features [0, c) (the only half without overlap) and [c, 2c)
     kv_a = tl.where(new, tl.load(KV + b * s_nb + ch, mask=cm, other=0.0)[None, :],
                     tl.load(st + ch[None, :], mask=m2, other=0.0))
-    sc_a = tl.where(new, tl.load(SC + b * s_nb + ch, mask=cm, other=0.0)[None, :],
+    ape = APE + rem * s_ape
+    sc_a = tl.where(new, (tl.load(SC + b * s_nb + ch, mask=cm, other=0.0)
+                          + tl.load(ape + ch, mask=cm, other=0.0))[None, :],
                     tl.load(ss + ch[None, :], mask=m2, other=0.0))
     if OVERLAP:
         kv_b = tl.where(new, tl.load(KV + b * s_nb + C + ch, mask=cm, other=0.0)[None, :],
                         tl.load(st + C + ch[None, :], mask=m2, other=0.0))
-        sc_b = tl.where(new, tl.load(SC + b * s_nb + C + ch, mask=cm, other=0.0)[None, :],
+        sc_b = tl.where(new, (tl.load(SC + b * s_nb + C + ch, mask=cm, other=0.0)
+                              + tl.load(ape + C + ch, mask=cm, other=0.0))[None, :],
                         tl.load(ss + C + ch[None, :], mask=m2, other=0.0))
         own = (jj >= M)[:, None]
         pk = tl.where(own, kv_b, kv_a)
@@ -113,21 +117,75 @@ def _decode_step_kernel(SKV, SSC, ROWS, KV, SC, POS, OUT, s_sb, s_sl, s_nb, s_ob
 
 
 def decode_step(state_kv: torch.Tensor, state_sc: torch.Tensor, rows: torch.Tensor, kv: torch.Tensor,
-                score: torch.Tensor, pos: torch.Tensor, ratio: int, overlap: bool, block_c: int = 64) -> torch.Tensor:
-    """state_kv, state_sc [Bmax, J, w] fp32 (updated in place); rows [B] (distinct); kv, score [B, 1, w]
-    fp32; pos [B] -> pooled [B, 1, c] fp32. Twin: `dsv4.ops.compressor_step_torch`."""
+                gate: torch.Tensor, ape: torch.Tensor, pos: torch.Tensor, ratio: int, overlap: bool,
+                block_c: int = 64) -> torch.Tensor:
+    """state_kv, state_sc [Bmax, J, w] fp32 (updated in place); rows [B] (distinct); kv, gate [B, 1, w]
+    fp32; ape [M, w]; pos [B] -> pooled [B, 1, c] fp32. Twin: `dsv4.ops.compressor_step_torch`."""
     B = rows.shape[0]
     J, w = state_kv.shape[1:]
     c = w // 2 if overlap else w
     if state_kv.stride(-1) != 1 or state_sc.stride() != state_kv.stride() or J & (J - 1):
         raise ValueError("compressor decode kernel: contiguous-channel states of one layout and a power-of-two "
                          f"slot count needed; got strides {state_kv.stride()} / {state_sc.stride()}, J={J}")
-    kv, score = kv.float().reshape(B, w).contiguous(), score.float().reshape(B, w).contiguous()
+    kv, score = kv.float().reshape(B, w).contiguous(), gate.float().reshape(B, w).contiguous()
+    ape = ape.float().contiguous()
     out = torch.empty(B, 1, c, device=kv.device, dtype=torch.float32)
     if B:
         bc = min(block_c, triton.next_power_of_2(c))
-        _decode_step_kernel[(B, triton.cdiv(c, bc))](state_kv, state_sc, rows.contiguous(), kv, score,
+        _decode_step_kernel[(B, triton.cdiv(c, bc))](state_kv, state_sc, rows.contiguous(), kv, score, ape,
                                                       pos.contiguous(), out, state_kv.stride(0), state_kv.stride(1),
-                                                      kv.stride(0), out.stride(0), c, M=ratio, J=J,
+                                                      kv.stride(0), out.stride(0), ape.stride(0), c, M=ratio, J=J,
                                                       OVERLAP=overlap, BLOCK_C=bc)
     return out
+
+
+@triton.jit
+def _entry_kernel(POOLED, W, POS, ROWS, FREQ, ENT, s_pb, s_eb, s_en, n_max, eps,
+                  M: tl.constexpr, C: tl.constexpr, DR2: tl.constexpr):
+    """Program b: when position POS[b] completes a window (≡ M − 1 mod M), its pooled entry (fp32) rounded
+    to the entries' dtype, RMS-normalised with W, rounded again and roped at position (POS[b] // M)·M
+    goes to ENT[ROWS[b], min(POS[b] // M, n_max − 1)]; otherwise nothing is written. The rounding steps
+    are those of `Compressor.finish` (a cast, then `norm_rope`)."""
+    b = tl.program_id(0)
+    p = tl.load(POS + b).to(tl.int64)
+    if p % M == M - 1:
+        i = p // M
+        at = tl.minimum(i, n_max - 1)
+        dst = ENT + tl.load(ROWS + b).to(tl.int64) * s_eb + at * s_en
+        src = POOLED + b.to(tl.int64) * s_pb
+        dt = ENT.dtype.element_ty
+        d = tl.arange(0, C)
+        x = tl.load(src + d).to(dt).to(tl.float32)
+        rs = 1.0 / tl.sqrt(tl.sum(x * x, 0) / C + eps)
+        NOPE: tl.constexpr = C - 2 * DR2
+        tl.store(dst + d, (x * rs * tl.load(W + d).to(tl.float32)).to(dt), mask=d < NOPE)
+        k = tl.arange(0, DR2)
+        ang = (i * M).to(tl.float32) * tl.load(FREQ + k).to(tl.float32)
+        c = tl.cos(ang)
+        s = tl.sin(ang)
+        e_at = NOPE + 2 * k
+        xe = tl.load(src + e_at).to(dt).to(tl.float32) * rs * tl.load(W + e_at).to(tl.float32)
+        xo = tl.load(src + e_at + 1).to(dt).to(tl.float32) * rs * tl.load(W + e_at + 1).to(tl.float32)
+        xe = xe.to(dt).to(tl.float32)
+        xo = xo.to(dt).to(tl.float32)
+        tl.store(dst + e_at, (xe * c - xo * s).to(dt))
+        tl.store(dst + e_at + 1, (xe * s + xo * c).to(dt))
+
+
+def write_entry(entries: torch.Tensor, rows: torch.Tensor, pooled: torch.Tensor, pos: torch.Tensor, ratio: int,
+                weight: torch.Tensor, eps: float, freqs: torch.Tensor) -> None:
+    """entries [Bmax, Cmax, c] (written in place); rows, pos [B]; pooled [B, 1, c] fp32 (the compressor
+    step's); weight [c]; freqs [Dr/2]. Twin: `dsv4.ops.compressor_entry_torch`."""
+    B, c = pooled.shape[0], pooled.shape[-1]
+    dr2 = freqs.shape[-1]
+    if c & (c - 1) or dr2 & (dr2 - 1) or entries.stride(-1) != 1 or 2 * dr2 > c:
+        raise ValueError(f"compressor entry kernel: power-of-two entry width ({c}) and rope pairs ({dr2}) "
+                         "and contiguous entry rows needed")
+    if B == 0 or entries.shape[1] == 0:
+        return
+    pooled = pooled.reshape(B, c)
+    if pooled.stride(-1) != 1:
+        pooled = pooled.contiguous()
+    _entry_kernel[(B,)](pooled, weight.contiguous(), pos.contiguous(), rows.contiguous(), freqs.contiguous(),
+                        entries, pooled.stride(0), entries.stride(0), entries.stride(1), entries.shape[1],
+                        float(eps), M=ratio, C=c, DR2=dr2, num_warps=4 if c >= 256 else 1)
