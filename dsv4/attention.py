@@ -18,7 +18,6 @@ chunks so memory grows linearly in S), and a cached pass that reads/writes a `La
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from dsv4 import ops
@@ -49,9 +48,7 @@ class RMSNorm(nn.Module):
 def linear(x: torch.Tensor, layer: nn.Linear, fp32: bool = False) -> torch.Tensor:
     if not isinstance(layer, nn.Linear):   # a quantised layer (dsv4.quant.FP8Linear) computes itself
         return layer(up(x) if fp32 else x)
-    if fp32:
-        return ops.linear_fp32(x, layer.weight)
-    return F.linear(x, layer.weight.to(x.dtype))
+    return ops.dense(x, layer.weight, fp32)
 
 
 def linears(x: torch.Tensor, layers: list, fp32: bool = False) -> list[torch.Tensor]:
@@ -64,7 +61,7 @@ def linears(x: torch.Tensor, layers: list, fp32: bool = False) -> list[torch.Ten
     if len(layers) > 1 and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
         w = packed_weight(layers)
         if w is not None:
-            y = ops.linear_fp32(x, w) if fp32 else F.linear(x, w.to(x.dtype))
+            y = ops.dense(x, w, fp32)
             return list(y.split([layer.weight.shape[0] for layer in layers], dim=-1))
     return [linear(x, layer, fp32) for layer in layers]
 
@@ -164,7 +161,9 @@ class Compressor(nn.Module):
         """kv and gate scores [B, S, w] fp32, the scores with `ape` added at pos mod M unless with_ape is
         False (the decode step's kernel adds it). pre: the two projections of x, computed by the caller."""
         kv, gate = pre if pre is not None else (linear(x, self.wkv, fp32=True), linear(x, self.wgate, fp32=True))
-        return kv, gate + up(self.ape)[pos % self.ratio] if with_ape else gate
+        if not with_ape:
+            return kv, gate
+        return kv, gate + ops.rows_at(up(self.ape), pos % self.ratio)
 
     def finish(self, pooled: torch.Tensor, index: torch.Tensor, freqs: torch.Tensor,
                dtype: torch.dtype) -> torch.Tensor:

@@ -101,21 +101,9 @@ class Gate(nn.Module):
     @fp32_region
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [N, D], ids [N] -> weights [N, K] fp32, indices [N, K], affinities [N, E] fp32."""
-        logits = ops.linear_fp32(x, self.weight)                       # [N, E] fp32 (bf16 products exact)
-        if self.score_func == "sqrtsoftplus":
-            scores = F.softplus(logits).sqrt()
-        elif self.score_func == "sigmoid":
-            scores = logits.sigmoid()
-        else:
-            scores = logits.softmax(dim=-1)
-        if self.hashed:
-            idx = self.tid2eid[ids]                                            # [N, K]
-        else:
-            idx = (scores.detach() + self.bias).topk(self.topk, dim=-1).indices
-        w = scores.gather(1, idx)                                              # [N, K]
-        if self.norm_topk:
-            w = w / w.sum(dim=-1, keepdim=True)
-        return w * self.route_scale, idx, scores
+        logits = ops.dense(x, self.weight, fp32=True)                  # [N, E] fp32 (bf16 products exact)
+        return ops.route(logits, None if self.hashed else self.bias, ids, self.tid2eid if self.hashed else None,
+                         self.topk, self.score_func, self.norm_topk, self.route_scale)
 
 
 class Experts(nn.Module):

@@ -190,6 +190,36 @@ def test_compressor_pooling_equals_twin(overlap):
     assert rel(got, want) < 2e-6 and got[1, 2].abs().max() == 0
 
 
+@pytest.mark.parametrize("overlap", [True, False])
+def test_compressor_pooling_gradient_equals_float64(overlap):
+    # random slots (places shared between entries, empty slots, an empty entry) against float64 autograd
+    # of the twin; then the full-sequence layout (every place used once): two runs give the same bits
+    g = torch.Generator().manual_seed(16)
+    B, L, c, m, n = 2, 23, 24, 4, 6
+    w, J = (2 * c, 2 * m) if overlap else (c, m)
+    kv = torch.randn(B, L, w, generator=g, dtype=torch.float64)
+    score = torch.randn(B, L, w, generator=g, dtype=torch.float64)
+    grad = torch.randn(B, n, c, generator=g, dtype=torch.float64)
+    slots = torch.randint(0, L, (B, n, J), generator=g)
+    slots = torch.where(torch.rand(B, n, J, generator=g) < 0.3, -1, slots)
+    slots[1, 2] = -1
+    a, b = kv.clone().requires_grad_(), score.clone().requires_grad_()
+    ops.compress_windows_torch(a, b, slots, overlap).backward(grad)
+    dkv, dsc = compressor.pool_backward(kv.float().to(DEV), score.float().to(DEV), slots.to(DEV),
+                                        grad.float().to(DEV), overlap)
+    assert rel(dkv, a.grad) < 2e-6 and rel(dsc, b.grad) < 2e-6
+    own = torch.arange(1, L // m) * m                              # windows as `Compressor.entries` lists them
+    k = torch.arange(m)
+    full = torch.cat([own[:, None] - m + k, own[:, None] + k], 1) if overlap else own[:, None] + k
+    full = full.expand(B, -1, -1)
+    runs = [compressor.pool_backward(kv.float().to(DEV), score.float().to(DEV), full.to(DEV),
+                                     grad[:, :len(own)].float().to(DEV), overlap) for _ in range(2)]
+    assert all(torch.equal(x, y) for x, y in zip(*runs))
+    a, b = kv.clone().requires_grad_(), score.clone().requires_grad_()
+    ops.compress_windows_torch(a, b, full, overlap).backward(grad[:, :len(own)])
+    assert rel(runs[0][0], a.grad) < 2e-6 and rel(runs[0][1], b.grad) < 2e-6
+
+
 def test_sinkhorn_equals_twin():
     g = torch.Generator().manual_seed(7)
     n = 4
@@ -652,3 +682,79 @@ def test_hc_entry_points_with_gradients_take_the_kernels():
     assert "HcPre" not in type(x3.grad_fn).__name__
     out3 = ops.hc_post_triton(post_in[0], h3, post_in[2][..., :3], post_in[3][..., :3, :3])
     assert "HcPost" not in type(out3.grad_fn).__name__
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,N,K,fp32", [(1, 37, 200, False), (2, 64, 96, True), (1, 5, 1000, True),
+                                        (2, 130, 64, False)])
+def test_gemv_equals_twin_and_float64(dtype, M, N, K, fp32):
+    # one or two rows of x against a weight whose N and K are not multiples of the tiles; x a strided
+    # view (rows of a wider buffer), the weight rows of a larger matrix (a packed group's view)
+    from dsv4.kernels import gemv as k
+    g = torch.Generator().manual_seed(M * N + K)
+    x = torch.randn(M, K + 24, generator=g)[:, 24:].to(DEV, dtype)
+    big = (torch.randn(N + 10, K, generator=g) / K ** 0.5).to(DEV, dtype)
+    w = big[3:3 + N]
+    out_dtype = torch.float32 if fp32 else dtype
+    got = k.gemv(x, w, out_dtype)
+    assert got.dtype == out_dtype and got.shape == (M, N)
+    want = x.double() @ w.double().t()
+    assert rel(got, want) < (1e-6 if fp32 or dtype == torch.float32 else 1e-2)
+    assert rel(got, ops.dense_torch(x, w, fp32)) < tol(dtype)
+    # launch shapes other than the default: the same result
+    for launch in (dict(BN=1, BK=64, num_warps=2), dict(BN=8, BK=16, num_warps=4)):
+        assert rel(k.gemv(x, w, out_dtype, **launch), got) < 1e-6
+
+
+def test_dense_takes_the_gemv_for_one_or_two_rows_only(monkeypatch):
+    from dsv4.kernels import gemv as k
+    calls = []
+    real = k.gemv
+    monkeypatch.setattr(k, "gemv", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(24, 32, generator=g).to(DEV)
+    for rows in (1, 2, 3):
+        x = torch.randn(1, rows, 32, generator=g).to(DEV)
+        assert rel(ops.dense_triton(x, w, True), x.double() @ w.double().t()) < 1e-6
+    assert calls == [(1, 1, 32), (1, 2, 32)]
+    xg = torch.randn(1, 1, 32, generator=g).to(DEV).requires_grad_()
+    ops.dense_triton(xg, w).sum().backward()                # with gradients: the twin (autograd)
+    assert len(calls) == 2 and rel(xg.grad[0, 0], w.double().sum(0)) < 1e-6
+
+
+@pytest.mark.parametrize("func", ["sqrtsoftplus", "sigmoid", "softmax"])
+@pytest.mark.parametrize("E,K,hashed,norm", [(16, 2, False, True), (20, 6, False, False), (256, 6, True, True),
+                                             (64, 8, False, True)])
+def test_router_kernel_equals_twin_and_float64(func, E, K, hashed, norm):
+    # distinct random logits (some very negative, where softplus needs its log1p), a random bias that
+    # changes the selection, or hash rows; weights, indices and affinities
+    from dsv4.kernels import router as k
+    g = torch.Generator().manual_seed(E + K + len(func))
+    N = 7
+    logits = torch.randn(N, E, generator=g) * 4
+    logits[0, :3] = torch.tensor([-30.0, -18.0, -9.0])
+    bias = torch.randn(E, generator=g) * 0.5
+    ids = torch.randint(0, 50, (N,), generator=g)
+    table = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(50)])
+    want_w, want_i, want_s = ops.route_torch(logits, None if hashed else bias, ids if hashed else None,
+                                             table if hashed else None, K, func, norm, 1.5)
+    w, i, s = k.route(logits.to(DEV), None if hashed else bias.to(DEV), ids.to(DEV) if hashed else None,
+                      table.to(DEV) if hashed else None, K, func, norm, 1.5)
+    assert torch.equal(i.cpu(), want_i)
+    assert rel(w, want_w) < 1e-6 and rel(s, want_s) < 1e-6
+    x = logits.double()
+    f64 = {"sqrtsoftplus": lambda: torch.nn.functional.softplus(x).sqrt(), "sigmoid": x.sigmoid,
+           "softmax": lambda: x.softmax(-1)}[func]()
+    assert ((s.cpu().double() - f64).abs() / f64.abs().clamp_min(1e-30)).max() < 1e-5   # elementwise, tiny ones too
+
+
+def test_rows_at_values_and_gradient():
+    g = torch.Generator().manual_seed(21)
+    table = torch.randn(4, 6, generator=g, dtype=torch.float64, requires_grad=True)
+    index = torch.randint(0, 4, (2, 9), generator=g)
+    grad = torch.randn(2, 9, 6, generator=g, dtype=torch.float64)
+    got = ops.rows_at(table, index)
+    assert torch.equal(got, table[index])
+    (dt,) = torch.autograd.grad(got, table, grad)
+    (want,) = torch.autograd.grad(table[index], table, grad)
+    assert rel(dt, want) < 1e-12

@@ -56,6 +56,59 @@ def pool(kv: torch.Tensor, score: torch.Tensor, slots: torch.Tensor, overlap: bo
 
 
 @triton.jit
+def _pool_bwd_kernel(KV, SC, SLOTS, G, DKV, DSC, s_b, s_l, s_sb, s_sn, s_gb, s_gn, N, C,
+                     J: tl.constexpr, M: tl.constexpr, OVERLAP: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Gradient of `_pool_kernel` for one (entry, channel block): with p the slots' softmax weights and
+    out = Σ p·kv, d kv_j = g·p_j and d score_j = g·p_j·(kv_j − out), added at the slot's (token,
+    feature) place of DKV / DSC (zeroed by the caller). Full-sequence windows use each place once per
+    entry set (the two halves of overlapping windows are different features), so the adds never meet
+    and the result is deterministic."""
+    pid = tl.program_id(0)
+    b = pid // N
+    e = pid % N
+    ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    jj = tl.arange(0, J)
+    slot = tl.load(SLOTS + b.to(tl.int64) * s_sb + e.to(tl.int64) * s_sn + jj)
+    if OVERLAP:
+        feat = tl.where(jj < M, 0, C)[:, None] + ch[None, :]
+    else:
+        feat = ch[None, :] + jj[:, None] * 0
+    ok = (slot >= 0)[:, None] & (ch < C)[None, :]
+    off = b.to(tl.int64) * s_b + tl.maximum(slot, 0).to(tl.int64)[:, None] * s_l + feat
+    kv = tl.load(KV + off, mask=ok, other=0.0)
+    sc = tl.load(SC + off, mask=ok, other=float("-inf"))
+    mx = tl.max(sc, 0)
+    mx = tl.where(mx == float("-inf"), 0.0, mx)
+    p = tl.exp(sc - mx[None, :])
+    den = tl.sum(p, 0)
+    p = p / tl.where(den > 0, den, 1.0)[None, :]
+    out = tl.sum(p * kv, 0)
+    g = tl.load(G + b.to(tl.int64) * s_gb + e.to(tl.int64) * s_gn + ch, mask=ch < C, other=0.0)
+    gp = g[None, :] * p
+    tl.atomic_add(DKV + off, gp, mask=ok)
+    tl.atomic_add(DSC + off, gp * (kv - out[None, :]), mask=ok)
+
+
+def pool_backward(kv: torch.Tensor, score: torch.Tensor, slots: torch.Tensor, grad: torch.Tensor, overlap: bool,
+                  block_c: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients (d kv, d score) [B, L, w] fp32 of `pool` for its output gradient grad [B, n, c]."""
+    B, L, w = kv.shape
+    n, J = slots.shape[1:]
+    c = w // 2 if overlap else w
+    kv, score = kv.float().contiguous(), score.float().contiguous()
+    slots = slots.to(torch.int32).contiguous()
+    grad = grad.float().contiguous()
+    dkv, dsc = torch.zeros_like(kv), torch.zeros_like(score)
+    if B * n:
+        bc = min(block_c, triton.next_power_of_2(c))
+        _pool_bwd_kernel[(B * n, triton.cdiv(c, bc))](kv, score, slots, grad, dkv, dsc, kv.stride(0), kv.stride(1),
+                                                      slots.stride(0), slots.stride(1), grad.stride(0),
+                                                      grad.stride(1), n, c, J=J, M=J // 2 if overlap else J,
+                                                      OVERLAP=overlap, BLOCK_C=bc)
+    return dkv, dsc
+
+
+@triton.jit
 def _decode_step_kernel(SKV, SSC, ROWS, KV, SC, APE, POS, OUT, s_sb, s_sl, s_nb, s_ob, s_ape, C,
                         M: tl.constexpr, J: tl.constexpr, OVERLAP: tl.constexpr, BLOCK_C: tl.constexpr):
     """One token per row into the compressor state, in place, and the pooled entry of the window it
