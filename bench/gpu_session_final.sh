@@ -39,6 +39,9 @@ for s in ${@:-dist context e2e train tests flash}; do case $s in
   gemv) TAIL=120 step gemv 90 python3 bench/probe_gemv.py --out "$RES/probe_gemv.json" ;;
   kfast) TAIL=6 step kfast 120 python3 -m pytest tests/test_kernels.py -x -q -p no:cacheprovider \
       -k "gemv or dense or router or pooling or rows_at or compressor or training_step or model_with" ;;
+  diag) TAIL=12 step diag 60 python3 bench/diag_route.py
+      for o in route dense; do DSV4_OPS=$o=torch TAIL=3 step "model_$o=torch" 60 python3 -m pytest tests/test_kernels.py -x -q \
+        -p no:cacheprovider -k model_with; done ;;
   knew) TAIL=6 step knew 50 python3 -m pytest tests/test_kernels.py -x -q -p no:cacheprovider \
       -k "radix or long_rows or topk or norm_rope or training_step or model_with" ;;
   e2e4k) TAIL=20 step generate 130 python3 bench/bench_generate.py --device cuda --batch 1 --prompt-lens 4096,16384 \
