@@ -21,6 +21,7 @@ for func in ("sqrtsoftplus", "sigmoid", "softmax"):
         w1, i1, s1 = router.route(logits, bias, None, None, K, func, True, 1.5)
         same_set = (i0.sort(-1).values == i1.sort(-1).values).all(-1)
         print(f"{func:13s} E={E:3d} K={K}: rows with another expert set {int((~same_set).sum())}, "
-              f"same order {bool((i0 == i1).all())}, max rel affinity err "
+              f"same order {bool((i0 == i1).all())}, affinities bitwise equal {bool(torch.equal(s0, s1))}, "
+              f"max rel affinity err "
               f"{float(((s1 - s0).abs() / s0.abs().clamp_min(1e-30)).max()):.2e}, max weight err "
               f"{float((w1 - w0)[same_set].abs().max()):.2e}")

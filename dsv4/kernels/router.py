@@ -9,21 +9,29 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
+
+from . import INTERPRET
 
 
 @triton.jit
 def _route_kernel(LOGITS, BIAS, IDS, HASH, W_OUT, IDX_OUT, S_OUT, E, s_l, s_h, route_scale,
                   K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, FUNC: tl.constexpr,
-                  NORM: tl.constexpr, HASHED: tl.constexpr):
+                  NORM: tl.constexpr, HASHED: tl.constexpr, PRECISE: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     e_ok = e < E
     x = tl.load(LOGITS + n * s_l + e, mask=e_ok, other=0.0).to(tl.float32)
-    if FUNC == 0:      # sqrt(softplus(x)); softplus = max(x, 0) + log1p(exp(−|x|)), log1p(y) = log(u)·y / (u − 1)
-        y = tl.exp(-tl.abs(x))    # with u = 1 + y rounded (exact to fp32 rounding; y where u rounds to 1)
+    if FUNC == 0 and PRECISE:   # sqrt(softplus(x)) with the CUDA math library's exp, log1p and sqrt, as
+        # PyTorch computes it (x above 20: x): the same affinities bit for bit, so the same experts
+        s = libdevice.sqrt_rn(tl.where(x > 20.0, x, libdevice.log1p(libdevice.exp(tl.minimum(x, 20.0)))))
+    elif FUNC == 0:    # (the interpreter has no libdevice) softplus = max(x, 0) + log1p(exp(−|x|)) with
+        y = tl.exp(-tl.abs(x))    # log1p(y) = log(u)·y / (u − 1), u = 1 + y rounded (y where u rounds to 1)
         u = 1.0 + y
         sp = tl.maximum(x, 0.0) + tl.where(u == 1.0, y, tl.log(u) * y / tl.where(u == 1.0, 1.0, u - 1.0))
         s = tl.sqrt(sp)
+    elif FUNC == 1 and PRECISE:
+        s = libdevice.div_rn(1.0, 1.0 + libdevice.exp(-x))
     elif FUNC == 1:    # sigmoid
         s = 1.0 / (1.0 + tl.exp(-x))
     else:              # softmax over the experts
@@ -78,5 +86,6 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor | N
                             ids.contiguous() if hashed else dummy, ht, w, idx, scores, E, logits.stride(0),
                             ht.stride(0) if hashed else 0, float(route_scale), K=topk,
                             BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(topk),
-                            FUNC=FUNCS[score_func], NORM=norm_topk, HASHED=hashed, num_warps=1 if E <= 256 else 2)
+                            FUNC=FUNCS[score_func], NORM=norm_topk, HASHED=hashed, PRECISE=not INTERPRET,
+                            num_warps=1 if E <= 256 else 2)
     return w, idx, scores
