@@ -421,9 +421,26 @@ def index_topk_torch(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, lo: torc
         sl = slice(s0, s0 + chunk)
         scores = index_scores(q[:, sl], k, w[:, sl], k_rows)                      # [B, Sc, C]
         visible = (s >= lo[:, sl].unsqueeze(-1)) & (s < hi[:, sl].unsqueeze(-1))  # [B, Sc, C]
-        top = scores.masked_fill(~visible, NEG_INF).topk(min(topk, C), dim=-1)
-        out.append(torch.where(top.values == NEG_INF, -1, top.indices).to(torch.int32))
+        out.append(topk_lowest(scores.masked_fill(~visible, NEG_INF), topk))
     return torch.cat(out, dim=1)
+
+
+def topk_lowest(scores: torch.Tensor, topk: int) -> torch.Tensor:
+    """idx [..., P] int32, P = min(topk, C): the P largest of each row of scores [..., C] in increasing
+    index order, ties at the P-th value taken by lowest index; −1 (at the end) for masked (NEG_INF)
+    entries. The radix-select kernel's choice, deterministic: `torch.topk` alone picks among equal
+    values in no set order, and on CUDA differently from run to run — with the indexer's ReLU, equal
+    (zero) scores at the threshold are common, and a different choice of keys moves the output."""
+    C = scores.shape[-1]
+    P = min(topk, C)
+    if P == 0:
+        return torch.empty(*scores.shape[:-1], 0, dtype=torch.int32, device=scores.device)
+    thr = scores.topk(P, dim=-1).values[..., -1:]                                  # the P-th largest
+    above, at = scores > thr, scores == thr
+    chosen = (above | (at & (at.cumsum(-1) <= P - above.sum(-1, keepdim=True)))) & (scores > NEG_INF)
+    key = torch.where(chosen, C - torch.arange(C, device=scores.device), 0)     # lower index: larger key
+    top = key.topk(P, dim=-1).values
+    return torch.where(top > 0, C - top, -1).to(torch.int32)
 
 
 @fp32_region
@@ -882,7 +899,7 @@ def compress_windows_triton(kv, score, slots, overlap):
 
 def index_topk_triton(q, k, w, lo, hi, topk, k_rows=None):
     from dsv4.kernels import indexer
-    return indexer.topk(q.detach(), k.detach(), w.detach(), lo, hi, topk, k_rows)
+    return indexer.topk(q.detach(), k.detach(), w.detach(), lo, hi, topk, k_rows, long_rows=topk_lowest)
 
 
 class _SparseAttentionFn(torch.autograd.Function):

@@ -278,7 +278,7 @@ def test_model_with_the_kernels_equals_the_twins():
     from dsv4.cache import DecodeCache
 
     model = random_model("tiny", seed=3).to(DEV)
-    ids = torch.randint(0, model.config.vocab_size, (2, 140)).to(DEV)
+    ids = torch.randint(0, model.config.vocab_size, (2, 140), generator=torch.Generator().manual_seed(0)).to(DEV)
     try:
         ops.set_backend("torch")
         want = model(ids)
@@ -758,3 +758,21 @@ def test_rows_at_values_and_gradient():
     (dt,) = torch.autograd.grad(got, table, grad)
     (want,) = torch.autograd.grad(table[index], table, grad)
     assert rel(dt, want) < 1e-12
+
+
+def test_twin_topk_takes_the_kernels_choice_among_ties():
+    # rows full of equal scores (the indexer's ReLU zeros), −inf (masked) entries, rows with fewer finite
+    # entries than P: the twin's choice is the radix select's, index for index (lowest index among ties,
+    # increasing index order, −1 at the end), and equals a brute-force reading of that rule
+    g = torch.Generator().manual_seed(23)
+    R, C, P = 40, 300, 24
+    sc = torch.randint(0, 4, (R, C), generator=g).float() * torch.rand(R, 1, generator=g)   # few values: ties
+    sc[torch.rand(R, C, generator=g) < 0.2] = float("-inf")
+    sc[3, 10:] = float("-inf")                                                   # 10 candidates < P
+    sc[5] = 0.0                                                                   # all equal
+    got = ops.topk_lowest(sc, P)
+    assert torch.equal(indexer.select(sc.to(DEV), P).cpu(), got)
+    for r in range(R):
+        finite = [(-float(v), i) for i, v in enumerate(sc[r].tolist()) if v != float("-inf")]
+        want = sorted(i for _, i in sorted(finite)[:P])
+        assert got[r].tolist() == want + [-1] * (P - len(want))

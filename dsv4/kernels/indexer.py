@@ -81,13 +81,17 @@ def scores(q, k, w, lo, hi, k_rows=None, block_s: int = 64, block_c: int = 64, n
     return out
 
 
-def topk(q, k, w, lo, hi, topk: int, k_rows=None) -> torch.Tensor:
+def topk(q, k, w, lo, hi, topk: int, k_rows=None, long_rows=None) -> torch.Tensor:
     """idx [B, S, P] int32 (−1 where fewer than P entries are visible), P = min(topk, C): the scores
-    kernel, then the radix-select kernel (`select`), or `torch.topk` for a few very long rows."""
+    kernel, then the radix-select kernel (`select`), or for a few very long rows `long_rows(scores, P)`
+    (the caller's PyTorch choice with the same tie rule; default `torch.topk`, whose choice among equal
+    scores is arbitrary)."""
     sc = scores(q, k, w, lo, hi, k_rows)
     B, S, C = sc.shape
     if use_select(B * S, C):
         return select(sc, topk, lo, hi)
+    if long_rows is not None:
+        return long_rows(sc, topk)
     top = sc.topk(min(topk, C), dim=-1)
     return torch.where(top.values == float("-inf"), -1, top.indices).to(torch.int32)
 
