@@ -11,8 +11,10 @@ import triton.language as tl
 
 
 @triton.jit
-def _pool_kernel(KV, SC, SLOTS, OUT, s_b, s_l, s_sb, s_sn, s_ob, s_on, N, C,
-                 J: tl.constexpr, M: tl.constexpr, OVERLAP: tl.constexpr, BLOCK_C: tl.constexpr):
+def _slot_weights(KV, SC, SLOTS, s_b, s_l, s_sb, s_sn, N, C,
+                  J: tl.constexpr, M: tl.constexpr, OVERLAP: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (entry, channel block)'s J slots: their places in KV / SC (off, ok), kv values and
+    unnormalised softmax weights p over the slots per channel (den their sum; 0 for an empty entry)."""
     pid = tl.program_id(0)
     b = pid // N
     e = pid % N
@@ -30,7 +32,13 @@ def _pool_kernel(KV, SC, SLOTS, OUT, s_b, s_l, s_sb, s_sn, s_ob, s_on, N, C,
     mx = tl.max(sc, 0)
     mx = tl.where(mx == float("-inf"), 0.0, mx)
     p = tl.exp(sc - mx[None, :])
-    den = tl.sum(p, 0)
+    return b, e, ch, off, ok, kv, p, tl.sum(p, 0)
+
+
+@triton.jit
+def _pool_kernel(KV, SC, SLOTS, OUT, s_b, s_l, s_sb, s_sn, s_ob, s_on, N, C,
+                 J: tl.constexpr, M: tl.constexpr, OVERLAP: tl.constexpr, BLOCK_C: tl.constexpr):
+    b, e, ch, off, ok, kv, p, den = _slot_weights(KV, SC, SLOTS, s_b, s_l, s_sb, s_sn, N, C, J, M, OVERLAP, BLOCK_C)
     num = tl.sum(p * kv, 0)
     out = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
     tl.store(OUT + b.to(tl.int64) * s_ob + e.to(tl.int64) * s_on + ch, out, mask=ch < C)
@@ -63,24 +71,7 @@ def _pool_bwd_kernel(KV, SC, SLOTS, G, DKV, DSC, s_b, s_l, s_sb, s_sn, s_gb, s_g
     feature) place of DKV / DSC (zeroed by the caller). Full-sequence windows use each place once per
     entry set (the two halves of overlapping windows are different features), so the adds never meet
     and the result is deterministic."""
-    pid = tl.program_id(0)
-    b = pid // N
-    e = pid % N
-    ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    jj = tl.arange(0, J)
-    slot = tl.load(SLOTS + b.to(tl.int64) * s_sb + e.to(tl.int64) * s_sn + jj)
-    if OVERLAP:
-        feat = tl.where(jj < M, 0, C)[:, None] + ch[None, :]
-    else:
-        feat = ch[None, :] + jj[:, None] * 0
-    ok = (slot >= 0)[:, None] & (ch < C)[None, :]
-    off = b.to(tl.int64) * s_b + tl.maximum(slot, 0).to(tl.int64)[:, None] * s_l + feat
-    kv = tl.load(KV + off, mask=ok, other=0.0)
-    sc = tl.load(SC + off, mask=ok, other=float("-inf"))
-    mx = tl.max(sc, 0)
-    mx = tl.where(mx == float("-inf"), 0.0, mx)
-    p = tl.exp(sc - mx[None, :])
-    den = tl.sum(p, 0)
+    b, e, ch, off, ok, kv, p, den = _slot_weights(KV, SC, SLOTS, s_b, s_l, s_sb, s_sn, N, C, J, M, OVERLAP, BLOCK_C)
     p = p / tl.where(den > 0, den, 1.0)[None, :]
     out = tl.sum(p * kv, 0)
     g = tl.load(G + b.to(tl.int64) * s_gb + e.to(tl.int64) * s_gn + ch, mask=ch < C, other=0.0)
