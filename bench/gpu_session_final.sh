@@ -45,6 +45,7 @@ for s in ${@:-dist context e2e train tests flash}; do case $s in
   kmodel) TAIL=6 step kmodel 90 python3 -m pytest tests/test_kernels.py -x -q -p no:cacheprovider -k "model_with or router" ;;
   diagm) TAIL=8 step diagm 120 python3 bench/diag_model_kernels.py ;;
   diagt) TAIL=8 step diagt 90 python3 bench/diag_model_ties.py ;;
+  diagr) TAIL=12 step diagr 60 python3 bench/diag_model_repeat.py ;;
   knew) TAIL=6 step knew 50 python3 -m pytest tests/test_kernels.py -x -q -p no:cacheprovider \
       -k "radix or long_rows or topk or norm_rope or training_step or model_with" ;;
   e2e4k) TAIL=20 step generate 130 python3 bench/bench_generate.py --device cuda --batch 1 --prompt-lens 4096,16384 \
