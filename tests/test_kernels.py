@@ -770,8 +770,11 @@ def test_twin_topk_takes_the_kernels_choice_among_ties():
     sc[torch.rand(R, C, generator=g) < 0.2] = float("-inf")
     sc[3, 10:] = float("-inf")                                                   # 10 candidates < P
     sc[5] = 0.0                                                                   # all equal
+    sc[6, ::2] = -0.0                                                             # −0 and +0: equal values
+    sc[6, 1::2] = 0.0
     got = ops.topk_lowest(sc, P)
     assert torch.equal(indexer.select(sc.to(DEV), P).cpu(), got)
+    assert torch.equal(indexer.select(sc.to(DEV, torch.bfloat16), P).cpu(), ops.topk_lowest(sc.bfloat16(), P))
     for r in range(R):
         finite = [(-float(v), i) for i, v in enumerate(sc[r].tolist()) if v != float("-inf")]
         want = sorted(i for _, i in sorted(finite)[:P])

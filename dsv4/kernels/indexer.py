@@ -110,11 +110,14 @@ def use_select(rows: int, entries: int) -> bool:
 # ----------------------------------------------------------------------------- top-k by radix select
 @triton.jit
 def _orderable_key(bits, NBITS: tl.constexpr):
-    """Float bits (sign-extended int32) -> an unsigned key in [0, 2^NBITS) that orders as the floats do:
-    positive values get the sign bit set, negative values are inverted."""
+    """Float bits (sign-extended int32) -> an unsigned key in [0, 2^NBITS) that orders as the floats
+    compare: positive values get the sign bit set, negative values are inverted, and −0 is +0 (equal
+    floats, one key: the ReLU scores of the indexer hold both, and a tie between them must be a tie)."""
     if NBITS == 16:
+        bits = tl.where(bits == -32768, 0, bits)
         key = tl.where(bits < 0, ~bits, bits | 0x8000) & 0xFFFF
     else:
+        bits = tl.where(bits == -2147483648, 0, bits)
         key = tl.where(bits < 0, ~bits, bits | -2147483648)
     return key.to(tl.uint32, bitcast=True)
 
