@@ -6,7 +6,10 @@ written next to the kernels:
 * mHC: the mix at 16/32 tokens, the finish at 8 tokens × 128 columns and at 1 token × 1,024 (no spills),
   the finish at 16 × 128 (spills);
 * sparse attention, 32 heads × 512: 4 warps spill, 8 do not (yet 8 measured slower on the H200);
-* the expert GEMV kernels.
+* the expert GEMV kernels;
+* the decode step's GEMV, router, compressor entry and step kernels, the pooling gradient and the radix
+  select (none spills; compiling them here also catches what the interpreter accepts and the compiler
+  refuses).
 
     python3 bench/ptxas_report.py
 """
@@ -43,7 +46,7 @@ def compile_sm90(fn, sig: dict, consts: dict, warps: int, stages: int = 2, attrs
 
 
 def main() -> int:
-    from dsv4.kernels import mhc, moe_gemv, norm_rope, sparse_attention as sa
+    from dsv4.kernels import compressor, gemv, indexer, mhc, moe_gemv, norm_rope, router, sparse_attention as sa
     nr = dict(X="*bf16", W="*bf16", POS="*i64", FREQ="*fp32", OUT="*bf16", R="i32", HEADS="i32", eps="fp32",
               STRIDE="i32", SIGN="fp32")
     mix = dict(H="*bf16", FN="*fp32", SS="*fp32", MIX="*fp32", N_TOK="i32", D="i32", K_PER="i32")
@@ -58,6 +61,17 @@ def main() -> int:
               D="i32", I="i32", TOPK="i32", E="i32", limit="fp32", s_xm="i32", s_we="i32", s_wn="i32", s_hm="i32")
     down = dict(h_ptr="*bf16", w2_ptr="*bf16", idx_ptr="*i64", out_ptr="*bf16", D="i32", I="i32", TOPK="i32",
                 E="i32", s_hm="i32", s_we="i32", s_wn="i32", s_om="i32")
+    gv = dict(x_ptr="*bf16", w_ptr="*bf16", y_ptr="*fp32", N="i32", K="i32", stride_xm="i32", stride_wn="i32",
+              stride_ym="i32")
+    rt = dict(LOGITS="*fp32", BIAS="*fp32", IDS="*i64", HASH="*i64", W_OUT="*fp32", IDX_OUT="*i64", S_OUT="*fp32",
+              E="i32", s_l="i32", s_h="i32", route_scale="fp32")
+    en = dict(POOLED="*fp32", W="*bf16", POS="*i64", ROWS="*i64", FREQ="*fp32", ENT="*bf16", s_pb="i32", s_eb="i32",
+              s_en="i32", n_max="i32", eps="fp32")
+    st = dict(SKV="*fp32", SSC="*fp32", ROWS="*i64", KV="*fp32", SC="*fp32", APE="*fp32", POS="*i64", OUT="*fp32",
+              s_sb="i32", s_sl="i32", s_nb="i32", s_ob="i32", s_ape="i32", C="i32")
+    pb = dict(KV="*fp32", SC="*fp32", SLOTS="*i32", G="*fp32", DKV="*fp32", DSC="*fp32", s_b="i32", s_l="i32",
+              s_sb="i32", s_sn="i32", s_gb="i32", s_gn="i32", N="i32", C="i32")
+    sel = dict(SC="*i16", LO="*i32", HI="*i32", OUT="*i32", s_sr="i32", s_or="i32", C="i32", P="i32")
     cases = [
         ("norm/RoPE 16 rows x 4096", norm_rope._norm_rope_kernel, nr,
          dict(DH=4096, DR2=32, NORM=True, WEIGHT=True, ROPE=False, BLOCK_R=16), 4),
@@ -81,6 +95,16 @@ def main() -> int:
          dict(D=512, BLOCK_H=16, BLOCK_N=32, HAS_KV2=True, SPLIT=False, F32_DOT=False), 4),
         ("expert GEMV up", moe_gemv._up_kernel, up, dict(HAS_LIMIT=True, BN=8, BK=256), 4),
         ("expert GEMV down", moe_gemv._down_kernel, down, dict(BN=8, BK=256), 4),
+        ("GEMV 1 row x 1024", gemv._gemv_kernel, gv, dict(ROWS=1, BN=1, BK=1024), 4),
+        ("GEMV 2 rows, 16 x 256", gemv._gemv_kernel, gv, dict(ROWS=2, BN=16, BK=256), 4),
+        ("router 256 experts, top-6", router._route_kernel, rt,
+         dict(K=6, BLOCK_E=256, BLOCK_K=8, FUNC=0, NORM=True, HASHED=False, PRECISE=True), 1),
+        ("compressor entry 512", compressor._entry_kernel, en, dict(M=4, C=512, DR2=32), 4),
+        ("compressor step 8 slots x 64", compressor._decode_step_kernel, st,
+         dict(M=4, J=8, OVERLAP=True, BLOCK_C=64), 4),
+        ("pooling gradient 8 slots x 128", compressor._pool_bwd_kernel, pb, dict(J=8, M=4, OVERLAP=True, BLOCK_C=128), 4),
+        ("radix select bf16, 1024", indexer._select_kernel, sel,
+         dict(NBITS=16, NEG_KEY=0x7F, BLOCK=1024, HAS_RANGE=True), 4),
     ]
     for name, fn, sig, consts, warps in cases:
         _, regs, spills = compile_sm90(fn, sig, consts, warps)
