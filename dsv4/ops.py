@@ -218,7 +218,7 @@ def dense_torch(x: torch.Tensor, w: torch.Tensor, fp32: bool = False) -> torch.T
 def dense_triton(x: torch.Tensor, w: torch.Tensor, fp32: bool = False) -> torch.Tensor:
     from dsv4.kernels import gemv as kern
     if (x.numel() > kern.ROWS_MAX * x.shape[-1] or w.dtype != x.dtype or w.dim() != 2 or w.stride(-1) != 1
-            or _needs_grad(x, w)):
+            or _needs_grad(x, w) or type(w.data) is not torch.Tensor):      # (a sharded DTensor: the twin)
         return dense_torch(x, w, fp32)
     return kern.gemv(x, w, torch.float32 if fp32 else x.dtype)
 
