@@ -43,9 +43,9 @@ for s in ${@:-dist context e2e train tests flash}; do case $s in
       for o in route; do DSV4_OPS=$o=torch TAIL=3 step "model_$o=torch" 60 python3 -m pytest tests/test_kernels.py -x -q \
         -p no:cacheprovider -k model_with; done ;;
   kmodel) TAIL=6 step kmodel 90 python3 -m pytest tests/test_kernels.py -x -q -p no:cacheprovider -k "model_with or router" ;;
-  diagm) TAIL=8 step diagm 120 python3 bench/diag_model_kernels.py ;;
-  diagt) TAIL=8 step diagt 90 python3 bench/diag_model_ties.py ;;
-  diagr) TAIL=12 step diagr 60 python3 bench/diag_model_repeat.py ;;
+  diagm) TAIL=8 step diagm 120 python3 bench/diag_model.py primitives ;;
+  diagt) TAIL=8 step diagt 90 python3 bench/diag_model.py ties ;;
+  diagr) TAIL=12 step diagr 60 python3 bench/diag_model.py repeat ;;
   knew) TAIL=6 step knew 50 python3 -m pytest tests/test_kernels.py -x -q -p no:cacheprovider \
       -k "radix or long_rows or topk or norm_rope or training_step or model_with" ;;
   e2e4k) TAIL=20 step generate 130 python3 bench/bench_generate.py --device cuda --batch 1 --prompt-lens 4096,16384 \

@@ -1,0 +1,120 @@
+"""Diagnostics of the whole model on the GPU: kernels against twins (fp32, a small model with every
+layer type, ids from seed 0), when the two disagree.
+
+    python3 bench/diag_model.py primitives   # each primitive in turn sent back to its twin, 3 inputs
+    python3 bench/diag_model.py ties         # twins twice; twins with top-k ties by a stable sort; dense selection
+    python3 bench/diag_model.py repeat       # twins twice, kernels twice, and the index top-k / router
+                                             # choices of both paths compared call by call (sets)
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+from conftest import random_model  # noqa: E402
+from dsv4 import ops  # noqa: E402
+from dsv4.attention import Attention  # noqa: E402
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def ids_for(model, seed: int) -> torch.Tensor:
+    return torch.randint(0, model.config.vocab_size, (2, 140), generator=torch.Generator().manual_seed(seed)).cuda()
+
+
+def run(model, ids, backend):
+    ops.set_backend(backend)
+    try:
+        return model(ids)
+    finally:
+        ops.set_backend(None)
+
+
+def primitives(model):
+    names = [n for n, p in ops.PRIMITIVES.items() if "triton" in p.impls]
+    for seed in range(3):
+        ids = ids_for(model, seed)
+        want = run(model, ids, "torch")
+        row = {"all kernels": rel(run(model, ids, "triton"), want)}
+        for n in names:
+            row[f"{n}=torch"] = rel(run(model, ids, {"*": "triton", n: "torch"}), want)
+        print(f"ids seed {seed}: " + ", ".join(f"{k} {v:.1e}" for k, v in row.items()), flush=True)
+
+
+def topk_stable(q, k, w, lo, hi, topk, k_rows=None):
+    """The twin's index top-k with ties at the threshold by lowest index through a stable sort (which,
+    like the radix select, orders −0 below +0)."""
+    s = ops.index_scores(q, k, w, k_rows)
+    pos = torch.arange(s.shape[-1], device=s.device)
+    vis = (pos >= lo.unsqueeze(-1)) & (pos < hi.unsqueeze(-1))
+    s = torch.where(vis, s.float(), float("-inf"))
+    order = torch.sort(s, dim=-1, descending=True, stable=True).indices[..., :min(topk, s.shape[-1])]
+    return torch.where(torch.gather(vis, -1, order), order, -1)
+
+
+def ties(model):
+    ids = ids_for(model, 0)
+    want = run(model, ids, "torch")
+    print("twins against twins:", rel(run(model, ids, "torch"), want))
+    print("kernels against twins:", rel(run(model, ids, "triton"), want))
+    real = ops.index_topk.impls["torch"]
+    ops.index_topk.impls["torch"] = topk_stable
+    ops.index_topk._fns.clear()
+    try:
+        want_stable = run(model, ids, "torch")
+    finally:
+        ops.index_topk.impls["torch"] = real
+        ops.index_topk._fns.clear()
+    print("kernels against twins with stable-sort ties:", rel(run(model, ids, "triton"), want_stable),
+          "| those twins against the twins:", rel(want_stable, want))
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.index_mode = "dense"
+    print("dense index mode, kernels against twins:", rel(run(model, ids, "triton"), run(model, ids, "torch")))
+
+
+def repeat(model):
+    ids = ids_for(model, 0)
+    chosen = {}
+    real = ops.Primitive.__call__
+
+    def spy(self, *a, **k):
+        out = real(self, *a, **k)
+        if self.name in ("index_topk", "route"):
+            chosen.setdefault(self.name, []).append(out if self.name == "index_topk" else out[1])
+        return out
+
+    ops.Primitive.__call__ = spy
+    runs = {}
+    try:
+        for backend in ("torch", "triton"):
+            for r in range(2):
+                chosen.clear()
+                runs[backend, r] = (run(model, ids, backend), {k: list(v) for k, v in chosen.items()})
+    finally:
+        ops.Primitive.__call__ = real
+    (t0, c0), (t1, c1), (k0, d0) = runs["torch", 0], runs["torch", 1], runs["triton", 0]
+    print("twins twice:", rel(t1, t0), "| kernels twice:", rel(runs["triton", 1][0], k0),
+          "| kernels vs twins:", rel(k0, t0))
+    for name in c0:
+        for i, (a, b, c) in enumerate(zip(c0[name], c1[name], d0[name])):
+            sa, sb, sc = (x.sort(-1).values for x in (a, b, c))
+            print(f"{name} call {i}: twin runs differ in {int((sa != sb).any(-1).sum())} rows, kernel vs twin in "
+                  f"{int((sa != sc).any(-1).sum())} of {sa[..., 0].numel()}")
+
+
+@torch.no_grad()
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["primitives", "ties", "repeat"])
+    args = ap.parse_args(argv)
+    {"primitives": primitives, "ties": ties, "repeat": repeat}[args.what](random_model("tiny", seed=3).to("cuda"))
+
+
+if __name__ == "__main__":
+    main()
