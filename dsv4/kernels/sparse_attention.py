@@ -174,7 +174,8 @@ def _check(q, kv, idx, kv2, rows2):
 WARPS = 4
 
 
-def forward(q, kv, idx, sink, scale, kv2=None, rows2=None, block_n: int | None = None, num_warps: int | None = None):
+def forward(q, kv, idx, sink, scale, kv2=None, rows2=None, block_n: int | None = None, num_warps: int | None = None,
+            block_h: int | None = None, num_stages: int | None = None):
     """out [B, S, H, Dh] (q's dtype), lse [B, S, H] fp32. Shapes as the twin's. Under the interpreter the
     key blocks are larger by default (fewer loop iterations: its cost is per op)."""
     block_n = block_n or (128 if INTERPRET else 32)
@@ -189,15 +190,16 @@ def forward(q, kv, idx, sink, scale, kv2=None, rows2=None, block_n: int | None =
     has2 = kv2 is not None and kv2.shape[1] > 0
     k2 = kv2 if has2 else kv
     r2 = rows2 if (has2 and rows2 is not None) else torch.arange(B, device=q.device, dtype=torch.int32)
-    BH = _block_h(H)
+    BH = block_h or _block_h(H)
     f32 = INTERPRET or q.dtype == torch.float32
     grid = (B * S, triton.cdiv(H, BH), 1)
+    launch = {"num_stages": num_stages} if num_stages else {}
     _fwd_kernel[grid](q, kv, k2, r2, idx, sink, out, lse, lse,
                       q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), k2.stride(0), k2.stride(1),
                       idx.stride(0), idx.stride(1), out.stride(0), out.stride(1), out.stride(2),
                       S, H, kv.shape[1], K, K, scale * LOG2E,
                       D=D, BLOCK_H=BH, BLOCK_N=block_n, HAS_KV2=has2, SPLIT=False, F32_DOT=f32,
-                      num_warps=num_warps or WARPS)
+                      num_warps=num_warps or WARPS, **launch)
     return out, lse
 
 
@@ -261,7 +263,7 @@ def _combine_kernel(PART, ML, SINK, OUT, LSE, SPLITS, H, D: tl.constexpr, BLOCK_
 
 
 def backward(q, kv, idx, sink, scale, out, lse, dout, kv2=None, rows2=None, dlse=None, block_n: int = 32,
-             num_warps: int = 4):
+             num_warps: int = 4, block_h: int | None = None, num_stages: int | None = None):
     """Gradients (dq, dkv, dkv2, dsink) of `forward`, given dout (and optionally dlse, the gradient of lse)."""
     B, S, H, D = q.shape
     K = idx.shape[-1]
@@ -276,15 +278,16 @@ def backward(q, kv, idx, sink, scale, out, lse, dout, kv2=None, rows2=None, dlse
     dkv = torch.zeros(kv.shape, device=q.device, dtype=torch.float32)
     dkv2 = torch.zeros(k2.shape, device=q.device, dtype=torch.float32) if has2 else dkv
     idx = idx if idx.stride(-1) == 1 else idx.contiguous()
-    BH = _block_h(H)
+    BH = block_h or _block_h(H)
     f32 = INTERPRET or q.dtype == torch.float32
+    launch = {"num_stages": num_stages} if num_stages else {}
     if B * S:
         _bwd_kernel[(B * S, triton.cdiv(H, BH))](
             q, kv, k2, r2, idx, dout, lse, delta, dq, dkv, dkv2,
             q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), k2.stride(0), k2.stride(1),
             idx.stride(0), idx.stride(1), dkv.stride(0), dkv.stride(1), dkv2.stride(0), dkv2.stride(1),
             S, H, kv.shape[1], K, scale,
-            D=D, BLOCK_H=BH, BLOCK_N=block_n, HAS_KV2=has2, F32_DOT=f32, num_warps=num_warps)
+            D=D, BLOCK_H=BH, BLOCK_N=block_n, HAS_KV2=has2, F32_DOT=f32, num_warps=num_warps, **launch)
     p_sink = torch.exp(sink.float().view(1, 1, H) - lse)                           # [B, S, H]
     dsink = -(p_sink * delta).sum((0, 1))
     return dq, dkv.to(kv.dtype), (dkv2.to(kv2.dtype) if has2 else None), dsink.to(sink.dtype)
