@@ -43,6 +43,10 @@ def main(argv=None) -> int:
     ap.add_argument("--backend", choices=["torch", "triton"], default="torch")
     ap.add_argument("--prefill", type=int, default=0, metavar="N",
                     help="count a cached prefill of N tokens into empty rows instead of a decode step")
+    ap.add_argument("--train", type=int, default=0, metavar="N",
+                    help="count one training step (forward, cross-entropy, backward) of N tokens of a bf16 model "
+                         "instead (as bench/bench_train.py's eager row)")
+    ap.add_argument("--device", default="cpu", help="cpu (Triton under TRITON_INTERPRET=1) or cuda")
     ap.add_argument("--no-pack", action="store_true", help="leave the projection groups unpacked (one GEMM each)")
     ap.add_argument("--where", action="store_true",
                     help="also list the kernels by the dsv4 function that launches them")
@@ -66,20 +70,34 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     cfg = preset(args.preset)
     model = Transformer(cfg).eval()
-    if not args.no_pack:
+    dev = torch.device(args.device)
+    if args.train:
+        model = model.to_dtype(torch.bfloat16).train()
+    model = model.to(dev)
+    if not args.train and not args.no_pack:
         model.pack_projections()        # as the inference entry points do (`DecodeGraphs`, the engine)
     B = args.batch
-    if args.prefill:   # a warm-up prefill of the same length in other rows, then the counted one
-        cache = DecodeCache(cfg, 2 * B, args.prefill + 8)
-        ids = torch.randint(0, cfg.vocab_size, (B, args.prefill))
-        model(ids, cache=cache, rows=torch.arange(B, 2 * B), last_only=True)
+    if args.train:
+        ids = torch.randint(0, cfg.vocab_size, (B, args.train + 1), device=dev)
 
         def counted():
-            model(ids, cache=cache, rows=torch.arange(B), last_only=True)
+            with torch.enable_grad():
+                logits = model(ids[:, :-1])
+                torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten()).backward()
+            for p in model.parameters():
+                p.grad = None
+        counted()
+    elif args.prefill:   # a warm-up prefill of the same length in other rows, then the counted one
+        cache = DecodeCache(cfg, 2 * B, args.prefill + 8, device=dev)
+        ids = torch.randint(0, cfg.vocab_size, (B, args.prefill), device=dev)
+        model(ids, cache=cache, rows=torch.arange(B, 2 * B, device=dev), last_only=True)
+
+        def counted():
+            model(ids, cache=cache, rows=torch.arange(B, device=dev), last_only=True)
     else:
-        cache = DecodeCache(cfg, B, 512)
-        ids = torch.randint(0, cfg.vocab_size, (B, 200))
-        rows = torch.arange(B)
+        cache = DecodeCache(cfg, B, 512, device=dev)
+        ids = torch.randint(0, cfg.vocab_size, (B, 200), device=dev)
+        rows = torch.arange(B, device=dev)
         model(ids, cache=cache)
         model.decode_step(ids[:, :1], cache, rows)
 
@@ -109,12 +127,15 @@ def main(argv=None) -> int:
     top = [e for e in prof.events() if e.name.startswith("aten::")
            and (e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::"))
            and not inside(e, "triton_launch")]
-    kernels = [e for e in top if e.name not in VIEWS]
+    # `aten::to` is free when the dtype and device already match; otherwise its child `_to_copy` is a kernel
+    kernels = [e for e in top if e.name not in VIEWS or (e.name == "aten::to" and any(
+        c.name == "aten::_to_copy" for c in e.cpu_children))]
 
     def in_sinkhorn(e):
         return inside(e, "sinkhorn")
 
-    what = f"cached prefill of {args.prefill} tokens" if args.prefill else "decode step"
+    what = (f"training step of {args.train} tokens" if args.train else
+            f"cached prefill of {args.prefill} tokens" if args.prefill else "decode step")
     print(f"{args.preset}, batch {args.batch}: {len(top)} top-level aten ops per {what}, "
           f"{len(kernels)} not views, casts or allocations, {sum(map(in_sinkhorn, kernels))} of those in mHC's Sinkhorn")
     print(collections.Counter(e.name for e in kernels).most_common(12))

@@ -64,6 +64,8 @@ for s in ${@:-dist context e2e train tests flash}; do case $s in
       --out-dir "$RES/prof" ;;
   attn) TAIL=12 step attn 90 python3 bench/bench_kernels.py --only attention,decode --out "$RES/kernels_attn.json" ;;
   select) TAIL=22 step select 90 python3 bench/bench_kernels.py --only select,indexer --out "$RES/kernels_select.json" ;;
+  ctrain) TAIL=6 step ctrain 90 python3 bench/count_decode_ops.py --device cuda --backend triton --train 4096
+      TAIL=6 step cdecode 60 python3 bench/count_decode_ops.py --device cuda --backend triton ;;
   pattn) TAIL=8 step pattn 300 python3 bench/probe_attn.py --out "$RES/probe_attn.json" ;;
   hc) TAIL=12 step hc 60 python3 bench/bench_kernels.py --only hc --out "$RES/kernels_hc.json" ;;
   flash) TAIL=25 step flash 200 python3 bench/bench_flash_shaped.py --only kernels,parity,model --layers 2 \
