@@ -19,12 +19,15 @@ from dsv4 import ops  # noqa: E402
 from dsv4.attention import Attention  # noqa: E402
 
 
+DEV = "cuda"
+
+
 def rel(a, b):
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def ids_for(model, seed: int) -> torch.Tensor:
-    return torch.randint(0, model.config.vocab_size, (2, 140), generator=torch.Generator().manual_seed(seed)).cuda()
+    return torch.randint(0, model.config.vocab_size, (2, 140), generator=torch.Generator().manual_seed(seed)).to(DEV)
 
 
 def run(model, ids, backend):
@@ -83,10 +86,13 @@ def repeat(model):
     chosen = {}
     real = ops.Primitive.__call__
 
+    args = {}
+
     def spy(self, *a, **k):
         out = real(self, *a, **k)
         if self.name in ("index_topk", "route"):
             chosen.setdefault(self.name, []).append(out if self.name == "index_topk" else out[1])
+            args.setdefault(self.name, []).append(a)
         return out
 
     ops.Primitive.__call__ = spy
@@ -95,7 +101,10 @@ def repeat(model):
         for backend in ("torch", "triton"):
             for r in range(2):
                 chosen.clear()
+                args.clear()
                 runs[backend, r] = (run(model, ids, backend), {k: list(v) for k, v in chosen.items()})
+                if backend == "torch" and r == 0:
+                    topk_args = list(args.get("index_topk", []))
     finally:
         ops.Primitive.__call__ = real
     (t0, c0), (t1, c1), (k0, d0) = runs["torch", 0], runs["torch", 1], runs["triton", 0]
@@ -104,16 +113,32 @@ def repeat(model):
     for name in c0:
         for i, (a, b, c) in enumerate(zip(c0[name], c1[name], d0[name])):
             sa, sb, sc = (x.sort(-1).values for x in (a, b, c))
+            bad = (sa != sc).any(-1)
             print(f"{name} call {i}: twin runs differ in {int((sa != sb).any(-1).sum())} rows, kernel vs twin in "
-                  f"{int((sa != sc).any(-1).sum())} of {sa[..., 0].numel()}")
+                  f"{int(bad.sum())} of {sa[..., 0].numel()}")
+            if name == "index_topk" and bad.any():   # the scores where the two choices differ
+                q, k, w, lo, hi, topk, *rest = topk_args[i]
+                sc_all = ops.index_scores(q, k, w, rest[0] if rest else None)
+                for row in bad.nonzero()[:3].tolist():
+                    x, y = set(a[tuple(row)].tolist()), set(c[tuple(row)].tolist())
+                    srow = sc_all[tuple(row)]
+                    pth = sorted((srow[j].item() for j in x if j >= 0), reverse=True)
+                    print(f"  row {row}: lo {int(lo[tuple(row)])} hi {int(hi[tuple(row)])}, P-th twin score "
+                          f"{pth[-1] if pth else None!r}; twin only "
+                          f"{[(j, srow[j].item().hex()) for j in sorted(x - y) if j >= 0][:6]}; kernel only "
+                          f"{[(j, srow[j].item().hex()) for j in sorted(y - x) if j >= 0][:6]}; -1s twin "
+                          f"{sum(j < 0 for j in x)} kernel {sum(j < 0 for j in y)}")
 
 
 @torch.no_grad()
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("what", choices=["primitives", "ties", "repeat"])
+    ap.add_argument("--device", default="cuda", help="cuda, or cpu with TRITON_INTERPRET=1 (a check of the script)")
     args = ap.parse_args(argv)
-    {"primitives": primitives, "ties": ties, "repeat": repeat}[args.what](random_model("tiny", seed=3).to("cuda"))
+    global DEV
+    DEV = args.device
+    {"primitives": primitives, "ties": ties, "repeat": repeat}[args.what](random_model("tiny", seed=3).to(DEV))
 
 
 if __name__ == "__main__":

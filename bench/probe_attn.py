@@ -5,8 +5,7 @@ V4-Flash head counts: heads per program, key block, warps, pipeline stages.
 
 Each row: the variant, its time (CUDA-event median of `triton.testing.do_bench`), TFLOP/s (forward
 4·H·Dh, backward 8·H·Dh per valid (query, listed key) pair), the fraction of 790 TFLOP/s, and the
-relative difference of its output from the default launch's (a variant that computes something else
-shows here). Inputs as `bench_kernels.py`: a 128-key window plus top-512 random compressed entries.
+relative difference of its output from the default launch's and from float64 (first 64 queries). Inputs as `bench_kernels.py`: a 128-key window plus top-512 random compressed entries.
 """
 from __future__ import annotations
 
@@ -32,6 +31,10 @@ def sweep(name, S, H, T2, fwd_grid, bwd_grid):
     scale = D ** -0.5
     valid = int((idx >= 0).sum())
     out0, lse0 = sa.forward(q, kv, idx, sink, scale, kv2)
+    from dsv4 import ops
+    n_chk = 64
+    want = ops.sparse_attention_torch(q[:, :n_chk].double(), kv.double(), idx[:, :n_chk], sink.double(), scale,
+                                      kv2.double())
     dout = torch.randn(q.shape, generator=g, device=dev).to(dtype)
     g0 = sa.backward(q, kv, idx, sink, scale, out0, lse0, dout, kv2)
     rows = []
@@ -43,7 +46,8 @@ def sweep(name, S, H, T2, fwd_grid, bwd_grid):
             o, _ = run()
             ms = timed(run, False)
             fl = 4 * H * D * valid
-            row.update(ms=ms, tflops=fl / ms / 1e9, frac_peak=fl / ms / 1e9 / PEAK_TFLOPS, rel_vs_default=rel(o, out0))
+            row.update(ms=ms, tflops=fl / ms / 1e9, frac_peak=fl / ms / 1e9 / PEAK_TFLOPS, rel_vs_default=rel(o, out0),
+                       rel_vs_float64=rel(o[:, :n_chk], want))
         except Exception as exc:  # noqa: BLE001 (out of shared memory, registers: reported, the sweep goes on)
             row["error"] = f"{type(exc).__name__}: {exc}"[:160]
         print(json.dumps(row), flush=True)

@@ -5,7 +5,8 @@ written next to the kernels:
 * norm/RoPE: 16 rows of 4,096 spill ~14 KB (rows per program are sized to the width instead);
 * mHC: the mix at 16/32 tokens, the finish at 8 tokens × 128 columns and at 1 token × 1,024 (no spills),
   the finish at 16 × 128 (spills);
-* sparse attention, 32 heads × 512: 4 warps spill, 8 do not (yet 8 measured slower on the H200);
+* sparse attention, 32 heads × 512: 4 warps spill, 8 do not (yet 8 measured slower on the H200); the
+  64-head launch (64 keys, 8 warps) and the backward's;
 * the expert GEMV kernels;
 * the decode step's GEMV, router, compressor entry and step kernels, the pooling gradient and the radix
   select (none spills; compiling them here also catches what the interpreter accepts and the compiler
@@ -57,6 +58,11 @@ def main() -> int:
                LSE="*fp32", ML="*fp32", scale_log2="fp32")
     for k in ("D", "BLOCK_H", "BLOCK_N", "HAS_KV2", "SPLIT", "F32_DOT"):
         att.pop(k)
+    attb = {n: "i32" for n in sa._bwd_kernel.arg_names}
+    attb.update(Q="*bf16", KV="*bf16", KV2="*bf16", ROWS2="*i32", IDX="*i32", DO="*bf16", LSE="*fp32",
+                DELTA="*fp32", DQ="*bf16", DKV="*fp32", DKV2="*fp32", scale="fp32")
+    for k in ("D", "BLOCK_H", "BLOCK_N", "HAS_KV2", "F32_DOT"):
+        attb.pop(k)
     up = dict(x_ptr="*bf16", w1_ptr="*bf16", w3_ptr="*bf16", rw_ptr="*fp32", idx_ptr="*i64", h_ptr="*bf16",
               D="i32", I="i32", TOPK="i32", E="i32", limit="fp32", s_xm="i32", s_we="i32", s_wn="i32", s_hm="i32")
     down = dict(h_ptr="*bf16", w2_ptr="*bf16", idx_ptr="*i64", out_ptr="*bf16", D="i32", I="i32", TOPK="i32",
@@ -93,6 +99,12 @@ def main() -> int:
          dict(D=512, BLOCK_H=32, BLOCK_N=32, HAS_KV2=True, SPLIT=False, F32_DOT=False), 8),
         ("attention 16 heads x 512, 4 warps", sa._fwd_kernel, att,
          dict(D=512, BLOCK_H=16, BLOCK_N=32, HAS_KV2=True, SPLIT=False, F32_DOT=False), 4),
+        ("attention 64 heads x 512, 64 keys, 8 w", sa._fwd_kernel, att,
+         dict(D=512, BLOCK_H=64, BLOCK_N=64, HAS_KV2=True, SPLIT=False, F32_DOT=False), 8),
+        ("attention bwd 16 heads, 16 keys", sa._bwd_kernel, attb,
+         dict(D=512, BLOCK_H=16, BLOCK_N=16, HAS_KV2=True, F32_DOT=False), 4),
+        ("attention bwd 16 heads, 32 keys", sa._bwd_kernel, attb,
+         dict(D=512, BLOCK_H=16, BLOCK_N=32, HAS_KV2=True, F32_DOT=False), 4),
         ("expert GEMV up", moe_gemv._up_kernel, up, dict(HAS_LIMIT=True, BN=8, BK=256), 4),
         ("expert GEMV down", moe_gemv._down_kernel, down, dict(BN=8, BK=256), 4),
         ("GEMV 1 row x 1024", gemv._gemv_kernel, gv, dict(ROWS=1, BN=1, BK=1024), 4),

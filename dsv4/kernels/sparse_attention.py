@@ -168,19 +168,45 @@ def _check(q, kv, idx, kv2, rows2):
         raise ValueError(f"sparse_attention kernel: kv {kv.dtype} and kv2 {kv2.dtype} must share a dtype")
 
 
-# 4 warps per program. A 32-head × 512 tile spills 288 B of registers at 4 warps on sm90 and none at 8
-# (`bench/ptxas_report.py`), but 8 is slower on the H200: V4-Flash's 64 heads at 4K, 129 TFLOP/s at 4
-# warps, 82 at 8 (half the programs per SM); `bench_kernels.py --only attention` times both.
+# Launch parameters by head count, from `bench/probe_attn.py` on the H200 (bf16, Dh 512, 128 window keys
+# + 512 listed entries, 4K queries; `probe_attn_2026-12-03_h200.json`):
+# * forward, 64+ heads: 64 heads per program, 64-key blocks, 8 warps, 2 stages: 236 TFLOP/s, against 130
+#   for 32 heads / 32 keys / 4 warps / 3 stages (the 8 warps hold the 64 × 512 fp32 accumulator: 128
+#   registers a thread);
+# * forward, 16 heads: 32-key blocks, 4 warps, 2 stages: 119 TFLOP/s (85 with 3 stages);
+# * backward: 16 heads per program at any head count (64 heads: 54.5 TFLOP/s against 50.2 for 32), 16-key
+#   blocks at 16 heads (57.1 against 52-54 for 32), 2 stages (1 at 64 heads, where 2 run out of shared memory
+#   at 32-key blocks).
+# fp32 tiles take twice the shared memory: fp32 keeps the launch of before the sweep. Under the interpreter
+# the key blocks are larger (its cost is per op) and the stages do not matter.
 WARPS = 4
+
+
+def _fwd_launch(H: int, dtype: torch.dtype) -> dict:
+    if INTERPRET:
+        return {"block_h": _block_h(H), "block_n": 128, "num_warps": WARPS, "num_stages": None}
+    if dtype == torch.float32:     # twice the shared memory a tile: the launch of before the sweep
+        return {"block_h": _block_h(H), "block_n": 32, "num_warps": WARPS, "num_stages": None}
+    if H >= 64:
+        return {"block_h": 64, "block_n": 64, "num_warps": 8, "num_stages": 2}
+    return {"block_h": _block_h(H), "block_n": 32, "num_warps": WARPS, "num_stages": 2}
+
+
+def _bwd_launch(H: int, dtype: torch.dtype) -> dict:
+    if INTERPRET or dtype == torch.float32:
+        return {"block_h": _block_h(H), "block_n": 32, "num_warps": 4, "num_stages": None}
+    return {"block_h": 16, "block_n": 16 if H <= 16 else 32, "num_warps": 4, "num_stages": 2 if H <= 16 else 1}
 
 
 def forward(q, kv, idx, sink, scale, kv2=None, rows2=None, block_n: int | None = None, num_warps: int | None = None,
             block_h: int | None = None, num_stages: int | None = None):
-    """out [B, S, H, Dh] (q's dtype), lse [B, S, H] fp32. Shapes as the twin's. Under the interpreter the
-    key blocks are larger by default (fewer loop iterations: its cost is per op)."""
-    block_n = block_n or (128 if INTERPRET else 32)
+    """out [B, S, H, Dh] (q's dtype), lse [B, S, H] fp32. Shapes as the twin's. Launch parameters left
+    None take `_fwd_launch`'s choice for the head count."""
     _check(q, kv, idx, kv2, rows2)
     B, S, H, D = q.shape
+    dflt = _fwd_launch(H, q.dtype)
+    block_n, num_warps = block_n or dflt["block_n"], num_warps or dflt["num_warps"]
+    block_h, num_stages = block_h or dflt["block_h"], num_stages or dflt["num_stages"]
     K = idx.shape[-1]
     idx = idx if idx.stride(-1) == 1 else idx.contiguous()
     out = torch.empty_like(q)
@@ -190,7 +216,7 @@ def forward(q, kv, idx, sink, scale, kv2=None, rows2=None, block_n: int | None =
     has2 = kv2 is not None and kv2.shape[1] > 0
     k2 = kv2 if has2 else kv
     r2 = rows2 if (has2 and rows2 is not None) else torch.arange(B, device=q.device, dtype=torch.int32)
-    BH = block_h or _block_h(H)
+    BH = block_h
     f32 = INTERPRET or q.dtype == torch.float32
     grid = (B * S, triton.cdiv(H, BH), 1)
     launch = {"num_stages": num_stages} if num_stages else {}
@@ -199,7 +225,7 @@ def forward(q, kv, idx, sink, scale, kv2=None, rows2=None, block_n: int | None =
                       idx.stride(0), idx.stride(1), out.stride(0), out.stride(1), out.stride(2),
                       S, H, kv.shape[1], K, K, scale * LOG2E,
                       D=D, BLOCK_H=BH, BLOCK_N=block_n, HAS_KV2=has2, SPLIT=False, F32_DOT=f32,
-                      num_warps=num_warps or WARPS, **launch)
+                      num_warps=num_warps, **launch)
     return out, lse
 
 
@@ -262,10 +288,14 @@ def _combine_kernel(PART, ML, SINK, OUT, LSE, SPLITS, H, D: tl.constexpr, BLOCK_
     tl.store(LSE + t * H + h, (mx + tl.log2(den)) * 0.6931471805599453, mask=hm)
 
 
-def backward(q, kv, idx, sink, scale, out, lse, dout, kv2=None, rows2=None, dlse=None, block_n: int = 32,
-             num_warps: int = 4, block_h: int | None = None, num_stages: int | None = None):
-    """Gradients (dq, dkv, dkv2, dsink) of `forward`, given dout (and optionally dlse, the gradient of lse)."""
+def backward(q, kv, idx, sink, scale, out, lse, dout, kv2=None, rows2=None, dlse=None, block_n: int | None = None,
+             num_warps: int | None = None, block_h: int | None = None, num_stages: int | None = None):
+    """Gradients (dq, dkv, dkv2, dsink) of `forward`, given dout (and optionally dlse, the gradient of lse).
+    Launch parameters left None take `_bwd_launch`'s choice."""
     B, S, H, D = q.shape
+    dflt = _bwd_launch(H, q.dtype)
+    block_n, num_warps = block_n or dflt["block_n"], num_warps or dflt["num_warps"]
+    block_h, num_stages = block_h or dflt["block_h"], num_stages or dflt["num_stages"]
     K = idx.shape[-1]
     dout = dout.contiguous()
     delta = (dout.float() * out.float()).sum(-1)                                    # [B, S, H]
@@ -278,7 +308,7 @@ def backward(q, kv, idx, sink, scale, out, lse, dout, kv2=None, rows2=None, dlse
     dkv = torch.zeros(kv.shape, device=q.device, dtype=torch.float32)
     dkv2 = torch.zeros(k2.shape, device=q.device, dtype=torch.float32) if has2 else dkv
     idx = idx if idx.stride(-1) == 1 else idx.contiguous()
-    BH = block_h or _block_h(H)
+    BH = block_h
     f32 = INTERPRET or q.dtype == torch.float32
     launch = {"num_stages": num_stages} if num_stages else {}
     if B * S:
