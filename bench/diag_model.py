@@ -5,6 +5,8 @@ layer type, ids from seed 0), when the two disagree.
     python3 bench/diag_model.py ties         # twins twice; twins with top-k ties by a stable sort; dense selection
     python3 bench/diag_model.py repeat       # twins twice, kernels twice, and the index top-k / router
                                              # choices of both paths compared call by call (sets)
+    python3 bench/diag_model.py diverge      # twins twice, hooks on every module: where the two runs part
+    --deterministic                          # PyTorch's deterministic algorithms (warns at the ops without)
 """
 import argparse
 import sys
@@ -81,6 +83,48 @@ def ties(model):
     print("dense index mode, kernels against twins:", rel(run(model, ids, "triton"), run(model, ids, "torch")))
 
 
+def first_divergence(model):
+    """The twin path twice with a hook on every module: the modules, in the order they finished, whose
+    output differs between the two runs (the first one is where the nondeterminism enters)."""
+    ids = ids_for(model, 0)
+    outs = {0: [], 1: []}
+    cur = [0]
+
+    def hook(mod, inp, out, name=None):
+        t = out[0] if isinstance(out, tuple) else out
+        if isinstance(t, torch.Tensor):
+            outs[cur[0]].append((name, t.detach().clone()))
+
+    handles = [m.register_forward_hook(lambda mod, i, o, n=n: hook(mod, i, o, n)) for n, m in model.named_modules()]
+    real = ops.Primitive.__call__
+
+    def spy(self, *a, **k):        # every primitive's output too, in call order
+        out = real(self, *a, **k)
+        hook(None, a, out, f"ops.{self.name}")
+        return out
+
+    ops.Primitive.__call__ = spy
+    try:
+        for r in (0, 1):
+            cur[0] = r
+            run(model, ids, "torch")
+    finally:
+        ops.Primitive.__call__ = real
+        for h in handles:
+            h.remove()
+    shown = 0
+    for (n0, a), (n1, b) in zip(outs[0], outs[1]):
+        if a.shape == b.shape and not torch.equal(a, b):
+            diff = (a.double() - b.double()).abs()
+            where = diff.flatten(2).amax(-1) if diff.dim() > 2 else diff
+            pos = (where > 0).nonzero()[:4].tolist()
+            print(f"{n0 or 'model'}: differs, max {float(diff.max()):.2e}, rel {rel(a, b):.2e}, first places {pos}")
+            shown += 1
+            if shown >= 12:
+                break
+    print(f"modules compared: {len(outs[0])}; differing shown: {shown}")
+
+
 def repeat(model):
     ids = ids_for(model, 0)
     chosen = {}
@@ -133,12 +177,19 @@ def repeat(model):
 @torch.no_grad()
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("what", choices=["primitives", "ties", "repeat"])
+    ap.add_argument("what", choices=["primitives", "ties", "repeat", "diverge"])
+    ap.add_argument("--deterministic", action="store_true",
+                    help="torch.use_deterministic_algorithms(True, warn_only=True): warns at each op without a "
+                         "deterministic CUDA implementation (set CUBLAS_WORKSPACE_CONFIG=:4096:8)")
     ap.add_argument("--device", default="cuda", help="cuda, or cpu with TRITON_INTERPRET=1 (a check of the script)")
     args = ap.parse_args(argv)
     global DEV
     DEV = args.device
-    {"primitives": primitives, "ties": ties, "repeat": repeat}[args.what](random_model("tiny", seed=3).to(DEV))
+    if args.deterministic:
+        import warnings
+        warnings.simplefilter("always")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    {"primitives": primitives, "ties": ties, "repeat": repeat, "diverge": first_divergence}[args.what](random_model("tiny", seed=3).to(DEV))
 
 
 if __name__ == "__main__":

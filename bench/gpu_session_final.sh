@@ -46,6 +46,8 @@ for s in ${@:-dist context e2e train tests flash}; do case $s in
   diagm) TAIL=8 step diagm 120 python3 bench/diag_model.py primitives ;;
   diagt) TAIL=8 step diagt 90 python3 bench/diag_model.py ties ;;
   diagr) TAIL=12 step diagr 60 python3 bench/diag_model.py repeat ;;
+  diagv) TAIL=16 step diagv 60 python3 bench/diag_model.py diverge ;;
+  diagd) TAIL=30 CUBLAS_WORKSPACE_CONFIG=:4096:8 step diagd 60 python3 bench/diag_model.py repeat --deterministic ;;
   knew) TAIL=6 step knew 50 python3 -m pytest tests/test_kernels.py -x -q -p no:cacheprovider \
       -k "radix or long_rows or topk or norm_rope or training_step or model_with" ;;
   e2e4k) TAIL=20 step generate 130 python3 bench/bench_generate.py --device cuda --batch 1 --prompt-lens 4096,16384 \
@@ -53,6 +55,8 @@ for s in ${@:-dist context e2e train tests flash}; do case $s in
   tests) TAIL=8 step tests 150 python3 -m pytest tests/test_kernels.py -x -q -p no:cacheprovider ;;
   kquick) TAIL=6 step kquick 60 python3 -m pytest tests/test_kernels.py -x -q -p no:cacheprovider \
       -k "hc_pre or sparse or norm_rope or expert_gemv" ;;
+  krest) TAIL=12 step krest 170 python3 -m pytest tests/test_kernels.py tests/test_quant.py -q -p no:cacheprovider \
+      -k "not model_with_the_kernels" ;;
   ktests) TAIL=6 step ktests 150 python3 -m pytest tests/test_kernels.py tests/test_quant.py -x -q -p no:cacheprovider ;;
   probe) TAIL=30 step probe 70 python3 bench/probe_quant_kernels.py --out "$RES/probe_quant.json" ;;
   flashmodel) BEST=$(python3 -c "import json,sys; b=json.load(open('$RES/probe_quant.json'))['best_gemv']; print(json.dumps(b) if b else '')" 2>/dev/null)
