@@ -84,16 +84,18 @@ def ties(model):
 
 
 def first_divergence(model):
-    """The twin path twice with a hook on every module: the modules, in the order they finished, whose
-    output differs between the two runs (the first one is where the nondeterminism enters)."""
+    """The twin path three times with a hook on every module and primitive: the final outputs' pairwise
+    differences, the number of outputs each run recorded, and the first outputs (in the order they
+    finished) that differ between runs 0 and 1 — where the difference enters."""
     ids = ids_for(model, 0)
-    outs = {0: [], 1: []}
+    outs = {0: [], 1: [], 2: []}
     cur = [0]
 
     def hook(mod, inp, out, name=None):
         t = out[0] if isinstance(out, tuple) else out
         if isinstance(t, torch.Tensor):
-            outs[cur[0]].append((name, t.detach().clone()))
+            ins = [tuple(x.shape) for x in inp if isinstance(x, torch.Tensor)]
+            outs[cur[0]].append((name, t.detach().clone(), ins))
 
     handles = [m.register_forward_hook(lambda mod, i, o, n=n: hook(mod, i, o, n)) for n, m in model.named_modules()]
     real = ops.Primitive.__call__
@@ -104,25 +106,33 @@ def first_divergence(model):
         return out
 
     ops.Primitive.__call__ = spy
+    final = {}
     try:
-        for r in (0, 1):
+        for r in (0, 1, 2):
             cur[0] = r
-            run(model, ids, "torch")
+            final[r] = run(model, ids, "torch")
     finally:
         ops.Primitive.__call__ = real
         for h in handles:
             h.remove()
+    print(f"final: run0 vs run1 {rel(final[1], final[0]):.2e}, run1 vs run2 {rel(final[2], final[1]):.2e}, "
+          f"run0 vs run2 {rel(final[2], final[0]):.2e}; outputs recorded {[len(outs[r]) for r in outs]}")
     shown = 0
-    for (n0, a), (n1, b) in zip(outs[0], outs[1]):
-        if a.shape == b.shape and not torch.equal(a, b):
+    for i, ((n0, a, ia), (n1, b, ib)) in enumerate(zip(outs[0], outs[1])):
+        if n0 != n1 or a.shape != b.shape:
+            print(f"#{i}: the runs called different things here: {n0} {tuple(a.shape)} vs {n1} {tuple(b.shape)}")
+            shown += 1
+        elif not torch.equal(a, b):
             diff = (a.double() - b.double()).abs()
             where = diff.flatten(2).amax(-1) if diff.dim() > 2 else diff
             pos = (where > 0).nonzero()[:4].tolist()
-            print(f"{n0 or 'model'}: differs, max {float(diff.max()):.2e}, rel {rel(a, b):.2e}, first places {pos}")
+            print(f"#{i} {n0 or 'model'} {tuple(a.shape)} {a.dtype} from inputs {ia}: max diff {float(diff.max()):.2e}, "
+                  f"rel {rel(a, b):.2e}, |a| max {float(a.abs().max()):.2e}, |b| max {float(b.abs().max()):.2e}, "
+                  f"first places {pos}; same as run 2: {torch.equal(b, outs[2][i][1]) if i < len(outs[2]) else '?'}")
             shown += 1
-            if shown >= 12:
-                break
-    print(f"modules compared: {len(outs[0])}; differing shown: {shown}")
+        if shown >= 8:
+            break
+    print(f"differing shown: {shown}")
 
 
 def repeat(model):
