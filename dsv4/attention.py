@@ -90,6 +90,13 @@ def packed_weight(layers: list) -> torch.Tensor | None:
     at = [key[0] + sum(w.shape[0] for w in ws[:i]) * K * w0.element_size() for i in range(len(ws))]
     if not (all(w.is_contiguous() for w in ws) and list(key) == at):
         return None
+    # Back to back in one storage only: weights of separate storages can lie back to back by chance (the
+    # CUDA caching allocator places consecutive allocations so), and a view past the end of the first
+    # one's storage would make `set_` grow it, moving that weight and reading uninitialised memory.
+    st = w0.untyped_storage()
+    need = (w0.storage_offset() + sum(w.shape[0] for w in ws) * K) * w0.element_size()
+    if any(w.untyped_storage().data_ptr() != st.data_ptr() for w in ws) or st.nbytes() < need:
+        return None
     view = torch.empty(0, dtype=w0.dtype, device=w0.device).set_(
         w0.untyped_storage(), w0.storage_offset(), (sum(w.shape[0] for w in ws), K), (K, 1))
     layers[0]._packed = (key, view)

@@ -352,6 +352,29 @@ def test_compressor_paths_leave_bit_identical_state(model, ids, monkeypatch):
     assert compressed == sum((r > 0) + (r == 4) for r in cfg.compress_ratios)  # CSA: compressor and indexer
 
 
+def test_weights_back_to_back_by_chance_are_not_packed():
+    # two weights in separate storages that happen to lie back to back (the CUDA caching allocator places
+    # consecutive parameters so): no packed view. One would run past the end of the first storage, which
+    # `set_` grows, moving that weight and leaving the second half of the view uninitialised — a wrong
+    # first inference forward on a freshly loaded model, found on the GPU
+    import numpy as np
+    from torch import nn
+    from dsv4.attention import linears, packed_weight
+    buf = np.random.default_rng(0).standard_normal(2 * 48 * 32).astype(np.float32)
+    layers = [nn.Linear(32, 48, bias=False), nn.Linear(32, 48, bias=False)]
+    for i, layer in enumerate(layers):      # from_numpy: one storage per weight over one numpy buffer
+        layer.weight.data = torch.from_numpy(buf[i * 48 * 32:(i + 1) * 48 * 32]).view(48, 32)
+    w0, w1 = (layer.weight for layer in layers)
+    assert w0.data_ptr() + w0.numel() * 4 == w1.data_ptr()                   # back to back
+    assert w0.untyped_storage().data_ptr() != w1.untyped_storage().data_ptr()  # two storages
+    assert packed_weight(layers) is None
+    x = torch.randn(5, 32, dtype=torch.float64)
+    with torch.no_grad():
+        got = linears(x.float(), layers)
+    for g, layer in zip(got, layers):
+        assert torch.allclose(g.double(), x @ layer.weight.double().T, atol=1e-5)
+
+
 def test_packed_projections_give_the_same_model(ids):
     # packing moves the weights of each projection group into one buffer (views): inference then runs
     # each group as one GEMM. Same state dict, same logits (full, cached prefill, decode), and training
