@@ -429,9 +429,9 @@ def index_topk_torch(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, lo: torc
 def topk_lowest(scores: torch.Tensor, topk: int) -> torch.Tensor:
     """idx [..., P] int32, P = min(topk, C): the P largest of each row of scores [..., C] in increasing
     index order, ties at the P-th value taken by lowest index; −1 (at the end) for masked (NEG_INF)
-    entries. The radix-select kernel's choice, deterministic: `torch.topk` alone picks among equal
-    values in no set order, and on CUDA differently from run to run — with the indexer's ReLU, equal
-    (zero) scores at the threshold are common, and a different choice of keys moves the output."""
+    entries. The radix-select kernel's choice: `torch.topk` alone picks among equal values in no
+    specified order, and with the indexer's ReLU equal (zero) scores at the threshold are common, so
+    the twin and the kernel would otherwise choose different keys for the same scores."""
     C = scores.shape[-1]
     P = min(topk, C)
     if P == 0:
