@@ -6,7 +6,8 @@ written next to the kernels:
 * mHC: the mix at 16/32 tokens, the finish at 8 tokens × 128 columns and at 1 token × 1,024 (no spills),
   the finish at 16 × 128 (spills);
 * sparse attention, 32 heads × 512: 4 warps spill, 8 do not (yet 8 measured slower on the H200); the
-  64-head launch (64 keys, 8 warps) and the backward's;
+  64-head launch (64 keys, 8 warps), the FP8-entry reads (native e4m3 conversion and the integer decode
+  of GPUs before sm89) and the backward's;
 * the expert GEMV kernels;
 * the decode step's GEMV, router, compressor entry and step kernels, the pooling gradient and the radix
   select (none spills; compiling them here also catches what the interpreter accepts and the compiler
@@ -56,7 +57,8 @@ def main() -> int:
     att = {n: "i32" for n in sa._fwd_kernel.arg_names}
     att.update(Q="*bf16", KV="*bf16", KV2="*bf16", OUT="*bf16", ROWS2="*i32", IDX="*i32", SINK="*fp32",
                LSE="*fp32", ML="*fp32", scale_log2="fp32")
-    for k in ("D", "BLOCK_H", "BLOCK_N", "HAS_KV2", "SPLIT", "F32_DOT"):
+    for k in ("D", "BLOCK_H", "BLOCK_N", "HAS_KV2", "SPLIT", "F32_DOT", "KV2_FP8", "NOPE", "OFF_SC", "OFF_ROPE",
+              "NATIVE_FP8"):
         att.pop(k)
     attb = {n: "i32" for n in sa._bwd_kernel.arg_names}
     attb.update(Q="*bf16", KV="*bf16", KV2="*bf16", ROWS2="*i32", IDX="*i32", DO="*bf16", LSE="*fp32",
@@ -101,6 +103,12 @@ def main() -> int:
          dict(D=512, BLOCK_H=16, BLOCK_N=32, HAS_KV2=True, SPLIT=False, F32_DOT=False), 4),
         ("attention 64 heads x 512, 64 keys, 8 w", sa._fwd_kernel, att,
          dict(D=512, BLOCK_H=64, BLOCK_N=64, HAS_KV2=True, SPLIT=False, F32_DOT=False), 8),
+        ("attention 16 heads, FP8 entries", sa._fwd_kernel, dict(att, KV2="*u8"),
+         dict(D=512, BLOCK_H=16, BLOCK_N=32, HAS_KV2=True, SPLIT=False, F32_DOT=False, KV2_FP8=True, NOPE=448,
+              OFF_SC=448, OFF_ROPE=464, NATIVE_FP8=True), 4),
+        ("attention 16 heads, FP8 entries, A100", sa._fwd_kernel, dict(att, KV2="*u8"),
+         dict(D=512, BLOCK_H=16, BLOCK_N=32, HAS_KV2=True, SPLIT=False, F32_DOT=False, KV2_FP8=True, NOPE=448,
+              OFF_SC=448, OFF_ROPE=464, NATIVE_FP8=False), 4),
         ("attention bwd 16 heads, 16 keys", sa._bwd_kernel, attb,
          dict(D=512, BLOCK_H=16, BLOCK_N=16, HAS_KV2=True, F32_DOT=False), 4),
         ("attention bwd 16 heads, 32 keys", sa._bwd_kernel, attb,

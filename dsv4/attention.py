@@ -254,7 +254,9 @@ class Compressor(nn.Module):
             slots, tgt, n_done, sel = (t[rem] for t in table[1:])
         base = pos[:, :1] // m                                                    # [B, 1] first entry
         ent = self.finish(ops.compress_windows(src_kv, src_sc, slots, self.overlap), base + win, freqs,
-                          state.entries.dtype)                                    # [B, n_win, c]
+                          state.dtype)                                            # [B, n_win, c]
+        if state.rope_dim:                                                        # FP8 rows (`kv_fp8`)
+            ent = ops.kv8_quant(ent, state.rope_dim)
         # write the complete windows with no host read: every other window's write is sent to a complete
         # one of its row with that window's entry (or, in a row that completes none, to the row's first
         # entry with the value it holds), so each written place gets one value
@@ -329,7 +331,11 @@ class Compressor(nn.Module):
         never written)."""
         pooled = ops.compressor_step(state.kv, state.score, rows, kv, gate, self.ape, p, self.ratio,
                                      self.overlap)                                # [B, 1, c]
-        ops.compressor_entry(state.entries, rows, pooled, p, self.ratio, self.norm.weight, self.norm.eps, freqs)
+        if state.rope_dim:                                                        # FP8 rows (`kv_fp8`)
+            ops.compressor_entry_kv8(state.entries, rows, pooled, p, self.ratio, self.norm.weight, self.norm.eps,
+                                     freqs, state.dtype, state.rope_dim)
+        else:
+            ops.compressor_entry(state.entries, rows, pooled, p, self.ratio, self.norm.weight, self.norm.eps, freqs)
 
 
 class Indexer(nn.Module):
@@ -474,7 +480,7 @@ class Attention(nn.Module):
             keys = torch.cat([state.ring[rows], kv.to(state.ring.dtype)], dim=1)     # [B, W + S, Dh]
             if m:
                 self.compressor.update(x, pos, freqs, state.comp, rows, pre.get("comp"))
-                comp, c_rows = state.comp.entries, rows                              # [Bmax, Cmax, Dh]
+                comp, c_rows = state.comp.attention_keys(self.head_dim), rows         # [Bmax, Cmax, Dh]
                 # the one-token step reads the whole buffer (static shapes, no host read)
                 n_comp = comp.shape[1] if S == 1 else min(comp.shape[1], int((pos[:, -1] + 1).max()) // m)
                 if self.indexer is not None:
@@ -556,6 +562,8 @@ class Attention(nn.Module):
     def _index_kl(self, q, lse, comp, cidx, iq, iw, ikeys, c_rows) -> tuple[torch.Tensor, int]:
         """Σ over queries of KL(p ‖ softmax(I)) on the listed compressed entries cidx [B, Sc, P], where p
         is the main attention's probability of each entry summed over heads (from the attention's lse)."""
+        if isinstance(comp, ops.KV8):
+            comp = comp.dequant()
         if c_rows is not None:   # cache buffers: this call's rows
             comp, ikeys = comp.index_select(0, c_rows), ikeys.index_select(0, c_rows)
         with torch.no_grad():

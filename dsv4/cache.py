@@ -10,7 +10,11 @@ Each row has its own length; a call feeds S tokens to selected rows (`rows`), so
 different lengths share one batch (continuous batching) and prompts can be prefilled in chunks.
 
 Bytes per token per layer (model dtype bytes `b`, amortised, excluding the fixed window ring and
-compressor state):  SWA 0;  HCA (M=128) `Dh·b/128`;  CSA (M=4) `(Dh + Di)·b/4`.
+compressor state):  SWA 0;  HCA (M=128) `Dh·b/128`;  CSA (M=4) `(Dh + Di)·b/4`. With `kv_fp8` the main
+compressed entries are FP8 rows instead (`dsv4.ops.kv8_quant`: the nope dims e4m3 with a power-of-two
+scale per 64, the rope dims in the model dtype; 592 bytes for Dh 512 with bf16 rope dims, not 1,024): the
+QAT simulation of the official inference made storage. The window ring and the indexer's keys stay in
+the model dtype.
 Fixed per sequence and layer: ring `W·Dh·b`, compressor state `(1+o)·M·(1+o)·c·4·2` bytes.
 `cache_bytes(cfg, max_len)` adds it up (`dsv4 info` prints it).
 """
@@ -27,7 +31,17 @@ from dsv4.config import ModelConfig
 class CompressorState:
     kv: torch.Tensor        # [Bmax, (1+o)·M, w] fp32 raw projections
     score: torch.Tensor     # [Bmax, (1+o)·M, w] fp32 gate scores (+ ape), −inf = empty slot
-    entries: torch.Tensor   # [Bmax, max_len // M, c] compressed entries (normalised, roped)
+    entries: torch.Tensor   # [Bmax, max_len // M, c] compressed entries (normalised, roped), or with
+                            # rope_dim > 0 their FP8 rows [Bmax, max_len // M, bytes] (`ops.kv8_quant`)
+    dtype: torch.dtype = torch.float32   # the entries' values (the model dtype)
+    rope_dim: int = 0                    # > 0: entries in FP8 rows, the last rope_dim dims in `dtype`
+
+    def attention_keys(self, width: int):
+        """The entries as the attention reads them: the buffer, or an `ops.KV8` view of its FP8 rows."""
+        if not self.rope_dim:
+            return self.entries
+        from dsv4.ops import KV8
+        return KV8(self.entries, width, self.rope_dim, self.dtype)
 
     def reset(self, rows: torch.Tensor) -> None:
         self.kv[rows] = 0
@@ -35,13 +49,15 @@ class CompressorState:
 
 
 class LayerState:
-    def __init__(self, cfg: ModelConfig, ratio: int, batch: int, max_len: int, device, dtype):
+    def __init__(self, cfg: ModelConfig, ratio: int, batch: int, max_len: int, device, dtype,
+                 kv_fp8: bool = False):
         Dh, W = cfg.head_dim, cfg.sliding_window
         self.window, self.ratio = W, ratio
         self.ring = torch.zeros(batch, W, Dh, device=device, dtype=dtype)
         self.comp = self.index = None
         if ratio:
-            self.comp = _compressor_state(ratio, Dh, batch, max_len, device, dtype)
+            self.comp = _compressor_state(ratio, Dh, batch, max_len, device, dtype,
+                                          cfg.qk_rope_head_dim if kv_fp8 else 0)
         if ratio == 4:
             self.index = _compressor_state(4, cfg.index_head_dim, batch, max_len, device, dtype)
 
@@ -55,24 +71,36 @@ class LayerState:
         return [s for s in (self.comp, self.index) if s is not None]
 
 
-def _compressor_state(ratio, c, batch, max_len, device, dtype) -> CompressorState:
+def _compressor_state(ratio, c, batch, max_len, device, dtype, rope_dim: int = 0) -> CompressorState:
     o = int(ratio == 4)
     w = (1 + o) * c
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     kv = torch.zeros(batch, (1 + o) * ratio, w, device=device, dtype=acc)
-    return CompressorState(kv, torch.full_like(kv, float("-inf")),
-                           torch.zeros(batch, max_len // ratio, c, device=device, dtype=dtype))
+    if rope_dim:
+        from dsv4.ops import kv8_layout
+        entries = torch.zeros(batch, max_len // ratio, kv8_layout(c, rope_dim, dtype)[2], device=device,
+                              dtype=torch.uint8)
+    else:
+        entries = torch.zeros(batch, max_len // ratio, c, device=device, dtype=dtype)
+    return CompressorState(kv, torch.full_like(kv, float("-inf")), entries, dtype, rope_dim)
 
 
 class DecodeCache:
     """Decode state for `batch` rows of up to `max_len` tokens each (main layers + MTP blocks)."""
 
-    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device="cpu", dtype=torch.float32):
+    def __init__(self, cfg: ModelConfig, batch: int, max_len: int, device="cpu", dtype=torch.float32,
+                 kv_fp8: bool = False):
         if batch <= 0 or max_len <= 0:
             raise ValueError(f"batch and max_len must be positive; got {batch}, {max_len}")
-        self.config, self.batch, self.max_len = cfg, batch, max_len
+        if kv_fp8:
+            if dtype == torch.float64:
+                raise ValueError("kv_fp8 stores the compressed entries in FP8: use a float32, bfloat16 or "
+                                 "float16 cache (the float64 model is a numerical reference)")
+            from dsv4.ops import kv8_layout
+            kv8_layout(cfg.head_dim, cfg.qk_rope_head_dim, dtype)     # a clear error for shapes it cannot hold
+        self.config, self.batch, self.max_len, self.kv_fp8 = cfg, batch, max_len, kv_fp8
         L = cfg.num_hidden_layers
-        self.layers = [LayerState(cfg, cfg.layer_ratio(i), batch, max_len, device, dtype)
+        self.layers = [LayerState(cfg, cfg.layer_ratio(i), batch, max_len, device, dtype, kv_fp8)
                        for i in range(L + cfg.num_nextn_predict_layers)]
         self.lengths = torch.zeros(batch, dtype=torch.long, device=device)
         self.mtp_lengths = torch.zeros(batch, dtype=torch.long, device=device)
@@ -261,9 +289,15 @@ class DecodeCache:
                    for t in (ring, *(x for s in states for x in s)))
 
 
-def cache_bytes(cfg: ModelConfig, max_len: int, dtype_bytes: int = 2, with_mtp: bool = True) -> dict:
-    """Bytes one sequence of `max_len` tokens needs in a DecodeCache: per layer type and in total."""
+def cache_bytes(cfg: ModelConfig, max_len: int, dtype_bytes: int = 2, with_mtp: bool = True,
+                kv_fp8: bool = False) -> dict:
+    """Bytes one sequence of `max_len` tokens needs in a DecodeCache: per layer type and in total
+    (kv_fp8: the main compressed entries as FP8 rows)."""
     Dh, Di, W = cfg.head_dim, cfg.index_head_dim, cfg.sliding_window
+    entry = Dh * dtype_bytes
+    if kv_fp8:
+        from dsv4.ops import kv8_layout
+        entry = kv8_layout(Dh, cfg.qk_rope_head_dim, dtype_bytes)[2]
     n_layers = cfg.num_hidden_layers + (cfg.num_nextn_predict_layers if with_mtp else 0)
     per_type = {"sliding_attention": 0, "compressed_sparse_attention": 0, "heavily_compressed_attention": 0}
     per_token = {k: 0.0 for k in per_type}
@@ -274,8 +308,8 @@ def cache_bytes(cfg: ModelConfig, max_len: int, dtype_bytes: int = 2, with_mtp: 
         tok = 0.0
         if r:
             o = int(r == 4)
-            b += 2 * (1 + o) * r * (1 + o) * Dh * 4 + (max_len // r) * Dh * dtype_bytes
-            tok += Dh * dtype_bytes / r
+            b += 2 * (1 + o) * r * (1 + o) * Dh * 4 + (max_len // r) * entry
+            tok += entry / r
         if r == 4:
             b += 2 * 2 * 4 * 2 * Di * 4 + (max_len // 4) * Di * dtype_bytes
             tok += Di * dtype_bytes / 4

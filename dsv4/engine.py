@@ -315,7 +315,8 @@ class Engine:
         (None: unbounded); speculative: MTP speculative decoding (the model needs an MTP block);
         cuda_graphs: replay plain decode steps from CUDA graphs (`dsv4.graphs`; default: on CUDA),
         compile: also pass the decode step through `torch.compile` first; prefix_cache_bytes: memory
-        for prefix-cache snapshots on the model's device (0: no prefix caching).
+        for prefix-cache snapshots on the model's device (0: no prefix caching); kv_fp8: keep the
+        compressed entries as FP8 rows (`DecodeCache`).
 
     `add`/`cancel` may be called from any thread; `step` from one thread only.
     """
@@ -323,7 +324,7 @@ class Engine:
     def __init__(self, model, tokenizer=None, *, max_batch: int = 8, max_len: int = 4096,
                  prefill_chunk: int = 2048, max_queue: int | None = None, speculative: bool = False,
                  eos_token_id: int | None = None, cuda_graphs: bool | None = None, compile: bool = False,
-                 prefix_cache_bytes: int = 0):
+                 prefix_cache_bytes: int = 0, kv_fp8: bool = False):
         cfg = model.config
         if speculative and not getattr(model, "mtp", None):
             raise ValueError("speculative decoding drafts with the MTP block, but this model has none "
@@ -340,7 +341,7 @@ class Engine:
         self.eos_token_id = eos_token_id
         p = model.embed.weight
         self.device, self.dtype = p.device, p.dtype
-        self.cache = DecodeCache(cfg, max_batch, self.max_len, device=self.device, dtype=self.dtype)
+        self.cache = DecodeCache(cfg, max_batch, self.max_len, device=self.device, dtype=self.dtype, kv_fp8=kv_fp8)
         # plain decode steps: rows are distinct and admitted with room for their tokens, ids come from sampling
         self.decode_step = DecodeGraphs(model, self.cache, enabled=cuda_graphs, compile=compile)
         self.free_rows = list(range(max_batch))

@@ -460,17 +460,93 @@ def index_scores_at(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, idx: torc
 GATHER_BUDGET = 1 << 22   # elements of the twin's largest gathered-keys tensor per query chunk
 
 
+# ----------------------------------------------------------------------------- FP8 KV storage
+# Compressed entries kept in FP8 (`DecodeCache(..., kv_fp8=True)`; spec §11.3, TR §2.3.4: "RoPE dims BF16,
+# rest FP8"): the first c − r "nope" dims as e4m3 with one power-of-two scale per block of 64 (what the
+# official inference quantises-dequantises them to: scale 2^⌈log2(amax/448)⌉, amax floored at 1e-4), the
+# last r (rope) dims in the model dtype. One row of bytes per entry:
+#   [nope e4m3 codes | one e8m0 scale byte per 64 dims | pad to 16 | rope dims (model dtype) | pad to 16]
+# 592 bytes for Dh 512 (448 + 7 scales, 64 bf16 rope dims) against 1,024 in bf16.
+KV8_BLOCK = 64
+
+
+def _align16(n: int) -> int:
+    return -(-n // 16) * 16
+
+
+def kv8_layout(width: int, rope_dim: int, dtype: torch.dtype | int) -> tuple[int, int, int]:
+    """(scale byte offset, rope byte offset, row bytes) of an FP8 entry row of `width` dims whose rope
+    dims are in `dtype` (or that many bytes each)."""
+    nope = width - rope_dim
+    if nope <= 0 or nope % KV8_BLOCK:
+        raise ValueError(f"FP8 KV storage needs head_dim - rope dims ({width} - {rope_dim} = {nope}) to be a "
+                         f"positive multiple of {KV8_BLOCK}; keep the cache in the model dtype (`--kv-cache model`, kv_fp8=False)")
+    off_rope = _align16(nope + nope // KV8_BLOCK)
+    es = dtype if isinstance(dtype, int) else torch.empty((), dtype=dtype).element_size()
+    return nope, off_rope, _align16(off_rope + rope_dim * es)
+
+
+def kv8_quant(x: torch.Tensor, rope_dim: int) -> torch.Tensor:
+    """Entries x [..., c] (model dtype) -> their FP8 rows [..., row bytes] uint8 (layout above)."""
+    c = x.shape[-1]
+    off_sc, off_rope, row = kv8_layout(c, rope_dim, x.dtype)
+    nope = c - rope_dim
+    blocks = x[..., :nope].float().unflatten(-1, (nope // KV8_BLOCK, KV8_BLOCK))
+    amax = blocks.abs().amax(-1, keepdim=True).clamp_min(1e-4)
+    e = torch.ceil(torch.log2(amax / 448.0))                                      # power-of-two scale 2^e
+    codes = (blocks * torch.exp2(-e)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8)
+    out = torch.zeros(*x.shape[:-1], row, dtype=torch.uint8, device=x.device)
+    out[..., :nope] = codes.flatten(-2)
+    out[..., off_sc:off_sc + nope // KV8_BLOCK] = (e.squeeze(-1) + 127).to(torch.uint8)
+    rope = x[..., nope:].contiguous()
+    out[..., off_rope:off_rope + rope.shape[-1] * rope.element_size()] = rope.view(torch.uint8)
+    return out
+
+
+def kv8_dequant(rows: torch.Tensor, width: int, rope_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """FP8 rows [..., row bytes] -> entries [..., width] in dtype (exact: e4m3 times a power of two fits
+    bf16 and fp32)."""
+    off_sc, off_rope, _ = kv8_layout(width, rope_dim, dtype)
+    nope = width - rope_dim
+    codes = rows[..., :nope].contiguous().view(torch.float8_e4m3fn).float()
+    scale = torch.exp2(rows[..., off_sc:off_sc + nope // KV8_BLOCK].float() - 127.0)
+    vals = (codes.unflatten(-1, (nope // KV8_BLOCK, KV8_BLOCK)) * scale.unsqueeze(-1)).flatten(-2)
+    es = torch.empty((), dtype=dtype).element_size()
+    rope = rows[..., off_rope:off_rope + rope_dim * es].contiguous().view(dtype)
+    return torch.cat([vals.to(dtype), rope], dim=-1)
+
+
+class KV8:
+    """Compressed entries in FP8 rows, as the attention reads them: data [B2, T2, row bytes] uint8 (a
+    cache buffer, read in place), `width` dims per entry of which the last `rope_dim` are stored in
+    `dtype`. `shape` is that of the entries it holds, [B2, T2, width]."""
+    __slots__ = ("data", "width", "rope_dim", "dtype")
+
+    def __init__(self, data: torch.Tensor, width: int, rope_dim: int, dtype: torch.dtype):
+        self.data, self.width, self.rope_dim, self.dtype = data, width, rope_dim, dtype
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (*self.data.shape[:-1], self.width)
+
+    def dequant(self) -> torch.Tensor:
+        return kv8_dequant(self.data, self.width, self.rope_dim, self.dtype)
+
+
 def gather_keys(kv: torch.Tensor, idx: torch.Tensor, kv2: torch.Tensor | None = None,
                 rows2: torch.Tensor | None = None) -> torch.Tensor:
     """Rows of the two key sources listed by idx [B, S, K] (j < T: kv[b, j]; j ≥ T: kv2[rows2[b], j − T];
-    −1 gives row 0, to be masked by the caller). -> [B, S, K, Dh]."""
+    −1 gives row 0, to be masked by the caller; kv2 may be a `KV8`). -> [B, S, K, Dh]."""
     B, T, D = kv.shape
     j = idx.long().clamp(min=0)
     flat_a, base_a = _rows_flat(kv, None, B)
     out = flat_a.index_select(0, (j.clamp(max=T - 1) + base_a.view(B, 1, 1)).flatten())
     if kv2 is not None and kv2.shape[1] > 0:
-        flat_b, base_b = _rows_flat(kv2, rows2, B)
+        src = kv2.data if isinstance(kv2, KV8) else kv2
+        flat_b, base_b = _rows_flat(src, rows2, B)
         second = flat_b.index_select(0, ((j - T).clamp(0, kv2.shape[1] - 1) + base_b.view(B, 1, 1)).flatten())
+        if isinstance(kv2, KV8):                       # FP8 rows: dequantised after the gather
+            second = kv8_dequant(second, kv2.width, kv2.rope_dim, kv2.dtype)
         out = torch.where((j >= T).flatten().unsqueeze(-1), second.to(out.dtype), out)
     return out.view(*idx.shape, D)
 
@@ -598,6 +674,21 @@ def compressor_entry_torch(entries: torch.Tensor, rows: torch.Tensor, pooled: to
     index = (pos // ratio).unsqueeze(1)                                           # [B, 1]
     ent = norm_rope_torch(pooled.to(entries.dtype), weight, eps, Rope(index, freqs, ratio))
     done = (pos % ratio == ratio - 1).view(-1, 1, 1)                              # [B, 1, 1]
+    r, at = rows.unsqueeze(1), index.clamp(max=n_max - 1)
+    entries[r, at] = torch.where(done, ent, entries[r, at])
+
+
+def compressor_entry_kv8(entries: torch.Tensor, rows: torch.Tensor, pooled: torch.Tensor, pos: torch.Tensor,
+                         ratio: int, weight: torch.Tensor, eps: float, freqs: torch.Tensor, dtype: torch.dtype,
+                         rope_dim: int) -> None:
+    """`compressor_entry` into FP8 rows (a `kv_fp8` cache): the entry finished in `dtype` (`norm_rope`),
+    then `kv8_quant`, written where pos completes a window."""
+    n_max = entries.shape[1]
+    if not n_max:
+        return
+    index = (pos // ratio).unsqueeze(1)                                           # [B, 1]
+    ent = kv8_quant(norm_rope(pooled.to(dtype), weight, eps, Rope(index, freqs, ratio)), rope_dim)
+    done = (pos % ratio == ratio - 1).view(-1, 1, 1)
     r, at = rows.unsqueeze(1), index.clamp(max=n_max - 1)
     entries[r, at] = torch.where(done, ent, entries[r, at])
 
@@ -930,8 +1021,12 @@ SPLIT_FROM_KEYS = 128
 def sparse_attention_triton(q, kv, idx, sink, scale, kv2=None, rows2=None, return_lse=False):
     from dsv4.kernels import sparse_attention as kern
     kv = kv.to(q.dtype)
-    kv2 = kv2.to(q.dtype) if kv2 is not None else None
-    if _needs_grad(q, kv, sink, kv2):
+    if isinstance(kv2, KV8):
+        if kv2.dtype != q.dtype or _needs_grad(q, kv, sink):     # (a cache: inference only)
+            return sparse_attention_torch(q, kv, idx, sink, scale, kv2, rows2, return_lse)
+    elif kv2 is not None:
+        kv2 = kv2.to(q.dtype)
+    if _needs_grad(q, kv, sink, kv2 if not isinstance(kv2, KV8) else None):
         out, lse = _SparseAttentionFn.apply(q, kv, idx, sink, scale, kv2, rows2)
     elif q.shape[0] * q.shape[1] * -(-q.shape[2] // 32) < SPLIT_BELOW_PROGRAMS \
             and idx.shape[-1] >= SPLIT_FROM_KEYS:

@@ -475,3 +475,25 @@ def test_control_tokens_are_hidden_unless_asked(tok):
     assert res.text == "".join(deltas) == "xy</think>z" and res.token_ids[:-1] == reply
     deltas, res = run_stream(eng, Request(prompt, max_tokens=20, skip_special_tokens=False))
     assert res.text == "".join(deltas) == tok.decode(reply)
+
+
+def test_fp8_entries_through_batching_chunks_speculation_and_the_prefix_cache():
+    # an engine whose cache keeps the compressed entries as FP8 rows: continuous batching, 13-token
+    # prefill chunks, MTP speculation and prefix-cache snapshots give what one request at a time gives
+    from test_model import kv8_config
+
+    m = random_model(kv8_config(), seed=1)
+    g = torch.Generator().manual_seed(5)
+    base = torch.randint(2, 512, (140,), generator=g).tolist()
+    ps = [base, base[:131] + [9, 8, 7], torch.randint(2, 512, (40,), generator=g).tolist(), base]
+    ref = Engine(m, max_batch=1, max_len=200, kv_fp8=True)
+    want = [ref.generate([p], max_tokens=8, ignore_eos=True, logprobs=0)[0] for p in ps]
+    eng = Engine(m, max_batch=2, max_len=200, kv_fp8=True, prefill_chunk=13, speculative=True,
+                 prefix_cache_bytes=64 << 20)
+    got = eng.generate(ps[:3], max_tokens=8, ignore_eos=True, logprobs=0)
+    got += eng.generate(ps[3:], max_tokens=8, ignore_eos=True, logprobs=0)
+    assert eng.cache.layers[1].comp.entries.dtype == torch.uint8
+    assert got[3].cached_tokens == 128                        # the repeated prompt starts from a snapshot
+    for a, b in zip(want, got):
+        assert a.token_ids == b.token_ids
+        assert [x.logprob for x in a.logprobs] == pytest.approx([x.logprob for x in b.logprobs], abs=1e-5)

@@ -779,3 +779,44 @@ def test_twin_topk_takes_the_kernels_choice_among_ties():
         finite = [(-float(v), i) for i, v in enumerate(sc[r].tolist()) if v != float("-inf")]
         want = sorted(i for _, i in sorted(finite)[:P])
         assert got[r].tolist() == want + [-1] * (P - len(want))
+
+
+@pytest.mark.parametrize("D", [128, 512])
+@pytest.mark.parametrize("split", [False, True])
+def test_sparse_attention_reads_fp8_entries(D, split):
+    # kv2 as FP8 rows (a `kv_fp8` cache): the kernel decodes them as it loads them; against float64 on the
+    # dequantised entries and against the twin on the same rows
+    dtype = DTYPES[-1]
+    q, kv, idx, sink, scale, kv2, rows2 = attention_case(D=D, K=30, dtype=dtype, seed=3)
+    kv2 = kv2 * 4
+    k8 = ops.KV8(ops.kv8_quant(kv2, 64), D, 64, dtype)
+    run = sa.forward_split if split else sa.forward
+    out, lse = run(q, kv, idx, sink, scale, k8, rows2)
+    want, want_lse = ops.sparse_attention_torch(q.double(), kv.double(), idx, sink.double(), scale,
+                                                k8.dequant().double(), rows2, return_lse=True)
+    assert rel(out, want) < tol(dtype) and rel(lse, want_lse) < tol(dtype)
+    assert rel(out, ops.sparse_attention_torch(q, kv, idx, sink, scale, k8, rows2)) < tol(dtype)
+    assert rel(k8.dequant(), kv2) > 1e-3                      # the rows did go through FP8
+
+
+@torch.no_grad()
+def test_model_with_fp8_entries_and_the_kernels_equals_the_twins():
+    # cached prefill and decode steps with FP8 compressed entries, through the Triton entry points
+    import dataclasses
+    from tests.conftest import random_model
+    from dsv4.cache import DecodeCache
+    from dsv4.config import preset
+
+    cfg = dataclasses.replace(preset("tiny"), head_dim=128, qk_rope_head_dim=64, index_head_dim=64)
+    model = random_model(cfg, seed=6).to(DEV)
+    ids = torch.randint(0, cfg.vocab_size, (2, 28), generator=torch.Generator().manual_seed(1)).to(DEV)
+    outs = {}
+    try:
+        for backend in ("torch", "triton"):
+            ops.set_backend(backend)
+            cache = DecodeCache(cfg, 2, 32, device=DEV, kv_fp8=True)
+            outs[backend] = torch.cat([model(ids[:, :24], cache=cache)]
+                                      + [model(ids[:, t:t + 1], cache=cache) for t in range(24, 28)], 1)
+    finally:
+        ops.set_backend(None)
+    assert rel(outs["triton"], outs["torch"]) < 1e-5

@@ -423,3 +423,91 @@ def test_packed_projections_give_the_same_model(ids):
         assert packed_weight(layers) is None
         alone = linears(y, layers, fp32=True)
     assert all(torch.allclose(p.double(), q, atol=1e-5) for p, q in zip(packed, alone))
+
+
+# ----------------------------------------------------------------------------- FP8 compressed entries
+def kv8_config():
+    # head_dim − rope dims must be a multiple of the 64-wide scale blocks: 128 − 64
+    import dataclasses
+    return dataclasses.replace(preset("tiny"), head_dim=128, qk_rope_head_dim=64, index_head_dim=64)
+
+
+def _cached_logits(model, ids, cache, n_prefill):
+    with torch.no_grad():
+        outs = [model(ids[:, :n_prefill], cache=cache)]
+        outs += [model(ids[:, t:t + 1], cache=cache) for t in range(n_prefill, ids.shape[1])]
+    return torch.cat(outs, 1)
+
+
+def test_kv8_rows_round_through_e4m3_with_power_of_two_scales():
+    # against an independent float64 rounding: every finite e4m3 value enumerated, the nearest taken (a tie,
+    # common with bf16 inputs, to the even code, as round-to-nearest-even)
+    from dsv4 import ops
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = (torch.randn(3, 4, 512, generator=g) * torch.logspace(-6, 3, 4).view(1, 4, 1)).to(dtype)
+        x[0, 0, :64] = 0                                          # an all-zero block: the 1e-4 amax floor
+        got = ops.kv8_dequant(ops.kv8_quant(x, 64), 512, 64, dtype)
+        assert got.dtype == dtype and torch.equal(got[..., 448:], x[..., 448:])   # rope dims kept as they are
+        codes = torch.arange(256)
+        grid = codes.to(torch.uint8).view(torch.float8_e4m3fn).double()
+        keep = torch.isfinite(grid) & (codes != 0x80)                       # finite, one zero
+        grid, odd = grid[keep], (codes[keep] & 1).double()
+        blocks = x[..., :448].double().unflatten(-1, (7, 64))
+        scale = torch.exp2(torch.ceil(torch.log2(blocks.abs().amax(-1, keepdim=True).clamp_min(1e-4) / 448)))
+        dist = ((blocks / scale).unsqueeze(-1) - grid).abs()
+        near = grid[(dist + 1e-9 * odd * (dist == dist.amin(-1, keepdim=True))).argmin(-1)]
+        want = (near * scale).flatten(-2)
+        assert torch.equal(got[..., :448].double(), want)
+        assert ops.kv8_quant(x, 64).shape[-1] == 448 + 16 + (64 * x.element_size() if dtype == torch.float32 else 128)
+
+
+def test_kv_fp8_cache_is_the_official_kv_quantisation():
+    # a cache whose compressed entries are FP8 rows gives, through prefill and decode, exactly the logits of
+    # the plain cache with every attention read of the entries quantised-dequantised (the official QAT
+    # simulation made storage); it holds the bytes `cache_bytes` says, fewer than the plain one's
+    from dsv4 import ops
+    cfg = kv8_config()
+    model = random_model(cfg, seed=2)
+    ids = torch.randint(0, cfg.vocab_size, (2, 150), generator=torch.Generator().manual_seed(0))
+    plain = _cached_logits(model, ids, DecodeCache(cfg, 2, 160), 130)
+    fp8_cache = DecodeCache(cfg, 2, 160, kv_fp8=True)
+    got = _cached_logits(model, ids, fp8_cache, 130)
+    assert fp8_cache.nbytes() == 2 * cache_bytes(cfg, 160, 4, kv_fp8=True)["total"]
+    assert fp8_cache.nbytes() < DecodeCache(cfg, 2, 160).nbytes()
+    real = ops.sparse_attention.impls["torch"]
+
+    def simulated(q, kv, idx, sink, scale, kv2=None, rows2=None, return_lse=False):
+        assert not isinstance(kv2, ops.KV8)
+        if kv2 is not None:
+            kv2 = ops.kv8_dequant(ops.kv8_quant(kv2, cfg.qk_rope_head_dim), kv2.shape[-1], cfg.qk_rope_head_dim,
+                                  kv2.dtype)
+        return real(q, kv, idx, sink, scale, kv2, rows2, return_lse)
+
+    try:
+        ops.set_backend("torch")
+        ops.sparse_attention.impls["torch"], ops.sparse_attention._fns = simulated, {}
+        want = _cached_logits(model, ids, DecodeCache(cfg, 2, 160), 130)
+    finally:
+        ops.sparse_attention.impls["torch"], ops.sparse_attention._fns = real, {}
+        ops.set_backend(None)
+    assert rel(got, want) < 1e-6
+    # FP8 rounding (~2% rms per entry value) moves the logits a little (as a whole: a position where the
+    # indexer's top-k flips moves more)
+    assert 1e-4 < float((got - plain).norm() / plain.norm()) < 5e-2
+    # the first compressed layer's entries (its input saw no FP8 entry yet) are those of the plain cache, rounded
+    first = next(i for i in range(cfg.num_hidden_layers) if cfg.layer_ratio(i))
+    c8 = fp8_cache.layers[first].comp
+    ref = DecodeCache(cfg, 2, 160)
+    _cached_logits(model, ids, ref, 130)
+    e = ref.layers[first].comp.entries
+    assert torch.equal(c8.attention_keys(cfg.head_dim).dequant(),
+                       ops.kv8_dequant(ops.kv8_quant(e, cfg.qk_rope_head_dim), cfg.head_dim, cfg.qk_rope_head_dim,
+                                       e.dtype))
+
+
+def test_kv_fp8_cache_refuses_shapes_it_cannot_hold():
+    with pytest.raises(ValueError, match="multiple of 64"):
+        DecodeCache(preset("tiny"), 1, 64, kv_fp8=True)          # head_dim 64 − 16 rope dims = 48
+    with pytest.raises(ValueError, match="float64"):
+        DecodeCache(kv8_config(), 1, 64, dtype=torch.float64, kv_fp8=True)

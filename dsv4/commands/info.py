@@ -194,6 +194,12 @@ def run(args: argparse.Namespace) -> int:
                f"{human_bytes(kv['total'] - fixed)} + window rings and compressor state {human_bytes(fixed)})")
     if args.batch > 1:
         out.append(f"  batch of {args.batch}: {human_bytes(args.batch * kv['total'])}")
+    try:
+        kv8 = cache_bytes(cfg, N, kv_fp8=True)
+        out.append(f"  with --kv-cache fp8 (main compressed entries as FP8 rows): {human_bytes(kv8['total'])} per "
+                   f"sequence, {kv8['per_token']:,.0f} B per token")
+    except ValueError:                             # head_dim − rope dims not a multiple of 64
+        out.append("  --kv-cache fp8: not available for this head_dim / rope dims")
     out += memory_lines(cfg, folder, args.dtype, args.expert_parallel)
     if folder is not None:
         out += storage_lines(folder)

@@ -5,6 +5,8 @@ K=V head), so each listed key row is loaded once per head block and used by BLOC
 `tl.dot` with the heads as the M dimension). Keys come from two sources: kv [B, T, Dh] (index j < T) and
 kv2 [B2, T2, Dh] read at row rows2[b] (index j ≥ T), so a decode step reads the cache in place.
 Online softmax in the log2 domain, fp32 accumulators, the sink joins the denominator at the end.
+kv2 may hold FP8 rows (`dsv4.ops.KV8`, a cache with `kv_fp8`): decoded as they are loaded (the native
+e4m3 conversion on sm89+, integer decoding elsewhere and under the interpreter).
 
 * `forward`: out [B, S, H, Dh] and lse [B, S, H] (natural log, sink included).
 * `forward_split`: the same, splitting each query's key list over several programs (flash-decoding)
@@ -21,6 +23,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
+from .fp8_gemm import _native_fp8, e4m3_to_fp32, e8m0_to_fp32
 
 LOG2E = 1.4426950408889634
 
@@ -38,11 +41,46 @@ def _key_ptrs(KV, KV2, ROWS2, b, j, T, s_kvb, s_kvt, s_kv2b, s_kv2t, HAS_KV2: tl
 
 
 @triton.jit
+def _load_keys(KV, KV2, ROWS2, b, j, valid, d, T, s_kvb, s_kvt, s_kv2b, s_kv2t,
+               HAS_KV2: tl.constexpr, KV2_FP8: tl.constexpr, NOPE: tl.constexpr, OFF_SC: tl.constexpr,
+               OFF_ROPE: tl.constexpr, NATIVE_FP8: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
+    """Listed key rows [BLOCK_N, D] in kv's dtype (0 where not valid). With KV2_FP8, kv2 holds FP8 rows
+    (`dsv4.ops.kv8_quant`: e4m3 nope dims, one e8m0 scale per 64, rope dims in kv's dtype at byte OFF_ROPE),
+    decoded here (exact: an e4m3 value times a power of two is a bf16); kv is read as it is."""
+    if KV2_FP8:
+        jj = tl.maximum(j, 0).to(tl.int64)
+        in1 = valid & (jj < T)
+        k1 = tl.load(KV + b.to(tl.int64) * s_kvb + jj[:, None] * s_kvt + d[None, :], mask=in1[:, None], other=0.0)
+        r2 = tl.load(ROWS2 + b).to(tl.int64)
+        row = KV2 + r2 * s_kv2b + (jj - T) * s_kv2t                             # uint8 row pointers
+        in2 = valid & (jj >= T)
+        code = tl.load(row[:, None] + d[None, :], mask=in2[:, None] & (d[None, :] < NOPE), other=0)
+        if NATIVE_FP8:
+            val = code.to(tl.float8e4nv, bitcast=True).to(k1.dtype)
+        else:
+            val = e4m3_to_fp32(code.to(tl.int32)).to(k1.dtype)
+        blk = tl.arange(0, D // 64)                                             # one scale per 64 dims
+        sc = tl.load(row[:, None] + OFF_SC + blk[None, :], mask=in2[:, None] & (blk[None, :] < NOPE // 64),
+                     other=127)
+        scale = e8m0_to_fp32(sc.to(tl.int32)).to(k1.dtype)                      # [BLOCK_N, D / 64]
+        val = tl.reshape(tl.reshape(val, [BLOCK_N, D // 64, 64]) * scale[:, :, None], [BLOCK_N, D])
+        rope = (row + OFF_ROPE).to(tl.pointer_type(KV.dtype.element_ty))
+        rv = tl.load(rope[:, None] + (d[None, :] - NOPE), mask=in2[:, None] & (d[None, :] >= NOPE), other=0.0)
+        k = tl.where(in2[:, None], tl.where(d[None, :] < NOPE, val, rv), k1)
+    else:
+        ptr = _key_ptrs(KV, KV2, ROWS2, b, j, T, s_kvb, s_kvt, s_kv2b, s_kv2t, HAS_KV2)
+        k = tl.load(ptr[:, None] + d[None, :], mask=valid[:, None], other=0.0)
+    return k
+
+
+@triton.jit
 def _fwd_kernel(Q, KV, KV2, ROWS2, IDX, SINK, OUT, LSE, ML,
                 s_qb, s_qs, s_qh, s_kvb, s_kvt, s_kv2b, s_kv2t, s_ib, s_is, s_ob, s_os, s_oh,
                 S, H, T, K, K_PER, scale_log2,
                 D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KV2: tl.constexpr,
-                SPLIT: tl.constexpr, F32_DOT: tl.constexpr):
+                SPLIT: tl.constexpr, F32_DOT: tl.constexpr, KV2_FP8: tl.constexpr = False,
+                NOPE: tl.constexpr = 0, OFF_SC: tl.constexpr = 0, OFF_ROPE: tl.constexpr = 0,
+                NATIVE_FP8: tl.constexpr = False):
     pid = tl.program_id(0)
     hb = tl.program_id(1)
     sp = tl.program_id(2)
@@ -65,8 +103,8 @@ def _fwd_kernel(Q, KV, KV2, ROWS2, IDX, SINK, OUT, LSE, ML,
         n = k0 + tl.arange(0, BLOCK_N)
         j = tl.load(idx_row + n, mask=n < k_hi, other=-1)
         valid = j >= 0
-        ptr = _key_ptrs(KV, KV2, ROWS2, b, j, T, s_kvb, s_kvt, s_kv2b, s_kv2t, HAS_KV2)
-        k = tl.load(ptr[:, None] + d[None, :], mask=valid[:, None], other=0.0)      # [BLOCK_N, D]
+        k = _load_keys(KV, KV2, ROWS2, b, j, valid, d, T, s_kvb, s_kvt, s_kv2b, s_kv2t,      # [BLOCK_N, D]
+                       HAS_KV2, KV2_FP8, NOPE, OFF_SC, OFF_ROPE, NATIVE_FP8, BLOCK_N, D)
         if F32_DOT:
             k = k.to(tl.float32)
             z = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
@@ -162,10 +200,33 @@ def _check(q, kv, idx, kv2, rows2):
     B, S, H, D = q.shape
     if D & (D - 1) or D < 16:
         raise ValueError(f"sparse_attention kernel: head dim {D} must be a power of two >= 16")
-    if kv.stride(-1) != 1 or q.stride(-1) != 1 or (kv2 is not None and kv2.stride(-1) != 1):
+    data2 = kv2.data if _is_kv8(kv2) else kv2
+    if kv.stride(-1) != 1 or q.stride(-1) != 1 or (data2 is not None and data2.stride(-1) != 1):
         raise ValueError("sparse_attention kernel: the last dim of q, kv, kv2 must be contiguous")
     if kv2 is not None and kv2.dtype != kv.dtype:
         raise ValueError(f"sparse_attention kernel: kv {kv.dtype} and kv2 {kv2.dtype} must share a dtype")
+    if _is_kv8(kv2) and kv2.width != D:
+        raise ValueError(f"sparse_attention kernel: FP8 entries of width {kv2.width} for head dim {D}")
+
+
+def _is_kv8(kv2) -> bool:
+    return kv2 is not None and type(kv2).__name__ == "KV8"
+
+
+def _kv2_args(q, kv, kv2, rows2) -> tuple:
+    """(kv2 tensor, rows2, has kv2, FP8 constexprs) for a launch: kv2 may be None, a tensor or an FP8
+    `dsv4.ops.KV8` (its byte rows are passed, strides in bytes)."""
+    B = q.shape[0]
+    has2 = kv2 is not None and kv2.shape[1] > 0
+    k2 = (kv2.data if _is_kv8(kv2) else kv2) if has2 else kv
+    r2 = rows2 if (has2 and rows2 is not None) else torch.arange(B, device=q.device, dtype=torch.int32)
+    fp8 = {}
+    if has2 and _is_kv8(kv2):
+        from dsv4.ops import kv8_layout
+        off_sc, off_rope, _ = kv8_layout(kv2.width, kv2.rope_dim, kv2.dtype)
+        fp8 = dict(KV2_FP8=True, NOPE=kv2.width - kv2.rope_dim, OFF_SC=off_sc, OFF_ROPE=off_rope,
+                   NATIVE_FP8=_native_fp8(q.device))
+    return k2, r2, has2, fp8
 
 
 # Launch parameters by head count, from `bench/probe_attn.py` on the H200 (bf16, Dh 512, 128 window keys
@@ -213,9 +274,7 @@ def forward(q, kv, idx, sink, scale, kv2=None, rows2=None, block_n: int | None =
     lse = torch.empty(B, S, H, device=q.device, dtype=torch.float32)
     if B * S == 0:
         return out, lse
-    has2 = kv2 is not None and kv2.shape[1] > 0
-    k2 = kv2 if has2 else kv
-    r2 = rows2 if (has2 and rows2 is not None) else torch.arange(B, device=q.device, dtype=torch.int32)
+    k2, r2, has2, fp8 = _kv2_args(q, kv, kv2, rows2)
     BH = block_h
     f32 = INTERPRET or q.dtype == torch.float32
     grid = (B * S, triton.cdiv(H, BH), 1)
@@ -225,7 +284,7 @@ def forward(q, kv, idx, sink, scale, kv2=None, rows2=None, block_n: int | None =
                       idx.stride(0), idx.stride(1), out.stride(0), out.stride(1), out.stride(2),
                       S, H, kv.shape[1], K, K, scale * LOG2E,
                       D=D, BLOCK_H=BH, BLOCK_N=block_n, HAS_KV2=has2, SPLIT=False, F32_DOT=f32,
-                      num_warps=num_warps, **launch)
+                      num_warps=num_warps, **launch, **fp8)
     return out, lse
 
 
@@ -243,9 +302,7 @@ def forward_split(q, kv, idx, sink, scale, kv2=None, rows2=None, splits: int = 0
     per = triton.cdiv(triton.cdiv(K, splits), block_n) * block_n
     splits = triton.cdiv(K, per) if K else 1
     idx = idx if idx.stride(-1) == 1 else idx.contiguous()
-    has2 = kv2 is not None and kv2.shape[1] > 0
-    k2 = kv2 if has2 else kv
-    r2 = rows2 if (has2 and rows2 is not None) else torch.arange(B, device=q.device, dtype=torch.int32)
+    k2, r2, has2, fp8 = _kv2_args(q, kv, kv2, rows2)
     part = torch.empty(B * S * splits, H, D, device=q.device, dtype=torch.float32)
     ml = torch.empty(B * S * splits, 2, H, device=q.device, dtype=torch.float32)
     f32 = INTERPRET or q.dtype == torch.float32
@@ -255,7 +312,7 @@ def forward_split(q, kv, idx, sink, scale, kv2=None, rows2=None, splits: int = 0
                                      part.stride(0), 0, part.stride(1),
                                      S, H, kv.shape[1], K, per, scale * LOG2E,
                                      D=D, BLOCK_H=BH, BLOCK_N=block_n, HAS_KV2=has2, SPLIT=True, F32_DOT=f32,
-                                     num_warps=num_warps or WARPS)
+                                     num_warps=num_warps or WARPS, **fp8)
     out = torch.empty(B, S, H, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, S, H, device=q.device, dtype=torch.float32)
     bc = min(16, triton.next_power_of_2(H))
@@ -292,6 +349,8 @@ def backward(q, kv, idx, sink, scale, out, lse, dout, kv2=None, rows2=None, dlse
              num_warps: int | None = None, block_h: int | None = None, num_stages: int | None = None):
     """Gradients (dq, dkv, dkv2, dsink) of `forward`, given dout (and optionally dlse, the gradient of lse).
     Launch parameters left None take `_bwd_launch`'s choice."""
+    if _is_kv8(kv2):
+        raise ValueError("sparse_attention backward: FP8 entries (a decode cache) carry no gradient")
     B, S, H, D = q.shape
     dflt = _bwd_launch(H, q.dtype)
     block_n, num_warps = block_n or dflt["block_n"], num_warps or dflt["num_warps"]
