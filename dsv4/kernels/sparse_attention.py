@@ -210,7 +210,8 @@ def _check(q, kv, idx, kv2, rows2):
 
 
 def _is_kv8(kv2) -> bool:
-    return kv2 is not None and type(kv2).__name__ == "KV8"
+    from dsv4.ops import KV8
+    return isinstance(kv2, KV8)
 
 
 def _kv2_args(q, kv, kv2, rows2) -> tuple:
