@@ -50,6 +50,8 @@ def test_overrides_anywhere_and_validated_together(capsys, argv):
     (["info", "tiny", "x=1"], "dsv4 info: error: unrecognized arguments: x=1"),
     (["demo", "--steps", "0", "--out", "/nonexistent/never"], "dsv4 demo: error: steps must be >= 1"),
     (["generate", "--model", "tiny", "--prompt-ids", "1,x"], "dsv4 generate: error: --prompt-ids"),
+    (["generate", "--model", "tiny", "--prompt-ids", "1,2", "--kv-cache", "fp8"],
+     "dsv4 generate: error: FP8 KV storage needs head_dim - rope dims (64 - 16 = 48) to be a positive multiple"),
 ])
 def test_errors_are_one_line_naming_the_command(capsys, argv, message):
     code, out, err = run_cli(capsys, *argv)
