@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 import triton
+import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
@@ -120,6 +121,8 @@ def main() -> int:
         ("router 256 experts, top-6", router._route_kernel, rt,
          dict(K=6, BLOCK_E=256, BLOCK_K=8, FUNC=0, NORM=True, HASHED=False, PRECISE=True), 1),
         ("compressor entry 512", compressor._entry_kernel, en, dict(M=4, C=512, DR2=32), 4),
+        ("compressor entry 512, FP8 row", compressor._entry_kernel, dict(en, ENT="*u8"),
+         dict(M=4, C=512, DR2=32, KV8=True, VAL_DTYPE=tl.bfloat16, OFF_SC=448, OFF_ROPE=464, PRECISE=True), 4),
         ("compressor step 8 slots x 64", compressor._decode_step_kernel, st,
          dict(M=4, J=8, OVERLAP=True, BLOCK_C=64), 4),
         ("pooling gradient 8 slots x 128", compressor._pool_bwd_kernel, pb, dict(J=8, M=4, OVERLAP=True, BLOCK_C=128), 4),

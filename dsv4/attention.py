@@ -333,7 +333,7 @@ class Compressor(nn.Module):
                                      self.overlap)                                # [B, 1, c]
         if state.rope_dim:                                                        # FP8 rows (`kv_fp8`)
             ops.compressor_entry_kv8(state.entries, rows, pooled, p, self.ratio, self.norm.weight, self.norm.eps,
-                                     freqs, state.dtype, state.rope_dim)
+                                     freqs, state.dtype)
         else:
             ops.compressor_entry(state.entries, rows, pooled, p, self.ratio, self.norm.weight, self.norm.eps, freqs)
 

@@ -486,6 +486,13 @@ def kv8_layout(width: int, rope_dim: int, dtype: torch.dtype | int) -> tuple[int
     return nope, off_rope, _align16(off_rope + rope_dim * es)
 
 
+def _log2_ceil(v: torch.Tensor) -> torch.Tensor:
+    """⌈log2 v⌉ of positive normal fp32 values, exactly, from the bits (the official kernels' way; a
+    rounded log2 can land on the integer below)."""
+    bits = v.float().view(torch.int32)
+    return (((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).int()).float()
+
+
 def kv8_quant(x: torch.Tensor, rope_dim: int) -> torch.Tensor:
     """Entries x [..., c] (model dtype) -> their FP8 rows [..., row bytes] uint8 (layout above)."""
     c = x.shape[-1]
@@ -493,7 +500,7 @@ def kv8_quant(x: torch.Tensor, rope_dim: int) -> torch.Tensor:
     nope = c - rope_dim
     blocks = x[..., :nope].float().unflatten(-1, (nope // KV8_BLOCK, KV8_BLOCK))
     amax = blocks.abs().amax(-1, keepdim=True).clamp_min(1e-4)
-    e = torch.ceil(torch.log2(amax / 448.0))                                      # power-of-two scale 2^e
+    e = _log2_ceil(amax / 448.0)                                                  # power-of-two scale 2^e
     codes = (blocks * torch.exp2(-e)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).view(torch.uint8)
     out = torch.zeros(*x.shape[:-1], row, dtype=torch.uint8, device=x.device)
     out[..., :nope] = codes.flatten(-2)
@@ -678,19 +685,28 @@ def compressor_entry_torch(entries: torch.Tensor, rows: torch.Tensor, pooled: to
     entries[r, at] = torch.where(done, ent, entries[r, at])
 
 
-def compressor_entry_kv8(entries: torch.Tensor, rows: torch.Tensor, pooled: torch.Tensor, pos: torch.Tensor,
-                         ratio: int, weight: torch.Tensor, eps: float, freqs: torch.Tensor, dtype: torch.dtype,
-                         rope_dim: int) -> None:
-    """`compressor_entry` into FP8 rows (a `kv_fp8` cache): the entry finished in `dtype` (`norm_rope`),
-    then `kv8_quant`, written where pos completes a window."""
+def compressor_entry_kv8_torch(entries: torch.Tensor, rows: torch.Tensor, pooled: torch.Tensor, pos: torch.Tensor,
+                               ratio: int, weight: torch.Tensor, eps: float, freqs: torch.Tensor,
+                               dtype: torch.dtype) -> None:
+    """`compressor_entry` into FP8 rows (a `kv_fp8` cache, entries [Bmax, Cmax, bytes] uint8): the entry
+    finished in `dtype` as `Compressor.finish`, then `kv8_quant` (rope dims 2·freqs' length), written where
+    pos completes a window. Twin of `dsv4.kernels.compressor.write_entry(..., kv8_dtype=dtype)`."""
     n_max = entries.shape[1]
     if not n_max:
         return
     index = (pos // ratio).unsqueeze(1)                                           # [B, 1]
-    ent = kv8_quant(norm_rope(pooled.to(dtype), weight, eps, Rope(index, freqs, ratio)), rope_dim)
+    ent = kv8_quant(norm_rope_torch(pooled.to(dtype), weight, eps, Rope(index, freqs, ratio)), 2 * freqs.shape[-1])
     done = (pos % ratio == ratio - 1).view(-1, 1, 1)
     r, at = rows.unsqueeze(1), index.clamp(max=n_max - 1)
     entries[r, at] = torch.where(done, ent, entries[r, at])
+
+
+def compressor_entry_kv8_triton(entries, rows, pooled, pos, ratio, weight, eps, freqs, dtype):
+    c, dr2 = pooled.shape[-1], freqs.shape[-1]
+    if _needs_grad(pooled) or not _pow2(c) or not _pow2(dr2) or 2 * dr2 > c or c < 64 or entries.stride(-1) != 1:
+        return compressor_entry_kv8_torch(entries, rows, pooled, pos, ratio, weight, eps, freqs, dtype)
+    from dsv4.kernels import compressor as kern
+    kern.write_entry(entries, rows, pooled, pos, ratio, weight, eps, freqs, kv8_dtype=dtype)
 
 
 def compressor_entry_triton(entries, rows, pooled, pos, ratio, weight, eps, freqs):
@@ -1296,6 +1312,9 @@ sparse_attention = register("sparse_attention", {"torch": sparse_attention_torch
 compressor_step = register("compressor_step", {"torch": compressor_step_torch, "triton": compressor_step_triton},
                            kernel_dtypes=(torch.float32,), operand_dtype=acc_dtype)
 compressor_entry = register("compressor_entry", {"torch": compressor_entry_torch, "triton": compressor_entry_triton})
+# (chosen on the entries' uint8 buffer: any dtype; a kv_fp8 cache is never float64)
+compressor_entry_kv8 = register("compressor_entry_kv8", {"torch": compressor_entry_kv8_torch,
+                                                         "triton": compressor_entry_kv8_triton}, kernel_dtypes=None)
 decode_key_lists = register("decode_key_lists", {"torch": decode_key_lists_torch, "triton": decode_key_lists_triton},
                             kernel_dtypes=None)
 swiglu_act = register("swiglu", {"torch": swiglu_act_torch, "triton": swiglu_act_triton})

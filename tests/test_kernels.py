@@ -820,3 +820,37 @@ def test_model_with_fp8_entries_and_the_kernels_equals_the_twins():
     finally:
         ops.set_backend(None)
     assert rel(outs["triton"], outs["torch"]) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("ratio,c", [(4, 128), (128, 512)])
+def test_compressor_entry_kernel_writes_fp8_rows(dtype, ratio, c):
+    # the decode step's entry written as an FP8 row (a `kv_fp8` cache): the same bytes as the twin (finish,
+    # then `kv8_quant`) up to rare e4m3 rounding ties; only completing rows written, clamped to the end
+    from dsv4.kernels import compressor as k
+    from dsv4.attention import rope_freqs
+    g = torch.Generator().manual_seed(ratio + c + 1)
+    Bmax, n_max, dr2 = 6, 5, 32
+    row_bytes = ops.kv8_layout(c, 2 * dr2, dtype)[2]
+    entries = torch.randint(0, 256, (Bmax, n_max, row_bytes), generator=g, dtype=torch.uint8)
+    rows = torch.tensor([4, 0, 2, 5, 1])
+    pos = torch.tensor([ratio - 1, 2 * ratio + 1, 3 * ratio - 1, 7 * ratio - 1, 0])   # done, not, done, past end, not
+    pooled = torch.randn(5, 1, c, generator=g) * torch.logspace(-2, 2, c // 64).repeat_interleave(64)
+    weight = torch.rand(c, generator=g) + 0.5
+    freqs = rope_freqs(2 * dr2, 10000.0, None).float()
+    want = entries.clone()
+    ops.compressor_entry_kv8_torch(want, rows, pooled, pos, ratio, weight, 1e-6, freqs, dtype)
+    got = entries.clone().to(DEV)
+    k.write_entry(got, rows.to(DEV), pooled.to(DEV), pos.to(DEV), ratio, weight.to(DEV), 1e-6, freqs.to(DEV),
+                  kv8_dtype=dtype)
+    got = got.cpu()
+    written = torch.zeros(Bmax, n_max, dtype=torch.bool)
+    written[4, 0] = written[2, 2] = written[5, n_max - 1] = True
+    assert torch.equal(got[~written], entries[~written]) and torch.equal(want[~written], entries[~written])
+    nope = c - 2 * dr2
+    off_sc = ops.kv8_layout(c, 2 * dr2, dtype)[0]
+    assert torch.equal(got[written][:, off_sc:off_sc + nope // 64], want[written][:, off_sc:off_sc + nope // 64])
+    flips = (got[written][:, :nope] != want[written][:, :nope]).float().mean()     # e4m3 codes: RMS-norm rounding
+    assert flips < 0.01 and (DEV == "cuda" or flips == 0)                        # may move a value across a tie
+    deq = lambda e: ops.kv8_dequant(e[written], c, 2 * dr2, dtype)                       # noqa: E731
+    assert rel(deq(got), deq(want)) < tol(dtype)

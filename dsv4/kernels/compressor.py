@@ -8,6 +8,10 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra import libdevice
+
+from . import INTERPRET
+from .fp8_gemm import fp32_to_e4m3
 
 
 @triton.jit
@@ -185,11 +189,16 @@ def decode_step(state_kv: torch.Tensor, state_sc: torch.Tensor, rows: torch.Tens
 
 @triton.jit
 def _entry_kernel(POOLED, W, POS, ROWS, FREQ, ENT, s_pb, s_eb, s_en, n_max, eps,
-                  M: tl.constexpr, C: tl.constexpr, DR2: tl.constexpr):
+                  M: tl.constexpr, C: tl.constexpr, DR2: tl.constexpr, KV8: tl.constexpr = False,
+                  VAL_DTYPE: tl.constexpr = tl.float32, OFF_SC: tl.constexpr = 0, OFF_ROPE: tl.constexpr = 0,
+                  PRECISE: tl.constexpr = False):
     """Program b: when position POS[b] completes a window (≡ M − 1 mod M), its pooled entry (fp32) rounded
     to the entries' dtype, RMS-normalised with W, rounded again and roped at position (POS[b] // M)·M
     goes to ENT[ROWS[b], min(POS[b] // M, n_max − 1)]; otherwise nothing is written. The rounding steps
-    are those of `Compressor.finish` (a cast, then `norm_rope`)."""
+    are those of `Compressor.finish` (a cast, then `norm_rope`). With KV8 the entry (values in VAL_DTYPE)
+    is written as an FP8 row (`dsv4.ops.kv8_quant`): e4m3 codes of the nope dims with one power-of-two
+    scale per 64 (⌈log2(amax/448)⌉ from the bits, amax/448 rounded to nearest as PyTorch divides), e8m0
+    scale bytes at OFF_SC, the rope dims at OFF_ROPE."""
     b = tl.program_id(0)
     p = tl.load(POS + b).to(tl.int64)
     if p % M == M - 1:
@@ -197,12 +206,15 @@ def _entry_kernel(POOLED, W, POS, ROWS, FREQ, ENT, s_pb, s_eb, s_en, n_max, eps,
         at = tl.minimum(i, n_max - 1)
         dst = ENT + tl.load(ROWS + b).to(tl.int64) * s_eb + at * s_en
         src = POOLED + b.to(tl.int64) * s_pb
-        dt = ENT.dtype.element_ty
+        if KV8:
+            dt = VAL_DTYPE
+        else:
+            dt = ENT.dtype.element_ty
         d = tl.arange(0, C)
         x = tl.load(src + d).to(dt).to(tl.float32)
         rs = 1.0 / tl.sqrt(tl.sum(x * x, 0) / C + eps)
         NOPE: tl.constexpr = C - 2 * DR2
-        tl.store(dst + d, (x * rs * tl.load(W + d).to(tl.float32)).to(dt), mask=d < NOPE)
+        y = (x * rs * tl.load(W + d).to(tl.float32)).to(dt)
         k = tl.arange(0, DR2)
         ang = (i * M).to(tl.float32) * tl.load(FREQ + k).to(tl.float32)
         c = tl.cos(ang)
@@ -212,17 +224,46 @@ def _entry_kernel(POOLED, W, POS, ROWS, FREQ, ENT, s_pb, s_eb, s_en, n_max, eps,
         xo = tl.load(src + e_at + 1).to(dt).to(tl.float32) * rs * tl.load(W + e_at + 1).to(tl.float32)
         xe = xe.to(dt).to(tl.float32)
         xo = xo.to(dt).to(tl.float32)
-        tl.store(dst + e_at, (xe * c - xo * s).to(dt))
-        tl.store(dst + e_at + 1, (xe * s + xo * c).to(dt))
+        if KV8:
+            yb = tl.reshape(tl.where(d < NOPE, y.to(tl.float32), 0.0), [C // 64, 64])
+            amax = tl.maximum(tl.max(tl.abs(yb), 1), 1e-4)                        # [C / 64]
+            if PRECISE:
+                v = libdevice.div_rn(amax, 448.0)
+            else:
+                v = amax / 448.0
+            bits = v.to(tl.int32, bitcast=True)
+            e = ((bits >> 23) & 0xFF) - 127 + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+            inv = ((127 - e) << 23).to(tl.float32, bitcast=True)                   # 2^−e
+            q = tl.minimum(tl.maximum(yb * inv[:, None], -448.0), 448.0)
+            code = fp32_to_e4m3(tl.reshape(q, [C])).to(tl.uint8)
+            tl.store(dst + d, code, mask=d < NOPE)
+            blk = tl.arange(0, C // 64)
+            tl.store(dst + OFF_SC + blk, (e + 127).to(tl.uint8), mask=blk < NOPE // 64)
+            rope = (dst + OFF_ROPE).to(tl.pointer_type(dt))
+            tl.store(rope + 2 * k, (xe * c - xo * s).to(dt))
+            tl.store(rope + 2 * k + 1, (xe * s + xo * c).to(dt))
+        else:
+            tl.store(dst + d, y, mask=d < NOPE)
+            tl.store(dst + e_at, (xe * c - xo * s).to(dt))
+            tl.store(dst + e_at + 1, (xe * s + xo * c).to(dt))
 
 
 def write_entry(entries: torch.Tensor, rows: torch.Tensor, pooled: torch.Tensor, pos: torch.Tensor, ratio: int,
-                weight: torch.Tensor, eps: float, freqs: torch.Tensor) -> None:
+                weight: torch.Tensor, eps: float, freqs: torch.Tensor, kv8_dtype: torch.dtype | None = None) -> None:
     """entries [Bmax, Cmax, c] (written in place); rows, pos [B]; pooled [B, 1, c] fp32 (the compressor
-    step's); weight [c]; freqs [Dr/2]. Twin: `dsv4.ops.compressor_entry_torch`."""
+    step's); weight [c]; freqs [Dr/2]. Twin: `dsv4.ops.compressor_entry_torch`. With kv8_dtype, entries
+    are FP8 rows [Bmax, Cmax, bytes] uint8 whose values are in that dtype (twin:
+    `dsv4.ops.compressor_entry_kv8_torch`)."""
     B, c = pooled.shape[0], pooled.shape[-1]
     dr2 = freqs.shape[-1]
-    if c & (c - 1) or dr2 & (dr2 - 1) or entries.stride(-1) != 1 or 2 * dr2 > c:
+    fp8 = {}
+    if kv8_dtype is not None:
+        from dsv4.ops import kv8_layout
+        off_sc, off_rope, _ = kv8_layout(c, 2 * dr2, kv8_dtype)
+        fp8 = dict(KV8=True, VAL_DTYPE={torch.bfloat16: tl.bfloat16, torch.float16: tl.float16,
+                                        torch.float32: tl.float32}[kv8_dtype],
+                   OFF_SC=off_sc, OFF_ROPE=off_rope, PRECISE=not INTERPRET)
+    if c & (c - 1) or dr2 & (dr2 - 1) or entries.stride(-1) != 1 or 2 * dr2 > c or (fp8 and c < 64):
         raise ValueError(f"compressor entry kernel: power-of-two entry width ({c}) and rope pairs ({dr2}) "
                          "and contiguous entry rows needed")
     if B == 0 or entries.shape[1] == 0:
@@ -232,4 +273,4 @@ def write_entry(entries: torch.Tensor, rows: torch.Tensor, pooled: torch.Tensor,
         pooled = pooled.contiguous()
     _entry_kernel[(B,)](pooled, weight.contiguous(), pos.contiguous(), rows.contiguous(), freqs.contiguous(),
                         entries, pooled.stride(0), entries.stride(0), entries.stride(1), entries.shape[1],
-                        float(eps), M=ratio, C=c, DR2=dr2, num_warps=4 if c >= 256 else 1)
+                        float(eps), M=ratio, C=c, DR2=dr2, num_warps=4 if c >= 256 else 1, **fp8)

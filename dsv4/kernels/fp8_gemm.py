@@ -65,6 +65,21 @@ def e8m0_to_fp32(s):
 
 
 @triton.jit
+def fp32_to_e4m3(x):
+    """fp32 values with |x| <= 448 -> e4m3fn codes (int32, 0..255), rounded to nearest even, with integer
+    operations only (any GPU; the interpreter's fp8 cast does not carry a rounded mantissa into the
+    exponent)."""
+    bits = x.to(tl.int32, bitcast=True)
+    a = tl.abs(x)
+    ab = a.to(tl.int32, bitcast=True)
+    r = ab + 0x7FFFF + ((ab >> 20) & 1)                      # round the mantissa to 3 bits, ties to even
+    normal = ((((r >> 23) & 0xFF) - 120) << 3) | ((r >> 20) & 7)
+    sub = ((a * 512.0 + 12582912.0) - 12582912.0).to(tl.int32)   # m · 2^-9, ties to even (1.5·2^23 trick)
+    code = tl.where(a < 0.015625, sub, normal)
+    return code | ((bits >> 24) & 0x80)
+
+
+@triton.jit
 def e4m3_to_fp32(b):
     """e4m3fn codes (int32, 0..255) -> fp32, exact, with integer operations only (any GPU)."""
     mag = b & 0x7F
