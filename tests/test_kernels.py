@@ -14,6 +14,8 @@ from dsv4 import ops
 
 triton = pytest.importorskip("triton")
 from dsv4.kernels import compressor, indexer, mhc, sparse_attention as sa   # noqa: E402
+from dsv4.kernels.fp8_gemm import fp32_to_e4m3   # noqa: E402
+import triton.language as tl   # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEV == "cuda" else [])
@@ -854,3 +856,23 @@ def test_compressor_entry_kernel_writes_fp8_rows(dtype, ratio, c):
     assert flips < 0.01 and (DEV == "cuda" or flips == 0)                        # may move a value across a tie
     deq = lambda e: ops.kv8_dequant(e[written], c, 2 * dr2, dtype)                       # noqa: E731
     assert rel(deq(got), deq(want)) < tol(dtype)
+
+
+@triton.jit
+def _encode_e4m3(X, Y, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(Y + i, fp32_to_e4m3(tl.load(X + i)))
+
+
+def test_e4m3_encoder_rounds_as_torch_on_every_value_and_midpoint():
+    # the kernels' integer e4m3 encoder against PyTorch's cast: every finite e4m3 value, every midpoint
+    # between neighbours (ties to even), signed zeros, the ends, random values over the whole range
+    vals = torch.arange(256, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    vals = vals[torch.isfinite(vals)].sort().values
+    g = torch.Generator().manual_seed(0)
+    rand = (torch.randn(4096, generator=g) * torch.exp2(torch.randint(-14, 9, (4096,), generator=g).float()))
+    x = torch.cat([vals, (vals[1:] + vals[:-1]) / 2, torch.tensor([0.0, -0.0, 448.0, -448.0]), rand.clamp(-448, 448)])
+    x = torch.cat([x, torch.zeros(8192 - x.numel())]).to(DEV)
+    y = torch.empty(8192, dtype=torch.int32, device=DEV)
+    _encode_e4m3[(1,)](x, y, N=8192)
+    assert torch.equal(y.cpu(), x.cpu().to(torch.float8_e4m3fn).view(torch.uint8).int())
