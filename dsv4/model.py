@@ -325,7 +325,7 @@ class Transformer(nn.Module):
             raise ValueError(f"input_ids must be a non-empty [B, S] tensor; got shape {tuple(input_ids.shape)}")
         if input_ids.is_cuda and (torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling()):
             return   # reading the values needs the host: not inside a CUDA-graph capture or a compiled graph
-        lo, hi = int(input_ids.min()), int(input_ids.max())
+        lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()     # one read from the device, not two
         if lo < 0 or hi >= self.config.vocab_size:
             raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); got min {lo}, max {hi} "
                              "(was the input encoded with a different tokenizer?)")
