@@ -669,52 +669,34 @@ def route_triton(logits, bias, ids, hash_table, topk, score_func, norm_topk, rou
 
 
 def compressor_entry_torch(entries: torch.Tensor, rows: torch.Tensor, pooled: torch.Tensor, pos: torch.Tensor,
-                           ratio: int, weight: torch.Tensor, eps: float, freqs: torch.Tensor) -> None:
+                           ratio: int, weight: torch.Tensor, eps: float, freqs: torch.Tensor,
+                           kv8_dtype: torch.dtype | None = None) -> None:
     """The entry of the window that position pos [B] completes (pos ≡ ratio − 1), written in place to
     entries [Bmax, Cmax, c] at row rows [B], index pos // ratio (clamped to the buffer): the pooled
     value [B, 1, c] (fp32, `compressor_step`'s) cast to the entries' dtype, RMS-normalised with weight and
     roped at position (pos // ratio)·ratio, as `Compressor.finish`; rows whose window is not complete
-    keep what they hold. Twin of `dsv4.kernels.compressor.write_entry`."""
+    keep what they hold. With kv8_dtype the entries are FP8 rows [Bmax, Cmax, bytes] uint8 (a `kv_fp8`
+    cache): the entry is finished in that dtype, then `kv8_quant` (rope dims 2·freqs' length). Twin of
+    `dsv4.kernels.compressor.write_entry`."""
     n_max = entries.shape[1]
     if not n_max:
         return
     index = (pos // ratio).unsqueeze(1)                                           # [B, 1]
-    ent = norm_rope_torch(pooled.to(entries.dtype), weight, eps, Rope(index, freqs, ratio))
+    ent = norm_rope_torch(pooled.to(kv8_dtype or entries.dtype), weight, eps, Rope(index, freqs, ratio))
+    if kv8_dtype is not None:
+        ent = kv8_quant(ent, 2 * freqs.shape[-1])
     done = (pos % ratio == ratio - 1).view(-1, 1, 1)                              # [B, 1, 1]
     r, at = rows.unsqueeze(1), index.clamp(max=n_max - 1)
     entries[r, at] = torch.where(done, ent, entries[r, at])
 
 
-def compressor_entry_kv8_torch(entries: torch.Tensor, rows: torch.Tensor, pooled: torch.Tensor, pos: torch.Tensor,
-                               ratio: int, weight: torch.Tensor, eps: float, freqs: torch.Tensor,
-                               dtype: torch.dtype) -> None:
-    """`compressor_entry` into FP8 rows (a `kv_fp8` cache, entries [Bmax, Cmax, bytes] uint8): the entry
-    finished in `dtype` as `Compressor.finish`, then `kv8_quant` (rope dims 2·freqs' length), written where
-    pos completes a window. Twin of `dsv4.kernels.compressor.write_entry(..., kv8_dtype=dtype)`."""
-    n_max = entries.shape[1]
-    if not n_max:
-        return
-    index = (pos // ratio).unsqueeze(1)                                           # [B, 1]
-    ent = kv8_quant(norm_rope_torch(pooled.to(dtype), weight, eps, Rope(index, freqs, ratio)), 2 * freqs.shape[-1])
-    done = (pos % ratio == ratio - 1).view(-1, 1, 1)
-    r, at = rows.unsqueeze(1), index.clamp(max=n_max - 1)
-    entries[r, at] = torch.where(done, ent, entries[r, at])
-
-
-def compressor_entry_kv8_triton(entries, rows, pooled, pos, ratio, weight, eps, freqs, dtype):
+def compressor_entry_triton(entries, rows, pooled, pos, ratio, weight, eps, freqs, kv8_dtype=None):
     c, dr2 = pooled.shape[-1], freqs.shape[-1]
-    if _needs_grad(pooled) or not _pow2(c) or not _pow2(dr2) or 2 * dr2 > c or c < 64 or entries.stride(-1) != 1:
-        return compressor_entry_kv8_torch(entries, rows, pooled, pos, ratio, weight, eps, freqs, dtype)
+    if (_needs_grad(pooled) or not _pow2(c) or not _pow2(dr2) or 2 * dr2 > c or entries.stride(-1) != 1
+            or (kv8_dtype is not None and c < 64)):
+        return compressor_entry_torch(entries, rows, pooled, pos, ratio, weight, eps, freqs, kv8_dtype)
     from dsv4.kernels import compressor as kern
-    kern.write_entry(entries, rows, pooled, pos, ratio, weight, eps, freqs, kv8_dtype=dtype)
-
-
-def compressor_entry_triton(entries, rows, pooled, pos, ratio, weight, eps, freqs):
-    c, dr2 = pooled.shape[-1], freqs.shape[-1]
-    if _needs_grad(pooled) or not _pow2(c) or not _pow2(dr2) or 2 * dr2 > c or entries.stride(-1) != 1:
-        return compressor_entry_torch(entries, rows, pooled, pos, ratio, weight, eps, freqs)
-    from dsv4.kernels import compressor as kern
-    kern.write_entry(entries, rows, pooled, pos, ratio, weight, eps, freqs)
+    kern.write_entry(entries, rows, pooled, pos, ratio, weight, eps, freqs, kv8_dtype=kv8_dtype)
 
 
 def decode_key_lists_torch(pos: torch.Tensor, window: int, ratio: int, n_comp: int, t_window: int,
@@ -1312,9 +1294,9 @@ sparse_attention = register("sparse_attention", {"torch": sparse_attention_torch
 compressor_step = register("compressor_step", {"torch": compressor_step_torch, "triton": compressor_step_triton},
                            kernel_dtypes=(torch.float32,), operand_dtype=acc_dtype)
 compressor_entry = register("compressor_entry", {"torch": compressor_entry_torch, "triton": compressor_entry_triton})
-# (chosen on the entries' uint8 buffer: any dtype; a kv_fp8 cache is never float64)
-compressor_entry_kv8 = register("compressor_entry_kv8", {"torch": compressor_entry_kv8_torch,
-                                                         "triton": compressor_entry_kv8_triton}, kernel_dtypes=None)
+# the same into FP8 rows (`kv8_dtype`), chosen on their uint8 buffer: any dtype (a kv_fp8 cache is never float64)
+compressor_entry_kv8 = register("compressor_entry_kv8", {"torch": compressor_entry_torch,
+                                                         "triton": compressor_entry_triton}, kernel_dtypes=None)
 decode_key_lists = register("decode_key_lists", {"torch": decode_key_lists_torch, "triton": decode_key_lists_triton},
                             kernel_dtypes=None)
 swiglu_act = register("swiglu", {"torch": swiglu_act_torch, "triton": swiglu_act_triton})

@@ -841,7 +841,7 @@ def test_compressor_entry_kernel_writes_fp8_rows(dtype, ratio, c):
     weight = torch.rand(c, generator=g) + 0.5
     freqs = rope_freqs(2 * dr2, 10000.0, None).float()
     want = entries.clone()
-    ops.compressor_entry_kv8_torch(want, rows, pooled, pos, ratio, weight, 1e-6, freqs, dtype)
+    ops.compressor_entry_torch(want, rows, pooled, pos, ratio, weight, 1e-6, freqs, kv8_dtype=dtype)
     got = entries.clone().to(DEV)
     k.write_entry(got, rows.to(DEV), pooled.to(DEV), pos.to(DEV), ratio, weight.to(DEV), 1e-6, freqs.to(DEV),
                   kv8_dtype=dtype)

@@ -253,7 +253,7 @@ def write_entry(entries: torch.Tensor, rows: torch.Tensor, pooled: torch.Tensor,
     """entries [Bmax, Cmax, c] (written in place); rows, pos [B]; pooled [B, 1, c] fp32 (the compressor
     step's); weight [c]; freqs [Dr/2]. Twin: `dsv4.ops.compressor_entry_torch`. With kv8_dtype, entries
     are FP8 rows [Bmax, Cmax, bytes] uint8 whose values are in that dtype (twin:
-    `dsv4.ops.compressor_entry_kv8_torch`)."""
+    `dsv4.ops.compressor_entry_torch(..., kv8_dtype)`)."""
     B, c = pooled.shape[0], pooled.shape[-1]
     dr2 = freqs.shape[-1]
     fp8 = {}
