@@ -52,8 +52,8 @@ def primitives(model):
 
 
 def topk_stable(q, k, w, lo, hi, topk, k_rows=None):
-    """The twin's index top-k with ties at the threshold by lowest index through a stable sort (which,
-    like the radix select, orders −0 below +0)."""
+    """The twin's index top-k with ties at the threshold by lowest index through a stable sort (which
+    orders −0 below +0 on CUDA, where the radix select now takes them as equal)."""
     s = ops.index_scores(q, k, w, k_rows)
     pos = torch.arange(s.shape[-1], device=s.device)
     vis = (pos >= lo.unsqueeze(-1)) & (pos < hi.unsqueeze(-1))
