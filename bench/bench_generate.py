@@ -52,6 +52,8 @@ def parse_args(argv=None):
                    help="dsv4 decode variants, comma-separated from eager,graph,compile (default: eager,graph "
                         "on CUDA, eager on CPU); each is a row named dsv4[-mode]")
     p.add_argument("--no-engine", action="store_true", help="skip the Engine rows")
+    p.add_argument("--kv-cache", default="model", choices=["model", "fp8", "both"],
+                   help="compressed entries in the model dtype, as FP8 rows, or rows for both (dsv4, dsv4-kv8)")
     p.add_argument("--speculative", action="store_true", help="Engine rows with MTP speculative decoding")
     p.add_argument("--repeats", type=int, default=1, help="timed repetitions (the best is kept)")
     p.add_argument("--seed", type=int, default=0)
@@ -87,13 +89,14 @@ def reset_peak(device: torch.device) -> None:
 
 # ----------------------------------------------------------------------------- dsv4
 @torch.no_grad()
-def bench_dsv4(model, ids: torch.Tensor, steps: int, timer: Timer, modes: list[str]) -> dict:
+def bench_dsv4(model, ids: torch.Tensor, steps: int, timer: Timer, modes: list[str], kv_fp8: bool = False) -> dict:
     """One prefill, then `steps` greedy decode steps in each mode (eager calls of `model(..., cache=)`,
     `graph`: `DecodeGraphs` replays, `compile`: the compiled step replayed from graphs), one after the
-    other on the same cache rows. A graph mode's first step (recording, compiling) is not timed."""
+    other on the same cache rows. A graph mode's first step (recording, compiling) is not timed. `kv_fp8`:
+    the compressed entries stored as FP8 rows (`DecodeCache(kv_fp8=True)`)."""
     B, P = ids.shape
     cache = DecodeCache(model.config, B, P + (steps + 1) * len(modes) + 1, device=ids.device,
-                        dtype=model.embed.weight.dtype)
+                        dtype=model.embed.weight.dtype, kv_fp8=kv_fp8)
     out = {}
 
     def prefill():
@@ -241,7 +244,11 @@ def main(argv=None) -> int:
     modes = (args.decode_modes or ("eager,graph" if device.type == "cuda" else "eager")).split(",")
     if not set(modes) <= {"eager", "graph", "compile"}:
         raise SystemExit(f"--decode-modes: choose from eager, graph, compile; got {args.decode_modes}")
-    impls = [("dsv4", lambda ids: bench_dsv4(model, ids, args.decode_tokens, timer, modes))]
+    impls = []
+    if args.kv_cache in ("model", "both"):
+        impls.append(("dsv4", lambda ids: bench_dsv4(model, ids, args.decode_tokens, timer, modes)))
+    if args.kv_cache in ("fp8", "both"):
+        impls.append(("dsv4-kv8", lambda ids: bench_dsv4(model, ids, args.decode_tokens, timer, modes, kv_fp8=True)))
     if not args.no_engine:
         name = "dsv4-engine" + ("-mtp" if args.speculative else "")
         impls.append((name, lambda ids: bench_engine(model, ids, args.decode_tokens, timer, args.speculative)))

@@ -53,6 +53,11 @@ for s in ${@:-dist context e2e train tests flash}; do case $s in
   e2e4k) TAIL=20 step generate 130 python3 bench/bench_generate.py --device cuda --batch 1 --prompt-lens 4096,16384 \
       --decode-tokens 32 --peer --decode-modes graph --no-engine --repeats 1 --out "$RES/generate.json" ;;
   tests) TAIL=8 step tests 150 python3 -m pytest tests/test_kernels.py -x -q -p no:cacheprovider ;;
+  kfp8) TAIL=6 step kfp8 90 python3 -m pytest tests/test_kernels.py tests/test_model.py tests/test_engine.py -q \
+      -p no:cacheprovider -k "fp8 or e4m3 or kv8" ;;
+  e2ekv) TAIL=12 step generate_kv 150 python3 bench/bench_generate.py --device cuda --batch 1,8 \
+      --prompt-lens 4096,65536 --decode-tokens 32 --decode-modes graph --no-engine --kv-cache both \
+      --out "$RES/generate_kv.json" ;;
   kquick) TAIL=6 step kquick 60 python3 -m pytest tests/test_kernels.py -x -q -p no:cacheprovider \
       -k "hc_pre or sparse or norm_rope or expert_gemv" ;;
   krest) TAIL=12 step krest 170 python3 -m pytest tests/test_kernels.py tests/test_quant.py -q -p no:cacheprovider \
