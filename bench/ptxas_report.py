@@ -1,13 +1,15 @@
-"""Registers and spills of the Triton kernels' launch shapes on sm90, compiled without a GPU (Triton
-compiles for the target it is told; ptxas ships with the wheel). Reproduces the launch-shape choices
-written next to the kernels:
+"""Registers, spills and shared memory of the Triton kernels' launch shapes on sm90, compiled without a
+GPU (Triton compiles for the target it is told; ptxas ships with the wheel), with the launcher's
+specialisation of pointers and strides (`runtime_attrs`; without it the loads are neither vectorised nor
+pipelined and the numbers are not the launched kernel's). Reproduces the launch-shape choices written
+next to the kernels:
 
 * norm/RoPE: 16 rows of 4,096 spill ~14 KB (rows per program are sized to the width instead);
 * mHC: the mix at 16/32 tokens, the finish at 8 tokens × 128 columns and at 1 token × 1,024 (no spills),
   the finish at 16 × 128 (spills);
 * sparse attention, 32 heads × 512: 4 warps spill, 8 do not (yet 8 measured slower on the H200); the
   64-head launch (64 keys, 8 warps), the FP8-entry reads (native e4m3 conversion and the integer decode
-  of GPUs before sm89) and the backward's;
+  of GPUs before sm89; their pipeline stages, which shared memory bounds) and the backward's;
 * the expert GEMV kernels;
 * the decode step's GEMV, router, compressor entry and step kernels, the pooling gradient and the radix
   select (none spills; compiling them here also catches what the interpreter accepts and the compiler
@@ -34,9 +36,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 BIN = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
 
 
+SMEM_LIMIT = 232448      # shared memory a block may take on the H100/H200 (227 KB)
+
+
+def runtime_attrs(fn, sig: dict) -> dict:
+    """The specialisation the launcher gives our tensors: pointers and strides (arguments named s_* or
+    stride*) divisible by 16. Without it Triton neither vectorises nor pipelines the loads, and the
+    registers, spills and shared memory reported are not the ones of the launched kernel."""
+    names = fn.arg_names
+    return {(names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
+            if t.startswith("*") or (t == "i32" and (n.startswith("s_") or n.startswith("stride")))}
+
+
 def compile_sm90(fn, sig: dict, consts: dict, warps: int, stages: int = 2, attrs: dict | None = None):
     """-> (compiled kernel, registers, spill bytes) of fn for sm90; sig maps every non-constexpr
-    argument to its Triton type."""
+    argument to its Triton type; attrs default to `runtime_attrs`."""
+    attrs = runtime_attrs(fn, sig) if attrs is None else attrs
     sig = dict(sig, **{k: "constexpr" for k in consts})
     c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs or {}),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
@@ -81,6 +96,8 @@ def main() -> int:
     pb = dict(KV="*fp32", SC="*fp32", SLOTS="*i32", G="*fp32", DKV="*fp32", DSC="*fp32", s_b="i32", s_l="i32",
               s_sb="i32", s_sn="i32", s_gb="i32", s_gn="i32", N="i32", C="i32")
     sel = dict(SC="*i16", LO="*i32", HI="*i32", OUT="*i32", s_sr="i32", s_or="i32", C="i32", P="i32")
+    fp8 = dict(D=512, BLOCK_H=16, BLOCK_N=32, HAS_KV2=True, SPLIT=False, F32_DOT=False, KV2_FP8=True, NOPE=448,
+               OFF_SC=448, OFF_ROPE=464, NATIVE_FP8=True)
     cases = [
         ("norm/RoPE 16 rows x 4096", norm_rope._norm_rope_kernel, nr,
          dict(DH=4096, DR2=32, NORM=True, WEIGHT=True, ROPE=False, BLOCK_R=16), 4),
@@ -104,12 +121,19 @@ def main() -> int:
          dict(D=512, BLOCK_H=16, BLOCK_N=32, HAS_KV2=True, SPLIT=False, F32_DOT=False), 4),
         ("attention 64 heads x 512, 64 keys, 8 w", sa._fwd_kernel, att,
          dict(D=512, BLOCK_H=64, BLOCK_N=64, HAS_KV2=True, SPLIT=False, F32_DOT=False), 8),
-        ("attention 16 heads, FP8 entries", sa._fwd_kernel, dict(att, KV2="*u8"),
-         dict(D=512, BLOCK_H=16, BLOCK_N=32, HAS_KV2=True, SPLIT=False, F32_DOT=False, KV2_FP8=True, NOPE=448,
-              OFF_SC=448, OFF_ROPE=464, NATIVE_FP8=True), 4),
+        ("attention 16 heads, FP8 entries", sa._fwd_kernel, dict(att, KV2="*u8"), dict(fp8, BLOCK_H=16), 4),
+        ("attention 16 heads, FP8, 3 stages", sa._fwd_kernel, dict(att, KV2="*u8"), dict(fp8, BLOCK_H=16), 4, 3),
+        ("attention 32 heads, FP8 entries", sa._fwd_kernel, dict(att, KV2="*u8"), dict(fp8, BLOCK_H=32), 4),
+        ("attention 16 heads, FP8 entries, split", sa._fwd_kernel, dict(att, KV2="*u8"),
+         dict(fp8, BLOCK_H=16, SPLIT=True), 4),
+        ("attention 64 heads, FP8, 1 stage", sa._fwd_kernel, dict(att, KV2="*u8"),
+         dict(fp8, BLOCK_H=64, BLOCK_N=64), 8, 1),
+        ("attention 64 heads, FP8, 2 stages", sa._fwd_kernel, dict(att, KV2="*u8"),
+         dict(fp8, BLOCK_H=64, BLOCK_N=64), 8, 2),
         ("attention 16 heads, FP8 entries, A100", sa._fwd_kernel, dict(att, KV2="*u8"),
-         dict(D=512, BLOCK_H=16, BLOCK_N=32, HAS_KV2=True, SPLIT=False, F32_DOT=False, KV2_FP8=True, NOPE=448,
-              OFF_SC=448, OFF_ROPE=464, NATIVE_FP8=False), 4),
+         dict(fp8, BLOCK_H=16, NATIVE_FP8=False), 4),
+        ("attention fp32, FP8 entries, 1 stage", sa._fwd_kernel,
+         dict(att, KV2="*u8", Q="*fp32", KV="*fp32", OUT="*fp32"), dict(fp8, BLOCK_H=16, F32_DOT=True), 4, 1),
         ("attention bwd 16 heads, 16 keys", sa._bwd_kernel, attb,
          dict(D=512, BLOCK_H=16, BLOCK_N=16, HAS_KV2=True, F32_DOT=False), 4),
         ("attention bwd 16 heads, 32 keys", sa._bwd_kernel, attb,
@@ -129,9 +153,11 @@ def main() -> int:
         ("radix select bf16, 1024", indexer._select_kernel, sel,
          dict(NBITS=16, NEG_KEY=0x7F, BLOCK=1024, HAS_RANGE=True), 4),
     ]
-    for name, fn, sig, consts, warps in cases:
-        _, regs, spills = compile_sm90(fn, sig, consts, warps)
-        print(f"{name:36s} {regs:4d} registers, {spills:6d} B spilled")
+    for name, fn, sig, consts, warps, *stages in cases:
+        c, regs, spills = compile_sm90(fn, sig, consts, warps, *stages)
+        smem = c.metadata.shared
+        print(f"{name:40s} {regs:4d} registers, {spills:6d} B spilled, {smem / 1024:6.1f} KB shared"
+              + ("  (over the 227 KB a block may take)" if smem > SMEM_LIMIT else ""), flush=True)
     return 0
 
 

@@ -254,6 +254,18 @@ def _fwd_launch(H: int, dtype: torch.dtype) -> dict:
     return {"block_h": _block_h(H), "block_n": 32, "num_warps": WARPS, "num_stages": 2}
 
 
+def _fp8_stages(block_h: int, dtype: torch.dtype, stages: int | None) -> int | None:
+    """Pipeline stages for FP8 entries (`KV8`): a key block's loads take ~80 KB of shared memory a stage at
+    Dh 512 in bf16 (the window tile, the e4m3 codes and the rope tile, each a full [keys, Dh] buffer), so
+    Triton's default 3 stages need 246 KB (> 227 KB on the H100/H200) and a 64-head block's 2 stages 295 KB
+    (`bench/ptxas_report.py`). Two stages where they fit, else one."""
+    if INTERPRET:
+        return stages
+    if block_h >= 64 or dtype == torch.float32:
+        return 1
+    return min(stages or 3, 2)
+
+
 def _bwd_launch(H: int, dtype: torch.dtype) -> dict:
     if INTERPRET or dtype == torch.float32:
         return {"block_h": _block_h(H), "block_n": 32, "num_warps": 4, "num_stages": None}
@@ -276,6 +288,8 @@ def forward(q, kv, idx, sink, scale, kv2=None, rows2=None, block_n: int | None =
     if B * S == 0:
         return out, lse
     k2, r2, has2, fp8 = _kv2_args(q, kv, kv2, rows2)
+    if fp8 and num_stages == dflt["num_stages"]:
+        num_stages = _fp8_stages(block_h, q.dtype, num_stages)
     BH = block_h
     f32 = INTERPRET or q.dtype == torch.float32
     grid = (B * S, triton.cdiv(H, BH), 1)
@@ -304,6 +318,8 @@ def forward_split(q, kv, idx, sink, scale, kv2=None, rows2=None, splits: int = 0
     splits = triton.cdiv(K, per) if K else 1
     idx = idx if idx.stride(-1) == 1 else idx.contiguous()
     k2, r2, has2, fp8 = _kv2_args(q, kv, kv2, rows2)
+    stages = _fp8_stages(BH, q.dtype, None) if fp8 else None
+    launch = {"num_stages": stages} if stages else {}
     part = torch.empty(B * S * splits, H, D, device=q.device, dtype=torch.float32)
     ml = torch.empty(B * S * splits, 2, H, device=q.device, dtype=torch.float32)
     f32 = INTERPRET or q.dtype == torch.float32
@@ -313,7 +329,7 @@ def forward_split(q, kv, idx, sink, scale, kv2=None, rows2=None, splits: int = 0
                                      part.stride(0), 0, part.stride(1),
                                      S, H, kv.shape[1], K, per, scale * LOG2E,
                                      D=D, BLOCK_H=BH, BLOCK_N=block_n, HAS_KV2=has2, SPLIT=True, F32_DOT=f32,
-                                     num_warps=num_warps or WARPS, **fp8)
+                                     num_warps=num_warps or WARPS, **launch, **fp8)
     out = torch.empty(B, S, H, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, S, H, device=q.device, dtype=torch.float32)
     bc = min(16, triton.next_power_of_2(H))
