@@ -207,10 +207,40 @@ def bench_hc_pre(T, D, dev, dtype, smoke, **blocks):
             "twin_ms": timed(lambda: ops.hc_pre_torch(h, fn, scale, base, n, 20, 1e-6, 1e-6), smoke)}
 
 
+def bench_hc_pre_bwd(T, D, dev, dtype, smoke, **blocks):
+    """mHC pre-mixing's backward (`hc_pre_backward`: dpre, Sinkhorn backward, dh and dfn) for T tokens of
+    4 streams of D; error of dfn and dh against float64 autograd of the twin; bytes = h read twice, dx
+    read twice, dh written."""
+    from dsv4 import ops
+    from dsv4.kernels import mhc
+    g = torch.Generator(device=dev).manual_seed(5)
+    n = 4
+    h = torch.randn(1, T, n, D, generator=g, device=dev).to(dtype)
+    fn = torch.randn((2 + n) * n, n * D, generator=g, device=dev) / (n * D) ** 0.5
+    scale = torch.rand(3, generator=g, device=dev) + 0.5
+    base = torch.randn((2 + n) * n, generator=g, device=dev)
+    dx = torch.randn(1, T, D, generator=g, device=dev).to(dtype)
+    dpost = torch.randn(1, T, n, generator=g, device=dev)
+    dcomb = torch.randn(1, T, n, n, generator=g, device=dev)
+    *_, saved = mhc.hc_pre(h, fn, scale, base, n, 20, 1e-6, 1e-6, save=True)
+    call = lambda: mhc.hc_pre_backward(h, fn, scale, base, saved, n, 20, 1e-6, dx, dpost, dcomb, **blocks)  # noqa: E731
+    got = call()
+    leaves = [t.double().requires_grad_() for t in (h, fn, scale, base)]
+    outs = ops.hc_pre_torch(*leaves, n, 20, 1e-6, 1e-6)
+    want = torch.autograd.grad(outs, leaves, [dx.double(), dpost.double(), dcomb.double()])
+    ms = timed(call, smoke)
+    nbytes = 3 * h.numel() * h.element_size() + 2 * dx.numel() * dx.element_size()
+    return {"kernel": "hc_pre_bwd", "case": f"T={T} D={D} {blocks or 'default'}",
+            "rel_err_vs_float64": max(rel(got[0], want[0]), rel(got[1], want[1])), "dfn_err": rel(got[1], want[1]),
+            "ms": ms, "GB_s": nbytes / ms / 1e6, "hbm_fraction": nbytes / ms / 1e-3 / HBM}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--smoke", action="store_true", help="CPU interpreter at tiny shapes")
-    ap.add_argument("--only", default=None, help="comma-separated: attention,decode,indexer,select,pool,sinkhorn,hc")
+    ap.add_argument("--only", default=None,
+                    help="comma-separated: attention,decode,indexer,select,pool,sinkhorn,hc,hc1b (mHC forward and "
+                         "backward at bench-1b's 2,048)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     if args.smoke:
@@ -258,6 +288,21 @@ def main(argv=None):
     if "sinkhorn" in only:
         for N in ([40] if sm else [1, 32, 16384]):
             rows.append(bench_sinkhorn(N, dev, sm))
+            print(rows[-1], flush=True)
+    if "hc1b" in only:
+        fwd = [(32, 32, {})] if sm else [(4096, 2048, {}), (4096, 2048, {"mix_precision": "ieee"}),
+                                          (4096, 2048, {"mix_precision": "tf32x3"}), (4096, 2048, {"block_t": 64}),
+                                          (4096, 2048, {"block_t": 64, "block_k": 128}), (4096, 2048, {"block_t": 128}),
+                                          (4096, 2048, {"block_t": 16}), (4096, 2048, {"block_t": 32, "block_k": 128})]
+        for T, D, blocks in fwd:
+            rows.append(bench_hc_pre(T, D, dev, dtype, sm, **blocks))
+            print(rows[-1], flush=True)
+        bwd = [(32, 32, {})] if sm else [(4096, 2048, {}), (4096, 2048, {"prec": "tf32x3"}),
+                                          (4096, 2048, {"block_d": 128}), (4096, 2048, {"block_t": 128}),
+                                          (4096, 2048, {"block_t": 32, "block_d": 128}),
+                                          (4096, 2048, {"block_t": 128, "block_d": 128})]
+        for T, D, blocks in bwd:
+            rows.append(bench_hc_pre_bwd(T, D, dev, dtype, sm, **blocks))
             print(rows[-1], flush=True)
     if "hc" in only:
         cases = [(8, 32, {})] if sm else [

@@ -68,6 +68,8 @@ def main() -> int:
     nr = dict(X="*bf16", W="*bf16", POS="*i64", FREQ="*fp32", OUT="*bf16", R="i32", HEADS="i32", eps="fp32",
               STRIDE="i32", SIGN="fp32")
     mix = dict(H="*bf16", FN="*fp32", SS="*fp32", MIX="*fp32", N_TOK="i32", D="i32", K_PER="i32")
+    pbw = dict(DX="*bf16", H="*bf16", FN="*fp32", DZ="*fp32", C="*fp32", PRE="*fp32", DH="*bf16", DFN="*fp32",
+               N_TOK="i32", D="i32", T_PER="i32")
     fin = dict(H="*bf16", SS="*fp32", MIX="*fp32", SCALE="*fp32", BASE="*fp32", X="*bf16", POST="*fp32",
                COMB="*fp32", N_TOK="i32", D="i32", NSPLIT="i32", eps="fp32", norm_eps="fp32")
     att = {n: "i32" for n in sa._fwd_kernel.arg_names}
@@ -107,6 +109,16 @@ def main() -> int:
          dict(DH=512, DR2=32, NORM=True, WEIGHT=True, ROPE=True, BLOCK_R=16), 4),
         ("mHC mix 16 tokens", mhc._hc_mix_kernel, mix, dict(NS=4, NP=32, BLOCK_T=16, BLOCK_K=64, PREC="ieee"), 4),
         ("mHC mix 32 tokens", mhc._hc_mix_kernel, mix, dict(NS=4, NP=32, BLOCK_T=32, BLOCK_K=64, PREC="ieee"), 4),
+        ("mHC mix 32 tokens, bf16x3", mhc._hc_mix_kernel, mix,
+         dict(NS=4, NP=32, BLOCK_T=32, BLOCK_K=64, PREC="ieee", SPLIT3=True), 4),
+        ("mHC mix 64 tokens, bf16x3", mhc._hc_mix_kernel, mix,
+         dict(NS=4, NP=32, BLOCK_T=64, BLOCK_K=64, PREC="ieee", SPLIT3=True), 4),
+        ("mHC pre bwd 64 x 64, tf32x3", mhc._hc_pre_bwd_kernel, pbw,
+         dict(NS=4, NP=32, WIDTH=24, BLOCK_T=64, BLOCK_D=64, PREC="tf32x3"), 4),
+        ("mHC pre bwd 64 x 64, bf16x3", mhc._hc_pre_bwd_kernel, pbw,
+         dict(NS=4, NP=32, WIDTH=24, BLOCK_T=64, BLOCK_D=64, PREC="ieee", SPLIT3=True), 4),
+        ("mHC pre bwd 64 x 128, bf16x3", mhc._hc_pre_bwd_kernel, pbw,
+         dict(NS=4, NP=32, WIDTH=24, BLOCK_T=64, BLOCK_D=128, PREC="ieee", SPLIT3=True), 4),
         ("mHC finish 8 x 128", mhc._hc_finish_kernel, fin,
          dict(ITERS=20, NS=4, NP=32, BLOCK_T=8, BLOCK_D=128, SPLIT_BLOCK=8), 4),
         ("mHC finish 16 x 128", mhc._hc_finish_kernel, fin,

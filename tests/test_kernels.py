@@ -600,6 +600,35 @@ def _outs_and_grads(fn, inputs, grads, static=()):
     return outs, got
 
 
+def test_hc_mix_bf16x3_is_the_fp32_dot():
+    # bf16 streams: fn as three bf16 parts (tensor-core dots on a GPU; fp32 copies of the parts under the
+    # interpreter). The mix logits must equal float64's as closely as an fp32 dot does; a single bf16 part
+    # (fn rounded to bf16) is ~1e-3 off, so the bound shows the parts are all there. 37 tokens: 3 blocks
+    # of 16, the last partial; D not a multiple of the blocks.
+    g = torch.Generator().manual_seed(21)
+    n, D, T = 4, 80, 37
+    h = torch.randn(1, T, n, D, generator=g).to(torch.bfloat16)
+    fn = torch.randn((2 + n) * n, n * D, generator=g) / (n * D) ** 0.5
+    fn = fn * torch.exp(torch.randn(fn.shape, generator=g))              # magnitudes over a few octaves
+    scale = torch.rand(3, generator=g) + 0.5
+    base = torch.randn((2 + n) * n, generator=g)
+    v = h.reshape(T, n * D).double()
+    rho = torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6)
+    want = (v @ fn.double().T) * rho                                     # the saved mix logits, float64
+    one_part = (v @ fn.to(torch.bfloat16).double().T) * rho
+    assert rel(one_part, want) > 1e-4
+    args = (h.to(DEV), fn.to(DEV), scale.to(DEV), base.to(DEV), n, 20, 1e-6, 1e-6)
+    for block_t, programs in ((16, 1), (32, 264)):
+        *outs, (mixes, _, _) = mhc.hc_pre(*args, save=True, mix_precision="bf16x3", block_t=block_t,
+                                          programs=programs)
+        assert rel(mixes, want) < 2e-6
+        ref = mhc.hc_pre(*args, mix_precision="ieee", block_t=block_t, programs=programs)
+        for a, b in zip(outs, ref):
+            assert rel(a, b) < 1e-5
+    with pytest.raises(ValueError, match="bf16 streams"):
+        mhc.hc_pre(h.float().to(DEV), *args[1:], mix_precision="bf16x3")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_hc_post_gradients_equal_twin_and_float64(dtype):
     (h, *_), _, (f, post, comb), gout = hc_case()
@@ -654,6 +683,33 @@ def test_hc_pre_backward_split_over_programs():
                               block_d=32, programs=264)
     for name, a, b in zip(("dh", "dfn", "dscale", "dbase"), got, want):
         assert rel(a, b) < 1e-5, name
+
+
+def test_hc_pre_backward_bf16x3_equals_float64():
+    # bf16 streams: part 3's dots on split bf16 operands (fp32 copies of the parts under the interpreter),
+    # against float64 autograd of the twin on the same bf16 values. dfn sums exact products of h with dz's
+    # three parts: as close as the fp32 FMA form (~1.5e-7; without dz's third part 9e-6). dh is rounded
+    # to bf16 and that rounding is most of its error; it must be no less accurate than the FMA form's
+    # (without the dz2·f1 product it is 9% worse). 37 tokens in blocks of 16, D 96 in blocks of 32.
+    (h, fn, scale, base), grads, *_ = hc_case(B=1, S=37, seed=22)
+    n = 4
+    inputs = [h.to(DEV, torch.bfloat16), fn.float().to(DEV), scale.float().to(DEV), base.float().to(DEV)]
+    dx, dpost, dcomb = [gr.to(DEV, torch.bfloat16 if i == 0 else torch.float32) for i, gr in enumerate(grads)]
+    _, want = _outs_and_grads(ops.hc_pre_torch, [t.double() for t in inputs],
+                              [dx.double(), dpost.double(), dcomb.double()], (n, 20, 1e-6, 1e-6))
+    got = {}
+    for prec in ("bf16x3", "ieee"):
+        x, post, comb, saved = mhc.hc_pre(*inputs, n, 20, 1e-6, 1e-6, save=True, mix_precision=prec)
+        got[prec] = mhc.hc_pre_backward(*inputs, saved, n, 20, 1e-6, dx, dpost, dcomb, block_t=16, block_d=32,
+                                        programs=264, prec=prec)
+    a, b = got["bf16x3"], got["ieee"]
+    assert a[0].dtype == torch.bfloat16 and rel(a[0], want[0]) < 1e-2
+    assert rel(a[0], want[0]) < 1.03 * rel(b[0], want[0])
+    for i, name in ((1, "dfn"), (2, "dscale"), (3, "dbase")):
+        assert rel(a[i], want[i]) < 1e-6, name
+    with pytest.raises(ValueError, match="bf16 streams"):
+        mhc.hc_pre_backward(h.float().to(DEV), *inputs[1:], saved, n, 20, 1e-6, dx.float(), dpost, dcomb,
+                            prec="bf16x3")
 
 
 def test_hc_entry_points_with_gradients_take_the_kernels():

@@ -68,12 +68,18 @@ def split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
 @triton.jit
 def _hc_mix_kernel(H, FN, SS, MIX, N_TOK, D, K_PER,
                    NS: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-                   PREC: tl.constexpr):
+                   PREC: tl.constexpr, SPLIT3: tl.constexpr = False, F32_DOT: tl.constexpr = False):
     """hc_pre, part 1, for BLOCK_T tokens and one slice [K_PER·split, K_PER·(split+1)) of the N·D stream
     values: Σ h² and the (2+N)·N mix logits h · fnᵀ as one fp32 dot against fn read as NP rows (zeros
     past its (2+N)·N; below 16 tokens, products summed over the block instead of a dot),
     stored as partial sums per slice (a slice per program keeps the GPU busy when there are few
-    tokens, as in a decode step)."""
+    tokens, as in a decode step).
+
+    SPLIT3 (bf16 streams): fn = f1 + f2 + f3, three bf16 parts split here (f1 = bf16(fn), f2 = bf16(fn −
+    f1), f3 = bf16(fn − f1 − f2): fn to ~2⁻²⁴ of its size, as fp32 holds it), and the logits are three bf16
+    tensor-core dots with fp32 accumulation; h is a bf16 value, so every product is exact and the result
+    is the fp32 dot up to the order of the sums. F32_DOT runs the same dots on fp32 copies of the parts
+    (the interpreter)."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     sp = tl.program_id(1)
     tm = t < N_TOK
@@ -87,11 +93,26 @@ def _hc_mix_kernel(H, FN, SS, MIX, N_TOK, D, K_PER,
     for k0 in range(sp * K_PER, k_hi, BLOCK_K):
         kk = k0 + k
         km = kk < k_hi
-        hv = tl.load(hrow + kk[None, :], mask=tm[:, None] & km[None, :], other=0.0).to(tl.float32)   # [BT, BK]
+        hraw = tl.load(hrow + kk[None, :], mask=tm[:, None] & km[None, :], other=0.0)                  # [BT, BK]
+        hv = hraw.to(tl.float32)
         ss += tl.sum(hv * hv, 1)
         f = tl.load(FN + r[None, :].to(tl.int64) * ND + kk[:, None],
                     mask=km[:, None] & (r < (2 + NS) * NS)[None, :], other=0.0)                        # [BK, NP]
-        if BLOCK_T >= 16:
+        if SPLIT3:
+            f1 = f.to(tl.bfloat16)
+            rest = f - f1.to(tl.float32)
+            f2 = rest.to(tl.bfloat16)
+            f3 = (rest - f2.to(tl.float32)).to(tl.bfloat16)
+            if F32_DOT:
+                acc += tl.dot(hv, f3.to(tl.float32), input_precision="ieee")
+                acc += tl.dot(hv, f2.to(tl.float32), input_precision="ieee")
+                acc += tl.dot(hv, f1.to(tl.float32), input_precision="ieee")
+            else:
+                hb = hraw.to(tl.bfloat16)
+                acc = tl.dot(hb, f3, acc)
+                acc = tl.dot(hb, f2, acc)
+                acc = tl.dot(hb, f1, acc)
+        elif BLOCK_T >= 16:
             acc += tl.dot(hv, f, input_precision=PREC)
         else:                          # a decode step's few tokens: products and a sum over the block
             acc += tl.sum(hv[:, :, None] * f[None, :, :], 1)
@@ -158,7 +179,7 @@ def _hc_finish_kernel(H, SS, MIX, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLIT, 
 
 def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = None, block_k: int | None = None,
            programs: int | None = None, finish_block_t: int | None = None, save: bool = False,
-           finish_warps: int = 4, mix_precision: str = "ieee"):
+           finish_warps: int = 4, mix_precision: str | None = None):
     """x [.., D] (h's dtype), post [.., N], comb [.., N, N] fp32 from streams h [.., N, D]; with `save`, also
     (mixes [T, (2+N)·N], rho [T], pre [T, N]) fp32 for `hc_pre_backward`. The mix GEMV is
     split over enough slices of N·D to give ~`programs` programs (one slice when tokens are many).
@@ -169,8 +190,10 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
     hc`), as many programs as blocks up to `programs`; the finish reads the slices' partial sums in
     groups (a serial loop over V4-Flash's 128 slices took 47 µs). `finish_warps`: the finish's warps
     (its Sinkhorn is ~40 dependent reductions over [BLOCK_T, N, N]; fewer warps keep them inside one
-    warp at a token or two; `bench_kernels --only hc` times 1, 2 and 4). `mix_precision`: the fp32 dot
-    of the mix from 16 tokens ("ieee"; "tf32x3", three TF32 products, is timed beside it)."""
+    warp at a token or two; `bench_kernels --only hc` times 1, 2 and 4). `mix_precision`: the dot of the
+    mix from 16 tokens: "bf16x3" (bf16 streams only: fn as three bf16 parts on the tensor cores, exact
+    products; the default for bf16 streams on a GPU), "ieee" (fp32 FMA; the default otherwise) or
+    "tf32x3" (three TF32 products)."""
     block_t = block_t or (128 if INTERPRET else 32)
     finish_block_t = finish_block_t or (128 if INTERPRET else 8)
     programs = programs or (1 if INTERPRET else 264)
@@ -199,11 +222,16 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
         k_per = triton.cdiv(triton.cdiv(nd, split), block_k) * block_k
         split = triton.cdiv(nd, k_per)
         n_pad = max(16, triton.next_power_of_2((2 + n) * n))
+        prec = mix_precision or ("bf16x3" if h.dtype == torch.bfloat16 and not INTERPRET else "ieee")
+        if prec == "bf16x3" and h.dtype != torch.bfloat16:
+            raise ValueError(f"mHC kernel: mix_precision 'bf16x3' needs bf16 streams, got {h.dtype}")
+        split3 = prec == "bf16x3" and block_t >= 16
         ss = torch.empty(split, T, device=h.device, dtype=torch.float32)
         mix = torch.empty(split, T, n_pad, device=h.device, dtype=torch.float32)
         _hc_mix_kernel[(tb, split)](hv, fn.float().contiguous(), ss, mix, T, D, k_per, NS=n, NP=n_pad,
                                     BLOCK_T=block_t, BLOCK_K=block_k,
-                                    PREC="ieee" if INTERPRET else mix_precision)
+                                    PREC="ieee" if INTERPRET or prec == "bf16x3" else prec,
+                                    SPLIT3=split3, F32_DOT=INTERPRET)
         finish_block_t = min(finish_block_t, triton.next_power_of_2(T))
         _hc_finish_kernel[(triton.cdiv(T, finish_block_t),)](
             hv, ss, mix, scale.float().contiguous(), base.float().contiguous(), x, post, comb, T, D, split, eps,
@@ -472,11 +500,17 @@ def _hc_pre_dz_kernel(DMIX, MIXES, RHO, DZ, C, N_TOK, ND, WIDTH: tl.constexpr, N
 
 @triton.jit
 def _hc_pre_bwd_kernel(DX, H, FN, DZ, C, PRE, DH, DFN, N_TOK, D, T_PER, NS: tl.constexpr, NP: tl.constexpr,
-                       WIDTH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr):
+                       WIDTH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
+                       SPLIT3: tl.constexpr = False, F32_DOT: tl.constexpr = False):
     """hc_pre backward, part 3, for stream n and one column block of D (program 0's index n fastest, so
     the N programs of a column block read the same dx), over the tokens of one slice [T_PER·s,
     T_PER·(s+1)): dh_n = pre_n·dx + dz·fn[:, n·D + d] − c·h_n in one pass over h, and
-    dfn[:, n·D + d] = Σ_t dzᵀ h_n (partial sums per slice of tokens), both as fp32 dots."""
+    dfn[:, n·D + d] = Σ_t dzᵀ h_n (partial sums per slice of tokens), both as fp32 dots.
+
+    SPLIT3 (bf16 streams): bf16 tensor-core dots on split operands: dz = dz1 + dz2 + dz3 and fn = f1 + f2
+    (bf16 parts, as in `_hc_mix_kernel`); dfn = Σ_p dz_pᵀ h (h is bf16: exact products, fp32 accuracy) and
+    dz·fn ≈ dz1·f1 + dz1·f2 + dz2·f1 (~2⁻¹⁶ relative, below the bf16 rounding of dh). F32_DOT: the same
+    dots on fp32 copies of the parts (the interpreter)."""
     n = tl.program_id(0) % NS
     d = (tl.program_id(0) // NS) * BLOCK_D + tl.arange(0, BLOCK_D)
     sp = tl.program_id(1)
@@ -486,6 +520,8 @@ def _hc_pre_bwd_kernel(DX, H, FN, DZ, C, PRE, DH, DFN, N_TOK, D, T_PER, NS: tl.c
     r = tl.arange(0, NP)
     fn = tl.load(FN + r[:, None].to(tl.int64) * ND + col[None, :], mask=(r < WIDTH)[:, None] & dm[None, :],
                  other=0.0)                                                           # [NP, BD]
+    f1 = fn.to(tl.bfloat16)
+    f2 = (fn - f1.to(tl.float32)).to(tl.bfloat16)
     acc = tl.zeros([NP, BLOCK_D], tl.float32)
     tt = tl.arange(0, BLOCK_T)
     t_hi = tl.minimum(N_TOK, (sp + 1) * T_PER)
@@ -497,11 +533,34 @@ def _hc_pre_bwd_kernel(DX, H, FN, DZ, C, PRE, DH, DFN, N_TOK, D, T_PER, NS: tl.c
         dz = tl.load(DZ + t64[:, None] * NP + r[None, :], mask=tm[:, None], other=0.0)     # [BT, NP]
         c = tl.load(C + t, mask=tm, other=0.0)
         pre = tl.load(PRE + t64 * NS + n, mask=tm, other=0.0)
-        hv = tl.load(H + t64[:, None] * ND + col[None, :], mask=m2, other=0.0).to(tl.float32)   # [BT, BD]
+        hraw = tl.load(H + t64[:, None] * ND + col[None, :], mask=m2, other=0.0)               # [BT, BD]
+        hv = hraw.to(tl.float32)
         dx = tl.load(DX + t64[:, None] * D + d[None, :], mask=m2, other=0.0).to(tl.float32)
-        dh = pre[:, None] * dx + tl.dot(dz, fn, input_precision=PREC) - c[:, None] * hv
+        if SPLIT3:
+            dz1 = dz.to(tl.bfloat16)
+            rest = dz - dz1.to(tl.float32)
+            dz2 = rest.to(tl.bfloat16)
+            dz3 = (rest - dz2.to(tl.float32)).to(tl.bfloat16)
+            if F32_DOT:
+                mixed = tl.dot(dz1.to(tl.float32), f2.to(tl.float32), input_precision="ieee")
+                mixed += tl.dot(dz2.to(tl.float32), f1.to(tl.float32), input_precision="ieee")
+                mixed += tl.dot(dz1.to(tl.float32), f1.to(tl.float32), input_precision="ieee")
+                acc += tl.dot(tl.trans(dz3.to(tl.float32)), hv, input_precision="ieee")
+                acc += tl.dot(tl.trans(dz2.to(tl.float32)), hv, input_precision="ieee")
+                acc += tl.dot(tl.trans(dz1.to(tl.float32)), hv, input_precision="ieee")
+            else:
+                hb = hraw.to(tl.bfloat16)
+                mixed = tl.dot(dz1, f2)
+                mixed = tl.dot(dz2, f1, mixed)
+                mixed = tl.dot(dz1, f1, mixed)
+                acc = tl.dot(tl.trans(dz3), hb, acc)
+                acc = tl.dot(tl.trans(dz2), hb, acc)
+                acc = tl.dot(tl.trans(dz1), hb, acc)
+        else:
+            mixed = tl.dot(dz, fn, input_precision=PREC)
+            acc += tl.dot(tl.trans(dz), hv, input_precision=PREC)
+        dh = pre[:, None] * dx + mixed - c[:, None] * hv
         tl.store(DH + t64[:, None] * ND + col[None, :], dh.to(DH.dtype.element_ty), mask=m2)
-        acc += tl.dot(tl.trans(dz), hv, input_precision=PREC)
     tl.store(DFN + (sp * WIDTH + r[:, None]).to(tl.int64) * ND + col[None, :], acc,
              mask=(r < WIDTH)[:, None] & dm[None, :])
 
@@ -512,8 +571,9 @@ def hc_pre_backward(h, fn, scale, base, saved, n, iters, eps, dx, dpost, dcomb, 
     """(dh, dfn, dscale, dbase) of `hc_pre` given the gradients of x, post, comb (None = zeros) and the
     forward's `saved` (mixes, rho, pre) (`hc_pre(..., save=True)`): dh in h's dtype, the others fp32.
     Two passes over h: dpre (part 1), then the Sinkhorn backward on the [T, (2+N)·N] logits and dz, c
-    (part 2), then dh and dfn together (part 3). Part 3's dots are fp32 as 3 TF32 products ("tf32x3":
-    the same error as the FMA form against float64 here, ~2e-7) on a GPU. H200, 4,096 tokens × 4 × 4,096
+    (part 2), then dh and dfn together (part 3). Part 3's dots on a GPU: bf16 tensor-core dots on split
+    operands for bf16 streams ("bf16x3", `_hc_pre_bwd_kernel`), else fp32 as 3 TF32 products ("tf32x3":
+    the same error as the FMA form against float64 here, ~2e-7). H200, 4,096 tokens × 4 × 4,096
     bf16: part 1 46 µs, the Sinkhorn backward ~100 µs in blocks of 8 tokens (177 µs in blocks of 64),
     part 3 ~270 µs at 64 tokens × 64 columns (315 at 32 × 64; "ieee" FMA dots at best 336; 64 × 64 shows
     260 B of spills in ptxas, yet measured fastest); forward + backward 1.18 ms against 3.15 for the twin's
@@ -525,7 +585,9 @@ def hc_pre_backward(h, fn, scale, base, saved, n, iters, eps, dx, dpost, dcomb, 
     width, nd = (2 + n) * n, n * D
     n_pad = max(16, triton.next_power_of_2(width))
     programs = programs or (1 if INTERPRET else 264)
-    prec = prec or ("ieee" if INTERPRET else "tf32x3")
+    prec = prec or ("ieee" if INTERPRET else "bf16x3" if h.dtype == torch.bfloat16 else "tf32x3")
+    if prec == "bf16x3" and h.dtype != torch.bfloat16:
+        raise ValueError(f"mHC kernel: prec 'bf16x3' needs bf16 streams, got {h.dtype}")
     sinkhorn_block = sinkhorn_block or (64 if INTERPRET else 8)
     dx = torch.zeros(T, D, device=h.device, dtype=h.dtype) if dx is None else dx.reshape(T, D).contiguous()
     # part 1: dpre
@@ -553,6 +615,8 @@ def hc_pre_backward(h, fn, scale, base, saved, n, iters, eps, dx, dpost, dcomb, 
     dfn = (torch.empty if T else torch.zeros)(tsplit, width, nd, device=h.device, dtype=torch.float32)
     if T:
         _hc_pre_bwd_kernel[(cols, tsplit)](dx, hv, fn.float().contiguous(), dz, c, pre, dh, dfn, T, D, t_per,
-                                           NS=n, NP=n_pad, WIDTH=width, BLOCK_T=bt, BLOCK_D=bd, PREC=prec)
+                                           NS=n, NP=n_pad, WIDTH=width, BLOCK_T=bt, BLOCK_D=bd,
+                                           PREC="ieee" if INTERPRET or prec == "bf16x3" else prec,
+                                           SPLIT3=prec == "bf16x3", F32_DOT=INTERPRET)
     dfn = dfn[0] if tsplit == 1 else dfn.sum(0)
     return dh.view(h.shape), dfn, dscale, dbase
