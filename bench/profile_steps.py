@@ -131,8 +131,9 @@ def section(name: str, title: str, fn, out: Path) -> None:
     """Two warm-up calls, one profiled call (kernel table to out/name.txt), then the anatomy."""
     for _ in range(2):
         fn()
-    t, busy, n = profile_once(fn)
+    t, busy, n, details = profile_once(fn, details=True)
     (out / f"{name}.txt").write_text(t)
+    (out / f"{name}_kernels.txt").write_text(details)
     print(f"== {title}\n{t}")
     anatomy(name, fn, busy, n, out)
 

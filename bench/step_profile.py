@@ -3,7 +3,9 @@
 * `capture(fn)`: fn run once with CUDA's sync-debug mode on; (message, stack) of each operation that
   makes the host wait for the GPU (torch's notice about the mode itself left out);
 * `profile_once(fn)`: one call under torch.profiler; the kernel table by device time, and the kernels'
-  summed device time and count (the driver's launch-API records, `cuLaunchKernel*`, not counted).
+  summed device time and count (the driver's launch-API records, `cuLaunchKernel*`, not counted);
+  `details=True` adds every kernel by name (device ms, count) and the dtype copies by input shape and
+  dtype (where the conversions come from).
 """
 from __future__ import annotations
 
@@ -13,17 +15,32 @@ import warnings
 import torch
 
 
-def profile_once(fn, rows: int = 30) -> tuple[str, float, int]:
-    """(kernel table, ms of device time summed over kernels, number of kernels) of one call of fn."""
+def profile_once(fn, rows: int = 30, details: bool = False):
+    """(kernel table, ms of device time summed over kernels, number of kernels) of one call of fn; with
+    `details`, a fourth item: the text of every kernel by name and of the dtype copies by shape."""
     torch.cuda.synchronize()
     acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=acts) as prof:
+    with torch.profiler.profile(activities=acts, record_shapes=details) as prof:
         fn()
         torch.cuda.synchronize()
     evs = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
            and not e.name.startswith(("cuLaunchKernel", "cudaLaunchKernel"))]
     table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=60)
-    return table, sum(e.device_time for e in evs) / 1e3, len(evs)
+    out = (table, sum(e.device_time for e in evs) / 1e3, len(evs))
+    if not details:
+        return out
+    by_name: dict[str, list] = {}
+    for e in evs:
+        acc = by_name.setdefault(e.name, [0.0, 0])
+        acc[0] += e.device_time / 1e3
+        acc[1] += 1
+    lines = [f"{'ms':>9} {'count':>6}  kernel"]
+    lines += [f"{ms:9.3f} {n:6d}  {name[:150]}" for name, (ms, n) in sorted(by_name.items(), key=lambda kv: -kv[1][0])]
+    copies = [a for a in prof.key_averages(group_by_input_shape=True) if a.key in ("aten::_to_copy", "aten::copy_")]
+    copies.sort(key=lambda a: -a.device_time_total)
+    lines += ["", f"{'ms':>9} {'count':>6}  dtype copy (input shapes)"]
+    lines += [f"{a.device_time_total / 1e3:9.3f} {a.count:6d}  {a.key} {a.input_shapes}" for a in copies[:80]]
+    return (*out, "\n".join(lines))
 
 
 def capture(fn, frames: int = 9) -> list[tuple[str, list[traceback.FrameSummary]]]:
