@@ -734,9 +734,13 @@ def swiglu_act_torch(g: torch.Tensor, u: torch.Tensor, limit: float, weight: tor
 
 
 def swiglu_act_triton(g, u, limit, weight=None, out_dtype=None):
-    if _needs_grad(g, u, weight) or g.shape != u.shape or g.dtype == torch.float64 or not g.numel():
+    if g.shape != u.shape or g.dtype == torch.float64 or not g.numel() or g.dtype != u.dtype:
         return swiglu_act_torch(g, u, limit, weight, out_dtype)
     from dsv4.kernels import swiglu as kern
+    if _needs_grad(g, u, weight):
+        if weight is not None and weight.dtype != torch.float32:
+            return swiglu_act_torch(g, u, limit, weight, out_dtype)
+        return kern.SwigluFn.apply(g, u, weight, limit, out_dtype)
     return kern.swiglu(g, u, limit, weight, out_dtype)
 
 

@@ -442,6 +442,41 @@ def test_fused_swiglu_equals_twin_and_float64(dtype, limit, weighted):
     assert rel(got, want) < tol(dtype) and rel(got, twin) < (1e-6 if dtype == torch.float32 else 1e-2)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("limit,weighted", [(7.0, True), (0.0, False), (7.0, False)])
+def test_swiglu_gradients_equal_twin_and_float64(dtype, limit, weighted):
+    # the backward kernel (dg, du, the routing weight's gradient) against autograd of the twin in float64
+    # and in the same dtype; values past both clamps and exactly on their ends (torch.clamp passes the
+    # gradient there); 37 rows x 300: neither a multiple of the blocks
+    g = torch.Generator().manual_seed(11)
+    shape = (37, 300)
+    gate, upv = (torch.randn(shape, generator=g, dtype=torch.float64) * 6 for _ in range(2))
+    if limit > 0:
+        gate[0, :5], upv[1, :5], upv[2, :5] = limit, limit, -limit
+    w = torch.rand(shape[0], generator=g, dtype=torch.float64) if weighted else None
+    dy = torch.randn(shape, generator=g, dtype=torch.float64)
+
+    def grads(fn, a, b, wt, out_dtype):
+        leaves = [t.detach().requires_grad_() for t in (a, b) + ((wt,) if wt is not None else ())]
+        out = fn(leaves[0], leaves[1], limit, leaves[2] if wt is not None else None, out_dtype)
+        return out, torch.autograd.grad(out, leaves, dy.to(out.dtype).to(out.device))
+
+    want_out, want = grads(ops.swiglu_act_torch, gate, upv, w, None)
+    cast = lambda t: None if t is None else t.to(DEV, dtype)                        # noqa: E731
+    wt = None if w is None else w.float().to(DEV)
+    out, got = grads(ops.swiglu_act_triton, cast(gate), cast(upv), wt, dtype)
+    assert "Swiglu" in type(out.grad_fn).__name__
+    _, twin = grads(ops.swiglu_act_torch, cast(gate), cast(upv), wt, dtype)
+    assert got[0].dtype == got[1].dtype == dtype
+    for name, a, b, c in zip(("dg", "du", "dw"), got, twin, want):
+        assert rel(a, c) < tol(dtype), name
+        assert rel(a, b) < (1e-6 if dtype == torch.float32 else 1e-2), name
+    if limit > 0:   # on the clamp ends the gradient passes; past them it is zero
+        assert (got[0][0, :5] != 0).all() and (got[1][1:3, :5] != 0).all()
+        past_g, past_u = (gate > limit).to(DEV), (upv.abs() > limit).to(DEV)
+        assert past_g.any() and (got[0][past_g] == 0).all() and (got[1][past_u] == 0).all()
+
+
 @pytest.mark.parametrize("ratio,indexed", [(0, False), (4, True), (128, False), (4, False)])
 def test_decode_key_lists_kernel_equals_twin_and_the_general_builder(ratio, indexed):
     # the one-launch key lists of a decode step against the twin and against what Attention._indices
