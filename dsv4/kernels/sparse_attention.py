@@ -362,6 +362,46 @@ def _combine_kernel(PART, ML, SINK, OUT, LSE, SPLITS, H, D: tl.constexpr, BLOCK_
     tl.store(LSE + t * H + h, (mx + tl.log2(den)) * 0.6931471805599453, mask=hm)
 
 
+@triton.jit
+def _delta_kernel(DOUT, OUT, LSE, DLSE, SINK, DELTA, DSINK, H, D, HAS_DLSE: tl.constexpr, BLOCK_H: tl.constexpr,
+                  BLOCK_D: tl.constexpr):
+    """The backward's per-(query, head) terms for one query: delta = Σ_d dout·out (− dlse) and the sink's
+    gradient share −exp(sink − lse)·delta (summed over queries by the caller), from the bf16 tensors
+    directly (no fp32 copies of dout and out)."""
+    t = tl.program_id(0).to(tl.int64)
+    h = tl.arange(0, BLOCK_H)
+    hm = h < H
+    acc = tl.zeros([BLOCK_H], tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        d = d0 + tl.arange(0, BLOCK_D)
+        m = hm[:, None] & (d < D)[None, :]
+        off = (t * H + h[:, None]) * D + d[None, :]
+        a = tl.load(DOUT + off, mask=m, other=0.0).to(tl.float32)
+        b = tl.load(OUT + off, mask=m, other=0.0).to(tl.float32)
+        acc += tl.sum(a * b, 1)
+    if HAS_DLSE:
+        acc -= tl.load(DLSE + t * H + h, mask=hm, other=0.0).to(tl.float32)
+    lse = tl.load(LSE + t * H + h, mask=hm, other=0.0)
+    sink = tl.load(SINK + h, mask=hm, other=0.0).to(tl.float32)
+    tl.store(DELTA + t * H + h, acc, mask=hm)
+    tl.store(DSINK + t * H + h, -tl.exp(sink - lse) * acc, mask=hm)
+
+
+def backward_terms(out, dout, lse, sink, dlse=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(delta [B, S, H] fp32, dsink [H] in sink's dtype) of the backward: delta = Σ_d dout·out − dlse,
+    dsink = −Σ_queries exp(sink − lse)·delta. Twin: the same formulas in PyTorch (`ops`' autograd)."""
+    B, S, H, D = out.shape
+    out, dout, lse = out.contiguous(), dout.contiguous(), lse.contiguous()
+    delta = torch.empty(B, S, H, device=out.device, dtype=torch.float32)
+    part = torch.empty(B, S, H, device=out.device, dtype=torch.float32)
+    if B * S:
+        dl = dlse.contiguous() if dlse is not None else lse
+        _delta_kernel[(B * S,)](dout, out, lse, dl, sink, delta, part, H, D, HAS_DLSE=dlse is not None,
+                                BLOCK_H=triton.next_power_of_2(H), BLOCK_D=min(triton.next_power_of_2(D), 128),
+                                num_warps=1 if INTERPRET else 4)
+    return delta, part.sum((0, 1)).to(sink.dtype)
+
+
 def backward(q, kv, idx, sink, scale, out, lse, dout, kv2=None, rows2=None, dlse=None, block_n: int | None = None,
              num_warps: int | None = None, block_h: int | None = None, num_stages: int | None = None):
     """Gradients (dq, dkv, dkv2, dsink) of `forward`, given dout (and optionally dlse, the gradient of lse).
@@ -374,9 +414,7 @@ def backward(q, kv, idx, sink, scale, out, lse, dout, kv2=None, rows2=None, dlse
     block_h, num_stages = block_h or dflt["block_h"], num_stages or dflt["num_stages"]
     K = idx.shape[-1]
     dout = dout.contiguous()
-    delta = (dout.float() * out.float()).sum(-1)                                    # [B, S, H]
-    if dlse is not None:
-        delta = delta - dlse.float()
+    delta, dsink = backward_terms(out, dout, lse, sink, dlse)                      # [B, S, H], [H]
     has2 = kv2 is not None and kv2.shape[1] > 0
     k2 = kv2 if has2 else kv
     r2 = rows2 if (has2 and rows2 is not None) else torch.arange(B, device=q.device, dtype=torch.int32)
@@ -394,6 +432,4 @@ def backward(q, kv, idx, sink, scale, out, lse, dout, kv2=None, rows2=None, dlse
             idx.stride(0), idx.stride(1), dkv.stride(0), dkv.stride(1), dkv2.stride(0), dkv2.stride(1),
             S, H, kv.shape[1], K, scale,
             D=D, BLOCK_H=BH, BLOCK_N=block_n, HAS_KV2=has2, F32_DOT=f32, num_warps=num_warps, **launch)
-    p_sink = torch.exp(sink.float().view(1, 1, H) - lse)                           # [B, S, H]
-    dsink = -(p_sink * delta).sum((0, 1))
-    return dq, dkv.to(kv.dtype), (dkv2.to(kv2.dtype) if has2 else None), dsink.to(sink.dtype)
+    return dq, dkv.to(kv.dtype), (dkv2.to(kv2.dtype) if has2 else None), dsink
