@@ -501,7 +501,7 @@ class Attention(nn.Module):
             else:
                 idx, cidx = self._indices(s0, s1, pos, seg, state is not None, first, n_comp,
                                           None if iq is None or not sparse else (iq[:, s0:s1], iw[:, s0:s1], ikeys),
-                                          c_rows, keys.shape[1])
+                                          c_rows, keys.shape[1], want_cidx=want_loss)
             res = ops.sparse_attention(q[:, s0:s1], keys, idx, self.attn_sink, self.head_dim ** -0.5,
                                        comp, c_rows, return_lse=want_loss)
             if want_loss:
@@ -526,38 +526,21 @@ class Attention(nn.Module):
             cidx = ops.index_topk(iq, ikeys, iw, torch.zeros_like(pos), hi, self.indexer.topk, c_rows)[:, 0]
         return ops.decode_key_lists(pos[:, 0], self.window, self.ratio, n_comp, t_window, cidx)
 
-    def _indices(self, s0, s1, pos, seg, cached, first, n_comp, indexer_in, c_rows, t_window):
+    def _indices(self, s0, s1, pos, seg, cached, first, n_comp, indexer_in, c_rows, t_window, want_cidx=False):
         """Key lists of queries s0..s1−1: idx [B, Sc, W + K] into [window keys | entries] (entries
-        offset by t_window), and the entries' part alone cidx [B, Sc, K] (−1 = none)."""
-        W, m = self.window, self.ratio
-        dev = pos.device
-        qpos = pos[:, s0:s1]                                                          # [B, Sc]
-        w = torch.arange(W, device=dev)
-        if cached:   # keys: ring slot t mod W for positions before the call, then the call's tokens
-            kpos = qpos.unsqueeze(-1) - (W - 1) + w                                   # [B, Sc, W]
-            p0 = pos[:, :1, None]
-            j = torch.where(kpos < p0, torch.remainder(kpos, W), W + kpos - p0)
-            widx = torch.where(kpos >= 0, j, -1)
-        else:        # keys: the call's tokens; a key must be within W positions and in the same document
-            j = torch.arange(s0, s1, device=dev).unsqueeze(-1) - (W - 1) + w          # [Sc, W]
-            jc = j.clamp(min=0).expand(pos.shape[0], -1, -1)                           # [B, Sc, W]
-            d = qpos.unsqueeze(-1) - pos.gather(1, jc.flatten(1)).view_as(jc)
-            ok = (j >= 0) & (d >= 0) & (d < W)
-            if seg is not None:
-                ok &= seg.gather(1, jc.flatten(1)).view_as(jc) == seg[:, s0:s1].unsqueeze(-1)
-            widx = torch.where(ok, j, -1)
-        if not m:
-            return widx, None
-        lo = first[:, s0:s1] if first is not None else torch.zeros_like(qpos)         # [B, Sc]
-        hi = torch.clamp(lo + (qpos + 1) // m, max=n_comp)
-        if indexer_in is not None:
+        offset by t_window; `ops.key_lists`), and the entries' part alone cidx [B, Sc, K] (−1 = none):
+        the indexer's choice, or with `want_cidx` every visible entry (else None)."""
+        cidx = None
+        if self.ratio and indexer_in is not None:
             iq, iw, ikeys = indexer_in
+            lo = first[:, s0:s1] if first is not None else torch.zeros_like(pos[:, s0:s1])
+            hi = torch.clamp(lo + (pos[:, s0:s1] + 1) // self.ratio, max=n_comp)
             cidx = ops.index_topk(iq, ikeys, iw, lo, hi, self.indexer.topk, c_rows)  # [B, Sc, P]
-        else:
-            s = torch.arange(n_comp, device=dev)
-            cidx = torch.where((s >= lo.unsqueeze(-1)) & (s < hi.unsqueeze(-1)), s, -1)  # [B, Sc, C]
-        idx = torch.cat([widx, torch.where(cidx >= 0, cidx + t_window, -1)], dim=-1)
-        return idx.to(torch.int32), cidx
+        idx = ops.key_lists(pos, seg, first, s0, s1, self.window, self.ratio, n_comp, t_window, cidx, cached)
+        if self.ratio and cidx is None and want_cidx:
+            lo = first[:, s0:s1] if first is not None else torch.zeros_like(pos[:, s0:s1])
+            cidx = ops.dense_entries(lo, pos[:, s0:s1], self.ratio, n_comp)
+        return idx, cidx
 
     def _index_kl(self, q, lse, comp, cidx, iq, iw, ikeys, c_rows) -> tuple[torch.Tensor, int]:
         """Σ over queries of KL(p ‖ softmax(I)) on the listed compressed entries cidx [B, Sc, P], where p

@@ -718,6 +718,55 @@ def decode_key_lists_torch(pos: torch.Tensor, window: int, ratio: int, n_comp: i
     return torch.cat(parts, dim=-1).to(torch.int32)
 
 
+def key_lists_torch(pos: torch.Tensor, seg: torch.Tensor | None, first: torch.Tensor | None, s0: int, s1: int,
+                    window: int, ratio: int, n_comp: int, t_window: int, cidx: torch.Tensor | None,
+                    cached: bool) -> torch.Tensor:
+    """Key lists of queries s0..s1−1 of a call (a training or prefill forward): idx [B, Sc, W + Kc] int32
+    into [window keys | entries] (entries offset by t_window), −1 = none. pos [B, S] positions, seg
+    [B, S] documents or None, first [B, S] each token's first entry of its document (or None: 0).
+    Window part: `cached`: keys are ring slot t mod W for positions before the call (pos[:, 0]), then
+    the call's tokens (W + t − pos[:, 0]); else the call's tokens j within W positions and in the same
+    document. Entry part (ratio > 0): the indexer's entries cidx [B, Sc, K] (−1 padded), or every entry
+    lo ≤ s < min(lo + (p+1) // ratio, n_comp), lo = first. What `Attention._indices` needs; twin of
+    `dsv4.kernels.key_lists.key_lists`."""
+    W, m = window, ratio
+    dev = pos.device
+    qpos = pos[:, s0:s1]                                                          # [B, Sc]
+    w = torch.arange(W, device=dev)
+    if cached:
+        kpos = qpos.unsqueeze(-1) - (W - 1) + w                                   # [B, Sc, W]
+        p0 = pos[:, :1, None]
+        j = torch.where(kpos < p0, torch.remainder(kpos, W), W + kpos - p0)
+        widx = torch.where(kpos >= 0, j, -1)
+    else:
+        j = torch.arange(s0, s1, device=dev).unsqueeze(-1) - (W - 1) + w          # [Sc, W]
+        jc = j.clamp(min=0).expand(pos.shape[0], -1, -1)                           # [B, Sc, W]
+        d = qpos.unsqueeze(-1) - pos.gather(1, jc.flatten(1)).view_as(jc)
+        ok = (j >= 0) & (d >= 0) & (d < W)
+        if seg is not None:
+            ok &= seg.gather(1, jc.flatten(1)).view_as(jc) == seg[:, s0:s1].unsqueeze(-1)
+        widx = torch.where(ok, j, -1)
+    if not m:
+        return widx.to(torch.int32)
+    if cidx is None:
+        lo = first[:, s0:s1] if first is not None else torch.zeros_like(qpos)     # [B, Sc]
+        cidx = dense_entries(lo, qpos, m, n_comp)
+    return torch.cat([widx, torch.where(cidx >= 0, cidx + t_window, -1)], dim=-1).to(torch.int32)
+
+
+def dense_entries(lo: torch.Tensor, qpos: torch.Tensor, ratio: int, n_comp: int) -> torch.Tensor:
+    """Every visible entry of each query as a list [B, Sc, n_comp]: s where lo ≤ s < min(lo + (p+1) //
+    ratio, n_comp), else −1 (HCA, and CSA's dense phase)."""
+    hi = torch.clamp(lo + (qpos + 1) // ratio, max=n_comp)
+    s = torch.arange(n_comp, device=qpos.device)
+    return torch.where((s >= lo.unsqueeze(-1)) & (s < hi.unsqueeze(-1)), s, -1)
+
+
+def key_lists_triton(pos, seg, first, s0, s1, window, ratio, n_comp, t_window, cidx, cached):
+    from dsv4.kernels import key_lists as kern
+    return kern.key_lists(pos, seg, first, s0, s1, window, ratio, n_comp, t_window, cidx, cached)
+
+
 def decode_key_lists_triton(pos, window, ratio, n_comp, t_window, cidx):
     from dsv4.kernels import key_lists as kern
     return kern.decode_key_lists(pos, window, ratio, n_comp, t_window, cidx)
@@ -1332,6 +1381,7 @@ compressor_entry_kv8 = register("compressor_entry_kv8", {"torch": compressor_ent
                                                          "triton": compressor_entry_triton}, kernel_dtypes=None)
 decode_key_lists = register("decode_key_lists", {"torch": decode_key_lists_torch, "triton": decode_key_lists_triton},
                             kernel_dtypes=None)
+key_lists = register("key_lists", {"torch": key_lists_torch, "triton": key_lists_triton}, kernel_dtypes=None)
 swiglu_act = register("swiglu", {"torch": swiglu_act_torch, "triton": swiglu_act_triton})
 fp8_linear = register("fp8_linear", {"torch": fp8_linear_torch, "triton": fp8_linear_triton})
 fp4_experts = register("fp4_experts", {"torch": fp4_experts_torch, "triton": fp4_experts_triton})

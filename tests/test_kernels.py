@@ -13,7 +13,7 @@ import torch
 from dsv4 import ops
 
 triton = pytest.importorskip("triton")
-from dsv4.kernels import compressor, indexer, mhc, sparse_attention as sa   # noqa: E402
+from dsv4.kernels import compressor, indexer, key_lists as kl, mhc, sparse_attention as sa   # noqa: E402
 from dsv4.kernels.fp8_gemm import fp32_to_e4m3   # noqa: E402
 import triton.language as tl   # noqa: E402
 
@@ -510,6 +510,35 @@ def test_decode_key_lists_kernel_equals_twin_and_the_general_builder(ratio, inde
     else:
         general, _ = att._indices(0, 1, pos.unsqueeze(1), None, True, None, C, None, None, W + 1)
     assert torch.equal(general, want)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+@pytest.mark.parametrize("ratio,indexed", [(0, False), (4, True), (4, False), (128, False)])
+def test_call_key_lists_kernel_equals_twin(cached, ratio, indexed):
+    # the key lists of a training/prefill call's queries (one launch a layer) against the PyTorch
+    # builder: rows of several documents (seg, first entries), positions that restart per document,
+    # a chunk [s0, s1) of the queries, a window longer than some documents; cached: rows whose first
+    # position is past the window
+    g = torch.Generator().manual_seed(30 + ratio + 2 * indexed + cached)
+    B, S, W, C, s0, s1 = 3, 45, 16, 11, 5, 40
+    if cached:
+        start = torch.tensor([0, 7, 40])
+        pos = start[:, None] + torch.arange(S)
+        seg = first = None
+    else:
+        cuts = torch.rand(B, S, generator=g) < 0.1
+        seg = torch.cumsum(cuts.long(), 1)
+        starts = torch.cat([torch.ones(B, 1, dtype=torch.bool), seg[:, 1:] != seg[:, :-1]], 1)
+        idx0 = torch.cummax(torch.where(starts, torch.arange(S), 0), 1).values
+        pos = torch.arange(S) - idx0                                       # positions restart per document
+        first = torch.cummax(torch.where(starts, torch.arange(S) // max(ratio, 1) // 2, 0), 1).values
+    cidx = torch.randint(-1, C, (B, s1 - s0, 6), generator=g) if indexed else None
+    for f, sg in ((first, seg), (None, None)):
+        want = ops.key_lists_torch(pos, sg, f, s0, s1, W, ratio, C, W + 3, cidx, cached)
+        to = lambda t: None if t is None else t.to(DEV)                    # noqa: E731
+        got = kl.key_lists(pos.to(DEV), to(sg), to(f), s0, s1, W, ratio, C, W + 3, to(cidx), cached)
+        assert got.dtype == torch.int32 and torch.equal(got.cpu(), want)
+        assert (want >= 0).any() and (want < 0).any()
 
 
 @pytest.mark.parametrize("ratio,overlap", [(4, True), (128, False), (4, False)])
