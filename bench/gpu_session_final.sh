@@ -60,6 +60,8 @@ for s in ${@:-dist context e2e train tests flash}; do case $s in
       --out "$RES/generate_kv.json" ;;
   khc) TAIL=6 step khc 120 python3 -m pytest tests/test_kernels.py tests/test_moe_ops.py -q -p no:cacheprovider \
       -k "hc_ or training_step or swiglu or sparse_attention or fast_paths or twice or key_lists or model_with" ;;
+  khc2) TAIL=12 step khc2 150 python3 -m pytest tests/test_kernels.py tests/test_moe_ops.py -q -p no:cacheprovider -x \
+      -k "swiglu_gradients or hc_pre_backward_bf16x3 or hc_mix or fused_hc or hc_pre_gradients or fast_paths or twice or not_read or model_with_the" ;;
   hc1b) TAIL=20 step hc1b 90 python3 bench/bench_kernels.py --only hc1b --out "$RES/kernels_hc1b.json" ;;
   kquick) TAIL=6 step kquick 60 python3 -m pytest tests/test_kernels.py -x -q -p no:cacheprovider \
       -k "hc_pre or sparse or norm_rope or expert_gemv" ;;

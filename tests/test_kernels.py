@@ -455,7 +455,10 @@ def test_swiglu_gradients_equal_twin_and_float64(dtype, limit, weighted):
     # gradient there); 37 rows x 300: neither a multiple of the blocks
     g = torch.Generator().manual_seed(11)
     shape = (37, 300)
-    gate, upv = (torch.randn(shape, generator=g, dtype=torch.float64) * 6 for _ in range(2))
+    # values a bf16 holds exactly, so the float64 reference clamps the same values as the kernel (a value
+    # just past the limit would round onto it in bf16, where the gradient passes)
+    gate, upv = (torch.randn(shape, generator=g, dtype=torch.float64).mul(6).to(torch.bfloat16).double()
+                 for _ in range(2))
     if limit > 0:
         gate[0, :5], upv[1, :5], upv[2, :5] = limit, limit, -limit
     w = torch.rand(shape[0], generator=g, dtype=torch.float64) if weighted else None
@@ -774,8 +777,12 @@ def test_hc_pre_backward_bf16x3_equals_float64():
     a, b = got["bf16x3"], got["ieee"]
     assert a[0].dtype == torch.bfloat16 and rel(a[0], want[0]) < 1e-2
     assert rel(a[0], want[0]) < 1.03 * rel(b[0], want[0])
+    # on a GPU the dots accumulate on the tensor cores, whose fp32 sums are not IEEE-rounded: dfn there
+    # measures 4.4e-6 (bf16x3) and 1.7e-6 (tf32x3) against float64 at 4,096 tokens (`bench_kernels --only
+    # hc1b`); the interpreter's fp32 dots are exact to 1.5e-7
+    bound = 1e-6 if DEV == "cpu" else 1e-5
     for i, name in ((1, "dfn"), (2, "dscale"), (3, "dbase")):
-        assert rel(a[i], want[i]) < 1e-6, name
+        assert rel(a[i], want[i]) < bound, name
     with pytest.raises(ValueError, match="bf16 streams"):
         mhc.hc_pre_backward(h.float().to(DEV), *inputs[1:], saved, n, 20, 1e-6, dx.float(), dpost, dcomb,
                             prec="bf16x3")
