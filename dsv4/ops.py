@@ -947,6 +947,30 @@ def take_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, k: in
     return x.index_select(0, index)
 
 
+class _SumPairs(torch.autograd.Function):
+    """y[t] = Σ_k out[back[t·K + k]]: the pair outputs (in expert order) back in token order and summed per
+    token. The gradient of a pair is its token's: one gather (grad[token]), where autograd of index_select,
+    view and sum would materialise the expanded [N, K, D] gradient and scatter it."""
+    @staticmethod
+    def forward(ctx, out, back, token, k):
+        ctx.save_for_backward(token)
+        return out.index_select(0, back).view(-1, k, out.shape[-1]).sum(dim=1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (token,) = ctx.saved_tensors
+        return g.index_select(0, token), None, None, None
+
+
+def sum_pairs(out: torch.Tensor, back: torch.Tensor, token: torch.Tensor, k: int) -> torch.Tensor:
+    """`_SumPairs` (out [N·K, D] in expert order, back [N·K] its inverse order, token [N·K] the token of
+    each row of out) -> [N, D]; without gradients the same index_select and sum."""
+    if _needs_grad(out):
+        return _SumPairs.apply(out, back, token, k)
+    return out.index_select(0, back).view(-1, k, out.shape[-1]).sum(dim=1)
+
+
 def moe_experts_grouped(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch.Tensor,
                         w2: torch.Tensor, w3: torch.Tensor, limit: float) -> torch.Tensor:
     """`moe_experts` with `torch._grouped_mm` (caller checks `grouped_mm_applies`): no host sync.
@@ -971,7 +995,7 @@ def moe_experts_grouped(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor
     u = torch._grouped_mm(xs, w3.to(dt).transpose(-2, -1), offs=ends)           # [N·K, I]
     h = swiglu_act(g, u, limit, take_rows(weight.reshape(-1), order, back), dt)  # [N·K, I] fp32 math
     out = torch._grouped_mm(h, w2.to(dt).transpose(-2, -1), offs=ends)          # [N·K, D] by expert
-    return _combine(x, take_rows(out, back, order))
+    return sum_pairs(out.to(x.dtype), back, token, K)                           # [N, D] (no atomics)
 
 
 def moe_experts_gather(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch.Tensor,
