@@ -113,6 +113,8 @@ def main() -> int:
          dict(NS=4, NP=32, BLOCK_T=32, BLOCK_K=64, PREC="ieee", SPLIT3=True), 4),
         ("mHC mix 64 tokens, bf16x3", mhc._hc_mix_kernel, mix,
          dict(NS=4, NP=32, BLOCK_T=64, BLOCK_K=64, PREC="ieee", SPLIT3=True), 4),
+        ("mHC mix 128 tokens, bf16x3 (default)", mhc._hc_mix_kernel, mix,
+         dict(NS=4, NP=32, BLOCK_T=128, BLOCK_K=64, PREC="ieee", SPLIT3=True), 4),
         ("mHC pre bwd 64 x 64, tf32x3", mhc._hc_pre_bwd_kernel, pbw,
          dict(NS=4, NP=32, WIDTH=24, BLOCK_T=64, BLOCK_D=64, PREC="tf32x3"), 4),
         ("mHC pre bwd 64 x 64, bf16x3", mhc._hc_pre_bwd_kernel, pbw,

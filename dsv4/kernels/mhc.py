@@ -66,6 +66,16 @@ def split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
 
 
 @triton.jit
+def _split_bf16(x):
+    """fp32 x as three bf16 parts, x1 + x2 + x3 = x to ~2⁻²⁴ of its size (each part the rounding of what
+    the previous ones leave; every difference is exact in fp32)."""
+    x1 = x.to(tl.bfloat16)
+    rest = x - x1.to(tl.float32)
+    x2 = rest.to(tl.bfloat16)
+    return x1, x2, (rest - x2.to(tl.float32)).to(tl.bfloat16)
+
+
+@triton.jit
 def _hc_mix_kernel(H, FN, SS, MIX, N_TOK, D, K_PER,
                    NS: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
                    PREC: tl.constexpr, SPLIT3: tl.constexpr = False, F32_DOT: tl.constexpr = False):
@@ -99,10 +109,7 @@ def _hc_mix_kernel(H, FN, SS, MIX, N_TOK, D, K_PER,
         f = tl.load(FN + r[None, :].to(tl.int64) * ND + kk[:, None],
                     mask=km[:, None] & (r < (2 + NS) * NS)[None, :], other=0.0)                        # [BK, NP]
         if SPLIT3:
-            f1 = f.to(tl.bfloat16)
-            rest = f - f1.to(tl.float32)
-            f2 = rest.to(tl.bfloat16)
-            f3 = (rest - f2.to(tl.float32)).to(tl.bfloat16)
+            f1, f2, f3 = _split_bf16(f)
             if F32_DOT:
                 acc += tl.dot(hv, f3.to(tl.float32), input_precision="ieee")
                 acc += tl.dot(hv, f2.to(tl.float32), input_precision="ieee")
@@ -198,7 +205,8 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
     if prec == "bf16x3" and h.dtype != torch.bfloat16:
         raise ValueError(f"mHC kernel: mix_precision 'bf16x3' needs bf16 streams, got {h.dtype}")
     # H200, 4,096 tokens × 4 × 2,048 (`bench_kernels --only hc1b`): bf16x3 0.153 ms at 32-token blocks,
-    # 0.086 at 128 (the FMA form, "ieee", 0.361 at 32)
+    # 0.086 at 128 (the FMA form, "ieee", 0.361 at 32); the 128-token block spills 696 B
+    # (`bench/ptxas_report.py`) and is still the fastest measured
     block_t = block_t or (128 if INTERPRET or prec == "bf16x3" else 32)
     finish_block_t = finish_block_t or (128 if INTERPRET else 8)
     programs = programs or (1 if INTERPRET else 264)
@@ -522,8 +530,7 @@ def _hc_pre_bwd_kernel(DX, H, FN, DZ, C, PRE, DH, DFN, N_TOK, D, T_PER, NS: tl.c
     r = tl.arange(0, NP)
     fn = tl.load(FN + r[:, None].to(tl.int64) * ND + col[None, :], mask=(r < WIDTH)[:, None] & dm[None, :],
                  other=0.0)                                                           # [NP, BD]
-    f1 = fn.to(tl.bfloat16)
-    f2 = (fn - f1.to(tl.float32)).to(tl.bfloat16)
+    f1, f2, _ = _split_bf16(fn)
     acc = tl.zeros([NP, BLOCK_D], tl.float32)
     tt = tl.arange(0, BLOCK_T)
     t_hi = tl.minimum(N_TOK, (sp + 1) * T_PER)
@@ -539,10 +546,7 @@ def _hc_pre_bwd_kernel(DX, H, FN, DZ, C, PRE, DH, DFN, N_TOK, D, T_PER, NS: tl.c
         hv = hraw.to(tl.float32)
         dx = tl.load(DX + t64[:, None] * D + d[None, :], mask=m2, other=0.0).to(tl.float32)
         if SPLIT3:
-            dz1 = dz.to(tl.bfloat16)
-            rest = dz - dz1.to(tl.float32)
-            dz2 = rest.to(tl.bfloat16)
-            dz3 = (rest - dz2.to(tl.float32)).to(tl.bfloat16)
+            dz1, dz2, dz3 = _split_bf16(dz)
             if F32_DOT:
                 mixed = tl.dot(dz1.to(tl.float32), f2.to(tl.float32), input_precision="ieee")
                 mixed += tl.dot(dz2.to(tl.float32), f1.to(tl.float32), input_precision="ieee")
