@@ -181,17 +181,23 @@ def bench_sinkhorn(N, dev, smoke):
     return row
 
 
+def hc_pre_inputs(T, D, n, dev, dtype, seed):
+    """(generator, h [1, T, n, D] in dtype, fn, scale, base fp32) for the mHC pre-mixing benchmarks."""
+    g = torch.Generator(device=dev).manual_seed(seed)
+    h = torch.randn(1, T, n, D, generator=g, device=dev).to(dtype)
+    fn = torch.randn((2 + n) * n, n * D, generator=g, device=dev) / (n * D) ** 0.5
+    scale = torch.rand(3, generator=g, device=dev) + 0.5
+    base = torch.randn((2 + n) * n, generator=g, device=dev)
+    return g, h, fn, scale, base
+
+
 def bench_hc_pre(T, D, dev, dtype, smoke, **blocks):
     """mHC's fused pre-mixing (mix GEMV + Sinkhorn + collapse) for T tokens of 4 streams of D; bytes =
     the streams read twice (mix, collapse) + x written."""
     from dsv4 import ops
     from dsv4.kernels import mhc
-    g = torch.Generator(device=dev).manual_seed(4)
     n = 4
-    h = torch.randn(1, T, n, D, generator=g, device=dev).to(dtype)
-    fn = torch.randn((2 + n) * n, n * D, generator=g, device=dev) / (n * D) ** 0.5
-    scale = torch.rand(3, generator=g, device=dev) + 0.5
-    base = torch.randn((2 + n) * n, generator=g, device=dev)
+    g, h, fn, scale, base = hc_pre_inputs(T, D, n, dev, dtype, seed=4)
     got = mhc.hc_pre(h, fn, scale, base, n, 20, 1e-6, 1e-6, **blocks)
     want = ops.hc_pre_torch(h.double(), fn.double(), scale.double(), base.double(), n, 20, 1e-6, 1e-6)
     call = lambda: mhc.hc_pre(h, fn, scale, base, n, 20, 1e-6, 1e-6, **blocks)          # noqa: E731
@@ -213,12 +219,8 @@ def bench_hc_pre_bwd(T, D, dev, dtype, smoke, **blocks):
     read twice, dh written."""
     from dsv4 import ops
     from dsv4.kernels import mhc
-    g = torch.Generator(device=dev).manual_seed(5)
     n = 4
-    h = torch.randn(1, T, n, D, generator=g, device=dev).to(dtype)
-    fn = torch.randn((2 + n) * n, n * D, generator=g, device=dev) / (n * D) ** 0.5
-    scale = torch.rand(3, generator=g, device=dev) + 0.5
-    base = torch.randn((2 + n) * n, generator=g, device=dev)
+    g, h, fn, scale, base = hc_pre_inputs(T, D, n, dev, dtype, seed=5)
     dx = torch.randn(1, T, D, generator=g, device=dev).to(dtype)
     dpost = torch.randn(1, T, n, generator=g, device=dev)
     dcomb = torch.randn(1, T, n, n, generator=g, device=dev)
