@@ -1,0 +1,71 @@
+"""Host cost of a kernel launch from Python on this machine: a small PyTorch op, a Triton kernel with few
+arguments and one with the ~30 arguments and constexprs of our larger kernels, each issued N times
+back to back (the GPU work is a few bytes, so the time is the host's). What an eager training step
+pays per launch; a CUDA-graph replay pays none of it.
+
+    python bench/probe_launch.py [--n 2000] [--out probe_launch.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _small(X, Y, n, BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(Y + i, tl.load(X + i, mask=i < n) + 1.0, mask=i < n)
+
+
+@triton.jit
+def _wide(X, Y, A0, A1, A2, A3, A4, A5, A6, A7, s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, n, eps,
+          C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, C3: tl.constexpr, C4: tl.constexpr,
+          BLOCK: tl.constexpr):
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    tl.store(Y + i, tl.load(X + i, mask=i < n) + eps, mask=i < n)
+
+
+def per_launch_us(fn, n: int) -> float:
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(n):
+        fn()
+    host = time.perf_counter() - t
+    torch.cuda.synchronize()
+    return host / n * 1e6
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--out", default="probe_launch.json")
+    args = ap.parse_args()
+    x = torch.randn(256, device="cuda")
+    y = torch.empty_like(x)
+    a = [torch.randn(16, device="cuda") for _ in range(8)]
+    rows = {
+        "torch.add (out=)": per_launch_us(lambda: torch.add(x, 1.0, out=y), args.n),
+        "torch.add (new tensor)": per_launch_us(lambda: x + 1.0, args.n),
+        "Triton, 3 arguments": per_launch_us(lambda: _small[(1,)](x, y, 256, BLOCK=256), args.n),
+        "Triton, 30 arguments": per_launch_us(
+            lambda: _wide[(1,)](x, y, *a, *range(10), 256, 1e-6, C0=1, C1=2, C2=3, C3=True, C4=False, BLOCK=256),
+            args.n),
+    }
+    xg = x.detach().requires_grad_()
+    rows["torch.mul + backward (autograd)"] = per_launch_us(lambda: (xg * 2.0).sum().backward(), args.n // 4)
+    for k, v in rows.items():
+        print(f"{k:36s} {v:7.1f} µs per call (host)")
+    json.dump({"torch": torch.__version__, "triton": triton.__version__, "device": torch.cuda.get_device_name(),
+               "n": args.n, "us_per_call": rows}, open(args.out, "w"), indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
