@@ -531,15 +531,16 @@ class Attention(nn.Module):
         offset by t_window; `ops.key_lists`), and the entries' part alone cidx [B, Sc, K] (−1 = none):
         the indexer's choice, or with `want_cidx` every visible entry (else None)."""
         cidx = None
-        if self.ratio and indexer_in is not None:
-            iq, iw, ikeys = indexer_in
-            lo = first[:, s0:s1] if first is not None else torch.zeros_like(pos[:, s0:s1])
-            hi = torch.clamp(lo + (pos[:, s0:s1] + 1) // self.ratio, max=n_comp)
-            cidx = ops.index_topk(iq, ikeys, iw, lo, hi, self.indexer.topk, c_rows)  # [B, Sc, P]
+        if self.ratio and (indexer_in is not None or want_cidx):
+            qpos = pos[:, s0:s1]
+            lo = first[:, s0:s1] if first is not None else torch.zeros_like(qpos)        # [B, Sc]
+            if indexer_in is not None:
+                iq, iw, ikeys = indexer_in
+                hi = torch.clamp(lo + (qpos + 1) // self.ratio, max=n_comp)
+                cidx = ops.index_topk(iq, ikeys, iw, lo, hi, self.indexer.topk, c_rows)  # [B, Sc, P]
+            else:
+                cidx = ops.dense_entries(lo, qpos, self.ratio, n_comp)                 # [B, Sc, C]
         idx = ops.key_lists(pos, seg, first, s0, s1, self.window, self.ratio, n_comp, t_window, cidx, cached)
-        if self.ratio and cidx is None and want_cidx:
-            lo = first[:, s0:s1] if first is not None else torch.zeros_like(pos[:, s0:s1])
-            cidx = ops.dense_entries(lo, pos[:, s0:s1], self.ratio, n_comp)
         return idx, cidx
 
     def _index_kl(self, q, lse, comp, cidx, iq, iw, ikeys, c_rows) -> tuple[torch.Tensor, int]:

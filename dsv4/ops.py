@@ -703,19 +703,11 @@ def decode_key_lists_torch(pos: torch.Tensor, window: int, ratio: int, n_comp: i
                            cidx: torch.Tensor | None) -> torch.Tensor:
     """Key lists of a one-token decode step: pos [B]; keys are [ring of `window` | the new key | entries]
     (entries from `t_window` on); cidx [B, K] the indexer's entries (−1 padded) or None for every visible
-    entry s < min((pos + 1) // ratio, n_comp). -> idx [B, 1, W + K] int32, −1 = none (what
-    `Attention._indices` builds for one cached query). Twin of `dsv4.kernels.key_lists`."""
-    W = window
-    kpos = pos.view(-1, 1, 1) - (W - 1) + torch.arange(W, device=pos.device)    # [B, 1, W]
-    j = torch.where(kpos < pos.view(-1, 1, 1), torch.remainder(kpos, W), W)
-    parts = [torch.where(kpos >= 0, j, -1)]
-    if ratio:
-        if cidx is None:
-            s = torch.arange(n_comp, device=pos.device)
-            hi = torch.clamp((pos.view(-1, 1, 1) + 1) // ratio, max=n_comp)
-            cidx = torch.where(s < hi, s, -1)
-        parts.append(torch.where(cidx.view(pos.shape[0], 1, -1) >= 0, cidx.view(pos.shape[0], 1, -1) + t_window, -1))
-    return torch.cat(parts, dim=-1).to(torch.int32)
+    entry s < min((pos + 1) // ratio, n_comp). -> idx [B, 1, W + K] int32, −1 = none: `key_lists_torch`
+    for one cached query per row. Twin of `dsv4.kernels.key_lists.decode_key_lists`."""
+    B = pos.shape[0]
+    return key_lists_torch(pos.view(B, 1), None, None, 0, 1, window, ratio, n_comp, t_window,
+                           None if cidx is None else cidx.view(B, 1, -1), True)
 
 
 def key_lists_torch(pos: torch.Tensor, seg: torch.Tensor | None, first: torch.Tensor | None, s0: int, s1: int,

@@ -415,9 +415,7 @@ def backward(q, kv, idx, sink, scale, out, lse, dout, kv2=None, rows2=None, dlse
     K = idx.shape[-1]
     dout = dout.contiguous()
     delta, dsink = backward_terms(out, dout, lse, sink, dlse)                      # [B, S, H], [H]
-    has2 = kv2 is not None and kv2.shape[1] > 0
-    k2 = kv2 if has2 else kv
-    r2 = rows2 if (has2 and rows2 is not None) else torch.arange(B, device=q.device, dtype=torch.int32)
+    k2, r2, has2, _ = _kv2_args(q, kv, kv2, rows2)
     dq = torch.empty_like(q)
     dkv = torch.zeros(kv.shape, device=q.device, dtype=torch.float32)
     dkv2 = torch.zeros(k2.shape, device=q.device, dtype=torch.float32) if has2 else dkv
