@@ -4,7 +4,7 @@ specialisation of pointers and strides (`runtime_attrs`; without it the loads ar
 pipelined and the numbers are not the launched kernel's). Reproduces the launch-shape choices written
 next to the kernels:
 
-* norm/RoPE: 16 rows of 4,096 spill ~14 KB (rows per program are sized to the width instead);
+* norm/RoPE: 16 rows of 4,096 spill 1.7 KB (rows per program are sized to the width instead);
 * mHC: the mix at 16/32 tokens, the finish at 8 tokens × 128 columns and at 1 token × 1,024 (no spills),
   the finish at 16 × 128 (spills);
 * sparse attention, 32 heads × 512: 4 warps spill, 8 do not (yet 8 measured slower on the H200); the

@@ -65,7 +65,7 @@ def norm_rope(x, weight, eps, pos, freqs, stride: int = 1, sign: float = 1.0, bl
     Dh = x.shape[-1]
     if Dh & (Dh - 1):
         raise ValueError(f"norm/rope kernel: row width {Dh} must be a power of two")
-    # ~8K values per program: 16 rows of 4,096 (V4-Flash's hidden size) spill 14 KB of registers (ptxas
+    # ~8K values per program: 16 rows of 4,096 (V4-Flash's hidden size) spill 1.7 KB of registers (ptxas
     # for sm90: bench/ptxas_report.py), 30 µs a call on the H200
     block_r = block_r or (128 if INTERPRET else max(1, min(16, 8192 // Dh)))
     heads = x.shape[2] if x.dim() == 4 else 1
