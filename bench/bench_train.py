@@ -10,7 +10,9 @@ Rows (each: tokens/s, step time, MFU, peak memory):
   dsv4 bf16 ckpt     the same with activation checkpointing (`--ckpt`)
   dsv4 bf16 graph    the same step captured in a CUDA graph and replayed (`--graph`): no Python/launch cost
   dsv4 recipe        what `dsv4 train` runs per step: fp32 master weights under bf16 autocast, next-token +
-                     MTP + balance losses, backward, Muon+AdamW step (`--recipe`)
+                     MTP + balance losses, backward, clipping, Muon+AdamW step, router biases (`--recipe`)
+  dsv4 recipe graph  the same with each micro-batch's forward + backward replayed from a CUDA graph, as
+                     `dsv4 train` does on one GPU (`cuda_graphs=auto`; CUDA only, with `--recipe`)
   transformers bf16  DeepseekV4ForCausalLM(config).to(bf16), forward with labels + backward (`--peer`)
 The first and last do the same work and compare directly (transformers has no MTP block in training).
 
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import pathlib
 import sys
 import time
@@ -121,9 +124,15 @@ def dsv4_graph_step_fn(cfg: ModelConfig, dev: torch.device, B: int, S: int, dtyp
     return step
 
 
-def recipe_step_fn(cfg: ModelConfig, dev: torch.device, B: int, S: int):
-    """One optimizer step of the training loop's objective (dsv4.train.batch_losses) on random tokens."""
-    from dsv4.train import TrainConfig, batch_losses, build_model, build_optimizer, set_phase
+def recipe_step_fn(cfg: ModelConfig, dev: torch.device, B: int, S: int, graphs: bool = False):
+    """One optimizer step as `dsv4.train.Trainer.train_step` runs it, on random tokens: fp32 master weights
+    under bf16 autocast, next-token + MTP + balance losses and backward (with `graphs` replayed from a
+    CUDA graph by `dsv4.train_graphs.MicroStepGraphs`, as the trainer does on one GPU), the global
+    gradient norm and clipping, Muon+AdamW, the router-bias update from the step's expert loads."""
+    from dsv4.parallel import reduce
+    from dsv4.train import (TrainConfig, batch_losses, build_model, build_optimizer, expert_counts, moe_layers,
+                            set_phase, update_router_bias)
+    from dsv4.train_graphs import MicroStepGraphs
 
     tcfg = TrainConfig(model=cfg, seq_len=S, micro_batch=B, device=str(dev), steps=10, warmup_steps=1)
     model = build_model(tcfg, dev)
@@ -131,18 +140,48 @@ def recipe_step_fn(cfg: ModelConfig, dev: torch.device, B: int, S: int):
     set_phase(model, "sparse")
     for layer in model.layers:       # the plain sparse step: no index loss, as in the other rows
         layer.attn.index_loss = False
-    ids = torch.randint(0, cfg.vocab_size, (B, S + 1), device=dev)
-    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "doc_ids": torch.zeros(B, S, dtype=torch.long, device=dev),
-             "positions": torch.arange(S, device=dev).expand(B, S)}
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast("cpu", enabled=False)
+    ids = torch.randint(0, cfg.vocab_size, (B, S + 1))
+    batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "doc_ids": torch.zeros(B, S, dtype=torch.long),
+             "positions": torch.arange(S).expand(B, S).contiguous()}
+    n_lm, n_mtp = B * S, B * (S - 1)
+    moes = moe_layers(model)
+    counts = {n: torch.zeros(m.gate.n_experts, dtype=torch.long, device=dev) for n, m in moes}
+
+    def amp(cache: bool = True):
+        return torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda", cache_enabled=cache)
+
+    def losses(b, phase, mtp_w, n_lm_, n_mtp_, n_micro, counts_, use_mtp):
+        return batch_losses(model, b, tcfg, phase, mtp_w, n_lm_, n_mtp_, n_micro, counts_, use_mtp=use_mtp)
+
+    def eager():
+        b = {k: v.to(dev) for k, v in batch.items()}
+        with amp():
+            objective, terms = batch_losses(model, b, tcfg, "sparse", 0.3, n_lm, n_mtp, 1, counts)
+        objective.backward()
+        return {"objective": float(objective.detach())}
+
+    runner = None
+    if graphs:
+        runner = MicroStepGraphs(model, losses, lambda: amp(cache=False), {n: m.gate.n_experts for n, m in moes},
+                                 dev, vocab_size=cfg.vocab_size)
 
     def step():
-        with amp:
-            objective, _ = batch_losses(model, batch, tcfg, "dense", 0.3, B * S, B * (S - 1))
-        objective.backward()
+        for c in counts.values():
+            c.zero_()
+        parts = runner.run(batch, "sparse", 0.3, n_lm, n_mtp, 1, True, counts, eager) if runner else eager()
+        params = [p for p in model.parameters() if p.grad is not None]
+        norm = reduce.grad_norm(params)
+        reduce.clip_grads_(params, tcfg.grad_clip, norm)
+        if not math.isfinite(float(norm)):
+            raise RuntimeError("non-finite gradient norm")
         opt.step()
+        for name, moe in moes:
+            if not moe.gate.hashed:
+                update_router_bias(moe.gate.bias, counts[name], tcfg.bias_update_speed)
         opt.zero_grad(set_to_none=True)
-        return float(objective.detach())
+        if runner is not None and runner.failures:
+            raise RuntimeError(f"not recorded: {next(iter(runner.failures.values()))}")
+        return parts["objective"]
     return step
 
 
@@ -227,6 +266,8 @@ def main(argv=None) -> int:
         jobs.append((f"dsv4 {tag} ckpt", lambda: dsv4_step_fn(cfg, dev, B, S, dtype, True), fl["total"]))
     if args.recipe:
         jobs.append(("dsv4 recipe", lambda: recipe_step_fn(cfg, dev, B, S), fl_mtp["total"]))
+        if dev.type == "cuda":
+            jobs.append(("dsv4 recipe graph", lambda: recipe_step_fn(cfg, dev, B, S, graphs=True), fl_mtp["total"]))
     if args.peer:
         jobs.append((f"transformers {tag}", lambda: peer_step_fn(cfg, dev, B, S, dtype), fl["total"]))
     if args.graph and dev.type == "cuda":   # last: a capture that fails leaves the CUDA RNG unusable

@@ -492,7 +492,7 @@ class Attention(nn.Module):
         k_comp = min(self.indexer.topk, n_comp) if sparse else n_comp
         per_query = W + k_comp + (n_comp if sparse else 0)
         chunk = max(1, min(S, ATTN_BUDGET // max(per_query, 1)))
-        outs, kl_sum, kl_count = [], (x.new_zeros((), dtype=acc_dtype(x.dtype)) if want_loss else None), 0
+        outs, kl_sum, kl_count = [], (x.new_zeros((), dtype=acc_dtype(x.dtype)) if want_loss else None), None
         for s0 in range(0, S, chunk):
             s1 = min(S, s0 + chunk)
             if state is not None and S == 1 and not want_loss:   # the decode step: one launch for the lists
@@ -508,12 +508,14 @@ class Attention(nn.Module):
                 res, lse = res
                 if n_comp:
                     kl, n = self._index_kl(q[:, s0:s1], lse, comp, cidx, iq[:, s0:s1], iw[:, s0:s1], ikeys, c_rows)
-                    kl_sum, kl_count = kl_sum + kl, kl_count + n
+                    kl_sum, kl_count = kl_sum + kl, (n if kl_count is None else kl_count + n)
             outs.append(res)
         if state is not None:  # the last W tokens of this call go to the ring at slot t mod W
             keep = min(S, W)
             state.ring[rows.unsqueeze(1), pos[:, S - keep:] % W] = kv[:, S - keep:].to(state.ring.dtype)
         o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)                    # [B, S, H, Dh]
+        if want_loss and kl_count is None:
+            kl_count = torch.zeros((), dtype=torch.long, device=x.device)
         return o, ((kl_sum, kl_count) if want_loss else None)
 
     def _decode_indices(self, pos, n_comp, indexer_in, c_rows, t_window):
@@ -543,9 +545,10 @@ class Attention(nn.Module):
         idx = ops.key_lists(pos, seg, first, s0, s1, self.window, self.ratio, n_comp, t_window, cidx, cached)
         return idx, cidx
 
-    def _index_kl(self, q, lse, comp, cidx, iq, iw, ikeys, c_rows) -> tuple[torch.Tensor, int]:
+    def _index_kl(self, q, lse, comp, cidx, iq, iw, ikeys, c_rows) -> tuple[torch.Tensor, torch.Tensor]:
         """Σ over queries of KL(p ‖ softmax(I)) on the listed compressed entries cidx [B, Sc, P], where p
-        is the main attention's probability of each entry summed over heads (from the attention's lse)."""
+        is the main attention's probability of each entry summed over heads (from the attention's lse),
+        and the number of queries with entries (a 0-d long tensor: no host read)."""
         if isinstance(comp, ops.KV8):
             comp = comp.dequant()
         if c_rows is not None:   # cache buffers: this call's rows
@@ -558,4 +561,4 @@ class Attention(nn.Module):
         logq = torch.log_softmax(ops.index_scores_at(iq, ikeys, iw, cidx), dim=-1)
         has = (cidx >= 0).any(-1)                                                     # [B, Sc]
         terms = torch.where(p > 0, p * (torch.log(p.clamp_min(1e-30)) - logq), torch.zeros_like(p))
-        return terms.sum(-1)[has].sum(), int(has.sum())
+        return (terms.sum(-1) * has).sum(), has.sum()

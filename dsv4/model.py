@@ -167,10 +167,11 @@ class BlockAux(NamedTuple):
     """Training-only outputs of one block, returned by forward rather than kept on the modules (so that
     recomputation under gradient checkpointing and sharded wrappers see plain outputs):
     the router's `indices` [B·S, K] and `affinities` [B·S, E] (fp32), and for a CSA layer computing the
-    index loss (spec §15) `index_kl = (Σ over queries of the KL, number of queries)`, else None."""
+    index loss (spec §15) `index_kl = (Σ over queries of the KL, number of queries)` (two 0-d tensors: the
+    count stays on the device), else None."""
     indices: torch.Tensor
     affinities: torch.Tensor
-    index_kl: tuple[torch.Tensor, int] | None
+    index_kl: tuple[torch.Tensor, torch.Tensor] | None
 
 
 class Block(nn.Module):
@@ -253,6 +254,7 @@ class Transformer(nn.Module):
         self.mtp = nn.ModuleList(MTPBlock(cfg, cfg.num_hidden_layers + k)
                                  for k in range(cfg.num_nextn_predict_layers))
         self.gradient_checkpointing = False  # recompute each block in backward (training memory)
+        self.ids_prechecked = False          # the caller checked the token ids on the host (CUDA-graph training)
         if not any(p.is_meta for p in self.parameters()):
             self.init_weights()
 
@@ -323,7 +325,8 @@ class Transformer(nn.Module):
             raise TypeError("input_ids must be an integer tensor [B, S] (torch.long)")
         if input_ids.dim() != 2 or input_ids.numel() == 0:
             raise ValueError(f"input_ids must be a non-empty [B, S] tensor; got shape {tuple(input_ids.shape)}")
-        if input_ids.is_cuda and (torch.cuda.is_current_stream_capturing() or torch.compiler.is_compiling()):
+        if self.ids_prechecked or (input_ids.is_cuda and (torch.cuda.is_current_stream_capturing()
+                                                         or torch.compiler.is_compiling())):
             return   # reading the values needs the host: not inside a CUDA-graph capture or a compiled graph
         lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()     # one read from the device, not two
         if lo < 0 or hi >= self.config.vocab_size:

@@ -52,6 +52,7 @@ from dsv4.model import MoE, Transformer
 from dsv4.optim import MuonAdamW
 from dsv4.parallel import reduce
 from dsv4.parallel.mesh import ParallelDims
+from dsv4.train_graphs import MicroStepGraphs
 from dsv4.param_groups import build_param_groups, describe_param_groups
 
 IGNORE = -100
@@ -121,6 +122,9 @@ class TrainConfig:
     dp_replicate: int = 1                 # HSDP replicas (1: FSDP over all processes)
     ep: int = 1                           # expert-parallel degree
     fsdp_param_dtype: str = "fp32"        # dtype FSDP gathers parameters in: fp32 (autocast casts) or bf16
+    # replay each micro-batch's forward + backward from a CUDA graph (`dsv4.train_graphs`): "auto" where
+    # it applies (one CUDA process, no gradient checkpointing), "on" (an error where it cannot), "off"
+    cuda_graphs: str = "auto"
 
     def __post_init__(self):
         if self.autocast not in ("bf16", "none"):
@@ -131,6 +135,8 @@ class TrainConfig:
             raise ValueError(f"muon_ns_dtype must be 'bf16' or 'fp32', got {self.muon_ns_dtype!r}")
         if self.export_dtype not in ("fp32", "bf16"):
             raise ValueError(f"export_dtype must be 'fp32' or 'bf16', got {self.export_dtype!r}")
+        if self.cuda_graphs not in ("auto", "on", "off"):
+            raise ValueError(f"cuda_graphs must be 'auto', 'on' or 'off', got {self.cuda_graphs!r}")
         if self.fsdp_param_dtype not in ("fp32", "bf16"):
             raise ValueError(f"fsdp_param_dtype must be 'fp32' or 'bf16', got {self.fsdp_param_dtype!r}")
         for name in ("seq_len", "micro_batch", "steps", "eval_batches", "eval_every", "ckpt_every", "dp_replicate",
@@ -247,8 +253,10 @@ def mtp_targets(labels: torch.Tensor) -> torch.Tensor:
 
 
 def expert_counts(indices: torch.Tensor, n_experts: int) -> torch.Tensor:
-    """Tokens routed to each expert: indices [T, K] -> [E] (a token counts once per selected expert)."""
-    return torch.bincount(indices.reshape(-1), minlength=n_experts)
+    """Tokens routed to each expert: indices [T, K] -> [E] (a token counts once per selected expert).
+    A scatter-add of ones: unlike `bincount` on CUDA it needs no host read of the largest id."""
+    flat = indices.reshape(-1)
+    return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(0, flat, torch.ones_like(flat))
 
 
 def sequence_balance_loss(indices: torch.Tensor, affinity: torch.Tensor, rows: int) -> torch.Tensor:
@@ -412,9 +420,9 @@ def build_optimizer(model: Transformer, cfg: TrainConfig):
 
 
 def batch_losses(model: Transformer, batch: dict[str, torch.Tensor], cfg: TrainConfig, phase: str,
-                 mtp_weight: float, n_lm: int, n_mtp: int, n_micro: int = 1,
-                 counts: dict[str, torch.Tensor] | None = None,
-                 share: float = 1.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                 mtp_weight: float | torch.Tensor, n_lm: int | torch.Tensor, n_mtp: int | torch.Tensor,
+                 n_micro: int | torch.Tensor = 1, counts: dict[str, torch.Tensor] | None = None,
+                 share: float = 1.0, use_mtp: bool | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The objective of one micro-batch (see the module docstring) and its terms.
 
     `n_lm`/`n_mtp`: target tokens of the whole optimizer step (over all processes), so the cross-entropies
@@ -424,10 +432,16 @@ def batch_losses(model: Transformer, batch: dict[str, torch.Tensor], cfg: TrainC
     its part of the whole micro-batch's terms (their sum over processes): the balance loss is a mean over
     rows, so it is scaled by `share`; the index KL divides by the query count of the whole micro-batch
     (all-reduced here, a collective call).
+
+    The step's numbers may be device tensors (0-d) instead of host numbers: then nothing here reads the
+    device, which is what a CUDA-graph recording of the micro-step needs (`dsv4.train_graphs`); `use_mtp`
+    must then be given (by default it is read from `mtp_weight`).
     """
     ids, labels = batch["input_ids"], batch["labels"]
     seg, pos = batch["doc_ids"].long(), batch["positions"]
-    use_mtp = phase != "warmup" and mtp_weight > 0 and len(model.mtp) > 0
+    if use_mtp is None:
+        use_mtp = mtp_weight > 0
+    use_mtp = phase != "warmup" and bool(use_mtp) and len(model.mtp) > 0
     logits, h, aux = model(ids, segment_ids=seg, positions=pos, return_hidden=True, return_aux=True)
     terms = {"lm": F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE,
                                    reduction="sum") / n_lm}
@@ -448,8 +462,8 @@ def batch_losses(model: Transformer, batch: dict[str, torch.Tensor], cfg: TrainC
         terms["balance"] = share * torch.stack(balance).sum() / n_micro
     kls = [a.index_kl for a in aux if a.index_kl is not None]
     if phase != "dense" and kls:
-        queries = reduce.sum_values([float(n) for _, n in kls], ids.device)
-        terms["index"] = torch.stack([kl / max(q, 1.0) for (kl, _), q in zip(kls, queries)]).sum() / n_micro
+        queries = reduce.sum_over_ranks(torch.stack([n for _, n in kls]).float())   # per layer, all processes
+        terms["index"] = (torch.stack([kl for kl, _ in kls]) / queries.clamp(min=1.0)).sum() / n_micro
     if phase == "warmup":
         return terms["index"], terms
     objective = terms["lm"] + cfg.balance_weight * terms.get("balance", 0.0)
@@ -504,6 +518,7 @@ class Trainer:
             param_dtype = torch.bfloat16 if cfg.fsdp_param_dtype == "bf16" else None
             parallelize(self.model, build_mesh(self.dims, self.device.type), param_dtype=param_dtype)
         self.optimizer = build_optimizer(self.model, cfg)
+        self.graphs = self._step_graphs() if cfg.cuda_graphs != "off" else None
         self.loader = PackedLoader(self.data_dir, "train", cfg.micro_batch // self.world, cfg.seq_len,
                                    seed=cfg.seed, rank=self.rank, world_size=self.world)
         self.step = self.tokens = self.bad_steps = 0
@@ -551,10 +566,28 @@ class Trainer:
                 f"micro-batch per process")
 
     # -------------------------------------------------------------- one step
-    def autocast(self):
+    def autocast(self, cache: bool = True):
         if self.device.type == "cuda" and self.cfg.autocast == "bf16":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+            return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=cache)
         return contextlib.nullcontext()
+
+    def _step_graphs(self, record: bool = True) -> MicroStepGraphs | None:
+        """The CUDA-graph runner of the micro-steps (`record=False`: its static form, run eagerly), or None
+        where graphs do not apply (`cuda_graphs="on"` makes that an error)."""
+        cfg = self.cfg
+        why = ("the device is not CUDA" if self.device.type != "cuda" and record else
+               "several processes train together" if self.world > 1 else
+               "gradient checkpointing is on" if cfg.gradient_checkpointing else None)
+        if why:
+            if cfg.cuda_graphs == "on":
+                raise ValueError(f"cuda_graphs='on' cannot apply: {why}; use cuda_graphs=auto or off")
+            return None
+
+        def losses(batch, phase, mtp_w, n_lm, n_mtp, n_micro, counts, use_mtp):
+            return batch_losses(self.model, batch, cfg, phase, mtp_w, n_lm, n_mtp, n_micro, counts, use_mtp=use_mtp)
+        sizes = {name: moe.gate.n_experts for name, moe in moe_layers(self.model)}
+        return MicroStepGraphs(self.model, losses, lambda: self.autocast(cache=False), sizes, self.device,
+                               record=record, vocab_size=cfg.model.vocab_size, log=self.print)
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step (possibly skipped by the NaN guard); returns its metrics record. Every
@@ -576,8 +609,8 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         t0 = time.perf_counter()
-        for b in batches:
-            parts = self._micro_step(b, phase, mtp_w, n_lm, n_mtp, len(batches), counts)
+        for i, b in enumerate(batches):
+            parts = self._micro_step(b, phase, mtp_w, n_lm, n_mtp, len(batches), counts, first=i == 0)
             for k, v in parts.items():
                 sums[k] += v
                 seen.add(k)
@@ -630,8 +663,17 @@ class Trainer:
         return record
 
     def _micro_step(self, batch: dict[str, torch.Tensor], phase: str, mtp_w: float, n_lm: int, n_mtp: int,
-                    n_micro: int, counts: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Forward + backward of this process's rows of one micro-batch; returns its share of each term."""
+                    n_micro: int, counts: dict[str, torch.Tensor], first: bool = True) -> dict[str, float]:
+        """Forward + backward of this process's rows of one micro-batch; returns its share of each term.
+        Replayed from a CUDA graph where `self.graphs` can (`first`: the step's first micro-batch)."""
+        def eager() -> dict[str, float]:
+            return self._eager_micro_step(batch, phase, mtp_w, n_lm, n_mtp, n_micro, counts)
+        if self.graphs is None:
+            return eager()
+        return self.graphs.run(batch, phase, mtp_w, n_lm, n_mtp, n_micro, first, counts, eager)
+
+    def _eager_micro_step(self, batch: dict[str, torch.Tensor], phase: str, mtp_w: float, n_lm: int, n_mtp: int,
+                          n_micro: int, counts: dict[str, torch.Tensor]) -> dict[str, float]:
         dev = self.device
         batch = {k: v.to(dev) for k, v in batch.items()}
         with self.autocast():

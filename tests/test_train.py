@@ -346,6 +346,55 @@ def test_resume_is_bitwise_identical(corpus, tmp_path):
     assert len(plot_run(tmp_path / "full")) == 5
 
 
+# ----------------------------------------------------------------------------- CUDA-graph micro-steps
+def test_static_micro_step_equals_the_eager_step(corpus, tmp_path):
+    """The form the CUDA-graph runner records (`dsv4.train_graphs`: the step's numbers as device tensors,
+    gradients by autograd.grad, later micro-batches added with one foreach add, outputs copied out) run
+    eagerly on the CPU: bitwise the eager trainer's step, through all three CSA phases and with two
+    micro-batches per step."""
+    changes = dict(steps=10, batch_tokens=2 * 2 * 64, muon_ns_dtype="fp32")
+    eager = make_trainer(corpus, tmp_path / "eager", **changes)
+    static = make_trainer(corpus, tmp_path / "static", **changes)
+    static.graphs = static._step_graphs(record=False)
+    a = [eager.train_step() for _ in range(10)]
+    b = [static.train_step() for _ in range(10)]
+    assert [r["phase"] for r in a] == ["dense"] * 4 + ["warmup"] * 2 + ["sparse"] * 4
+    assert {r["micro_batches"] for r in a} == {2}
+    for key in ("loss", "objective", "mtp_loss", "balance_loss", "index_loss", "grad_norm", "expert_load"):
+        assert [r[key] for r in a] == [r[key] for r in b], key
+    for (n, p), q in zip(eager.model.state_dict().items(), static.model.state_dict().values()):
+        assert torch.equal(p, q), n
+    runs = static.graphs.recordings
+    assert len(runs) == 2 and all(r is not None for r in runs.values())   # the sparse phase's two kinds
+    assert not static.graphs.failures
+
+
+def test_cuda_graphs_setting_is_checked(corpus, tmp_path):
+    with pytest.raises(ValueError, match="cuda_graphs must be"):
+        tiny_config(corpus, cuda_graphs="yes")
+    with pytest.raises(ValueError, match="cuda_graphs='on' cannot apply: the device is not CUDA"):
+        make_trainer(corpus, tmp_path, cuda_graphs="on", device="cpu")
+    assert make_trainer(corpus, tmp_path / "auto", device="cpu").graphs is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+def test_cuda_graph_training_equals_eager_on_cuda(corpus, tmp_path):
+    """On a GPU the replayed micro-steps train as the eager ones do (same kernels; the attention's key
+    gradients use atomics, so equal to rounding rather than bitwise), through all phases."""
+    changes = dict(steps=10, batch_tokens=2 * 2 * 64, muon_ns_dtype="fp32", device="cuda", autocast="none")
+    eager = make_trainer(corpus, tmp_path / "eager", cuda_graphs="off", **changes)
+    graphed = make_trainer(corpus, tmp_path / "graphed", cuda_graphs="on", **changes)
+    a = [eager.train_step() for _ in range(10)]
+    b = [graphed.train_step() for _ in range(10)]
+    assert not graphed.graphs.failures and graphed.graphs.replays == 20
+    for key in ("loss", "objective", "index_loss", "grad_norm"):
+        for x, y in zip(a, b):
+            if x[key] is None:
+                assert y[key] is None
+            else:
+                assert y[key] == pytest.approx(x[key], rel=1e-4, abs=1e-6), key
+
+
 # ----------------------------------------------------------------------------- golden trace
 def golden_trace(corpus, run_dir) -> dict[str, list]:
     tr = make_trainer(corpus, run_dir, muon_ns_dtype="fp32")
