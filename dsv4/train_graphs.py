@@ -211,7 +211,7 @@ class MicroStepGraphs:
             try:
                 body(False)
             except RuntimeError as exc:
-                raise NotReplayable(f"the micro-step reads the device (sync debugging: {exc})") from None
+                raise NotReplayable(f"the micro-step reads the device at {_dsv4_line(exc)} ({exc})") from None
             finally:
                 torch.cuda.set_sync_debug_mode(mode)
         torch.cuda.current_stream(dev).wait_stream(side)
@@ -234,3 +234,12 @@ def _ids_prechecked(model: torch.nn.Module):
         yield
     finally:
         model.ids_prechecked = before
+
+
+def _dsv4_line(exc: BaseException) -> str:
+    """file:line of the innermost dsv4 frame of an exception's traceback (where the model read the device)."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if "/dsv4/" in f.filename and not f.filename.endswith("train_graphs.py")]
+    return f"{frames[-1].filename.split('/dsv4/')[-1]}:{frames[-1].lineno}" if frames else "an unknown place"
