@@ -72,7 +72,7 @@ def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros(())
-    norms = [torch.linalg.vector_norm(local(g), dtype=torch.float32) for g in grads]
+    norms = torch._foreach_norm([local(g) for g in grads], 2, dtype=torch.float32)   # one launch per dtype
     if not distributed():
         return torch.linalg.vector_norm(torch.stack(norms))
     squares = torch.stack([n.square() / _copies(g) for n, g in zip(norms, grads)]).sum()
@@ -83,7 +83,10 @@ def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
 def clip_grads_(params: list[torch.Tensor], max_norm: float, total_norm: torch.Tensor) -> None:
     """Scale every gradient by min(1, max_norm / (total_norm + 1e-6)), as `clip_grad_norm_` does."""
     coef = (max_norm / (total_norm + 1e-6)).clamp(max=1.0)
+    by_dtype: dict[tuple, list[torch.Tensor]] = {}
     for p in params:
         if p.grad is not None:
             g = local(p.grad)
-            g.mul_(coef.to(g.device, g.dtype))
+            by_dtype.setdefault((g.device, g.dtype), []).append(g)
+    for (device, dtype), grads in by_dtype.items():          # one foreach launch per device and dtype
+        torch._foreach_mul_(grads, coef.to(device, dtype))
