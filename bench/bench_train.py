@@ -11,8 +11,8 @@ Rows (each: tokens/s, step time, MFU, peak memory):
   dsv4 bf16 graph    the same step captured in a CUDA graph and replayed (`--graph`): no Python/launch cost
   dsv4 recipe        what `dsv4 train` runs per step: fp32 master weights under bf16 autocast, next-token +
                      MTP + balance losses, backward, clipping, Muon+AdamW step, router biases (`--recipe`)
-  dsv4 recipe graph  the same with each micro-batch's forward + backward replayed from a CUDA graph, as
-                     `dsv4 train` does on one GPU (`cuda_graphs=auto`; CUDA only, with `--recipe`)
+  dsv4 recipe graph  the same with each micro-batch's forward + backward and the optimizer step replayed
+                     from CUDA graphs, as `dsv4 train` does on one GPU (`cuda_graphs=auto`; with `--recipe`)
   transformers bf16  DeepseekV4ForCausalLM(config).to(bf16), forward with labels + backward (`--peer`)
 The first and last do the same work and compare directly (transformers has no MTP block in training).
 
@@ -132,7 +132,7 @@ def recipe_step_fn(cfg: ModelConfig, dev: torch.device, B: int, S: int, graphs: 
     from dsv4.parallel import reduce
     from dsv4.train import (TrainConfig, batch_losses, build_model, build_optimizer, expert_counts, moe_layers,
                             set_phase, update_router_bias)
-    from dsv4.train_graphs import MicroStepGraphs
+    from dsv4.train_graphs import MicroStepGraphs, OptimizerGraph
 
     tcfg = TrainConfig(model=cfg, seq_len=S, micro_batch=B, device=str(dev), steps=10, warmup_steps=1)
     model = build_model(tcfg, dev)
@@ -160,10 +160,11 @@ def recipe_step_fn(cfg: ModelConfig, dev: torch.device, B: int, S: int, graphs: 
         objective.backward()
         return {"objective": float(objective.detach())}
 
-    runner = None
+    runner = opt_runner = None
     if graphs:
         runner = MicroStepGraphs(model, losses, lambda: amp(cache=False), {n: m.gate.n_experts for n, m in moes},
                                  dev, vocab_size=cfg.vocab_size)
+        opt_runner = OptimizerGraph(opt, dev)
 
     def step():
         for c in counts.values():
@@ -174,13 +175,13 @@ def recipe_step_fn(cfg: ModelConfig, dev: torch.device, B: int, S: int, graphs: 
         reduce.clip_grads_(params, tcfg.grad_clip, norm)
         if not math.isfinite(float(norm)):
             raise RuntimeError("non-finite gradient norm")
-        opt.step()
+        (opt_runner or opt).step()
         for name, moe in moes:
             if not moe.gate.hashed:
                 update_router_bias(moe.gate.bias, counts[name], tcfg.bias_update_speed)
         opt.zero_grad(set_to_none=True)
-        if runner is not None and runner.failures:
-            raise RuntimeError(f"not recorded: {next(iter(runner.failures.values()))}")
+        if runner is not None and (runner.failures or opt_runner.failed):
+            raise RuntimeError(f"not recorded: {next(iter(runner.failures.values()), opt_runner.failed)}")
         return parts["objective"]
     return step
 

@@ -168,21 +168,71 @@ class MuonAdamW(torch.optim.Optimizer):
         for group in self.param_groups:
             group["lr"] = base_lr * group["lr_scale"]
 
+    # -------------------------------------------------------------- the step's numbers on the device
+    def use_device_scalars(self, device: torch.device | str) -> Tensor:
+        """From now on `step()` reads the per-step numbers (decay factor, −lr, AdamW's −step size and bias
+        correction) from an fp32 tensor on `device`, which `fill_scalars()` writes before each step (and which
+        also advances AdamW's step counts, as `step()` then no longer does): one row per group, and one per
+        step count for AdamW parameters at different counts (after a phase that trained only some of them).
+        The step then reads no host number that changes, so it can be recorded once in a CUDA graph and
+        replayed (`dsv4.train_graphs.OptimizerGraph`). Tensor factors round like the host numbers to within
+        an ulp per operation. Returns the tensor."""
+        n_adamw = sum(len(g["params"]) for g in self.param_groups if g["kind"] == "adamw")
+        self._scalars = torch.zeros(len(self.param_groups) + n_adamw, 4, dtype=torch.float32, device=device)
+        self._adamw_rows: dict[tuple[int, int], int] = {}    # (group, step count) -> row, for this step
+        return self._scalars
+
+    def fill_scalars(self) -> tuple:
+        """Advance the step counts of the AdamW parameters that have a gradient and write this step's numbers
+        (`use_device_scalars`). Returns the step's row layout: which parameters read which row (a recording
+        of the step holds for steps of the same layout)."""
+        G = len(self.param_groups)
+        rows = [[0.0, 0.0, 0.0, 1.0] for _ in range(self._scalars.shape[0])]
+        self._adamw_rows, layout = {}, []
+        for gi, group in enumerate(self.param_groups):
+            lr = group["lr"]
+            rows[gi][:2] = [1 - lr * group["weight_decay"], -lr]
+            if group["kind"] != "adamw":
+                continue
+            counts = []
+            for p in group["params"]:
+                if p.grad is not None:
+                    state = self._init_param_state(p, "adamw")
+                    state["step"] += 1
+                    counts.append(state["step"])
+            (beta1, beta2) = group["betas"]
+            for step in sorted(set(counts)):
+                r = G + len(self._adamw_rows)
+                self._adamw_rows[(gi, step)] = r
+                rows[r] = [1 - lr * group["weight_decay"], -lr, -(lr / (1 - beta1 ** step)),
+                           (1 - beta2 ** step) ** 0.5]
+            low = min(counts, default=0)
+            layout.append((gi, tuple(c - low for c in counts)))
+        self._scalars.copy_(torch.tensor(rows, dtype=torch.float32), non_blocking=True)
+        return tuple(layout)
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group in self.param_groups:
+        scalars = getattr(self, "_scalars", None)
+        for gi, group in enumerate(self.param_groups):
             params = [p for p in group["params"] if p.grad is not None]
             if any(p.grad.is_sparse for p in params):
                 raise RuntimeError("MuonAdamW does not support sparse gradients")
             for same in _by_device_and_dtype(params):
                 if group["kind"] == "muon":
-                    self._muon_step(same, group)
-                else:
+                    self._muon_step(same, group, None if scalars is None else scalars[gi])
+                elif scalars is None:
                     self._adamw_step(same, group)
+                else:                                 # one call per step count, each with its row
+                    by_step: dict[int, list[Tensor]] = {}
+                    for p in same:
+                        by_step.setdefault(self.state[p]["step"], []).append(p)
+                    for step, members in by_step.items():
+                        self._adamw_step(members, group, scalars[self._adamw_rows[(gi, step)]])
         return loss
 
     def _init_param_state(self, p: Tensor, kind: str) -> dict[str, Any]:
@@ -196,9 +246,10 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _muon_step(self, params: list[Tensor], group: dict[str, Any]) -> None:
+    def _muon_step(self, params: list[Tensor], group: dict[str, Any], numbers: Tensor | None = None) -> None:
         """Algorithm 1 on parameters of one device and dtype: momentum and weight update as foreach ops
-        over all of them, Newton–Schulz batched by matrix shape (`_orthogonalise`)."""
+        over all of them, Newton–Schulz batched by matrix shape (`_orthogonalise`). `numbers`: this group's
+        row of the device scalars (`use_device_scalars`), else the host's lr."""
         mu, lr = group["momentum"], group["lr"]
         bufs = [local(self._init_param_state(p, "muon")["momentum_buffer"]) for p in params]
         grads = [local(p.grad) for p in params]
@@ -207,6 +258,10 @@ class MuonAdamW(torch.optim.Optimizer):
         nesterov = torch._foreach_add(grads, bufs, alpha=mu)           # μ M_t + G_t
         updates = self._orthogonalise(params, nesterov, group)
         weights = [local(p) for p in params]
+        if numbers is not None:                                        # W ← W·(1 − ηλ) − η·O, factors on the device
+            torch._foreach_mul_(weights, numbers[0])
+            torch._foreach_add_(weights, torch._foreach_mul(updates, numbers[1]))
+            return
         decay = 1 - lr * group["weight_decay"]
         if decay != 1:                                                 # W · 1 = W: skipping it changes no bit
             _mul_(weights, decay)
@@ -231,7 +286,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 out[i] = u
         return out
 
-    def _adamw_step(self, params: list[Tensor], group: dict[str, Any]) -> None:
+    def _adamw_step(self, params: list[Tensor], group: dict[str, Any], numbers: Tensor | None = None) -> None:
         """AdamW on parameters of one device and dtype, as foreach ops over all of them.
 
         The operations and their order are those of torch.optim.AdamW's single-tensor path, so every element
@@ -239,15 +294,30 @@ class MuonAdamW(torch.optim.Optimizer):
         bitwise on CUDA too. The bias corrections depend on the step count, which differs between parameters
         when one had no gradient at some step: those ops run once per step count (once, as a rule), each with
         a plain number. (A per-tensor list of numbers would do in one op, but on CUDA a foreach division by a
-        list divides exactly where `x / b` multiplies by 1/b: results 1 ulp apart.)
+        list divides exactly where `x / b` multiplies by 1/b: results 1 ulp apart.) With `numbers` (device
+        scalars: the step counts were advanced by `fill_scalars`) the same operations take their factors
+        from the device and the division by the step size's product is a division then a multiply.
         """
         (beta1, beta2), lr = group["betas"], group["lr"]
         states = [self._init_param_state(p, "adamw") for p in params]
-        for state in states:
-            state["step"] += 1
+        if numbers is None:
+            for state in states:
+                state["step"] += 1
         weights, grads = [local(p) for p in params], [local(p.grad) for p in params]
         exp_avgs = [local(state["exp_avg"]) for state in states]
         exp_avg_sqs = [local(state["exp_avg_sq"]) for state in states]
+        if numbers is not None:
+            torch._foreach_mul_(weights, numbers[0])
+            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+            _mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+            denom = torch._foreach_sqrt(exp_avg_sqs)
+            torch._foreach_div_(denom, numbers[3])
+            torch._foreach_add_(denom, group["eps"])
+            step = torch._foreach_div(exp_avgs, denom)
+            torch._foreach_mul_(step, numbers[2])
+            torch._foreach_add_(weights, step)
+            return
         decay = 1 - lr * group["weight_decay"]
         if decay != 1:                                                 # W · 1 = W: skipping it changes no bit
             _mul_(weights, decay)

@@ -52,7 +52,7 @@ from dsv4.model import MoE, Transformer
 from dsv4.optim import MuonAdamW
 from dsv4.parallel import reduce
 from dsv4.parallel.mesh import ParallelDims
-from dsv4.train_graphs import MicroStepGraphs
+from dsv4.train_graphs import MicroStepGraphs, OptimizerGraph
 from dsv4.param_groups import build_param_groups, describe_param_groups
 
 IGNORE = -100
@@ -519,6 +519,7 @@ class Trainer:
             parallelize(self.model, build_mesh(self.dims, self.device.type), param_dtype=param_dtype)
         self.optimizer = build_optimizer(self.model, cfg)
         self.graphs = self._step_graphs() if cfg.cuda_graphs != "off" else None
+        self.optimizer_graph = None if self.graphs is None else OptimizerGraph(self.optimizer, self.device, self.print)
         self.loader = PackedLoader(self.data_dir, "train", cfg.micro_batch // self.world, cfg.seq_len,
                                    seed=cfg.seed, rank=self.rank, world_size=self.world)
         self.step = self.tokens = self.bad_steps = 0
@@ -624,7 +625,7 @@ class Trainer:
         flat = reduce.sum_over_ranks(torch.cat(list(counts.values())))       # global expert loads
         counts = dict(zip(counts, flat.split([c.numel() for c in counts.values()])))
         if ok:
-            self.optimizer.step()
+            (self.optimizer_graph or self.optimizer).step()
             if phase != "warmup":
                 for name, moe in moes:
                     if not moe.gate.hashed:

@@ -4,7 +4,9 @@ A small model's training step is a few thousand short kernels; launched one by o
 waits on the CPU (the `bench` model's eager step spends ~43 ms on the host for ~22 ms of kernels).
 `MicroStepGraphs` records one micro-batch's forward, objective (`dsv4.train.batch_losses`) and backward
 into a CUDA graph and replays it for every later micro-batch of the same kind, so the step costs the
-GPU time of its kernels. The optimizer step, the clipping and the router-bias update stay eager.
+GPU time of its kernels. `OptimizerGraph` does the same for the optimizer step (its per-step numbers
+read from the device); the gradient norm, the clipping and the router-bias update stay eager (a few
+foreach launches).
 
 What makes a micro-step replayable:
 * static inputs: the micro-batch (ids, labels, documents, positions) and the step's numbers (target
@@ -223,6 +225,60 @@ class MicroStepGraphs:
         rec.graph, rec.names, rec.terms = graph, names, vec
         rec.grads = grads if first else head.grads
         return rec
+
+
+class OptimizerGraph:
+    """`step()`: the optimizer's step (`dsv4.optim.MuonAdamW`) replayed from a CUDA graph.
+
+    The optimizer reads its per-step numbers from the device (`use_device_scalars`; `fill_scalars` writes
+    them before each step), so one recording serves every step whose parameters-with-gradients and
+    gradient tensors are those it was recorded with: the micro-step graphs keep the gradients in the same
+    tensors from step to step. The first step of a layout runs eagerly (it is also the warm-up), the
+    second records, and any change of layout (a phase change, an eager micro-step's new gradients) runs
+    eagerly and records again once the layout repeats. A failed recording is logged once; the optimizer
+    then runs eagerly, with the same device numbers (as it always does with `record=False`, the CPU's
+    form of this runner)."""
+
+    def __init__(self, optimizer, device: torch.device, log: Callable[[str], None] = print, *, record: bool = True):
+        if record and device.type != "cuda":
+            raise ValueError(f"CUDA graphs need a CUDA device; the model is on {device}")
+        self.opt, self.device, self.log = optimizer, device, log
+        optimizer.use_device_scalars(device)
+        self.graph = None
+        self.layout: tuple | None = None        # the recorded graph's layout
+        self.last: tuple | None = None          # the previous step's layout
+        self.failed: str | None = None if record else "not recording"
+        self.pool = torch.cuda.graph_pool_handle() if record else None
+        self.replays = 0
+
+    def _layout(self) -> tuple:
+        return tuple((id(p), p.grad.data_ptr()) for g in self.opt.param_groups for p in g["params"]
+                     if p.grad is not None)
+
+    def step(self) -> None:
+        layout = (self._layout(), self.opt.fill_scalars())
+        if self.graph is not None and layout == self.layout:
+            self.graph.replay()
+            self.replays += 1
+        elif layout == self.last and self.failed is None:
+            self.graph, self.layout = None, None
+            try:
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.pool):
+                    self.opt.step()
+            except Exception as exc:   # noqa: BLE001 - a failed recording means: eager from now on
+                self.failed = f"{type(exc).__name__}: {exc}".splitlines()[0]
+                self.log(f"the optimizer step could not be recorded as a CUDA graph, running it eagerly: "
+                         f"{self.failed}")
+                torch.cuda.synchronize(self.device)
+                self.opt.step()
+            else:
+                self.graph, self.layout = graph, layout
+                graph.replay()                  # the recording ran nothing: this is the step
+                self.replays += 1
+        else:
+            self.opt.step()
+        self.last = layout
 
 
 @contextlib.contextmanager

@@ -354,6 +354,47 @@ def test_foreach_adamw_equals_the_per_tensor_path_bitwise(dtype):
     assert [opt.state[p]["step"] for p in ours] == [6, 4, 6, 6, 6]
 
 
+def test_device_scalars_step_equals_host_numbers():
+    """`use_device_scalars` (the form a CUDA graph records): lr, decay and AdamW's bias corrections read
+    from a device tensor that `fill_scalars` writes, one row per step count. Over 6 steps with the lr
+    changing, a Muon group, two AdamW groups and an AdamW tensor two steps behind, each step from the
+    same weights and gradients equals the host-number step to rounding (a tensor factor rounds once where
+    `alpha=` may fuse), and the step counts advance alike."""
+    shapes = [(17,), (8, 12), (3, 5, 7), (1,), (64, 16), (16, 24), (2, 16, 24)]
+    init = [randn(*s, seed=800 + i) for i, s in enumerate(shapes)]
+
+    def build():
+        ps = [nn.Parameter(t.clone()) for t in init]
+        return ps, MuonAdamW([dict(params=ps[:3], kind="adamw"), dict(params=ps[3:5], kind="adamw", weight_decay=0.0),
+                              dict(params=ps[5:], kind="muon")], lr=1.0, weight_decay=0.1, ns_dtype=torch.float32)
+    host_ps, host = build()
+    dev_ps, dev = build()
+    dev.use_device_scalars("cpu")
+    for t in range(6):
+        for opt in (host, dev):
+            opt.set_lr(1e-2 * (t + 1) / 6)
+        for i, (p, q) in enumerate(zip(host_ps, dev_ps)):
+            q.data.copy_(p.data)                       # the same weights before each step
+            g = None if i == 1 and t in (1, 3) else randn(*p.shape, seed=900 + 10 * t + i)
+            p.grad, q.grad = g, (None if g is None else g.clone())
+        for p, q in zip(host_ps, dev_ps):
+            if p in host.state:
+                for k, v in host.state[p].items():
+                    if torch.is_tensor(v):
+                        dev.state[q][k].copy_(v)
+        before = [p.detach().clone() for p in host_ps]
+        host.step()
+        layout = dev.fill_scalars()
+        dev.step()
+        assert len(layout) == 2 and (t in (0, 1) or layout[0][1] != (0, 0, 0))
+        for p, q, b in zip(host_ps, dev_ps, before):
+            moved = (p.detach() - b).abs().max()
+            scale = torch.maximum(p.detach().abs(), (p.detach() - b).abs())      # the weight or its update
+            ulps = ((p.detach() - q.detach()).abs() / (torch.finfo(torch.float32).eps * scale)).max()
+            assert (moved > 0) == (p.grad is not None) and ulps <= 2, (t, float(ulps))   # a factor rounded once more or less
+    assert [host.state[p]["step"] for p in host_ps[:5]] == [dev.state[q]["step"] for q in dev_ps[:5]] == [6, 4, 6, 6, 6]
+
+
 def test_state_dict_keeps_its_format_and_resumes_with_unequal_steps():
     """The state_dict holds per parameter what it held before batching (Muon: `momentum_buffer`; AdamW: a
     Python int `step`, `exp_avg`, `exp_avg_sq`), and resuming from it continues bitwise, also with AdamW
