@@ -140,7 +140,7 @@ def recipe_step_fn(cfg: ModelConfig, dev: torch.device, B: int, S: int, graphs: 
     set_phase(model, "sparse")
     for layer in model.layers:       # the plain sparse step: no index loss, as in the other rows
         layer.attn.index_loss = False
-    ids = torch.randint(0, cfg.vocab_size, (B, S + 1))
+    ids = torch.randint(0, cfg.vocab_size, (B, S + 1), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids[:, :-1], "labels": ids[:, 1:], "doc_ids": torch.zeros(B, S, dtype=torch.long),
              "positions": torch.arange(S).expand(B, S).contiguous()}
     n_lm, n_mtp = B * S, B * (S - 1)
