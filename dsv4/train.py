@@ -565,6 +565,8 @@ class Trainer:
         if reduce.distributed():
             log(f"{self.dims.describe()}; {cfg.micro_batch // self.world} of the {cfg.micro_batch} rows of each "
                 f"micro-batch per process")
+        if self.graphs is not None:
+            log("micro-steps and optimizer steps replayed from CUDA graphs (cuda_graphs=off for eager steps)")
 
     # -------------------------------------------------------------- one step
     def autocast(self, cache: bool = True):
