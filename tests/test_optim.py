@@ -421,13 +421,7 @@ def test_state_dict_keeps_its_format_and_resumes_with_unequal_steps():
     assert [sorted(state[i]) for i in range(5)] == [["momentum_buffer"]] * 3 + [["exp_avg", "exp_avg_sq", "step"]] * 2
     assert [type(state[i]["step"]) for i in (3, 4)] == [int, int] and [state[i]["step"] for i in (3, 4)] == [3, 2]
     run(opt, straight, range(3, 6))
-
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=True)
-    resumed = [nn.Parameter(t) for t in saved["params"]]
-    opt2 = opt_of(resumed)
-    opt2.load_state_dict(saved["opt"])
-    run(opt2, resumed, range(3, 6))
+    resumed, _ = resume(buf, opt_of, run, range(3, 6))
     for a, b in zip(straight, resumed):
         assert torch.equal(a, b)
 
@@ -450,6 +444,17 @@ def run_steps(opt, params, steps):
         opt.step()
 
 
+def resume(buf, build, run, steps):
+    """Parameters and optimizer rebuilt from a saved {"params", "opt"} buffer, then run for `steps`."""
+    buf.seek(0)
+    saved = torch.load(buf, weights_only=True)
+    params = [nn.Parameter(t) for t in saved["params"]]
+    opt = build(params)
+    opt.load_state_dict(saved["opt"])
+    run(opt, params, steps)
+    return params, opt
+
+
 def test_state_dict_round_trip_resumes_bitwise():
     straight = make_params()
     opt = make_opt(straight)
@@ -457,14 +462,8 @@ def test_state_dict_round_trip_resumes_bitwise():
     buf = io.BytesIO()
     torch.save({"params": [p.detach().clone() for p in straight], "opt": opt.state_dict()}, buf)
     run_steps(opt, straight, range(3, 6))
-
-    buf.seek(0)
-    saved = torch.load(buf, weights_only=True)
-    resumed = [nn.Parameter(t) for t in saved["params"]]
-    opt2 = make_opt(resumed)
-    opt2.load_state_dict(saved["opt"])
-    assert opt2.state[resumed[2]]["step"] == 3 and opt2.param_groups[0]["ns_dtype"] == torch.bfloat16
-    run_steps(opt2, resumed, range(3, 6))
+    resumed, opt2 = resume(buf, make_opt, run_steps, range(3, 6))
+    assert opt2.state[resumed[2]]["step"] == 6 and opt2.param_groups[0]["ns_dtype"] == torch.bfloat16
     for a, b in zip(straight, resumed):
         assert torch.equal(a, b)
 
