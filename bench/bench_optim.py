@@ -12,6 +12,7 @@ wrapped by `dsv4.train.build_optimizer` as in training, each with a fixed random
   kernels   CUDA kernels and copies per step (torch.profiler), CUDA only
   host ms   time until `step()` returns: on CUDA the host's time issuing the launches
   wall ms   time until the device has finished too (median over `--steps` steps after one warm-up)
+  NS TFLOP  the step's Newton–Schulz matmul FLOPs (`newton_schulz_flops`), and per second of wall time
 On the CPU host and wall are the same and include the arithmetic, which dominates at the `bench` size:
 the CPU shows the op count and, with `--preset tiny`, the Python and dispatch cost.
 """
@@ -58,6 +59,21 @@ def build(preset_name: str, device: str, ns_dtype: str, optimizer: str):
     return model, opt
 
 
+def newton_schulz_flops(opt) -> float:
+    """Matmul FLOPs of one step's Newton–Schulz: per stack of b matrices k × K (k = min(n, m)), each of the
+    iterations computes A = XXᵀ (2bk²K), bA + cA² (2bk³) and PX (2bk²K)."""
+    from dsv4.optim import NS_COEFFS, _matrices
+    total = 0
+    for group in opt.param_groups:
+        if group["kind"] != "muon":
+            continue
+        for p in group["params"]:
+            b, n, m = _matrices(p, group["batch_dims"]).shape
+            k, K = min(n, m), max(n, m)
+            total += len(NS_COEFFS) * (4 * b * k * k * K + 2 * b * k ** 3)
+    return float(total)
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -91,6 +107,7 @@ def measure(preset_name: str, device: str, ns_dtype: str, optimizer: str, steps:
     return {"device": device, "preset": preset_name, "ns_dtype": ns_dtype, "optimizer": optimizer,
             "params": n_params, "ops": sum(count.ops.values()), "views": count.views, "kernels": kernels,
             "host_ms": statistics.median(host), "wall_ms": statistics.median(wall),
+            "ns_tflop": newton_schulz_flops(opt) / 1e12,
             "top_ops": count.ops.most_common()}
 
 
@@ -108,10 +125,13 @@ def main() -> None:
     rows = [measure(args.preset, d, args.ns_dtype, args.optimizer, args.steps) for d in devices]
     print(f"MuonAdamW.step() on `{args.preset}` ({rows[0]['params']} tensors), Newton–Schulz in {args.ns_dtype}, "
           f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads")
-    print(f"{'device':8} {'ops':>6} {'views':>6} {'kernels':>8} {'host ms':>9} {'wall ms':>9}")
+    print(f"Newton–Schulz per step: {rows[0]['ns_tflop']:.2f} TFLOP of matmuls")
+    print(f"{'device':8} {'ops':>6} {'views':>6} {'kernels':>8} {'host ms':>9} {'wall ms':>9} {'NS TFLOP/s':>11}")
     for r in rows:
         kernels = "-" if r["kernels"] is None else str(r["kernels"])
-        print(f"{r['device']:8} {r['ops']:6d} {r['views']:6d} {kernels:>8} {r['host_ms']:9.2f} {r['wall_ms']:9.2f}")
+        rate = r["ns_tflop"] / (r["wall_ms"] / 1e3)
+        print(f"{r['device']:8} {r['ops']:6d} {r['views']:6d} {kernels:>8} {r['host_ms']:9.2f} {r['wall_ms']:9.2f} "
+              f"{rate:11.1f}")
     if args.top:
         print("most frequent ops:", ", ".join(f"{k} {v}" for k, v in rows[0]["top_ops"][:args.top]))
     if args.out:

@@ -186,6 +186,8 @@ class MuonAdamW(torch.optim.Optimizer):
         """Advance the step counts of the AdamW parameters that have a gradient and write this step's numbers
         (`use_device_scalars`). Returns the step's row layout: which parameters read which row (a recording
         of the step holds for steps of the same layout)."""
+        if getattr(self, "_scalars", None) is None:
+            raise RuntimeError("fill_scalars() needs use_device_scalars(device) first")
         G = len(self.param_groups)
         rows = [[0.0, 0.0, 0.0, 1.0] for _ in range(self._scalars.shape[0])]
         self._adamw_rows, layout = {}, []
@@ -222,17 +224,12 @@ class MuonAdamW(torch.optim.Optimizer):
             params = [p for p in group["params"] if p.grad is not None]
             if any(p.grad.is_sparse for p in params):
                 raise RuntimeError("MuonAdamW does not support sparse gradients")
+            on_device = None if scalars is None else gi
             for same in _by_device_and_dtype(params):
                 if group["kind"] == "muon":
-                    self._muon_step(same, group, None if scalars is None else scalars[gi])
-                elif scalars is None:
-                    self._adamw_step(same, group)
-                else:                                 # one call per step count, each with its row
-                    by_step: dict[int, list[Tensor]] = {}
-                    for p in same:
-                        by_step.setdefault(self.state[p]["step"], []).append(p)
-                    for step, members in by_step.items():
-                        self._adamw_step(members, group, scalars[self._adamw_rows[(gi, step)]])
+                    self._muon_step(same, group, on_device)
+                else:
+                    self._adamw_step(same, group, on_device)
         return loss
 
     def _init_param_state(self, p: Tensor, kind: str) -> dict[str, Any]:
@@ -246,10 +243,10 @@ class MuonAdamW(torch.optim.Optimizer):
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _muon_step(self, params: list[Tensor], group: dict[str, Any], numbers: Tensor | None = None) -> None:
+    def _muon_step(self, params: list[Tensor], group: dict[str, Any], gi: int | None = None) -> None:
         """Algorithm 1 on parameters of one device and dtype: momentum and weight update as foreach ops
-        over all of them, Newton–Schulz batched by matrix shape (`_orthogonalise`). `numbers`: this group's
-        row of the device scalars (`use_device_scalars`), else the host's lr."""
+        over all of them, Newton–Schulz batched by matrix shape (`_orthogonalise`). `gi`: the group's row of
+        the device scalars (`use_device_scalars`); None: the host's lr."""
         mu, lr = group["momentum"], group["lr"]
         bufs = [local(self._init_param_state(p, "muon")["momentum_buffer"]) for p in params]
         grads = [local(p.grad) for p in params]
@@ -258,9 +255,10 @@ class MuonAdamW(torch.optim.Optimizer):
         nesterov = torch._foreach_add(grads, bufs, alpha=mu)           # μ M_t + G_t
         updates = self._orthogonalise(params, nesterov, group)
         weights = [local(p) for p in params]
-        if numbers is not None:                                        # W ← W·(1 − ηλ) − η·O, factors on the device
-            torch._foreach_mul_(weights, numbers[0])
-            torch._foreach_add_(weights, torch._foreach_mul(updates, numbers[1]))
+        if gi is not None:                                             # W ← W·(1 − ηλ) − η·O, factors on the device
+            decay_lr = self._scalars[gi]
+            _mul_(weights, decay_lr[0])
+            torch._foreach_add_(weights, torch._foreach_mul(updates, decay_lr[1]))
             return
         decay = 1 - lr * group["weight_decay"]
         if decay != 1:                                                 # W · 1 = W: skipping it changes no bit
@@ -286,7 +284,7 @@ class MuonAdamW(torch.optim.Optimizer):
                 out[i] = u
         return out
 
-    def _adamw_step(self, params: list[Tensor], group: dict[str, Any], numbers: Tensor | None = None) -> None:
+    def _adamw_step(self, params: list[Tensor], group: dict[str, Any], gi: int | None = None) -> None:
         """AdamW on parameters of one device and dtype, as foreach ops over all of them.
 
         The operations and their order are those of torch.optim.AdamW's single-tensor path, so every element
@@ -294,32 +292,21 @@ class MuonAdamW(torch.optim.Optimizer):
         bitwise on CUDA too. The bias corrections depend on the step count, which differs between parameters
         when one had no gradient at some step: those ops run once per step count (once, as a rule), each with
         a plain number. (A per-tensor list of numbers would do in one op, but on CUDA a foreach division by a
-        list divides exactly where `x / b` multiplies by 1/b: results 1 ulp apart.) With `numbers` (device
-        scalars: the step counts were advanced by `fill_scalars`) the same operations take their factors
-        from the device and the division by the step size's product is a division then a multiply.
+        list divides exactly where `x / b` multiplies by 1/b: results 1 ulp apart.) With `gi` (device
+        scalars, `use_device_scalars`: `fill_scalars` advanced the step counts) the same operations take
+        their factors from the group's rows on the device, and the step size's product is a division then
+        a multiply.
         """
         (beta1, beta2), lr = group["betas"], group["lr"]
         states = [self._init_param_state(p, "adamw") for p in params]
-        if numbers is None:
+        if gi is None:
             for state in states:
                 state["step"] += 1
         weights, grads = [local(p) for p in params], [local(p.grad) for p in params]
         exp_avgs = [local(state["exp_avg"]) for state in states]
         exp_avg_sqs = [local(state["exp_avg_sq"]) for state in states]
-        if numbers is not None:
-            torch._foreach_mul_(weights, numbers[0])
-            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-            _mul_(exp_avg_sqs, beta2)
-            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-            denom = torch._foreach_sqrt(exp_avg_sqs)
-            torch._foreach_div_(denom, numbers[3])
-            torch._foreach_add_(denom, group["eps"])
-            step = torch._foreach_div(exp_avgs, denom)
-            torch._foreach_mul_(step, numbers[2])
-            torch._foreach_add_(weights, step)
-            return
-        decay = 1 - lr * group["weight_decay"]
-        if decay != 1:                                                 # W · 1 = W: skipping it changes no bit
+        decay = 1 - lr * group["weight_decay"] if gi is None else self._scalars[gi, 0]
+        if gi is not None or decay != 1:                               # W · 1 = W: skipping it changes no bit
             _mul_(weights, decay)
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)               # m ← β1 m + (1 − β1) g
         _mul_(exp_avg_sqs, beta2)
@@ -328,11 +315,19 @@ class MuonAdamW(torch.optim.Optimizer):
         for i, state in enumerate(states):
             by_step.setdefault(state["step"], []).append(i)
         for step, members in by_step.items():
+            w, m = [weights[i] for i in members], [exp_avgs[i] for i in members]
             denom = torch._foreach_sqrt([exp_avg_sqs[i] for i in members])
-            torch._foreach_div_(denom, (1 - beta2 ** step) ** 0.5)
-            torch._foreach_add_(denom, group["eps"])                   # sqrt(v / (1 − β2^t)) + ε
-            torch._foreach_addcdiv_([weights[i] for i in members], [exp_avgs[i] for i in members], denom,
-                                    value=-(lr / (1 - beta1 ** step)))  # W ← W − η/(1 − β1^t) · m / denom
+            if gi is None:
+                torch._foreach_div_(denom, (1 - beta2 ** step) ** 0.5)
+                torch._foreach_add_(denom, group["eps"])               # sqrt(v / (1 − β2^t)) + ε
+                torch._foreach_addcdiv_(w, m, denom, value=-(lr / (1 - beta1 ** step)))  # W ← W − η/(1 − β1^t) · m / denom
+            else:
+                row = self._scalars[self._adamw_rows[(gi, step)]]      # [·, ·, −η/(1 − β1^t), sqrt(1 − β2^t)]
+                torch._foreach_div_(denom, row[3])
+                torch._foreach_add_(denom, group["eps"])
+                update = torch._foreach_div(m, denom)
+                torch._foreach_mul_(update, row[2])
+                torch._foreach_add_(w, update)
 
     def init_state(self) -> None:
         """Create every parameter's state now (zeros and step 0, what its first step would create), so
@@ -374,7 +369,7 @@ def _by_device_and_dtype(params: list[Tensor]) -> list[list[Tensor]]:
     return list(split.values())
 
 
-def _mul_(tensors: list[Tensor], factor: float) -> None:
+def _mul_(tensors: list[Tensor], factor: float | Tensor) -> None:
     """`t.mul_(factor)` for each tensor: one foreach launch on an accelerator, a loop on the CPU, where a
     foreach multiply in place first rounds `factor` to a bf16/fp16 list's dtype (torch 2.13: ×0.99 becomes
     ×0.98828125, a 17% error in a 0.01 weight decay) and there are no launches to save."""
