@@ -163,7 +163,7 @@ def recipe_step_fn(cfg: ModelConfig, dev: torch.device, B: int, S: int, graphs: 
     runner = opt_runner = None
     if graphs:
         runner = MicroStepGraphs(model, losses, lambda: amp(cache=False), {n: m.gate.n_experts for n, m in moes},
-                                 dev, vocab_size=cfg.vocab_size)
+                                 dev)
         opt_runner = OptimizerGraph(opt, dev)
 
     def step():

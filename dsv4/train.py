@@ -590,7 +590,7 @@ class Trainer:
             return batch_losses(self.model, batch, cfg, phase, mtp_w, n_lm, n_mtp, n_micro, counts, use_mtp=use_mtp)
         sizes = {name: moe.gate.n_experts for name, moe in moe_layers(self.model)}
         return MicroStepGraphs(self.model, losses, lambda: self.autocast(cache=False), sizes, self.device,
-                               record=record, vocab_size=cfg.model.vocab_size, log=self.print)
+                               record=record, log=self.print)
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step (possibly skipped by the NaN guard); returns its metrics record. Every

@@ -12,7 +12,7 @@ What makes a micro-step replayable:
 * static inputs: the micro-batch (ids, labels, documents, positions) and the step's numbers (target
   token counts, MTP weight, micro-batch count) live in tensors the graph reads; each replay copies the
   new values in first. `batch_losses` takes the numbers as device tensors, so nothing inside reads
-  the device (the model's token-id check is done here, on the host copy, before the copy in);
+  the device (the model's token-id check runs first, on the host batch, before anything is recorded);
 * gradients: the micro-step computes them with `torch.autograd.grad`. The first micro-batch of an
   optimizer step writes them into tensors the recording keeps; a later micro-batch's graph adds its
   own into those (a recorded `_foreach_add_`). After each replay every parameter's `.grad` is pointed
@@ -75,12 +75,11 @@ class MicroStepGraphs:
 
     def __init__(self, model: torch.nn.Module, losses: Callable[..., tuple[torch.Tensor, dict]],
                  autocast: Callable[[], contextlib.AbstractContextManager], moe_sizes: dict[str, int],
-                 device: torch.device, *, record: bool = True, vocab_size: int | None = None,
-                 log: Callable[[str], None] = print):
+                 device: torch.device, *, record: bool = True, log: Callable[[str], None] = print):
         if record and device.type != "cuda":
             raise ValueError(f"CUDA graphs need a CUDA device; the model is on {device}")
         self.model, self.losses, self.autocast = model, losses, autocast
-        self.moe_sizes, self.device, self.record, self.vocab_size = moe_sizes, device, record, vocab_size
+        self.moe_sizes, self.device, self.record = moe_sizes, device, record
         self.log = log
         self.phase: str | None = None
         self.recordings: dict[tuple, _Recording | None] = {}   # None: recording failed, run eagerly
@@ -94,6 +93,7 @@ class MicroStepGraphs:
             ) -> dict[str, float]:
         """The micro-step's loss terms as host numbers (adding its expert counts into `counts`), from the
         recording of its kind; `eager()` runs it the trainer's way where no recording can serve."""
+        self.model.check_ids(batch["input_ids"])   # on the host copy, before any recording runs: inside, skipped
         use_mtp = phase != "warmup" and mtp_weight > 0 and len(getattr(self.model, "mtp", ())) > 0
         shapes = tuple(tuple(batch[k].shape) for k in BATCH_KEYS)
         key = (phase, use_mtp, first, shapes)
@@ -107,7 +107,6 @@ class MicroStepGraphs:
             return eager()
         if not first and not self._accumulates_into_current(rec):
             return eager()
-        self._check_ids(batch["input_ids"])
         for k in BATCH_KEYS:
             rec.inputs[k].copy_(batch[k], non_blocking=True)
         rec.scalars.copy_(torch.tensor([n_lm, n_mtp, mtp_weight, n_micro], dtype=torch.float32))
@@ -138,14 +137,6 @@ class MicroStepGraphs:
         """A later micro-batch's recording adds into the gradients of the first one's: they must still be
         the parameters' gradients (an eager first micro-step would have made others)."""
         return all(p.grad is g for p, g in zip(rec.params, rec.grads) if g is not None)
-
-    def _check_ids(self, ids: torch.Tensor) -> None:
-        if self.vocab_size is None:
-            return
-        lo, hi = int(ids.min()), int(ids.max())
-        if lo < 0 or hi >= self.vocab_size:
-            raise ValueError(f"token ids must lie in [0, {self.vocab_size}); got min {lo}, max {hi} "
-                             "(was the input encoded with a different tokenizer?)")
 
     def _build(self, key: tuple, batch: dict[str, torch.Tensor]) -> _Recording | None:
         phase, use_mtp, first, _ = key

@@ -9,6 +9,7 @@ Regenerate the golden trace (after an intended change of the numerics) with
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -26,7 +27,7 @@ from dsv4.config import preset
 from dsv4.model import Transformer
 from dsv4.recipes import RECIPES, get_recipe
 from dsv4.tokenizer import train_bpe
-from dsv4.train_graphs import OptimizerGraph
+from dsv4.train_graphs import MicroStepGraphs, OptimizerGraph
 from dsv4.train import (IGNORE, Trainer, TrainingDiverged, batch_losses, csa_attentions, moe_layers,
                         mtp_targets, sequence_balance_loss, set_phase, update_router_bias)
 
@@ -387,6 +388,20 @@ def test_optimizer_with_device_numbers_equals_host_numbers(corpus, tmp_path):
     steps = {n: s["step"] for n, s in host.optimizer.named_state().items() if "step" in s}
     assert steps == {n: s["step"] for n, s in dev.optimizer.named_state().items() if "step" in s}
     assert len({int(v) for v in steps.values()}) >= 2
+
+
+def test_graph_runner_checks_token_ids_before_recording():
+    """Inside a recording the model skips its id check (a device read), so the runner checks the host
+    batch first: an id outside the vocabulary is a clear error, before any forward runs."""
+    model = Transformer(preset("tiny"))
+    ran = []
+    runner = MicroStepGraphs(model, lambda *a: ran.append(a), contextlib.nullcontext, {}, torch.device("cpu"),
+                             record=False)
+    bad = {"input_ids": torch.full((1, 8), 600), "labels": torch.zeros(1, 8, dtype=torch.long),
+           "doc_ids": torch.zeros(1, 8, dtype=torch.long), "positions": torch.arange(8)[None]}
+    with pytest.raises(ValueError, match=r"token ids must lie in \[0, 512\); got min 600"):
+        runner.run(bad, "sparse", 0.3, 8, 7, 1, True, {}, lambda: ran.append("eager"))
+    assert not ran and not runner.recordings
 
 
 def test_cuda_graphs_setting_is_checked(corpus, tmp_path):
