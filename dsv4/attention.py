@@ -51,6 +51,15 @@ def linear(x: torch.Tensor, layer: nn.Linear, fp32: bool = False) -> torch.Tenso
     return ops.dense(x, layer.weight, fp32)
 
 
+def grouped_linear(x: torch.Tensor, layer: nn.Linear, groups: int) -> torch.Tensor:
+    """x [..., G, K] through the grouped projection `layer` (G blocks of rows, block g reads x[..., g])
+    -> [..., G·R]; a quantised layer (dsv4.quant.FP8Linear) runs on its FP8 weight (`grouped`)."""
+    if not isinstance(layer, nn.Linear):
+        return layer.grouped(x)
+    w = layer.weight.to(x.dtype).view(groups, -1, x.shape[-1])                       # [G, R, K]
+    return torch.einsum("...gi,gri->...gr", x, w).flatten(-2)
+
+
 def linears(x: torch.Tensor, layers: list, fp32: bool = False) -> list[torch.Tensor]:
     """`linear(x, layer, fp32)` for each of `layers` (projections of one input), as a list.
 
@@ -425,8 +434,7 @@ class Attention(nn.Module):
         o, index_kl = self._attend(x, qr, q, kv, pos, rope, freqs, seg, state, rows, pre)   # [B, S, H, Dh]
         o = ops.norm_rope(o, None, None, rope.inverse())                               # de-rotate
         o = o.reshape(B, S, self.groups, H * Dh // self.groups)                       # [B, S, G, H·Dh/G]
-        wo_a = self.wo_a.weight.to(o.dtype).view(self.groups, self.o_rank, -1)        # [G, d_g, H·Dh/G]
-        u = torch.einsum("bsgi,gri->bsgr", o, wo_a).flatten(2)                         # [B, S, G·d_g]
+        u = grouped_linear(o, self.wo_a, self.groups)                                  # [B, S, G·d_g]
         return linear(u, self.wo_b), index_kl                                          # [B, S, D]
 
     def projection_groups(self) -> list[tuple[list, bool]]:

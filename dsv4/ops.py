@@ -1266,6 +1266,15 @@ def fp8_linear_torch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     return F.linear(x, dequant_blocks(weight, scale, block, _mm_dtype(x)))
 
 
+def fp8_grouped_linear_torch(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                             block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """Twin of the grouped FP8 GEMV: x [..., G, K], weight [G·R, K] (group g owns rows g·R..) -> [..., G·R],
+    the weight dequantised to the matmul dtype on the fly, then the attention's grouped einsum (`wo_a`)."""
+    G, K = x.shape[-2], x.shape[-1]
+    w = dequant_blocks(weight, scale, block, _mm_dtype(x)).view(G, -1, K)        # [G, R, K]
+    return torch.einsum("...gk,grk->...gr", x.to(w.dtype), w).flatten(-2)       # [..., G·R]
+
+
 FP8_DEQUANT_ABOVE_ROWS = 64   # fp8_linear on CUDA: more rows than this go to dequantise + cuBLAS
 FP4_DEQUANT_CHUNK = 32        # experts dequantised at a time by the FP4 prefill path (Flash: 1.6 GB bf16)
 
@@ -1280,6 +1289,16 @@ def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
         return fp8_linear_torch(x, weight, scale, block)
     from dsv4.kernels.fp8_gemm import fp8_linear
     return fp8_linear(x, weight, scale, block)
+
+
+def fp8_grouped_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                              block: tuple[int, int] = (128, 128)) -> torch.Tensor:
+    """The grouped FP8 GEMV (`dsv4.kernels.fp8_gemm.fp8_grouped_gemv`) for decode-sized inputs (up to the
+    GEMV's `GEMV_MAX_ROWS` rows of leading dims); more rows take the twin (dequantise + batched matmul)."""
+    from dsv4.kernels.fp8_gemm import GEMV_MAX_ROWS, fp8_grouped_gemv
+    if x.numel() // max(x.shape[-1] * x.shape[-2], 1) > GEMV_MAX_ROWS:
+        return fp8_grouped_linear_torch(x, weight, scale, block)
+    return fp8_grouped_gemv(x, weight, scale, block)
 
 
 def fp4_prefill_applies(x: torch.Tensor, n_pairs: int, w1: torch.Tensor) -> bool:
@@ -1400,6 +1419,8 @@ decode_key_lists = register("decode_key_lists", {"torch": decode_key_lists_torch
 key_lists = register("key_lists", {"torch": key_lists_torch, "triton": key_lists_triton}, kernel_dtypes=None)
 swiglu_act = register("swiglu", {"torch": swiglu_act_torch, "triton": swiglu_act_triton})
 fp8_linear = register("fp8_linear", {"torch": fp8_linear_torch, "triton": fp8_linear_triton})
+fp8_grouped_linear = register("fp8_grouped_linear", {"torch": fp8_grouped_linear_torch,
+                                                     "triton": fp8_grouped_linear_triton})
 fp4_experts = register("fp4_experts", {"torch": fp4_experts_torch, "triton": fp4_experts_triton})
 moe_experts = register("moe_experts", {"torch": moe_experts_auto, "triton": moe_experts_triton,
                                        "grouped": moe_experts_grouped, "gather": moe_experts_gather,

@@ -179,6 +179,11 @@ class FP8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.fp8_linear(x, self.weight, self.scale, self.block)
 
+    def grouped(self, x: torch.Tensor) -> torch.Tensor:
+        """As a grouped projection: x [..., G, in / G] -> [..., out], block g of out / G rows reading
+        x[..., g] (`attention.grouped_linear`, the `wo_a` of a model that keeps it FP8)."""
+        return ops.fp8_grouped_linear(x, self.weight, self.scale, self.block)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequant_fp8(self.weight, self.scale, self.block, dtype=dtype)
 

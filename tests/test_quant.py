@@ -319,6 +319,41 @@ def test_fp8_gemv_launch_variants(monkeypatch):
         assert relerr(k.fp8_gemv(*dev(x, w, s)), ref) <= 1e-5
 
 
+def f64_grouped(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, block=quant.FP8_BLOCK) -> torch.Tensor:
+    """x [..., G, K] through the grouped projection (G blocks of rows of W, block g reading x[..., g]) in float64."""
+    G, K = x.shape[-2:]
+    wd = quant.dequant_fp8(w, s, block, dtype=torch.float64).view(G, -1, K)
+    return torch.einsum("...gk,grk->...gr", x.double(), wd).flatten(-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_grouped_gemv_matches_twin_and_float64(dtype):
+    """The grouped GEMV (the attention's `wo_a` on its FP8 weight): groups of 64 rows under 128-row scale
+    blocks (a scale row spans two groups), K off the blocks, one and two rows of leading dims, fp32 scales,
+    a tile that would straddle two groups (refused), and the attention's seam (`grouped_linear`)."""
+    from dsv4.attention import grouped_linear
+    from dsv4.kernels.fp8_gemm import fp8_grouped_gemv
+
+    g = torch.Generator().manual_seed(21)
+    G, R, K = 3, 64, 160
+    w, s = rand_fp8(G * R, K, g)
+    for lead in [(1,), (2, 1)]:
+        x = torch.randn(*lead, G, K, generator=g).to(dtype)
+        ref, twin = f64_grouped(x, w, s), ops.fp8_grouped_linear_torch(x, w, s)
+        out = fp8_grouped_gemv(*(t.to(KDEV) for t in (x, w, s)))
+        assert out.dtype == dtype and out.shape == (*lead, G * R)
+        assert relerr(twin, ref) <= TOL[dtype] and relerr(out, ref) <= KTOL[dtype] and relerr(out, twin) <= KTOL[dtype]
+    s32 = fp32_scales(s, g)
+    x = torch.randn(1, G, K, generator=g)
+    assert relerr(fp8_grouped_gemv(*(t.to(KDEV) for t in (x, w, s32)), BN=16, BK=64), f64_grouped(x, w, s32)) <= 1e-5
+    with pytest.raises(ValueError, match="BN must be a power of two"):
+        fp8_grouped_gemv(*(t.to(KDEV) for t in (x, w, s)), BN=128)
+    layer = quant.FP8Linear(K, G * R)
+    layer.weight.copy_(w)
+    layer.scale.copy_(s)
+    assert relerr(grouped_linear(x, layer, G), f64_grouped(x, w, s)) <= 1e-5
+
+
 class _LaunchSpy:
     """Stands in for a Triton kernel and counts its launches, which run the real kernel."""
 
@@ -395,12 +430,13 @@ def ref_experts(x, idx, weight, w1, s1, w2, s2, w3, s3, limit):
     return y
 
 
-@pytest.mark.parametrize("path", ["gemv", "dot", "dequant"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("N,K,E", [(13, 2, 8), (40, 2, 3)])
+@pytest.mark.parametrize("N,K,E,path", [(n, k, e, path) for n, k, e in [(13, 2, 8), (40, 2, 3)]
+                                        for path in ["gemv", "words", "dot", "dequant"]
+                                        if (n, path) != (40, "words")])   # (interpreter time; decode-sized only)
 def test_fp4_kernel_matches_twin_and_float64(N, K, E, dtype, path, monkeypatch):
-    # every launch path on every shape: the per-pair GEMV (decode), the tiled blocks of pairs, and
-    # dequantise-then-grouped-GEMM (prefill on CUDA)
+    # every launch path on every shape: the per-pair GEMVs (decode: on bytes and on int32 words), the
+    # tiled blocks of pairs, and dequantise-then-grouped-GEMM (prefill on CUDA)
     from dsv4.kernels import fp4_moe
     from dsv4.kernels.fp4_moe import fp4_experts
 

@@ -15,7 +15,11 @@ on sm90 goes elsewhere: `dsv4.ops.fp4_experts_dequant`, on `dequant_fp4` below a
   bounds this path, so it is lean: each thread holds whole 16-byte scale blocks (one vector load), a
   code becomes a float with four integer operations (`_e2m1_pair`), and the block scale multiplies the
   block's partial sum rather than every weight (`_gemv_tile`). `bench/sass_fp4_gemv.py` counts the
-  instructions per weight byte offline (sm90: ~20, against ~54 when every weight was scaled);
+  instructions per weight byte offline (sm90: ~20, against ~54 when every weight was scaled).
+  `_fp4_up_words_kernel` / `_fp4_down_words_kernel` do the same on int32 words, two codes per integer
+  operation (`_e2m1_word_pair`: each 16-bit half of a word becomes one fp16 code), with a warp's lanes
+  on consecutive blocks and a thread's rows sharing its reads of x (~10 SASS per byte). `DECODE_KERNEL`
+  picks one; `bench/probe_flash_decode.py` times both from HBM;
 - otherwise the tiled kernels below, two over blocks of pairs of one expert:
   1. `_fp4_up_kernel`: per block of pairs of one expert, g = x·W1ᵀ and u = x·W3ᵀ (x rows gathered by
      token), the clamped SwiGLU and the routing weight in fp32, h stored in the activation dtype;
@@ -240,6 +244,137 @@ def _fp4_down_gemv_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
         tl.store(out_ptr + r * stride_om + rn, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
+MAG_BITS = tl.constexpr(0x0E000E00)      # bits 9-11 of each 16-bit half: an fp16's low exponent and top mantissa bits
+SIGN_BITS = tl.constexpr(-2147450880)    # 0x80008000 as an int32: the sign bit of each 16-bit half
+
+
+@triton.jit
+def _e2m1_word_pair(w, I: tl.constexpr):
+    """int32 words of 8 e2m1 codes (elements 8j..8j+7 of a row, element 8j in the lowest nibble) ->
+    elements 8j+I and 8j+I+4 (I in 0..3), fp32, times 2^-14. Two codes per integer operation: nibble I
+    of each 16-bit half is moved to the fp16 place of `_e2m1_pair` (magnitude bits 9-11, sign bit 15)
+    by one shift and mask of the whole word for each field, so the word's halves are two fp16 codes."""
+    if I == 3:
+        p = ((w >> 3) & MAG_BITS) | (w & SIGN_BITS)
+    else:
+        p = ((w << (9 - 4 * I)) & MAG_BITS) | ((w << (12 - 4 * I)) & SIGN_BITS)
+    lo = p.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    hi = (p >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _word_block_sums(wa, wb, x_ptr, xk, xm, TWO: tl.constexpr):
+    """Σ over each 32-value block of code · x for the word tiles wa (and wb when TWO) [NB, BN, 4] (a
+    block's 4 words in one thread) -> [NB, BN] each, times 2^-14. `xk` [NB, 4] are the offsets of each
+    word's first x value; x is read once for both tiles and for all the rows a thread holds."""
+    sa = tl.full(wa.shape, 0.0, tl.float32)
+    sb = tl.full(wa.shape, 0.0, tl.float32)
+    NB: tl.constexpr = wa.shape[0]
+    xb = tl.load(x_ptr + xk[:, :, None] + tl.arange(0, 8)[None, None, :], mask=xm[:, :, None], other=0.0)
+    xb = tl.reshape(xb.to(tl.float32), (NB, 4, 2, 2, 2))          # element 8j + 4h + 2a + b at [:, j, h, a, b]
+    xb0, xb1 = tl.split(xb)
+    xs = (tl.split(xb0), tl.split(xb1))                           # xs[b][a]: [NB, 4, 2] over h
+    for i in tl.static_range(4):
+        xl, xh = tl.split(xs[i % 2][i // 2])
+        xl = xl[:, None, :]                                       # [NB, 1, 4]: element 8j + i
+        xh = xh[:, None, :]                                       # element 8j + i + 4
+        lo, hi = _e2m1_word_pair(wa, i)
+        sa = sa + lo * xl                                  # one FMA per code (a chain, not a sum of products)
+        sa = sa + hi * xh
+        if TWO:
+            lo, hi = _e2m1_word_pair(wb, i)
+            sb = sb + lo * xl
+            sb = sb + hi * xh
+    return tl.sum(sa, 2), tl.sum(sb, 2)
+
+
+@triton.jit
+def _words_tile(w_ptr, w_off, kb, n_ok, b_ok, j):
+    """The words of blocks kb [NB] of the BN rows at w_off [1, BN, 1] -> int32 [NB, BN, 4] (blocks first:
+    the lanes of a warp take consecutive blocks and a thread the same block of BN / warps rows, so that
+    it reads the block's x once for all of them)."""
+    mask = b_ok[:, None, None] & n_ok[None, :, None] & (j >= 0)[None, None, :]
+    return tl.load(w_ptr + w_off + 4 * kb[:, None, None] + j[None, None, :], mask=mask, other=0)
+
+
+@triton.jit
+def _scales_tile(s_ptr, s_off, kb, n_ok, b_ok):
+    """e8m0 scales of blocks kb [NB] of the rows at s_off [1, BN] -> fp32 [NB, BN]."""
+    s = tl.load(s_ptr + s_off + kb[:, None], mask=b_ok[:, None] & n_ok[None, :], other=127)
+    return e8m0_to_fp32(s.to(tl.int32))
+
+
+@triton.jit
+def _fp4_up_words_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, rw_ptr, idx_ptr, h_ptr,
+                         D, I, TOPK, E, limit,
+                         stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
+                         HAS_LIMIT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    """`_fp4_up_gemv_kernel` on int32 words: a thread loads a block's 16 bytes as 4 words and decodes
+    two codes per integer operation (`_e2m1_word_pair`); w1 and w3 share the reads of x. The strides
+    of w1 and w3 count words (4 bytes)."""
+    p, pid_n = tl.program_id(0), tl.program_id(1)
+    NB: tl.constexpr = BK // 32
+    e = tl.load(idx_ptr + p).to(tl.int64)
+    if (e >= 0) & (e < E):
+        tok = (p // TOPK).to(tl.int64)
+        rn = pid_n * BN + tl.arange(0, BN)
+        n_ok = rn < I
+        jb = tl.arange(0, NB)
+        j = tl.arange(0, 4)
+        acc_g = tl.full((NB, BN), 0.0, tl.float32)
+        acc_u = tl.full((NB, BN), 0.0, tl.float32)
+        w_off = e * stride_we + rn[None, :, None] * stride_wn
+        s_off = e * stride_se + rn[None, :] * stride_sn
+        xrow = x_ptr + tok * stride_xm
+        for k0 in range(0, D, BK):
+            kb = k0 // 32 + jb                                                    # [NB] block numbers
+            b_ok = 32 * kb < D
+            w1 = _words_tile(w1_ptr, w_off, kb, n_ok, b_ok, j)
+            w3 = _words_tile(w3_ptr, w_off, kb, n_ok, b_ok, j)
+            g, u = _word_block_sums(w1, w3, xrow, 32 * kb[:, None] + 8 * j[None, :],
+                                    b_ok[:, None] & (j >= 0)[None, :], True)
+            acc_g += g * _scales_tile(s1_ptr, s_off, kb, n_ok, b_ok)
+            acc_u += u * _scales_tile(s3_ptr, s_off, kb, n_ok, b_ok)
+        g = tl.sum(acc_g, 0) * 16384.0            # the 2^14 of the fp16 code reading
+        u = tl.sum(acc_u, 0) * 16384.0
+        if HAS_LIMIT:
+            u = tl.minimum(tl.maximum(u, -limit), limit)
+            g = tl.minimum(g, limit)
+        rw = tl.load(rw_ptr + p).to(tl.float32)
+        h = g / (1.0 + tl.exp(-g)) * u * rw
+        tl.store(h_ptr + p.to(tl.int64) * stride_hm + rn, h.to(h_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit
+def _fp4_down_words_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
+                           stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
+                           BN: tl.constexpr, BK: tl.constexpr):
+    """`_fp4_down_gemv_kernel` on int32 words (as `_fp4_up_words_kernel`); the strides of w2 count words."""
+    p, pid_n = tl.program_id(0), tl.program_id(1)
+    NB: tl.constexpr = BK // 32
+    e = tl.load(idx_ptr + p).to(tl.int64)
+    if (e >= 0) & (e < E):
+        r = p.to(tl.int64)
+        rn = pid_n * BN + tl.arange(0, BN)
+        n_ok = rn < D
+        jb = tl.arange(0, NB)
+        j = tl.arange(0, 4)
+        acc = tl.full((NB, BN), 0.0, tl.float32)
+        w_off = e * stride_we + rn[None, :, None] * stride_wn
+        s_off = e * stride_se + rn[None, :] * stride_sn
+        hrow = h_ptr + r * stride_hm
+        for k0 in range(0, I, BK):
+            kb = k0 // 32 + jb
+            b_ok = 32 * kb < I
+            w2 = _words_tile(w2_ptr, w_off, kb, n_ok, b_ok, j)
+            part, _ = _word_block_sums(w2, w2, hrow, 32 * kb[:, None] + 8 * j[None, :],
+                                       b_ok[:, None] & (j >= 0)[None, :], False)
+            acc += part * _scales_tile(s2_ptr, s_off, kb, n_ok, b_ok)
+        out = tl.sum(acc, 0) * 16384.0
+        tl.store(out_ptr + r * stride_om + rn, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+
+
 @triton.jit
 def _fp4_dequant_kernel(w_ptr, s_ptr, out_ptr, n_bytes, BLOCK: tl.constexpr):
     """Packed e2m1 bytes (rows of K/2 bytes, K a multiple of 32) and their e8m0 1x32 scales -> the
@@ -292,7 +427,11 @@ def _align(idx: torch.Tensor, n_experts: int, bm: int) -> tuple[torch.Tensor, to
 
 
 # launch configurations; `TILES` may be replaced (bench/probe_quant_kernels.py tries variants)
-TILES = {"gemv": dict(BN=4, BK=512, num_warps=4, num_stages=2)}   # fastest of 8 variants, H200
+TILES = {"gemv": dict(BN=4, BK=512, num_warps=4, num_stages=2),   # fastest of 8 variants, H200
+         "words": dict(BN=16, BK=512, num_warps=4, num_stages=2)}   # 96 registers (up), 10.2 SASS per byte
+# the decode GEMV: "bytes" (`_fp4_up_gemv_kernel`, a byte per thread operation) or "words"
+# (`_fp4_up_words_kernel`, two codes per integer operation); `bench/probe_quant_kernels.py` times both
+DECODE_KERNEL = "bytes"
 
 
 def _path(n_pairs: int, n_experts: int) -> str:
@@ -346,7 +485,20 @@ def _fp4_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch
     rw = weight.reshape(-1).float().contiguous()                              # [N·K]
     s1u, s2u, s3u = (s.contiguous().view(torch.uint8) for s in (s1, s2, s3))
     w1, w2, w3 = (w.contiguous() for w in (w1, w2, w3))
-    if (path or _path(NK, E)) == "gemv":
+    path = path or _path(NK, E)
+    if path == "gemv" and DECODE_KERNEL == "words" or path == "words":
+        cfg = dict(BN=16, BK=64, num_warps=4, num_stages=1) if INTERPRET else TILES["words"]
+        flat = idx.reshape(-1).contiguous()
+        w1w, w2w, w3w = (w.view(torch.int32) for w in (w1, w2, w3))                # 4 bytes = 8 codes a word
+        _fp4_up_words_kernel[(NK, triton.cdiv(I, cfg["BN"]))](
+            x, w1w, s1u, w3w, s3u, rw, flat, h, D, I, K, E, float(limit),
+            x.stride(0), w1w.stride(0), w1w.stride(1), s1u.stride(0), s1u.stride(1), h.stride(0),
+            HAS_LIMIT=limit > 0, **cfg)
+        _fp4_down_words_kernel[(NK, triton.cdiv(D, cfg["BN"]))](
+            h, w2w, s2u, flat, out, D, I, E, h.stride(0), w2w.stride(0), w2w.stride(1), s2u.stride(0),
+            s2u.stride(1), out.stride(0), **cfg)
+        return out.view(N, K, D).sum(1)
+    if path == "gemv":
         cfg = dict(BN=16, BK=64, num_warps=4, num_stages=1) if INTERPRET else TILES["gemv"]
         flat = idx.reshape(-1).contiguous()
         _fp4_up_gemv_kernel[(NK, triton.cdiv(I, cfg["BN"]))](

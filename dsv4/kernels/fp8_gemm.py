@@ -48,6 +48,7 @@ when triton was imported before TRITON_INTERPRET was set (torch imports it), and
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import triton
@@ -137,10 +138,12 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, k_per_split,
 
 
 @triton.jit
-def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_sn, stride_ym,
-                     ROWS: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr, SCALE_E8M0: tl.constexpr,
+def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, group_n, stride_xm, stride_xg, stride_wn, stride_sn,
+                     stride_ym, ROWS: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr, SCALE_E8M0: tl.constexpr,
                      NATIVE_FP8: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
-    """y[r, n-tile] = Σ_k x[r, k] · s[n // SBN, k // SBK] · Wq[n, k] for the ROWS (1..4) rows of x.
+    """y[r, n-tile] = Σ_k x[r, g, k] · s[n // SBN, k // SBK] · Wq[n, k] for the ROWS (1..4) rows of x,
+    where g = n // group_n is the group of output row n (grouped projections such as `wo_a`: each group
+    of group_n rows reads its own slice of x, `stride_xg` apart; one group: stride_xg = 0).
 
     A chunk of BK columns is a [BN, J, 16] tile: J = BK / 16 runs of 16 bytes, each one 16-byte load by
     one thread and inside one scale block (SBK >= 16). A run's 16 products are summed in the thread (an
@@ -152,6 +155,7 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, stride_xm, stride_wn, str
     pid = tl.program_id(0)
     rn = pid * BN + tl.arange(0, BN)
     n_ok = rn < N
+    x_ptr += ((pid * BN) // group_n).to(tl.int64) * stride_xg           # the program's rows lie in one group
     jv = V * tl.arange(0, J)                                             # [J]: each run's first column
     kk = jv[:, None] + tl.arange(0, V)[None, :]                          # [J, V]: a chunk's columns
     w_ptrs = w_ptr + rn.to(tl.int64)[:, None, None] * stride_wn + kk[None, :, :]
@@ -276,15 +280,16 @@ def _gemv_tiles(M: int, N: int, K: int, block_n: int, device: torch.device) -> d
 
 
 def _fp8_gemv(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_n: int, block_k: int,
-              y: torch.Tensor, cfg: dict):
-    """y [M, N] = x2 [M, K] (unit column stride) · (weight ⊙ scale)ᵀ: one launch per GEMV_ROWS rows.
-    Returns the last launch's compiled kernel (registers and spills for the benchmarks)."""
-    M, K = x2.shape
+              y: torch.Tensor, cfg: dict, groups: int = 1):
+    """y [M, N] = x2 [M, K] (unit column stride) · (weight ⊙ scale)ᵀ: one launch per GEMV_ROWS rows; with
+    `groups` G > 1, x2 is [M, G, K] and output rows [g·N/G, (g+1)·N/G) read x2[:, g]. Returns the last
+    launch's compiled kernel (registers and spills for the benchmarks)."""
+    M, K = x2.shape[0], x2.shape[-1]
     N = weight.shape[0]
     BN, BK = int(cfg["BN"]), int(cfg["BK"])
-    if BN < 1 or BN & (BN - 1) or block_n % BN or BK < 16 or BK & (BK - 1):
-        raise ValueError(f"GEMV tiles: BN must be a power of two dividing the scale block's {block_n} rows and "
-                         f"BK a power of two >= 16; got BN={BN}, BK={BK}")
+    if BN < 1 or BN & (BN - 1) or block_n % BN or BK < 16 or BK & (BK - 1) or (groups > 1 and (N // groups) % BN):
+        raise ValueError(f"GEMV tiles: BN must be a power of two dividing the scale block's {block_n} rows (and "
+                         f"a group's {N // groups}) and BK a power of two >= 16; got BN={BN}, BK={BK}")
     w = weight.contiguous().view(torch.uint8)
     e8m0 = scale.dtype == torch.float8_e8m0fnu
     s = scale.contiguous().view(torch.uint8) if e8m0 else scale.contiguous()
@@ -294,7 +299,8 @@ def _fp8_gemv(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block
     for r0 in range(0, M, GEMV_ROWS):
         rows = min(GEMV_ROWS, M - r0)
         kernel = _fp8_gemv_kernel[grid](
-            x2[r0:], w, s, y[r0:], N, K, x2.stride(0), w.stride(0), s.stride(0), y.stride(0),
+            x2[r0:], w, s, y[r0:], N, K, N // groups, x2.stride(0), x2.stride(1) if groups > 1 else 0,
+            w.stride(0), s.stride(0), y.stride(0),
             ROWS=rows, SBN=block_n, SBK=block_k, SCALE_E8M0=e8m0, NATIVE_FP8=native, BN=BN, BK=BK,
             num_warps=int(cfg.get("num_warps", 4)), num_stages=int(cfg.get("num_stages", 2)))
     return kernel
@@ -368,3 +374,25 @@ def fp8_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: 
     num_warps, num_stages; e.g. one of GEMV_VARIANTS) overriding the default ones: for timing variants."""
     _check(x, weight, scale, block)
     return _fp8_gemm(x, weight, scale, int(block[0]), int(block[1]), path="gemv", gemv=tiles)
+
+
+def fp8_grouped_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
+                     block: tuple[int, int] = (128, 128), **tiles) -> torch.Tensor:
+    """A grouped projection on FP8 weights, the GEMV of decode: x [..., G, K] and weight [G·R, K] (group g
+    owns rows [g·R, (g+1)·R)) -> y [..., G·R] with y[..., g·R + r] = Σ_k x[..., g, k] · W[g·R + r, k]
+    (the attention's `wo_a`, spec §6: 'bsgi,gri->bsgr'). One launch per GEMV_ROWS rows of leading dims,
+    the weight read once; `tiles` override the default GEMV tiles. Twin: `dsv4.ops.fp8_grouped_linear_torch`."""
+    G, K = x.shape[-2], x.shape[-1]
+    _check(x, weight, scale, block)
+    N = weight.shape[0]
+    if N % G:
+        raise ValueError(f"the weight's {N} rows do not split into the input's {G} groups")
+    x3 = x.reshape(-1, G, K)                                                     # [M, G, K]
+    if x3.stride(-1) != 1:
+        x3 = x3.contiguous()
+    M = x3.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    if M:
+        cfg = {**_gemv_tiles(M, N, K, math.gcd(int(block[0]), N // G), x.device), **tiles}
+        _fp8_gemv(x3, weight, scale, int(block[0]), int(block[1]), y, cfg, groups=G)
+    return y.view(*x.shape[:-2], N)
