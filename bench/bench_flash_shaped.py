@@ -75,6 +75,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fp4-gemv-tiles", default=None,
                    help="JSON launch configuration of the FP4 decode GEMV (see bench/probe_quant_kernels.py)")
+    p.add_argument("--fp4-decode-kernels", default="words",
+                   help="FP4 decode GEMV variants to time the model's decode with, comma-separated: words, bytes "
+                        "(dsv4.kernels.fp4_moe.DECODE_KERNEL; the first is kept for the profile; rows of words "
+                        "have the plain names, those of bytes end in _bytes)")
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="also profile one eager batch-1 decode step of the model section; kernel table to FILE")
     p.add_argument("--out", default="bench_flash_shaped.json")
@@ -284,27 +288,34 @@ def section_model(args, device, timer, folder: Path) -> dict:
     print(f"prefill {P} tokens: {t:.2f} s, {P / t:,.0f} tok/s", flush=True)
     copy_row(cache, 0, range(1, Bmax))            # every row continues the same 8K prefix
 
+    from dsv4.kernels import fp4_moe
     full = list(model.layers)
     half = max(1, len(full) // 2)
-    res["decode"] = {}
-    for k in sorted({len(full), half}, reverse=True):
-        model.layers = torch.nn.ModuleList(full[:k])
+    K = len(full)
+    variants = args.fp4_decode_kernels.split(",")
+    for variant in variants:
+        fp4_moe.DECODE_KERNEL = variant
+        key = "" if variant == "words" else f"_{variant}"
+        dec = res[f"decode{key}"] = {}
+        for k in sorted({len(full), half}, reverse=True):
+            model.layers = torch.nn.ModuleList(full[:k])
+            for B in args.batches:
+                dec[f"layers={k} batch={B}"] = decode_ms(model, cache, B, steps, timer)
+        model.layers = torch.nn.ModuleList(full)
         for B in args.batches:
-            res["decode"][f"layers={k} batch={B}"] = decode_ms(model, cache, B, steps, timer)
-    model.layers = torch.nn.ModuleList(full)
+            total = dec[f"layers={K} batch={B}"]["ms_per_step"]
+            per = {"ms_per_layer_total_over_K": total / K}
+            if half < K:
+                slope = (total - dec[f"layers={half} batch={B}"]["ms_per_step"]) / (K - half)
+                per["ms_per_layer_slope"] = slope
+                per["ratio_to_sglang_per_layer"] = slope / SGLANG_MS_PER_LAYER
+            per["ratio_to_sglang_total_over_K"] = per["ms_per_layer_total_over_K"] / SGLANG_MS_PER_LAYER
+            res[f"per_layer_batch{B}{key}"] = per
+            print(f"decode ({variant} FP4 GEMV) batch {B}: {total:.3f} ms/step for {K} layers; per layer "
+                  f"{json.dumps(per)}", flush=True)
+    fp4_moe.DECODE_KERNEL = variants[0]
     if args.profile and device.type == "cuda":
         res["profile"] = profile_decode(model, cache, Path(args.profile))
-    K = len(full)
-    for B in args.batches:
-        total = res["decode"][f"layers={K} batch={B}"]["ms_per_step"]
-        per = {"ms_per_layer_total_over_K": total / K}
-        if half < K:
-            slope = (total - res["decode"][f"layers={half} batch={B}"]["ms_per_step"]) / (K - half)
-            per["ms_per_layer_slope"] = slope
-            per["ratio_to_sglang_per_layer"] = slope / SGLANG_MS_PER_LAYER
-        per["ratio_to_sglang_total_over_K"] = per["ms_per_layer_total_over_K"] / SGLANG_MS_PER_LAYER
-        res[f"per_layer_batch{B}"] = per
-        print(f"decode batch {B}: {total:.3f} ms/step for {K} layers; per layer {json.dumps(per)}", flush=True)
     return res
 
 

@@ -549,7 +549,7 @@ def load_pretrained(path: str | os.PathLike, device: str | torch.device = "cpu",
 
     quantized: keep FP8 matrices and FP4 routed experts in their storage format (`dsv4.quant.FP8Linear`,
     `FP4Experts`; Triton kernels on CUDA), about a quarter of the bf16 bytes for the released models;
-    `wo_a` is dequantised, as in the official inference code. False: dequantise everything on load.
+    `wo_a` stays FP8 too (the official inference code dequantises it). False: dequantise everything on load.
     Default: quantised when the checkpoint stores FP8/FP4 tensors and `device` is CUDA.
     experts: load only these routed experts of every MoE (a `range`; expert parallelism, see
     `dsv4.parallel.inference`); the MoE modules then hold `len(experts)` experts.
@@ -639,7 +639,7 @@ def _make_resident(ckpt: _Checkpoint, device: torch.device, quantized: bool | No
     for item in stored if quantized else ():
         name, expert, rows = item.targets[0]
         owner = name.rpartition(".")[0]
-        if item.fmt == "fp8" and expert is None and name.endswith(".weight") and not owner.endswith("wo_a") \
+        if item.fmt == "fp8" and expert is None and name.endswith(".weight") \
                 and isinstance(model.get_submodule(owner), nn.Linear):
             fp8[owner] = torch.float8_e8m0fnu if _scale_dtype(ckpt, item) == "F8_E8M0" else torch.float32
         elif item.fmt == "fp4" and expert is not None:

@@ -15,8 +15,8 @@ checkpoint's FP8 matrices and FP4 experts in these storage formats and compute t
 (`fp8_linear`, `fp4_experts`: Triton kernels on CUDA, dequantise-on-the-fly twins elsewhere). They are
 swapped into a model built on the meta device from outside (`replace_modules`); the model code only
 knows the seams (`attention.linear` calls a non-`nn.Linear` layer, `MoE` calls `experts(x, idx, weight)`).
-As in the official inference code, `wo_a` is dequantised (the attention reads its weight as a grouped
-tensor). `resident_bytes` counts a model's bytes; `analytic_resident_bytes` computes them from the config.
+`wo_a`, which the official inference code dequantises on load, stays FP8 as well: the attention runs it
+as a grouped projection (`FP8Linear.grouped`). `resident_bytes` counts a model's bytes; `analytic_resident_bytes` computes them from the config.
 """
 from __future__ import annotations
 
@@ -271,7 +271,7 @@ def analytic_resident_bytes(cfg, dtype: torch.dtype = torch.bfloat16, *, fp8: bo
                             fp4_experts: bool | None = None, n_experts: int | None = None) -> dict[str, int]:
     """What `resident_bytes` of a quantised-resident model of `cfg` gives, from the spec's tensor table
     (§13.1) alone: FP8 matrices at 1 byte + one scale byte per block, FP4 experts at half a byte + one
-    scale byte per 32, `wo_a` and bf16 tensors in `dtype`, the release's F32 tensors in fp32, `tid2eid`
+    scale byte per 32, bf16 tensors in `dtype`, the release's F32 tensors in fp32, `tid2eid`
     int64. fp8 / fp4_experts default to the config's `quantization_config` / `expert_dtype`;
     n_experts = routed experts held per MoE (expert parallelism: E / ranks)."""
     fp8 = cfg.quantization_config is not None if fp8 is None else fp8
@@ -308,7 +308,7 @@ def analytic_resident_bytes(cfg, dtype: torch.dtype = torch.bfloat16, *, fp8: bo
         fp8_matrix(Iq, D)                                                        # wq_a
         fp8_matrix(H * Dh, Iq)                                                   # wq_b
         fp8_matrix(Dh, D)                                                        # wkv
-        plain(cfg.o_groups * cfg.o_lora_rank, H * Dh // cfg.o_groups)            # wo_a: dequantised
+        fp8_matrix(cfg.o_groups * cfg.o_lora_rank, H * Dh // cfg.o_groups)       # wo_a (grouped)
         fp8_matrix(D, cfg.o_groups * cfg.o_lora_rank)                            # wo_b
         ratio = cfg.layer_ratio(layer)
         if ratio:

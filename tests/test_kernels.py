@@ -363,6 +363,28 @@ def test_fused_hc_pre_and_post_equal_twins(dtype):
     assert got_h.dtype == dtype and rel(got_h, want_h) < tol(dtype)
 
 
+def test_hc_pre_finish_split_over_columns():
+    # the finish's weighted sum split into column ranges (decode: few tokens, D 300 in ranges of 256 and
+    # of 128 at 1 and 3 tokens, a partial last range); only the first range's program stores post, comb
+    # and the saved tensors: all equal the one-program finish and the float64 twin
+    from dsv4.kernels import mhc as k
+    g = torch.Generator().manual_seed(31)
+    n, D = 4, 300
+    h = torch.randn(1, 3, n, D, generator=g, dtype=torch.float64)
+    fn = torch.randn((2 + n) * n, n * D, generator=g, dtype=torch.float64) / (n * D) ** 0.5
+    scale = torch.rand(3, generator=g, dtype=torch.float64) + 0.5
+    base = torch.randn((2 + n) * n, generator=g, dtype=torch.float64)
+    for t in (1, 3):
+        args = (h[:, :t].float().to(DEV), fn.float().to(DEV), scale.float().to(DEV), base.float().to(DEV),
+                n, 20, 1e-6, 1e-6)
+        *one, saved_one = k.hc_pre(*args, save=True, finish_programs=1)
+        *split, saved_split = k.hc_pre(*args, save=True, finish_programs=264)
+        for a, b, c in zip(split, one, ops.hc_pre_torch(h[:, :t], fn, scale, base, n, 20, 1e-6, 1e-6)):
+            assert torch.equal(a, b) and rel(a, c) < 1e-5
+        for a, b in zip(saved_split, saved_one):
+            assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ["q", "kv", "derotate", "norm", "entries"])
 def test_norm_rope_equals_twin(dtype, case):

@@ -18,8 +18,9 @@ on sm90 goes elsewhere: `dsv4.ops.fp4_experts_dequant`, on `dequant_fp4` below a
   instructions per weight byte offline (sm90: ~20, against ~54 when every weight was scaled).
   `_fp4_up_words_kernel` / `_fp4_down_words_kernel` do the same on int32 words, two codes per integer
   operation (`_e2m1_word_pair`: each 16-bit half of a word becomes one fp16 code), with a warp's lanes
-  on consecutive blocks and a thread's rows sharing its reads of x (~10 SASS per byte). `DECODE_KERNEL`
-  picks one; `bench/probe_flash_decode.py` times both from HBM;
+  on consecutive blocks and a thread's rows sharing its reads of x (~10 SASS per byte), the default.
+  `DECODE_KERNEL` picks one; `bench/probe_flash_decode.py` times both from HBM (V4-Flash shapes, 6
+  experts from HBM on an H200: 50 against 78 us at batch 1, 81 against 134 us at batch 2);
 - otherwise the tiled kernels below, two over blocks of pairs of one expert:
   1. `_fp4_up_kernel`: per block of pairs of one expert, g = x·W1ᵀ and u = x·W3ᵀ (x rows gathered by
      token), the clamped SwiGLU and the routing weight in fp32, h stored in the activation dtype;
@@ -429,9 +430,9 @@ def _align(idx: torch.Tensor, n_experts: int, bm: int) -> tuple[torch.Tensor, to
 # launch configurations; `TILES` may be replaced (bench/probe_quant_kernels.py tries variants)
 TILES = {"gemv": dict(BN=4, BK=512, num_warps=4, num_stages=2),   # fastest of 8 variants, H200
          "words": dict(BN=16, BK=512, num_warps=4, num_stages=2)}   # 96 registers (up), 10.2 SASS per byte
-# the decode GEMV: "bytes" (`_fp4_up_gemv_kernel`, a byte per thread operation) or "words"
-# (`_fp4_up_words_kernel`, two codes per integer operation); `bench/probe_quant_kernels.py` times both
-DECODE_KERNEL = "bytes"
+# the decode GEMV: "words" (`_fp4_up_words_kernel`, two codes per integer operation) or "bytes"
+# (`_fp4_up_gemv_kernel`, a byte per thread operation); `bench/probe_flash_decode.py` times both
+DECODE_KERNEL = "words"
 
 
 def _path(n_pairs: int, n_experts: int) -> str:

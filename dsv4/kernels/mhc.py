@@ -129,13 +129,16 @@ def _hc_mix_kernel(H, FN, SS, MIX, N_TOK, D, K_PER,
 
 
 @triton.jit
-def _hc_finish_kernel(H, SS, MIX, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLIT, eps, norm_eps,
+def _hc_finish_kernel(H, SS, MIX, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLIT, D_PER, eps, norm_eps,
                       ITERS: tl.constexpr, NS: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr,
                       BLOCK_D: tl.constexpr, SPLIT_BLOCK: tl.constexpr, MIXES=None, RHO=None, PRE=None):
-    """hc_pre, part 2: the slices' sums, RMS scaling, gates, Sinkhorn, then x = Σ_j pre_j h_j.
-    With MIXES (and RHO, PRE) given, also stores what the backward pass needs: the scaled mix logits
-    [T, (2+N)·N], rho [T] and pre [T, N] (None: not compiled in)."""
+    """hc_pre, part 2: the slices' sums, RMS scaling, gates, Sinkhorn, then x = Σ_j pre_j h_j over the
+    columns [pd·D_PER, (pd+1)·D_PER) of program (·, pd). Every program of a token block computes the
+    gates; the one of the first column range also runs the Sinkhorn and stores post, comb and, with
+    MIXES (and RHO, PRE) given, what the backward pass needs: the scaled mix logits [T, (2+N)·N],
+    rho [T] and pre [T, N] (None: not compiled in)."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    first = tl.program_id(1) == 0
     tm = t < N_TOK
     ND = NS * D
     r2 = tl.arange(0, 2 * NS)
@@ -150,8 +153,8 @@ def _hc_finish_kernel(H, SS, MIX, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLIT, 
         base = (spv[:, None] * N_TOK + t[None, :]).to(tl.int64)                                # [SB, BT]
         ss += tl.sum(tl.load(SS + base, mask=m2, other=0.0), 0)
         pp += tl.sum(tl.load(MIX + base[:, :, None] * NP + r2[None, None, :], mask=m2[:, :, None], other=0.0), 0)
-        cc += tl.sum(tl.load(MIX + base[:, :, None] * NP + 2 * NS + rc[None, None, :], mask=m2[:, :, None],
-                             other=0.0), 0)
+        cc += tl.sum(tl.load(MIX + base[:, :, None] * NP + 2 * NS + rc[None, None, :],
+                             mask=m2[:, :, None] & first, other=0.0), 0)
     rho = 1.0 / tl.sqrt(ss / ND + norm_eps)
     s0 = tl.load(SCALE)
     s1 = tl.load(SCALE + 1)
@@ -162,21 +165,24 @@ def _hc_finish_kernel(H, SS, MIX, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLIT, 
     pre_l = tl.sum(tl.where(half == 0, pp3, 0.0), 1)                                 # [BT, N]
     post_l = tl.sum(tl.where(half == 1, pp3, 0.0), 1)
     pre = tl.sigmoid(pre_l * s0 + tl.load(BASE + i)[None, :]) + eps
-    post = 2 * tl.sigmoid(post_l * s1 + tl.load(BASE + NS + i)[None, :])
-    tl.store(POST + t[:, None] * NS + i[None, :], post, mask=tm[:, None])
-    if MIXES is not None:
-        mrow = MIXES + t.to(tl.int64)[:, None] * ((2 + NS) * NS)
-        tl.store(mrow + r2[None, :], pp * rho[:, None], mask=tm[:, None])
-        tl.store(mrow + 2 * NS + rc[None, :], cc * rho[:, None], mask=tm[:, None])
-        tl.store(RHO + t, rho, mask=tm)
-        tl.store(PRE + t[:, None] * NS + i[None, :], pre, mask=tm[:, None])
-    jk = i[:, None] * NS + i[None, :]
-    c = tl.reshape(cc * rho[:, None], [BLOCK_T, NS, NS]) * s2 + tl.load(BASE + 2 * NS + jk)[None, :, :]
-    c = _sinkhorn(c, eps, ITERS)
-    tl.store(COMB + t.to(tl.int64)[:, None, None] * (NS * NS) + jk[None, :, :], c, mask=tm[:, None, None])
+    if first:
+        post = 2 * tl.sigmoid(post_l * s1 + tl.load(BASE + NS + i)[None, :])
+        tl.store(POST + t[:, None] * NS + i[None, :], post, mask=tm[:, None])
+        if MIXES is not None:
+            mrow = MIXES + t.to(tl.int64)[:, None] * ((2 + NS) * NS)
+            tl.store(mrow + r2[None, :], pp * rho[:, None], mask=tm[:, None])
+            tl.store(mrow + 2 * NS + rc[None, :], cc * rho[:, None], mask=tm[:, None])
+            tl.store(RHO + t, rho, mask=tm)
+            tl.store(PRE + t[:, None] * NS + i[None, :], pre, mask=tm[:, None])
+        jk = i[:, None] * NS + i[None, :]
+        c = tl.reshape(cc * rho[:, None], [BLOCK_T, NS, NS]) * s2 + tl.load(BASE + 2 * NS + jk)[None, :, :]
+        c = _sinkhorn(c, eps, ITERS)
+        tl.store(COMB + t.to(tl.int64)[:, None, None] * (NS * NS) + jk[None, :, :], c, mask=tm[:, None, None])
     dd = tl.arange(0, BLOCK_D)
-    for d0 in range(0, D, BLOCK_D):
-        dm = (d0 + dd) < D
+    d_lo = tl.program_id(1) * D_PER
+    d_hi = tl.minimum(D, d_lo + D_PER)
+    for d0 in range(d_lo, d_hi, BLOCK_D):
+        dm = (d0 + dd) < d_hi
         off = t.to(tl.int64)[:, None, None] * ND + i[None, :, None] * D + (d0 + dd)[None, None, :]
         hv = tl.load(H + off, mask=tm[:, None, None] & dm[None, None, :], other=0.0).to(tl.float32)  # [BT, N, BD]
         x = tl.sum(pre[:, :, None] * hv, 1)
@@ -186,7 +192,7 @@ def _hc_finish_kernel(H, SS, MIX, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLIT, 
 
 def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = None, block_k: int | None = None,
            programs: int | None = None, finish_block_t: int | None = None, save: bool = False,
-           finish_warps: int = 4, mix_precision: str | None = None):
+           finish_warps: int = 4, mix_precision: str | None = None, finish_programs: int | None = None):
     """x [.., D] (h's dtype), post [.., N], comb [.., N, N] fp32 from streams h [.., N, D]; with `save`, also
     (mixes [T, (2+N)·N], rho [T], pre [T, N]) fp32 for `hc_pre_backward`. The mix GEMV is
     split over enough slices of N·D to give ~`programs` programs (one slice when tokens are many).
@@ -197,7 +203,9 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
     hc`), as many programs as blocks up to `programs`; the finish reads the slices' partial sums in
     groups (a serial loop over V4-Flash's 128 slices took 47 µs). `finish_warps`: the finish's warps
     (its Sinkhorn is ~40 dependent reductions over [BLOCK_T, N, N]; fewer warps keep them inside one
-    warp at a token or two; `bench_kernels --only hc` times 1, 2 and 4). `mix_precision`: the dot of the
+    warp at a token or two; `bench_kernels --only hc` times 1, 2 and 4). `finish_programs`: with fewer
+    token blocks than this, the finish's weighted sum over D is split into column ranges, one program
+    each (decode: one token's 4 × 4,096 streams were one program's serial loop). `mix_precision`: the dot of the
     mix from 16 tokens: "bf16x3" (bf16 streams only: fn as three bf16 parts on the tensor cores, exact
     products; the default for bf16 streams on a GPU), "ieee" (fp32 FMA; the default otherwise) or
     "tf32x3" (three TF32 products)."""
@@ -243,10 +251,13 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
                                     PREC="ieee" if INTERPRET or prec == "bf16x3" else prec,
                                     SPLIT3=split3, F32_DOT=INTERPRET)
         finish_block_t = min(finish_block_t, triton.next_power_of_2(T))
-        _hc_finish_kernel[(triton.cdiv(T, finish_block_t),)](
-            hv, ss, mix, scale.float().contiguous(), base.float().contiguous(), x, post, comb, T, D, split, eps,
-            norm_eps, ITERS=iters, NS=n, NP=n_pad, BLOCK_T=finish_block_t,
-            BLOCK_D=min(max(128, 1024 // finish_block_t), triton.next_power_of_2(D)),
+        block_d = min(max(128, 1024 // finish_block_t), triton.next_power_of_2(D))
+        tbf = triton.cdiv(T, finish_block_t)
+        chunks = max(1, min(triton.cdiv(D, block_d), (finish_programs or (1 if INTERPRET else 264)) // tbf))
+        d_per = triton.cdiv(triton.cdiv(D, chunks), block_d) * block_d
+        _hc_finish_kernel[(tbf, triton.cdiv(D, d_per))](
+            hv, ss, mix, scale.float().contiguous(), base.float().contiguous(), x, post, comb, T, D, split, d_per,
+            eps, norm_eps, ITERS=iters, NS=n, NP=n_pad, BLOCK_T=finish_block_t, BLOCK_D=block_d,
             SPLIT_BLOCK=min(64 // finish_block_t if finish_block_t < 64 else 1, triton.next_power_of_2(split)),
             MIXES=saved[0], RHO=saved[1], PRE=saved[2], num_warps=finish_warps)
     out = x.view(*lead, D), post.view(*lead, n), comb.view(*lead, n, n)
