@@ -64,6 +64,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default="kernels,parity,model", help="sections, comma-separated")
     p.add_argument("--layers", type=int, default=8, help="main layers of the model section (default 8)")
+    p.add_argument("--slope-from", type=int, default=None,
+                   help="also time the decode with only the first N layers; the per-layer slope is (t(all) - "
+                        "t(N)) / (layers - N) (default layers // 2; with --layers 6 --slope-from 2 the slope is "
+                        "the mean of a CSA and an HCA layer, as 40 of V4-Flash's 43 layers)")
     p.add_argument("--context", type=int, default=8192, help="prompt tokens before decoding (default 8192)")
     p.add_argument("--batches", type=ints, default=[1, 32], help="decode batch sizes (default 1,32)")
     p.add_argument("--decode-steps", type=int, default=32, help="timed decode steps per batch size")
@@ -290,7 +294,9 @@ def section_model(args, device, timer, folder: Path) -> dict:
 
     from dsv4.kernels import fp4_moe
     full = list(model.layers)
-    half = max(1, len(full) // 2)
+    half = args.slope_from if args.slope_from is not None else max(1, len(full) // 2)
+    if not 1 <= half <= len(full):
+        raise SystemExit(f"--slope-from must be between 1 and --layers ({len(full)}); got {half}")
     K = len(full)
     variants = args.fp4_decode_kernels.split(",")
     for variant in variants:

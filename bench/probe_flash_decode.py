@@ -36,6 +36,8 @@ FLASH = dict(E=256, D=4096, I=2048, topk=6, limit=10.0, H=64, Dh=512, G=8, R=102
              index_dim=128)
 SMALL = dict(E=8, D=256, I=128, topk=2, limit=10.0, H=4, Dh=64, G=2, R=64, Iq=64, index_heads=2, index_dim=64)
 BYTES_TILES = [dict(BN=4, BK=512, num_warps=4, num_stages=2), dict(BN=8, BK=256, num_warps=4, num_stages=2)]
+WORDS_DOWN_TILES = [dict(BN=bn, BK=bk, num_warps=w, num_stages=2) for bn, bk, w in
+                    [(16, 512, 4), (8, 512, 4), (8, 1024, 4), (4, 1024, 4), (4, 512, 2)]]
 WORDS_TILES = [dict(BN=bn, BK=bk, num_warps=w, num_stages=2) for bn, bk, w in
                [(16, 512, 4), (16, 1024, 4), (8, 1024, 4), (8, 512, 4), (4, 1024, 4), (32, 1024, 8)]]
 
@@ -92,23 +94,36 @@ def probe_fp4(c, M, device, g, ws) -> list[dict]:
     ref = f64_experts(x, idxs[0], weight, ws, c["limit"])
     used_bytes = M * K * (3 * I * D // 2 + 3 * I * D // 32)
     rows = []
-    variants = [("bytes", t) for t in BYTES_TILES] + [("words", t) for t in WORDS_TILES]
-    for kernel, tiles in variants:
+    # (kernel, tiles, down projection of the words kernel, its tiles when summing a token's pairs)
+    variants = [("bytes", t, None, None) for t in BYTES_TILES] + \
+        [("words", t, "pair", None) for t in WORDS_TILES] + \
+        [("words", WORDS_TILES[0], "token", d) for d in WORDS_DOWN_TILES]
+    saved = {k: dict(v) for k, v in fp4_moe.TILES.items()}
+    saved_down, saved_kernel = fp4_moe.WORDS_DOWN, fp4_moe.DECODE_KERNEL
+    for kernel, tiles, down, down_tiles in variants:
         key = "gemv" if kernel == "bytes" else "words"
-        saved = dict(fp4_moe.TILES[key])
         fp4_moe.TILES[key] = tiles
+        fp4_moe.WORDS_DOWN = down or saved_down
+        fp4_moe.DECODE_KERNEL = kernel            # the "gemv" path runs DECODE_KERNEL's kernel
+        if down_tiles:
+            fp4_moe.TILES["words_down"] = down_tiles
+        name = kernel if down is None else f"{kernel}, down per {down}"
+        shown = tiles if not down_tiles else {**tiles, "down": down_tiles}
         try:
             call = lambda i: fp4_moe._fp4_moe(x, i, weight, *ws, c["limit"], path=key)     # noqa: E731
             err = rel(call(idxs[0]), ref)
             us = sweep_us([lambda i=i: call(i) for i in idxs], device)
         except Exception as exc:      # a tile that does not compile or fit: recorded, skipped
-            rows.append(dict(op="fp4 experts", M=M, variant=kernel, tiles=tiles, error=f"{type(exc).__name__}: {exc}"[:300]))
+            rows.append(dict(op="fp4 experts", M=M, variant=name, tiles=shown, error=f"{type(exc).__name__}: {exc}"[:300]))
             continue
         finally:
-            fp4_moe.TILES[key] = saved
+            fp4_moe.TILES.clear()
+            fp4_moe.TILES.update({k: dict(v) for k, v in saved.items()})
+            fp4_moe.WORDS_DOWN, fp4_moe.DECODE_KERNEL = saved_down, saved_kernel
+        kernel, tiles = name, shown
         rows.append(dict(op="fp4 experts", M=M, variant=kernel, tiles=tiles, us=us, bytes=used_bytes,
                          GBps=used_bytes / us / 1e3, hbm_frac=used_bytes / us / 1e-6 / HBM, rel_err_f64=err))
-        print(f"fp4 M={M} {kernel:5s} {tiles}: {us:7.1f} us {rows[-1]['GBps']:7.0f} GB/s err {err:.2e}", flush=True)
+        print(f"fp4 M={M} {kernel} {tiles}: {us:7.1f} us {rows[-1]['GBps']:7.0f} GB/s err {err:.2e}", flush=True)
     return rows
 
 
@@ -173,26 +188,79 @@ def probe_fp8(c, M, device, g) -> list[dict]:
 
 
 @torch.no_grad()
+def probe_index(c, device, g, contexts) -> list[dict]:
+    """The lightning indexer of one decode token (spec §6.2): scores over C compressed entries (the block
+    kernel against the few-query kernel, entry blocks of 16/32/64) and the top-k (radix select against
+    `torch.topk`), errors against float64 scores."""
+    from dsv4.kernels import indexer
+    Hi, Di, P = c["index_heads"], c["index_dim"], 512 if device.type == "cuda" else 16
+    rows = []
+    for ctx in contexts:
+        C = ctx // 4
+        q = torch.randn(1, 1, Hi, Di, device=device, generator=g).to(torch.bfloat16)
+        k = torch.randn(1, C, Di, device=device, generator=g).to(torch.bfloat16)
+        w = torch.randn(1, 1, Hi, device=device, generator=g)
+        lo = torch.zeros(1, 1, dtype=torch.int32, device=device)
+        hi = torch.full((1, 1), C, dtype=torch.int32, device=device)
+        ref = ops.index_scores(q.double(), k.double(), w.double(), torch.zeros(1, dtype=torch.long, device=device))
+        runs = [("scores, query blocks", {}, lambda: indexer.scores(q, k, w, lo, hi, few=False))]
+        saved = indexer.FEW_BLOCK_C
+        for bc in (16, 32, 64):
+            for nw in (4, 8):
+                def few(bc=bc, nw=nw):
+                    indexer.FEW_BLOCK_C = bc
+                    try:
+                        return indexer.scores(q, k, w, lo, hi, few=True, num_warps=nw)
+                    finally:
+                        indexer.FEW_BLOCK_C = saved
+                runs.append(("scores, few queries", dict(BLOCK_C=bc, num_warps=nw), few))
+        sc = indexer.scores(q, k, w, lo, hi)
+        for nw in (4, 8):
+            runs.append(("select", dict(num_warps=nw), lambda nw=nw: indexer.select(sc, P, num_warps=nw)))
+        runs.append(("torch.topk", {}, lambda: sc.topk(min(P, C), dim=-1)))
+        for name, tiles, fn in runs:
+            try:
+                out = fn()
+                err = rel(out.float(), ref) if name.startswith("scores") else 0.0
+                us = sweep_us([fn], device)
+            except Exception as exc:
+                rows.append(dict(op=f"index ctx {ctx}", M=1, variant=name, tiles=tiles,
+                                 error=f"{type(exc).__name__}: {exc}"[:300]))
+                continue
+            rows.append(dict(op=f"index ctx {ctx}", M=1, variant=name, tiles=tiles, us=us, bytes=C * Di * 2,
+                             GBps=C * Di * 2 / us / 1e3, hbm_frac=C * Di * 2 / us / 1e-6 / HBM, rel_err_f64=err))
+            print(f"index ctx {ctx} {name} {tiles}: {us:7.1f} us err {err:.2e}", flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="reduced sizes (CPU under TRITON_INTERPRET=1)")
     ap.add_argument("--batches", default="1,2")
     ap.add_argument("--skip-fp8", action="store_true", help="only the experts and wo_a")
+    ap.add_argument("--only", default="fp4,wo_a,fp8,index", help="sections, comma-separated")
+    ap.add_argument("--contexts", default="8192,65536", help="index section: context lengths (entries = ctx / 4)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     c = SMALL if args.small else FLASH
     g = torch.Generator(device=device).manual_seed(0)
     t0 = time.time()
-    ws = random_experts(c["E"], c["D"], c["I"], device, g)
+    only = set(args.only.split(","))
     rows = []
     batches = [int(b) for b in args.batches.split(",")]
-    for M in batches:
-        rows += probe_fp4(c, M, device, g, ws)
-    del ws
-    for M in batches:
-        rows += probe_wo_a(c, M, device, g)
-    if not args.skip_fp8:
+    if "index" in only:
+        contexts = [int(x) for x in args.contexts.split(",")] if device.type == "cuda" else [256]
+        rows += probe_index(c, device, g, contexts)
+    if "fp4" in only:
+        ws = random_experts(c["E"], c["D"], c["I"], device, g)
+        for M in batches:
+            rows += probe_fp4(c, M, device, g, ws)
+        del ws
+    if "wo_a" in only:
+        for M in batches:
+            rows += probe_wo_a(c, M, device, g)
+    if "fp8" in only and not args.skip_fp8:
         for M in batches[:1]:
             rows += probe_fp8(c, M, device, g)
     res = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter)",

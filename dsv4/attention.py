@@ -65,14 +65,71 @@ def linears(x: torch.Tensor, layers: list, fp32: bool = False) -> list[torch.Ten
 
     Weights that `pack` put back to back in one buffer run as one GEMM over their rows when no gradient
     is wanted (inference): one launch instead of len(layers), the outputs slices of one output. A decode
-    step is mostly such small launches. Otherwise (training, unpacked or quantised layers) each layer
-    runs on its own."""
+    step is mostly such small launches. FP8 layers (`dsv4.quant.FP8Linear`) packed together run as one
+    FP8 GEMM the same way, beside the group's other layers. Otherwise (training, unpacked layers) each
+    layer runs on its own."""
     if len(layers) > 1 and not torch.is_grad_enabled() and not torch.compiler.is_compiling():
         w = packed_weight(layers)
         if w is not None:
             y = ops.dense(x, w, fp32)
             return list(y.split([layer.weight.shape[0] for layer in layers], dim=-1))
+        fp8 = [layer for layer in layers if _is_fp8(layer)]
+        packed = packed_fp8(fp8) if len(fp8) > 1 else None
+        if packed is not None:
+            y = ops.fp8_linear(up(x) if fp32 else x, *packed, fp8[0].block)
+            parts = iter(y.split([layer.out_features for layer in fp8], dim=-1))
+            return [next(parts) if _is_fp8(layer) else linear(x, layer, fp32) for layer in layers]
     return [linear(x, layer, fp32) for layer in layers]
+
+
+def _is_fp8(layer) -> bool:
+    """An FP8-resident projection (`dsv4.quant.FP8Linear`: e4m3 `weight`, block `scale`, `block`)."""
+    return getattr(layer, "weight", None) is not None and layer.weight.dtype == torch.float8_e4m3fn \
+        and hasattr(layer, "scale") and hasattr(layer, "block")
+
+
+def _fp8_packable(layers: list) -> bool:
+    """FP8 layers of one input whose weights and block scales can lie back to back: the same input width,
+    block and scale dtype, and every layer but the last a whole number of scale blocks of rows."""
+    if len(layers) < 2 or not all(_is_fp8(m) for m in layers):
+        return False
+    m0 = layers[0]
+    same = all(m.in_features == m0.in_features and m.block == m0.block and m.scale.dtype == m0.scale.dtype
+               and m.weight.device == m0.weight.device for m in layers)
+    return same and all(m.out_features % m0.block[0] == 0 for m in layers[:-1])
+
+
+def _stacked_view(ts: list) -> torch.Tensor | None:
+    """The 2-D tensors `ts` (same columns) as one [Σrows, cols] view when they lie back to back in one
+    storage (see `packed_weight` on why one storage); else None."""
+    t0, K = ts[0], ts[0].shape[1]
+    if not all(t.is_contiguous() and t.untyped_storage().data_ptr() == t0.untyped_storage().data_ptr()
+               for t in ts):
+        return None
+    at = t0.storage_offset()
+    for t in ts:
+        if t.storage_offset() != at:
+            return None
+        at += t.shape[0] * K
+    if t0.untyped_storage().nbytes() < at * t0.element_size():
+        return None
+    return torch.empty(0, dtype=t0.dtype, device=t0.device).set_(
+        t0.untyped_storage(), t0.storage_offset(), (sum(t.shape[0] for t in ts), K), (K, 1))
+
+
+def packed_fp8(layers: list) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(weight [ΣN, K], scale [ΣN/bn, K/bk]) of FP8 layers that `pack` put back to back, as views; else None."""
+    if not _fp8_packable(layers):
+        return None
+    key = tuple((m.weight.data_ptr(), m.scale.data_ptr()) for m in layers)
+    memo = getattr(layers[0], "_packed_fp8", None)
+    if memo is not None and memo[0] == key:
+        return memo[1]
+    w, s = _stacked_view([m.weight for m in layers]), _stacked_view([m.scale for m in layers])
+    if w is None or s is None:
+        return None
+    layers[0]._packed_fp8 = (key, (w, s))
+    return w, s
 
 
 def _plain_weights(layers: list) -> list | None:
@@ -116,7 +173,20 @@ def pack(layers: list) -> bool:
     """Move the weights of `layers` (plain `nn.Linear`s of one input) back to back into one new buffer,
     each weight a view of it: parameters, names and the state dict are unchanged, and `linears` then
     runs them as one GEMM in inference. For inference only (`Transformer.pack_projections`): a checkpoint
-    writer may store each view with the whole buffer. False where the layers cannot be packed."""
+    writer may store each view with the whole buffer. The FP8 layers of a group (`dsv4.quant.FP8Linear`)
+    are packed among themselves, weights and block scales each in one buffer. False where nothing could
+    be packed."""
+    fp8 = [layer for layer in layers if _is_fp8(layer)]
+    if _fp8_packable(fp8):
+        with torch.inference_mode(False), torch.no_grad():
+            for name in ("weight", "scale"):
+                buf = torch.cat([getattr(m, name) for m in fp8])
+                at = 0
+                for m in fp8:
+                    n = getattr(m, name).shape[0]
+                    setattr(m, name, buf[at:at + n])            # a registered buffer: replaced in place
+                    at += n
+        return True
     ws = _plain_weights(layers)
     if ws is None or len(ws) < 2:
         return False

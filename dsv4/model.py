@@ -309,8 +309,9 @@ class Transformer(nn.Module):
         per group (`Attention.projection_groups`, the shared expert's w1 and w3), so that a no-gradient
         forward runs each group as one GEMM (`attention.linears`): 16 fewer launches per decode step of
         the bench model. Parameters, names and the state dict are unchanged; moving the model (`.to`)
-        unpacks it (the GEMMs then run one by one). Quantised or sharded layers are left as they are.
-        Returns the number of groups packed."""
+        unpacks it (the GEMMs then run one by one). FP8-resident layers of a group are packed among
+        themselves (one FP8 GEMM: wq_a with wkv, wq_b with the indexer's, the shared expert's w1 with
+        w3); sharded layers are left as they are. Returns the number of groups packed."""
         n = 0
         for m in self.modules():
             if isinstance(m, Attention):

@@ -113,13 +113,14 @@ def test_index_topk_equals_twin(dtype):
     rows = torch.tensor([2, 0], device=DEV)
     lo = torch.randint(0, 10, (B, S), generator=g).to(DEV)
     hi = (lo + torch.randint(0, 60, (B, S), generator=g).to(DEV)).clamp(max=C)
-    got = indexer.scores(q, k, w, lo, hi, rows)
     want = ops.index_scores(q.double(), k.double(), w.double(), rows)
     s = torch.arange(C, device=DEV)
     vis = (s >= lo.unsqueeze(-1)) & (s < hi.unsqueeze(-1))
-    assert torch.equal(torch.isinf(got), ~vis)
-    assert got.dtype == (torch.float32 if dtype == torch.float32 else torch.bfloat16)
-    assert rel(got[vis], want[vis]) < tol(dtype)
+    for few in (False, True):       # blocks of queries with a dot per head; a query's heads as one dot
+        got = indexer.scores(q, k, w, lo, hi, rows, few=few)
+        assert torch.equal(torch.isinf(got), ~vis)
+        assert got.dtype == (torch.float32 if dtype == torch.float32 else torch.bfloat16)
+        assert rel(got[vis], want[vis]) < tol(dtype)
     for P in (16, 100):
         a = indexer.topk(q, k, w, lo, hi, P, rows)
         b = ops.index_topk_torch(q.double(), k.double(), w.double(), lo, hi, P, rows)

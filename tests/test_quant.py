@@ -432,15 +432,19 @@ def ref_experts(x, idx, weight, w1, s1, w2, s2, w3, s3, limit):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("N,K,E,path", [(n, k, e, path) for n, k, e in [(13, 2, 8), (40, 2, 3)]
-                                        for path in ["gemv", "words", "dot", "dequant"]
-                                        if (n, path) != (40, "words")])   # (interpreter time; decode-sized only)
+                                        for path in ["bytes", "words", "words_pair", "dot", "dequant"]
+                                        if (n, path[:5]) != (40, "words")])   # (interpreter time; decode-sized only)
 def test_fp4_kernel_matches_twin_and_float64(N, K, E, dtype, path, monkeypatch):
-    # every launch path on every shape: the per-pair GEMVs (decode: on bytes and on int32 words), the
-    # tiled blocks of pairs, and dequantise-then-grouped-GEMM (prefill on CUDA)
+    # every launch path on every shape: the per-pair GEMVs (decode: on bytes and on int32 words, the
+    # words' down projection summing a token's pairs in the kernel or not), the tiled blocks of pairs,
+    # and dequantise-then-grouped-GEMM (prefill on CUDA)
     from dsv4.kernels import fp4_moe
     from dsv4.kernels.fp4_moe import fp4_experts
 
-    monkeypatch.setattr(fp4_moe, "_path", lambda n_pairs, n_experts: path)
+    monkeypatch.setattr(fp4_moe, "DECODE_KERNEL", "bytes" if path == "bytes" else "words")
+    monkeypatch.setattr(fp4_moe, "WORDS_DOWN", "pair" if path == "words_pair" else "token")
+    monkeypatch.setattr(fp4_moe, "_path", lambda n_pairs, n_experts: "gemv" if path in ("bytes", "words_pair")
+                        else path)
     if path == "dequant":               # two experts per chunk: several chunks, some without pairs
         fp4_experts = functools.partial(ops.fp4_experts_dequant, chunk=2)   # noqa: F811
 

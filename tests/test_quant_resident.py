@@ -116,6 +116,78 @@ def test_resident_model_on_the_triton_kernels(resident, dequantised, golden):
         assert rel(out.cpu(), dequantised(ids[:, :6])) <= 1e-5
 
 
+def test_packed_fp8_projections_give_the_same_model(resident, dequantised, golden, monkeypatch):
+    """pack_projections on a quantised-resident model: the FP8 layers of a group (here the CSA layers' wq_b
+    with the indexer's; the golden's other groups are narrower than a 128-row scale block) get their
+    weights and block scales back to back and run as one FP8 GEMM. Same state dict and bytes, the same
+    logits as the dequantised model (prefill, cached decode), on the twins and on the Triton kernels
+    (CPU: interpreter), with one FP8 call fewer per packed group."""
+    from dsv4.attention import packed_fp8
+    model = load_pretrained(GOLDEN_DIR, quantized=True)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    size = quant.resident_bytes(model)
+    assert model.pack_projections() == 3 + 2         # the compressors' bf16 groups, the 2 FP8 query groups
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k].view(torch.uint8), v.view(torch.uint8))
+                                                 for k, v in before.items())
+    assert quant.resident_bytes(model) == size
+    attn = model.layers[1].attn
+    w, sc = packed_fp8([attn.wq_b, attn.indexer.wq_b])
+    assert torch.equal(w.view(torch.uint8), torch.cat([attn.wq_b.weight, attn.indexer.wq_b.weight]).view(torch.uint8))
+    assert sc.shape[0] == attn.wq_b.scale.shape[0] + attn.indexer.wq_b.scale.shape[0]
+    calls = {}
+    real = ops.fp8_linear
+    ids = golden["input_ids"]
+    with torch.no_grad():
+        ref = dequantised(ids[:, :129])[:, -1]
+        for name, m in (("unpacked", resident), ("packed", model)):
+            calls[name] = []
+            monkeypatch.setattr(ops, "fp8_linear", lambda *a, _c=calls[name], **k: _c.append(a[1].shape) or real(*a, **k))
+            assert rel(m(ids[:, :129])[:, -1], ref) <= 1e-5
+        assert len(calls["packed"]) == len(calls["unpacked"]) - 2 and torch.Size([256 + 512, 32]) in calls["packed"]
+        outs = []
+        for m in (model, dequantised):
+            cache = DecodeCache(m.config, 2, 140)
+            m(ids[:, :100], cache=cache, last_only=True)
+            outs.append(torch.stack([m(ids[:, 100 + i:101 + i], cache=cache, last_only=True) for i in range(3)], 1))
+        assert rel(outs[0], outs[1]) <= 1e-5
+        ops.set_backend({"fp8_linear": "triton", "fp4_experts": "triton"})
+        try:
+            assert rel(model(ids[:, :6]), dequantised(ids[:, :6])) <= 1e-5
+        finally:
+            ops.set_backend(None)
+
+
+def test_fp8_packing_needs_whole_scale_blocks():
+    """FP8 layers pack when every layer but the last has a whole number of 128-row scale blocks (the
+    stacked scales then stay aligned with the stacked rows); a group's bf16 layer runs beside them. Packed
+    outputs equal the layers run one by one (twin and Triton kernel), against float64."""
+    from torch import nn
+    from dsv4.attention import linears, pack, packed_fp8
+    g = torch.Generator().manual_seed(3)
+
+    def fp8_layer(out, inp=256):
+        m = quant.FP8Linear(inp, out)
+        m.weight, m.scale = quant.quant_fp8(torch.randn(out, inp, generator=g) / inp ** 0.5)
+        return m
+    plain = nn.Linear(256, 40, bias=False)
+    group = [fp8_layer(128), fp8_layer(256), plain, fp8_layer(72)]
+    want = [quant.dequant_fp8(m.weight, m.scale, dtype=torch.float64) if isinstance(m, quant.FP8Linear)
+            else m.weight.double() for m in group]
+    x = torch.randn(3, 256, generator=g)
+    assert pack(group) and packed_fp8([m for m in group if m is not plain]) is not None
+    with torch.no_grad():
+        for backend in (None, {"fp8_linear": "triton"}):
+            ops.set_backend(backend)
+            try:
+                got = linears(x, group)
+            finally:
+                ops.set_backend(None)
+            assert all(rel(y, x.double() @ w.T) <= 1e-5 for y, w in zip(got, want))
+    assert not pack([fp8_layer(100), fp8_layer(128)])          # 100 rows: the second layer's scales would shift
+    assert packed_fp8([fp8_layer(100), fp8_layer(128)]) is None
+
+
 # ----------------------------------------------------------------------------- bytes
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_resident_bytes_equal_the_analytic_size(dtype, capsys):

@@ -55,10 +55,49 @@ def _scores_kernel(Q, K, W, ROWS, LO, HI, OUT,
              mask=smask[:, None] & (cs < C)[None, :])
 
 
-def scores(q, k, w, lo, hi, k_rows=None, block_s: int = 64, block_c: int = 64, num_warps: int = 4):
+@triton.jit
+def _scores_few_kernel(Q, K, W, ROWS, LO, HI, OUT,
+                       s_qb, s_qs, s_qh, s_kb, s_kc, s_wb, s_ws, s_ob, s_os,
+                       S, C, HI_N, DI: tl.constexpr, HP: tl.constexpr, BLOCK_C: tl.constexpr,
+                       F32_DOT: tl.constexpr):
+    """`_scores_kernel` for a few queries (decode): one program per (query, block of entries), the heads
+    as the rows of one `tl.dot` ([HP heads, Di] · [Di, BLOCK_C], heads past Hi loaded as zeros with zero
+    weight) instead of a dot per head over a block of mostly absent queries."""
+    t = tl.program_id(0)
+    b = tl.program_id(2)
+    c0 = tl.program_id(1) * BLOCK_C
+    cs = c0 + tl.arange(0, BLOCK_C)
+    lo = tl.load(LO + b * S + t)
+    hi = tl.load(HI + b * S + t)
+    acc = tl.zeros([BLOCK_C], tl.float32)
+    if (c0 < hi) & (c0 + BLOCK_C > lo):
+        r = tl.load(ROWS + b).to(tl.int64)
+        d = tl.arange(0, DI)
+        h = tl.arange(0, HP)
+        k = tl.load(K + r * s_kb + cs[:, None].to(tl.int64) * s_kc + d[None, :], mask=(cs < C)[:, None], other=0.0)
+        qrow = Q + b.to(tl.int64) * s_qb + t.to(tl.int64) * s_qs
+        q = tl.load(qrow + h[:, None] * s_qh + d[None, :], mask=(h < HI_N)[:, None], other=0.0)       # [HP, Di]
+        w = tl.load(W + b.to(tl.int64) * s_wb + t.to(tl.int64) * s_ws + h, mask=h < HI_N, other=0.0).to(tl.float32)
+        if F32_DOT:
+            dots = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
+        else:
+            dots = tl.dot(q, tl.trans(k))                                                           # [HP, BC]
+        acc = tl.sum(tl.maximum(dots, 0.0) * w[:, None], 0)
+    out = tl.where((cs >= lo) & (cs < hi), acc, float("-inf"))
+    tl.store(OUT + b.to(tl.int64) * s_ob + t.to(tl.int64) * s_os + cs, out.to(OUT.dtype.element_ty), mask=cs < C)
+
+
+FEW_QUERIES = 8          # at most this many queries per row take `_scores_few_kernel`
+FEW_BLOCK_C = 32         # its entries per program
+
+
+def scores(q, k, w, lo, hi, k_rows=None, block_s: int = 64, block_c: int = 64, num_warps: int = 4,
+           few: bool | None = None):
     """I [B, S, C] with −inf outside [lo, hi), accumulated in fp32 and stored in bf16 for bf16 inputs (as
     the official code's bf16 index scores; it halves the top-k's traffic), else fp32. q [B, S, Hi, Di];
-    k [B2, C, Di] (row k_rows[b]); w [B, S, Hi]; lo, hi [B, S] int."""
+    k [B2, C, Di] (row k_rows[b]); w [B, S, Hi]; lo, hi [B, S] int. `few`: the few-query kernel (heads as
+    the rows of one dot; default for S <= FEW_QUERIES, where a block of 64 queries would hold mostly
+    padding and its per-head loop runs serially)."""
     B, S, Hi, Di = q.shape
     C = k.shape[1]
     if Di & (Di - 1) or Di < 16:
@@ -73,6 +112,13 @@ def scores(q, k, w, lo, hi, k_rows=None, block_s: int = 64, block_c: int = 64, n
     rows = k_rows if k_rows is not None else torch.arange(B, device=q.device)
     lo, hi = lo.contiguous(), hi.contiguous()                 # any integer dtype (loaded as is)
     f32 = INTERPRET or q.dtype == torch.float32
+    if few if few is not None else S <= FEW_QUERIES:
+        bc = FEW_BLOCK_C
+        _scores_few_kernel[(S, triton.cdiv(C, bc), B)](
+            q, k, w, rows, lo, hi, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
+            w.stride(0), w.stride(1), out.stride(0), out.stride(1), S, C, Hi,
+            DI=Di, HP=max(16, triton.next_power_of_2(Hi)), BLOCK_C=bc, F32_DOT=f32, num_warps=num_warps)
+        return out
     grid = (triton.cdiv(S, block_s), triton.cdiv(C, block_c), B)
     _scores_kernel[grid](q, k, w, rows, lo, hi, out,
                          q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), w.stride(0), w.stride(1),

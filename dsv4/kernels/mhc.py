@@ -129,14 +129,14 @@ def _hc_mix_kernel(H, FN, SS, MIX, N_TOK, D, K_PER,
 
 
 @triton.jit
-def _hc_finish_kernel(H, SS, MIX, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLIT, D_PER, eps, norm_eps,
+def _hc_finish_kernel(H, SS, MIX, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLIT, D_PER, SEP, eps, norm_eps,
                       ITERS: tl.constexpr, NS: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr,
                       BLOCK_D: tl.constexpr, SPLIT_BLOCK: tl.constexpr, MIXES=None, RHO=None, PRE=None):
     """hc_pre, part 2: the slices' sums, RMS scaling, gates, Sinkhorn, then x = Σ_j pre_j h_j over the
-    columns [pd·D_PER, (pd+1)·D_PER) of program (·, pd). Every program of a token block computes the
-    gates; the one of the first column range also runs the Sinkhorn and stores post, comb and, with
-    MIXES (and RHO, PRE) given, what the backward pass needs: the scaled mix logits [T, (2+N)·N],
-    rho [T] and pre [T, N] (None: not compiled in)."""
+    columns [c·D_PER, (c+1)·D_PER), c = pd − SEP, of program (·, pd). Every program of a token block
+    computes the gates; program pd = 0 also runs the Sinkhorn and stores post, comb and, with MIXES (and
+    RHO, PRE) given, what the backward pass needs: the scaled mix logits [T, (2+N)·N], rho [T] and pre
+    [T, N] (None: not compiled in). SEP = 1: program 0 does only that, beside the column ranges."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     first = tl.program_id(1) == 0
     tm = t < N_TOK
@@ -179,7 +179,8 @@ def _hc_finish_kernel(H, SS, MIX, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLIT, 
         c = _sinkhorn(c, eps, ITERS)
         tl.store(COMB + t.to(tl.int64)[:, None, None] * (NS * NS) + jk[None, :, :], c, mask=tm[:, None, None])
     dd = tl.arange(0, BLOCK_D)
-    d_lo = tl.program_id(1) * D_PER
+    chunk = tl.program_id(1) - SEP
+    d_lo = tl.where(chunk >= 0, chunk * D_PER, D)
     d_hi = tl.minimum(D, d_lo + D_PER)
     for d0 in range(d_lo, d_hi, BLOCK_D):
         dm = (d0 + dd) < d_hi
@@ -255,9 +256,11 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
         tbf = triton.cdiv(T, finish_block_t)
         chunks = max(1, min(triton.cdiv(D, block_d), (finish_programs or (1 if INTERPRET else 264)) // tbf))
         d_per = triton.cdiv(triton.cdiv(D, chunks), block_d) * block_d
-        _hc_finish_kernel[(tbf, triton.cdiv(D, d_per))](
+        chunks = triton.cdiv(D, d_per)
+        sep = int(chunks > 1)                      # the Sinkhorn's program beside the column ranges
+        _hc_finish_kernel[(tbf, chunks + sep)](
             hv, ss, mix, scale.float().contiguous(), base.float().contiguous(), x, post, comb, T, D, split, d_per,
-            eps, norm_eps, ITERS=iters, NS=n, NP=n_pad, BLOCK_T=finish_block_t, BLOCK_D=block_d,
+            sep, eps, norm_eps, ITERS=iters, NS=n, NP=n_pad, BLOCK_T=finish_block_t, BLOCK_D=block_d,
             SPLIT_BLOCK=min(64 // finish_block_t if finish_block_t < 64 else 1, triton.next_power_of_2(split)),
             MIXES=saved[0], RHO=saved[1], PRE=saved[2], num_warps=finish_warps)
     out = x.view(*lead, D), post.view(*lead, n), comb.view(*lead, n, n)
