@@ -218,6 +218,16 @@ def probe_index(c, device, g, contexts) -> list[dict]:
         for nw in (4, 8):
             runs.append(("select", dict(num_warps=nw), lambda nw=nw: indexer.select(sc, P, num_warps=nw)))
         runs.append(("torch.topk", {}, lambda: sc.topk(min(P, C), dim=-1)))
+        # as in a decode step: a cache a little longer than the context (capacity past a power of two),
+        # the row's visible entries [0, C) given as a range
+        cap = C + 20
+        kc = torch.randn(1, cap, Di, device=device, generator=g).to(torch.bfloat16)
+        scc = indexer.scores(q, kc, w, lo, hi)
+        for blk, nw in ((None, None), (2048, 8), (2048, 4), (1024, 4), (4096, 4)):
+            if blk is not None and blk > 4 * C:
+                continue
+            runs.append(("select, ranged, capacity C+20", dict(block=blk, num_warps=nw),
+                         lambda blk=blk, nw=nw: indexer.select(scc, P, lo, hi, block=blk, num_warps=nw)))
         for name, tiles, fn in runs:
             try:
                 out = fn()
@@ -233,12 +243,42 @@ def probe_index(c, device, g, contexts) -> list[dict]:
     return rows
 
 
+def probe_hc(c, device, g) -> list[dict]:
+    """hc_pre of one decode token at V4-Flash's width (4 streams × 4,096): the mix GEMV and the finish
+    (Sinkhorn, gates, weighted sum), with the finish's warps and its column split varied."""
+    from dsv4.kernels import mhc
+    n, D = 4, c["D"]
+    h = torch.randn(1, 1, n, D, device=device, generator=g).to(torch.bfloat16)
+    fn = torch.randn((2 + n) * n, n * D, device=device, generator=g) / (n * D) ** 0.5
+    scale = torch.rand(3, device=device, generator=g) + 0.5
+    base = torch.randn((2 + n) * n, device=device, generator=g)
+    ref = ops.hc_pre_torch(h.double(), fn.double(), scale.double(), base.double(), n, 20, 1e-6, 1e-6)
+    rows = []
+    for warps in (4, 2, 1):
+        for programs in (None, 1):
+            tiles = dict(finish_warps=warps, finish_programs=programs)
+            fn_ = lambda t=tiles: mhc.hc_pre(h, fn, scale, base, n, 20, 1e-6, 1e-6, **t)   # noqa: E731
+            try:
+                out = fn_()
+                err = max(rel(a.double(), b) for a, b in zip(out, ref))
+                us = sweep_us([fn_], device)
+            except Exception as exc:
+                rows.append(dict(op="hc_pre T=1", M=1, variant="finish", tiles=tiles,
+                                 error=f"{type(exc).__name__}: {exc}"[:300]))
+                continue
+            nbytes = n * D * 2 + fn.numel() * 4
+            rows.append(dict(op="hc_pre T=1", M=1, variant="mix + finish", tiles=tiles, us=us, bytes=nbytes,
+                             GBps=nbytes / us / 1e3, hbm_frac=nbytes / us / 1e-6 / HBM, rel_err_f64=err))
+            print(f"hc_pre T=1 {tiles}: {us:7.1f} us err {err:.2e}", flush=True)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--small", action="store_true", help="reduced sizes (CPU under TRITON_INTERPRET=1)")
     ap.add_argument("--batches", default="1,2")
     ap.add_argument("--skip-fp8", action="store_true", help="only the experts and wo_a")
-    ap.add_argument("--only", default="fp4,wo_a,fp8,index", help="sections, comma-separated")
+    ap.add_argument("--only", default="fp4,wo_a,fp8,index,hc", help="sections, comma-separated")
     ap.add_argument("--contexts", default="8192,65536", help="index section: context lengths (entries = ctx / 4)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -249,6 +289,8 @@ def main(argv=None):
     only = set(args.only.split(","))
     rows = []
     batches = [int(b) for b in args.batches.split(",")]
+    if "hc" in only:
+        rows += probe_hc(c, device, g)
     if "index" in only:
         contexts = [int(x) for x in args.contexts.split(",")] if device.type == "cuda" else [256]
         rows += probe_index(c, device, g, contexts)

@@ -123,7 +123,8 @@ def test_packed_fp8_projections_give_the_same_model(resident, dequantised, golde
     logits as the dequantised model (prefill, cached decode), on the twins and on the Triton kernels
     (CPU: interpreter), with one FP8 call fewer per packed group."""
     from dsv4.attention import packed_fp8
-    model = load_pretrained(GOLDEN_DIR, quantized=True)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_pretrained(GOLDEN_DIR, quantized=True, device=dev)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     size = quant.resident_bytes(model)
     assert model.pack_projections() == 3 + 2         # the compressors' bf16 groups, the 2 FP8 query groups
@@ -143,17 +144,19 @@ def test_packed_fp8_projections_give_the_same_model(resident, dequantised, golde
         for name, m in (("unpacked", resident), ("packed", model)):
             calls[name] = []
             monkeypatch.setattr(ops, "fp8_linear", lambda *a, _c=calls[name], **k: _c.append(a[1].shape) or real(*a, **k))
-            assert rel(m(ids[:, :129])[:, -1], ref) <= 1e-5
+            assert rel(m(ids[:, :129].to(m.embed.weight.device))[:, -1].cpu(), ref) <= 1e-5
         assert len(calls["packed"]) == len(calls["unpacked"]) - 2 and torch.Size([256 + 512, 32]) in calls["packed"]
         outs = []
         for m in (model, dequantised):
-            cache = DecodeCache(m.config, 2, 140)
-            m(ids[:, :100], cache=cache, last_only=True)
-            outs.append(torch.stack([m(ids[:, 100 + i:101 + i], cache=cache, last_only=True) for i in range(3)], 1))
+            d = m.embed.weight.device
+            cache = DecodeCache(m.config, 2, 140, device=d)
+            m(ids[:, :100].to(d), cache=cache, last_only=True)
+            outs.append(torch.stack([m(ids[:, 100 + i:101 + i].to(d), cache=cache, last_only=True).cpu()
+                                     for i in range(3)], 1))
         assert rel(outs[0], outs[1]) <= 1e-5
         ops.set_backend({"fp8_linear": "triton", "fp4_experts": "triton"})
         try:
-            assert rel(model(ids[:, :6]), dequantised(ids[:, :6])) <= 1e-5
+            assert rel(model(ids[:, :6].to(dev)).cpu(), dequantised(ids[:, :6])) <= 1e-5
         finally:
             ops.set_backend(None)
 
@@ -165,16 +168,17 @@ def test_fp8_packing_needs_whole_scale_blocks():
     from torch import nn
     from dsv4.attention import linears, pack, packed_fp8
     g = torch.Generator().manual_seed(3)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
 
     def fp8_layer(out, inp=256):
         m = quant.FP8Linear(inp, out)
-        m.weight, m.scale = quant.quant_fp8(torch.randn(out, inp, generator=g) / inp ** 0.5)
+        m.weight, m.scale = (t.to(dev) for t in quant.quant_fp8(torch.randn(out, inp, generator=g) / inp ** 0.5))
         return m
-    plain = nn.Linear(256, 40, bias=False)
+    plain = nn.Linear(256, 40, bias=False).to(dev)
     group = [fp8_layer(128), fp8_layer(256), plain, fp8_layer(72)]
     want = [quant.dequant_fp8(m.weight, m.scale, dtype=torch.float64) if isinstance(m, quant.FP8Linear)
             else m.weight.double() for m in group]
-    x = torch.randn(3, 256, generator=g)
+    x = torch.randn(3, 256, generator=g).to(dev)
     assert pack(group) and packed_fp8([m for m in group if m is not plain]) is not None
     with torch.no_grad():
         for backend in (None, {"fp8_linear": "triton"}):
@@ -183,7 +187,7 @@ def test_fp8_packing_needs_whole_scale_blocks():
                 got = linears(x, group)
             finally:
                 ops.set_backend(None)
-            assert all(rel(y, x.double() @ w.T) <= 1e-5 for y, w in zip(got, want))
+            assert all(rel(y.cpu(), x.cpu().double() @ w.cpu().T) <= 1e-5 for y, w in zip(got, want))
     assert not pack([fp8_layer(100), fp8_layer(128)])          # 100 rows: the second layer's scales would shift
     assert packed_fp8([fp8_layer(100), fp8_layer(128)]) is None
 

@@ -242,7 +242,10 @@ def select(scores: torch.Tensor, topk: int, lo: torch.Tensor | None = None, hi: 
     if R * P == 0:
         return out.view(*lead, P)
     if block is None:   # the row in as few steps as a program holds well (16 values per thread at most)
-        block = 256 if INTERPRET else min(4096, max(256, triton.next_power_of_2(C)))
+        # the largest power of two <= C (a decode cache's capacity is a little past the context: 2,068
+        # entries took 12.1 us in one block of 4,096 and 8.6 in blocks of 2,048, which the loop to the
+        # row's end then runs once; H200, bench/probe_flash_decode.py)
+        block = 256 if INTERPRET else min(4096, max(256, 1 << (C.bit_length() - 1)))
     if num_warps is None:
         num_warps = 8 if block >= 2048 else 4
     bits = sc.view(torch.int16 if sc.dtype == torch.bfloat16 else torch.int32)

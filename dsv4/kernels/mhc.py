@@ -193,7 +193,8 @@ def _hc_finish_kernel(H, SS, MIX, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLIT, 
 
 def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = None, block_k: int | None = None,
            programs: int | None = None, finish_block_t: int | None = None, save: bool = False,
-           finish_warps: int = 4, mix_precision: str | None = None, finish_programs: int | None = None):
+           finish_warps: int | None = None, mix_precision: str | None = None,
+           finish_programs: int | None = None):
     """x [.., D] (h's dtype), post [.., N], comb [.., N, N] fp32 from streams h [.., N, D]; with `save`, also
     (mixes [T, (2+N)·N], rho [T], pre [T, N]) fp32 for `hc_pre_backward`. The mix GEMV is
     split over enough slices of N·D to give ~`programs` programs (one slice when tokens are many).
@@ -204,9 +205,11 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
     hc`), as many programs as blocks up to `programs`; the finish reads the slices' partial sums in
     groups (a serial loop over V4-Flash's 128 slices took 47 µs). `finish_warps`: the finish's warps
     (its Sinkhorn is ~40 dependent reductions over [BLOCK_T, N, N]; fewer warps keep them inside one
-    warp at a token or two; `bench_kernels --only hc` times 1, 2 and 4). `finish_programs`: with fewer
-    token blocks than this, the finish's weighted sum over D is split into column ranges, one program
-    each (decode: one token's 4 × 4,096 streams were one program's serial loop). `mix_precision`: the dot of the
+    warp at a token or two; default 1 below 16 tokens, else 4: one V4-Flash token's mix + finish took
+    6.7 µs with 1 warp, 7.8 with 2 and 7.9 with 4, `bench/probe_flash_decode.py --only hc`).
+    `finish_programs`: with fewer token blocks than this, the finish's weighted sum over D is split into
+    column ranges, one program each, beside the Sinkhorn's (decode: one token's 4 × 4,096 streams were one
+    program's serial loop; 9.3-10.1 µs unsplit). `mix_precision`: the dot of the
     mix from 16 tokens: "bf16x3" (bf16 streams only: fn as three bf16 parts on the tensor cores, exact
     products; the default for bf16 streams on a GPU), "ieee" (fp32 FMA; the default otherwise) or
     "tf32x3" (three TF32 products)."""
@@ -262,7 +265,7 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
             hv, ss, mix, scale.float().contiguous(), base.float().contiguous(), x, post, comb, T, D, split, d_per,
             sep, eps, norm_eps, ITERS=iters, NS=n, NP=n_pad, BLOCK_T=finish_block_t, BLOCK_D=block_d,
             SPLIT_BLOCK=min(64 // finish_block_t if finish_block_t < 64 else 1, triton.next_power_of_2(split)),
-            MIXES=saved[0], RHO=saved[1], PRE=saved[2], num_warps=finish_warps)
+            MIXES=saved[0], RHO=saved[1], PRE=saved[2], num_warps=finish_warps or (1 if T < 16 else 4))
     out = x.view(*lead, D), post.view(*lead, n), comb.view(*lead, n, n)
     return (*out, saved) if save else out
 
