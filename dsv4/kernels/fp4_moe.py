@@ -307,6 +307,20 @@ def _scales_tile(s_ptr, s_off, kb, n_ok, b_ok):
 
 
 @triton.jit
+def _down_words_acc(acc, w2_ptr, s2_ptr, hrow, w_off, s_off, I, n_ok, jb, j, BK: tl.constexpr):
+    """acc [NB, BN] + the scaled block sums of W2's rows at w_off (int32 words) with the pair's h row
+    over the I columns: the K loop of both down-projection word kernels."""
+    for k0 in range(0, I, BK):
+        kb = k0 // 32 + jb
+        b_ok = 32 * kb < I
+        w2 = _words_tile(w2_ptr, w_off, kb, n_ok, b_ok, j)
+        part, _ = _word_block_sums(w2, w2, hrow, 32 * kb[:, None] + 8 * j[None, :],
+                                   b_ok[:, None] & (j >= 0)[None, :], False)
+        acc += part * _scales_tile(s2_ptr, s_off, kb, n_ok, b_ok)
+    return acc
+
+
+@triton.jit
 def _fp4_up_words_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, rw_ptr, idx_ptr, h_ptr,
                          D, I, TOPK, E, limit,
                          stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
@@ -365,13 +379,7 @@ def _fp4_down_words_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
         w_off = e * stride_we + rn[None, :, None] * stride_wn
         s_off = e * stride_se + rn[None, :] * stride_sn
         hrow = h_ptr + r * stride_hm
-        for k0 in range(0, I, BK):
-            kb = k0 // 32 + jb
-            b_ok = 32 * kb < I
-            w2 = _words_tile(w2_ptr, w_off, kb, n_ok, b_ok, j)
-            part, _ = _word_block_sums(w2, w2, hrow, 32 * kb[:, None] + 8 * j[None, :],
-                                       b_ok[:, None] & (j >= 0)[None, :], False)
-            acc += part * _scales_tile(s2_ptr, s_off, kb, n_ok, b_ok)
+        acc = _down_words_acc(acc, w2_ptr, s2_ptr, hrow, w_off, s_off, I, n_ok, jb, j, BK)
         out = tl.sum(acc, 0) * 16384.0
         tl.store(out_ptr + r * stride_om + rn, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
@@ -397,13 +405,7 @@ def _fp4_down_words_tok_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
             w_off = e * stride_we + rn[None, :, None] * stride_wn
             s_off = e * stride_se + rn[None, :] * stride_sn
             hrow = h_ptr + p * stride_hm
-            for k0 in range(0, I, BK):
-                kb = k0 // 32 + jb
-                b_ok = 32 * kb < I
-                w2 = _words_tile(w2_ptr, w_off, kb, n_ok, b_ok, j)
-                part, _ = _word_block_sums(w2, w2, hrow, 32 * kb[:, None] + 8 * j[None, :],
-                                           b_ok[:, None] & (j >= 0)[None, :], False)
-                acc += part * _scales_tile(s2_ptr, s_off, kb, n_ok, b_ok)
+            acc = _down_words_acc(acc, w2_ptr, s2_ptr, hrow, w_off, s_off, I, n_ok, jb, j, BK)
     out = tl.sum(acc, 0) * 16384.0
     tl.store(out_ptr + n * stride_om + rn, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
