@@ -1,16 +1,20 @@
 """Every variant of the decode step's quantised kernels at V4-Flash shapes, batch 1 and 2, from HBM.
 
 One command times, on one GPU, the FP4 routed-expert GEMVs (`dsv4.kernels.fp4_moe`: the byte kernel
-`_fp4_up_gemv_kernel` and the int32-word kernel `_fp4_up_words_kernel`, several launch tiles each), the
-attention's grouped `wo_a` (bf16 einsum on the dequantised weight, as the model runs it now, against the
-grouped FP8 GEMV `fp8_grouped_gemv` on the resident FP8 weight) and the FP8 GEMV of the other
-projections (default tiles and two variants). Each timing is the median of CUDA-graph replays of a
+`_fp4_up_gemv_kernel` and the int32-word kernel `_fp4_up_words_kernel`, several launch tiles each, and
+the word kernel's down projection per pair or per token), the attention's grouped `wo_a` (bf16 einsum on
+a dequantised copy, as a dequantise-on-load model runs it, against the grouped FP8 GEMV
+`fp8_grouped_gemv` that a quantised-resident model runs), the FP8 GEMV of the other projections
+(default tiles and two variants), the indexer of one decode query (scores: query blocks against the
+few-query kernel; top-k: radix select against `torch.topk`) and hc_pre of one token (the finish's warps
+and column split). Each timing is the median of CUDA-graph replays of a
 sweep over more weight bytes than the 60 MB L2 holds (the experts of 16 different top-6 sets; 4 copies
 of each FP8 matrix), divided by the sweep length, so the weights come from HBM as in a decode step. Each
 variant's error is measured against float64 on fresh random inputs (relative Frobenius norm). Prints a
 table last and writes JSON.
 
     python3 bench/probe_flash_decode.py --out $OUT/flash_decode.json
+    python3 bench/probe_flash_decode.py --only hc,index --out $OUT/hc_index.json      # sections
     TRITON_INTERPRET=1 python3 bench/probe_flash_decode.py --small      # CPU: reduced sizes, no timing
 """
 from __future__ import annotations

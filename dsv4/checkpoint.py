@@ -625,8 +625,8 @@ def _make_resident(ckpt: _Checkpoint, device: torch.device, quantized: bool | No
     """Decide what stays quantised and swap `FP8Linear` / `FP4Experts` into the meta model.
 
     Returns {weight name: scale name} of the tensors loaded as stored. FP8 matrices become `FP8Linear`
-    except `wo_a` (the attention reads it as a grouped weight; the official code dequantises it too);
-    an MoE's experts become `FP4Experts` when all 3·E of them are stored FP4."""
+    (`wo_a` too: the attention runs it through `FP8Linear.grouped`, where the official code dequantises
+    it on load); an MoE's experts become `FP4Experts` when all 3·E of them are stored FP4."""
     stored = [item for item in ckpt.items if item.fmt in ("fp8", "fp4")]
     if quantized is None:
         quantized = bool(stored) and device.type == "cuda"
