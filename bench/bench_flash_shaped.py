@@ -295,8 +295,6 @@ def section_model(args, device, timer, folder: Path) -> dict:
     from dsv4.kernels import fp4_moe
     full = list(model.layers)
     half = args.slope_from if args.slope_from is not None else max(1, len(full) // 2)
-    if not 1 <= half <= len(full):
-        raise SystemExit(f"--slope-from must be between 1 and --layers ({len(full)}); got {half}")
     K = len(full)
     variants = args.fp4_decode_kernels.split(",")
     for variant in variants:
@@ -391,10 +389,14 @@ def decode_ms(model, cache: DecodeCache, B: int, steps: int, timer: Timer) -> di
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if not set(args.fp4_decode_kernels.split(",")) <= {"words", "bytes"}:
+        raise SystemExit(f"--fp4-decode-kernels takes words and/or bytes, comma-separated; got {args.fp4_decode_kernels!r}")
     if args.tiny:
         args.layers, args.context = min(args.layers, 4), min(args.context, 64)
         args.batches, args.decode_steps = [1, 4], min(args.decode_steps, 4)
         args.kernel_tokens = [1, 5]
+    if args.slope_from is not None and not 1 <= args.slope_from < args.layers:
+        raise SystemExit(f"--slope-from must be at least 1 and below --layers ({args.layers}); got {args.slope_from}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if args.fp4_gemv_tiles:
         from dsv4.kernels import fp4_moe

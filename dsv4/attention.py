@@ -101,7 +101,9 @@ def _fp8_packable(layers: list) -> bool:
 
 def _stacked_view(ts: list) -> torch.Tensor | None:
     """The 2-D tensors `ts` (same columns) as one [Σrows, cols] view when they lie back to back in one
-    storage (see `packed_weight` on why one storage); else None."""
+    storage; else None. One storage only: tensors of separate storages can lie back to back by chance
+    (the CUDA caching allocator places consecutive allocations so), and a view past the end of the first
+    one's storage would make `set_` grow it, moving that tensor and reading uninitialised memory."""
     t0, K = ts[0], ts[0].shape[1]
     if not all(t.is_contiguous() and t.untyped_storage().data_ptr() == t0.untyped_storage().data_ptr()
                for t in ts):
@@ -152,19 +154,9 @@ def packed_weight(layers: list) -> torch.Tensor | None:
     memo = getattr(layers[0], "_packed", None)
     if memo is not None and memo[0] == key:
         return memo[1]
-    w0, K = ws[0], ws[0].shape[1]
-    at = [key[0] + sum(w.shape[0] for w in ws[:i]) * K * w0.element_size() for i in range(len(ws))]
-    if not (all(w.is_contiguous() for w in ws) and list(key) == at):
+    view = _stacked_view(ws)
+    if view is None:
         return None
-    # Back to back in one storage only: weights of separate storages can lie back to back by chance (the
-    # CUDA caching allocator places consecutive allocations so), and a view past the end of the first
-    # one's storage would make `set_` grow it, moving that weight and reading uninitialised memory.
-    st = w0.untyped_storage()
-    need = (w0.storage_offset() + sum(w.shape[0] for w in ws) * K) * w0.element_size()
-    if any(w.untyped_storage().data_ptr() != st.data_ptr() for w in ws) or st.nbytes() < need:
-        return None
-    view = torch.empty(0, dtype=w0.dtype, device=w0.device).set_(
-        w0.untyped_storage(), w0.storage_offset(), (sum(w.shape[0] for w in ws), K), (K, 1))
     layers[0]._packed = (key, view)
     return view
 
