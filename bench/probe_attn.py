@@ -23,11 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import PEAK_TFLOPS, attention_inputs, rel, timed  # noqa: E402
 
 
-def sweep(name, S, H, T2, fwd_grid, bwd_grid):
+def sweep(name, S, H, T2, fwd_grid, bwd_grid, topk=512):
     from dsv4.kernels import sparse_attention as sa
     dev, dtype, D = "cuda", torch.bfloat16, 512
     g = torch.Generator(device=dev).manual_seed(0)
-    q, kv, kv2, idx, sink = attention_inputs(1, S, H, D, T2, 128, 512, dev, dtype, g)
+    q, kv, kv2, idx, sink = attention_inputs(1, S, H, D, T2, 128, topk, dev, dtype, g)
     scale = D ** -0.5
     valid = int((idx >= 0).sum())
     out0, lse0 = sa.forward(q, kv, idx, sink, scale, kv2)
@@ -36,13 +36,14 @@ def sweep(name, S, H, T2, fwd_grid, bwd_grid):
     want = ops.sparse_attention_torch(q[:, :n_chk].double(), kv.double(), idx[:, :n_chk], sink.double(), scale,
                                       kv2.double())
     dout = torch.randn(q.shape, generator=g, device=dev).to(dtype)
-    g0 = sa.backward(q, kv, idx, sink, scale, out0, lse0, dout, kv2)
+    g0 = sa.backward(q, kv, idx, sink, scale, out0, lse0, dout, kv2) if bwd_grid else None
     rows = []
-    for bh, bn, w, st in fwd_grid:
-        row = {"case": name, "pass": "fwd", "block_h": bh, "block_n": bn, "warps": w, "stages": st}
+    for bh, bn, w, st, *lz in fwd_grid:
+        lazy = bool(lz and lz[0])
+        row = {"case": name, "pass": "fwd", "block_h": bh, "block_n": bn, "warps": w, "stages": st, "lazy": lazy}
         try:
             run = lambda: sa.forward(q, kv, idx, sink, scale, kv2, block_n=bn, num_warps=w, block_h=bh,  # noqa: E731
-                                     num_stages=st)
+                                     num_stages=st, lazy=lazy)
             o, _ = run()
             ms = timed(run, False)
             fl = 4 * H * D * valid
@@ -73,8 +74,21 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true", help="fewer variants")
+    ap.add_argument("--round9", action="store_true",
+                    help="the forward only: lazy rescaling, 16 warps, 128 heads a program (V4-Pro's 128 heads, "
+                         "top-1024) beside the current launch")
     args = ap.parse_args(argv)
     rows = []
+    if args.round9:
+        f64 = [(64, 64, 8, 2, 0), (64, 64, 8, 2, 1), (64, 32, 8, 2, 1), (64, 64, 16, 2, 0), (64, 64, 16, 2, 1),
+               (64, 32, 16, 3, 1), (64, 64, 8, 3, 1)]
+        f128 = [(64, 64, 8, 2, 0), (64, 64, 8, 2, 1), (128, 64, 16, 2, 0), (128, 64, 16, 2, 1), (128, 32, 16, 2, 1),
+                (128, 32, 16, 3, 1), (128, 64, 16, 1, 1), (128, 32, 8, 2, 1)]
+        f16 = [(16, 32, 4, 2, 0), (16, 32, 4, 2, 1), (16, 64, 4, 2, 1)]
+        rows += sweep("flash CSA 4K (H 64)", 4096, 64, 1024, f64, [])
+        rows += sweep("pro CSA 4K (H 128, top-1024)", 4096, 128, 1024, f128, [], topk=1024)
+        rows += sweep("bench CSA 4K (H 16)", 4096, 16, 1024, f16, [])
+        return _finish(rows, args)
     st = (1, 2, 3)
     f64 = [(32, 32, 4, None)] + list(itertools.product((64,), (32, 64), (8,), st)) + [(64, 16, 8, 2), (64, 16, 4, 2)]
     b16 = list(itertools.product((16,), (16, 32, 64), (4, 8), (1, 2)))
@@ -84,6 +98,10 @@ def main(argv=None) -> int:
         f16, b16, f64, b64 = f16[:4], b16[:4], f64[:4], b64[:2]
     rows += sweep("flash CSA 4K (H 64)", 4096, 64, 1024, f64, b64)
     rows += sweep("bench CSA 4K (H 16)", 4096, 16, 1024, f16, b16)
+    return _finish(rows, args)
+
+
+def _finish(rows, args) -> int:
     from dsv4.runlog import describe_environment
     env = describe_environment(torch.device("cuda"))
     best = {}

@@ -80,7 +80,7 @@ def _fwd_kernel(Q, KV, KV2, ROWS2, IDX, SINK, OUT, LSE, ML,
                 D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KV2: tl.constexpr,
                 SPLIT: tl.constexpr, F32_DOT: tl.constexpr, KV2_FP8: tl.constexpr = False,
                 NOPE: tl.constexpr = 0, OFF_SC: tl.constexpr = 0, OFF_ROPE: tl.constexpr = 0,
-                NATIVE_FP8: tl.constexpr = False):
+                NATIVE_FP8: tl.constexpr = False, LAZY: tl.constexpr = False):
     pid = tl.program_id(0)
     hb = tl.program_id(1)
     sp = tl.program_id(2)
@@ -112,14 +112,29 @@ def _fwd_kernel(Q, KV, KV2, ROWS2, IDX, SINK, OUT, LSE, ML,
             z = tl.dot(q, tl.trans(k)) * scale_log2                                 # [BLOCK_H, BLOCK_N]
         z = tl.where(valid[None, :], z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(z - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        if F32_DOT:
-            acc = acc * alpha[:, None] + tl.dot(p, k, input_precision="ieee")
+        if LAZY:
+            # rescale only when a row's running max grew by more than 2^8: the weights 2^(z - m_i) stay
+            # below 256 (exact in fp32 and as bf16 dot inputs), and acc, l_i and m_i stay consistent
+            if tl.max(m_new - m_i, 0) > 8.0:
+                alpha = tl.exp2(m_i - m_new)
+                acc = acc * alpha[:, None]
+                l_i = l_i * alpha
+                m_i = m_new
+            p = tl.exp2(z - m_i[:, None])
+            l_i = l_i + tl.sum(p, 1)
+            if F32_DOT:
+                acc = acc + tl.dot(p, k, input_precision="ieee")
+            else:
+                acc = acc + tl.dot(p.to(k.dtype), k)
         else:
-            acc = acc * alpha[:, None] + tl.dot(p.to(k.dtype), k)
-        m_i = m_new
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(z - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            if F32_DOT:
+                acc = acc * alpha[:, None] + tl.dot(p, k, input_precision="ieee")
+            else:
+                acc = acc * alpha[:, None] + tl.dot(p.to(k.dtype), k)
+            m_i = m_new
     if SPLIT:   # partial results: unnormalised acc, running max and sum (log2 domain), merged later
         row = (pid * tl.num_programs(2) + sp).to(tl.int64)
         tl.store(OUT + row * s_ob + h[:, None] * s_oh + d[None, :], acc, mask=hmask[:, None])
@@ -242,6 +257,7 @@ def _kv2_args(q, kv, kv2, rows2) -> tuple:
 # fp32 tiles take twice the shared memory: fp32 keeps the launch of before the sweep. Under the interpreter
 # the key blocks are larger (its cost is per op) and the stages do not matter.
 WARPS = 4
+LAZY_RESCALE = False
 
 
 def _fwd_launch(H: int, dtype: torch.dtype) -> dict:
@@ -273,9 +289,10 @@ def _bwd_launch(H: int, dtype: torch.dtype) -> dict:
 
 
 def forward(q, kv, idx, sink, scale, kv2=None, rows2=None, block_n: int | None = None, num_warps: int | None = None,
-            block_h: int | None = None, num_stages: int | None = None):
+            block_h: int | None = None, num_stages: int | None = None, lazy: bool | None = None):
     """out [B, S, H, Dh] (q's dtype), lse [B, S, H] fp32. Shapes as the twin's. Launch parameters left
-    None take `_fwd_launch`'s choice for the head count."""
+    None take `_fwd_launch`'s choice for the head count; `lazy` (default `LAZY_RESCALE`) rescales the
+    accumulator only when a running max grows by more than 2^8."""
     _check(q, kv, idx, kv2, rows2)
     B, S, H, D = q.shape
     dflt = _fwd_launch(H, q.dtype)
@@ -299,7 +316,7 @@ def forward(q, kv, idx, sink, scale, kv2=None, rows2=None, block_n: int | None =
                       idx.stride(0), idx.stride(1), out.stride(0), out.stride(1), out.stride(2),
                       S, H, kv.shape[1], K, K, scale * LOG2E,
                       D=D, BLOCK_H=BH, BLOCK_N=block_n, HAS_KV2=has2, SPLIT=False, F32_DOT=f32,
-                      num_warps=num_warps, **launch, **fp8)
+                      LAZY=LAZY_RESCALE if lazy is None else lazy, num_warps=num_warps, **launch, **fp8)
     return out, lse
 
 
