@@ -83,6 +83,8 @@ def parse_args(argv=None):
                    help="FP4 decode GEMV variants to time the model's decode with, comma-separated: words, bytes "
                         "(dsv4.kernels.fp4_moe.DECODE_KERNEL; the first is kept for the profile; rows of words "
                         "have the plain names, those of bytes end in _bytes)")
+    p.add_argument("--pdl-modes", default="on", help="programmatic dependent launch of the kernels: on, off or "
+                   "both (on,off: each decode measurement twice; dsv4.kernels.launch)")
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="also profile one eager batch-1 decode step of the model section; kernel table to FILE")
     p.add_argument("--out", default="bench_flash_shaped.json")
@@ -292,31 +294,35 @@ def section_model(args, device, timer, folder: Path) -> dict:
     print(f"prefill {P} tokens: {t:.2f} s, {P / t:,.0f} tok/s", flush=True)
     copy_row(cache, 0, range(1, Bmax))            # every row continues the same 8K prefix
 
-    from dsv4.kernels import fp4_moe
+    from dsv4.kernels import fp4_moe, launch
     full = list(model.layers)
     half = args.slope_from if args.slope_from is not None else max(1, len(full) // 2)
     K = len(full)
     variants = args.fp4_decode_kernels.split(",")
+    pdl_modes = args.pdl_modes.split(",")
     for variant in variants:
-        fp4_moe.DECODE_KERNEL = variant
-        key = "" if variant == "words" else f"_{variant}"
-        dec = res[f"decode{key}"] = {}
-        for k in sorted({len(full), half}, reverse=True):
-            model.layers = torch.nn.ModuleList(full[:k])
+        for pdl in pdl_modes:
+            fp4_moe.DECODE_KERNEL = variant
+            launch.ENABLED = pdl == "on"
+            key = ("" if variant == "words" else f"_{variant}") + ("" if pdl == "on" else "_pdl_off")
+            dec = res[f"decode{key}"] = {}
+            for k in sorted({len(full), half}, reverse=True):
+                model.layers = torch.nn.ModuleList(full[:k])
+                for B in args.batches:
+                    dec[f"layers={k} batch={B}"] = decode_ms(model, cache, B, steps, timer)
+            model.layers = torch.nn.ModuleList(full)
             for B in args.batches:
-                dec[f"layers={k} batch={B}"] = decode_ms(model, cache, B, steps, timer)
-        model.layers = torch.nn.ModuleList(full)
-        for B in args.batches:
-            total = dec[f"layers={K} batch={B}"]["ms_per_step"]
-            per = {"ms_per_layer_total_over_K": total / K}
-            if half < K:
-                slope = (total - dec[f"layers={half} batch={B}"]["ms_per_step"]) / (K - half)
-                per["ms_per_layer_slope"] = slope
-                per["ratio_to_sglang_per_layer"] = slope / SGLANG_MS_PER_LAYER
-            per["ratio_to_sglang_total_over_K"] = per["ms_per_layer_total_over_K"] / SGLANG_MS_PER_LAYER
-            res[f"per_layer_batch{B}{key}"] = per
-            print(f"decode ({variant} FP4 GEMV) batch {B}: {total:.3f} ms/step for {K} layers; per layer "
-                  f"{json.dumps(per)}", flush=True)
+                total = dec[f"layers={K} batch={B}"]["ms_per_step"]
+                per = {"ms_per_layer_total_over_K": total / K}
+                if half < K:
+                    slope = (total - dec[f"layers={half} batch={B}"]["ms_per_step"]) / (K - half)
+                    per["ms_per_layer_slope"] = slope
+                    per["ratio_to_sglang_per_layer"] = slope / SGLANG_MS_PER_LAYER
+                per["ratio_to_sglang_total_over_K"] = per["ms_per_layer_total_over_K"] / SGLANG_MS_PER_LAYER
+                res[f"per_layer_batch{B}{key}"] = per
+                print(f"decode ({variant} FP4 GEMV, PDL {pdl}) batch {B}: {total:.3f} ms/step for {K} layers; "
+                      f"per layer {json.dumps(per)}", flush=True)
+    launch.ENABLED = pdl_modes[0] == "on"
     fp4_moe.DECODE_KERNEL = variants[0]
     if args.profile and device.type == "cuda":
         res["profile"] = profile_decode(model, cache, Path(args.profile))
@@ -391,6 +397,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if not set(args.fp4_decode_kernels.split(",")) <= {"words", "bytes"}:
         raise SystemExit(f"--fp4-decode-kernels takes words and/or bytes, comma-separated; got {args.fp4_decode_kernels!r}")
+    if not set(args.pdl_modes.split(",")) <= {"on", "off"}:
+        raise SystemExit(f"--pdl-modes takes on and/or off, comma-separated; got {args.pdl_modes!r}")
     if args.tiny:
         args.layers, args.context = min(args.layers, 4), min(args.context, 64)
         args.batches, args.decode_steps = [1, 4], min(args.decode_steps, 4)

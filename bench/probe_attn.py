@@ -23,11 +23,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_kernels import PEAK_TFLOPS, attention_inputs, rel, timed  # noqa: E402
 
 
-def sweep(name, S, H, T2, fwd_grid, bwd_grid, topk=512):
+def sweep(name, S, H, T2, fwd_grid, bwd_grid, topk=512, contiguous=0):
     from dsv4.kernels import sparse_attention as sa
     dev, dtype, D = "cuda", torch.bfloat16, 512
     g = torch.Generator(device=dev).manual_seed(0)
     q, kv, kv2, idx, sink = attention_inputs(1, S, H, D, T2, 128, topk, dev, dtype, g)
+    if contiguous:   # no gather: each query's list is the `contiguous` keys of kv ending at it (a wide window)
+        s = torch.arange(S, device=dev)
+        win = s[:, None] - contiguous + 1 + torch.arange(contiguous, device=dev)
+        idx = torch.where(win >= 0, win, -1).to(torch.int32)[None].contiguous()
     scale = D ** -0.5
     valid = int((idx >= 0).sum())
     out0, lse0 = sa.forward(q, kv, idx, sink, scale, kv2)
@@ -40,10 +44,12 @@ def sweep(name, S, H, T2, fwd_grid, bwd_grid, topk=512):
     rows = []
     for bh, bn, w, st, *lz in fwd_grid:
         lazy = bool(lz and lz[0])
-        row = {"case": name, "pass": "fwd", "block_h": bh, "block_n": bn, "warps": w, "stages": st, "lazy": lazy}
+        ws = bool(len(lz) > 1 and lz[1])
+        row = {"case": name, "pass": "fwd", "block_h": bh, "block_n": bn, "warps": w, "stages": st, "lazy": lazy,
+               "warp_specialize": ws}
         try:
             run = lambda: sa.forward(q, kv, idx, sink, scale, kv2, block_n=bn, num_warps=w, block_h=bh,  # noqa: E731
-                                     num_stages=st, lazy=lazy)
+                                     num_stages=st, lazy=lazy, warp_specialize=ws)
             o, _ = run()
             ms = timed(run, False)
             fl = 4 * H * D * valid
@@ -80,14 +86,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     rows = []
     if args.round9:
-        f64 = [(64, 64, 8, 2, 0), (64, 64, 8, 2, 1), (64, 32, 8, 2, 1), (64, 64, 16, 2, 0), (64, 64, 16, 2, 1),
-               (64, 32, 16, 3, 1), (64, 64, 8, 3, 1)]
-        f128 = [(64, 64, 8, 2, 0), (64, 64, 8, 2, 1), (128, 64, 16, 2, 0), (128, 64, 16, 2, 1), (128, 32, 16, 2, 1),
-                (128, 32, 16, 3, 1), (128, 64, 16, 1, 1), (128, 32, 8, 2, 1)]
-        f16 = [(16, 32, 4, 2, 0), (16, 32, 4, 2, 1), (16, 64, 4, 2, 1)]
+        f64 = [(64, 64, 8, 2, 0), (64, 64, 8, 2, 0, 1), (64, 64, 8, 3, 0, 1), (64, 32, 8, 2, 0, 1),
+               (64, 64, 4, 2, 0, 1), (64, 128, 8, 1, 0), (64, 128, 8, 2, 0)]
         rows += sweep("flash CSA 4K (H 64)", 4096, 64, 1024, f64, [])
-        rows += sweep("pro CSA 4K (H 128, top-1024)", 4096, 128, 1024, f128, [], topk=1024)
-        rows += sweep("bench CSA 4K (H 16)", 4096, 16, 1024, f16, [])
+        rows += sweep("flash 640 contiguous keys 4K (H 64)", 4096, 64, 1024, f64[:1] + f64[5:], [], contiguous=640)
         return _finish(rows, args)
     st = (1, 2, 3)
     f64 = [(32, 32, 4, None)] + list(itertools.product((64,), (32, 64), (8,), st)) + [(64, 16, 8, 2), (64, 16, 4, 2)]

@@ -1045,3 +1045,35 @@ def test_e4m3_encoder_rounds_as_torch_on_every_value_and_midpoint():
     y = torch.empty(8192, dtype=torch.int32, device=DEV)
     _encode_e4m3[(1,)](x, y, N=8192)
     assert torch.equal(y.cpu(), x.cpu().to(torch.float8_e4m3fn).view(torch.uint8).int())
+
+
+def test_every_kernel_waits_for_its_predecessor_under_pdl():
+    """Programmatic dependent launch is safe only if a kernel touches no memory before `gdc_wait`: every
+    kernel launched in dsv4/kernels must start with `pdl_start(PDL)` and every launch pass `**pdl(...)`
+    (a kernel launched with PDL but without the wait could read its input before it is written)."""
+    import ast
+    import re
+    from pathlib import Path
+    from dsv4.kernels import launch
+    root = Path(launch.__file__).parent
+    launched, starts, bare = set(), {}, []
+    for f in sorted(root.glob("*.py")):
+        src = f.read_text()
+        tree = ast.parse(src)
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript) and \
+                    isinstance(node.func.value, ast.Name) and node.func.value.id.endswith("kernel"):
+                launched.add(node.func.value.id)
+                if not any(k.arg is None and isinstance(k.value, ast.Call) and getattr(k.value.func, "id", "") == "pdl"
+                           for k in node.keywords):
+                    bare.append(f"{f.name}:{node.lineno}")
+            if isinstance(node, ast.FunctionDef) and re.match(r"_\w*kernel$", node.name):
+                body = [b for b in node.body if not (isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant))]
+                first = body[0]
+                starts[node.name] = (isinstance(first, ast.Expr) and isinstance(first.value, ast.Call)
+                                     and getattr(first.value.func, "id", "") == "pdl_start"
+                                     and any(a.arg == "PDL" for a in node.args.args))
+    assert len(launched) >= 40 and not bare, bare
+    assert all(starts.get(k) for k in launched), [k for k in launched if not starts.get(k)]
+    # off under the interpreter and for CPU tensors
+    assert launch.pdl(torch.zeros(1)) == {}

@@ -12,6 +12,7 @@ from triton.language.extra import libdevice
 
 from . import INTERPRET
 from .fp8_gemm import fp32_to_e4m3
+from .launch import pdl, pdl_start
 
 
 @triton.jit
@@ -41,7 +42,9 @@ def _slot_weights(KV, SC, SLOTS, s_b, s_l, s_sb, s_sn, N, C,
 
 @triton.jit
 def _pool_kernel(KV, SC, SLOTS, OUT, s_b, s_l, s_sb, s_sn, s_ob, s_on, N, C,
-                 J: tl.constexpr, M: tl.constexpr, OVERLAP: tl.constexpr, BLOCK_C: tl.constexpr):
+                 J: tl.constexpr, M: tl.constexpr, OVERLAP: tl.constexpr, BLOCK_C: tl.constexpr,
+                 PDL: tl.constexpr = False):
+    pdl_start(PDL)
     b, e, ch, off, ok, kv, p, den = _slot_weights(KV, SC, SLOTS, s_b, s_l, s_sb, s_sn, N, C, J, M, OVERLAP, BLOCK_C)
     num = tl.sum(p * kv, 0)
     out = tl.where(den > 0, num / tl.where(den > 0, den, 1.0), 0.0)
@@ -63,18 +66,21 @@ def pool(kv: torch.Tensor, score: torch.Tensor, slots: torch.Tensor, overlap: bo
     bc = min(block_c, triton.next_power_of_2(c))
     _pool_kernel[(B * n, triton.cdiv(c, bc))](kv, score, slots, out, kv.stride(0), kv.stride(1),
                                               slots.stride(0), slots.stride(1), out.stride(0), out.stride(1),
-                                              n, c, J=J, M=J // 2 if overlap else J, OVERLAP=overlap, BLOCK_C=bc)
+                                              n, c, J=J, M=J // 2 if overlap else J, OVERLAP=overlap, BLOCK_C=bc,
+                                              **pdl(kv))
     return out
 
 
 @triton.jit
 def _pool_bwd_kernel(KV, SC, SLOTS, G, DKV, DSC, s_b, s_l, s_sb, s_sn, s_gb, s_gn, N, C,
-                     J: tl.constexpr, M: tl.constexpr, OVERLAP: tl.constexpr, BLOCK_C: tl.constexpr):
+                     J: tl.constexpr, M: tl.constexpr, OVERLAP: tl.constexpr, BLOCK_C: tl.constexpr,
+                     PDL: tl.constexpr = False):
     """Gradient of `_pool_kernel` for one (entry, channel block): with p the slots' softmax weights and
     out = Σ p·kv, d kv_j = g·p_j and d score_j = g·p_j·(kv_j − out), added at the slot's (token,
     feature) place of DKV / DSC (zeroed by the caller). Full-sequence windows use each place once per
     entry set (the two halves of overlapping windows are different features), so the adds never meet
     and the result is deterministic."""
+    pdl_start(PDL)
     b, e, ch, off, ok, kv, p, den = _slot_weights(KV, SC, SLOTS, s_b, s_l, s_sb, s_sn, N, C, J, M, OVERLAP, BLOCK_C)
     p = p / tl.where(den > 0, den, 1.0)[None, :]
     out = tl.sum(p * kv, 0)
@@ -99,19 +105,21 @@ def pool_backward(kv: torch.Tensor, score: torch.Tensor, slots: torch.Tensor, gr
         _pool_bwd_kernel[(B * n, triton.cdiv(c, bc))](kv, score, slots, grad, dkv, dsc, kv.stride(0), kv.stride(1),
                                                       slots.stride(0), slots.stride(1), grad.stride(0),
                                                       grad.stride(1), n, c, J=J, M=J // 2 if overlap else J,
-                                                      OVERLAP=overlap, BLOCK_C=bc)
+                                                      OVERLAP=overlap, BLOCK_C=bc, **pdl(kv))
     return dkv, dsc
 
 
 @triton.jit
 def _decode_step_kernel(SKV, SSC, ROWS, KV, SC, APE, POS, OUT, s_sb, s_sl, s_nb, s_ob, s_ape, C,
-                        M: tl.constexpr, J: tl.constexpr, OVERLAP: tl.constexpr, BLOCK_C: tl.constexpr):
+                        M: tl.constexpr, J: tl.constexpr, OVERLAP: tl.constexpr, BLOCK_C: tl.constexpr,
+                        PDL: tl.constexpr = False):
     """One token per row into the compressor state, in place, and the pooled entry of the window it
     would complete: the token's score is its gate projection SC plus APE[p mod M];
     program (row b, block of c channels) reads the J state slots at its channels (both
     feature halves when windows overlap), puts the token in slot (o·M + p mod M), pools (softmax over the
     slots per channel: previous-window slots read features [0, c), own slots [c, 2c)) and writes the
     slots back, the completed window moved to the previous one when overlapping."""
+    pdl_start(PDL)
     b = tl.program_id(0)
     ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     cm = ch < C
@@ -183,7 +191,7 @@ def decode_step(state_kv: torch.Tensor, state_sc: torch.Tensor, rows: torch.Tens
         _decode_step_kernel[(B, triton.cdiv(c, bc))](state_kv, state_sc, rows.contiguous(), kv, score, ape,
                                                       pos.contiguous(), out, state_kv.stride(0), state_kv.stride(1),
                                                       kv.stride(0), out.stride(0), ape.stride(0), c, M=ratio, J=J,
-                                                      OVERLAP=overlap, BLOCK_C=bc)
+                                                      OVERLAP=overlap, BLOCK_C=bc, **pdl(state_kv))
     return out
 
 
@@ -191,7 +199,7 @@ def decode_step(state_kv: torch.Tensor, state_sc: torch.Tensor, rows: torch.Tens
 def _entry_kernel(POOLED, W, POS, ROWS, FREQ, ENT, s_pb, s_eb, s_en, n_max, eps,
                   M: tl.constexpr, C: tl.constexpr, DR2: tl.constexpr, KV8: tl.constexpr = False,
                   VAL_DTYPE: tl.constexpr = tl.float32, OFF_SC: tl.constexpr = 0, OFF_ROPE: tl.constexpr = 0,
-                  PRECISE: tl.constexpr = False):
+                  PRECISE: tl.constexpr = False, PDL: tl.constexpr = False):
     """Program b: when position POS[b] completes a window (≡ M − 1 mod M), its pooled entry (fp32) rounded
     to the entries' dtype, RMS-normalised with W, rounded again and roped at position (POS[b] // M)·M
     goes to ENT[ROWS[b], min(POS[b] // M, n_max − 1)]; otherwise nothing is written. The rounding steps
@@ -199,6 +207,7 @@ def _entry_kernel(POOLED, W, POS, ROWS, FREQ, ENT, s_pb, s_eb, s_en, n_max, eps,
     is written as an FP8 row (`dsv4.ops.kv8_quant`): e4m3 codes of the nope dims with one power-of-two
     scale per 64 (⌈log2(amax/448)⌉ from the bits, amax/448 rounded to nearest as PyTorch divides), e8m0
     scale bytes at OFF_SC, the rope dims at OFF_ROPE."""
+    pdl_start(PDL)
     b = tl.program_id(0)
     p = tl.load(POS + b).to(tl.int64)
     if p % M == M - 1:
@@ -273,4 +282,4 @@ def write_entry(entries: torch.Tensor, rows: torch.Tensor, pooled: torch.Tensor,
         pooled = pooled.contiguous()
     _entry_kernel[(B,)](pooled, weight.contiguous(), pos.contiguous(), rows.contiguous(), freqs.contiguous(),
                         entries, pooled.stride(0), entries.stride(0), entries.stride(1), entries.shape[1],
-                        float(eps), M=ratio, C=c, DR2=dr2, num_warps=4 if c >= 256 else 1, **fp8)
+                        float(eps), M=ratio, C=c, DR2=dr2, num_warps=4 if c >= 256 else 1, **fp8, **pdl(pooled))

@@ -48,6 +48,7 @@ import triton
 import triton.language as tl
 
 from .fp8_gemm import INTERPRET, e8m0_to_fp32
+from .launch import pdl, pdl_start
 
 
 @triton.jit
@@ -84,7 +85,8 @@ def _fp4_up_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, rw_ptr, row_map_ptr, b
                    D, I, TOPK, n_blocks, limit,
                    stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
                    HAS_LIMIT: tl.constexpr, DOT_FP32: tl.constexpr,
-                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                   BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     pid_n = tl.program_id(1)
     HK: tl.constexpr = BK // 2
     # one iteration for a used block, none for the unused tail of the static grid
@@ -126,7 +128,9 @@ def _fp4_up_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, rw_ptr, row_map_ptr, b
 @triton.jit
 def _fp4_down_kernel(h_ptr, w2_ptr, s2_ptr, row_map_ptr, block_expert_ptr, out_ptr,
                      D, I, n_blocks, stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
-                     DOT_FP32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                     DOT_FP32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                     PDL: tl.constexpr = False):
+    pdl_start(PDL)
     pid_n = tl.program_id(1)
     HK: tl.constexpr = BK // 2
     for blk in range(tl.program_id(0), tl.load(n_blocks), tl.num_programs(0)):
@@ -190,8 +194,9 @@ def _gemv_tile(w_ptr, s_ptr, w_off, s_off, x_ptr, kx, k0, K, n_ok, jb, t, acc,
 def _fp4_up_gemv_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, rw_ptr, idx_ptr, h_ptr,
                         D, I, TOPK, E, limit,
                         stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
-                        HAS_LIMIT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                        HAS_LIMIT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False):
     """h[p, n-tile] = routing weight · SwiGLU(W1[e] x, W3[e] x) for pair p = (token p // TOPK, expert e)."""
+    pdl_start(PDL)
     p, pid_n = tl.program_id(0), tl.program_id(1)
     NB: tl.constexpr = BK // 32
     e = tl.load(idx_ptr + p).to(tl.int64)
@@ -223,8 +228,9 @@ def _fp4_up_gemv_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, rw_ptr, idx_ptr, 
 @triton.jit
 def _fp4_down_gemv_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
                           stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
-                          BN: tl.constexpr, BK: tl.constexpr):
+                          BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False):
     """out[p, n-tile] = W2[e] h[p] for pair p; pairs of another device's expert keep their zeros."""
+    pdl_start(PDL)
     p, pid_n = tl.program_id(0), tl.program_id(1)
     NB: tl.constexpr = BK // 32
     e = tl.load(idx_ptr + p).to(tl.int64)
@@ -324,10 +330,11 @@ def _down_words_acc(acc, w2_ptr, s2_ptr, hrow, w_off, s_off, I, n_ok, jb, j, BK:
 def _fp4_up_words_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, rw_ptr, idx_ptr, h_ptr,
                          D, I, TOPK, E, limit,
                          stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
-                         HAS_LIMIT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                         HAS_LIMIT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False):
     """`_fp4_up_gemv_kernel` on int32 words: a thread loads a block's 16 bytes as 4 words and decodes
     two codes per integer operation (`_e2m1_word_pair`); w1 and w3 share the reads of x. The strides
     of w1 and w3 count words (4 bytes)."""
+    pdl_start(PDL)
     p, pid_n = tl.program_id(0), tl.program_id(1)
     NB: tl.constexpr = BK // 32
     e = tl.load(idx_ptr + p).to(tl.int64)
@@ -364,8 +371,9 @@ def _fp4_up_words_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, rw_ptr, idx_ptr,
 @triton.jit
 def _fp4_down_words_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
                            stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
-                           BN: tl.constexpr, BK: tl.constexpr):
+                           BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False):
     """`_fp4_down_gemv_kernel` on int32 words (as `_fp4_up_words_kernel`); the strides of w2 count words."""
+    pdl_start(PDL)
     p, pid_n = tl.program_id(0), tl.program_id(1)
     NB: tl.constexpr = BK // 32
     e = tl.load(idx_ptr + p).to(tl.int64)
@@ -387,10 +395,11 @@ def _fp4_down_words_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
 @triton.jit
 def _fp4_down_words_tok_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E, TOPK,
                                stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
-                               BN: tl.constexpr, BK: tl.constexpr):
+                               BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False):
     """`_fp4_down_words_kernel` with a token's TOPK pairs summed in the program: out[t, n-tile] =
     Σ_k W2[e_tk] h[t·TOPK + k] in fp32, stored once (no [N·K, D] pair outputs, no zero fill, no sum
     kernel); pairs of another device's expert add nothing."""
+    pdl_start(PDL)
     n, pid_n = tl.program_id(0).to(tl.int64), tl.program_id(1)
     NB: tl.constexpr = BK // 32
     rn = pid_n * BN + tl.arange(0, BN)
@@ -411,10 +420,11 @@ def _fp4_down_words_tok_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
 
 
 @triton.jit
-def _fp4_dequant_kernel(w_ptr, s_ptr, out_ptr, n_bytes, BLOCK: tl.constexpr):
+def _fp4_dequant_kernel(w_ptr, s_ptr, out_ptr, n_bytes, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """Packed e2m1 bytes (rows of K/2 bytes, K a multiple of 32) and their e8m0 1x32 scales -> the
     K values per row in the output dtype, low nibble first: out[2b] and out[2b + 1] from byte b, whose
     scale is number b // 16 (16 bytes hold one 32-value block)."""
+    pdl_start(PDL)
     b = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     ok = b < n_bytes
     even, odd = _fp4_tile(w_ptr + b, s_ptr + b // 16, ok)
@@ -429,7 +439,7 @@ def dequant_fp4(w: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.bfl
     out = torch.empty(*w.shape[:-1], 2 * w.shape[-1], dtype=dtype, device=w.device)
     n = w.numel()
     block = 256 if INTERPRET else 1024
-    _fp4_dequant_kernel[(triton.cdiv(n, block),)](w, su, out, n, BLOCK=block)
+    _fp4_dequant_kernel[(triton.cdiv(n, block),)](w, su, out, n, BLOCK=block, **pdl(w))
     return out
 
 
@@ -537,16 +547,16 @@ def _fp4_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch
         _fp4_up_words_kernel[(NK, triton.cdiv(I, cfg["BN"]))](
             x, w1w, s1u, w3w, s3u, rw, flat, h, D, I, K, E, float(limit),
             x.stride(0), w1w.stride(0), w1w.stride(1), s1u.stride(0), s1u.stride(1), h.stride(0),
-            HAS_LIMIT=limit > 0, **cfg)
+            HAS_LIMIT=limit > 0, **cfg, **pdl(x))
         if WORDS_DOWN == "token":
             down = TILES.get("words_down", cfg) if not INTERPRET else cfg
             _fp4_down_words_tok_kernel[(N, triton.cdiv(D, down["BN"]))](
                 h, w2w, s2u, flat, out, D, I, E, K, h.stride(0), w2w.stride(0), w2w.stride(1), s2u.stride(0),
-                s2u.stride(1), out.stride(0), **down)
+                s2u.stride(1), out.stride(0), **down, **pdl(h))
             return out
         _fp4_down_words_kernel[(NK, triton.cdiv(D, cfg["BN"]))](
             h, w2w, s2u, flat, out, D, I, E, h.stride(0), w2w.stride(0), w2w.stride(1), s2u.stride(0),
-            s2u.stride(1), out.stride(0), **cfg)
+            s2u.stride(1), out.stride(0), **cfg, **pdl(h))
         return out.view(N, K, D).sum(1)
     if path == "gemv":
         cfg = dict(BN=16, BK=64, num_warps=4, num_stages=1) if INTERPRET else TILES["gemv"]
@@ -554,10 +564,10 @@ def _fp4_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch
         _fp4_up_gemv_kernel[(NK, triton.cdiv(I, cfg["BN"]))](
             x, w1, s1u, w3, s3u, rw, flat, h, D, I, K, E, float(limit),
             x.stride(0), w1.stride(0), w1.stride(1), s1u.stride(0), s1u.stride(1), h.stride(0),
-            HAS_LIMIT=limit > 0, **cfg)
+            HAS_LIMIT=limit > 0, **cfg, **pdl(x))
         _fp4_down_gemv_kernel[(NK, triton.cdiv(D, cfg["BN"]))](
             h, w2, s2u, flat, out, D, I, E, h.stride(0), w2.stride(0), w2.stride(1), s2u.stride(0),
-            s2u.stride(1), out.stride(0), **cfg)
+            s2u.stride(1), out.stride(0), **cfg, **pdl(h))
         return out.view(N, K, D).sum(1)
     bm, cfg = _tiles(NK / min(E, NK))
     row_map, block_expert, n_blocks = _align(idx, E, bm)
@@ -566,11 +576,11 @@ def _fp4_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch
     _fp4_up_kernel[(B, triton.cdiv(I, cfg["BN"]))](
         x, w1, s1u, w3, s3u, rw, row_map, block_expert, h, D, I, K, n_blocks, float(limit),
         x.stride(0), w1.stride(0), w1.stride(1), s1u.stride(0), s1u.stride(1), h.stride(0),
-        HAS_LIMIT=limit > 0, DOT_FP32=dot32, BM=bm, **cfg)
+        HAS_LIMIT=limit > 0, DOT_FP32=dot32, BM=bm, **cfg, **pdl(x))
     _fp4_down_kernel[(B, triton.cdiv(D, cfg["BN"]))](
         h, w2, s2u, row_map, block_expert, out, D, I, n_blocks,
         h.stride(0), w2.stride(0), w2.stride(1), s2u.stride(0), s2u.stride(1), out.stride(0),
-        DOT_FP32=dot32, BM=bm, **cfg)
+        DOT_FP32=dot32, BM=bm, **cfg, **pdl(h))
     return out.view(N, K, D).sum(1)                                           # [N, D], K outputs per token
 
 

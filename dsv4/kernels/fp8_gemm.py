@@ -53,6 +53,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from .launch import pdl, pdl_start
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
 
@@ -95,7 +96,8 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, k_per_split,
                      stride_xm, stride_wn, stride_sn, stride_ym, stride_ys,
                      SBN: tl.constexpr, SBK: tl.constexpr, SCALE_E8M0: tl.constexpr, NATIVE_FP8: tl.constexpr,
                      DOT_FP32: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
-                     GROUP_M: tl.constexpr):
+                     GROUP_M: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     pid, split = tl.program_id(0), tl.program_id(1)
     n_m, n_n = (M + BM - 1) // BM, (N + BN - 1) // BN
     group = pid // (GROUP_M * n_n)                    # row-block groups: neighbouring programs share W tiles
@@ -140,7 +142,7 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, k_per_split,
 @triton.jit
 def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, group_n, stride_xm, stride_xg, stride_wn, stride_sn,
                      stride_ym, ROWS: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr, SCALE_E8M0: tl.constexpr,
-                     NATIVE_FP8: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                     NATIVE_FP8: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False):
     """y[r, n-tile] = Σ_k x[r, g, k] · s[n // SBN, k // SBK] · Wq[n, k] for the ROWS (1..4) rows of x,
     where g = n // group_n is the group of output row n (grouped projections such as `wo_a`: each group
     of group_n rows reads its own slice of x, `stride_xg` apart; one group: stride_xg = 0).
@@ -150,6 +152,7 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, group_n, stride_xm, strid
     FMA chain), then its block scale multiplies that partial sum (exact for e8m0) into acc_r [BN, J];
     the program's BN rows lie in one scale row-block (SBN % BN == 0). One accumulator per row of x, so
     the weight tile is decoded once for all rows; the J lanes are reduced once, after the loop."""
+    pdl_start(PDL)
     V: tl.constexpr = 16
     J: tl.constexpr = BK // V
     pid = tl.program_id(0)
@@ -302,7 +305,7 @@ def _fp8_gemv(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block
             x2[r0:], w, s, y[r0:], N, K, N // groups, x2.stride(0), x2.stride(1) if groups > 1 else 0,
             w.stride(0), s.stride(0), y.stride(0),
             ROWS=rows, SBN=block_n, SBK=block_k, SCALE_E8M0=e8m0, NATIVE_FP8=native, BN=BN, BK=BK,
-            num_warps=int(cfg.get("num_warps", 4)), num_stages=int(cfg.get("num_stages", 2)))
+            num_warps=int(cfg.get("num_warps", 4)), num_stages=int(cfg.get("num_stages", 2)), **pdl(x2[r0:]))
     return kernel
 
 
@@ -340,7 +343,7 @@ def _fp8_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_
         x2, w, s, out, M, N, K, k_per_split, x2.stride(0), w.stride(0), s.stride(0),
         out.stride(-2), out.stride(0) if split > 1 else 0,
         SBN=block_n, SBK=block_k, SCALE_E8M0=e8m0, NATIVE_FP8=native,
-        DOT_FP32=INTERPRET or x.dtype == torch.float32, **cfg)
+        DOT_FP32=INTERPRET or x.dtype == torch.float32, **cfg, **pdl(x2))
     if split > 1:
         y = out.sum(0).to(x.dtype)
     return y.view(*x.shape[:-1], N)

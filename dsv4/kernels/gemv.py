@@ -15,13 +15,15 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
+from .launch import pdl, pdl_start
 
 ROWS_MAX = 2           # rows of x one launch carries (an accumulator each)
 
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_ym,
-                 ROWS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+                 ROWS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     pid = tl.program_id(0)
     rn = pid * BN + tl.arange(0, BN)
     n_ok = rn < N
@@ -81,5 +83,5 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = 
         cfg = {**tiles(N, K, x.device), **launch}
         BN, BK = int(cfg["BN"]), int(cfg["BK"])
         _gemv_kernel[(triton.cdiv(N, BN),)](x2, weight, y, N, K, x2.stride(0), weight.stride(0), y.stride(0),
-                                            ROWS=M, BN=BN, BK=BK, num_warps=int(cfg["num_warps"]))
+                                            ROWS=M, BN=BN, BK=BK, num_warps=int(cfg["num_warps"]), **pdl(x2))
     return y.view(*x.shape[:-1], N)

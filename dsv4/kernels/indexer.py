@@ -19,13 +19,16 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
+from .launch import pdl, pdl_start
 
 
 @triton.jit
 def _scores_kernel(Q, K, W, ROWS, LO, HI, OUT,
                    s_qb, s_qs, s_qh, s_kb, s_kc, s_wb, s_ws, s_ob, s_os,
                    S, C, HI_N,
-                   DI: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, F32_DOT: tl.constexpr):
+                   DI: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, F32_DOT: tl.constexpr,
+                   PDL: tl.constexpr = False):
+    pdl_start(PDL)
     b = tl.program_id(2)
     ts = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
     cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -59,10 +62,11 @@ def _scores_kernel(Q, K, W, ROWS, LO, HI, OUT,
 def _scores_few_kernel(Q, K, W, ROWS, LO, HI, OUT,
                        s_qb, s_qs, s_qh, s_kb, s_kc, s_wb, s_ws, s_ob, s_os,
                        S, C, HI_N, DI: tl.constexpr, HP: tl.constexpr, BLOCK_C: tl.constexpr,
-                       F32_DOT: tl.constexpr):
+                       F32_DOT: tl.constexpr, PDL: tl.constexpr = False):
     """`_scores_kernel` for a few queries (decode): one program per (query, block of entries), the heads
     as the rows of one `tl.dot` ([HP heads, Di] · [Di, BLOCK_C], heads past Hi loaded as zeros with zero
     weight) instead of a dot per head over a block of mostly absent queries."""
+    pdl_start(PDL)
     t = tl.program_id(0)
     b = tl.program_id(2)
     c0 = tl.program_id(1) * BLOCK_C
@@ -117,13 +121,13 @@ def scores(q, k, w, lo, hi, k_rows=None, block_s: int = 64, block_c: int = 64, n
         _scores_few_kernel[(S, triton.cdiv(C, bc), B)](
             q, k, w, rows, lo, hi, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
             w.stride(0), w.stride(1), out.stride(0), out.stride(1), S, C, Hi,
-            DI=Di, HP=max(16, triton.next_power_of_2(Hi)), BLOCK_C=bc, F32_DOT=f32, num_warps=num_warps)
+            DI=Di, HP=max(16, triton.next_power_of_2(Hi)), BLOCK_C=bc, F32_DOT=f32, num_warps=num_warps, **pdl(q))
         return out
     grid = (triton.cdiv(S, block_s), triton.cdiv(C, block_c), B)
     _scores_kernel[grid](q, k, w, rows, lo, hi, out,
                          q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), w.stride(0), w.stride(1),
                          out.stride(0), out.stride(1), S, C, Hi,
-                         DI=Di, BLOCK_S=block_s, BLOCK_C=block_c, F32_DOT=f32, num_warps=num_warps)
+                         DI=Di, BLOCK_S=block_s, BLOCK_C=block_c, F32_DOT=f32, num_warps=num_warps, **pdl(q))
     return out
 
 
@@ -170,13 +174,15 @@ def _orderable_key(bits, NBITS: tl.constexpr):
 
 @triton.jit
 def _select_kernel(SC, LO, HI, OUT, s_sr, s_or, C, P,
-                   NBITS: tl.constexpr, NEG_KEY: tl.constexpr, BLOCK: tl.constexpr, HAS_RANGE: tl.constexpr):
+                   NBITS: tl.constexpr, NEG_KEY: tl.constexpr, BLOCK: tl.constexpr, HAS_RANGE: tl.constexpr,
+                   PDL: tl.constexpr = False):
     """One row: the P largest scores among entries [lo, hi) (all C without a range), written as their
     indices in increasing order, then −1 for the rest and for −inf scores. Radix select on the scores'
     bits, 8 bits per pass (2 passes for bf16, 4 for fp32): each pass histograms the next byte of the
     entries whose higher bytes equal the threshold's so far, and keeps the byte where the count of larger
     entries reaches P. The last pass writes every entry above the threshold and the first of the ties
     at it (lowest index first; `torch.topk` picks among ties in no set order)."""
+    pdl_start(PDL)
     r = tl.program_id(0).to(tl.int64)
     row = SC + r * s_sr
     if HAS_RANGE:
@@ -255,5 +261,6 @@ def select(scores: torch.Tensor, topk: int, lo: torch.Tensor | None = None, hi: 
     lo_ = lo.reshape(-1).contiguous() if has_range else out
     hi_ = hi.reshape(-1).contiguous() if has_range else out
     _select_kernel[(R,)](bits, lo_, hi_, out, bits.stride(0), out.stride(0), C, P,
-                         NBITS=nbits, NEG_KEY=neg_key, BLOCK=block, HAS_RANGE=has_range, num_warps=num_warps)
+                         NBITS=nbits, NEG_KEY=neg_key, BLOCK=block, HAS_RANGE=has_range, num_warps=num_warps,
+                         **pdl(bits))
     return out.view(*lead, P)

@@ -19,11 +19,13 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
+from .launch import pdl, pdl_start
 
 
 @triton.jit
 def _key_lists_kernel(POS, CIDX, OUT, W, M, n_comp, t_window, KC, stride_c, stride_o,
-                      HAS_CIDX: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+                      HAS_CIDX: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     b = tl.program_id(0)
     p = tl.load(POS + b).to(tl.int64)
     w = tl.arange(0, BLOCK_W)
@@ -54,7 +56,7 @@ def decode_key_lists(pos: torch.Tensor, window: int, ratio: int, n_comp: int, t_
         _key_lists_kernel[(B,)](pos.contiguous(), c, out, window, max(ratio, 1), n_comp, t_window, kc,
                                 c.stride(0) if cidx is not None else 0, out.stride(0),
                                 HAS_CIDX=cidx is not None, BLOCK_W=triton.next_power_of_2(window),
-                                BLOCK_C=128 if INTERPRET else 1024, num_warps=4)
+                                BLOCK_C=128 if INTERPRET else 1024, num_warps=4, **pdl(pos))
     return out
 
 
@@ -63,8 +65,9 @@ def _call_lists_kernel(POS, SEG, FIRST, CIDX, OUT, S, s0, Sc, W, M, n_comp, t_wi
                        s_pb, s_sb, s_fb, s_cb, s_cs, s_ob, s_os,
                        CACHED: tl.constexpr, HAS_SEG: tl.constexpr, HAS_FIRST: tl.constexpr,
                        HAS_CIDX: tl.constexpr, RATIO: tl.constexpr, BLOCK_S: tl.constexpr,
-                       BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+                       BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr = False):
     """`key_lists` for BLOCK_S queries of row b (see `dsv4.ops.key_lists_torch` for the rules)."""
+    pdl_start(PDL)
     b = tl.program_id(0).to(tl.int64)
     q = tl.program_id(1) * BLOCK_S + tl.arange(0, BLOCK_S)                   # query within the chunk
     qm = q < Sc
@@ -127,5 +130,5 @@ def key_lists(pos: torch.Tensor, seg: torch.Tensor | None, first: torch.Tensor |
             ci.stride(0) if ci is not None else 0, ci.stride(1) if ci is not None else 0, out.stride(0), out.stride(1),
             CACHED=cached, HAS_SEG=sg is not None, HAS_FIRST=fs is not None, HAS_CIDX=ci is not None,
             RATIO=ratio > 0, BLOCK_S=block_s, BLOCK_W=triton.next_power_of_2(max(window, 1)),
-            BLOCK_C=128 if INTERPRET else 256, num_warps=4)
+            BLOCK_C=128 if INTERPRET else 256, num_warps=4, **pdl(pos))
     return out

@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
+from .launch import pdl, pdl_start
 
 
 @triton.jit
@@ -28,7 +29,8 @@ def _sinkhorn(c, eps, ITERS: tl.constexpr):
 
 @triton.jit
 def _sinkhorn_kernel(MIX, SCALE, BASE, PRE, POST, COMB, N_TOK, eps, ITERS: tl.constexpr,
-                     NS: tl.constexpr, BLOCK: tl.constexpr):
+                     NS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     tm = t < N_TOK
     i = tl.arange(0, NS)
@@ -61,7 +63,7 @@ def split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
     comb = torch.empty(T, n, n, device=mix.device, dtype=torch.float32)
     if T:
         _sinkhorn_kernel[(triton.cdiv(T, block),)](mix, scale.float().contiguous(), base.float().contiguous(),
-                                                   pre, post, comb, T, eps, ITERS=iters, NS=n, BLOCK=block)
+                                                   pre, post, comb, T, eps, ITERS=iters, NS=n, BLOCK=block, **pdl(mix))
     return pre.view(*lead, n), post.view(*lead, n), comb.view(*lead, n, n)
 
 
@@ -78,7 +80,8 @@ def _split_bf16(x):
 @triton.jit
 def _hc_mix_kernel(H, FN, SS, MIX, N_TOK, D, K_PER,
                    NS: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-                   PREC: tl.constexpr, SPLIT3: tl.constexpr = False, F32_DOT: tl.constexpr = False):
+                   PREC: tl.constexpr, SPLIT3: tl.constexpr = False, F32_DOT: tl.constexpr = False,
+                   PDL: tl.constexpr = False):
     """hc_pre, part 1, for BLOCK_T tokens and one slice [K_PER·split, K_PER·(split+1)) of the N·D stream
     values: Σ h² and the (2+N)·N mix logits h · fnᵀ as one fp32 dot against fn read as NP rows (zeros
     past its (2+N)·N; below 16 tokens, products summed over the block instead of a dot),
@@ -90,6 +93,7 @@ def _hc_mix_kernel(H, FN, SS, MIX, N_TOK, D, K_PER,
     tensor-core dots with fp32 accumulation; h is a bf16 value, so every product is exact and the result
     is the fp32 dot up to the order of the sums. F32_DOT runs the same dots on fp32 copies of the parts
     (the interpreter)."""
+    pdl_start(PDL)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     sp = tl.program_id(1)
     tm = t < N_TOK
@@ -131,12 +135,14 @@ def _hc_mix_kernel(H, FN, SS, MIX, N_TOK, D, K_PER,
 @triton.jit
 def _hc_finish_kernel(H, SS, MIX, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLIT, D_PER, SEP, eps, norm_eps,
                       ITERS: tl.constexpr, NS: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr,
-                      BLOCK_D: tl.constexpr, SPLIT_BLOCK: tl.constexpr, MIXES=None, RHO=None, PRE=None):
+                      BLOCK_D: tl.constexpr, SPLIT_BLOCK: tl.constexpr, MIXES=None, RHO=None, PRE=None,
+                      PDL: tl.constexpr = False):
     """hc_pre, part 2: the slices' sums, RMS scaling, gates, Sinkhorn, then x = Σ_j pre_j h_j over the
     columns [c·D_PER, (c+1)·D_PER), c = pd − SEP, of program (·, pd). Every program of a token block
     computes the gates; program pd = 0 also runs the Sinkhorn and stores post, comb and, with MIXES (and
     RHO, PRE) given, what the backward pass needs: the scaled mix logits [T, (2+N)·N], rho [T] and pre
     [T, N] (None: not compiled in). SEP = 1: program 0 does only that, beside the column ranges."""
+    pdl_start(PDL)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     first = tl.program_id(1) == 0
     tm = t < N_TOK
@@ -253,7 +259,7 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
         _hc_mix_kernel[(tb, split)](hv, fn.float().contiguous(), ss, mix, T, D, k_per, NS=n, NP=n_pad,
                                     BLOCK_T=block_t, BLOCK_K=block_k,
                                     PREC="ieee" if INTERPRET or prec == "bf16x3" else prec,
-                                    SPLIT3=split3, F32_DOT=INTERPRET)
+                                    SPLIT3=split3, F32_DOT=INTERPRET, **pdl(hv))
         finish_block_t = min(finish_block_t, triton.next_power_of_2(T))
         block_d = min(max(128, 1024 // finish_block_t), triton.next_power_of_2(D))
         tbf = triton.cdiv(T, finish_block_t)
@@ -265,15 +271,16 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
             hv, ss, mix, scale.float().contiguous(), base.float().contiguous(), x, post, comb, T, D, split, d_per,
             sep, eps, norm_eps, ITERS=iters, NS=n, NP=n_pad, BLOCK_T=finish_block_t, BLOCK_D=block_d,
             SPLIT_BLOCK=min(64 // finish_block_t if finish_block_t < 64 else 1, triton.next_power_of_2(split)),
-            MIXES=saved[0], RHO=saved[1], PRE=saved[2], num_warps=finish_warps or (1 if T < 16 else 4))
+            MIXES=saved[0], RHO=saved[1], PRE=saved[2], num_warps=finish_warps or (1 if T < 16 else 4), **pdl(hv))
     out = x.view(*lead, D), post.view(*lead, n), comb.view(*lead, n, n)
     return (*out, saved) if save else out
 
 
 @triton.jit
 def _hc_post_kernel(F, H, POST, COMB, OUT, N_TOK, D, NS: tl.constexpr, BLOCK_T: tl.constexpr,
-                    BLOCK_D: tl.constexpr):
+                    BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
     """out[t, k] = post[t, k] · f[t] + Σ_j comb[t, j, k] · h[t, j] in fp32, for BLOCK_T × BLOCK_D."""
+    pdl_start(PDL)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     tm = t < N_TOK
@@ -306,7 +313,8 @@ def hc_post(f, residual, post, comb, block_t: int | None = None, block_d: int = 
         bd = min(block_d, triton.next_power_of_2(D))
         _hc_post_kernel[(triton.cdiv(T, block_t), triton.cdiv(D, bd))](
             f.reshape(T, D).contiguous(), hv, post.reshape(T, n).float().contiguous(),
-            comb.reshape(T, n, n).float().contiguous(), out, T, D, NS=n, BLOCK_T=block_t, BLOCK_D=bd)
+            comb.reshape(T, n, n).float().contiguous(), out, T, D, NS=n, BLOCK_T=block_t, BLOCK_D=bd,
+            **pdl(out))
     return out.view(residual.shape)
 
 
@@ -323,10 +331,11 @@ def _norm_step(c, j, eps):
 
 @triton.jit
 def _sinkhorn_bwd_kernel(MIX, SCALE, BASE, DPRE, DPOST, DCOMB, DMIX, DSB, N_TOK, eps,
-                         ITERS: tl.constexpr, NS: tl.constexpr, BLOCK: tl.constexpr):
+                         ITERS: tl.constexpr, NS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """Gradient of `split_sinkhorn` for BLOCK tokens. The 2·ITERS − 1 normalisation steps are replayed
     from the softmax for each step's input (ITERS² cheap in-register steps, no stored history).
     DSB [grid, 3 + (2+N)·N]: this block's partial sums for d scale and d base."""
+    pdl_start(PDL)
     pid = tl.program_id(0)
     t = pid * BLOCK + tl.arange(0, BLOCK)
     tm = t < N_TOK
@@ -395,7 +404,7 @@ def split_sinkhorn_backward(mixes, scale, base, n, iters, eps, dpre, dpost, dcom
     dsb = z((max(grid, 1), 3 + width))
     if T:
         _sinkhorn_bwd_kernel[(grid,)](mix, scale.float().contiguous(), base.float().contiguous(), dpre, dpost, dcomb,
-                                      dmix, dsb, T, eps, ITERS=iters, NS=n, BLOCK=block)
+                                      dmix, dsb, T, eps, ITERS=iters, NS=n, BLOCK=block, **pdl(mix))
     sums = dsb.sum(0)
     return dmix.view(*lead, width), sums[:3], sums[3:]
 
@@ -414,12 +423,13 @@ def _split(n_items: int, block: int, other_programs: int, programs: int) -> tupl
 
 @triton.jit
 def _hc_post_bwd_kernel(G, F, H, POST, COMB, DF, DH, DPOST, DCOMB, N_TOK, D, D_PER, NS: tl.constexpr,
-                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+                        BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
     """Gradients of `_hc_post_kernel` for BLOCK_T tokens over one slice [D_PER·s, D_PER·(s+1)) of D, one
     pass over g, f, h: df = Σ_k post_k g_k and dh_j = Σ_k comb[j, k] g_k stored per column block;
     dpost_k = Σ_d g_k f and dcomb[j, k] = Σ_d h_j g_k summed over the slice (partial sums per slice).
     The output streams k one at a time (g_k [BT, BD]), so that every product is at most [BT, N, BD] and
     every sum runs over the columns (a [BT, N, N, BD] product took 2-6x longer on the H200)."""
+    pdl_start(PDL)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     sp = tl.program_id(1)
     tm = t < N_TOK
@@ -478,7 +488,7 @@ def hc_post_backward(grad, f, residual, post, comb, block_t: int | None = None, 
     if T:
         _hc_post_bwd_kernel[(tb, split)](g, fv, hv, post.reshape(T, n).float().contiguous(),
                                          comb.reshape(T, n, n).float().contiguous(), df, dh, dpost, dcomb, T, D,
-                                         d_per, NS=n, BLOCK_T=block_t, BLOCK_D=bd)
+                                         d_per, NS=n, BLOCK_T=block_t, BLOCK_D=bd, **pdl(g))
     dpost = dpost[0] if split == 1 else dpost.sum(0)
     dcomb = dcomb[0] if split == 1 else dcomb.sum(0)
     return df.view(f.shape), dh.view(residual.shape), dpost.view(post.shape), dcomb.view(comb.shape)
@@ -486,9 +496,10 @@ def hc_post_backward(grad, f, residual, post, comb, block_t: int | None = None, 
 
 @triton.jit
 def _hc_pre_dpre_kernel(DX, H, DPRE, N_TOK, D, D_PER, NS: tl.constexpr, BLOCK_T: tl.constexpr,
-                        BLOCK_D: tl.constexpr):
+                        BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
     """hc_pre backward, part 1: dpre_n = Σ_d dx · h_n for BLOCK_T tokens over one slice of D (partial
     sums per slice)."""
+    pdl_start(PDL)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     sp = tl.program_id(1)
     tm = t < N_TOK
@@ -509,10 +520,11 @@ def _hc_pre_dpre_kernel(DX, H, DPRE, N_TOK, D, D_PER, NS: tl.constexpr, BLOCK_T:
 
 @triton.jit
 def _hc_pre_dz_kernel(DMIX, MIXES, RHO, DZ, C, N_TOK, ND, WIDTH: tl.constexpr, NP: tl.constexpr,
-                      BLOCK: tl.constexpr):
+                      BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """hc_pre backward, part 2 (after the Sinkhorn backward): with mixes = z·rho, z = v·fnᵀ,
     dz = dmixes·rho (stored as NP columns, zeros past WIDTH) and c = (Σ dmixes·mixes)·rho²/(N·D), the
     factor of v in the RMS term of dv."""
+    pdl_start(PDL)
     t = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     tm = t < N_TOK
     r = tl.arange(0, NP)
@@ -528,7 +540,7 @@ def _hc_pre_dz_kernel(DMIX, MIXES, RHO, DZ, C, N_TOK, ND, WIDTH: tl.constexpr, N
 @triton.jit
 def _hc_pre_bwd_kernel(DX, H, FN, DZ, C, PRE, DH, DFN, N_TOK, D, T_PER, NS: tl.constexpr, NP: tl.constexpr,
                        WIDTH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
-                       SPLIT3: tl.constexpr = False, F32_DOT: tl.constexpr = False):
+                       SPLIT3: tl.constexpr = False, F32_DOT: tl.constexpr = False, PDL: tl.constexpr = False):
     """hc_pre backward, part 3, for stream n and one column block of D (program 0's index n fastest, so
     the N programs of a column block read the same dx), over the tokens of one slice [T_PER·s,
     T_PER·(s+1)): dh_n = pre_n·dx + dz·fn[:, n·D + d] − c·h_n in one pass over h, and
@@ -538,6 +550,7 @@ def _hc_pre_bwd_kernel(DX, H, FN, DZ, C, PRE, DH, DFN, N_TOK, D, T_PER, NS: tl.c
     (bf16 parts, as in `_hc_mix_kernel`); dfn = Σ_p dz_pᵀ h (h is bf16: exact products, fp32 accuracy) and
     dz·fn ≈ dz1·f1 + dz1·f2 + dz2·f1 (~2⁻¹⁶ relative, below the bf16 rounding of dh). F32_DOT: the same
     dots on fp32 copies of the parts (the interpreter)."""
+    pdl_start(PDL)
     n = tl.program_id(0) % NS
     d = (tl.program_id(0) // NS) * BLOCK_D + tl.arange(0, BLOCK_D)
     sp = tl.program_id(1)
@@ -620,7 +633,7 @@ def hc_pre_backward(h, fn, scale, base, saved, n, iters, eps, dx, dpost, dcomb, 
     d_per, split = _split(D, bd, max(tb, 1), programs)
     dpre = torch.empty(split, T, n, device=h.device, dtype=torch.float32)
     if T:
-        _hc_pre_dpre_kernel[(tb, split)](dx, hv, dpre, T, D, d_per, NS=n, BLOCK_T=bt, BLOCK_D=bd)
+        _hc_pre_dpre_kernel[(tb, split)](dx, hv, dpre, T, D, d_per, NS=n, BLOCK_T=bt, BLOCK_D=bd, **pdl(dx))
     dpre = dpre[0] if split == 1 else dpre.sum(0)
     # part 2: Sinkhorn backward, then dz and c
     dmix, dscale, dbase = split_sinkhorn_backward(mixes, scale, base, n, iters, eps, dpre, dpost, dcomb,
@@ -628,7 +641,8 @@ def hc_pre_backward(h, fn, scale, base, saved, n, iters, eps, dx, dpost, dcomb, 
     dz = torch.empty(T, n_pad, device=h.device, dtype=torch.float32)
     c = torch.empty(T, device=h.device, dtype=torch.float32)
     if T:
-        _hc_pre_dz_kernel[(triton.cdiv(T, 64),)](dmix, mixes, rho, dz, c, T, nd, WIDTH=width, NP=n_pad, BLOCK=64)
+        _hc_pre_dz_kernel[(triton.cdiv(T, 64),)](dmix, mixes, rho, dz, c, T, nd, WIDTH=width, NP=n_pad, BLOCK=64,
+        **pdl(dmix))
     # part 3: dh and dfn
     bt = min(block_t or 64, max(16, triton.next_power_of_2(T)))
     bd = min(block_d or (128 if INTERPRET else 64), triton.next_power_of_2(D))
@@ -640,6 +654,6 @@ def hc_pre_backward(h, fn, scale, base, saved, n, iters, eps, dx, dpost, dcomb, 
         _hc_pre_bwd_kernel[(cols, tsplit)](dx, hv, fn.float().contiguous(), dz, c, pre, dh, dfn, T, D, t_per,
                                            NS=n, NP=n_pad, WIDTH=width, BLOCK_T=bt, BLOCK_D=bd,
                                            PREC="ieee" if INTERPRET or prec == "bf16x3" else prec,
-                                           SPLIT3=prec == "bf16x3", F32_DOT=INTERPRET)
+                                           SPLIT3=prec == "bf16x3", F32_DOT=INTERPRET, **pdl(dx))
     dfn = dfn[0] if tsplit == 1 else dfn.sum(0)
     return dh.view(h.shape), dfn, dscale, dbase

@@ -16,11 +16,14 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
+from .launch import pdl, pdl_start
 
 
 @triton.jit
 def _up_kernel(x_ptr, w1_ptr, w3_ptr, rw_ptr, idx_ptr, h_ptr, D, I, TOPK, E, limit,
-               s_xm, s_we, s_wn, s_hm, HAS_LIMIT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+               s_xm, s_we, s_wn, s_hm, HAS_LIMIT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+               PDL: tl.constexpr = False):
+    pdl_start(PDL)
     p, pid_n = tl.program_id(0), tl.program_id(1)
     e = tl.load(idx_ptr + p).to(tl.int64)
     if (e >= 0) & (e < E):
@@ -49,9 +52,10 @@ def _up_kernel(x_ptr, w1_ptr, w3_ptr, rw_ptr, idx_ptr, h_ptr, D, I, TOPK, E, lim
 
 @triton.jit
 def _down_kernel(h_ptr, w2_ptr, idx_ptr, out_ptr, D, I, TOPK, E, s_hm, s_we, s_wn, s_om,
-                 BN: tl.constexpr, BK: tl.constexpr):
+                 BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False):
     """out[token, n-tile] = Σ_k round(W2[e_k] h[pair k]), each pair's output rounded to out's dtype and
     the K of them summed in fp32 then rounded once (as the twin's cast-then-sum)."""
+    pdl_start(PDL)
     tok, pid_n = tl.program_id(0).to(tl.int64), tl.program_id(1)
     rn = pid_n * BN + tl.arange(0, BN)
     n_ok = rn < D
@@ -91,7 +95,7 @@ def experts_gemv(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: t
     rw = weight.reshape(-1).contiguous()
     _up_kernel[(N * K, triton.cdiv(I, bn))](x, w1, w3, rw, flat, h, D, I, K, E, float(limit),
                                             x.stride(0), w1.stride(0), w1.stride(1), h.stride(0),
-                                            HAS_LIMIT=limit > 0, BN=bn, BK=bk)
+                                            HAS_LIMIT=limit > 0, BN=bn, BK=bk, **pdl(x))
     _down_kernel[(N, triton.cdiv(D, bn))](h, w2, flat, out, D, I, K, E, h.stride(0), w2.stride(0), w2.stride(1),
-                                          out.stride(0), BN=bn, BK=bk)
+                                          out.stride(0), BN=bn, BK=bk, **pdl(h))
     return out

@@ -14,12 +14,14 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
+from .launch import pdl, pdl_start
 
 
 @triton.jit
 def _norm_rope_kernel(X, W, POS, FREQ, OUT, R, HEADS, eps, STRIDE, SIGN,
                       DH: tl.constexpr, DR2: tl.constexpr, NORM: tl.constexpr, WEIGHT: tl.constexpr,
-                      ROPE: tl.constexpr, BLOCK_R: tl.constexpr):
+                      ROPE: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rm = r < R
     d = tl.arange(0, DH)
@@ -85,17 +87,18 @@ def norm_rope(x, weight, eps, pos, freqs, stride: int = 1, sign: float = 1.0, bl
     if R:
         _norm_rope_kernel[(triton.cdiv(R, block_r),)](xv, w, pv, fv, out, R, heads, eps if eps is not None else 0.0,
                                                      stride, float(sign), DH=Dh, DR2=dr2, NORM=eps is not None,
-                                                     WEIGHT=weight is not None, ROPE=rope, BLOCK_R=block_r)
+                                                     WEIGHT=weight is not None, ROPE=rope, BLOCK_R=block_r, **pdl(xv))
     return out
 
 
 @triton.jit
 def _norm_rope_bwd_kernel(G, X, W, POS, FREQ, DX, DW, R, HEADS, eps, STRIDE, SIGN,
                           DH: tl.constexpr, DR2: tl.constexpr, NORM: tl.constexpr, WEIGHT: tl.constexpr,
-                          ROPE: tl.constexpr, BLOCK_R: tl.constexpr):
+                          ROPE: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr = False):
     """Gradient of `_norm_rope_kernel` for BLOCK_R rows (the casts pass gradients through, as autograd's):
     the rotation's transpose on the pairs, then dx = rs · (gy·w − x̂ · mean(gy·w·x̂)) with x̂ = x · rs;
     this block's Σ gy·x̂ over its rows goes to DW[program] (summed after: deterministic)."""
+    pdl_start(PDL)
     pid = tl.program_id(0)
     r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     rm = r < R
@@ -180,5 +183,5 @@ def norm_rope_backward(grad, x, weight, eps, pos, freqs, stride: int = 1, sign: 
         _norm_rope_bwd_kernel[(n_prog,)](gv, xv, w, pv, fv, dx, dw, R, heads, eps if eps is not None else 0.0,
                                         stride, float(sign), DH=Dh, DR2=freqs.shape[-1] if rope else 1,
                                         NORM=eps is not None, WEIGHT=weight is not None, ROPE=rope,
-                                        BLOCK_R=block_r)
+                                        BLOCK_R=block_r, **pdl(gv))
     return dx, (dw.sum(0) if want_dw and R else (torch.zeros(Dh, device=x.device) if want_dw else None))

@@ -12,12 +12,14 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from . import INTERPRET
+from .launch import pdl, pdl_start
 
 
 @triton.jit
 def _route_kernel(LOGITS, BIAS, IDS, HASH, W_OUT, IDX_OUT, S_OUT, E, s_l, s_h, route_scale,
                   K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, FUNC: tl.constexpr,
-                  NORM: tl.constexpr, HASHED: tl.constexpr, PRECISE: tl.constexpr):
+                  NORM: tl.constexpr, HASHED: tl.constexpr, PRECISE: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     n = tl.program_id(0).to(tl.int64)
     e = tl.arange(0, BLOCK_E)
     e_ok = e < E
@@ -87,5 +89,5 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor | N
                             ht.stride(0) if hashed else 0, float(route_scale), K=topk,
                             BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(topk),
                             FUNC=FUNCS[score_func], NORM=norm_topk, HASHED=hashed, PRECISE=not INTERPRET,
-                            num_warps=1 if E <= 256 else 2)
+                            num_warps=1 if E <= 256 else 2, **pdl(logits))
     return w, idx, scores

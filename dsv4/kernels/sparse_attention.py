@@ -24,6 +24,7 @@ import triton.language as tl
 
 from . import INTERPRET
 from .fp8_gemm import _native_fp8, e4m3_to_fp32, e8m0_to_fp32
+from .launch import pdl, pdl_start
 
 LOG2E = 1.4426950408889634
 
@@ -80,7 +81,9 @@ def _fwd_kernel(Q, KV, KV2, ROWS2, IDX, SINK, OUT, LSE, ML,
                 D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KV2: tl.constexpr,
                 SPLIT: tl.constexpr, F32_DOT: tl.constexpr, KV2_FP8: tl.constexpr = False,
                 NOPE: tl.constexpr = 0, OFF_SC: tl.constexpr = 0, OFF_ROPE: tl.constexpr = 0,
-                NATIVE_FP8: tl.constexpr = False, LAZY: tl.constexpr = False):
+                NATIVE_FP8: tl.constexpr = False, LAZY: tl.constexpr = False,
+                WS: tl.constexpr = False, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     pid = tl.program_id(0)
     hb = tl.program_id(1)
     sp = tl.program_id(2)
@@ -99,7 +102,7 @@ def _fwd_kernel(Q, KV, KV2, ROWS2, IDX, SINK, OUT, LSE, ML,
     k_lo = sp * K_PER
     k_hi = tl.minimum(K, k_lo + K_PER)
     idx_row = IDX + b.to(tl.int64) * s_ib + s.to(tl.int64) * s_is
-    for k0 in range(k_lo, k_hi, BLOCK_N):
+    for k0 in tl.range(k_lo, k_hi, BLOCK_N, warp_specialize=WS):
         n = k0 + tl.arange(0, BLOCK_N)
         j = tl.load(idx_row + n, mask=n < k_hi, other=-1)
         valid = j >= 0
@@ -157,7 +160,8 @@ def _bwd_kernel(Q, KV, KV2, ROWS2, IDX, DO, LSE, DELTA, DQ, DKV, DKV2,
                 s_dkvb, s_dkvt, s_dkv2b, s_dkv2t,
                 S, H, T, K, scale,
                 D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KV2: tl.constexpr,
-                F32_DOT: tl.constexpr):
+                F32_DOT: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
     pid = tl.program_id(0)
     hb = tl.program_id(1)
     b = pid // S
@@ -289,7 +293,8 @@ def _bwd_launch(H: int, dtype: torch.dtype) -> dict:
 
 
 def forward(q, kv, idx, sink, scale, kv2=None, rows2=None, block_n: int | None = None, num_warps: int | None = None,
-            block_h: int | None = None, num_stages: int | None = None, lazy: bool | None = None):
+            block_h: int | None = None, num_stages: int | None = None, lazy: bool | None = None,
+            warp_specialize: bool = False):
     """out [B, S, H, Dh] (q's dtype), lse [B, S, H] fp32. Shapes as the twin's. Launch parameters left
     None take `_fwd_launch`'s choice for the head count; `lazy` (default `LAZY_RESCALE`) rescales the
     accumulator only when a running max grows by more than 2^8."""
@@ -316,7 +321,8 @@ def forward(q, kv, idx, sink, scale, kv2=None, rows2=None, block_n: int | None =
                       idx.stride(0), idx.stride(1), out.stride(0), out.stride(1), out.stride(2),
                       S, H, kv.shape[1], K, K, scale * LOG2E,
                       D=D, BLOCK_H=BH, BLOCK_N=block_n, HAS_KV2=has2, SPLIT=False, F32_DOT=f32,
-                      LAZY=LAZY_RESCALE if lazy is None else lazy, num_warps=num_warps, **launch, **fp8)
+                      LAZY=LAZY_RESCALE if lazy is None else lazy, WS=warp_specialize, num_warps=num_warps,
+                      **launch, **fp8, **pdl(q))
     return out, lse
 
 
@@ -346,19 +352,21 @@ def forward_split(q, kv, idx, sink, scale, kv2=None, rows2=None, splits: int = 0
                                      part.stride(0), 0, part.stride(1),
                                      S, H, kv.shape[1], K, per, scale * LOG2E,
                                      D=D, BLOCK_H=BH, BLOCK_N=block_n, HAS_KV2=has2, SPLIT=True, F32_DOT=f32,
-                                     num_warps=num_warps or WARPS, **launch, **fp8)
+                                     num_warps=num_warps or WARPS, **launch, **fp8, **pdl(q))
     out = torch.empty(B, S, H, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, S, H, device=q.device, dtype=torch.float32)
     bc = min(16, triton.next_power_of_2(H))
     if B * S:
-        _combine_kernel[(B * S, triton.cdiv(H, bc))](part, ml, sink, out, lse, splits, H, D=D, BLOCK_H=bc)
+        _combine_kernel[(B * S, triton.cdiv(H, bc))](part, ml, sink, out, lse, splits, H, D=D, BLOCK_H=bc, **pdl(part))
     return out, lse
 
 
 @triton.jit
-def _combine_kernel(PART, ML, SINK, OUT, LSE, SPLITS, H, D: tl.constexpr, BLOCK_H: tl.constexpr):
+def _combine_kernel(PART, ML, SINK, OUT, LSE, SPLITS, H, D: tl.constexpr, BLOCK_H: tl.constexpr,
+                    PDL: tl.constexpr = False):
     """Merge one query's split partials (unnormalised acc, running max m and sum l in the log2 domain)
     with the head's sink: out = Σ_s acc_s 2^(m_s − M) / (Σ_s l_s 2^(m_s − M) + 2^(sink − M))."""
+    pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = h < H
@@ -381,10 +389,11 @@ def _combine_kernel(PART, ML, SINK, OUT, LSE, SPLITS, H, D: tl.constexpr, BLOCK_
 
 @triton.jit
 def _delta_kernel(DOUT, OUT, LSE, DLSE, SINK, DELTA, DSINK, H, D, HAS_DLSE: tl.constexpr, BLOCK_H: tl.constexpr,
-                  BLOCK_D: tl.constexpr):
+                  BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
     """The backward's per-(query, head) terms for one query: delta = Σ_d dout·out (− dlse) and the sink's
     gradient share −exp(sink − lse)·delta (summed over queries by the caller), from the bf16 tensors
     directly (no fp32 copies of dout and out)."""
+    pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.arange(0, BLOCK_H)
     hm = h < H
@@ -415,7 +424,7 @@ def backward_terms(out, dout, lse, sink, dlse=None) -> tuple[torch.Tensor, torch
         dl = dlse.contiguous() if dlse is not None else lse
         _delta_kernel[(B * S,)](dout, out, lse, dl, sink, delta, part, H, D, HAS_DLSE=dlse is not None,
                                 BLOCK_H=triton.next_power_of_2(H), BLOCK_D=min(triton.next_power_of_2(D), 128),
-                                num_warps=1 if INTERPRET else 4)
+                                num_warps=1 if INTERPRET else 4, **pdl(dout))
     return delta, part.sum((0, 1)).to(sink.dtype)
 
 
@@ -446,5 +455,5 @@ def backward(q, kv, idx, sink, scale, out, lse, dout, kv2=None, rows2=None, dlse
             q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), k2.stride(0), k2.stride(1),
             idx.stride(0), idx.stride(1), dkv.stride(0), dkv.stride(1), dkv2.stride(0), dkv2.stride(1),
             S, H, kv.shape[1], K, scale,
-            D=D, BLOCK_H=BH, BLOCK_N=block_n, HAS_KV2=has2, F32_DOT=f32, num_warps=num_warps, **launch)
+            D=D, BLOCK_H=BH, BLOCK_N=block_n, HAS_KV2=has2, F32_DOT=f32, num_warps=num_warps, **launch, **pdl(q))
     return dq, dkv.to(kv.dtype), (dkv2.to(kv2.dtype) if has2 else None), dsink

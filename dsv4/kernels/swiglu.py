@@ -12,10 +12,13 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
+from .launch import pdl, pdl_start
 
 
 @triton.jit
-def _swiglu_kernel(G, U, W, OUT, n, I, limit, HAS_W: tl.constexpr, HAS_LIMIT: tl.constexpr, BLOCK: tl.constexpr):
+def _swiglu_kernel(G, U, W, OUT, n, I, limit, HAS_W: tl.constexpr, HAS_LIMIT: tl.constexpr, BLOCK: tl.constexpr,
+                   PDL: tl.constexpr = False):
+    pdl_start(PDL)
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     m = offs < n
     g = tl.load(G + offs, mask=m, other=0.0).to(tl.float32)
@@ -46,16 +49,17 @@ def swiglu(g: torch.Tensor, u: torch.Tensor, limit: float, weight: torch.Tensor 
         block = 1024
         _swiglu_kernel[(triton.cdiv(n, block),)](g, u, w, out, n, I, float(limit), HAS_W=weight is not None,
                                                  HAS_LIMIT=limit > 0, BLOCK=block,
-                                                 num_warps=1 if INTERPRET else 4)
+                                                 num_warps=1 if INTERPRET else 4, **pdl(g))
     return out
 
 
 @triton.jit
 def _swiglu_bwd_kernel(G, U, W, DY, DG, DU, DW, rows, I, limit, HAS_W: tl.constexpr, HAS_LIMIT: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr):
+                       BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, PDL: tl.constexpr = False):
     """Gradients of h = silu(min(g, limit)) · clamp(u, ±limit) · w for BLOCK_R rows: dg, du in the inputs'
     dtype; dw [rows] fp32 = Σ_i dy · silu · clamp(u) (one program holds whole rows, so no atomics). A
     clamp passes the gradient where its input lies inside the bounds, ends included (as torch.clamp)."""
+    pdl_start(PDL)
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rm = r < rows
     base = r.to(tl.int64)[:, None] * I
@@ -105,7 +109,7 @@ def swiglu_backward(g: torch.Tensor, u: torch.Tensor, limit: float, weight: torc
         _swiglu_bwd_kernel[(triton.cdiv(rows, block_r),)](g, u, w, dy, dg, du, dw if dw is not None else g, rows, I,
                                                           float(limit), HAS_W=weight is not None,
                                                           HAS_LIMIT=limit > 0, BLOCK_R=block_r, BLOCK_I=block_i,
-                                                          num_warps=1 if INTERPRET else 4)
+                                                          num_warps=1 if INTERPRET else 4, **pdl(g))
     return dg, du, dw
 
 
