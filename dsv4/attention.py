@@ -539,6 +539,7 @@ class Attention(nn.Module):
         detach = want_loss and sparse
         x_idx, qr_idx = (x.detach(), qr.detach()) if detach else (x, qr)
         comp = ikeys = first = c_rows = None
+        in_ring = False
         n_comp = 0
         if state is None:
             keys = kv                                                                 # [B, S, Dh]
@@ -548,7 +549,10 @@ class Attention(nn.Module):
                 if self.indexer is not None:
                     ikeys = self.indexer.compressor.entries(x_idx, pos, seg, freqs, pre.get("icomp"))[0]  # [B, C, Di]
         else:
-            keys = torch.cat([state.ring[rows], kv.to(state.ring.dtype)], dim=1)     # [B, W + S, Dh]
+            # a one-token step reads the ring in place (its new key is written first, with its key list);
+            # a longer call attends over [ring rows | its own keys]
+            in_ring = S == 1 and not want_loss
+            keys = state.ring if in_ring else torch.cat([state.ring[rows], kv.to(state.ring.dtype)], dim=1)
             if m:
                 self.compressor.update(x, pos, freqs, state.comp, rows, pre.get("comp"))
                 comp, c_rows = state.comp.attention_keys(self.head_dim), rows         # [Bmax, Cmax, Dh]
@@ -566,22 +570,22 @@ class Attention(nn.Module):
         outs, kl_sum, kl_count = [], (x.new_zeros((), dtype=acc_dtype(x.dtype)) if want_loss else None), None
         for s0 in range(0, S, chunk):
             s1 = min(S, s0 + chunk)
-            if state is not None and S == 1 and not want_loss:   # the decode step: one launch for the lists
+            if state is not None and in_ring:   # the decode step: one launch for the ring write and the lists
                 idx, cidx = self._decode_indices(pos, n_comp, None if iq is None or not sparse else (iq, iw, ikeys),
-                                                 c_rows, keys.shape[1]), None
+                                                 c_rows, state.ring, rows, kv), None
             else:
                 idx, cidx = self._indices(s0, s1, pos, seg, state is not None, first, n_comp,
                                           None if iq is None or not sparse else (iq[:, s0:s1], iw[:, s0:s1], ikeys),
                                           c_rows, keys.shape[1], want_cidx=want_loss)
             res = ops.sparse_attention(q[:, s0:s1], keys, idx, self.attn_sink, self.head_dim ** -0.5,
-                                       comp, c_rows, return_lse=want_loss)
+                                       comp, c_rows, return_lse=want_loss, rows1=rows if in_ring else None)
             if want_loss:
                 res, lse = res
                 if n_comp:
                     kl, n = self._index_kl(q[:, s0:s1], lse, comp, cidx, iq[:, s0:s1], iw[:, s0:s1], ikeys, c_rows)
                     kl_sum, kl_count = kl_sum + kl, (n if kl_count is None else kl_count + n)
             outs.append(res)
-        if state is not None:  # the last W tokens of this call go to the ring at slot t mod W
+        if state is not None and not in_ring:  # the last W tokens of this call go to the ring at slot t mod W
             keep = min(S, W)
             state.ring[rows.unsqueeze(1), pos[:, S - keep:] % W] = kv[:, S - keep:].to(state.ring.dtype)
         o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)                    # [B, S, H, Dh]
@@ -589,15 +593,17 @@ class Attention(nn.Module):
             kl_count = torch.zeros((), dtype=torch.long, device=x.device)
         return o, ((kl_sum, kl_count) if want_loss else None)
 
-    def _decode_indices(self, pos, n_comp, indexer_in, c_rows, t_window):
-        """`_indices` of one cached query per row (what it builds for s1 = s0 + 1, the lists only), through
-        `ops.decode_key_lists`: one kernel instead of ~20 small ops."""
+    def _decode_indices(self, pos, n_comp, indexer_in, c_rows, ring, rows, kv):
+        """`_indices` of one cached query per row, through `ops.decode_key_lists`: one kernel instead of
+        ~20 small ops, which also writes the new keys kv [B, 1, Dh] to the ring first, so that the lists
+        index [ring | entries] and the attention reads the ring in place."""
         cidx = None
         if self.ratio and indexer_in is not None:
             iq, iw, ikeys = indexer_in
             hi = torch.clamp((pos + 1) // self.ratio, max=n_comp)                     # [B, 1]
             cidx = ops.index_topk(iq, ikeys, iw, torch.zeros_like(pos), hi, self.indexer.topk, c_rows)[:, 0]
-        return ops.decode_key_lists(pos[:, 0], self.window, self.ratio, n_comp, t_window, cidx)
+        return ops.decode_key_lists(pos[:, 0], self.window, self.ratio, n_comp, self.window, cidx, ring=ring,
+                                    rows=rows, kv=kv[:, 0])
 
     def _indices(self, s0, s1, pos, seg, cached, first, n_comp, indexer_in, c_rows, t_window, want_cidx=False):
         """Key lists of queries s0..s1−1: idx [B, Sc, W + K] into [window keys | entries] (entries

@@ -541,12 +541,13 @@ class KV8:
 
 
 def gather_keys(kv: torch.Tensor, idx: torch.Tensor, kv2: torch.Tensor | None = None,
-                rows2: torch.Tensor | None = None) -> torch.Tensor:
-    """Rows of the two key sources listed by idx [B, S, K] (j < T: kv[b, j]; j ≥ T: kv2[rows2[b], j − T];
-    −1 gives row 0, to be masked by the caller; kv2 may be a `KV8`). -> [B, S, K, Dh]."""
-    B, T, D = kv.shape
+                rows2: torch.Tensor | None = None, rows1: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of the two key sources listed by idx [B, S, K] (j < T: kv[b, j], or kv[rows1[b], j] with rows1;
+    j ≥ T: kv2[rows2[b], j − T]; −1 gives row 0, to be masked by the caller; kv2 may be a `KV8`).
+    -> [B, S, K, Dh]."""
+    B, (_, T, D) = idx.shape[0], kv.shape
     j = idx.long().clamp(min=0)
-    flat_a, base_a = _rows_flat(kv, None, B)
+    flat_a, base_a = _rows_flat(kv, rows1, B)
     out = flat_a.index_select(0, (j.clamp(max=T - 1) + base_a.view(B, 1, 1)).flatten())
     if kv2 is not None and kv2.shape[1] > 0:
         src = kv2.data if isinstance(kv2, KV8) else kv2
@@ -561,7 +562,7 @@ def gather_keys(kv: torch.Tensor, idx: torch.Tensor, kv2: torch.Tensor | None = 
 @fp32_region
 def sparse_attention_torch(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor,
                            scale: float, kv2: torch.Tensor | None = None, rows2: torch.Tensor | None = None,
-                           return_lse: bool = False):
+                           return_lse: bool = False, rows1: torch.Tensor | None = None):
     """Attention of each query over its own key list, one shared K=V head, per-head sink (spec §5.1.5,
     §11.4: the official `sparse_attn`).
 
@@ -570,7 +571,8 @@ def sparse_attention_torch(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor,
     cache); idx [B, S, K] int lists key j of query (b, s): j < T reads kv[b, j], T ≤ j reads
     kv2[rows2[b], j − T], −1 is no key. sink [H] fp32, not scaled. Scores and softmax in fp32:
     o_h = Σ_j exp(z_hj) k_j / (Σ_j exp(z_hj) + exp(sink_h)), z_hj = scale · q_h · k_j. A query with no
-    key gives 0. With return_lse, also lse [B, S, H] fp32 = log(Σ_j exp(z_hj) + exp(sink_h)).
+    key gives 0. With return_lse, also lse [B, S, H] fp32 = log(Σ_j exp(z_hj) + exp(sink_h)). With
+    rows1 [B], kv [Bmax, T, Dh] is read at row rows1[b] too (a decode step's window ring, in place).
     """
     B, S, H, D = q.shape
     K = idx.shape[-1]
@@ -579,7 +581,7 @@ def sparse_attention_torch(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor,
     sink_l = up(sink).view(1, 1, H, 1)
     for s0 in range(0, S, chunk):
         ix = idx[:, s0:s0 + chunk]                                                # [B, Sc, K]
-        keys = up(gather_keys(kv, ix, kv2, rows2))                                # [B, Sc, K, Dh]
+        keys = up(gather_keys(kv, ix, kv2, rows2, rows1))                         # [B, Sc, K, Dh]
         z = torch.einsum("bshd,bskd->bshk", up(q[:, s0:s0 + chunk]), keys) * scale  # [B, Sc, H, K]
         z = z.masked_fill((ix < 0).unsqueeze(2), NEG_INF)
         lse = torch.logsumexp(torch.cat([z, sink_l.expand(*z.shape[:3], 1)], dim=-1), dim=-1)  # [B, Sc, H]
@@ -700,14 +702,29 @@ def compressor_entry_triton(entries, rows, pooled, pos, ratio, weight, eps, freq
 
 
 def decode_key_lists_torch(pos: torch.Tensor, window: int, ratio: int, n_comp: int, t_window: int,
-                           cidx: torch.Tensor | None) -> torch.Tensor:
+                           cidx: torch.Tensor | None, ring: torch.Tensor | None = None,
+                           rows: torch.Tensor | None = None, kv: torch.Tensor | None = None) -> torch.Tensor:
     """Key lists of a one-token decode step: pos [B]; keys are [ring of `window` | the new key | entries]
     (entries from `t_window` on); cidx [B, K] the indexer's entries (−1 padded) or None for every visible
     entry s < min((pos + 1) // ratio, n_comp). -> idx [B, 1, W + K] int32, −1 = none: `key_lists_torch`
-    for one cached query per row. Twin of `dsv4.kernels.key_lists.decode_key_lists`."""
+    for one cached query per row. With ring [Bmax, W, Dh], rows [B] and kv [B, Dh] (the new keys): kv[b]
+    is first written to ring slot pos[b] mod W of row rows[b], so the window is all in the ring (keys
+    [ring | entries], t_window = W) and the attention reads the ring in place. Twin of
+    `dsv4.kernels.key_lists.decode_key_lists`."""
     B = pos.shape[0]
-    return key_lists_torch(pos.view(B, 1), None, None, 0, 1, window, ratio, n_comp, t_window,
-                           None if cidx is None else cidx.view(B, 1, -1), True)
+    if ring is None:
+        return key_lists_torch(pos.view(B, 1), None, None, 0, 1, window, ratio, n_comp, t_window,
+                               None if cidx is None else cidx.view(B, 1, -1), True)
+    W = window
+    ring[rows, torch.remainder(pos, W)] = kv.reshape(B, -1).to(ring.dtype)
+    kpos = pos.view(B, 1) - (W - 1) + torch.arange(W, device=pos.device)                # [B, W]
+    widx = torch.where(kpos >= 0, torch.remainder(kpos, W), -1)
+    if not ratio:
+        return widx.view(B, 1, W).to(torch.int32)
+    if cidx is None:
+        cidx = dense_entries(torch.zeros_like(pos.view(B, 1)), pos.view(B, 1), ratio, n_comp)
+    ent = torch.where(cidx >= 0, cidx + t_window, -1).view(B, 1, -1)
+    return torch.cat([widx.view(B, 1, W), ent], dim=-1).to(torch.int32)
 
 
 def key_lists_torch(pos: torch.Tensor, seg: torch.Tensor | None, first: torch.Tensor | None, s0: int, s1: int,
@@ -759,9 +776,9 @@ def key_lists_triton(pos, seg, first, s0, s1, window, ratio, n_comp, t_window, c
     return kern.key_lists(pos, seg, first, s0, s1, window, ratio, n_comp, t_window, cidx, cached)
 
 
-def decode_key_lists_triton(pos, window, ratio, n_comp, t_window, cidx):
+def decode_key_lists_triton(pos, window, ratio, n_comp, t_window, cidx, ring=None, rows=None, kv=None):
     from dsv4.kernels import key_lists as kern
-    return kern.decode_key_lists(pos, window, ratio, n_comp, t_window, cidx)
+    return kern.decode_key_lists(pos, window, ratio, n_comp, t_window, cidx, ring, rows, kv)
 
 
 def swiglu_act_torch(g: torch.Tensor, u: torch.Tensor, limit: float, weight: torch.Tensor | None = None,
@@ -1114,21 +1131,24 @@ SPLIT_BELOW_PROGRAMS = 256
 SPLIT_FROM_KEYS = 128
 
 
-def sparse_attention_triton(q, kv, idx, sink, scale, kv2=None, rows2=None, return_lse=False):
+def sparse_attention_triton(q, kv, idx, sink, scale, kv2=None, rows2=None, return_lse=False, rows1=None):
     from dsv4.kernels import sparse_attention as kern
+    if rows1 is not None and _needs_grad(q, kv, sink, kv2 if not isinstance(kv2, KV8) else None):
+        # (a cache read in place: inference only; the kernels' backward takes kv by query row)
+        return sparse_attention_torch(q, kv, idx, sink, scale, kv2, rows2, return_lse, rows1)
     kv = kv.to(q.dtype)
     if isinstance(kv2, KV8):
         if kv2.dtype != q.dtype or _needs_grad(q, kv, sink):     # (a cache: inference only)
-            return sparse_attention_torch(q, kv, idx, sink, scale, kv2, rows2, return_lse)
+            return sparse_attention_torch(q, kv, idx, sink, scale, kv2, rows2, return_lse, rows1)
     elif kv2 is not None:
         kv2 = kv2.to(q.dtype)
     if _needs_grad(q, kv, sink, kv2 if not isinstance(kv2, KV8) else None):
         out, lse = _SparseAttentionFn.apply(q, kv, idx, sink, scale, kv2, rows2)
     elif q.shape[0] * q.shape[1] * -(-q.shape[2] // 32) < SPLIT_BELOW_PROGRAMS \
             and idx.shape[-1] >= SPLIT_FROM_KEYS:
-        out, lse = kern.forward_split(q, kv, idx, sink, scale, kv2, rows2)
+        out, lse = kern.forward_split(q, kv, idx, sink, scale, kv2, rows2, rows1=rows1)
     else:
-        out, lse = kern.forward(q, kv, idx, sink, scale, kv2, rows2)
+        out, lse = kern.forward(q, kv, idx, sink, scale, kv2, rows2, rows1=rows1)
     return (out, lse) if return_lse else out
 
 

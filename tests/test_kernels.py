@@ -552,6 +552,50 @@ def test_decode_key_lists_kernel_equals_twin_and_the_general_builder(ratio, inde
     assert torch.equal(general, want)
 
 
+@pytest.mark.parametrize("ratio,indexed", [(0, False), (4, True), (128, False)])
+def test_decode_key_lists_in_ring_list_the_same_keys(ratio, indexed):
+    """The decode step's lists with the ring given: the new key is written to ring slot p mod W of its
+    cache row first and the lists index [ring | entries]. Kernel and twin write the same ring and build
+    the same lists, and every listed key is the one the [ring | new key | entries] layout lists."""
+    from dsv4.kernels import key_lists as k
+    g = torch.Generator().manual_seed(7 + ratio)
+    W, B, C, D, Bmax = 16, 5, 12, 8, 7
+    pos = torch.tensor([0, 3, 15, 16, 47])
+    rows = torch.tensor([6, 0, 2, 5, 3])
+    cidx = torch.randint(-1, C, (B, 6), generator=g) if indexed else None
+    ring0 = torch.randn(Bmax, W, D, generator=g)
+    kv = torch.randn(B, D, generator=g)
+    entries = torch.randn(Bmax, C, D, generator=g)
+    old = ops.decode_key_lists_torch(pos, W, ratio, C, W + 1, cidx)                  # [ring | new | entries]
+    ring_t = ring0.clone()
+    want = ops.decode_key_lists_torch(pos, W, ratio, C, W, cidx, ring=ring_t, rows=rows, kv=kv)
+    ring_k = ring0.clone().to(DEV)
+    got = k.decode_key_lists(pos.to(DEV), W, ratio, C, W, None if cidx is None else cidx.to(DEV), ring=ring_k,
+                             rows=rows.to(DEV), kv=kv.to(DEV))
+    assert torch.equal(got.cpu(), want) and torch.equal(ring_k.cpu(), ring_t)
+    assert torch.equal(ring_t[rows, pos % W], kv)                                       # the new keys, in place
+    before = ops.gather_keys(torch.cat([ring0[rows], kv[:, None]], 1), old, entries if ratio else None,
+                             rows if ratio else None)
+    after = ops.gather_keys(ring_t, want, entries if ratio else None, rows if ratio else None, rows1=rows)
+    assert torch.equal((old < 0), (want < 0))
+    assert torch.equal(torch.where((old >= 0)[..., None], before, 0), torch.where((want >= 0)[..., None], after, 0))
+
+
+def test_sparse_attention_reads_kv_at_rows1():
+    """kv [Bmax, T, Dh] read in place at row rows1[b] (the decode step's ring) equals the attention over
+    the gathered rows, kernel and twin, against float64."""
+    q, kv, idx, sink, scale, kv2, rows2 = attention_case(B=2, T=20, K=30, seed=5)
+    big = torch.randn(4, *kv.shape[1:], generator=torch.Generator().manual_seed(6)).to(kv)
+    rows1 = torch.tensor([3, 1], device=kv.device)
+    big[rows1] = kv
+    want = ops.sparse_attention_torch(q.double(), kv.double(), idx, sink.double(), scale, kv2.double(), rows2)
+    for run in (sa.forward, sa.forward_split):
+        out, _ = run(q, big, idx, sink, scale, kv2, rows2, rows1=rows1)
+        assert rel(out, want) < 2e-5
+    twin = ops.sparse_attention_torch(q, big, idx, sink, scale, kv2, rows2, rows1=rows1)
+    assert rel(twin, want) < 2e-5
+
+
 @pytest.mark.parametrize("cached", [False, True])
 @pytest.mark.parametrize("ratio,indexed", [(0, False), (4, True), (4, False), (128, False)])
 def test_call_key_lists_kernel_equals_twin(cached, ratio, indexed):

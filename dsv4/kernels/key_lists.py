@@ -6,7 +6,8 @@ For a row at position p with a ring of W window keys followed by this step's own
 [ring | new], `t_window` = W + 1 of them) and compressed entries after them:
 
     window part  w = 0..W−1:  key position k = p − (W−1) + w; −1 if k < 0, the new key (W) if k = p,
-                              else ring slot k mod W;
+                              else ring slot k mod W (with the ring given: the new key is first written
+                              to its slot p mod W, every k is a ring slot and t_window = W);
     entry part   either the indexer's choice cidx [K] (−1 padded), or, without an indexer, every entry
                  s < min((p+1) // M, n_comp) (HCA); shifted by t_window.
 
@@ -23,14 +24,24 @@ from .launch import pdl, pdl_start
 
 
 @triton.jit
-def _key_lists_kernel(POS, CIDX, OUT, W, M, n_comp, t_window, KC, stride_c, stride_o,
-                      HAS_CIDX: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr = False):
+def _key_lists_kernel(POS, CIDX, OUT, KV, RING, ROWS, W, M, n_comp, t_window, KC, stride_c, stride_o,
+                      s_kv, s_rb, s_rt, DH,
+                      HAS_CIDX: tl.constexpr, IN_RING: tl.constexpr, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr,
+                      BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
     pdl_start(PDL)
     b = tl.program_id(0)
     p = tl.load(POS + b).to(tl.int64)
     w = tl.arange(0, BLOCK_W)
     kpos = p - (W - 1) + w
-    j = tl.where(kpos < p, kpos % W, W)
+    if IN_RING:     # the new key goes to ring slot p mod W first: the whole window is then in the ring
+        r = tl.load(ROWS + b).to(tl.int64)
+        for d0 in range(0, DH, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            v = tl.load(KV + b.to(tl.int64) * s_kv + d, mask=d < DH)
+            tl.store(RING + r * s_rb + (p % W) * s_rt + d, v.to(RING.dtype.element_ty), mask=d < DH)
+        j = kpos % W
+    else:
+        j = tl.where(kpos < p, kpos % W, W)
     tl.store(OUT + b * stride_o + w, tl.where(kpos >= 0, j, -1).to(tl.int32), mask=w < W)
     hi = tl.minimum((p + 1) // M, n_comp)
     for c0 in range(0, KC, BLOCK_C):
@@ -45,18 +56,32 @@ def _key_lists_kernel(POS, CIDX, OUT, W, M, n_comp, t_window, KC, stride_c, stri
 
 
 def decode_key_lists(pos: torch.Tensor, window: int, ratio: int, n_comp: int, t_window: int,
-                     cidx: torch.Tensor | None) -> torch.Tensor:
+                     cidx: torch.Tensor | None, ring: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+                     kv: torch.Tensor | None = None) -> torch.Tensor:
     """pos [B] positions; cidx [B, K] or None -> idx [B, 1, W + Kc] int32 (Kc = K, n_comp, or 0 when
-    ratio is 0)."""
+    ratio is 0). With ring [Bmax, W, Dh], rows [B] and kv [B, Dh]: first writes kv[b] to ring slot
+    pos[b] mod W of row rows[b], and the window part lists ring slots only (keys [ring | entries])."""
     B = pos.shape[0]
     kc = 0 if not ratio else (cidx.shape[-1] if cidx is not None else n_comp)
     out = torch.empty(B, 1, window + kc, dtype=torch.int32, device=pos.device)
+    in_ring = ring is not None
+    if in_ring:
+        kv = kv.reshape(B, -1)
+        kv = kv if kv.stride(-1) == 1 else kv.contiguous()
+        if ring.stride(-1) != 1 or kv.shape[-1] != ring.shape[-1]:
+            raise ValueError(f"decode_key_lists: ring {tuple(ring.shape)} must be contiguous in its last dim and "
+                             f"as wide as the new keys {tuple(kv.shape)}")
     if B:
         c = cidx.reshape(B, -1).contiguous() if cidx is not None else pos
-        _key_lists_kernel[(B,)](pos.contiguous(), c, out, window, max(ratio, 1), n_comp, t_window, kc,
+        dh = ring.shape[-1] if in_ring else 1
+        _key_lists_kernel[(B,)](pos.contiguous(), c, out, kv if in_ring else pos, ring if in_ring else pos,
+                                rows.contiguous() if in_ring else pos, window, max(ratio, 1), n_comp, t_window, kc,
                                 c.stride(0) if cidx is not None else 0, out.stride(0),
-                                HAS_CIDX=cidx is not None, BLOCK_W=triton.next_power_of_2(window),
-                                BLOCK_C=128 if INTERPRET else 1024, num_warps=4, **pdl(pos))
+                                kv.stride(0) if in_ring else 0, ring.stride(0) if in_ring else 0,
+                                ring.stride(1) if in_ring else 0, dh,
+                                HAS_CIDX=cidx is not None, IN_RING=in_ring, BLOCK_W=triton.next_power_of_2(window),
+                                BLOCK_C=128 if INTERPRET else 1024, BLOCK_D=min(1024, triton.next_power_of_2(dh)),
+                                num_warps=4, **pdl(pos))
     return out
 
 

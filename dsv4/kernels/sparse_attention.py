@@ -30,10 +30,13 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _key_ptrs(KV, KV2, ROWS2, b, j, T, s_kvb, s_kvt, s_kv2b, s_kv2t, HAS_KV2: tl.constexpr):
-    """Row pointers of listed keys j [BLOCK_N] (j < T: kv[b, j]; else kv2[rows2[b], j − T])."""
+def _key_ptrs(KV, KV2, ROWS2, b, j, T, s_kvb, s_kvt, s_kv2b, s_kv2t, HAS_KV2: tl.constexpr, b1=None):
+    """Row pointers of listed keys j [BLOCK_N] (j < T: kv[b1, j], b1 = b unless given; else
+    kv2[rows2[b], j − T])."""
     jj = tl.maximum(j, 0).to(tl.int64)
-    ptr = KV + b.to(tl.int64) * s_kvb + jj * s_kvt
+    if b1 is None:
+        b1 = b
+    ptr = KV + b1.to(tl.int64) * s_kvb + jj * s_kvt
     if HAS_KV2:
         r2 = tl.load(ROWS2 + b).to(tl.int64)
         ptr2 = KV2 + r2 * s_kv2b + (jj - T) * s_kv2t
@@ -44,14 +47,15 @@ def _key_ptrs(KV, KV2, ROWS2, b, j, T, s_kvb, s_kvt, s_kv2b, s_kv2t, HAS_KV2: tl
 @triton.jit
 def _load_keys(KV, KV2, ROWS2, b, j, valid, d, T, s_kvb, s_kvt, s_kv2b, s_kv2t,
                HAS_KV2: tl.constexpr, KV2_FP8: tl.constexpr, NOPE: tl.constexpr, OFF_SC: tl.constexpr,
-               OFF_ROPE: tl.constexpr, NATIVE_FP8: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr):
-    """Listed key rows [BLOCK_N, D] in kv's dtype (0 where not valid). With KV2_FP8, kv2 holds FP8 rows
-    (`dsv4.ops.kv8_quant`: e4m3 nope dims, one e8m0 scale per 64, rope dims in kv's dtype at byte OFF_ROPE),
-    decoded here (exact: an e4m3 value times a power of two is a bf16); kv is read as it is."""
+               OFF_ROPE: tl.constexpr, NATIVE_FP8: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, b1):
+    """Listed key rows [BLOCK_N, D] in kv's dtype (0 where not valid); kv's row is b1 (rows1[b] or b).
+    With KV2_FP8, kv2 holds FP8 rows (`dsv4.ops.kv8_quant`: e4m3 nope dims, one e8m0 scale per 64, rope
+    dims in kv's dtype at byte OFF_ROPE), decoded here (exact: an e4m3 value times a power of two is a
+    bf16); kv is read as it is."""
     if KV2_FP8:
         jj = tl.maximum(j, 0).to(tl.int64)
         in1 = valid & (jj < T)
-        k1 = tl.load(KV + b.to(tl.int64) * s_kvb + jj[:, None] * s_kvt + d[None, :], mask=in1[:, None], other=0.0)
+        k1 = tl.load(KV + b1.to(tl.int64) * s_kvb + jj[:, None] * s_kvt + d[None, :], mask=in1[:, None], other=0.0)
         r2 = tl.load(ROWS2 + b).to(tl.int64)
         row = KV2 + r2 * s_kv2b + (jj - T) * s_kv2t                             # uint8 row pointers
         in2 = valid & (jj >= T)
@@ -69,26 +73,29 @@ def _load_keys(KV, KV2, ROWS2, b, j, valid, d, T, s_kvb, s_kvt, s_kv2b, s_kv2t,
         rv = tl.load(rope[:, None] + (d[None, :] - NOPE), mask=in2[:, None] & (d[None, :] >= NOPE), other=0.0)
         k = tl.where(in2[:, None], tl.where(d[None, :] < NOPE, val, rv), k1)
     else:
-        ptr = _key_ptrs(KV, KV2, ROWS2, b, j, T, s_kvb, s_kvt, s_kv2b, s_kv2t, HAS_KV2)
+        ptr = _key_ptrs(KV, KV2, ROWS2, b, j, T, s_kvb, s_kvt, s_kv2b, s_kv2t, HAS_KV2, b1)
         k = tl.load(ptr[:, None] + d[None, :], mask=valid[:, None], other=0.0)
     return k
 
 
 @triton.jit
-def _fwd_kernel(Q, KV, KV2, ROWS2, IDX, SINK, OUT, LSE, ML,
+def _fwd_kernel(Q, KV, KV2, ROWS2, IDX, SINK, OUT, LSE, ML, ROWS1,
                 s_qb, s_qs, s_qh, s_kvb, s_kvt, s_kv2b, s_kv2t, s_ib, s_is, s_ob, s_os, s_oh,
                 S, H, T, K, K_PER, scale_log2,
                 D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KV2: tl.constexpr,
                 SPLIT: tl.constexpr, F32_DOT: tl.constexpr, KV2_FP8: tl.constexpr = False,
                 NOPE: tl.constexpr = 0, OFF_SC: tl.constexpr = 0, OFF_ROPE: tl.constexpr = 0,
                 NATIVE_FP8: tl.constexpr = False, LAZY: tl.constexpr = False,
-                WS: tl.constexpr = False, PDL: tl.constexpr = False):
+                WS: tl.constexpr = False, HAS_ROWS1: tl.constexpr = False, PDL: tl.constexpr = False):
     pdl_start(PDL)
     pid = tl.program_id(0)
     hb = tl.program_id(1)
     sp = tl.program_id(2)
     b = pid // S
     s = pid % S
+    b1 = b                                                                      # kv's row
+    if HAS_ROWS1:
+        b1 = tl.load(ROWS1 + b)
     h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     d = tl.arange(0, D)
     hmask = h < H
@@ -107,7 +114,7 @@ def _fwd_kernel(Q, KV, KV2, ROWS2, IDX, SINK, OUT, LSE, ML,
         j = tl.load(idx_row + n, mask=n < k_hi, other=-1)
         valid = j >= 0
         k = _load_keys(KV, KV2, ROWS2, b, j, valid, d, T, s_kvb, s_kvt, s_kv2b, s_kv2t,      # [BLOCK_N, D]
-                       HAS_KV2, KV2_FP8, NOPE, OFF_SC, OFF_ROPE, NATIVE_FP8, BLOCK_N, D)
+                       HAS_KV2, KV2_FP8, NOPE, OFF_SC, OFF_ROPE, NATIVE_FP8, BLOCK_N, D, b1)
         if F32_DOT:
             k = k.to(tl.float32)
             z = tl.dot(q, tl.trans(k), input_precision="ieee") * scale_log2
@@ -294,10 +301,11 @@ def _bwd_launch(H: int, dtype: torch.dtype) -> dict:
 
 def forward(q, kv, idx, sink, scale, kv2=None, rows2=None, block_n: int | None = None, num_warps: int | None = None,
             block_h: int | None = None, num_stages: int | None = None, lazy: bool | None = None,
-            warp_specialize: bool = False):
+            warp_specialize: bool = False, rows1=None):
     """out [B, S, H, Dh] (q's dtype), lse [B, S, H] fp32. Shapes as the twin's. Launch parameters left
     None take `_fwd_launch`'s choice for the head count; `lazy` (default `LAZY_RESCALE`) rescales the
-    accumulator only when a running max grows by more than 2^8."""
+    accumulator only when a running max grows by more than 2^8. rows1 [B]: kv's row of each query row
+    (kv [Bmax, T, Dh] read in place, as kv2 with rows2; default: row b)."""
     _check(q, kv, idx, kv2, rows2)
     B, S, H, D = q.shape
     dflt = _fwd_launch(H, q.dtype)
@@ -316,18 +324,18 @@ def forward(q, kv, idx, sink, scale, kv2=None, rows2=None, block_n: int | None =
     f32 = INTERPRET or q.dtype == torch.float32
     grid = (B * S, triton.cdiv(H, BH), 1)
     launch = {"num_stages": num_stages} if num_stages else {}
-    _fwd_kernel[grid](q, kv, k2, r2, idx, sink, out, lse, lse,
+    _fwd_kernel[grid](q, kv, k2, r2, idx, sink, out, lse, lse, rows1 if rows1 is not None else r2,
                       q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), k2.stride(0), k2.stride(1),
                       idx.stride(0), idx.stride(1), out.stride(0), out.stride(1), out.stride(2),
                       S, H, kv.shape[1], K, K, scale * LOG2E,
                       D=D, BLOCK_H=BH, BLOCK_N=block_n, HAS_KV2=has2, SPLIT=False, F32_DOT=f32,
-                      LAZY=LAZY_RESCALE if lazy is None else lazy, WS=warp_specialize, num_warps=num_warps,
-                      **launch, **fp8, **pdl(q))
+                      LAZY=LAZY_RESCALE if lazy is None else lazy, WS=warp_specialize,
+                      HAS_ROWS1=rows1 is not None, num_warps=num_warps, **launch, **fp8, **pdl(q))
     return out, lse
 
 
 def forward_split(q, kv, idx, sink, scale, kv2=None, rows2=None, splits: int = 0, block_n: int = 32,
-                  num_warps: int | None = None):
+                  num_warps: int | None = None, rows1=None):
     """`forward` with each key list split over `splits` programs (0: enough to fill ~2 waves of SMs)."""
     _check(q, kv, idx, kv2, rows2)
     B, S, H, D = q.shape
@@ -346,13 +354,14 @@ def forward_split(q, kv, idx, sink, scale, kv2=None, rows2=None, splits: int = 0
     part = torch.empty(B * S * splits, H, D, device=q.device, dtype=torch.float32)
     ml = torch.empty(B * S * splits, 2, H, device=q.device, dtype=torch.float32)
     f32 = INTERPRET or q.dtype == torch.float32
-    _fwd_kernel[(B * S, nh, splits)](q, kv, k2, r2, idx, sink, part, ml, ml,
+    _fwd_kernel[(B * S, nh, splits)](q, kv, k2, r2, idx, sink, part, ml, ml, rows1 if rows1 is not None else r2,
                                      q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
                                      k2.stride(0), k2.stride(1), idx.stride(0), idx.stride(1),
                                      part.stride(0), 0, part.stride(1),
                                      S, H, kv.shape[1], K, per, scale * LOG2E,
                                      D=D, BLOCK_H=BH, BLOCK_N=block_n, HAS_KV2=has2, SPLIT=True, F32_DOT=f32,
-                                     num_warps=num_warps or WARPS, **launch, **fp8, **pdl(q))
+                                     HAS_ROWS1=rows1 is not None, num_warps=num_warps or WARPS, **launch, **fp8,
+                                     **pdl(q))
     out = torch.empty(B, S, H, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, S, H, device=q.device, dtype=torch.float32)
     bc = min(16, triton.next_power_of_2(H))
