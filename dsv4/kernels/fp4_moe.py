@@ -229,7 +229,8 @@ def _fp4_up_gemv_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, rw_ptr, idx_ptr, 
 def _fp4_down_gemv_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
                           stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
                           BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False):
-    """out[p, n-tile] = W2[e] h[p] for pair p; pairs of another device's expert keep their zeros."""
+    """out[p, n-tile] = W2[e] h[p] for pair p; pairs of another device's expert get zeros (the output
+    needs no zero fill)."""
     pdl_start(PDL)
     p, pid_n = tl.program_id(0), tl.program_id(1)
     NB: tl.constexpr = BK // 32
@@ -249,6 +250,10 @@ def _fp4_down_gemv_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
             acc = _gemv_tile(w2_ptr, s2_ptr, w_off, s_off, hrow, kx, k0, I, n_ok, jb, t, acc, BN, NB)
         out = tl.sum(acc, 1) * 16384.0
         tl.store(out_ptr + r * stride_om + rn, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        rn = pid_n * BN + tl.arange(0, BN)
+        tl.store(out_ptr + p.to(tl.int64) * stride_om + rn, tl.zeros([BN], tl.float32).to(out_ptr.dtype.element_ty),
+                 mask=rn < D)
 
 
 MAG_BITS = tl.constexpr(0x0E000E00)      # bits 9-11 of each 16-bit half: an fp16's low exponent and top mantissa bits
@@ -390,6 +395,10 @@ def _fp4_down_words_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
         acc = _down_words_acc(acc, w2_ptr, s2_ptr, hrow, w_off, s_off, I, n_ok, jb, j, BK)
         out = tl.sum(acc, 0) * 16384.0
         tl.store(out_ptr + r * stride_om + rn, out.to(out_ptr.dtype.element_ty), mask=n_ok)
+    else:
+        rn = pid_n * BN + tl.arange(0, BN)
+        tl.store(out_ptr + p.to(tl.int64) * stride_om + rn, tl.zeros([BN], tl.float32).to(out_ptr.dtype.element_ty),
+                 mask=rn < D)
 
 
 @triton.jit
@@ -531,8 +540,10 @@ def _fp4_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch
     words = path == "gemv" and DECODE_KERNEL == "words" or path == "words"
     if words and WORDS_DOWN == "token" and NK:
         out = torch.empty(N, D, dtype=x.dtype, device=x.device)               # [N, D]: pairs summed in the kernel
+    elif path == "gemv" or words:                                             # [N·K, D] pairs, every row written
+        out = torch.empty(NK, D, dtype=x.dtype, device=x.device)
     else:
-        out = torch.zeros(NK, D, dtype=x.dtype, device=x.device)              # [N·K, D] pairs
+        out = torch.zeros(NK, D, dtype=x.dtype, device=x.device)              # (rows of absent experts stay 0)
     if NK == 0:
         return out.view(N, K, D).sum(1)
     x = x.contiguous()
