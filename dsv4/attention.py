@@ -426,11 +426,14 @@ class Indexer(nn.Module):
 
     def queries(self, x: torch.Tensor, qr: torch.Tensor, rope: ops.Rope,
                 pre=None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Roped queries [B, S, Hi, Di] and head weights [B, S, Hi] fp32 (pre: wq_b(qr) and weights_proj(x),
-        computed by the caller)."""
+        """Roped queries [B, S, Hi, Di] and head weights [B, S, Hi] fp32 (pre: the roped queries
+        [B, S, Hi, Di] and weights_proj(x), computed by the caller)."""
         B, S, _ = x.shape
-        q, w = pre if pre is not None else (linear(qr, self.wq_b), linear(x, self.weights_proj))
-        q = ops.norm_rope(q.view(B, S, self.n_heads, self.head_dim), None, None, rope)   # [B, S, Hi, Di]
+        if pre is not None:
+            q, w = pre
+        else:
+            q = ops.norm_rope(linear(qr, self.wq_b).view(B, S, self.n_heads, self.head_dim), None, None, rope)
+            w = linear(x, self.weights_proj)
         w = up(w) * (self.head_dim ** -0.5 * self.n_heads ** -0.5)                   # [B, S, Hi]
         return q, w
 
@@ -490,9 +493,10 @@ class Attention(nn.Module):
             qr = self.q_norm(qa)                                                      # [B, S, q_lora]
             q = linear(qr, self.wq_b)                                                 # [B, S, H·Dh]
         else:                          # inference: the projections of one input as one GEMM (`linears`)
-            qr, q, kv, pre = self._projections(x)
-        q = ops.norm_rope(q.view(B, S, H, Dh), None, self.eps, rope)                   # per-head RMS, rope
-        kv = ops.norm_rope(kv, self.kv_norm.weight, self.kv_norm.eps, rope)            # [B, S, Dh]
+            qr, q, kv, pre = self._projections(x, rope)
+        if pre is None:
+            q = ops.norm_rope(q.view(B, S, H, Dh), None, self.eps, rope)               # per-head RMS, rope
+            kv = ops.norm_rope(kv, self.kv_norm.weight, self.kv_norm.eps, rope)        # [B, S, Dh]
         o, index_kl = self._attend(x, qr, q, kv, pos, rope, freqs, seg, state, rows, pre)   # [B, S, H, Dh]
         o = ops.norm_rope(o, None, None, rope.inverse())                               # de-rotate
         o = o.reshape(B, S, self.groups, H * Dh // self.groups)                       # [B, S, G, H·Dh/G]
@@ -512,18 +516,27 @@ class Attention(nn.Module):
             qs.append(self.indexer.wq_b)
         return [(xs, False), (x32, True), (qs, False)]
 
-    def _projections(self, x: torch.Tensor):
-        """Inference: the block's projections by group -> (qr (normalised), wq_b(qr), wkv(x), the
-        compressors' and indexer's projections for `_attend`)."""
+    def _projections(self, x: torch.Tensor, rope: ops.Rope):
+        """Inference: the block's projections by group, normalised and roped two at a time (one launch
+        each: q_norm with kv's norm and rope, the per-head query norm and rope with the indexer's query
+        rope) -> (qr, q [B, S, H, Dh], kv [B, S, Dh], the compressors' and indexer's inputs for `_attend`)."""
+        B, S, _ = x.shape
         (xs, _), (x32, _), (qs, _) = self.projection_groups()
         a = linears(x, xs)
         c = linears(x, x32, fp32=True) if x32 else []
-        qr = self.q_norm(a[0])
+        qr, kv = ops.norm_rope_pair(a[0], self.q_norm.weight, self.q_norm.eps, None,
+                                    a[1], self.kv_norm.weight, self.kv_norm.eps, rope)
         b = linears(qr, qs)
+        q = b[0].view(B, S, self.n_heads, self.head_dim)
         pre = {"comp": tuple(c[:2]) if c else None}
         if self.indexer is not None:
-            pre["index"], pre["icomp"] = (b[1], a[2]), tuple(c[2:4])
-        return qr, b[0], a[1], pre
+            ix = self.indexer
+            q, iq = ops.norm_rope_pair(q, None, self.eps, rope, b[1].view(B, S, ix.n_heads, ix.head_dim), None, None,
+                                       rope)
+            pre["index"], pre["icomp"] = (iq, a[2]), tuple(c[2:4])
+        else:
+            q = ops.norm_rope(q, None, self.eps, rope)
+        return qr, q, kv, pre
 
     def _attend(self, x, qr, q, kv, pos, rope, freqs, seg, state, rows, pre=None):
         """Keys, index lists and one attention call per query chunk (memory linear in S); pre: the

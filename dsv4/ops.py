@@ -1239,6 +1239,25 @@ class _NormRopeFn(torch.autograd.Function):
         return dx, dw, None, None, None, None, None
 
 
+def norm_rope_pair_torch(x: torch.Tensor, weight: torch.Tensor | None, eps: float | None, rope: Rope | None,
+                         x2: torch.Tensor, weight2: torch.Tensor | None, eps2: float | None,
+                         rope2: Rope | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two independent `norm_rope` problems (inference: one launch for both in the kernel form)."""
+    return norm_rope_torch(x, weight, eps, rope), norm_rope_torch(x2, weight2, eps2, rope2)
+
+
+def norm_rope_pair_triton(x, weight, eps, rope, x2, weight2, eps2, rope2):
+    def fits(t, r):
+        return _pow2(t.shape[-1]) and (r is None or _pow2(r.pairs)) and t.dim() in (3, 4)
+    if _needs_grad(x, weight, x2, weight2) or not (fits(x, rope) and fits(x2, rope2)):
+        return norm_rope_triton(x, weight, eps, rope), norm_rope_triton(x2, weight2, eps2, rope2)
+    from dsv4.kernels import norm_rope as kern
+
+    def problem(t, w, e, r):
+        return (t, w, e) + ((None, None, 1, 1.0) if r is None else (r.pos, r.freqs, r.stride, r.sign))
+    return kern.norm_rope_pair(problem(x, weight, eps, rope), problem(x2, weight2, eps2, rope2))
+
+
 def norm_rope_triton(x, weight, eps, rope):
     if not _pow2(x.shape[-1]) or (rope is not None and not _pow2(rope.pairs)) or x.dim() not in (3, 4):
         return norm_rope_torch(x, weight, eps, rope)
@@ -1421,6 +1440,7 @@ hc_split_sinkhorn = register("hc_split_sinkhorn", {"torch": hc_split_sinkhorn_to
 hc_pre = register("hc_pre", {"torch": hc_pre_torch, "triton": hc_pre_triton})
 hc_post = register("hc_post", {"torch": hc_post_torch, "triton": hc_post_triton})
 norm_rope = register("norm_rope", {"torch": norm_rope_torch, "triton": norm_rope_triton})
+norm_rope_pair = register("norm_rope_pair", {"torch": norm_rope_pair_torch, "triton": norm_rope_pair_triton})
 dense = register("dense", {"torch": dense_torch, "triton": dense_triton})
 route = register("route", {"torch": route_torch, "triton": route_triton}, kernel_dtypes=(torch.float32,),
                  operand_dtype=acc_dtype)

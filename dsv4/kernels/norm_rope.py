@@ -18,11 +18,11 @@ from .launch import pdl, pdl_start
 
 
 @triton.jit
-def _norm_rope_kernel(X, W, POS, FREQ, OUT, R, HEADS, eps, STRIDE, SIGN,
-                      DH: tl.constexpr, DR2: tl.constexpr, NORM: tl.constexpr, WEIGHT: tl.constexpr,
-                      ROPE: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr = False):
-    pdl_start(PDL)
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+def _norm_rope_rows(prog, X, W, POS, FREQ, OUT, R, HEADS, eps, STRIDE, SIGN,
+                    DH: tl.constexpr, DR2: tl.constexpr, NORM: tl.constexpr, WEIGHT: tl.constexpr,
+                    ROPE: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Rows [prog·BLOCK_R, (prog+1)·BLOCK_R) of one problem (the body of both kernels below)."""
+    r = prog * BLOCK_R + tl.arange(0, BLOCK_R)
     rm = r < R
     d = tl.arange(0, DH)
     r64 = r.to(tl.int64)
@@ -61,9 +61,35 @@ def _norm_rope_kernel(X, W, POS, FREQ, OUT, R, HEADS, eps, STRIDE, SIGN,
         tl.store(OUT + r64[:, None] * DH + d[None, :], y, mask=rm[:, None])
 
 
-def norm_rope(x, weight, eps, pos, freqs, stride: int = 1, sign: float = 1.0, block_r: int | None = None):
-    """x [B, S, Dh] or [B, S, H, Dh]; weight [Dh] or None; eps None = no norm; pos [B, S] int and freqs
-    [Dr/2] (pos None: no rope); sign −1 de-rotates."""
+@triton.jit
+def _norm_rope_kernel(X, W, POS, FREQ, OUT, R, HEADS, eps, STRIDE, SIGN,
+                      DH: tl.constexpr, DR2: tl.constexpr, NORM: tl.constexpr, WEIGHT: tl.constexpr,
+                      ROPE: tl.constexpr, BLOCK_R: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_start(PDL)
+    _norm_rope_rows(tl.program_id(0), X, W, POS, FREQ, OUT, R, HEADS, eps, STRIDE, SIGN, DH, DR2, NORM, WEIGHT,
+                    ROPE, BLOCK_R)
+
+
+@triton.jit
+def _norm_rope_pair_kernel(X, W, POS, FREQ, OUT, R, HEADS, eps, STRIDE, SIGN,
+                           X2, W2, POS2, FREQ2, OUT2, R2, HEADS2, eps2, STRIDE2, SIGN2, N_FIRST,
+                           DH: tl.constexpr, DR2: tl.constexpr, NORM: tl.constexpr, WEIGHT: tl.constexpr,
+                           ROPE: tl.constexpr, BLOCK_R: tl.constexpr,
+                           DH_2: tl.constexpr, DR2_2: tl.constexpr, NORM_2: tl.constexpr, WEIGHT_2: tl.constexpr,
+                           ROPE_2: tl.constexpr, BLOCK_R_2: tl.constexpr, PDL: tl.constexpr = False):
+    """Two independent problems in one launch: programs [0, N_FIRST) the first, the rest the second."""
+    pdl_start(PDL)
+    prog = tl.program_id(0)
+    if prog < N_FIRST:
+        _norm_rope_rows(prog, X, W, POS, FREQ, OUT, R, HEADS, eps, STRIDE, SIGN, DH, DR2, NORM, WEIGHT, ROPE,
+                        BLOCK_R)
+    else:
+        _norm_rope_rows(prog - N_FIRST, X2, W2, POS2, FREQ2, OUT2, R2, HEADS2, eps2, STRIDE2, SIGN2, DH_2, DR2_2,
+                        NORM_2, WEIGHT_2, ROPE_2, BLOCK_R_2)
+
+
+def _problem(x, weight, eps, pos, freqs, stride, sign, block_r):
+    """(launch arguments, constexprs, output, programs) of one norm/rope problem."""
     Dh = x.shape[-1]
     if Dh & (Dh - 1):
         raise ValueError(f"norm/rope kernel: row width {Dh} must be a power of two")
@@ -84,11 +110,29 @@ def norm_rope(x, weight, eps, pos, freqs, stride: int = 1, sign: float = 1.0, bl
     pv = pos.contiguous() if rope else xv
     fv = freqs.contiguous() if rope else xv
     w = weight.contiguous() if weight is not None else xv
-    if R:
-        _norm_rope_kernel[(triton.cdiv(R, block_r),)](xv, w, pv, fv, out, R, heads, eps if eps is not None else 0.0,
-                                                     stride, float(sign), DH=Dh, DR2=dr2, NORM=eps is not None,
-                                                     WEIGHT=weight is not None, ROPE=rope, BLOCK_R=block_r, **pdl(xv))
+    args = (xv, w, pv, fv, out, R, heads, eps if eps is not None else 0.0, stride, float(sign))
+    const = (Dh, dr2, eps is not None, weight is not None, rope, block_r)
+    return args, const, out, triton.cdiv(R, block_r)
+
+
+def norm_rope(x, weight, eps, pos, freqs, stride: int = 1, sign: float = 1.0, block_r: int | None = None):
+    """x [B, S, Dh] or [B, S, H, Dh]; weight [Dh] or None; eps None = no norm; pos [B, S] int and freqs
+    [Dr/2] (pos None: no rope); sign −1 de-rotates."""
+    args, (dh, dr2, norm, wt, rope, br), out, n = _problem(x, weight, eps, pos, freqs, stride, sign, block_r)
+    if n:
+        _norm_rope_kernel[(n,)](*args, DH=dh, DR2=dr2, NORM=norm, WEIGHT=wt, ROPE=rope, BLOCK_R=br, **pdl(out))
     return out
+
+
+def norm_rope_pair(first: tuple, second: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two `norm_rope` problems, each (x, weight, eps, pos, freqs, stride, sign), in one launch."""
+    a1, (dh, dr2, norm, wt, rope, br), out1, n1 = _problem(*first, None)
+    a2, (dh_2, dr2_2, norm_2, wt_2, rope_2, br_2), out2, n2 = _problem(*second, None)
+    if n1 + n2:
+        _norm_rope_pair_kernel[(n1 + n2,)](*a1, *a2, n1, DH=dh, DR2=dr2, NORM=norm, WEIGHT=wt, ROPE=rope, BLOCK_R=br,
+                                          DH_2=dh_2, DR2_2=dr2_2, NORM_2=norm_2, WEIGHT_2=wt_2, ROPE_2=rope_2,
+                                          BLOCK_R_2=br_2, **pdl(out1))
+    return out1, out2
 
 
 @triton.jit
