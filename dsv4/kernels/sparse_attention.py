@@ -359,8 +359,11 @@ def _counters(device: torch.device, n: int) -> torch.Tensor | None:
 
 
 # the split forward's partials merged by the last program of each (query, head block) to finish (one launch),
-# or by a second launch (`_combine_kernel`)
-MERGE_IN_KERNEL = True
+# or by a second launch (`_combine_kernel`, the default). On the H200 the merge in the launch measured slower:
+# at V4-Flash's decode (64 heads, 10 splits) the forward went from 10.0 + 4.4 µs (two launches) to 23.9 µs,
+# as one program per 32 heads reads all the partials where the second launch spreads them over 16-head
+# programs (bench/results/README.md, ninth round)
+MERGE_IN_KERNEL = False
 MERGE_COUNTERS = 1 << 16
 _COUNTERS: dict = {}
 
