@@ -520,6 +520,15 @@ def test_fp4_kernel_rejects_bad_inputs():
         fp4_experts(x, idx, wt, w1, s1.float(), w2, s2, w3, s3, 10.0)
     with pytest.raises(ValueError, match=r"idx and weight \[N, K\]"):
         fp4_experts(x, idx, wt[:, :1], w1, s1, w2, s2, w3, s3, 10.0)
+    from dsv4.kernels import fp4_moe
+    for name, bad in (("DECODE_KERNEL", "word"), ("WORDS_DOWN", "tokens")):
+        old = getattr(fp4_moe, name)
+        try:   # a misspelt kernel choice is an error, not a silent fall-back to another kernel
+            setattr(fp4_moe, name, bad)
+            with pytest.raises(ValueError, match=f"got .*{bad!r}"):
+                fp4_experts(x, idx, wt, w1, s1, w2, s2, w3, s3, 10.0)
+        finally:
+            setattr(fp4_moe, name, old)
 
 
 def test_quant_primitives_in_the_backend_table():

@@ -536,6 +536,9 @@ def _fp4_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch
     E, I, _ = w1.shape
     D = x.shape[1]
     NK = N * K
+    if DECODE_KERNEL not in ("words", "bytes") or WORDS_DOWN not in ("pair", "token"):
+        raise ValueError(f"fp4_moe.DECODE_KERNEL must be 'words' or 'bytes' and fp4_moe.WORDS_DOWN 'pair' or "
+                         f"'token'; got {DECODE_KERNEL!r} and {WORDS_DOWN!r}")
     path = path or _path(NK, E)
     words = path == "gemv" and DECODE_KERNEL == "words" or path == "words"
     if words and WORDS_DOWN == "token" and NK:

@@ -85,8 +85,7 @@ def _fwd_kernel(Q, KV, KV2, ROWS2, IDX, SINK, OUT, LSE, ML, ROWS1, FOUT, FLSE, C
                 D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KV2: tl.constexpr,
                 SPLIT: tl.constexpr, F32_DOT: tl.constexpr, KV2_FP8: tl.constexpr = False,
                 NOPE: tl.constexpr = 0, OFF_SC: tl.constexpr = 0, OFF_ROPE: tl.constexpr = 0,
-                NATIVE_FP8: tl.constexpr = False, LAZY: tl.constexpr = False,
-                WS: tl.constexpr = False, HAS_ROWS1: tl.constexpr = False, MERGE: tl.constexpr = False,
+                NATIVE_FP8: tl.constexpr = False, HAS_ROWS1: tl.constexpr = False, MERGE: tl.constexpr = False,
                 PDL: tl.constexpr = False):
     pdl_start(PDL)
     pid = tl.program_id(0)
@@ -110,7 +109,7 @@ def _fwd_kernel(Q, KV, KV2, ROWS2, IDX, SINK, OUT, LSE, ML, ROWS1, FOUT, FLSE, C
     k_lo = sp * K_PER
     k_hi = tl.minimum(K, k_lo + K_PER)
     idx_row = IDX + b.to(tl.int64) * s_ib + s.to(tl.int64) * s_is
-    for k0 in tl.range(k_lo, k_hi, BLOCK_N, warp_specialize=WS):
+    for k0 in range(k_lo, k_hi, BLOCK_N):
         n = k0 + tl.arange(0, BLOCK_N)
         j = tl.load(idx_row + n, mask=n < k_hi, other=-1)
         valid = j >= 0
@@ -123,29 +122,14 @@ def _fwd_kernel(Q, KV, KV2, ROWS2, IDX, SINK, OUT, LSE, ML, ROWS1, FOUT, FLSE, C
             z = tl.dot(q, tl.trans(k)) * scale_log2                                 # [BLOCK_H, BLOCK_N]
         z = tl.where(valid[None, :], z, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(z, 1))
-        if LAZY:
-            # rescale only when a row's running max grew by more than 2^8: the weights 2^(z - m_i) stay
-            # below 256 (exact in fp32 and as bf16 dot inputs), and acc, l_i and m_i stay consistent
-            if tl.max(m_new - m_i, 0) > 8.0:
-                alpha = tl.exp2(m_i - m_new)
-                acc = acc * alpha[:, None]
-                l_i = l_i * alpha
-                m_i = m_new
-            p = tl.exp2(z - m_i[:, None])
-            l_i = l_i + tl.sum(p, 1)
-            if F32_DOT:
-                acc = acc + tl.dot(p, k, input_precision="ieee")
-            else:
-                acc = acc + tl.dot(p.to(k.dtype), k)
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(z - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if F32_DOT:
+            acc = acc * alpha[:, None] + tl.dot(p, k, input_precision="ieee")
         else:
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(z - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if F32_DOT:
-                acc = acc * alpha[:, None] + tl.dot(p, k, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(k.dtype), k)
-            m_i = m_new
+            acc = acc * alpha[:, None] + tl.dot(p.to(k.dtype), k)
+        m_i = m_new
     if SPLIT:   # partial results: unnormalised acc, running max and sum (log2 domain), merged later
         row = (pid * tl.num_programs(2) + sp).to(tl.int64)
         tl.store(OUT + row * s_ob + h[:, None] * s_oh + d[None, :], acc, mask=hmask[:, None])
@@ -273,10 +257,12 @@ def _kv2_args(q, kv, kv2, rows2) -> tuple:
 # * backward: 16 heads per program at any head count (64 heads: 54.5 TFLOP/s against 50.2 for 32), 16-key
 #   blocks at 16 heads (57.1 against 52-54 for 32), 2 stages (1 at 64 heads, where 2 run out of shared memory
 #   at 32-key blocks).
+# Not faster (`probe_attn.py --round9`, ninth round of bench/results): rescaling the accumulator only when a
+# max grows by more than 2^8 (191 against 236 TFLOP/s: the branch costs the pipelining), 16 warps (112),
+# Triton's warp_specialize on the key loop (no change), 128 heads a program (out of registers).
 # fp32 tiles take twice the shared memory: fp32 keeps the launch of before the sweep. Under the interpreter
 # the key blocks are larger (its cost is per op) and the stages do not matter.
 WARPS = 4
-LAZY_RESCALE = False
 
 
 def _fwd_launch(H: int, dtype: torch.dtype) -> dict:
@@ -308,12 +294,10 @@ def _bwd_launch(H: int, dtype: torch.dtype) -> dict:
 
 
 def forward(q, kv, idx, sink, scale, kv2=None, rows2=None, block_n: int | None = None, num_warps: int | None = None,
-            block_h: int | None = None, num_stages: int | None = None, lazy: bool | None = None,
-            warp_specialize: bool = False, rows1=None):
+            block_h: int | None = None, num_stages: int | None = None, rows1=None):
     """out [B, S, H, Dh] (q's dtype), lse [B, S, H] fp32. Shapes as the twin's. Launch parameters left
-    None take `_fwd_launch`'s choice for the head count; `lazy` (default `LAZY_RESCALE`) rescales the
-    accumulator only when a running max grows by more than 2^8. rows1 [B]: kv's row of each query row
-    (kv [Bmax, T, Dh] read in place, as kv2 with rows2; default: row b)."""
+    None take `_fwd_launch`'s choice for the head count. rows1 [B]: kv's row of each query row (kv
+    [Bmax, T, Dh] read in place, as kv2 with rows2; default: row b)."""
     _check(q, kv, idx, kv2, rows2)
     B, S, H, D = q.shape
     dflt = _fwd_launch(H, q.dtype)
@@ -337,7 +321,6 @@ def forward(q, kv, idx, sink, scale, kv2=None, rows2=None, block_n: int | None =
                       idx.stride(0), idx.stride(1), out.stride(0), out.stride(1), out.stride(2),
                       S, H, kv.shape[1], K, K, scale * LOG2E,
                       D=D, BLOCK_H=BH, BLOCK_N=block_n, HAS_KV2=has2, SPLIT=False, F32_DOT=f32,
-                      LAZY=LAZY_RESCALE if lazy is None else lazy, WS=warp_specialize,
                       HAS_ROWS1=rows1 is not None, num_warps=num_warps, **launch, **fp8, **pdl(q))
     return out, lse
 
