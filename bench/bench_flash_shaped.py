@@ -83,8 +83,9 @@ def parse_args(argv=None):
                    help="FP4 decode GEMV variants to time the model's decode with, comma-separated: words, bytes "
                         "(dsv4.kernels.fp4_moe.DECODE_KERNEL; the first is kept for the profile; rows of words "
                         "have the plain names, those of bytes end in _bytes)")
-    p.add_argument("--pdl-modes", default="on", help="programmatic dependent launch of the kernels: on, off or "
-                   "both (on,off: each decode measurement twice; dsv4.kernels.launch)")
+    p.add_argument("--pdl-modes", default=None, help="programmatic dependent launch of the kernels: on, off or "
+                   "both (on,off: each decode measurement twice; dsv4.kernels.launch); default: as configured "
+                   "(on, unless DSV4_PDL=0)")
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="also profile one eager batch-1 decode step of the model section; kernel table to FILE")
     p.add_argument("--out", default="bench_flash_shaped.json")
@@ -299,7 +300,8 @@ def section_model(args, device, timer, folder: Path) -> dict:
     half = args.slope_from if args.slope_from is not None else max(1, len(full) // 2)
     K = len(full)
     variants = args.fp4_decode_kernels.split(",")
-    pdl_modes = args.pdl_modes.split(",")
+    configured = launch.ENABLED
+    pdl_modes = args.pdl_modes.split(",") if args.pdl_modes else ["on" if configured else "off"]
     for variant in variants:
         for pdl in pdl_modes:
             fp4_moe.DECODE_KERNEL = variant
@@ -320,9 +322,10 @@ def section_model(args, device, timer, folder: Path) -> dict:
                     per["ratio_to_sglang_per_layer"] = slope / SGLANG_MS_PER_LAYER
                 per["ratio_to_sglang_total_over_K"] = per["ms_per_layer_total_over_K"] / SGLANG_MS_PER_LAYER
                 res[f"per_layer_batch{B}{key}"] = per
-                print(f"decode ({variant} FP4 GEMV, PDL {pdl}) batch {B}: {total:.3f} ms/step for {K} layers; "
+                shown = pdl if device.type == "cuda" else "n/a (CPU)"
+                print(f"decode ({variant} FP4 GEMV, PDL {shown}) batch {B}: {total:.3f} ms/step for {K} layers; "
                       f"per layer {json.dumps(per)}", flush=True)
-    launch.ENABLED = pdl_modes[0] == "on"
+    launch.ENABLED = configured
     fp4_moe.DECODE_KERNEL = variants[0]
     if args.profile and device.type == "cuda":
         res["profile"] = profile_decode(model, cache, Path(args.profile))
@@ -397,7 +400,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if not set(args.fp4_decode_kernels.split(",")) <= {"words", "bytes"}:
         raise SystemExit(f"--fp4-decode-kernels takes words and/or bytes, comma-separated; got {args.fp4_decode_kernels!r}")
-    if not set(args.pdl_modes.split(",")) <= {"on", "off"}:
+    if args.pdl_modes and not set(args.pdl_modes.split(",")) <= {"on", "off"}:
         raise SystemExit(f"--pdl-modes takes on and/or off, comma-separated; got {args.pdl_modes!r}")
     if args.tiny:
         args.layers, args.context = min(args.layers, 4), min(args.context, 64)
