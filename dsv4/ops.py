@@ -715,6 +715,8 @@ def decode_key_lists_torch(pos: torch.Tensor, window: int, ratio: int, n_comp: i
     if ring is None:
         return key_lists_torch(pos.view(B, 1), None, None, 0, 1, window, ratio, n_comp, t_window,
                                None if cidx is None else cidx.view(B, 1, -1), True)
+    if rows is None or kv is None:
+        raise ValueError("decode_key_lists: with the ring given, pass the cache rows and the new keys too")
     W = window
     ring[rows, torch.remainder(pos, W)] = kv.reshape(B, -1).to(ring.dtype)
     kpos = pos.view(B, 1) - (W - 1) + torch.arange(W, device=pos.device)                # [B, W]

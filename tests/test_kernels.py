@@ -59,19 +59,6 @@ def test_sparse_attention_forward_equals_twin_and_float64(dtype, split):
     assert rel(out, twin) < tol(dtype)
 
 
-def test_sparse_attention_split_merged_in_the_launch_equals_a_second_launch():
-    """The split forward's partials merged by the last program to finish equal the separate merge
-    kernel's, bitwise, call after call (each merging program resets its counter)."""
-    q, kv, idx, sink, scale, kv2, rows2 = attention_case(K=90, T=70, T2=50, seed=9)
-    sep, sep_lse = sa.forward_split(q, kv, idx, sink, scale, kv2, rows2, splits=3, merge=False)
-    for _ in range(2):
-        out, lse = sa.forward_split(q, kv, idx, sink, scale, kv2, rows2, splits=3, merge=True)
-        assert torch.equal(out, sep) and torch.equal(lse, sep_lse)
-    assert int(sa._counters(q.device, 1).abs().sum()) == 0
-    want = ops.sparse_attention_torch(q.double(), kv.double(), idx, sink.double(), scale, kv2.double(), rows2)
-    assert rel(out, want) < tol(q.dtype)
-
-
 def test_sparse_attention_one_source_and_row_mapping():
     q, kv, idx, sink, scale, kv2, rows2 = attention_case(T=40, K=30, seed=1)
     idx = torch.where(idx >= 40, -1, idx)                     # only the first source
@@ -430,26 +417,33 @@ def test_norm_rope_equals_twin(dtype, case):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_norm_rope_pair_is_two_norm_ropes_in_one_launch(dtype):
     """Two problems of different widths, weights and ropes in one launch (q_norm with kv's norm and rope;
-    the per-head query norm and rope with the indexer's query rope): bitwise the two single launches."""
+    the per-head query norm and rope with the indexer's query rope): bitwise the two single launches,
+    and each against float64."""
     from dsv4.kernels import norm_rope as k
     g = torch.Generator().manual_seed(11)
     B, S, Dr = 2, 3, 16
-    pos = torch.randint(0, 5000, (B, S), generator=g).to(DEV)
-    freqs = (10000.0 ** -(torch.arange(Dr // 2) / (Dr // 2))).to(DEV)
-    cases = [((torch.randn(B, S, 128, generator=g), 1 + 0.1 * torch.randn(128, generator=g), 1e-6, None, None),
-              (torch.randn(B, S, 64, generator=g), 1 + 0.1 * torch.randn(64, generator=g), 1e-6, pos, freqs)),
-             ((torch.randn(B, S, 4, 64, generator=g), None, 1e-6, pos, freqs),
-              (torch.randn(B, S, 2, 32, generator=g), None, None, pos, freqs))]
-    for first, second in cases:
-        first, second = ([t.to(DEV, dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() and t.dim() > 1
-                          else (t.to(DEV) if isinstance(t, torch.Tensor) else t) for t in p] for p in (first, second))
-        got = k.norm_rope_pair((*first, 1, 1.0), (*second, 1, 1.0))
+    pos = torch.randint(0, 5000, (B, S), generator=g)
+    freqs = 10000.0 ** -(torch.arange(Dr // 2) / (Dr // 2))
+
+    def x(*shape):
+        return torch.randn(B, S, *shape, generator=g).to(dtype)
+
+    def w(n):
+        return 1 + 0.1 * torch.randn(n, generator=g)
+
+    rope = ops.Rope(pos, freqs)
+    for first, second in [((x(128), w(128), 1e-6, None), (x(64), w(64), 1e-6, rope)),
+                          ((x(4, 64), None, 1e-6, rope), (x(2, 32), None, None, rope))]:
+        def on_dev(p):   # (x, weight, eps, rope) -> the kernel's (x, weight, eps, pos, freqs, stride, sign)
+            t, wt, eps, r = p
+            return (t.to(DEV), None if wt is None else wt.to(DEV), eps,
+                    *((r.pos.to(DEV), r.freqs.to(DEV), 1, 1.0) if r is not None else (None, None, 1, 1.0)))
+        got = k.norm_rope_pair(on_dev(first), on_dev(second))
         for out, p in zip(got, (first, second)):
-            assert torch.equal(out, k.norm_rope(*p))
-            rope = ops.Rope(p[3], p[4]) if p[3] is not None else None
-            assert rel(out, ops.norm_rope_torch(p[0].cpu().double(), None if p[1] is None else p[1].cpu().double(),
-                                                p[2], None if rope is None else ops.Rope(rope.pos.cpu(),
-                                                                                       rope.freqs.cpu()))) < tol(dtype)
+            assert torch.equal(out, k.norm_rope(*on_dev(p)))
+            t, wt, eps, r = p
+            want = ops.norm_rope_torch(t.double(), None if wt is None else wt.double(), eps, r)
+            assert rel(out, want) < tol(dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -235,10 +235,10 @@ def _fp4_down_gemv_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
     p, pid_n = tl.program_id(0), tl.program_id(1)
     NB: tl.constexpr = BK // 32
     e = tl.load(idx_ptr + p).to(tl.int64)
+    r = p.to(tl.int64)
+    rn = pid_n * BN + tl.arange(0, BN)
+    n_ok = rn < D
     if (e >= 0) & (e < E):
-        r = p.to(tl.int64)
-        rn = pid_n * BN + tl.arange(0, BN)
-        n_ok = rn < D
         jb = tl.arange(0, NB)
         t = tl.arange(0, 16)
         acc = tl.full((BN, NB), 0.0, tl.float32)
@@ -251,9 +251,7 @@ def _fp4_down_gemv_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
         out = tl.sum(acc, 1) * 16384.0
         tl.store(out_ptr + r * stride_om + rn, out.to(out_ptr.dtype.element_ty), mask=n_ok)
     else:
-        rn = pid_n * BN + tl.arange(0, BN)
-        tl.store(out_ptr + p.to(tl.int64) * stride_om + rn, tl.zeros([BN], tl.float32).to(out_ptr.dtype.element_ty),
-                 mask=rn < D)
+        tl.store(out_ptr + r * stride_om + rn, tl.zeros([BN], tl.float32).to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 MAG_BITS = tl.constexpr(0x0E000E00)      # bits 9-11 of each 16-bit half: an fp16's low exponent and top mantissa bits
@@ -382,10 +380,10 @@ def _fp4_down_words_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
     p, pid_n = tl.program_id(0), tl.program_id(1)
     NB: tl.constexpr = BK // 32
     e = tl.load(idx_ptr + p).to(tl.int64)
+    r = p.to(tl.int64)
+    rn = pid_n * BN + tl.arange(0, BN)
+    n_ok = rn < D
     if (e >= 0) & (e < E):
-        r = p.to(tl.int64)
-        rn = pid_n * BN + tl.arange(0, BN)
-        n_ok = rn < D
         jb = tl.arange(0, NB)
         j = tl.arange(0, 4)
         acc = tl.full((NB, BN), 0.0, tl.float32)
@@ -396,9 +394,7 @@ def _fp4_down_words_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
         out = tl.sum(acc, 0) * 16384.0
         tl.store(out_ptr + r * stride_om + rn, out.to(out_ptr.dtype.element_ty), mask=n_ok)
     else:
-        rn = pid_n * BN + tl.arange(0, BN)
-        tl.store(out_ptr + p.to(tl.int64) * stride_om + rn, tl.zeros([BN], tl.float32).to(out_ptr.dtype.element_ty),
-                 mask=rn < D)
+        tl.store(out_ptr + r * stride_om + rn, tl.zeros([BN], tl.float32).to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
 @triton.jit

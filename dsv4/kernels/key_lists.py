@@ -66,6 +66,8 @@ def decode_key_lists(pos: torch.Tensor, window: int, ratio: int, n_comp: int, t_
     out = torch.empty(B, 1, window + kc, dtype=torch.int32, device=pos.device)
     in_ring = ring is not None
     if in_ring:
+        if rows is None or kv is None:
+            raise ValueError("decode_key_lists: with the ring given, pass the cache rows and the new keys too")
         kv = kv.reshape(B, -1)
         kv = kv if kv.stride(-1) == 1 else kv.contiguous()
         if ring.stride(-1) != 1 or kv.shape[-1] != ring.shape[-1]:

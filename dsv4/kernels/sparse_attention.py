@@ -79,14 +79,13 @@ def _load_keys(KV, KV2, ROWS2, b, j, valid, d, T, s_kvb, s_kvt, s_kv2b, s_kv2t,
 
 
 @triton.jit
-def _fwd_kernel(Q, KV, KV2, ROWS2, IDX, SINK, OUT, LSE, ML, ROWS1, FOUT, FLSE, COUNT,
+def _fwd_kernel(Q, KV, KV2, ROWS2, IDX, SINK, OUT, LSE, ML, ROWS1,
                 s_qb, s_qs, s_qh, s_kvb, s_kvt, s_kv2b, s_kv2t, s_ib, s_is, s_ob, s_os, s_oh,
                 S, H, T, K, K_PER, scale_log2,
                 D: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HAS_KV2: tl.constexpr,
                 SPLIT: tl.constexpr, F32_DOT: tl.constexpr, KV2_FP8: tl.constexpr = False,
                 NOPE: tl.constexpr = 0, OFF_SC: tl.constexpr = 0, OFF_ROPE: tl.constexpr = 0,
-                NATIVE_FP8: tl.constexpr = False, HAS_ROWS1: tl.constexpr = False, MERGE: tl.constexpr = False,
-                PDL: tl.constexpr = False):
+                NATIVE_FP8: tl.constexpr = False, HAS_ROWS1: tl.constexpr = False, PDL: tl.constexpr = False):
     pdl_start(PDL)
     pid = tl.program_id(0)
     hb = tl.program_id(1)
@@ -135,13 +134,6 @@ def _fwd_kernel(Q, KV, KV2, ROWS2, IDX, SINK, OUT, LSE, ML, ROWS1, FOUT, FLSE, C
         tl.store(OUT + row * s_ob + h[:, None] * s_oh + d[None, :], acc, mask=hmask[:, None])
         tl.store(ML + row * (2 * H) + h, m_i, mask=hmask)
         tl.store(ML + row * (2 * H) + H + h, l_i, mask=hmask)
-        if MERGE:   # the last of a (query, head block)'s programs to finish merges them: no second launch
-            tl.debug_barrier()                                          # every thread's partial is stored
-            cnt = COUNT + pid.to(tl.int64) * tl.num_programs(1) + hb
-            if tl.atomic_add(cnt, 1, sem="acq_rel") == tl.num_programs(2) - 1:
-                _merge_splits(OUT, ML, SINK, FOUT, FLSE, pid.to(tl.int64), h, hmask, d, tl.num_programs(2), H, D,
-                              ".cg")
-                tl.atomic_xchg(cnt, 0)                                  # ready for the next launch
     else:
         sink = tl.load(SINK + h, mask=hmask, other=0.0).to(tl.float32) * 1.4426950408889634
         m_new = tl.maximum(m_i, sink)
@@ -316,7 +308,7 @@ def forward(q, kv, idx, sink, scale, kv2=None, rows2=None, block_n: int | None =
     f32 = INTERPRET or q.dtype == torch.float32
     grid = (B * S, triton.cdiv(H, BH), 1)
     launch = {"num_stages": num_stages} if num_stages else {}
-    _fwd_kernel[grid](q, kv, k2, r2, idx, sink, out, lse, lse, rows1 if rows1 is not None else r2, out, lse, r2,
+    _fwd_kernel[grid](q, kv, k2, r2, idx, sink, out, lse, lse, rows1 if rows1 is not None else r2,
                       q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), k2.stride(0), k2.stride(1),
                       idx.stride(0), idx.stride(1), out.stride(0), out.stride(1), out.stride(2),
                       S, H, kv.shape[1], K, K, scale * LOG2E,
@@ -325,36 +317,13 @@ def forward(q, kv, idx, sink, scale, kv2=None, rows2=None, block_n: int | None =
     return out, lse
 
 
-def _counters(device: torch.device, n: int) -> torch.Tensor | None:
-    """Arrival counters (int32, zero between launches: the merging program resets its own) for n
-    (query, head block) pairs on `device`, or None where none may be allocated now (more than
-    MERGE_COUNTERS, or a first use inside a CUDA-graph capture). One buffer per device, never freed, so
-    that recorded graphs keep theirs; launches on one device run in stream order, so they share it."""
-    if n > MERGE_COUNTERS:
-        return None
-    key = (device.type, device.index)
-    buf = _COUNTERS.get(key)
-    if buf is None:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
-        buf = _COUNTERS[key] = torch.zeros(MERGE_COUNTERS, dtype=torch.int32, device=device)
-    return buf
-
-
-# the split forward's partials merged by the last program of each (query, head block) to finish (one launch),
-# or by a second launch (`_combine_kernel`, the default). On the H200 the merge in the launch measured slower:
-# at V4-Flash's decode (64 heads, 10 splits) the forward went from 10.0 + 4.4 µs (two launches) to 23.9 µs,
-# as one program per 32 heads reads all the partials where the second launch spreads them over 16-head
-# programs (bench/results/README.md, ninth round)
-MERGE_IN_KERNEL = False
-MERGE_COUNTERS = 1 << 16
-_COUNTERS: dict = {}
-
-
 def forward_split(q, kv, idx, sink, scale, kv2=None, rows2=None, splits: int = 0, block_n: int = 32,
-                  num_warps: int | None = None, rows1=None, merge: bool | None = None):
-    """`forward` with each key list split over `splits` programs (0: enough to fill ~2 waves of SMs),
-    the partial results merged in the same launch (`merge`, default MERGE_IN_KERNEL) or by a second one."""
+                  num_warps: int | None = None, rows1=None):
+    """`forward` with each key list split over `splits` programs (0: enough to fill ~2 waves of SMs) and
+    the partial results merged by a second launch (`_combine_kernel`). Merging them in the first launch,
+    by the last of a query's programs to finish, measured slower on the H200 at V4-Flash's decode (10.0 +
+    4.4 µs against 23.9 µs: one program then reads all the partials; bench/results/README.md, ninth
+    round)."""
     _check(q, kv, idx, kv2, rows2)
     B, S, H, D = q.shape
     K = idx.shape[-1]
@@ -374,55 +343,45 @@ def forward_split(q, kv, idx, sink, scale, kv2=None, rows2=None, splits: int = 0
     f32 = INTERPRET or q.dtype == torch.float32
     out = torch.empty(B, S, H, D, device=q.device, dtype=q.dtype)
     lse = torch.empty(B, S, H, device=q.device, dtype=torch.float32)
-    count = _counters(q.device, B * S * nh) if (MERGE_IN_KERNEL if merge is None else merge) else None
     if B * S == 0:
         return out, lse
     _fwd_kernel[(B * S, nh, splits)](q, kv, k2, r2, idx, sink, part, ml, ml, rows1 if rows1 is not None else r2,
-                                     out, lse, count if count is not None else r2,
                                      q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1),
                                      k2.stride(0), k2.stride(1), idx.stride(0), idx.stride(1),
                                      part.stride(0), 0, part.stride(1),
                                      S, H, kv.shape[1], K, per, scale * LOG2E,
                                      D=D, BLOCK_H=BH, BLOCK_N=block_n, HAS_KV2=has2, SPLIT=True, F32_DOT=f32,
-                                     HAS_ROWS1=rows1 is not None, MERGE=count is not None,
-                                     num_warps=num_warps or WARPS, **launch, **fp8, **pdl(q))
-    if count is None:
-        bc = min(16, triton.next_power_of_2(H))
-        _combine_kernel[(B * S, triton.cdiv(H, bc))](part, ml, sink, out, lse, splits, H, D=D, BLOCK_H=bc, **pdl(part))
+                                     HAS_ROWS1=rows1 is not None, num_warps=num_warps or WARPS, **launch, **fp8,
+                                     **pdl(q))
+    bc = min(16, triton.next_power_of_2(H))
+    _combine_kernel[(B * S, triton.cdiv(H, bc))](part, ml, sink, out, lse, splits, H, D=D, BLOCK_H=bc, **pdl(part))
     return out, lse
-
-
-@triton.jit
-def _merge_splits(PART, ML, SINK, OUT, LSE, t, h, hm, d, SPLITS, H, D: tl.constexpr, CACHE: tl.constexpr):
-    """Merge query t's split partials for heads h (unnormalised acc, running max m and sum l in the log2
-    domain) with each head's sink: out = Σ_s acc_s 2^(m_s − M) / (Σ_s l_s 2^(m_s − M) + 2^(sink − M)).
-    CACHE: the partials' load cache modifier (".cg" when other programs of this launch wrote them)."""
-    sink = tl.load(SINK + h, mask=hm, other=0.0).to(tl.float32) * 1.4426950408889634
-    mx = sink
-    for sp in range(0, SPLITS):
-        mx = tl.maximum(mx, tl.load(ML + (t * SPLITS + sp) * (2 * H) + h, mask=hm, other=-1.0e30,
-                                    cache_modifier=CACHE))
-    den = tl.exp2(sink - mx)
-    acc = tl.zeros([h.shape[0], D], tl.float32)
-    for sp in range(0, SPLITS):
-        row = t * SPLITS + sp
-        a = tl.exp2(tl.load(ML + row * (2 * H) + h, mask=hm, other=-1.0e30, cache_modifier=CACHE) - mx)
-        den += tl.load(ML + row * (2 * H) + H + h, mask=hm, other=0.0, cache_modifier=CACHE) * a
-        acc += tl.load(PART + (row * H + h[:, None]) * D + d[None, :], mask=hm[:, None], other=0.0,
-                       cache_modifier=CACHE) * a[:, None]
-    tl.store(OUT + (t * H + h[:, None]) * D + d[None, :], (acc / den[:, None]).to(OUT.dtype.element_ty),
-             mask=hm[:, None])
-    tl.store(LSE + t * H + h, (mx + tl.log2(den)) * 0.6931471805599453, mask=hm)
 
 
 @triton.jit
 def _combine_kernel(PART, ML, SINK, OUT, LSE, SPLITS, H, D: tl.constexpr, BLOCK_H: tl.constexpr,
                     PDL: tl.constexpr = False):
-    """`_merge_splits` for one query and BLOCK_H heads, as a launch of its own."""
+    """Merge one query's split partials (unnormalised acc, running max m and sum l in the log2 domain)
+    with the head's sink: out = Σ_s acc_s 2^(m_s − M) / (Σ_s l_s 2^(m_s − M) + 2^(sink − M))."""
     pdl_start(PDL)
+    t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    _merge_splits(PART, ML, SINK, OUT, LSE, tl.program_id(0).to(tl.int64), h, h < H, tl.arange(0, D), SPLITS, H,
-                  D, "")
+    hm = h < H
+    d = tl.arange(0, D)
+    sink = tl.load(SINK + h, mask=hm, other=0.0).to(tl.float32) * 1.4426950408889634
+    mx = sink
+    for sp in range(0, SPLITS):
+        mx = tl.maximum(mx, tl.load(ML + (t * SPLITS + sp) * (2 * H) + h, mask=hm, other=-1.0e30))
+    den = tl.exp2(sink - mx)
+    acc = tl.zeros([BLOCK_H, D], tl.float32)
+    for sp in range(0, SPLITS):
+        row = t * SPLITS + sp
+        a = tl.exp2(tl.load(ML + row * (2 * H) + h, mask=hm, other=-1.0e30) - mx)
+        den += tl.load(ML + row * (2 * H) + H + h, mask=hm, other=0.0) * a
+        acc += tl.load(PART + (row * H + h[:, None]) * D + d[None, :], mask=hm[:, None], other=0.0) * a[:, None]
+    tl.store(OUT + (t * H + h[:, None]) * D + d[None, :], (acc / den[:, None]).to(OUT.dtype.element_ty),
+             mask=hm[:, None])
+    tl.store(LSE + t * H + h, (mx + tl.log2(den)) * 0.6931471805599453, mask=hm)
 
 
 @triton.jit
