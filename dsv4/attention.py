@@ -295,7 +295,7 @@ class Compressor(nn.Module):
     # overlapping, then slot t mod M of the current window holding the last token fed at such a t),
     # state.entries [Bmax, Cmax, c]
     def update(self, x: torch.Tensor, pos: torch.Tensor, freqs: torch.Tensor, state, rows: torch.Tensor,
-               pre=None) -> None:
+               pre=None, starts: tuple[int, ...] | None = None) -> None:
         """Feed S new tokens to each row (rows at any positions, pos[b] = p0_b + arange(S)): write the
         entries of the windows they complete to state.entries and advance the state.
 
@@ -315,15 +315,20 @@ class Compressor(nn.Module):
         kv, score = self.project(x, pos, pre)                                     # [B, S, w]
         src_kv = torch.cat([state.kv[rows], kv], dim=1)                           # [B, (1+o)M + S, w]
         src_sc = torch.cat([state.score[rows], score], dim=1)
-        rem = pos[:, 0] % m                                                       # [B]
         table = None
         if not (torch.compiler.is_compiling() or (x.is_cuda and torch.cuda.is_current_stream_capturing())):
             table = self._plan_table(S, x.device)           # the plan of each residue, once per call length
+        # the rows' residue when the host knows it and it is shared (a batch of new prompts): the plan's
+        # lookups are then views, and every row completes (residue + S) // M windows
+        res = starts[0] % m if starts and len({p % m for p in starts}) == 1 else None
         if table is None:
-            win, slots, tgt, n_done, sel = self._plan(S, rem.unsqueeze(1))
+            win, slots, tgt, n_done, sel = self._plan(S, (pos[:, :1] % m))
+        elif res is not None:
+            win = table[0]
+            slots, tgt, n_done, sel = (t[res].expand(B, *t.shape[1:]) for t in table[1:])
         else:
             win = table[0]
-            slots, tgt, n_done, sel = (t[rem] for t in table[1:])
+            slots, tgt, n_done, sel = (t[pos[:, 0] % m] for t in table[1:])
         base = pos[:, :1] // m                                                    # [B, 1] first entry
         ent = self.finish(ops.compress_windows(src_kv, src_sc, slots, self.overlap), base + win, freqs,
                           state.dtype)                                            # [B, n_win, c]
@@ -335,8 +340,9 @@ class Compressor(nn.Module):
         if state.entries.shape[1]:            # (a cache shorter than one window holds no entries)
             at = (base + tgt).clamp(max=state.entries.shape[1] - 1)
             r = rows.unsqueeze(1).expand_as(at)
-            val = torch.where((n_done > 0).unsqueeze(-1), ent.gather(1, tgt.unsqueeze(-1).expand_as(ent)),
-                              state.entries[r, at])
+            val = ent.gather(1, tgt.unsqueeze(-1).expand_as(ent))
+            if res is None or (res + S) // m == 0:
+                val = torch.where((n_done > 0).unsqueeze(-1), val, state.entries[r, at])
             state.entries[r, at] = val
         sel = sel.unsqueeze(-1).expand(-1, -1, kv.shape[-1])                     # [B, (1+o)M, w]
         state.kv[rows], state.score[rows] = src_kv.gather(1, sel), src_sc.gather(1, sel)
@@ -480,8 +486,10 @@ class Attention(nn.Module):
         self.index_loss = False
 
     def forward(self, x: torch.Tensor, pos: torch.Tensor, seg: torch.Tensor | None = None,
-                state=None, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, int] | None]:
-        """x [B, S, D] -> (output [B, S, D], index KL `(Σ over queries, queries)` or None when not computed)."""
+                state=None, rows: torch.Tensor | None = None,
+                starts: tuple[int, ...] | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, int] | None]:
+        """x [B, S, D] -> (output [B, S, D], index KL `(Σ over queries, queries)` or None when not computed).
+        starts: the cache rows' first positions when the host knows them (saves reading them back)."""
         B, S, _ = x.shape
         H, Dh = self.n_heads, self.head_dim
         freqs = self._freqs_on.get(x.device)
@@ -497,7 +505,7 @@ class Attention(nn.Module):
         if pre is None:
             q = ops.norm_rope(q.view(B, S, H, Dh), None, self.eps, rope)               # per-head RMS, rope
             kv = ops.norm_rope(kv, self.kv_norm.weight, self.kv_norm.eps, rope)        # [B, S, Dh]
-        o, index_kl = self._attend(x, qr, q, kv, pos, rope, freqs, seg, state, rows, pre)   # [B, S, H, Dh]
+        o, index_kl = self._attend(x, qr, q, kv, pos, rope, freqs, seg, state, rows, pre, starts)   # [B, S, H, Dh]
         o = ops.norm_rope(o, None, None, rope.inverse())                               # de-rotate
         o = o.reshape(B, S, self.groups, H * Dh // self.groups)                       # [B, S, G, H·Dh/G]
         u = grouped_linear(o, self.wo_a, self.groups)                                  # [B, S, G·d_g]
@@ -538,7 +546,7 @@ class Attention(nn.Module):
             q = ops.norm_rope(q, None, self.eps, rope)
         return qr, q, kv, pre
 
-    def _attend(self, x, qr, q, kv, pos, rope, freqs, seg, state, rows, pre=None):
+    def _attend(self, x, qr, q, kv, pos, rope, freqs, seg, state, rows, pre=None, starts=None):
         """Keys, index lists and one attention call per query chunk (memory linear in S); pre: the
         compressors' and indexer's projections when `_projections` computed them.
         -> (o [B, S, H, Dh], (Σ KL, queries) when the index loss is on, else None)."""
@@ -567,12 +575,16 @@ class Attention(nn.Module):
             in_ring = S == 1 and not want_loss
             keys = state.ring if in_ring else torch.cat([state.ring[rows], kv.to(state.ring.dtype)], dim=1)
             if m:
-                self.compressor.update(x, pos, freqs, state.comp, rows, pre.get("comp"))
+                self.compressor.update(x, pos, freqs, state.comp, rows, pre.get("comp"), starts)
                 comp, c_rows = state.comp.attention_keys(self.head_dim), rows         # [Bmax, Cmax, Dh]
                 # the one-token step reads the whole buffer (static shapes, no host read)
-                n_comp = comp.shape[1] if S == 1 else min(comp.shape[1], int((pos[:, -1] + 1).max()) // m)
+                # (a longer call: the longest row's end, from the host when it knows it, else one read)
+                n_comp = comp.shape[1]
+                if S > 1:
+                    end = max(starts) + S if starts else int((pos[:, -1] + 1).max())
+                    n_comp = min(n_comp, end // m)
                 if self.indexer is not None:
-                    self.indexer.compressor.update(x_idx, pos, freqs, state.index, rows, pre.get("icomp"))
+                    self.indexer.compressor.update(x_idx, pos, freqs, state.index, rows, pre.get("icomp"), starts)
                     ikeys = state.index.entries[:, :n_comp]                          # [Bmax, C, Di]
         iq = iw = None
         if self.indexer is not None and (sparse or want_loss):

@@ -44,8 +44,8 @@ class CompressorState:
         return KV8(self.entries, width, self.rope_dim, self.dtype)
 
     def reset(self, rows: torch.Tensor) -> None:
-        self.kv[rows] = 0
-        self.score[rows] = float("-inf")
+        self.kv.index_fill_(0, rows, 0)                 # (a fill by index: no host copy of the value)
+        self.score.index_fill_(0, rows, float("-inf"))
 
 
 class LayerState:
@@ -109,7 +109,9 @@ class DecodeCache:
     def device(self):
         return self.lengths.device
 
-    def check_rows(self, rows, B: int, S: int, mtp: bool = False) -> torch.Tensor:
+    def check_rows(self, rows, B: int, S: int, mtp: bool = False) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Validate the cache rows of a call of S new tokens on B input rows -> (rows [B] on the cache's
+        device, the rows' first positions on the host). One read from the device for all checks."""
         if rows is None:
             if B != self.batch:
                 raise ValueError(f"the cache has {self.batch} rows but the input has batch {B}; pass rows=")
@@ -117,15 +119,20 @@ class DecodeCache:
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.device)
         if rows.shape != (B,):
             raise ValueError(f"rows must list one cache row per input row ({B}); got shape {tuple(rows.shape)}")
-        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= self.batch):
+        if not rows.numel():
+            return rows, ()
+        safe = rows.clamp(0, self.batch - 1)          # read the lengths before the rows are known valid
+        dup = (rows.sort().values.diff() == 0).any() if B > 1 else rows.new_zeros(())
+        lo, hi, repeated, *starts = torch.cat([torch.stack([rows.min(), rows.max(), dup.long()]),
+                                               (self.mtp_lengths if mtp else self.lengths)[safe]]).tolist()
+        if lo < 0 or hi >= self.batch:
             raise ValueError(f"rows must lie in [0, {self.batch})")
-        if rows.unique().numel() != rows.numel():
+        if repeated:
             raise ValueError(f"rows must be distinct cache rows; got {rows.tolist()}")
-        lengths = (self.mtp_lengths if mtp else self.lengths)[rows]
-        if int(lengths.max()) + S > self.max_len:
-            raise ValueError(f"sequence longer than the cache: a row at length {int(lengths.max())} + {S} new tokens "
+        if max(starts) + S > self.max_len:
+            raise ValueError(f"sequence longer than the cache: a row at length {max(starts)} + {S} new tokens "
                              f"exceeds max_len={self.max_len}; allocate a larger DecodeCache")
-        return rows
+        return rows, tuple(starts)
 
     def advance(self, rows: torch.Tensor, n: int) -> None:
         self.lengths[rows] += n
@@ -137,8 +144,8 @@ class DecodeCache:
         """Empty rows (all by default) so that new sequences can use them."""
         rows = torch.arange(self.batch, device=self.device) if rows is None else \
             torch.as_tensor(rows, dtype=torch.long, device=self.device)
-        self.lengths[rows] = 0
-        self.mtp_lengths[rows] = 0
+        self.lengths.index_fill_(0, rows, 0)
+        self.mtp_lengths.index_fill_(0, rows, 0)
         for layer in self.layers:
             for s in layer.states():
                 s.reset(rows)

@@ -194,10 +194,10 @@ class Block(nn.Module):
             setattr(self, f"hc_{site}_scale", nn.Parameter(torch.empty(3)))
 
     def forward(self, h: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, seg=None, state=None,
-                rows=None) -> tuple[torch.Tensor, BlockAux]:
+                rows=None, starts=None) -> tuple[torch.Tensor, BlockAux]:
         """h [B, S, N, D] -> (h' [B, S, N, D], BlockAux)."""
         x, post, comb = hc_pre(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, *self.hc, self.hc_mode)
-        x, index_kl = self.attn(self.attn_norm(x), pos, seg, state, rows)
+        x, index_kl = self.attn(self.attn_norm(x), pos, seg, state, rows, starts)
         h = ops.hc_post(x, h, post, comb)
         x, post, comb = hc_pre(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, *self.hc, self.hc_mode)
         x, (idx, scores) = self.ffn(self.ffn_norm(x), ids)
@@ -221,11 +221,11 @@ class MTPBlock(Block):
         self.hc_head_scale = nn.Parameter(torch.empty(1))
 
     def forward(self, h: torch.Tensor, next_ids: torch.Tensor, embed: nn.Embedding, pos: torch.Tensor,
-                seg=None, state=None, rows=None) -> tuple[torch.Tensor, BlockAux]:
+                seg=None, state=None, rows=None, starts=None) -> tuple[torch.Tensor, BlockAux]:
         """h [B, S, N, D] main streams, next_ids [B, S] (token t+1) -> (final MTP hidden [B, S, D], BlockAux)."""
         e = self.enorm(embed(next_ids))                                        # [B, S, D]
         z = linear(e, self.e_proj).unsqueeze(2) + linear(self.hnorm(h), self.h_proj)  # [B, S, N, D]
-        z, aux = super().forward(z, next_ids, pos, seg, state, rows)
+        z, aux = super().forward(z, next_ids, pos, seg, state, rows, starts)
         N, _, eps, norm_eps = self.hc
         return self.norm(hc_head(z, self.hc_head_fn, self.hc_head_scale, self.hc_head_base, eps, norm_eps)), aux
 
@@ -342,11 +342,12 @@ class Transformer(nn.Module):
         self.check_ids(input_ids)
         B, S = input_ids.shape
         dev = input_ids.device
+        starts = None                     # the cache rows' first positions, read on the host by check_rows
         if cache is not None:
             if positions is not None or segment_ids is not None:
                 raise ValueError("positions/segment_ids cannot be combined with a cache: cached calls continue "
                                  "each row from cache.lengths; pack documents only in full-sequence calls")
-            rows = cache.check_rows(rows, B, S)
+            rows, starts = cache.check_rows(rows, B, S)
             positions = cache.lengths[rows].unsqueeze(1) + torch.arange(S, device=dev)   # [B, S]
         elif segment_ids is not None:
             if segment_ids.shape != input_ids.shape:
@@ -355,12 +356,13 @@ class Transformer(nn.Module):
                 positions = positions_from_segments(segment_ids)
         elif positions is None:
             positions = torch.arange(S, device=dev).expand(B, S)
-        return self.blocks(input_ids, positions, segment_ids, cache, rows, aux), positions, rows
+        return self.blocks(input_ids, positions, segment_ids, cache, rows, aux, starts), positions, rows
 
     def blocks(self, input_ids: torch.Tensor, positions: torch.Tensor, segment_ids=None, cache=None,
-               rows=None, aux: list[BlockAux] | None = None) -> torch.Tensor:
+               rows=None, aux: list[BlockAux] | None = None, starts: tuple[int, ...] | None = None) -> torch.Tensor:
         """Embedding and blocks on already validated inputs. -> streams [B, S, N, D]; each block's
-        `BlockAux` is appended to `aux` when a list is given (and dropped otherwise)."""
+        `BlockAux` is appended to `aux` when a list is given (and dropped otherwise). starts: the cache
+        rows' first positions when the host knows them (`DecodeCache.check_rows`), else None."""
         h = self.embed(input_ids)                                              # [B, S, D]
         h = h.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()  # [B, S, N, D]
         for i, layer in enumerate(self.layers):
@@ -368,7 +370,7 @@ class Transformer(nn.Module):
             if self.gradient_checkpointing and self.training and cache is None:
                 h, block_aux = checkpoint(layer, h, input_ids, positions, segment_ids, use_reentrant=False)
             else:
-                h, block_aux = layer(h, input_ids, positions, segment_ids, state, rows)
+                h, block_aux = layer(h, input_ids, positions, segment_ids, state, rows, starts)
             if aux is not None:
                 aux.append(block_aux)
         return h
@@ -425,15 +427,15 @@ class Transformer(nn.Module):
         self.check_ids(next_ids)
         B, S = next_ids.shape
         if cache is not None:
-            rows = cache.check_rows(rows, B, S, mtp=True)
+            rows, starts = cache.check_rows(rows, B, S, mtp=True)
             positions = cache.mtp_lengths[rows].unsqueeze(1) + torch.arange(S, device=next_ids.device)
             state = cache.layers[self.config.num_hidden_layers + k]
         else:
-            state = None
+            state = starts = None
             if positions is None:
                 positions = (positions_from_segments(segment_ids) if segment_ids is not None
                              else torch.arange(S, device=next_ids.device).expand(B, S))
-        y, block_aux = self.mtp[k](h, next_ids, self.embed, positions, segment_ids, state, rows)
+        y, block_aux = self.mtp[k](h, next_ids, self.embed, positions, segment_ids, state, rows, starts)
         if cache is not None:
             cache.advance_mtp(rows, S)
         return (self.logits(y), [block_aux]) if return_aux else self.logits(y)

@@ -132,6 +132,13 @@ def test_bad_inputs_raise_clear_errors(model):
     two = DecodeCache(model.config, 2, 16)
     with pytest.raises(ValueError, match="distinct"):
         model(torch.ones(2, 3, dtype=torch.long), cache=two, rows=torch.tensor([1, 1]))
+    for bad in ([0, 2], [-1, 0]):
+        with pytest.raises(ValueError, match=r"lie in \[0, 2\)"):
+            model(torch.ones(2, 3, dtype=torch.long), cache=two, rows=torch.tensor(bad))
+    model(torch.ones(1, 10, dtype=torch.long), cache=two, rows=torch.tensor([1]))
+    with pytest.raises(ValueError, match=r"a row at length 10 \+ 7 new tokens exceeds max_len=16"):
+        model(torch.ones(2, 7, dtype=torch.long), cache=two, rows=torch.tensor([0, 1]))
+    assert two.lengths.tolist() == [0, 10]          # a refused call changes nothing
     with pytest.raises(ValueError, match="segment_ids"):
         model(torch.ones(2, 3, dtype=torch.long), cache=two, segment_ids=torch.zeros(2, 3, dtype=torch.long))
 
@@ -227,14 +234,16 @@ def test_single_token_and_chunked_cached_paths_equal_the_full_forward(model, ids
 def test_cached_update_plan_table_equals_the_direct_plan(model, ids, monkeypatch):
     # the compressors' index plan looked up by residue (the default) and computed for the call's rows
     # (what a CUDA-graph capture or a table over PLAN_TABLE_MAX runs) leave the same cache, bit for bit;
-    # rows start at different residues mod 4 and 128 (different lengths fed first)
+    # rows start at different residues mod 4 and 128 (different lengths fed first), then two rows at one
+    # residue mod 4 and different ones mod 128 (the plan as views of the residue's row where it is shared)
     import dsv4.attention as att
 
     def run():
-        cache = DecodeCache(model.config, 3, 300)
-        for r, n in enumerate((1, 6, 131)):
+        cache = DecodeCache(model.config, 4, 300)
+        for r, n in enumerate((1, 6, 131, 7)):
             model(ids[:1, :n], cache=cache, rows=torch.tensor([r]))
         out = [model(ids[:, s:s + 37].repeat(2, 1)[:3], cache=cache, rows=torch.tensor([2, 0, 1])) for s in (0, 37)]
+        out.append(model(ids[:, 80:117], cache=cache, rows=torch.tensor([3, 0])))   # lengths 7 and 75
         return out, cache
     att._PLANS.clear()
     got, table_cache = run()
