@@ -1,9 +1,9 @@
 """Where a host-bound prefill spends its launches: the `bench` model's cached prefill of one prompt on CUDA
-(or with --train an eager bf16 training step), every aten op and every Triton launch counted by the dsv4
+(or with --train an eager bf16 training step, with --decode an eager decode step), every aten op and every Triton launch counted by the dsv4
 line that issued it, the host synchronisations by line, the wall time (best of --repeats; and when the
 call returned, before the final synchronisation) and a cProfile of the dsv4 functions by cumulative time.
 
-    python bench/prefill_anatomy.py [--length 4096] [--train] [--out prefill_anatomy.json]
+    python bench/prefill_anatomy.py [--length 4096] [--train | --decode] [--out prefill_anatomy.json]
 
 Counting runs in a separate call from timing (the dispatch hook costs host time of its own).
 """
@@ -96,6 +96,8 @@ def main(argv=None) -> int:
     ap.add_argument("--length", type=int, default=4096)
     ap.add_argument("--train", action="store_true",
                     help="a bf16 training step (forward, next-token CE, backward) of --length tokens instead")
+    ap.add_argument("--decode", action="store_true",
+                    help="one eager decode step (batch 1) after a prompt of --length tokens instead")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--top", type=int, default=45)
     ap.add_argument("--out", default=None)
@@ -119,6 +121,15 @@ def main(argv=None) -> int:
             cache.reset(rows)
             return model(ids, cache=cache, rows=rows, last_only=True)
 
+        if args.decode:
+            prefill()
+            start = cache.lengths.clone()
+
+            @torch.no_grad()
+            def prefill():        # (the step measured: one token after the prompt, the cache put back)
+                cache.lengths.copy_(start)
+                return model.decode_step(ids[:, :1], cache, rows)
+
     for _ in range(3):
         prefill()
     walls, issue = [], []
@@ -130,7 +141,7 @@ def main(argv=None) -> int:
         torch.cuda.synchronize()
         walls.append((time.perf_counter() - t0) * 1e3)
         issue.append((t1 - t0) * 1e3)
-    _, busy, n_kernels = profile_once(prefill)
+    table, busy, n_kernels = profile_once(prefill, rows=25)
     mode = CountOps()
     with mode:
         prefill()
@@ -148,7 +159,7 @@ def main(argv=None) -> int:
     st = pstats.Stats(pr, stream=buf).sort_stats("cumulative")
     st.print_stats("/dsv4/", args.top)
     res = {
-        "what": "train" if args.train else "prefill", "length": n, "wall_ms": walls, "issue_ms": issue,
+        "what": "train" if args.train else "decode" if args.decode else "prefill", "length": n, "wall_ms": walls, "issue_ms": issue,
         "kernel_ms": busy, "kernels": n_kernels,
         "aten_ops": sum(mode.ops.values()), "aten_host_only": sum(mode.host_only.values()),
         "triton_launches": sum(trit.values()), "syncs": dict(syncs),
@@ -166,6 +177,8 @@ def main(argv=None) -> int:
         print(f"-- {title}")
         for where, c in res[key][:args.top]:
             print(f"{c:6d}  {where}")
+    print("-- kernels by device time (torch.profiler)")
+    print(table)
     print("-- cProfile, dsv4 functions by cumulative time (profiler overhead included)")
     print(buf.getvalue())
     if args.out:

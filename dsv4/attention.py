@@ -266,10 +266,10 @@ class Compressor(nn.Module):
         B, S, _ = x.shape
         m = self.ratio
         kv, score = self.project(x, pos, pre)                                     # [B, S, w]
-        if seg is None:
-            n = S // m
-            own = (torch.arange(n, device=x.device) * m).expand(B, n)             # [B, n]
-            first, index = None, own // m
+        if seg is None:         # windows at 0, M, 2M, ...: the same lists for every row and call of length S
+            slots, index = self._full_plan(S, x.device)
+            pooled = ops.compress_windows(kv, score, slots.expand(B, -1, -1), self.overlap)
+            return self.finish(pooled, index.expand(B, -1), freqs, x.dtype), None
         else:
             # a window starts at each token at a position ≡ 0 (mod M) whose document still holds
             # the window's last token (positions restart at 0 in each document)
@@ -290,6 +290,24 @@ class Compressor(nn.Module):
         prev = torch.where((own >= m) & (index > 0), own - m, -1)
         pooled = ops.compress_windows(kv, score, self._slots(own, prev), self.overlap)
         return self.finish(pooled, index, freqs, x.dtype), first
+
+    def _full_plan(self, S: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slot lists [1, n, J] and entry indices [1, n] of a sequence of S tokens from position 0, one
+        document: kept per (M, overlap, S) with the cached-update plans (`_PLANS`), not while a CUDA graph
+        is being captured or a graph compiled (their values would not exist yet)."""
+        key = ("full", self.ratio, self.overlap, S, str(device))
+        plan = _PLANS.get(key)
+        if plan is None:
+            n, m = S // self.ratio, self.ratio
+            with torch.inference_mode(False), torch.no_grad():    # plain tensors, usable in any mode
+                own = (torch.arange(n, device=device) * m).unsqueeze(0)               # [1, n]
+                index = own // m
+                plan = self._slots(own, torch.where(index > 0, own - m, -1)), index
+            if not (torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
+                if len(_PLANS) >= 8:
+                    _PLANS.pop(next(iter(_PLANS)))
+                _PLANS[key] = plan
+        return plan
 
     # -- cached: state.kv/state.score [Bmax, (1+o)M, w] (slots 0..M-1 = previous complete window when
     # overlapping, then slot t mod M of the current window holding the last token fed at such a t),

@@ -72,14 +72,7 @@ def hc_pre_variant(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base:
     return x.to(h.dtype), post, comb
 
 
-@fp32_region
-def hc_head(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, eps: float,
-            norm_eps: float) -> torch.Tensor:
-    """Head-side reduction of the N streams (spec §4.3): sigmoid weights, no Sinkhorn. -> [B, S, D]."""
-    v = up(h.flatten(2))
-    rho = torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + norm_eps)
-    pre = torch.sigmoid(F.linear(v, up(fn)) * rho * up(scale) + up(base)) + eps  # [B, S, N]
-    return (pre.unsqueeze(-1) * up(h)).sum(dim=2).to(h.dtype)
+hc_head = ops.hc_head      # the head-side reduction of the streams (spec §4.3), a primitive of `dsv4.ops`
 
 
 # ----------------------------------------------------------------------------- MoE

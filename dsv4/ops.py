@@ -291,6 +291,26 @@ def hc_pre_torch(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: t
 
 
 @fp32_region
+def hc_head_torch(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, eps: float,
+                  norm_eps: float) -> torch.Tensor:
+    """Head-side reduction of the N streams (spec §4.3): sigmoid weights, no Sinkhorn. h [B, S, N, D]
+    -> [B, S, D] in h's dtype."""
+    v = up(h.flatten(2))
+    rho = torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + norm_eps)
+    pre = torch.sigmoid(F.linear(v, up(fn)) * rho * up(scale) + up(base)) + eps  # [B, S, N]
+    return (pre.unsqueeze(-1) * up(h)).sum(dim=2).to(h.dtype)
+
+
+def hc_head_triton(h, fn, scale, base, eps, norm_eps):
+    """`hc_head` as hc_pre's two launches in their head form (inference; with gradients, the twin)."""
+    n = h.shape[-2]
+    if not _pow2(n) or _needs_grad(h, fn, scale, base):
+        return hc_head_torch(h, fn, scale, base, eps, norm_eps)
+    from dsv4.kernels import mhc
+    return mhc.hc_pre(h, fn, scale, base, n, 1, eps, norm_eps, head=True)
+
+
+@fp32_region
 def hc_post_torch(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
     """h'_k = post_k · f + Σ_j comb[j, k] · h_j in fp32 (spec §4.2). -> [B, S, N, D]."""
     mixed = torch.einsum("bsjk,bsjd->bskd", comb, up(residual))            # [B, S, N, D]
@@ -1441,6 +1461,7 @@ hc_split_sinkhorn = register("hc_split_sinkhorn", {"torch": hc_split_sinkhorn_to
                                                    "triton": hc_split_sinkhorn_triton})
 hc_pre = register("hc_pre", {"torch": hc_pre_torch, "triton": hc_pre_triton})
 hc_post = register("hc_post", {"torch": hc_post_torch, "triton": hc_post_triton})
+hc_head = register("hc_head", {"torch": hc_head_torch, "triton": hc_head_triton})
 norm_rope = register("norm_rope", {"torch": norm_rope_torch, "triton": norm_rope_triton})
 norm_rope_pair = register("norm_rope_pair", {"torch": norm_rope_pair_torch, "triton": norm_rope_pair_triton})
 dense = register("dense", {"torch": dense_torch, "triton": dense_triton})

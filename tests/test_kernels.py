@@ -364,6 +364,36 @@ def test_fused_hc_pre_and_post_equal_twins(dtype):
     assert got_h.dtype == dtype and rel(got_h, want_h) < tol(dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hc_head_equals_twin_and_float64(dtype):
+    # the head reduction (sigmoid weights from N logits, no Sinkhorn) in hc_pre's launches: many tokens
+    # (token blocks, one slice of the mix each), a decode step's one and three tokens with the mix split
+    # over programs and the weighted sum over column ranges; D not a multiple of the blocks
+    from dsv4.kernels import mhc as k
+    g = torch.Generator().manual_seed(17)
+    n, D, B, S = 4, 300, 2, 19
+    h = torch.randn(B, S, n, D, generator=g, dtype=torch.float64)
+    fn = torch.randn(n, n * D, generator=g, dtype=torch.float64) / (n * D) ** 0.5
+    scale = torch.rand(1, generator=g, dtype=torch.float64) + 0.5
+    base = torch.randn(n, generator=g, dtype=torch.float64)
+    # float64 by the formula of spec §4.3, written out here
+    v = h.flatten(2)
+    rho = torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + 1e-6)
+    pre = torch.sigmoid((v @ fn.T) * rho * scale + base) + 1e-6
+    want = (pre.unsqueeze(-1) * h).sum(2)
+    assert rel(ops.hc_head_torch(h, fn, scale, base, 1e-6, 1e-6), want) < 1e-12
+    cast = lambda t: t.float().to(DEV)                                   # noqa: E731
+    for t, kw in ((S, {}), (S, dict(programs=264, block_t=16)), (1, dict(programs=264, finish_programs=264)),
+                  (3, dict(programs=1, finish_programs=1)), (3, {})):
+        got = k.hc_pre(h[:, :t].to(DEV, dtype), cast(fn), cast(scale), cast(base), n, 1, 1e-6, 1e-6, head=True, **kw)
+        assert got.shape == (B, t, D) and got.dtype == dtype
+        assert rel(got, want[:, :t]) < tol(dtype)
+    got = ops.hc_head_triton(h.to(DEV, dtype), cast(fn), cast(scale), cast(base), 1e-6, 1e-6)
+    assert rel(got, want) < tol(dtype)
+    with pytest.raises(ValueError, match="inference only"):
+        k.hc_pre(h.to(DEV, dtype), cast(fn), cast(scale), cast(base), n, 1, 1e-6, 1e-6, head=True, save=True)
+
+
 def test_hc_pre_finish_split_over_columns():
     # the finish's weighted sum split into column ranges (decode: few tokens, D 300 in ranges of 256 and
     # of 128 at 1 and 3 tokens, a partial last range); only the first range's program stores post, comb

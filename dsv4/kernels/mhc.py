@@ -81,7 +81,7 @@ def _split_bf16(x):
 def _hc_mix_kernel(H, FN, SS, MIX, N_TOK, D, K_PER,
                    NS: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
                    PREC: tl.constexpr, SPLIT3: tl.constexpr = False, F32_DOT: tl.constexpr = False,
-                   PDL: tl.constexpr = False):
+                   HEAD: tl.constexpr = False, PDL: tl.constexpr = False):
     """hc_pre, part 1, for BLOCK_T tokens and one slice [K_PER·split, K_PER·(split+1)) of the N·D stream
     values: Σ h² and the (2+N)·N mix logits h · fnᵀ as one fp32 dot against fn read as NP rows (zeros
     past its (2+N)·N; below 16 tokens, products summed over the block instead of a dot),
@@ -92,7 +92,7 @@ def _hc_mix_kernel(H, FN, SS, MIX, N_TOK, D, K_PER,
     f1), f3 = bf16(fn − f1 − f2): fn to ~2⁻²⁴ of its size, as fp32 holds it), and the logits are three bf16
     tensor-core dots with fp32 accumulation; h is a bf16 value, so every product is exact and the result
     is the fp32 dot up to the order of the sums. F32_DOT runs the same dots on fp32 copies of the parts
-    (the interpreter)."""
+    (the interpreter). HEAD: fn has N rows (`hc_head`'s), not (2+N)·N."""
     pdl_start(PDL)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     sp = tl.program_id(1)
@@ -111,7 +111,7 @@ def _hc_mix_kernel(H, FN, SS, MIX, N_TOK, D, K_PER,
         hv = hraw.to(tl.float32)
         ss += tl.sum(hv * hv, 1)
         f = tl.load(FN + r[None, :].to(tl.int64) * ND + kk[:, None],
-                    mask=km[:, None] & (r < (2 + NS) * NS)[None, :], other=0.0)                        # [BK, NP]
+                    mask=km[:, None] & (r < (NS if HEAD else (2 + NS) * NS))[None, :], other=0.0)       # [BK, NP]
         if SPLIT3:
             f1, f2, f3 = _split_bf16(f)
             if F32_DOT:
@@ -136,12 +136,14 @@ def _hc_mix_kernel(H, FN, SS, MIX, N_TOK, D, K_PER,
 def _hc_finish_kernel(H, SS, MIX, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLIT, D_PER, SEP, eps, norm_eps,
                       ITERS: tl.constexpr, NS: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr,
                       BLOCK_D: tl.constexpr, SPLIT_BLOCK: tl.constexpr, MIXES=None, RHO=None, PRE=None,
-                      PDL: tl.constexpr = False):
+                      HEAD: tl.constexpr = False, PDL: tl.constexpr = False):
     """hc_pre, part 2: the slices' sums, RMS scaling, gates, Sinkhorn, then x = Σ_j pre_j h_j over the
     columns [c·D_PER, (c+1)·D_PER), c = pd − SEP, of program (·, pd). Every program of a token block
     computes the gates; program pd = 0 also runs the Sinkhorn and stores post, comb and, with MIXES (and
     RHO, PRE) given, what the backward pass needs: the scaled mix logits [T, (2+N)·N], rho [T] and pre
-    [T, N] (None: not compiled in). SEP = 1: program 0 does only that, beside the column ranges."""
+    [T, N] (None: not compiled in). SEP = 1: program 0 does only that, beside the column ranges.
+    HEAD (`hc_head`): the mix holds the N head logits only; x = Σ_j pre_j h_j with pre = sigmoid(logit ·
+    rho · scale[0] + base) + eps, nothing else computed or stored (POST, COMB unused)."""
     pdl_start(PDL)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     first = tl.program_id(1) == 0
@@ -159,19 +161,20 @@ def _hc_finish_kernel(H, SS, MIX, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLIT, 
         base = (spv[:, None] * N_TOK + t[None, :]).to(tl.int64)                                # [SB, BT]
         ss += tl.sum(tl.load(SS + base, mask=m2, other=0.0), 0)
         pp += tl.sum(tl.load(MIX + base[:, :, None] * NP + r2[None, None, :], mask=m2[:, :, None], other=0.0), 0)
-        cc += tl.sum(tl.load(MIX + base[:, :, None] * NP + 2 * NS + rc[None, None, :],
-                             mask=m2[:, :, None] & first, other=0.0), 0)
+        if not HEAD:
+            cc += tl.sum(tl.load(MIX + base[:, :, None] * NP + 2 * NS + rc[None, None, :],
+                                 mask=m2[:, :, None] & first, other=0.0), 0)
     rho = 1.0 / tl.sqrt(ss / ND + norm_eps)
     s0 = tl.load(SCALE)
-    s1 = tl.load(SCALE + 1)
-    s2 = tl.load(SCALE + 2)
     i = tl.arange(0, NS)
     pp3 = tl.reshape(pp * rho[:, None], [BLOCK_T, 2, NS])
     half = tl.arange(0, 2)[None, :, None]
     pre_l = tl.sum(tl.where(half == 0, pp3, 0.0), 1)                                 # [BT, N]
     post_l = tl.sum(tl.where(half == 1, pp3, 0.0), 1)
     pre = tl.sigmoid(pre_l * s0 + tl.load(BASE + i)[None, :]) + eps
-    if first:
+    if first and not HEAD:
+        s1 = tl.load(SCALE + 1)
+        s2 = tl.load(SCALE + 2)
         post = 2 * tl.sigmoid(post_l * s1 + tl.load(BASE + NS + i)[None, :])
         tl.store(POST + t[:, None] * NS + i[None, :], post, mask=tm[:, None])
         if MIXES is not None:
@@ -200,8 +203,9 @@ def _hc_finish_kernel(H, SS, MIX, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLIT, 
 def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = None, block_k: int | None = None,
            programs: int | None = None, finish_block_t: int | None = None, save: bool = False,
            finish_warps: int | None = None, mix_precision: str | None = None,
-           finish_programs: int | None = None):
-    """x [.., D] (h's dtype), post [.., N], comb [.., N, N] fp32 from streams h [.., N, D]; with `save`, also
+           finish_programs: int | None = None, head: bool = False):
+    """x [.., D] (h's dtype), post [.., N], comb [.., N, N] fp32 from streams h [.., N, D]; with `head`, x
+    alone, reduced with `hc_head`'s weights (fn [N, N·D], scale [1], base [N]); with `save`, also
     (mixes [T, (2+N)·N], rho [T], pre [T, N]) fp32 for `hc_pre_backward`. The mix GEMV is
     split over enough slices of N·D to give ~`programs` programs (one slice when tokens are many).
     Under the interpreter the defaults are few large programs (its cost is per program and per op).
@@ -219,6 +223,8 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
     mix from 16 tokens: "bf16x3" (bf16 streams only: fn as three bf16 parts on the tensor cores, exact
     products; the default for bf16 streams on a GPU), "ieee" (fp32 FMA; the default otherwise) or
     "tf32x3" (three TF32 products)."""
+    if head and save:
+        raise ValueError("mHC kernel: the head reduction saves nothing for a backward pass (inference only)")
     prec = mix_precision or ("bf16x3" if h.dtype == torch.bfloat16 and not INTERPRET else "ieee")
     if prec == "bf16x3" and h.dtype != torch.bfloat16:
         raise ValueError(f"mHC kernel: mix_precision 'bf16x3' needs bf16 streams, got {h.dtype}")
@@ -234,8 +240,8 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
     hv = h.reshape(-1, n, D).contiguous()
     T = hv.shape[0]
     x = torch.empty(T, D, device=h.device, dtype=h.dtype)
-    post = torch.empty(T, n, device=h.device, dtype=torch.float32)
-    comb = torch.empty(T, n, n, device=h.device, dtype=torch.float32)
+    post = x if head else torch.empty(T, n, device=h.device, dtype=torch.float32)
+    comb = x if head else torch.empty(T, n, n, device=h.device, dtype=torch.float32)
     saved = (torch.empty(T, (2 + n) * n, device=h.device, dtype=torch.float32),
              torch.empty(T, device=h.device, dtype=torch.float32),
              torch.empty(T, n, device=h.device, dtype=torch.float32)) if save else (None, None, None)
@@ -252,26 +258,29 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
         tb = triton.cdiv(T, block_t)
         k_per = triton.cdiv(triton.cdiv(nd, split), block_k) * block_k
         split = triton.cdiv(nd, k_per)
-        n_pad = max(16, triton.next_power_of_2((2 + n) * n))
+        n_pad = max(16, triton.next_power_of_2(2 * n if head else (2 + n) * n))
         split3 = prec == "bf16x3" and block_t >= 16
         ss = torch.empty(split, T, device=h.device, dtype=torch.float32)
         mix = torch.empty(split, T, n_pad, device=h.device, dtype=torch.float32)
         _hc_mix_kernel[(tb, split)](hv, fn.float().contiguous(), ss, mix, T, D, k_per, NS=n, NP=n_pad,
                                     BLOCK_T=block_t, BLOCK_K=block_k,
                                     PREC="ieee" if INTERPRET or prec == "bf16x3" else prec,
-                                    SPLIT3=split3, F32_DOT=INTERPRET, **pdl(hv))
+                                    SPLIT3=split3, F32_DOT=INTERPRET, HEAD=head, **pdl(hv))
         finish_block_t = min(finish_block_t, triton.next_power_of_2(T))
         block_d = min(max(128, 1024 // finish_block_t), triton.next_power_of_2(D))
         tbf = triton.cdiv(T, finish_block_t)
         chunks = max(1, min(triton.cdiv(D, block_d), (finish_programs or (1 if INTERPRET else 264)) // tbf))
         d_per = triton.cdiv(triton.cdiv(D, chunks), block_d) * block_d
         chunks = triton.cdiv(D, d_per)
-        sep = int(chunks > 1)                      # the Sinkhorn's program beside the column ranges
+        sep = int(chunks > 1 and not head)         # the Sinkhorn's program beside the column ranges
         _hc_finish_kernel[(tbf, chunks + sep)](
             hv, ss, mix, scale.float().contiguous(), base.float().contiguous(), x, post, comb, T, D, split, d_per,
             sep, eps, norm_eps, ITERS=iters, NS=n, NP=n_pad, BLOCK_T=finish_block_t, BLOCK_D=block_d,
             SPLIT_BLOCK=min(64 // finish_block_t if finish_block_t < 64 else 1, triton.next_power_of_2(split)),
-            MIXES=saved[0], RHO=saved[1], PRE=saved[2], num_warps=finish_warps or (1 if T < 16 else 4), **pdl(hv))
+            MIXES=saved[0], RHO=saved[1], PRE=saved[2], HEAD=head, num_warps=finish_warps or (1 if T < 16 else 4),
+            **pdl(hv))
+    if head:
+        return x.view(*lead, D)
     out = x.view(*lead, D), post.view(*lead, n), comb.view(*lead, n, n)
     return (*out, saved) if save else out
 

@@ -78,8 +78,11 @@ def _down_kernel(h_ptr, w2_ptr, idx_ptr, out_ptr, D, I, TOPK, E, s_hm, s_we, s_w
 
 
 def experts_gemv(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor,
-                 w3: torch.Tensor, limit: float, bn: int | None = None, bk: int | None = None) -> torch.Tensor:
-    """x [N, D]; idx [N, K]; weight [N, K]; w1, w3 [E, I, D]; w2 [E, D, I] (last dim contiguous). -> [N, D]."""
+                 w3: torch.Tensor, limit: float, bn: int | None = None, bk: int | None = None,
+                 warps: int | None = None, bn_down: int | None = None) -> torch.Tensor:
+    """x [N, D]; idx [N, K]; weight [N, K]; w1, w3 [E, I, D]; w2 [E, D, I] (last dim contiguous). -> [N, D].
+    bn, bk: rows and columns of a program's weight tile (bn_down: the down launch's rows, default bn);
+    warps: warps per program (Triton's default 4)."""
     bn = bn or (16 if INTERPRET else 8)
     bk = bk or (64 if INTERPRET else 256)
     N, K = idx.shape
@@ -95,7 +98,8 @@ def experts_gemv(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: t
     rw = weight.reshape(-1).contiguous()
     _up_kernel[(N * K, triton.cdiv(I, bn))](x, w1, w3, rw, flat, h, D, I, K, E, float(limit),
                                             x.stride(0), w1.stride(0), w1.stride(1), h.stride(0),
-                                            HAS_LIMIT=limit > 0, BN=bn, BK=bk, **pdl(x))
-    _down_kernel[(N, triton.cdiv(D, bn))](h, w2, flat, out, D, I, K, E, h.stride(0), w2.stride(0), w2.stride(1),
-                                          out.stride(0), BN=bn, BK=bk, **pdl(h))
+                                            HAS_LIMIT=limit > 0, BN=bn, BK=bk, num_warps=warps or 4, **pdl(x))
+    bnd = bn_down or bn
+    _down_kernel[(N, triton.cdiv(D, bnd))](h, w2, flat, out, D, I, K, E, h.stride(0), w2.stride(0), w2.stride(1),
+                                           out.stride(0), BN=bnd, BK=bk, num_warps=warps or 4, **pdl(h))
     return out
