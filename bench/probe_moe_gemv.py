@@ -28,7 +28,7 @@ from dsv4.kernels import moe_gemv as kern  # noqa: E402
 
 HBM = 4.3e12
 COLD_BYTES = 256 << 20
-VARIANTS = [None, dict(bn=4, bk=256), dict(bn=2, bk=512), dict(bn=4, bk=512), dict(bn=2, bk=256),
+VARIANTS = [None, dict(bn=8, bk=256, warps=4), dict(bn=4, bk=256), dict(bn=2, bk=512), dict(bn=4, bk=512), dict(bn=2, bk=256),
             dict(bn=4, bk=256, warps=2), dict(bn=2, bk=512, warps=2), dict(bn=8, bk=256, bn_down=4),
             dict(bn=4, bk=512, warps=8), dict(bn=1, bk=1024)]
 

@@ -56,8 +56,7 @@ def grouped_linear(x: torch.Tensor, layer: nn.Linear, groups: int) -> torch.Tens
     -> [..., G·R]; a quantised layer (dsv4.quant.FP8Linear) runs on its FP8 weight (`grouped`)."""
     if not isinstance(layer, nn.Linear):
         return layer.grouped(x)
-    w = layer.weight.to(x.dtype).view(groups, -1, x.shape[-1])                       # [G, R, K]
-    return torch.einsum("...gi,gri->...gr", x, w).flatten(-2)
+    return ops.grouped_dense(x, layer.weight, groups)
 
 
 def linears(x: torch.Tensor, layers: list, fp32: bool = False) -> list[torch.Tensor]:

@@ -224,6 +224,21 @@ def dense_triton(x: torch.Tensor, w: torch.Tensor, fp32: bool = False) -> torch.
     return kern.gemv(x, w, torch.float32 if fp32 else x.dtype)
 
 
+def grouped_dense_torch(x: torch.Tensor, w: torch.Tensor, groups: int) -> torch.Tensor:
+    """x [..., G, K] through a grouped projection w [G·R, K] (block g of R rows reads x[..., g]) -> [..., G·R]
+    in x's dtype. Twin of `dsv4.kernels.gemv.gemv(..., groups=G)`, which serves decode-sized x."""
+    wg = w.to(x.dtype).view(groups, -1, x.shape[-1])                                 # [G, R, K]
+    return torch.einsum("...gi,gri->...gr", x, wg).flatten(-2)
+
+
+def grouped_dense_triton(x: torch.Tensor, w: torch.Tensor, groups: int) -> torch.Tensor:
+    from dsv4.kernels import gemv as kern
+    if (x.numel() > kern.ROWS_MAX * groups * x.shape[-1] or w.dtype != x.dtype or w.dim() != 2 or w.stride(-1) != 1
+            or _needs_grad(x, w) or type(w.data) is not torch.Tensor):
+        return grouped_dense_torch(x, w, groups)
+    return kern.gemv(x, w, x.dtype, groups=groups)
+
+
 class _LinearFp32Fn(torch.autograd.Function):
     """`linear_fp32` of bf16 operands with gradients, all three GEMMs on the tensor cores: the forward
     returns fp32 logits (exact products, fp32 accumulation); the backward rounds the incoming fp32
@@ -627,7 +642,7 @@ def compressor_step_torch(state_kv: torch.Tensor, state_sc: torch.Tensor, rows: 
                           gate: torch.Tensor, ape: torch.Tensor, pos: torch.Tensor, ratio: int,
                           overlap: bool) -> torch.Tensor:
     """One token per row into a compressor's state (the decode step), in place; returns the pooled entry
-    [B, 1, c] of the window the token would complete (meaningful where pos ≡ M − 1 (mod M)).
+    [B, 1, c] of the window the token completes (where pos ≡ M − 1 (mod M); zeros in other rows).
 
     state_kv, state_sc [Bmax, J, w] (J = (1+o)·M: the previous window's slots when windows overlap, then
     the current window's slot t mod M holding the last token fed at such a t); rows [B]; kv, gate
@@ -643,8 +658,9 @@ def compressor_step_torch(state_kv: torch.Tensor, state_sc: torch.Tensor, rows: 
     src_kv = torch.where(hit, kv, state_kv[rows])                                  # [B, J, w]
     src_sc = torch.where(hit, score, state_sc[rows])
     pooled = compress_windows(src_kv, src_sc, j.expand(len(pos), 1, J), overlap)  # [B, 1, c]
+    done = (rem == m - 1).view(-1, 1, 1)
+    pooled = torch.where(done, pooled, 0.0)
     if o:
-        done = (rem == m - 1).view(-1, 1, 1)
         src_kv = torch.cat([torch.where(done, src_kv[:, m:], src_kv[:, :m]), src_kv[:, m:]], dim=1)
         src_sc = torch.cat([torch.where(done, src_sc[:, m:], src_sc[:, :m]), src_sc[:, m:]], dim=1)
     state_kv[rows], state_sc[rows] = src_kv, src_sc
@@ -1465,6 +1481,7 @@ hc_head = register("hc_head", {"torch": hc_head_torch, "triton": hc_head_triton}
 norm_rope = register("norm_rope", {"torch": norm_rope_torch, "triton": norm_rope_triton})
 norm_rope_pair = register("norm_rope_pair", {"torch": norm_rope_pair_torch, "triton": norm_rope_pair_triton})
 dense = register("dense", {"torch": dense_torch, "triton": dense_triton})
+grouped_dense = register("grouped_dense", {"torch": grouped_dense_torch, "triton": grouped_dense_triton})
 route = register("route", {"torch": route_torch, "triton": route_triton}, kernel_dtypes=(torch.float32,),
                  operand_dtype=acc_dtype)
 compress_windows = register("compress_windows", {"torch": compress_windows_torch, "triton": compress_windows_triton})

@@ -969,6 +969,27 @@ def test_gemv_equals_twin_and_float64(dtype, M, N, K, fp32):
         assert rel(k.gemv(x, w, out_dtype, **launch), got) < 1e-6
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,G,R,K", [(1, 4, 24, 40), (2, 2, 12, 100), (1, 8, 5, 64)])
+def test_grouped_gemv_equals_twin_and_float64(dtype, M, G, R, K):
+    # a grouped projection (block g of R weight rows reads x[..., g, :]) for one or two tokens; R not a
+    # multiple of the default row tile (5: one row a program), the launch's tile shrunk to fit a group
+    from dsv4.kernels import gemv as k
+    g = torch.Generator().manual_seed(M * G + R + K)
+    x = torch.randn(1, M, G, K, generator=g).to(DEV, dtype)
+    w = (torch.randn(G * R, K, generator=g) / K ** 0.5).to(DEV, dtype)
+    want = torch.einsum("bsgk,grk->bsgr", x.double(), w.double().view(G, R, K)).flatten(-2)
+    got = k.gemv(x, w, groups=G)
+    assert got.shape == (1, M, G * R) and got.dtype == dtype
+    assert rel(got, want) < (1e-6 if dtype == torch.float32 else 1e-2)
+    assert rel(got, ops.grouped_dense_torch(x, w, G)) < tol(dtype)
+    assert rel(ops.grouped_dense_triton(x, w, G), want) < (1e-6 if dtype == torch.float32 else 1e-2)
+    for launch in (dict(BN=16, BK=32, num_warps=2), dict(BN=1, BK=64, num_warps=4)):
+        assert rel(k.gemv(x, w, groups=G, **launch), got) < 1e-6
+    with pytest.raises(ValueError, match="groups need x"):
+        k.gemv(x[..., :G - 1, :], w, groups=G)
+
+
 def test_dense_takes_the_gemv_for_one_or_two_rows_only(monkeypatch):
     from dsv4.kernels import gemv as k
     calls = []

@@ -114,11 +114,12 @@ def _decode_step_kernel(SKV, SSC, ROWS, KV, SC, APE, POS, OUT, s_sb, s_sl, s_nb,
                         M: tl.constexpr, J: tl.constexpr, OVERLAP: tl.constexpr, BLOCK_C: tl.constexpr,
                         PDL: tl.constexpr = False):
     """One token per row into the compressor state, in place, and the pooled entry of the window it
-    would complete: the token's score is its gate projection SC plus APE[p mod M];
-    program (row b, block of c channels) reads the J state slots at its channels (both
-    feature halves when windows overlap), puts the token in slot (o·M + p mod M), pools (softmax over the
-    slots per channel: previous-window slots read features [0, c), own slots [c, 2c)) and writes the
-    slots back, the completed window moved to the previous one when overlapping."""
+    completes (zeros where it completes none): the token's score is its gate projection SC plus
+    APE[p mod M]; program (row b, block of c channels) writes the token to slot (o·M + p mod M) at its
+    channels (both feature halves when windows overlap). Only a token that completes its window (p ≡
+    M − 1) reads the other J − 1 slots: it pools (softmax over the slots per channel: previous-window
+    slots read features [0, c), own slots [c, 2c)) and, when windows overlap, moves the completed window
+    to the previous one; the other M − 1 steps of a window touch one slot."""
     pdl_start(PDL)
     b = tl.program_id(0)
     ch = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -126,57 +127,65 @@ def _decode_step_kernel(SKV, SSC, ROWS, KV, SC, APE, POS, OUT, s_sb, s_sl, s_nb,
     r = tl.load(ROWS + b).to(tl.int64)
     p = tl.load(POS + b).to(tl.int64)
     rem = p % M
-    jj = tl.arange(0, J)
     slot_new = rem + (M if OVERLAP else 0)
-    new = (jj == slot_new)[:, None]
-    st = SKV + r * s_sb + jj.to(tl.int64)[:, None] * s_sl
-    ss = SSC + r * s_sb + jj.to(tl.int64)[:, None] * s_sl
-    m2 = (jj >= 0)[:, None] & cm[None, :]
-    # features [0, c) (the only half without overlap) and [c, 2c)
-    kv_a = tl.where(new, tl.load(KV + b * s_nb + ch, mask=cm, other=0.0)[None, :],
-                    tl.load(st + ch[None, :], mask=m2, other=0.0))
     ape = APE + rem * s_ape
-    sc_a = tl.where(new, (tl.load(SC + b * s_nb + ch, mask=cm, other=0.0)
-                          + tl.load(ape + ch, mask=cm, other=0.0))[None, :],
-                    tl.load(ss + ch[None, :], mask=m2, other=0.0))
-    if OVERLAP:
-        kv_b = tl.where(new, tl.load(KV + b * s_nb + C + ch, mask=cm, other=0.0)[None, :],
-                        tl.load(st + C + ch[None, :], mask=m2, other=0.0))
-        sc_b = tl.where(new, (tl.load(SC + b * s_nb + C + ch, mask=cm, other=0.0)
-                              + tl.load(ape + C + ch, mask=cm, other=0.0))[None, :],
-                        tl.load(ss + C + ch[None, :], mask=m2, other=0.0))
-        own = (jj >= M)[:, None]
-        pk = tl.where(own, kv_b, kv_a)
-        ps = tl.where(own, sc_b, sc_a)
+    kv_na = tl.load(KV + b * s_nb + ch, mask=cm, other=0.0)                        # the token, features [0, c)
+    sc_na = tl.load(SC + b * s_nb + ch, mask=cm, other=0.0) + tl.load(ape + ch, mask=cm, other=0.0)
+    if OVERLAP:                                                                    # and [c, 2c)
+        kv_nb = tl.load(KV + b * s_nb + C + ch, mask=cm, other=0.0)
+        sc_nb = tl.load(SC + b * s_nb + C + ch, mask=cm, other=0.0) + tl.load(ape + C + ch, mask=cm, other=0.0)
+    if rem == M - 1:
+        jj = tl.arange(0, J)
+        new = (jj == slot_new)[:, None]
+        st = SKV + r * s_sb + jj.to(tl.int64)[:, None] * s_sl
+        ss = SSC + r * s_sb + jj.to(tl.int64)[:, None] * s_sl
+        m2 = (jj >= 0)[:, None] & cm[None, :]
+        kv_a = tl.where(new, kv_na[None, :], tl.load(st + ch[None, :], mask=m2, other=0.0))
+        sc_a = tl.where(new, sc_na[None, :], tl.load(ss + ch[None, :], mask=m2, other=0.0))
+        if OVERLAP:
+            kv_b = tl.where(new, kv_nb[None, :], tl.load(st + C + ch[None, :], mask=m2, other=0.0))
+            sc_b = tl.where(new, sc_nb[None, :], tl.load(ss + C + ch[None, :], mask=m2, other=0.0))
+            own = (jj >= M)[:, None]
+            pk = tl.where(own, kv_b, kv_a)
+            ps = tl.where(own, sc_b, sc_a)
+        else:
+            pk = kv_a
+            ps = sc_a
+        mx = tl.max(ps, 0)
+        mx = tl.where(mx == float("-inf"), 0.0, mx)
+        e = tl.exp(ps - mx[None, :])
+        den = tl.sum(e, 0)
+        pooled = tl.where(den > 0, tl.sum(e * pk, 0) / tl.where(den > 0, den, 1.0), 0.0)
+        tl.store(OUT + b * s_ob + ch, pooled, mask=cm)
+        if OVERLAP:
+            # slot j < M (previous window) takes slot j + M (own window): this token completes it
+            jsrc = tl.where(jj < M, jj + M, jj)
+            sel = (jsrc[:, None] == jj[None, :])                                    # [J(dst), J(src)]
+            kv_a = tl.sum(tl.where(sel[:, :, None], kv_a[None, :, :], 0.0), 1)
+            sc_a = tl.sum(tl.where(sel[:, :, None], sc_a[None, :, :], 0.0), 1)
+            kv_b = tl.sum(tl.where(sel[:, :, None], kv_b[None, :, :], 0.0), 1)
+            sc_b = tl.sum(tl.where(sel[:, :, None], sc_b[None, :, :], 0.0), 1)
+            tl.store(st + C + ch[None, :], kv_b, mask=m2)
+            tl.store(ss + C + ch[None, :], sc_b, mask=m2)
+        tl.store(st + ch[None, :], kv_a, mask=m2)
+        tl.store(ss + ch[None, :], sc_a, mask=m2)
     else:
-        pk = kv_a
-        ps = sc_a
-    mx = tl.max(ps, 0)
-    mx = tl.where(mx == float("-inf"), 0.0, mx)
-    e = tl.exp(ps - mx[None, :])
-    den = tl.sum(e, 0)
-    pooled = tl.where(den > 0, tl.sum(e * pk, 0) / tl.where(den > 0, den, 1.0), 0.0)
-    tl.store(OUT + b * s_ob + ch, pooled, mask=cm)
-    if OVERLAP:
-        # slot j < M (previous window) takes slot j + M (own window) when this token completes it
-        done = rem == M - 1
-        jsrc = tl.where((jj < M) & done, jj + M, jj)
-        sel = (jsrc[:, None] == jj[None, :])                                        # [J(dst), J(src)]
-        kv_a = tl.sum(tl.where(sel[:, :, None], kv_a[None, :, :], 0.0), 1)
-        sc_a = tl.sum(tl.where(sel[:, :, None], sc_a[None, :, :], 0.0), 1)
-        kv_b = tl.sum(tl.where(sel[:, :, None], kv_b[None, :, :], 0.0), 1)
-        sc_b = tl.sum(tl.where(sel[:, :, None], sc_b[None, :, :], 0.0), 1)
-        tl.store(st + C + ch[None, :], kv_b, mask=m2)
-        tl.store(ss + C + ch[None, :], sc_b, mask=m2)
-    tl.store(st + ch[None, :], kv_a, mask=m2)
-    tl.store(ss + ch[None, :], sc_a, mask=m2)
+        tl.store(OUT + b * s_ob + ch, tl.zeros([BLOCK_C], tl.float32), mask=cm)
+        one = SKV + r * s_sb + slot_new * s_sl
+        one_sc = SSC + r * s_sb + slot_new * s_sl
+        tl.store(one + ch, kv_na, mask=cm)
+        tl.store(one_sc + ch, sc_na, mask=cm)
+        if OVERLAP:
+            tl.store(one + C + ch, kv_nb, mask=cm)
+            tl.store(one_sc + C + ch, sc_nb, mask=cm)
 
 
 def decode_step(state_kv: torch.Tensor, state_sc: torch.Tensor, rows: torch.Tensor, kv: torch.Tensor,
                 gate: torch.Tensor, ape: torch.Tensor, pos: torch.Tensor, ratio: int, overlap: bool,
                 block_c: int = 64) -> torch.Tensor:
     """state_kv, state_sc [Bmax, J, w] fp32 (updated in place); rows [B] (distinct); kv, gate [B, 1, w]
-    fp32; ape [M, w]; pos [B] -> pooled [B, 1, c] fp32. Twin: `dsv4.ops.compressor_step_torch`."""
+    fp32; ape [M, w]; pos [B] -> pooled [B, 1, c] fp32 (zeros in rows whose token completes no window).
+    Twin: `dsv4.ops.compressor_step_torch`."""
     B = rows.shape[0]
     J, w = state_kv.shape[1:]
     c = w // 2 if overlap else w

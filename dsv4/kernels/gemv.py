@@ -21,10 +21,13 @@ ROWS_MAX = 2           # rows of x one launch carries (an accumulator each)
 
 
 @triton.jit
-def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_ym,
+def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_ym, RG, stride_xg,
                  ROWS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False):
+    """Program pid: output rows [pid·BN, (pid+1)·BN), all in group pid·BN // RG, whose x starts at
+    x_ptr + group · stride_xg (one group: RG = N, stride_xg = 0)."""
     pdl_start(PDL)
     pid = tl.program_id(0)
+    x_ptr += ((pid * BN) // RG).to(tl.int64) * stride_xg
     rn = pid * BN + tl.arange(0, BN)
     n_ok = rn < N
     rk = tl.arange(0, BK)
@@ -64,15 +67,23 @@ def tiles(N: int, K: int, device: torch.device) -> dict:
     return dict(BN=bn, BK=bk, num_warps=4)
 
 
-def gemv(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None, **launch) -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = None, groups: int = 1,
+         **launch) -> torch.Tensor:
     """x [..., K] with at most ROWS_MAX rows in all; weight [N, K] (unit column stride) -> [..., N] in
-    out_dtype (default x's), fp32 accumulation. `launch` (BN, BK, num_warps) overrides `tiles`."""
+    out_dtype (default x's), fp32 accumulation. `launch` (BN, BK, num_warps) overrides `tiles`.
+
+    groups G > 1, a grouped projection: x [..., G, K], weight [G·R, K] whose rows [g·R, (g+1)·R) read
+    x[..., g, :] -> [..., G·R] (the block-diagonal product `attention.grouped_linear` computes)."""
     K = x.shape[-1]
     N = weight.shape[0]
     if weight.dim() != 2 or weight.shape[1] != K or weight.stride(1) != 1:
         raise ValueError(f"GEMV: weight must be [N, {K}] with unit column stride; got {tuple(weight.shape)} "
                          f"strides {weight.stride()}")
-    x2 = x.reshape(-1, K)
+    if groups > 1 and (x.dim() < 2 or x.shape[-2] != groups or N % groups):
+        raise ValueError(f"GEMV: {groups} groups need x [..., {groups}, K] and weight rows a multiple of "
+                         f"{groups}; got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    lead = x.shape[:-2] if groups > 1 else x.shape[:-1]
+    x2 = x.reshape(-1, groups * K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
@@ -82,6 +93,10 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = 
     if M and N:
         cfg = {**tiles(N, K, x.device), **launch}
         BN, BK = int(cfg["BN"]), int(cfg["BK"])
+        R = N // groups
+        while R % BN:                     # a program's rows within one group
+            BN //= 2
         _gemv_kernel[(triton.cdiv(N, BN),)](x2, weight, y, N, K, x2.stride(0), weight.stride(0), y.stride(0),
-                                            ROWS=M, BN=BN, BK=BK, num_warps=int(cfg["num_warps"]), **pdl(x2))
-    return y.view(*x.shape[:-1], N)
+                                            R, K if groups > 1 else 0, ROWS=M, BN=BN, BK=BK,
+                                            num_warps=int(cfg["num_warps"]), **pdl(x2))
+    return y.view(*lead, N)

@@ -82,9 +82,12 @@ def experts_gemv(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: t
                  warps: int | None = None, bn_down: int | None = None) -> torch.Tensor:
     """x [N, D]; idx [N, K]; weight [N, K]; w1, w3 [E, I, D]; w2 [E, D, I] (last dim contiguous). -> [N, D].
     bn, bk: rows and columns of a program's weight tile (bn_down: the down launch's rows, default bn);
-    warps: warps per program (Triton's default 4)."""
-    bn = bn or (16 if INTERPRET else 8)
-    bk = bk or (64 if INTERPRET else 256)
+    warps: warps per program. The GPU default, 2 rows × 512 columns at 2 warps, took the bench preset's
+    step (16 experts of 512 × 1,024, top-2) from 11.1 to 5.8 µs at one token and from 15.1 to 10.2 at
+    four on an H200 against 8 × 256 at 4 warps (`bench/probe_moe_gemv.py`): more, smaller programs."""
+    bn = bn or (16 if INTERPRET else 2)
+    bk = bk or (64 if INTERPRET else 512)
+    warps = warps or (4 if INTERPRET else 2)
     N, K = idx.shape
     E, I, D = w1.shape
     if w1.stride(-1) != 1 or w2.stride(-1) != 1 or w3.stride(-1) != 1 or w1.stride() != w3.stride():
@@ -98,8 +101,8 @@ def experts_gemv(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: t
     rw = weight.reshape(-1).contiguous()
     _up_kernel[(N * K, triton.cdiv(I, bn))](x, w1, w3, rw, flat, h, D, I, K, E, float(limit),
                                             x.stride(0), w1.stride(0), w1.stride(1), h.stride(0),
-                                            HAS_LIMIT=limit > 0, BN=bn, BK=bk, num_warps=warps or 4, **pdl(x))
+                                            HAS_LIMIT=limit > 0, BN=bn, BK=bk, num_warps=warps, **pdl(x))
     bnd = bn_down or bn
     _down_kernel[(N, triton.cdiv(D, bnd))](h, w2, flat, out, D, I, K, E, h.stride(0), w2.stride(0), w2.stride(1),
-                                           out.stride(0), BN=bnd, BK=bk, num_warps=warps or 4, **pdl(h))
+                                           out.stride(0), BN=bnd, BK=bk, num_warps=warps, **pdl(h))
     return out
