@@ -94,7 +94,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = 
         cfg = {**tiles(N, K, x.device), **launch}
         BN, BK = int(cfg["BN"]), int(cfg["BK"])
         R = N // groups
-        while R % BN:                     # a program's rows within one group
+        while groups > 1 and R % BN:      # a program's rows within one group
             BN //= 2
         _gemv_kernel[(triton.cdiv(N, BN),)](x2, weight, y, N, K, x2.stride(0), weight.stride(0), y.stride(0),
                                             R, K if groups > 1 else 0, ROWS=M, BN=BN, BK=BK,
