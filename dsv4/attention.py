@@ -33,6 +33,14 @@ _PLANS: dict = {}
 PLAN_TABLE_MAX = 1 << 20
 
 
+def _keep_plan(key, plan):
+    """Remember an index plan in `_PLANS` (the oldest dropped past 8) -> plan."""
+    if len(_PLANS) >= 8:
+        _PLANS.pop(next(iter(_PLANS)))
+    _PLANS[key] = plan
+    return plan
+
+
 class RMSNorm(nn.Module):
     """y = w ⊙ x / sqrt(mean(x²) + eps), computed in fp32 and cast back (spec §10)."""
 
@@ -294,19 +302,17 @@ class Compressor(nn.Module):
         """Slot lists [1, n, J] and entry indices [1, n] of a sequence of S tokens from position 0, one
         document: kept per (M, overlap, S) with the cached-update plans (`_PLANS`), not while a CUDA graph
         is being captured or a graph compiled (their values would not exist yet)."""
+        capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+        keep = not (torch.compiler.is_compiling() or capturing)
         key = ("full", self.ratio, self.overlap, S, str(device))
-        plan = _PLANS.get(key)
-        if plan is None:
-            n, m = S // self.ratio, self.ratio
-            with torch.inference_mode(False), torch.no_grad():    # plain tensors, usable in any mode
-                own = (torch.arange(n, device=device) * m).unsqueeze(0)               # [1, n]
-                index = own // m
-                plan = self._slots(own, torch.where(index > 0, own - m, -1)), index
-            if not (torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
-                if len(_PLANS) >= 8:
-                    _PLANS.pop(next(iter(_PLANS)))
-                _PLANS[key] = plan
-        return plan
+        if keep and key in _PLANS:
+            return _PLANS[key]
+        n, m = S // self.ratio, self.ratio
+        with torch.inference_mode(False), torch.no_grad():    # plain tensors, usable in any mode
+            own = (torch.arange(n, device=device) * m).unsqueeze(0)                   # [1, n]
+            index = own // m
+            plan = self._slots(own, torch.where(index > 0, own - m, -1)), index
+        return _keep_plan(key, plan) if keep else plan
 
     # -- cached: state.kv/state.score [Bmax, (1+o)M, w] (slots 0..M-1 = previous complete window when
     # overlapping, then slot t mod M of the current window holding the last token fed at such a t),
@@ -408,9 +414,7 @@ class Compressor(nn.Module):
                 return None
             with torch.inference_mode(False), torch.no_grad():    # plain tensors, usable in any mode
                 table = self._plan(S, torch.arange(self.ratio, device=device).unsqueeze(1))
-            if len(_PLANS) >= 8:
-                _PLANS.pop(next(iter(_PLANS)))
-            _PLANS[key] = table
+            _keep_plan(key, table)
         return table
 
     def _update_one(self, kv: torch.Tensor, gate: torch.Tensor, p: torch.Tensor, freqs: torch.Tensor, state,

@@ -141,9 +141,14 @@ class DecodeCache:
         self.mtp_lengths[rows] += n
 
     def reset(self, rows=None) -> None:
-        """Empty rows (all by default) so that new sequences can use them."""
+        """Empty rows (all by default) so that new sequences can use them. Rows given on the host (ints, a
+        list, a CPU tensor) are checked; a CUDA tensor is taken as valid (checking it would wait for the GPU)."""
+        if rows is not None and not (isinstance(rows, torch.Tensor) and rows.is_cuda):
+            listed = torch.as_tensor(rows, dtype=torch.long).reshape(-1).tolist()
+            if any(r < 0 or r >= self.batch for r in listed):
+                raise ValueError(f"reset: rows must lie in [0, {self.batch}); got {listed}")
         rows = torch.arange(self.batch, device=self.device) if rows is None else \
-            torch.as_tensor(rows, dtype=torch.long, device=self.device)
+            torch.as_tensor(rows, dtype=torch.long, device=self.device).reshape(-1)
         self.lengths.index_fill_(0, rows, 0)
         self.mtp_lengths.index_fill_(0, rows, 0)
         for layer in self.layers:

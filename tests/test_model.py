@@ -139,6 +139,11 @@ def test_bad_inputs_raise_clear_errors(model):
     with pytest.raises(ValueError, match=r"a row at length 10 \+ 7 new tokens exceeds max_len=16"):
         model(torch.ones(2, 7, dtype=torch.long), cache=two, rows=torch.tensor([0, 1]))
     assert two.lengths.tolist() == [0, 10]          # a refused call changes nothing
+    for bad in ([2], -1, torch.tensor([0, 5])):
+        with pytest.raises(ValueError, match=r"reset: rows must lie in \[0, 2\)"):
+            two.reset(bad)
+    two.reset(1)
+    assert two.lengths.tolist() == [0, 0]
     with pytest.raises(ValueError, match="segment_ids"):
         model(torch.ones(2, 3, dtype=torch.long), cache=two, segment_ids=torch.zeros(2, 3, dtype=torch.long))
 
