@@ -58,21 +58,35 @@ class CountOps(TorchDispatchMode):
 
 
 def count_triton(fn) -> collections.Counter:
-    """Runs fn with every Triton JIT launch counted by (dsv4 caller outside the kernels package, kernel)."""
+    """Runs fn with every Triton launch counted by (dsv4 caller outside the kernels package, kernel): those
+    served by the launch cache (`FastLaunch.launch`) and those that go through the JIT (once each)."""
     from triton.runtime.jit import JITFunction
+    from dsv4.kernels.launch import FastLaunch
     counts = collections.Counter()
-    orig = JITFunction.run
+    inside = [False]
+    orig_run, orig_launch = JITFunction.run, FastLaunch.launch
 
     def run(self, *args, **kwargs):
-        counts[(site(skip_kernels=True), self.fn.__name__)] += 1
-        return orig(self, *args, **kwargs)
+        if not inside[0]:
+            counts[(site(skip_kernels=True), self.fn.__name__)] += 1
+        else:
+            counts[("(through the JIT, not the launch cache)", self.fn.__name__)] += 1
+        return orig_run(self, *args, **kwargs)
 
-    JITFunction.run = run
+    def launch(self, grid, args, kwargs):
+        counts[(site(skip_kernels=True), self.fn.fn.__name__)] += 1
+        inside[0] = True
+        try:
+            return orig_launch(self, grid, args, kwargs)
+        finally:
+            inside[0] = False
+
+    JITFunction.run, FastLaunch.launch = run, launch
     try:
         fn()
         torch.cuda.synchronize()
     finally:
-        JITFunction.run = orig
+        JITFunction.run, FastLaunch.launch = orig_run, orig_launch
     return counts
 
 
@@ -88,6 +102,25 @@ def by_op(counter, top: int) -> list:
     for (_, op), n in counter.items():
         ops[op] += n
     return ops.most_common(top)
+
+
+def by_package(st: pstats.Stats, top: int) -> tuple[list, list]:
+    """cProfile totals grouped by where the function lives (dsv4 file, torch / triton package, C builtins):
+    [(where, calls, own seconds)], and the top functions by own time [(name, calls, own seconds)]."""
+    groups = collections.defaultdict(lambda: [0, 0.0])
+    funcs = []
+    for (fname, line, fn), (_, calls, own, _, _) in st.stats.items():
+        if "/dsv4/" in fname:
+            where = "dsv4/" + fname.split("/dsv4/")[-1]
+        elif "site-packages/" in fname:
+            where = "/".join(fname.split("site-packages/")[-1].split("/")[:2])
+        else:
+            where = "builtins" if fname == "~" else fname.rsplit("/", 1)[-1]
+        groups[where][0] += calls
+        groups[where][1] += own
+        funcs.append((f"{where}:{line} {fn}", calls, own))
+    return (sorted(((w, c, t) for w, (c, t) in groups.items()), key=lambda r: -r[2])[:top],
+            sorted(funcs, key=lambda r: -r[2])[:top])
 
 
 def main(argv=None) -> int:
@@ -158,19 +191,22 @@ def main(argv=None) -> int:
     buf = io.StringIO()
     st = pstats.Stats(pr, stream=buf).sort_stats("cumulative")
     st.print_stats("/dsv4/", args.top)
+    packages, funcs = by_package(st, args.top)
     res = {
         "what": "train" if args.train else "decode" if args.decode else "prefill", "length": n, "wall_ms": walls, "issue_ms": issue,
         "kernel_ms": busy, "kernels": n_kernels,
         "aten_ops": sum(mode.ops.values()), "aten_host_only": sum(mode.host_only.values()),
-        "triton_launches": sum(trit.values()), "syncs": dict(syncs),
+        "triton_launches": sum(c for (w, _), c in trit.items() if not w.startswith("(")),
+        "triton_through_jit": sum(c for (w, _), c in trit.items() if w.startswith("(")), "syncs": dict(syncs),
         "aten_by_line": by_line(mode.ops, args.top), "host_only_by_line": by_line(mode.host_only, args.top),
         "aten_by_op": by_op(mode.ops, args.top),
         "triton_by_line": [(f"{w} -> {k}", c) for (w, k), c in trit.most_common(args.top)],
+        "python_calls": st.total_calls, "python_by_package": packages, "python_by_function": funcs,
     }
     print(f"== {res['what']} {n}: wall best {min(walls):.2f} ms (median {sorted(walls)[len(walls) // 2]:.2f}; "
           f"the call returned after {min(issue):.2f} ms best), kernels "
           f"{busy:.2f} ms ({n_kernels}), aten ops {res['aten_ops']} (+{res['aten_host_only']} views/allocations), "
-          f"Triton launches {res['triton_launches']}, host syncs {sum(syncs.values())}: {dict(syncs)}")
+          f"Triton launches {res['triton_launches']} ({res['triton_through_jit']} through the JIT), host syncs {sum(syncs.values())}: {dict(syncs)}")
     for title, key in (("aten ops by line", "aten_by_line"), ("aten ops by name", "aten_by_op"),
                        ("Triton launches by caller", "triton_by_line"),
                        ("views/allocations by line", "host_only_by_line")):
@@ -181,6 +217,11 @@ def main(argv=None) -> int:
     print(table)
     print("-- cProfile, dsv4 functions by cumulative time (profiler overhead included)")
     print(buf.getvalue())
+    print(f"-- cProfile, every function ({res['python_calls']} calls): own time by package, then by function")
+    for rows in (packages, funcs):
+        for where, calls, own in rows:
+            print(f"{calls:7d} {own * 1e3:8.2f} ms  {where}")
+        print()
     if args.out:
         Path(args.out).write_text(json.dumps(res, indent=1))
     return 0

@@ -7,6 +7,8 @@ into a given buffer.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -1158,6 +1160,95 @@ def test_e4m3_encoder_rounds_as_torch_on_every_value_and_midpoint():
     y = torch.empty(8192, dtype=torch.int32, device=DEV)
     _encode_e4m3[(1,)](x, y, N=8192)
     assert torch.equal(y.cpu(), x.cpu().to(torch.float8_e4m3fn).view(torch.uint8).int())
+
+
+def test_launch_cache_key_separates_what_triton_specialises_on():
+    """`launch.spec_key` decides when `FastLaunch` reuses a compiled kernel: two arguments with one key
+    must get one specialisation from Triton's own binder (`native_specialize_impl`), over ints around
+    every boundary (1, multiples of 16, the i32 / i64 / u64 ranges, negatives), tensors of several dtypes
+    at aligned and unaligned addresses, floats, bools and None."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+    from dsv4.kernels import launch
+    base = torch.randn(64)
+    ints = [0, 1, 2, 15, 16, 17, 31, 32, 48, -1, -16, -17, 2 ** 31 - 16, 2 ** 31 - 1, 2 ** 31, 2 ** 31 + 16,
+            -2 ** 31, -2 ** 31 - 1, -2 ** 31 - 16, 2 ** 40, 2 ** 40 + 3, 2 ** 63 - 16, 2 ** 63, 2 ** 63 + 16, 2 ** 64 - 1]
+    tensors = [base, base[1:], base[4:], base[8:], torch.randn(8, dtype=torch.bfloat16),
+               torch.randn(16, dtype=torch.bfloat16)[1:], torch.zeros(4, dtype=torch.int32),
+               torch.zeros(5, dtype=torch.int64)[1:], torch.zeros(3, dtype=torch.uint8)]
+    args = ints + tensors + [0.5, -3.0, 1.0, True, False, None]
+    groups: dict = {}
+    for a in args:
+        groups.setdefault(launch.spec_key(a), []).append(native_specialize_impl(BaseBackend, a, False, True, True))
+    for k, specs in groups.items():
+        assert all(s == specs[0] for s in specs), (k, specs)
+    assert len(groups) >= 12                  # (not one key for everything)
+    assert launch.spec_key(object()) is NotImplemented and launch.spec_key(torch.tensor(3).numpy()) is NotImplemented
+    # with a launch hook installed (a profiler's), every launch takes the JIT path, which calls it
+    assert not launch._hooked()
+    hooks = triton.knobs.runtime.launch_enter_hook
+    hook = lambda *a: None   # noqa: E731
+    hooks.add(hook)
+    try:
+        assert launch._hooked()
+    finally:
+        hooks.remove(hook)
+    assert not launch._hooked()
+
+
+def test_every_launched_kernel_goes_through_the_launch_cache():
+    """Each kernel that dsv4/kernels launches is decorated `@launchable` (above `@triton.jit`), so an eager
+    step pays the JIT's per-call work only at a kernel's first launch of each specialisation."""
+    import ast
+    from pathlib import Path
+    from dsv4.kernels import launch
+    missing = []
+    for f in sorted(Path(launch.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.FunctionDef) and node.name.endswith("kernel") and node.name.startswith("_"):
+                names = [getattr(d, "id", None) for d in node.decorator_list]
+                if names[:1] != ["launchable"]:
+                    missing.append(f"{f.name}:{node.name}")
+    assert not missing, missing
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="the launch cache serves compiled kernels (CUDA)")
+def test_launch_cache_reuses_kernels_only_for_equal_specialisations():
+    # swiglu's kernel through FastLaunch: a miss compiles and launches, a hit launches from the cache;
+    # an unaligned view, another dtype and a length that is not a multiple of 16 are new keys, and every
+    # launch equals the twin's formula
+    from dsv4.kernels import launch, swiglu as sw
+    kern = sw._swiglu_kernel
+    assert isinstance(kern, launch.FastLaunch) == launch.FAST
+    if not launch.FAST:
+        pytest.skip("DSV4_FAST_LAUNCH=0")
+    kern.cache.clear()
+    torch.manual_seed(0)
+    for n, off, dt in [(4096, 0, torch.float32), (4096, 0, torch.float32), (4096, 1, torch.float32),
+                       (4100, 0, torch.float32), (4096, 0, torch.bfloat16), (2048, 0, torch.float32)]:
+        g = torch.randn(off + n, device=DEV, dtype=dt)[off:].view(-1, 4)
+        u = torch.randn(off + n, device=DEV, dtype=dt)[off:].view(-1, 4)
+        want = torch.nn.functional.silu(g.double()) * u.double()
+        got = sw.swiglu(g, u, 0.0)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    # keys: aligned fp32 4096 (twice: one entry), unaligned, n=4100 (not a multiple of 16), bf16; 2048
+    # shares 4096's key (same specialisation)
+    assert len(kern.cache) == 4
+
+
+def test_host_grid_arithmetic_matches_the_definitions():
+    """`launch.cdiv` / `next_pow2` (plain integer functions used for grids and tiles instead of Triton's
+    constexpr functions) against their definitions, and no host code of dsv4/kernels calls Triton's."""
+    from pathlib import Path
+    from dsv4.kernels import launch
+    for a in [0, 1, 2, 3, 15, 16, 17, 127, 128, 129, 4095, 4096, 4097, 10 ** 9 + 7]:
+        assert launch.next_pow2(a) == (1 if a <= 1 else 2 ** math.ceil(math.log2(a)))
+        for b in [1, 2, 3, 16, 64, 1000]:
+            assert launch.cdiv(a, b) == math.ceil(a / b) == (a + b - 1) // b
+    root = Path(launch.__file__).parent
+    for f in root.glob("*.py"):
+        src = f.read_text()
+        assert "triton.cdiv(" not in src and "triton.next_power_of_2(" not in src, f.name
 
 
 def test_every_kernel_waits_for_its_predecessor_under_pdl():

@@ -12,7 +12,7 @@ from triton.language.extra import libdevice
 
 from . import INTERPRET
 from .fp8_gemm import fp32_to_e4m3
-from .launch import pdl, pdl_start
+from .launch import cdiv, launchable, next_pow2, pdl, pdl_start
 
 
 @triton.jit
@@ -40,6 +40,7 @@ def _slot_weights(KV, SC, SLOTS, s_b, s_l, s_sb, s_sn, N, C,
     return b, e, ch, off, ok, kv, p, tl.sum(p, 0)
 
 
+@launchable
 @triton.jit
 def _pool_kernel(KV, SC, SLOTS, OUT, s_b, s_l, s_sb, s_sn, s_ob, s_on, N, C,
                  J: tl.constexpr, M: tl.constexpr, OVERLAP: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -63,14 +64,15 @@ def pool(kv: torch.Tensor, score: torch.Tensor, slots: torch.Tensor, overlap: bo
     out = torch.empty(B, n, c, device=kv.device, dtype=torch.float32)
     if B * n == 0:
         return out
-    bc = min(block_c, triton.next_power_of_2(c))
-    _pool_kernel[(B * n, triton.cdiv(c, bc))](kv, score, slots, out, kv.stride(0), kv.stride(1),
+    bc = min(block_c, next_pow2(c))
+    _pool_kernel[(B * n, cdiv(c, bc))](kv, score, slots, out, kv.stride(0), kv.stride(1),
                                               slots.stride(0), slots.stride(1), out.stride(0), out.stride(1),
                                               n, c, J=J, M=J // 2 if overlap else J, OVERLAP=overlap, BLOCK_C=bc,
                                               **pdl(kv))
     return out
 
 
+@launchable
 @triton.jit
 def _pool_bwd_kernel(KV, SC, SLOTS, G, DKV, DSC, s_b, s_l, s_sb, s_sn, s_gb, s_gn, N, C,
                      J: tl.constexpr, M: tl.constexpr, OVERLAP: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -101,14 +103,15 @@ def pool_backward(kv: torch.Tensor, score: torch.Tensor, slots: torch.Tensor, gr
     grad = grad.float().contiguous()
     dkv, dsc = torch.zeros_like(kv), torch.zeros_like(score)
     if B * n:
-        bc = min(block_c, triton.next_power_of_2(c))
-        _pool_bwd_kernel[(B * n, triton.cdiv(c, bc))](kv, score, slots, grad, dkv, dsc, kv.stride(0), kv.stride(1),
+        bc = min(block_c, next_pow2(c))
+        _pool_bwd_kernel[(B * n, cdiv(c, bc))](kv, score, slots, grad, dkv, dsc, kv.stride(0), kv.stride(1),
                                                       slots.stride(0), slots.stride(1), grad.stride(0),
                                                       grad.stride(1), n, c, J=J, M=J // 2 if overlap else J,
                                                       OVERLAP=overlap, BLOCK_C=bc, **pdl(kv))
     return dkv, dsc
 
 
+@launchable
 @triton.jit
 def _decode_step_kernel(SKV, SSC, ROWS, KV, SC, APE, POS, OUT, s_sb, s_sl, s_nb, s_ob, s_ape, C,
                         M: tl.constexpr, J: tl.constexpr, OVERLAP: tl.constexpr, BLOCK_C: tl.constexpr,
@@ -196,14 +199,15 @@ def decode_step(state_kv: torch.Tensor, state_sc: torch.Tensor, rows: torch.Tens
     ape = ape.float().contiguous()
     out = torch.empty(B, 1, c, device=kv.device, dtype=torch.float32)
     if B:
-        bc = min(block_c, triton.next_power_of_2(c))
-        _decode_step_kernel[(B, triton.cdiv(c, bc))](state_kv, state_sc, rows.contiguous(), kv, score, ape,
+        bc = min(block_c, next_pow2(c))
+        _decode_step_kernel[(B, cdiv(c, bc))](state_kv, state_sc, rows.contiguous(), kv, score, ape,
                                                       pos.contiguous(), out, state_kv.stride(0), state_kv.stride(1),
                                                       kv.stride(0), out.stride(0), ape.stride(0), c, M=ratio, J=J,
                                                       OVERLAP=overlap, BLOCK_C=bc, **pdl(state_kv))
     return out
 
 
+@launchable
 @triton.jit
 def _entry_kernel(POOLED, W, POS, ROWS, FREQ, ENT, s_pb, s_eb, s_en, n_max, eps,
                   M: tl.constexpr, C: tl.constexpr, DR2: tl.constexpr, KV8: tl.constexpr = False,

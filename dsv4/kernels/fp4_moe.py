@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from .fp8_gemm import INTERPRET, e8m0_to_fp32
-from .launch import pdl, pdl_start
+from .launch import cdiv, launchable, pdl, pdl_start
 
 
 @triton.jit
@@ -80,6 +80,7 @@ def _dot2(a_even, a_odd, w_even, w_odd, acc, DOT_FP32: tl.constexpr):
     return acc
 
 
+@launchable
 @triton.jit
 def _fp4_up_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, rw_ptr, row_map_ptr, block_expert_ptr, h_ptr,
                    D, I, TOPK, n_blocks, limit,
@@ -125,6 +126,7 @@ def _fp4_up_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, rw_ptr, row_map_ptr, b
         tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=valid[:, None] & n_ok[None, :])
 
 
+@launchable
 @triton.jit
 def _fp4_down_kernel(h_ptr, w2_ptr, s2_ptr, row_map_ptr, block_expert_ptr, out_ptr,
                      D, I, n_blocks, stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
@@ -190,6 +192,7 @@ def _gemv_tile(w_ptr, s_ptr, w_off, s_off, x_ptr, kx, k0, K, n_ok, jb, t, acc,
     return acc + part * sc
 
 
+@launchable
 @triton.jit
 def _fp4_up_gemv_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, rw_ptr, idx_ptr, h_ptr,
                         D, I, TOPK, E, limit,
@@ -225,6 +228,7 @@ def _fp4_up_gemv_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, rw_ptr, idx_ptr, 
         tl.store(h_ptr + p.to(tl.int64) * stride_hm + rn, h.to(h_ptr.dtype.element_ty), mask=n_ok)
 
 
+@launchable
 @triton.jit
 def _fp4_down_gemv_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
                           stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
@@ -329,6 +333,7 @@ def _down_words_acc(acc, w2_ptr, s2_ptr, hrow, w_off, s_off, I, n_ok, jb, j, BK:
     return acc
 
 
+@launchable
 @triton.jit
 def _fp4_up_words_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, rw_ptr, idx_ptr, h_ptr,
                          D, I, TOPK, E, limit,
@@ -371,6 +376,7 @@ def _fp4_up_words_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, rw_ptr, idx_ptr,
         tl.store(h_ptr + p.to(tl.int64) * stride_hm + rn, h.to(h_ptr.dtype.element_ty), mask=n_ok)
 
 
+@launchable
 @triton.jit
 def _fp4_down_words_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
                            stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
@@ -397,6 +403,7 @@ def _fp4_down_words_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
         tl.store(out_ptr + r * stride_om + rn, tl.zeros([BN], tl.float32).to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
+@launchable
 @triton.jit
 def _fp4_down_words_tok_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E, TOPK,
                                stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
@@ -424,6 +431,7 @@ def _fp4_down_words_tok_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
     tl.store(out_ptr + n * stride_om + rn, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
 
+@launchable
 @triton.jit
 def _fp4_dequant_kernel(w_ptr, s_ptr, out_ptr, n_bytes, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
     """Packed e2m1 bytes (rows of K/2 bytes, K a multiple of 32) and their e8m0 1x32 scales -> the
@@ -444,7 +452,7 @@ def dequant_fp4(w: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.bfl
     out = torch.empty(*w.shape[:-1], 2 * w.shape[-1], dtype=dtype, device=w.device)
     n = w.numel()
     block = 256 if INTERPRET else 1024
-    _fp4_dequant_kernel[(triton.cdiv(n, block),)](w, su, out, n, BLOCK=block, **pdl(w))
+    _fp4_dequant_kernel[(cdiv(n, block),)](w, su, out, n, BLOCK=block, **pdl(w))
     return out
 
 
@@ -554,28 +562,28 @@ def _fp4_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch
         cfg = dict(BN=16, BK=64, num_warps=4, num_stages=1) if INTERPRET else TILES["words"]
         flat = idx.reshape(-1).contiguous()
         w1w, w2w, w3w = (w.view(torch.int32) for w in (w1, w2, w3))                # 4 bytes = 8 codes a word
-        _fp4_up_words_kernel[(NK, triton.cdiv(I, cfg["BN"]))](
+        _fp4_up_words_kernel[(NK, cdiv(I, cfg["BN"]))](
             x, w1w, s1u, w3w, s3u, rw, flat, h, D, I, K, E, float(limit),
             x.stride(0), w1w.stride(0), w1w.stride(1), s1u.stride(0), s1u.stride(1), h.stride(0),
             HAS_LIMIT=limit > 0, **cfg, **pdl(x))
         if WORDS_DOWN == "token":
             down = TILES.get("words_down", cfg) if not INTERPRET else cfg
-            _fp4_down_words_tok_kernel[(N, triton.cdiv(D, down["BN"]))](
+            _fp4_down_words_tok_kernel[(N, cdiv(D, down["BN"]))](
                 h, w2w, s2u, flat, out, D, I, E, K, h.stride(0), w2w.stride(0), w2w.stride(1), s2u.stride(0),
                 s2u.stride(1), out.stride(0), **down, **pdl(h))
             return out
-        _fp4_down_words_kernel[(NK, triton.cdiv(D, cfg["BN"]))](
+        _fp4_down_words_kernel[(NK, cdiv(D, cfg["BN"]))](
             h, w2w, s2u, flat, out, D, I, E, h.stride(0), w2w.stride(0), w2w.stride(1), s2u.stride(0),
             s2u.stride(1), out.stride(0), **cfg, **pdl(h))
         return out.view(N, K, D).sum(1)
     if path == "gemv":
         cfg = dict(BN=16, BK=64, num_warps=4, num_stages=1) if INTERPRET else TILES["gemv"]
         flat = idx.reshape(-1).contiguous()
-        _fp4_up_gemv_kernel[(NK, triton.cdiv(I, cfg["BN"]))](
+        _fp4_up_gemv_kernel[(NK, cdiv(I, cfg["BN"]))](
             x, w1, s1u, w3, s3u, rw, flat, h, D, I, K, E, float(limit),
             x.stride(0), w1.stride(0), w1.stride(1), s1u.stride(0), s1u.stride(1), h.stride(0),
             HAS_LIMIT=limit > 0, **cfg, **pdl(x))
-        _fp4_down_gemv_kernel[(NK, triton.cdiv(D, cfg["BN"]))](
+        _fp4_down_gemv_kernel[(NK, cdiv(D, cfg["BN"]))](
             h, w2, s2u, flat, out, D, I, E, h.stride(0), w2.stride(0), w2.stride(1), s2u.stride(0),
             s2u.stride(1), out.stride(0), **cfg, **pdl(h))
         return out.view(N, K, D).sum(1)
@@ -583,11 +591,11 @@ def _fp4_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch
     row_map, block_expert, n_blocks = _align(idx, E, bm)
     B = block_expert.numel()
     dot32 = INTERPRET or x.dtype == torch.float32
-    _fp4_up_kernel[(B, triton.cdiv(I, cfg["BN"]))](
+    _fp4_up_kernel[(B, cdiv(I, cfg["BN"]))](
         x, w1, s1u, w3, s3u, rw, row_map, block_expert, h, D, I, K, n_blocks, float(limit),
         x.stride(0), w1.stride(0), w1.stride(1), s1u.stride(0), s1u.stride(1), h.stride(0),
         HAS_LIMIT=limit > 0, DOT_FP32=dot32, BM=bm, **cfg, **pdl(x))
-    _fp4_down_kernel[(B, triton.cdiv(D, cfg["BN"]))](
+    _fp4_down_kernel[(B, cdiv(D, cfg["BN"]))](
         h, w2, s2u, row_map, block_expert, out, D, I, n_blocks,
         h.stride(0), w2.stride(0), w2.stride(1), s2u.stride(0), s2u.stride(1), out.stride(0),
         DOT_FP32=dot32, BM=bm, **cfg, **pdl(h))

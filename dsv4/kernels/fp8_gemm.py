@@ -53,7 +53,7 @@ import math
 import torch
 import triton
 import triton.language as tl
-from .launch import pdl, pdl_start
+from .launch import cdiv, launchable, next_pow2, pdl, pdl_start
 
 INTERPRET = bool(triton.knobs.runtime.interpret)
 
@@ -91,6 +91,7 @@ def e4m3_to_fp32(b):
     return tl.where((b & 0x80) != 0, -v, v)
 
 
+@launchable
 @triton.jit
 def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, k_per_split,
                      stride_xm, stride_wn, stride_sn, stride_ym, stride_ys,
@@ -139,6 +140,7 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, k_per_split,
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+@launchable
 @triton.jit
 def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, group_n, stride_xm, stride_xg, stride_wn, stride_sn,
                      stride_ym, ROWS: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr, SCALE_E8M0: tl.constexpr,
@@ -219,11 +221,11 @@ def _tiles(M: int, N: int, K: int, sbk: int, device: torch.device) -> tuple[dict
         cfg = dict(BM=16 if M <= 16 else 32 if M <= 32 else 64, BN=64, BK=bk, GROUP_M=1, num_warps=4, num_stages=4)
     else:
         cfg = dict(BM=128, BN=128, BK=min(64, sbk), GROUP_M=8, num_warps=8, num_stages=3)
-    tiles = triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"])
-    k_steps = triton.cdiv(K, cfg["BK"])
+    tiles = cdiv(M, cfg["BM"]) * cdiv(N, cfg["BN"])
+    k_steps = cdiv(K, cfg["BK"])
     split = 1
     if M <= 64 and tiles < 2 * sms:   # memory-bound: give every SM a couple of programs
-        split = max(1, min(k_steps // 4, triton.cdiv(2 * sms, tiles)))
+        split = max(1, min(k_steps // 4, cdiv(2 * sms, tiles)))
     return cfg, split
 
 
@@ -240,7 +242,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tu
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x has {x.shape[-1]} features, the weight expects {weight.shape[1]}")
     N, K = weight.shape
-    want = (triton.cdiv(N, block[0]), triton.cdiv(K, block[1]))
+    want = (cdiv(N, block[0]), cdiv(K, block[1]))
     if tuple(scale.shape) != want or scale.dtype not in (torch.float8_e8m0fnu, torch.float32):
         raise ValueError(f"scale must be e8m0 or fp32 of shape {want} for a weight {(N, K)} with {block} blocks; "
                          f"got {scale.dtype} {tuple(scale.shape)}")
@@ -278,7 +280,7 @@ def _gemv_tiles(M: int, N: int, K: int, block_n: int, device: torch.device, per_
     bn = 1
     while 2 * bn <= cap and N // (2 * bn) >= per_sm * sms:
         bn *= 2
-    bk = min(max(64, 4096 // bn), max(64, triton.next_power_of_2(K)))
+    bk = min(max(64, 4096 // bn), max(64, next_pow2(K)))
     return dict(BN=bn, BK=bk, num_warps=4, num_stages=2)
 
 
@@ -297,7 +299,7 @@ def _fp8_gemv(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block
     e8m0 = scale.dtype == torch.float8_e8m0fnu
     s = scale.contiguous().view(torch.uint8) if e8m0 else scale.contiguous()
     native = _native_fp8(x2.device)
-    grid = (triton.cdiv(N, BN),)
+    grid = (cdiv(N, BN),)
     kernel = None
     for r0 in range(0, M, GEMV_ROWS):
         rows = min(GEMV_ROWS, M - r0)
@@ -331,14 +333,14 @@ def _fp8_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_
         raise ValueError(f"path must be None, 'gemv' or 'tiled', got {path!r}")
     cfg, split = _tiles(M, N, K, block_k, x.device)
     bk = cfg["BK"]
-    k_per_split = triton.cdiv(triton.cdiv(K, split), bk) * bk       # a multiple of BK (so of no scale block edge)
-    split = triton.cdiv(K, k_per_split)
+    k_per_split = cdiv(cdiv(K, split), bk) * bk       # a multiple of BK (so of no scale block edge)
+    split = cdiv(K, k_per_split)
     out = y if split == 1 else torch.empty(split, M, N, dtype=torch.float32, device=x.device)
     w = weight.contiguous().view(torch.uint8)
     e8m0 = scale.dtype == torch.float8_e8m0fnu
     s = scale.contiguous().view(torch.uint8) if e8m0 else scale.contiguous()
     native = _native_fp8(x.device)
-    grid = (triton.cdiv(M, cfg["BM"]) * triton.cdiv(N, cfg["BN"]), split)
+    grid = (cdiv(M, cfg["BM"]) * cdiv(N, cfg["BN"]), split)
     _fp8_gemm_kernel[grid](
         x2, w, s, out, M, N, K, k_per_split, x2.stride(0), w.stride(0), s.stride(0),
         out.stride(-2), out.stride(0) if split > 1 else 0,

@@ -15,11 +15,12 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from .launch import pdl, pdl_start
+from .launch import cdiv, launchable, next_pow2, pdl, pdl_start
 
 ROWS_MAX = 2           # rows of x one launch carries (an accumulator each)
 
 
+@launchable
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, stride_xm, stride_wn, stride_ym, RG, stride_xg,
                  ROWS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False):
@@ -63,7 +64,7 @@ def tiles(N: int, K: int, device: torch.device) -> dict:
     bn = 1
     while 2 * bn <= 16 and N // (2 * bn) >= 4 * sms:
         bn *= 2
-    bk = min(max(64, 4096 // bn), max(64, triton.next_power_of_2(K)))
+    bk = min(max(64, 4096 // bn), max(64, next_pow2(K)))
     return dict(BN=bn, BK=bk, num_warps=4)
 
 
@@ -96,7 +97,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, out_dtype: torch.dtype | None = 
         R = N // groups
         while groups > 1 and R % BN:      # a program's rows within one group
             BN //= 2
-        _gemv_kernel[(triton.cdiv(N, BN),)](x2, weight, y, N, K, x2.stride(0), weight.stride(0), y.stride(0),
+        _gemv_kernel[(cdiv(N, BN),)](x2, weight, y, N, K, x2.stride(0), weight.stride(0), y.stride(0),
                                             R, K if groups > 1 else 0, ROWS=M, BN=BN, BK=BK,
                                             num_warps=int(cfg["num_warps"]), **pdl(x2))
     return y.view(*lead, N)

@@ -19,9 +19,10 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from .launch import pdl, pdl_start
+from .launch import cdiv, launchable, next_pow2, pdl, pdl_start
 
 
+@launchable
 @triton.jit
 def _scores_kernel(Q, K, W, ROWS, LO, HI, OUT,
                    s_qb, s_qs, s_qh, s_kb, s_kc, s_wb, s_ws, s_ob, s_os,
@@ -58,6 +59,7 @@ def _scores_kernel(Q, K, W, ROWS, LO, HI, OUT,
              mask=smask[:, None] & (cs < C)[None, :])
 
 
+@launchable
 @triton.jit
 def _scores_few_kernel(Q, K, W, ROWS, LO, HI, OUT,
                        s_qb, s_qs, s_qh, s_kb, s_kc, s_wb, s_ws, s_ob, s_os,
@@ -118,12 +120,12 @@ def scores(q, k, w, lo, hi, k_rows=None, block_s: int = 64, block_c: int = 64, n
     f32 = INTERPRET or q.dtype == torch.float32
     if few if few is not None else S <= FEW_QUERIES:
         bc = FEW_BLOCK_C
-        _scores_few_kernel[(S, triton.cdiv(C, bc), B)](
+        _scores_few_kernel[(S, cdiv(C, bc), B)](
             q, k, w, rows, lo, hi, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
             w.stride(0), w.stride(1), out.stride(0), out.stride(1), S, C, Hi,
-            DI=Di, HP=max(16, triton.next_power_of_2(Hi)), BLOCK_C=bc, F32_DOT=f32, num_warps=num_warps, **pdl(q))
+            DI=Di, HP=max(16, next_pow2(Hi)), BLOCK_C=bc, F32_DOT=f32, num_warps=num_warps, **pdl(q))
         return out
-    grid = (triton.cdiv(S, block_s), triton.cdiv(C, block_c), B)
+    grid = (cdiv(S, block_s), cdiv(C, block_c), B)
     _scores_kernel[grid](q, k, w, rows, lo, hi, out,
                          q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), w.stride(0), w.stride(1),
                          out.stride(0), out.stride(1), S, C, Hi,
@@ -172,6 +174,7 @@ def _orderable_key(bits, NBITS: tl.constexpr):
     return key.to(tl.uint32, bitcast=True)
 
 
+@launchable
 @triton.jit
 def _select_kernel(SC, LO, HI, OUT, s_sr, s_or, C, P,
                    NBITS: tl.constexpr, NEG_KEY: tl.constexpr, BLOCK: tl.constexpr, HAS_RANGE: tl.constexpr,

@@ -20,9 +20,10 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from .launch import pdl, pdl_start
+from .launch import cdiv, launchable, next_pow2, pdl, pdl_start
 
 
+@launchable
 @triton.jit
 def _key_lists_kernel(POS, CIDX, OUT, KV, RING, ROWS, W, M, n_comp, t_window, KC, stride_c, stride_o,
                       s_kv, s_rb, s_rt, DH,
@@ -81,12 +82,13 @@ def decode_key_lists(pos: torch.Tensor, window: int, ratio: int, n_comp: int, t_
                                 c.stride(0) if cidx is not None else 0, out.stride(0),
                                 kv.stride(0) if in_ring else 0, ring.stride(0) if in_ring else 0,
                                 ring.stride(1) if in_ring else 0, dh,
-                                HAS_CIDX=cidx is not None, IN_RING=in_ring, BLOCK_W=triton.next_power_of_2(window),
-                                BLOCK_C=128 if INTERPRET else 1024, BLOCK_D=min(1024, triton.next_power_of_2(dh)),
+                                HAS_CIDX=cidx is not None, IN_RING=in_ring, BLOCK_W=next_pow2(window),
+                                BLOCK_C=128 if INTERPRET else 1024, BLOCK_D=min(1024, next_pow2(dh)),
                                 num_warps=4, **pdl(pos))
     return out
 
 
+@launchable
 @triton.jit
 def _call_lists_kernel(POS, SEG, FIRST, CIDX, OUT, S, s0, Sc, W, M, n_comp, t_window, KC,
                        s_pb, s_sb, s_fb, s_cb, s_cs, s_ob, s_os,
@@ -150,12 +152,12 @@ def key_lists(pos: torch.Tensor, seg: torch.Tensor | None, first: torch.Tensor |
         fs = first if first is None or first.stride(-1) == 1 else first.contiguous()
         ci = cidx if cidx is None or cidx.stride(-1) == 1 else cidx.contiguous()
         block_s = 16
-        _call_lists_kernel[(B, triton.cdiv(Sc, block_s))](
+        _call_lists_kernel[(B, cdiv(Sc, block_s))](
             pos, sg if sg is not None else pos, fs if fs is not None else pos, ci if ci is not None else pos, out,
             S, s0, Sc, window, max(ratio, 1), n_comp, t_window, kc,
             pos.stride(0), sg.stride(0) if sg is not None else 0, fs.stride(0) if fs is not None else 0,
             ci.stride(0) if ci is not None else 0, ci.stride(1) if ci is not None else 0, out.stride(0), out.stride(1),
             CACHED=cached, HAS_SEG=sg is not None, HAS_FIRST=fs is not None, HAS_CIDX=ci is not None,
-            RATIO=ratio > 0, BLOCK_S=block_s, BLOCK_W=triton.next_power_of_2(max(window, 1)),
+            RATIO=ratio > 0, BLOCK_S=block_s, BLOCK_W=next_pow2(max(window, 1)),
             BLOCK_C=128 if INTERPRET else 256, num_warps=4, **pdl(pos))
     return out

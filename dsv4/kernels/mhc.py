@@ -11,7 +11,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from .launch import pdl, pdl_start
+from .launch import cdiv, launchable, next_pow2, pdl, pdl_start
 
 
 @triton.jit
@@ -27,6 +27,7 @@ def _sinkhorn(c, eps, ITERS: tl.constexpr):
     return c
 
 
+@launchable
 @triton.jit
 def _sinkhorn_kernel(MIX, SCALE, BASE, PRE, POST, COMB, N_TOK, eps, ITERS: tl.constexpr,
                      NS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
@@ -62,7 +63,7 @@ def split_sinkhorn(mixes: torch.Tensor, scale: torch.Tensor, base: torch.Tensor,
     post = torch.empty_like(pre)
     comb = torch.empty(T, n, n, device=mix.device, dtype=torch.float32)
     if T:
-        _sinkhorn_kernel[(triton.cdiv(T, block),)](mix, scale.float().contiguous(), base.float().contiguous(),
+        _sinkhorn_kernel[(cdiv(T, block),)](mix, scale.float().contiguous(), base.float().contiguous(),
                                                    pre, post, comb, T, eps, ITERS=iters, NS=n, BLOCK=block, **pdl(mix))
     return pre.view(*lead, n), post.view(*lead, n), comb.view(*lead, n, n)
 
@@ -77,6 +78,7 @@ def _split_bf16(x):
     return x1, x2, (rest - x2.to(tl.float32)).to(tl.bfloat16)
 
 
+@launchable
 @triton.jit
 def _hc_mix_kernel(H, FN, SS, MIX, N_TOK, D, K_PER,
                    NS: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -132,10 +134,11 @@ def _hc_mix_kernel(H, FN, SS, MIX, N_TOK, D, K_PER,
     tl.store(MIX + base[:, None] * NP + r[None, :], acc, mask=tm[:, None])
 
 
+@launchable
 @triton.jit
 def _hc_finish_kernel(H, SS, MIX, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLIT, D_PER, SEP, eps, norm_eps,
-                      ITERS: tl.constexpr, NS: tl.constexpr, NP: tl.constexpr, BLOCK_T: tl.constexpr,
-                      BLOCK_D: tl.constexpr, SPLIT_BLOCK: tl.constexpr, MIXES=None, RHO=None, PRE=None,
+                      MIXES, RHO, PRE, ITERS: tl.constexpr, NS: tl.constexpr, NP: tl.constexpr,
+                      BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
                       HEAD: tl.constexpr = False, PDL: tl.constexpr = False):
     """hc_pre, part 2: the slices' sums, RMS scaling, gates, Sinkhorn, then x = Σ_j pre_j h_j over the
     columns [c·D_PER, (c+1)·D_PER), c = pd − SEP, of program (·, pd). Every program of a token block
@@ -249,16 +252,16 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
         nd = n * D
         if T < 16:
             block_k = block_k or 128
-            block_t = triton.next_power_of_2(T)
-            split = max(1, min(programs, triton.cdiv(nd, block_k)))
+            block_t = next_pow2(T)
+            split = max(1, min(programs, cdiv(nd, block_k)))
         else:
             block_k = block_k or 64
-            block_t = min(block_t, max(16, triton.next_power_of_2(T)))
-            split = max(1, min(triton.cdiv(programs, triton.cdiv(T, block_t)), triton.cdiv(nd, 4 * block_k)))
-        tb = triton.cdiv(T, block_t)
-        k_per = triton.cdiv(triton.cdiv(nd, split), block_k) * block_k
-        split = triton.cdiv(nd, k_per)
-        n_pad = max(16, triton.next_power_of_2(2 * n if head else (2 + n) * n))
+            block_t = min(block_t, max(16, next_pow2(T)))
+            split = max(1, min(cdiv(programs, cdiv(T, block_t)), cdiv(nd, 4 * block_k)))
+        tb = cdiv(T, block_t)
+        k_per = cdiv(cdiv(nd, split), block_k) * block_k
+        split = cdiv(nd, k_per)
+        n_pad = max(16, next_pow2(2 * n if head else (2 + n) * n))
         split3 = prec == "bf16x3" and block_t >= 16
         ss = torch.empty(split, T, device=h.device, dtype=torch.float32)
         mix = torch.empty(split, T, n_pad, device=h.device, dtype=torch.float32)
@@ -266,18 +269,18 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
                                     BLOCK_T=block_t, BLOCK_K=block_k,
                                     PREC="ieee" if INTERPRET or prec == "bf16x3" else prec,
                                     SPLIT3=split3, F32_DOT=INTERPRET, HEAD=head, **pdl(hv))
-        finish_block_t = min(finish_block_t, triton.next_power_of_2(T))
-        block_d = min(max(128, 1024 // finish_block_t), triton.next_power_of_2(D))
-        tbf = triton.cdiv(T, finish_block_t)
-        chunks = max(1, min(triton.cdiv(D, block_d), (finish_programs or (1 if INTERPRET else 264)) // tbf))
-        d_per = triton.cdiv(triton.cdiv(D, chunks), block_d) * block_d
-        chunks = triton.cdiv(D, d_per)
+        finish_block_t = min(finish_block_t, next_pow2(T))
+        block_d = min(max(128, 1024 // finish_block_t), next_pow2(D))
+        tbf = cdiv(T, finish_block_t)
+        chunks = max(1, min(cdiv(D, block_d), (finish_programs or (1 if INTERPRET else 264)) // tbf))
+        d_per = cdiv(cdiv(D, chunks), block_d) * block_d
+        chunks = cdiv(D, d_per)
         sep = int(chunks > 1 and not head)         # the Sinkhorn's program beside the column ranges
         _hc_finish_kernel[(tbf, chunks + sep)](
             hv, ss, mix, scale.float().contiguous(), base.float().contiguous(), x, post, comb, T, D, split, d_per,
-            sep, eps, norm_eps, ITERS=iters, NS=n, NP=n_pad, BLOCK_T=finish_block_t, BLOCK_D=block_d,
-            SPLIT_BLOCK=min(64 // finish_block_t if finish_block_t < 64 else 1, triton.next_power_of_2(split)),
-            MIXES=saved[0], RHO=saved[1], PRE=saved[2], HEAD=head, num_warps=finish_warps or (1 if T < 16 else 4),
+            sep, eps, norm_eps, *saved, ITERS=iters, NS=n, NP=n_pad, BLOCK_T=finish_block_t, BLOCK_D=block_d,
+            SPLIT_BLOCK=min(64 // finish_block_t if finish_block_t < 64 else 1, next_pow2(split)),
+            HEAD=head, num_warps=finish_warps or (1 if T < 16 else 4),
             **pdl(hv))
     if head:
         return x.view(*lead, D)
@@ -285,6 +288,7 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
     return (*out, saved) if save else out
 
 
+@launchable
 @triton.jit
 def _hc_post_kernel(F, H, POST, COMB, OUT, N_TOK, D, NS: tl.constexpr, BLOCK_T: tl.constexpr,
                     BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
@@ -319,8 +323,8 @@ def hc_post(f, residual, post, comb, block_t: int | None = None, block_d: int = 
     T = hv.shape[0]
     out = torch.empty_like(hv)
     if T:
-        bd = min(block_d, triton.next_power_of_2(D))
-        _hc_post_kernel[(triton.cdiv(T, block_t), triton.cdiv(D, bd))](
+        bd = min(block_d, next_pow2(D))
+        _hc_post_kernel[(cdiv(T, block_t), cdiv(D, bd))](
             f.reshape(T, D).contiguous(), hv, post.reshape(T, n).float().contiguous(),
             comb.reshape(T, n, n).float().contiguous(), out, T, D, NS=n, BLOCK_T=block_t, BLOCK_D=bd,
             **pdl(out))
@@ -338,6 +342,7 @@ def _norm_step(c, j, eps):
     return c
 
 
+@launchable
 @triton.jit
 def _sinkhorn_bwd_kernel(MIX, SCALE, BASE, DPRE, DPOST, DCOMB, DMIX, DSB, N_TOK, eps,
                          ITERS: tl.constexpr, NS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
@@ -409,7 +414,7 @@ def split_sinkhorn_backward(mixes, scale, base, n, iters, eps, dpre, dpost, dcom
     dpost = z((T, n)) if dpost is None else dpost.float().reshape(T, n).contiguous()
     dcomb = z((T, n, n)) if dcomb is None else dcomb.float().reshape(T, n, n).contiguous()
     dmix = torch.empty_like(mix)
-    grid = triton.cdiv(T, block)
+    grid = cdiv(T, block)
     dsb = z((max(grid, 1), 3 + width))
     if T:
         _sinkhorn_bwd_kernel[(grid,)](mix, scale.float().contiguous(), base.float().contiguous(), dpre, dpost, dcomb,
@@ -425,11 +430,12 @@ def split_sinkhorn_backward(mixes, scale, base, n, iters, eps, dpre, dpost, dcom
 def _split(n_items: int, block: int, other_programs: int, programs: int) -> tuple[int, int]:
     """(items per slice, slices): `n_items` cut into block-multiple slices, enough of them to give about
     `programs` programs beside `other_programs` (one slice when those are already enough)."""
-    split = max(1, min(triton.cdiv(programs, other_programs), triton.cdiv(n_items, block)))
-    per = triton.cdiv(triton.cdiv(n_items, split), block) * block
-    return per, triton.cdiv(n_items, per)
+    split = max(1, min(cdiv(programs, other_programs), cdiv(n_items, block)))
+    per = cdiv(cdiv(n_items, split), block) * block
+    return per, cdiv(n_items, per)
 
 
+@launchable
 @triton.jit
 def _hc_post_bwd_kernel(G, F, H, POST, COMB, DF, DH, DPOST, DCOMB, N_TOK, D, D_PER, NS: tl.constexpr,
                         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
@@ -489,8 +495,8 @@ def hc_post_backward(grad, f, residual, post, comb, block_t: int | None = None, 
     fv = f.reshape(T, D).contiguous()
     df = torch.empty_like(fv)
     dh = torch.empty_like(hv)
-    bd = min(block_d, triton.next_power_of_2(D))
-    tb = triton.cdiv(T, block_t)
+    bd = min(block_d, next_pow2(D))
+    tb = cdiv(T, block_t)
     d_per, split = _split(D, bd, max(tb, 1), programs)
     dpost = torch.empty(split, T, n, device=hv.device, dtype=torch.float32)
     dcomb = torch.empty(split, T, n, n, device=hv.device, dtype=torch.float32)
@@ -503,6 +509,7 @@ def hc_post_backward(grad, f, residual, post, comb, block_t: int | None = None, 
     return df.view(f.shape), dh.view(residual.shape), dpost.view(post.shape), dcomb.view(comb.shape)
 
 
+@launchable
 @triton.jit
 def _hc_pre_dpre_kernel(DX, H, DPRE, N_TOK, D, D_PER, NS: tl.constexpr, BLOCK_T: tl.constexpr,
                         BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
@@ -527,6 +534,7 @@ def _hc_pre_dpre_kernel(DX, H, DPRE, N_TOK, D, D_PER, NS: tl.constexpr, BLOCK_T:
     tl.store(DPRE + (sp * N_TOK + t).to(tl.int64)[:, None] * NS + i[None, :], acc, mask=tm[:, None])
 
 
+@launchable
 @triton.jit
 def _hc_pre_dz_kernel(DMIX, MIXES, RHO, DZ, C, N_TOK, ND, WIDTH: tl.constexpr, NP: tl.constexpr,
                       BLOCK: tl.constexpr, PDL: tl.constexpr = False):
@@ -546,6 +554,7 @@ def _hc_pre_dz_kernel(DMIX, MIXES, RHO, DZ, C, N_TOK, ND, WIDTH: tl.constexpr, N
     tl.store(C + t, tl.sum(dmix * mix, 1) * rho * rho / ND, mask=tm)
 
 
+@launchable
 @triton.jit
 def _hc_pre_bwd_kernel(DX, H, FN, DZ, C, PRE, DH, DFN, N_TOK, D, T_PER, NS: tl.constexpr, NP: tl.constexpr,
                        WIDTH: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, PREC: tl.constexpr,
@@ -628,7 +637,7 @@ def hc_pre_backward(h, fn, scale, base, saved, n, iters, eps, dx, dpost, dcomb, 
     hv = h.reshape(-1, n, D).contiguous()
     T = hv.shape[0]
     width, nd = (2 + n) * n, n * D
-    n_pad = max(16, triton.next_power_of_2(width))
+    n_pad = max(16, next_pow2(width))
     programs = programs or (1 if INTERPRET else 264)
     prec = prec or ("ieee" if INTERPRET else "bf16x3" if h.dtype == torch.bfloat16 else "tf32x3")
     if prec == "bf16x3" and h.dtype != torch.bfloat16:
@@ -637,8 +646,8 @@ def hc_pre_backward(h, fn, scale, base, saved, n, iters, eps, dx, dpost, dcomb, 
     dx = torch.zeros(T, D, device=h.device, dtype=h.dtype) if dx is None else dx.reshape(T, D).contiguous()
     # part 1: dpre
     bt = block_t or (64 if INTERPRET else 8)
-    bd = min(block_d or 128, triton.next_power_of_2(D))
-    tb = triton.cdiv(T, bt)
+    bd = min(block_d or 128, next_pow2(D))
+    tb = cdiv(T, bt)
     d_per, split = _split(D, bd, max(tb, 1), programs)
     dpre = torch.empty(split, T, n, device=h.device, dtype=torch.float32)
     if T:
@@ -650,12 +659,12 @@ def hc_pre_backward(h, fn, scale, base, saved, n, iters, eps, dx, dpost, dcomb, 
     dz = torch.empty(T, n_pad, device=h.device, dtype=torch.float32)
     c = torch.empty(T, device=h.device, dtype=torch.float32)
     if T:
-        _hc_pre_dz_kernel[(triton.cdiv(T, 64),)](dmix, mixes, rho, dz, c, T, nd, WIDTH=width, NP=n_pad, BLOCK=64,
+        _hc_pre_dz_kernel[(cdiv(T, 64),)](dmix, mixes, rho, dz, c, T, nd, WIDTH=width, NP=n_pad, BLOCK=64,
         **pdl(dmix))
     # part 3: dh and dfn
-    bt = min(block_t or 64, max(16, triton.next_power_of_2(T)))
-    bd = min(block_d or (128 if INTERPRET else 64), triton.next_power_of_2(D))
-    cols = n * triton.cdiv(D, bd)
+    bt = min(block_t or 64, max(16, next_pow2(T)))
+    bd = min(block_d or (128 if INTERPRET else 64), next_pow2(D))
+    cols = n * cdiv(D, bd)
     t_per, tsplit = _split(max(T, 1), bt, cols, programs)
     dh = torch.empty_like(hv)
     dfn = (torch.empty if T else torch.zeros)(tsplit, width, nd, device=h.device, dtype=torch.float32)

@@ -16,9 +16,10 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from .launch import pdl, pdl_start
+from .launch import cdiv, launchable, pdl, pdl_start
 
 
+@launchable
 @triton.jit
 def _up_kernel(x_ptr, w1_ptr, w3_ptr, rw_ptr, idx_ptr, h_ptr, D, I, TOPK, E, limit,
                s_xm, s_we, s_wn, s_hm, HAS_LIMIT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
@@ -50,6 +51,7 @@ def _up_kernel(x_ptr, w1_ptr, w3_ptr, rw_ptr, idx_ptr, h_ptr, D, I, TOPK, E, lim
         tl.store(h_ptr + p.to(tl.int64) * s_hm + rn, h.to(h_ptr.dtype.element_ty), mask=n_ok)
 
 
+@launchable
 @triton.jit
 def _down_kernel(h_ptr, w2_ptr, idx_ptr, out_ptr, D, I, TOPK, E, s_hm, s_we, s_wn, s_om,
                  BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False):
@@ -99,10 +101,10 @@ def experts_gemv(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: t
     h = torch.empty(N * K, I, device=x.device, dtype=x.dtype)
     flat = idx.reshape(-1).contiguous()
     rw = weight.reshape(-1).contiguous()
-    _up_kernel[(N * K, triton.cdiv(I, bn))](x, w1, w3, rw, flat, h, D, I, K, E, float(limit),
+    _up_kernel[(N * K, cdiv(I, bn))](x, w1, w3, rw, flat, h, D, I, K, E, float(limit),
                                             x.stride(0), w1.stride(0), w1.stride(1), h.stride(0),
                                             HAS_LIMIT=limit > 0, BN=bn, BK=bk, num_warps=warps, **pdl(x))
     bnd = bn_down or bn
-    _down_kernel[(N, triton.cdiv(D, bnd))](h, w2, flat, out, D, I, K, E, h.stride(0), w2.stride(0), w2.stride(1),
+    _down_kernel[(N, cdiv(D, bnd))](h, w2, flat, out, D, I, K, E, h.stride(0), w2.stride(0), w2.stride(1),
                                            out.stride(0), BN=bnd, BK=bk, num_warps=warps, **pdl(h))
     return out

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from .launch import pdl, pdl_start
+from .launch import cdiv, launchable, next_pow2, pdl, pdl_start
 
 
 @triton.jit
@@ -61,6 +61,7 @@ def _norm_rope_rows(prog, X, W, POS, FREQ, OUT, R, HEADS, eps, STRIDE, SIGN,
         tl.store(OUT + r64[:, None] * DH + d[None, :], y, mask=rm[:, None])
 
 
+@launchable
 @triton.jit
 def _norm_rope_kernel(X, W, POS, FREQ, OUT, R, HEADS, eps, STRIDE, SIGN,
                       DH: tl.constexpr, DR2: tl.constexpr, NORM: tl.constexpr, WEIGHT: tl.constexpr,
@@ -70,6 +71,7 @@ def _norm_rope_kernel(X, W, POS, FREQ, OUT, R, HEADS, eps, STRIDE, SIGN,
                     ROPE, BLOCK_R)
 
 
+@launchable
 @triton.jit
 def _norm_rope_pair_kernel(X, W, POS, FREQ, OUT, R, HEADS, eps, STRIDE, SIGN,
                            X2, W2, POS2, FREQ2, OUT2, R2, HEADS2, eps2, STRIDE2, SIGN2, N_FIRST,
@@ -100,7 +102,7 @@ def _problem(x, weight, eps, pos, freqs, stride, sign, block_r):
     xv = x.contiguous()
     out = torch.empty_like(xv)
     R = xv.numel() // Dh
-    block_r = min(block_r, triton.next_power_of_2(max(R, 1)))
+    block_r = min(block_r, next_pow2(max(R, 1)))
     rope = pos is not None
     dr2 = freqs.shape[-1] if rope else 1
     if rope and dr2 & (dr2 - 1):
@@ -112,7 +114,7 @@ def _problem(x, weight, eps, pos, freqs, stride, sign, block_r):
     w = weight.contiguous() if weight is not None else xv
     args = (xv, w, pv, fv, out, R, heads, eps if eps is not None else 0.0, stride, float(sign))
     const = (Dh, dr2, eps is not None, weight is not None, rope, block_r)
-    return args, const, out, triton.cdiv(R, block_r)
+    return args, const, out, cdiv(R, block_r)
 
 
 def norm_rope(x, weight, eps, pos, freqs, stride: int = 1, sign: float = 1.0, block_r: int | None = None):
@@ -135,6 +137,7 @@ def norm_rope_pair(first: tuple, second: tuple) -> tuple[torch.Tensor, torch.Ten
     return out1, out2
 
 
+@launchable
 @triton.jit
 def _norm_rope_bwd_kernel(G, X, W, POS, FREQ, DX, DW, R, HEADS, eps, STRIDE, SIGN,
                           DH: tl.constexpr, DR2: tl.constexpr, NORM: tl.constexpr, WEIGHT: tl.constexpr,
@@ -212,12 +215,12 @@ def norm_rope_backward(grad, x, weight, eps, pos, freqs, stride: int = 1, sign: 
     heads = x.shape[2] if x.dim() == 4 else 1
     xv, gv = x.contiguous(), grad.contiguous()
     R = xv.numel() // Dh
-    block_r = min(block_r, triton.next_power_of_2(max(R, 1)))
+    block_r = min(block_r, next_pow2(max(R, 1)))
     rope = pos is not None
     if eps is None and not rope:
         return grad.to(x.dtype), None
     dx = torch.empty_like(xv)
-    n_prog = triton.cdiv(R, block_r)
+    n_prog = cdiv(R, block_r)
     want_dw = weight is not None and eps is not None
     dw = torch.empty(n_prog, Dh, device=x.device, dtype=torch.float32) if want_dw else dx
     pv = pos.contiguous() if rope else xv

@@ -12,9 +12,10 @@ import triton.language as tl
 from triton.language.extra import libdevice
 
 from . import INTERPRET
-from .launch import pdl, pdl_start
+from .launch import launchable, next_pow2, pdl, pdl_start
 
 
+@launchable
 @triton.jit
 def _route_kernel(LOGITS, BIAS, IDS, HASH, W_OUT, IDX_OUT, S_OUT, E, s_l, s_h, route_scale,
                   K: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, FUNC: tl.constexpr,
@@ -87,7 +88,7 @@ def route(logits: torch.Tensor, bias: torch.Tensor | None, ids: torch.Tensor | N
         _route_kernel[(N,)](logits, bias.float().contiguous() if not hashed else dummy,
                             ids.contiguous() if hashed else dummy, ht, w, idx, scores, E, logits.stride(0),
                             ht.stride(0) if hashed else 0, float(route_scale), K=topk,
-                            BLOCK_E=triton.next_power_of_2(E), BLOCK_K=triton.next_power_of_2(topk),
+                            BLOCK_E=next_pow2(E), BLOCK_K=next_pow2(topk),
                             FUNC=FUNCS[score_func], NORM=norm_topk, HASHED=hashed, PRECISE=not INTERPRET,
                             num_warps=1 if E <= 256 else 2, **pdl(logits))
     return w, idx, scores

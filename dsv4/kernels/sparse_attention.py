@@ -24,7 +24,7 @@ import triton.language as tl
 
 from . import INTERPRET
 from .fp8_gemm import _native_fp8, e4m3_to_fp32, e8m0_to_fp32
-from .launch import pdl, pdl_start
+from .launch import cdiv, launchable, next_pow2, pdl, pdl_start
 
 LOG2E = 1.4426950408889634
 
@@ -78,6 +78,7 @@ def _load_keys(KV, KV2, ROWS2, b, j, valid, d, T, s_kvb, s_kvt, s_kv2b, s_kv2t,
     return k
 
 
+@launchable
 @triton.jit
 def _fwd_kernel(Q, KV, KV2, ROWS2, IDX, SINK, OUT, LSE, ML, ROWS1,
                 s_qb, s_qs, s_qh, s_kvb, s_kvt, s_kv2b, s_kv2t, s_ib, s_is, s_ob, s_os, s_oh,
@@ -145,6 +146,7 @@ def _fwd_kernel(Q, KV, KV2, ROWS2, IDX, SINK, OUT, LSE, ML, ROWS1,
         tl.store(LSE + pid.to(tl.int64) * H + h, (m_new + tl.log2(l)) * 0.6931471805599453, mask=hmask)
 
 
+@launchable
 @triton.jit
 def _bwd_kernel(Q, KV, KV2, ROWS2, IDX, DO, LSE, DELTA, DQ, DKV, DKV2,
                 s_qb, s_qs, s_qh, s_kvb, s_kvt, s_kv2b, s_kv2t, s_ib, s_is,
@@ -203,7 +205,7 @@ def _bwd_kernel(Q, KV, KV2, ROWS2, IDX, DO, LSE, DELTA, DQ, DKV, DKV2,
 
 
 def _block_h(H: int) -> int:
-    return max(16, min(triton.next_power_of_2(H), 32 if not INTERPRET else 64))
+    return max(16, min(next_pow2(H), 32 if not INTERPRET else 64))
 
 
 def _check(q, kv, idx, kv2, rows2):
@@ -306,7 +308,7 @@ def forward(q, kv, idx, sink, scale, kv2=None, rows2=None, block_n: int | None =
         num_stages = _fp8_stages(block_h, q.dtype, num_stages)
     BH = block_h
     f32 = INTERPRET or q.dtype == torch.float32
-    grid = (B * S, triton.cdiv(H, BH), 1)
+    grid = (B * S, cdiv(H, BH), 1)
     launch = {"num_stages": num_stages} if num_stages else {}
     _fwd_kernel[grid](q, kv, k2, r2, idx, sink, out, lse, lse, rows1 if rows1 is not None else r2,
                       q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), k2.stride(0), k2.stride(1),
@@ -328,12 +330,12 @@ def forward_split(q, kv, idx, sink, scale, kv2=None, rows2=None, splits: int = 0
     B, S, H, D = q.shape
     K = idx.shape[-1]
     BH = _block_h(H)
-    nh = triton.cdiv(H, BH)
+    nh = cdiv(H, BH)
     if splits <= 0:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
-        splits = max(1, min(triton.cdiv(K, 64), triton.cdiv(2 * sms, B * S * nh)))
-    per = triton.cdiv(triton.cdiv(K, splits), block_n) * block_n
-    splits = triton.cdiv(K, per) if K else 1
+        splits = max(1, min(cdiv(K, 64), cdiv(2 * sms, B * S * nh)))
+    per = cdiv(cdiv(K, splits), block_n) * block_n
+    splits = cdiv(K, per) if K else 1
     idx = idx if idx.stride(-1) == 1 else idx.contiguous()
     k2, r2, has2, fp8 = _kv2_args(q, kv, kv2, rows2)
     stages = _fp8_stages(BH, q.dtype, None) if fp8 else None
@@ -353,11 +355,12 @@ def forward_split(q, kv, idx, sink, scale, kv2=None, rows2=None, splits: int = 0
                                      D=D, BLOCK_H=BH, BLOCK_N=block_n, HAS_KV2=has2, SPLIT=True, F32_DOT=f32,
                                      HAS_ROWS1=rows1 is not None, num_warps=num_warps or WARPS, **launch, **fp8,
                                      **pdl(q))
-    bc = min(16, triton.next_power_of_2(H))
-    _combine_kernel[(B * S, triton.cdiv(H, bc))](part, ml, sink, out, lse, splits, H, D=D, BLOCK_H=bc, **pdl(part))
+    bc = min(16, next_pow2(H))
+    _combine_kernel[(B * S, cdiv(H, bc))](part, ml, sink, out, lse, splits, H, D=D, BLOCK_H=bc, **pdl(part))
     return out, lse
 
 
+@launchable
 @triton.jit
 def _combine_kernel(PART, ML, SINK, OUT, LSE, SPLITS, H, D: tl.constexpr, BLOCK_H: tl.constexpr,
                     PDL: tl.constexpr = False):
@@ -384,6 +387,7 @@ def _combine_kernel(PART, ML, SINK, OUT, LSE, SPLITS, H, D: tl.constexpr, BLOCK_
     tl.store(LSE + t * H + h, (mx + tl.log2(den)) * 0.6931471805599453, mask=hm)
 
 
+@launchable
 @triton.jit
 def _delta_kernel(DOUT, OUT, LSE, DLSE, SINK, DELTA, DSINK, H, D, HAS_DLSE: tl.constexpr, BLOCK_H: tl.constexpr,
                   BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
@@ -420,7 +424,7 @@ def backward_terms(out, dout, lse, sink, dlse=None) -> tuple[torch.Tensor, torch
     if B * S:
         dl = dlse.contiguous() if dlse is not None else lse
         _delta_kernel[(B * S,)](dout, out, lse, dl, sink, delta, part, H, D, HAS_DLSE=dlse is not None,
-                                BLOCK_H=triton.next_power_of_2(H), BLOCK_D=min(triton.next_power_of_2(D), 128),
+                                BLOCK_H=next_pow2(H), BLOCK_D=min(next_pow2(D), 128),
                                 num_warps=1 if INTERPRET else 4, **pdl(dout))
     return delta, part.sum((0, 1)).to(sink.dtype)
 
@@ -447,7 +451,7 @@ def backward(q, kv, idx, sink, scale, out, lse, dout, kv2=None, rows2=None, dlse
     f32 = INTERPRET or q.dtype == torch.float32
     launch = {"num_stages": num_stages} if num_stages else {}
     if B * S:
-        _bwd_kernel[(B * S, triton.cdiv(H, BH))](
+        _bwd_kernel[(B * S, cdiv(H, BH))](
             q, kv, k2, r2, idx, dout, lse, delta, dq, dkv, dkv2,
             q.stride(0), q.stride(1), q.stride(2), kv.stride(0), kv.stride(1), k2.stride(0), k2.stride(1),
             idx.stride(0), idx.stride(1), dkv.stride(0), dkv.stride(1), dkv2.stride(0), dkv2.stride(1),

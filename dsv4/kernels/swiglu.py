@@ -12,9 +12,10 @@ import triton
 import triton.language as tl
 
 from . import INTERPRET
-from .launch import pdl, pdl_start
+from .launch import cdiv, launchable, next_pow2, pdl, pdl_start
 
 
+@launchable
 @triton.jit
 def _swiglu_kernel(G, U, W, OUT, n, I, limit, HAS_W: tl.constexpr, HAS_LIMIT: tl.constexpr, BLOCK: tl.constexpr,
                    PDL: tl.constexpr = False):
@@ -47,12 +48,13 @@ def swiglu(g: torch.Tensor, u: torch.Tensor, limit: float, weight: torch.Tensor 
         if weight is not None and w.numel() * I != n:
             raise ValueError(f"swiglu kernel: {w.numel()} row weights for {n // I} rows")
         block = 1024
-        _swiglu_kernel[(triton.cdiv(n, block),)](g, u, w, out, n, I, float(limit), HAS_W=weight is not None,
+        _swiglu_kernel[(cdiv(n, block),)](g, u, w, out, n, I, float(limit), HAS_W=weight is not None,
                                                  HAS_LIMIT=limit > 0, BLOCK=block,
                                                  num_warps=1 if INTERPRET else 4, **pdl(g))
     return out
 
 
+@launchable
 @triton.jit
 def _swiglu_bwd_kernel(G, U, W, DY, DG, DU, DW, rows, I, limit, HAS_W: tl.constexpr, HAS_LIMIT: tl.constexpr,
                        BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr, PDL: tl.constexpr = False):
@@ -104,9 +106,9 @@ def swiglu_backward(g: torch.Tensor, u: torch.Tensor, limit: float, weight: torc
     dw = torch.empty(rows, device=g.device, dtype=torch.float32) if weight is not None else None
     if rows and I:
         w = weight.reshape(-1).contiguous() if weight is not None else g
-        block_i = min(triton.next_power_of_2(I), 128 if INTERPRET else 256)
+        block_i = min(next_pow2(I), 128 if INTERPRET else 256)
         block_r = 16 if INTERPRET else 8
-        _swiglu_bwd_kernel[(triton.cdiv(rows, block_r),)](g, u, w, dy, dg, du, dw if dw is not None else g, rows, I,
+        _swiglu_bwd_kernel[(cdiv(rows, block_r),)](g, u, w, dy, dg, du, dw if dw is not None else g, rows, I,
                                                           float(limit), HAS_W=weight is not None,
                                                           HAS_LIMIT=limit > 0, BLOCK_R=block_r, BLOCK_I=block_i,
                                                           num_warps=1 if INTERPRET else 4, **pdl(g))
