@@ -274,7 +274,7 @@ class Compressor(nn.Module):
         m = self.ratio
         kv, score = self.project(x, pos, pre)                                     # [B, S, w]
         if seg is None:         # windows at 0, M, 2M, ...: the same lists for every row and call of length S
-            slots, index = self._full_plan(S, x.device)
+            slots, index, _ = self._full_plan(S, x.device)
             pooled = ops.compress_windows(kv, score, slots.expand(B, -1, -1), self.overlap)
             return self.finish(pooled, index.expand(B, -1), freqs, x.dtype), None
         else:
@@ -298,10 +298,12 @@ class Compressor(nn.Module):
         pooled = ops.compress_windows(kv, score, self._slots(own, prev), self.overlap)
         return self.finish(pooled, index, freqs, x.dtype), first
 
-    def _full_plan(self, S: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    def _full_plan(self, S: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Slot lists [1, n, J] and entry indices [1, n] of a sequence of S tokens from position 0, one
-        document: kept per (M, overlap, S) with the cached-update plans (`_PLANS`), not while a CUDA graph
-        is being captured or a graph compiled (their values would not exist yet)."""
+        document, and the token each compressor-state slot holds after them [(1+o)M] (S >= M: the last
+        token ≡ j (mod M) for slot o·M + j of the current window, token (S // M − 1)·M + j for slot j of
+        the previous one): kept per (M, overlap, S) with the cached-update plans (`_PLANS`), not while a
+        CUDA graph is being captured or a graph compiled (their values would not exist yet)."""
         capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
         keep = not (torch.compiler.is_compiling() or capturing)
         key = ("full", self.ratio, self.overlap, S, str(device))
@@ -311,7 +313,11 @@ class Compressor(nn.Module):
         with torch.inference_mode(False), torch.no_grad():    # plain tensors, usable in any mode
             own = (torch.arange(n, device=device) * m).unsqueeze(0)                   # [1, n]
             index = own // m
-            plan = self._slots(own, torch.where(index > 0, own - m, -1)), index
+            j = torch.arange(m, device=device)
+            held = (S - 1) - torch.remainder(S - 1 - j, m)                            # current window
+            if self.overlap:
+                held = torch.cat([(n - 1) * m + j, held])                             # previous window
+            plan = self._slots(own, torch.where(index > 0, own - m, -1)), index, held
         return _keep_plan(key, plan) if keep else plan
 
     # -- cached: state.kv/state.score [Bmax, (1+o)M, w] (slots 0..M-1 = previous complete window when
@@ -328,14 +334,18 @@ class Compressor(nn.Module):
         With S = 1 there is one window and no host synchronisation (`_update_one`, the decode step: the
         entry is written where its window completes, `torch.where` elsewhere); longer calls write the
         complete entries by a scatter whose other writes repeat a value already written (no host read
-        either), from an index plan looked up by the start position mod M (`_plan_table`). Every slot
-        keeps the last token fed to it (what `DecodeCache.rollback` relies on)."""
+        either), from an index plan looked up by the start position mod M (`_plan_table`); rows that all
+        start at 0 with at least M tokens (new prompts, `starts` known on the host) take `_update_fresh`,
+        which reads no state slot. Every slot keeps the last token fed to it (what
+        `DecodeCache.rollback` relies on)."""
         B, S, _ = x.shape
         m = self.ratio
         if S == 1:
             kv, gate = self.project(x, pos, pre, with_ape=False)                  # [B, 1, w]
             return self._update_one(kv, gate, pos[:, 0], freqs, state, rows)
         kv, score = self.project(x, pos, pre)                                     # [B, S, w]
+        if starts and S >= m and not any(starts):
+            return self._update_fresh(kv, score, freqs, state, rows)
         src_kv = torch.cat([state.kv[rows], kv], dim=1)                           # [B, (1+o)M + S, w]
         src_sc = torch.cat([state.score[rows], score], dim=1)
         table = None
@@ -369,6 +379,23 @@ class Compressor(nn.Module):
             state.entries[r, at] = val
         sel = sel.unsqueeze(-1).expand(-1, -1, kv.shape[-1])                     # [B, (1+o)M, w]
         state.kv[rows], state.score[rows] = src_kv.gather(1, sel), src_sc.gather(1, sel)
+
+    def _update_fresh(self, kv: torch.Tensor, score: torch.Tensor, freqs: torch.Tensor, state,
+                      rows: torch.Tensor) -> None:
+        """`update` for rows that start at position 0 with at least M tokens (new prompts): no state slot
+        is read, since a first window has no previous one and every slot of the new state holds one of
+        the new tokens. The entries are those of the full sequence (`entries`), written to the row's first
+        S // M places, and the state slots take the tokens `_full_plan` lists: the same entries and state
+        as the general path, with half its index operations."""
+        B, S, _ = kv.shape
+        slots, index, held = self._full_plan(S, kv.device)
+        ent = self.finish(ops.compress_windows(kv, score, slots.expand(B, -1, -1), self.overlap),
+                          index.expand(B, -1), freqs, state.dtype)               # [B, S // M, c]
+        if state.rope_dim:                                                        # FP8 rows (`kv_fp8`)
+            ent = ops.kv8_quant(ent, state.rope_dim)
+        if ent.shape[1]:                      # (the row's length was checked against the cache's)
+            state.entries[rows, :ent.shape[1]] = ent
+        state.kv[rows], state.score[rows] = kv.index_select(1, held), score.index_select(1, held)
 
     def _plan(self, S: int, rem: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Index plan of feeding S tokens to rows whose first position is ≡ rem [R, 1] (mod M): win
