@@ -71,6 +71,15 @@ def main() -> int:
     fn, meta = compiled.function, compiled.packed_metadata
     rows["Triton, 30 arguments, compiled.run (C launcher)"] = per_launch_us(
         lambda: compiled.run(1, 1, 1, stream, fn, meta, None, None, None, *full), args.n)
+    # the whole path of dsv4's launch cache (`FastLaunch`: the key of every argument, the lookup, the
+    # launcher), as every kernel of dsv4/kernels is launched
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from dsv4.kernels.launch import FastLaunch
+    cached = FastLaunch(_wide)
+    rows["Triton, 30 arguments, dsv4 launch cache (FastLaunch)"] = per_launch_us(
+        lambda: cached[(1,)](*wide, **const), args.n)
     # PDL launch option as dsv4/kernels launch every kernel on sm90+
     if torch.cuda.get_device_capability() >= (9, 0):
         rows["Triton, 30 arguments, launch_pdl=True"] = per_launch_us(
