@@ -109,9 +109,11 @@ class DecodeCache:
     def device(self):
         return self.lengths.device
 
-    def check_rows(self, rows, B: int, S: int, mtp: bool = False) -> tuple[torch.Tensor, tuple[int, ...]]:
+    def check_rows(self, rows, B: int, S: int, mtp: bool = False,
+                   ids: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[int, ...]]:
         """Validate the cache rows of a call of S new tokens on B input rows -> (rows [B] on the cache's
-        device, the rows' first positions on the host). One read from the device for all checks."""
+        device, the rows' first positions on the host). With `ids`, the call's token ids, their range is
+        checked against the vocabulary as well. One read from the device for all checks."""
         if rows is None:
             if B != self.batch:
                 raise ValueError(f"the cache has {self.batch} rows but the input has batch {B}; pass rows=")
@@ -123,8 +125,16 @@ class DecodeCache:
             return rows, ()
         safe = rows.clamp(0, self.batch - 1)          # read the lengths before the rows are known valid
         dup = (rows.sort().values.diff() == 0).any() if B > 1 else rows.new_zeros(())
-        lo, hi, repeated, *starts = torch.cat([torch.stack([rows.min(), rows.max(), dup.long()]),
-                                               (self.mtp_lengths if mtp else self.lengths)[safe]]).tolist()
+        head = [rows.min(), rows.max(), dup.long()]
+        if ids is not None:
+            head += [t.to(device=rows.device, dtype=torch.long) for t in torch.aminmax(ids)]
+        lo, hi, repeated, *rest = torch.cat([torch.stack(head),
+                                             (self.mtp_lengths if mtp else self.lengths)[safe]]).tolist()
+        if ids is not None:
+            id_lo, id_hi, *starts = rest
+            self.config.check_id_range(id_lo, id_hi)
+        else:
+            starts = rest
         if lo < 0 or hi >= self.batch:
             raise ValueError(f"rows must lie in [0, {self.batch})")
         if repeated:

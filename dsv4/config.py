@@ -130,6 +130,12 @@ class ModelConfig:
             raise ConfigError(f"expert_dtype: must be 'fp4', 'fp8' or null; got {self.expert_dtype!r}")
 
     # ------------------------------------------------------------------ derived values
+    def check_id_range(self, lo: int, hi: int) -> None:
+        """A clear error when token ids (their min lo and max hi, read on the host) leave the vocabulary."""
+        if lo < 0 or hi >= self.vocab_size:
+            raise ValueError(f"token ids must lie in [0, {self.vocab_size}); got min {lo}, max {hi} "
+                             "(was the input encoded with a different tokenizer?)")
+
     def layer_ratio(self, layer: int) -> int:
         """Compression ratio of main layer `layer`; layer == num_hidden_layers + k is MTP block k."""
         if layer >= len(self.compress_ratios):

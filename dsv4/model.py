@@ -314,25 +314,30 @@ class Transformer(nn.Module):
         return n
 
     # ------------------------------------------------------------------ forward
-    def check_ids(self, input_ids: torch.Tensor) -> None:
+    def check_ids(self, input_ids: torch.Tensor, read: bool = True) -> bool:
+        """Type and shape of input_ids, then (with `read`) their range, read from the device. -> whether
+        the range is still to be checked: False once checked here, or where reading is not done (the
+        caller checked on the host, `ids_prechecked`; inside a CUDA-graph capture or a compiled graph).
+        A cached call passes read=False and has `DecodeCache.check_rows` read the range with the rows."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dtype not in (torch.int64, torch.int32):
             raise TypeError("input_ids must be an integer tensor [B, S] (torch.long)")
         if input_ids.dim() != 2 or input_ids.numel() == 0:
             raise ValueError(f"input_ids must be a non-empty [B, S] tensor; got shape {tuple(input_ids.shape)}")
         if self.ids_prechecked or (input_ids.is_cuda and (torch.cuda.is_current_stream_capturing()
                                                          or torch.compiler.is_compiling())):
-            return   # reading the values needs the host: not inside a CUDA-graph capture or a compiled graph
+            return False   # reading the values needs the host: not inside a capture or a compiled graph
+        if not read:
+            return True
         lo, hi = torch.stack(torch.aminmax(input_ids)).tolist()     # one read from the device, not two
-        if lo < 0 or hi >= self.config.vocab_size:
-            raise ValueError(f"token ids must lie in [0, {self.config.vocab_size}); got min {lo}, max {hi} "
-                             "(was the input encoded with a different tokenizer?)")
+        self.config.check_id_range(lo, hi)
+        return False
 
     def hidden(self, input_ids: torch.Tensor, *, cache=None, rows: torch.Tensor | None = None,
                positions: torch.Tensor | None = None, segment_ids: torch.Tensor | None = None,
                aux: list[BlockAux] | None = None):
         """Run the blocks; returns (streams [B, S, N, D] after the last block, positions, rows).
         With a list `aux`, each block's `BlockAux` is appended to it."""
-        self.check_ids(input_ids)
+        unread = self.check_ids(input_ids, read=cache is None)
         B, S = input_ids.shape
         dev = input_ids.device
         starts = None                     # the cache rows' first positions, read on the host by check_rows
@@ -340,7 +345,7 @@ class Transformer(nn.Module):
             if positions is not None or segment_ids is not None:
                 raise ValueError("positions/segment_ids cannot be combined with a cache: cached calls continue "
                                  "each row from cache.lengths; pack documents only in full-sequence calls")
-            rows, starts = cache.check_rows(rows, B, S)
+            rows, starts = cache.check_rows(rows, B, S, ids=input_ids if unread else None)
             positions = cache.lengths[rows].unsqueeze(1) + torch.arange(S, device=dev)   # [B, S]
         elif segment_ids is not None:
             if segment_ids.shape != input_ids.shape:
@@ -417,10 +422,10 @@ class Transformer(nn.Module):
         """
         if not len(self.mtp):
             raise ValueError("this model has no MTP block (num_nextn_predict_layers = 0)")
-        self.check_ids(next_ids)
+        unread = self.check_ids(next_ids, read=cache is None)
         B, S = next_ids.shape
         if cache is not None:
-            rows, starts = cache.check_rows(rows, B, S, mtp=True)
+            rows, starts = cache.check_rows(rows, B, S, mtp=True, ids=next_ids if unread else None)
             positions = cache.mtp_lengths[rows].unsqueeze(1) + torch.arange(S, device=next_ids.device)
             state = cache.layers[self.config.num_hidden_layers + k]
         else:

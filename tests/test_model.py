@@ -146,6 +146,27 @@ def test_bad_inputs_raise_clear_errors(model):
     assert two.lengths.tolist() == [0, 0]
     with pytest.raises(ValueError, match="segment_ids"):
         model(torch.ones(2, 3, dtype=torch.long), cache=two, segment_ids=torch.zeros(2, 3, dtype=torch.long))
+    # a cached call reads the ids' range with its rows (one transfer): out-of-vocabulary ids are refused
+    # there, before anything is written, by the main model and by the MTP block
+    for bad in ([[3, 512, 4]], [[3, -2, 4]]):
+        with pytest.raises(ValueError, match=r"token ids must lie in \[0, 512\)"):
+            model(torch.tensor(bad * 2), cache=two)
+        with pytest.raises(ValueError, match=r"token ids must lie in \[0, 512\)"):
+            model.mtp_logits(torch.randn(2, 3, model.config.hc_mult, model.config.hidden_size),
+                             torch.tensor(bad * 2), cache=two)
+    assert two.lengths.tolist() == two.mtp_lengths.tolist() == [0, 0]
+
+
+@torch.no_grad()
+def test_cached_call_reads_the_device_once(model, ids, monkeypatch):
+    # the ids' range, the rows' checks and their first positions come back in one transfer
+    cache = DecodeCache(model.config, 2, 300)
+    reads = []
+    real = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(1) or real(self))
+    model(ids[:, :37], cache=cache)
+    model(ids[:1, 37:50], cache=cache, rows=torch.tensor([1]))
+    assert len(reads) == 2
 
 
 def test_bf16_model_keeps_fp32_parameters():
