@@ -119,6 +119,8 @@ class FastLaunch:
         self._lead = next((i for i, p in enumerate(params) if p.is_constexpr), len(params))
 
     def __getattr__(self, name):
+        if name == "fn":                       # (not set yet: an object being copied or unpickled)
+            raise AttributeError(name)
         return getattr(self.fn, name)
 
     def __getitem__(self, grid):
