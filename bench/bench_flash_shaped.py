@@ -80,9 +80,10 @@ def parse_args(argv=None):
     p.add_argument("--fp4-gemv-tiles", default=None,
                    help="JSON launch configuration of the FP4 decode GEMV (see bench/probe_quant_kernels.py)")
     p.add_argument("--fp4-decode-kernels", default="words",
-                   help="FP4 decode GEMV variants to time the model's decode with, comma-separated: words, bytes "
+                   help="FP4 decode GEMV variants to time the model's decode with, comma-separated: words, "
+                        "words32 (the word kernels in fp32 arithmetic, fp4_moe.WORDS_MATH), bytes "
                         "(dsv4.kernels.fp4_moe.DECODE_KERNEL; the first is kept for the profile; rows of words "
-                        "have the plain names, those of bytes end in _bytes)")
+                        "have the plain names, the others end in _words32 / _bytes)")
     p.add_argument("--pdl-modes", default=None, help="programmatic dependent launch of the kernels: on, off or "
                    "both (on,off: each decode measurement twice; dsv4.kernels.launch); default: as configured "
                    "(on, unless DSV4_PDL=0)")
@@ -302,9 +303,11 @@ def section_model(args, device, timer, folder: Path) -> dict:
     variants = args.fp4_decode_kernels.split(",")
     configured = launch.ENABLED
     pdl_modes = args.pdl_modes.split(",") if args.pdl_modes else ["on" if configured else "off"]
+    math = fp4_moe.WORDS_MATH
     for variant in variants:
         for pdl in pdl_modes:
-            fp4_moe.DECODE_KERNEL = variant
+            fp4_moe.DECODE_KERNEL = "words" if variant == "words32" else variant
+            fp4_moe.WORDS_MATH = "fp32" if variant == "words32" else math
             launch.ENABLED = pdl == "on"
             key = ("" if variant == "words" else f"_{variant}") + ("" if pdl == "on" else "_pdl_off")
             dec = res[f"decode{key}"] = {}
@@ -326,7 +329,8 @@ def section_model(args, device, timer, folder: Path) -> dict:
                 print(f"decode ({variant} FP4 GEMV, PDL {shown}) batch {B}: {total:.3f} ms/step for {K} layers; "
                       f"per layer {json.dumps(per)}", flush=True)
     launch.ENABLED = configured
-    fp4_moe.DECODE_KERNEL = variants[0]
+    fp4_moe.DECODE_KERNEL = "words" if variants[0] == "words32" else variants[0]
+    fp4_moe.WORDS_MATH = "fp32" if variants[0] == "words32" else math
     if args.profile and device.type == "cuda":
         res["profile"] = profile_decode(model, cache, Path(args.profile))
     return res
@@ -398,8 +402,9 @@ def decode_ms(model, cache: DecodeCache, B: int, steps: int, timer: Timer) -> di
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if not set(args.fp4_decode_kernels.split(",")) <= {"words", "bytes"}:
-        raise SystemExit(f"--fp4-decode-kernels takes words and/or bytes, comma-separated; got {args.fp4_decode_kernels!r}")
+    if not set(args.fp4_decode_kernels.split(",")) <= {"words", "words32", "bytes"}:
+        raise SystemExit(f"--fp4-decode-kernels takes words, words32 and/or bytes, comma-separated; got "
+                         f"{args.fp4_decode_kernels!r}")
     if args.pdl_modes and not set(args.pdl_modes.split(",")) <= {"on", "off"}:
         raise SystemExit(f"--pdl-modes takes on and/or off, comma-separated; got {args.pdl_modes!r}")
     if args.tiny:

@@ -43,7 +43,8 @@ BYTES_TILES = [dict(BN=4, BK=512, num_warps=4, num_stages=2), dict(BN=8, BK=256,
 WORDS_DOWN_TILES = [dict(BN=bn, BK=bk, num_warps=w, num_stages=2) for bn, bk, w in
                     [(16, 512, 4), (8, 512, 4), (8, 1024, 4), (4, 1024, 4), (4, 512, 2)]]
 WORDS_TILES = [dict(BN=bn, BK=bk, num_warps=w, num_stages=2) for bn, bk, w in
-               [(16, 512, 4), (16, 1024, 4), (8, 1024, 4), (8, 512, 4), (4, 1024, 4), (32, 1024, 8)]]
+               [(16, 512, 4), (16, 1024, 4), (8, 1024, 4), (8, 512, 4), (4, 1024, 4), (32, 1024, 8), (32, 256, 4),
+                (32, 512, 4), (64, 256, 4), (32, 512, 8)]]
 
 
 def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
@@ -98,20 +99,23 @@ def probe_fp4(c, M, device, g, ws) -> list[dict]:
     ref = f64_experts(x, idxs[0], weight, ws, c["limit"])
     used_bytes = M * K * (3 * I * D // 2 + 3 * I * D // 32)
     rows = []
-    # (kernel, tiles, down projection of the words kernel, its tiles when summing a token's pairs)
-    variants = [("bytes", t, None, None) for t in BYTES_TILES] + \
-        [("words", t, "pair", None) for t in WORDS_TILES] + \
-        [("words", WORDS_TILES[0], "token", d) for d in WORDS_DOWN_TILES]
+    # (kernel, tiles, down projection of the words kernel, its tiles when summing a token's pairs, the words
+    # kernels' arithmetic: fp32 or packed fp16)
+    variants = [("bytes", t, None, None, "fp32") for t in BYTES_TILES] + \
+        [("words", t, "pair", None, "fp32") for t in WORDS_TILES[:3]] + \
+        [("words", t, "pair", None, "half") for t in WORDS_TILES] + \
+        [("words", WORDS_TILES[0], "token", d, math) for d in WORDS_DOWN_TILES[:3] for math in ("fp32", "half")]
     saved = {k: dict(v) for k, v in fp4_moe.TILES.items()}
-    saved_down, saved_kernel = fp4_moe.WORDS_DOWN, fp4_moe.DECODE_KERNEL
-    for kernel, tiles, down, down_tiles in variants:
+    saved_down, saved_kernel, saved_math = fp4_moe.WORDS_DOWN, fp4_moe.DECODE_KERNEL, fp4_moe.WORDS_MATH
+    for kernel, tiles, down, down_tiles, math in variants:
         key = "gemv" if kernel == "bytes" else "words"
         fp4_moe.TILES[key] = tiles
         fp4_moe.WORDS_DOWN = down or saved_down
         fp4_moe.DECODE_KERNEL = kernel            # the "gemv" path runs DECODE_KERNEL's kernel
+        fp4_moe.WORDS_MATH = math
         if down_tiles:
             fp4_moe.TILES["words_down"] = down_tiles
-        name = kernel if down is None else f"{kernel}, down per {down}"
+        name = kernel if down is None else f"{kernel} {math}, down per {down}"
         shown = tiles if not down_tiles else {**tiles, "down": down_tiles}
         try:
             call = lambda i: fp4_moe._fp4_moe(x, i, weight, *ws, c["limit"], path=key)     # noqa: E731
@@ -123,7 +127,7 @@ def probe_fp4(c, M, device, g, ws) -> list[dict]:
         finally:
             fp4_moe.TILES.clear()
             fp4_moe.TILES.update({k: dict(v) for k, v in saved.items()})
-            fp4_moe.WORDS_DOWN, fp4_moe.DECODE_KERNEL = saved_down, saved_kernel
+            fp4_moe.WORDS_DOWN, fp4_moe.DECODE_KERNEL, fp4_moe.WORDS_MATH = saved_down, saved_kernel, saved_math
         kernel, tiles = name, shown
         rows.append(dict(op="fp4 experts", M=M, variant=kernel, tiles=tiles, us=us, bytes=used_bytes,
                          GBps=used_bytes / us / 1e3, hbm_frac=used_bytes / us / 1e-6 / HBM, rel_err_f64=err))

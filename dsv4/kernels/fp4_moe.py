@@ -47,6 +47,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import half2
 from .fp8_gemm import INTERPRET, e8m0_to_fp32
 from .launch import cdiv, launchable, pdl, pdl_start
 
@@ -304,6 +305,60 @@ def _word_block_sums(wa, wb, x_ptr, xk, xm, TWO: tl.constexpr):
 
 
 @triton.jit
+def _word_pair_bits(w, I: tl.constexpr):
+    """`_e2m1_word_pair` left packed: int32 words whose low and high fp16 are elements 8j+I and 8j+I+4
+    (times 2^-14), as `half2` takes them."""
+    if I == 3:
+        p = ((w >> 3) & MAG_BITS) | (w & SIGN_BITS)
+    else:
+        p = ((w << (9 - 4 * I)) & MAG_BITS) | ((w << (12 - 4 * I)) & SIGN_BITS)
+    return p
+
+
+@triton.jit
+def _word_block_sums_half(wa, wb, x_ptr, xk, xm, xs, TWO: tl.constexpr, ASM: tl.constexpr):
+    """`_word_block_sums` in packed fp16 (`half2`): x·xs in fp16 pairs (elements 8j+i, 8j+i+4), one
+    `fma.rn.f16x2` per two codes, a block's 32 products summed in fp16 (|x·xs| < 2^14, so each product
+    is below 6 and a block's half sum below 96), then in fp32. -> [NB, BN] each, times 2^-14 / xs."""
+    NB: tl.constexpr = wa.shape[0]
+    xb = tl.load(x_ptr + xk[:, :, None] + tl.arange(0, 8)[None, None, :], mask=xm[:, :, None], other=0.0)
+    xb = tl.reshape(xb.to(tl.float32) * xs, (NB, 4, 2, 2, 2))      # element 8j + 4h + 2a + b at [:, j, h, a, b]
+    xb0, xb1 = tl.split(xb)
+    xq = (tl.split(xb0), tl.split(xb1))                            # xq[b][a]: [NB, 4, 2] over h
+    sa = tl.full(wa.shape, 0, tl.int32)                            # fp16 pairs, +0.0
+    sb = tl.full(wa.shape, 0, tl.int32)
+    for i in tl.static_range(4):
+        xl, xh = tl.split(xq[i % 2][i // 2])                       # [NB, 4]: elements 8j + i and 8j + i + 4
+        xp = half2.pair_f16(xl, xh, ASM)[:, None, :]               # [NB, 1, 4]
+        sa = half2.hfma2(_word_pair_bits(wa, i), xp, sa, ASM)
+        if TWO:
+            sb = half2.hfma2(_word_pair_bits(wb, i), xp, sb, ASM)
+    return _words_sum(sa, ASM), _words_sum(sb, ASM)
+
+
+@triton.jit
+def _words_sum(s, ASM: tl.constexpr):
+    """[NB, BN, 4] fp16 pairs -> [NB, BN] fp32: the 4 words of a block added in fp16, then the halves."""
+    NB: tl.constexpr = s.shape[0]
+    BN: tl.constexpr = s.shape[1]
+    s0, s1 = tl.split(tl.reshape(s, (NB, BN, 2, 2)))
+    s = half2.hadd2(s0, s1, ASM)
+    s0, s1 = tl.split(s)
+    return half2.sum_f32(half2.hadd2(s0, s1, ASM))
+
+
+@triton.jit
+def _row_amax(x_ptr, n, BLOCK: tl.constexpr):
+    """max |x[0:n]| in fp32 (a row of activations, read in blocks)."""
+    r = tl.arange(0, BLOCK)
+    m = tl.full([BLOCK], 0.0, tl.float32)
+    for k0 in range(0, n, BLOCK):
+        v = tl.load(x_ptr + k0 + r, mask=k0 + r < n, other=0.0).to(tl.float32)
+        m = tl.maximum(m, tl.abs(v))
+    return tl.max(m, 0)
+
+
+@triton.jit
 def _words_tile(w_ptr, w_off, kb, n_ok, b_ok, j):
     """The words of blocks kb [NB] of the BN rows at w_off [1, BN, 1] -> int32 [NB, BN, 4] (blocks first:
     the lanes of a warp take consecutive blocks and a thread the same block of BN / warps rows, so that
@@ -320,15 +375,21 @@ def _scales_tile(s_ptr, s_off, kb, n_ok, b_ok):
 
 
 @triton.jit
-def _down_words_acc(acc, w2_ptr, s2_ptr, hrow, w_off, s_off, I, n_ok, jb, j, BK: tl.constexpr):
+def _down_words_acc(acc, w2_ptr, s2_ptr, hrow, w_off, s_off, I, n_ok, jb, j, hs, BK: tl.constexpr,
+                    HALF: tl.constexpr, ASM: tl.constexpr):
     """acc [NB, BN] + the scaled block sums of W2's rows at w_off (int32 words) with the pair's h row
-    over the I columns: the K loop of both down-projection word kernels."""
+    over the I columns: the K loop of both down-projection word kernels (HALF: in packed fp16 with h
+    scaled by hs, `_word_block_sums_half`)."""
     for k0 in range(0, I, BK):
         kb = k0 // 32 + jb
         b_ok = 32 * kb < I
         w2 = _words_tile(w2_ptr, w_off, kb, n_ok, b_ok, j)
-        part, _ = _word_block_sums(w2, w2, hrow, 32 * kb[:, None] + 8 * j[None, :],
-                                   b_ok[:, None] & (j >= 0)[None, :], False)
+        xk = 32 * kb[:, None] + 8 * j[None, :]
+        xm = b_ok[:, None] & (j >= 0)[None, :]
+        if HALF:
+            part, _ = _word_block_sums_half(w2, w2, hrow, xk, xm, hs, False, ASM)
+        else:
+            part, _ = _word_block_sums(w2, w2, hrow, xk, xm, False)
         acc += part * _scales_tile(s2_ptr, s_off, kb, n_ok, b_ok)
     return acc
 
@@ -338,10 +399,12 @@ def _down_words_acc(acc, w2_ptr, s2_ptr, hrow, w_off, s_off, I, n_ok, jb, j, BK:
 def _fp4_up_words_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, rw_ptr, idx_ptr, h_ptr,
                          D, I, TOPK, E, limit,
                          stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
-                         HAS_LIMIT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False):
+                         HAS_LIMIT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HALF: tl.constexpr = False,
+                         ASM: tl.constexpr = False, PDL: tl.constexpr = False):
     """`_fp4_up_gemv_kernel` on int32 words: a thread loads a block's 16 bytes as 4 words and decodes
     two codes per integer operation (`_e2m1_word_pair`); w1 and w3 share the reads of x. The strides
-    of w1 and w3 count words (4 bytes)."""
+    of w1 and w3 count words (4 bytes). HALF: the products in packed fp16 (`_word_block_sums_half`),
+    x scaled by a power of two from its row's max |x|."""
     pdl_start(PDL)
     p, pid_n = tl.program_id(0), tl.program_id(1)
     NB: tl.constexpr = BK // 32
@@ -357,17 +420,25 @@ def _fp4_up_words_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, rw_ptr, idx_ptr,
         w_off = e * stride_we + rn[None, :, None] * stride_wn
         s_off = e * stride_se + rn[None, :] * stride_sn
         xrow = x_ptr + tok * stride_xm
+        xs, back = 1.0, 16384.0                   # the 2^14 of the fp16 code reading
+        if HALF:
+            xs, inv = half2.x_scale(_row_amax(xrow, D, BK), 14)
+            back = 16384.0 * inv
         for k0 in range(0, D, BK):
             kb = k0 // 32 + jb                                                    # [NB] block numbers
             b_ok = 32 * kb < D
             w1 = _words_tile(w1_ptr, w_off, kb, n_ok, b_ok, j)
             w3 = _words_tile(w3_ptr, w_off, kb, n_ok, b_ok, j)
-            g, u = _word_block_sums(w1, w3, xrow, 32 * kb[:, None] + 8 * j[None, :],
-                                    b_ok[:, None] & (j >= 0)[None, :], True)
+            xk = 32 * kb[:, None] + 8 * j[None, :]
+            xm = b_ok[:, None] & (j >= 0)[None, :]
+            if HALF:
+                g, u = _word_block_sums_half(w1, w3, xrow, xk, xm, xs, True, ASM)
+            else:
+                g, u = _word_block_sums(w1, w3, xrow, xk, xm, True)
             acc_g += g * _scales_tile(s1_ptr, s_off, kb, n_ok, b_ok)
             acc_u += u * _scales_tile(s3_ptr, s_off, kb, n_ok, b_ok)
-        g = tl.sum(acc_g, 0) * 16384.0            # the 2^14 of the fp16 code reading
-        u = tl.sum(acc_u, 0) * 16384.0
+        g = tl.sum(acc_g, 0) * back
+        u = tl.sum(acc_u, 0) * back
         if HAS_LIMIT:
             u = tl.minimum(tl.maximum(u, -limit), limit)
             g = tl.minimum(g, limit)
@@ -380,7 +451,8 @@ def _fp4_up_words_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, rw_ptr, idx_ptr,
 @triton.jit
 def _fp4_down_words_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
                            stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
-                           BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False):
+                           BN: tl.constexpr, BK: tl.constexpr, HALF: tl.constexpr = False,
+                           ASM: tl.constexpr = False, PDL: tl.constexpr = False):
     """`_fp4_down_gemv_kernel` on int32 words (as `_fp4_up_words_kernel`); the strides of w2 count words."""
     pdl_start(PDL)
     p, pid_n = tl.program_id(0), tl.program_id(1)
@@ -396,8 +468,12 @@ def _fp4_down_words_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
         w_off = e * stride_we + rn[None, :, None] * stride_wn
         s_off = e * stride_se + rn[None, :] * stride_sn
         hrow = h_ptr + r * stride_hm
-        acc = _down_words_acc(acc, w2_ptr, s2_ptr, hrow, w_off, s_off, I, n_ok, jb, j, BK)
-        out = tl.sum(acc, 0) * 16384.0
+        hs, back = 1.0, 16384.0
+        if HALF:
+            hs, inv = half2.x_scale(_row_amax(hrow, I, BK), 14)
+            back = 16384.0 * inv
+        acc = _down_words_acc(acc, w2_ptr, s2_ptr, hrow, w_off, s_off, I, n_ok, jb, j, hs, BK, HALF, ASM)
+        out = tl.sum(acc, 0) * back
         tl.store(out_ptr + r * stride_om + rn, out.to(out_ptr.dtype.element_ty), mask=n_ok)
     else:
         tl.store(out_ptr + r * stride_om + rn, tl.zeros([BN], tl.float32).to(out_ptr.dtype.element_ty), mask=n_ok)
@@ -407,10 +483,11 @@ def _fp4_down_words_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
 @triton.jit
 def _fp4_down_words_tok_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E, TOPK,
                                stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
-                               BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False):
+                               BN: tl.constexpr, BK: tl.constexpr, HALF: tl.constexpr = False,
+                               ASM: tl.constexpr = False, PDL: tl.constexpr = False):
     """`_fp4_down_words_kernel` with a token's TOPK pairs summed in the program: out[t, n-tile] =
     Σ_k W2[e_tk] h[t·TOPK + k] in fp32, stored once (no [N·K, D] pair outputs, no zero fill, no sum
-    kernel); pairs of another device's expert add nothing."""
+    kernel); pairs of another device's expert add nothing. HALF: each pair's h scaled on its own."""
     pdl_start(PDL)
     n, pid_n = tl.program_id(0).to(tl.int64), tl.program_id(1)
     NB: tl.constexpr = BK // 32
@@ -426,7 +503,13 @@ def _fp4_down_words_tok_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
             w_off = e * stride_we + rn[None, :, None] * stride_wn
             s_off = e * stride_se + rn[None, :] * stride_sn
             hrow = h_ptr + p * stride_hm
-            acc = _down_words_acc(acc, w2_ptr, s2_ptr, hrow, w_off, s_off, I, n_ok, jb, j, BK)
+            if HALF:
+                hs, inv = half2.x_scale(_row_amax(hrow, I, BK), 14)
+                part = _down_words_acc(tl.full((NB, BN), 0.0, tl.float32), w2_ptr, s2_ptr, hrow, w_off, s_off,
+                                       I, n_ok, jb, j, hs, BK, HALF, ASM)
+                acc += part * inv
+            else:
+                acc = _down_words_acc(acc, w2_ptr, s2_ptr, hrow, w_off, s_off, I, n_ok, jb, j, 1.0, BK, HALF, ASM)
     out = tl.sum(acc, 0) * 16384.0
     tl.store(out_ptr + n * stride_om + rn, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
@@ -495,6 +578,9 @@ DECODE_KERNEL = "words"
 # program: no zero fill and no sum kernel, but K times fewer programs; V4-Flash on an H200, 6 experts at
 # batch 1: 50.2 us with "pair" against 51.4-57.7 us over five tiles of "token", bench/probe_flash_decode.py)
 WORDS_DOWN = "pair"
+# the words kernels' arithmetic for bf16/fp16 activations: "half" (packed fp16 products, `half2`: about
+# half the instructions per weight byte) or "fp32"; fp32 activations always take "fp32"
+WORDS_MATH = "half"
 
 
 def _path(n_pairs: int, n_experts: int) -> str:
@@ -559,22 +645,25 @@ def _fp4_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch
     s1u, s2u, s3u = (s.contiguous().view(torch.uint8) for s in (s1, s2, s3))
     w1, w2, w3 = (w.contiguous() for w in (w1, w2, w3))
     if words:
+        if WORDS_MATH not in ("half", "fp32"):
+            raise ValueError(f"fp4_moe.WORDS_MATH must be 'half' or 'fp32'; got {WORDS_MATH!r}")
+        half = dict(HALF=WORDS_MATH == "half" and x.dtype != torch.float32, ASM=not INTERPRET)
         cfg = dict(BN=16, BK=64, num_warps=4, num_stages=1) if INTERPRET else TILES["words"]
         flat = idx.reshape(-1).contiguous()
         w1w, w2w, w3w = (w.view(torch.int32) for w in (w1, w2, w3))                # 4 bytes = 8 codes a word
         _fp4_up_words_kernel[(NK, cdiv(I, cfg["BN"]))](
             x, w1w, s1u, w3w, s3u, rw, flat, h, D, I, K, E, float(limit),
             x.stride(0), w1w.stride(0), w1w.stride(1), s1u.stride(0), s1u.stride(1), h.stride(0),
-            HAS_LIMIT=limit > 0, **cfg, **pdl(x))
+            HAS_LIMIT=limit > 0, **half, **cfg, **pdl(x))
         if WORDS_DOWN == "token":
             down = TILES.get("words_down", cfg) if not INTERPRET else cfg
             _fp4_down_words_tok_kernel[(N, cdiv(D, down["BN"]))](
                 h, w2w, s2u, flat, out, D, I, E, K, h.stride(0), w2w.stride(0), w2w.stride(1), s2u.stride(0),
-                s2u.stride(1), out.stride(0), **down, **pdl(h))
+                s2u.stride(1), out.stride(0), **half, **down, **pdl(h))
             return out
         _fp4_down_words_kernel[(NK, cdiv(D, cfg["BN"]))](
             h, w2w, s2u, flat, out, D, I, E, h.stride(0), w2w.stride(0), w2w.stride(1), s2u.stride(0),
-            s2u.stride(1), out.stride(0), **cfg, **pdl(h))
+            s2u.stride(1), out.stride(0), **half, **cfg, **pdl(h))
         return out.view(N, K, D).sum(1)
     if path == "gemv":
         cfg = dict(BN=16, BK=64, num_warps=4, num_stages=1) if INTERPRET else TILES["gemv"]
