@@ -42,6 +42,9 @@ SMALL = dict(E=8, D=256, I=128, topk=2, limit=10.0, H=4, Dh=64, G=2, R=64, Iq=64
 BYTES_TILES = [dict(BN=4, BK=512, num_warps=4, num_stages=2), dict(BN=8, BK=256, num_warps=4, num_stages=2)]
 WORDS_DOWN_TILES = [dict(BN=bn, BK=bk, num_warps=w, num_stages=2) for bn, bk, w in
                     [(16, 512, 4), (8, 512, 4), (8, 1024, 4), (4, 1024, 4), (4, 512, 2)]]
+# the per-pair down projection's own tiles (fp4_moe.TILES["words_pair_down"]; default: the up kernel's)
+PAIR_DOWN_TILES = [dict(BN=bn, BK=bk, num_warps=w, num_stages=2) for bn, bk, w in
+                   [(16, 1024, 4), (16, 2048, 4), (32, 1024, 4), (32, 2048, 8), (8, 2048, 4), (64, 512, 8)]]
 WORDS_TILES = [dict(BN=bn, BK=bk, num_warps=w, num_stages=2) for bn, bk, w in
                [(16, 512, 4), (16, 1024, 4), (8, 1024, 4), (8, 512, 4), (4, 1024, 4), (32, 1024, 8), (32, 256, 4),
                 (32, 512, 4), (64, 256, 4), (32, 512, 8)]]
@@ -104,7 +107,7 @@ def probe_fp4(c, M, device, g, ws) -> list[dict]:
     variants = [("bytes", t, None, None, "fp32") for t in BYTES_TILES] + \
         [("words", t, "pair", None, "fp32") for t in WORDS_TILES[:3]] + \
         [("words", t, "pair", None, "half") for t in WORDS_TILES] + \
-        [("words", WORDS_TILES[0], "token", d, math) for d in WORDS_DOWN_TILES[:3] for math in ("fp32", "half")]
+        [("words", WORDS_TILES[1], "pair", d, math) for d in PAIR_DOWN_TILES for math in ("fp32", "half")]
     saved = {k: dict(v) for k, v in fp4_moe.TILES.items()}
     saved_down, saved_kernel, saved_math = fp4_moe.WORDS_DOWN, fp4_moe.DECODE_KERNEL, fp4_moe.WORDS_MATH
     for kernel, tiles, down, down_tiles, math in variants:
@@ -114,7 +117,7 @@ def probe_fp4(c, M, device, g, ws) -> list[dict]:
         fp4_moe.DECODE_KERNEL = kernel            # the "gemv" path runs DECODE_KERNEL's kernel
         fp4_moe.WORDS_MATH = math
         if down_tiles:
-            fp4_moe.TILES["words_down"] = down_tiles
+            fp4_moe.TILES["words_down" if down == "token" else "words_pair_down"] = down_tiles
         name = kernel if down is None else f"{kernel} {math}, down per {down}"
         shown = tiles if not down_tiles else {**tiles, "down": down_tiles}
         try:

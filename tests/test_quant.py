@@ -470,6 +470,35 @@ def test_fp4_kernel_matches_twin_and_float64(N, K, E, dtype, path, monkeypatch):
     assert relerr(out, twin) <= KTOL[dtype]
 
 
+@pytest.mark.parametrize("down", ["pair", "token"])
+def test_fp4_words_half_arithmetic_scales_each_row(down, monkeypatch):
+    """The word GEMVs' packed fp16 arithmetic (`half2`) scales each row of x (and of h) by a power of
+    two before its fp16 products: rows far below fp16's smallest value (1e-12, h ~ 1e-24), far above its largest
+    value (3e5) and a row of zeros give the float64 result to bf16 accuracy, like the fp32 arithmetic;
+    without the scaling the first would flush to zero and the second overflow to inf."""
+    from dsv4.kernels import fp4_moe
+
+    monkeypatch.setattr(fp4_moe, "WORDS_DOWN", down)
+    g = torch.Generator().manual_seed(11)
+    E, D, I, N, K = 4, 64, 32, 4, 2
+    ws = rand_experts(E, D, I, g)
+    x = torch.randn(N, D, generator=g)
+    x = (x * torch.tensor([1e-12, 1.0, 3e5, 0.0])[:, None]).to(torch.bfloat16)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)])
+    weight = torch.rand(N, K, generator=g)
+    ref = ref_experts(x, idx, weight, *ws, 0.0)                     # no clamp: h keeps x's magnitude
+    outs = {}
+    for math in ("half", "fp32"):
+        monkeypatch.setattr(fp4_moe, "WORDS_MATH", math)
+        outs[math] = fp4_moe._fp4_moe(*(t.to(KDEV) for t in (x, idx, weight, *ws)), 0.0, path="words").cpu()
+    for math, out in outs.items():
+        assert torch.isfinite(out).all(), math
+        assert (out[3] == 0).all(), math
+        for n in range(3):                                          # each row against its own scale
+            assert relerr(out[n], ref[n]) <= KTOL[torch.bfloat16], (math, n)
+    assert relerr(outs["half"][:3], outs["fp32"][:3]) <= KTOL[torch.bfloat16]
+
+
 def test_fp4_dequant_kernel_equals_the_format_decoder():
     from dsv4.kernels.fp4_moe import dequant_fp4
 

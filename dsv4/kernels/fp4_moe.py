@@ -539,6 +539,31 @@ def dequant_fp4(w: torch.Tensor, s: torch.Tensor, dtype: torch.dtype = torch.bfl
     return out
 
 
+@launchable
+@triton.jit
+def _pair_sum_kernel(src_ptr, out_ptr, D, K: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr = False):
+    """out[n, c] = Σ_k src[n·K + k, c] in fp32, rounded once to out's dtype: a token's K pair outputs."""
+    pdl_start(PDL)
+    n = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = c < D
+    acc = tl.full([BLOCK], 0.0, tl.float32)
+    for k in tl.static_range(K):
+        acc += tl.load(src_ptr + (n * K + k) * D + c, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + n * D + c, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _pair_sum(pairs: torch.Tensor, N: int, K: int, D: int) -> torch.Tensor:
+    """[N·K, D] pair outputs -> [N, D] per-token sums: one launch (a strided torch reduction over K took
+    5 us at V4-Flash's decode shape on an H200)."""
+    out = torch.empty(N, D, dtype=pairs.dtype, device=pairs.device)
+    if N == 0:
+        return out
+    block = 256 if INTERPRET else 1024
+    _pair_sum_kernel[(N, cdiv(D, block))](pairs, out, D, K=K, BLOCK=block, **pdl(pairs))
+    return out
+
+
 # ----------------------------------------------------------------------------- launch
 def _align(idx: torch.Tensor, n_experts: int, bm: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Pairs sorted by expert, each expert's run padded to whole blocks of bm rows, on the device.
@@ -661,10 +686,11 @@ def _fp4_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch
                 h, w2w, s2u, flat, out, D, I, E, K, h.stride(0), w2w.stride(0), w2w.stride(1), s2u.stride(0),
                 s2u.stride(1), out.stride(0), **half, **down, **pdl(h))
             return out
-        _fp4_down_words_kernel[(NK, cdiv(D, cfg["BN"]))](
+        dcfg = cfg if INTERPRET else TILES.get("words_pair_down", cfg)       # (a probe may time its own)
+        _fp4_down_words_kernel[(NK, cdiv(D, dcfg["BN"]))](
             h, w2w, s2u, flat, out, D, I, E, h.stride(0), w2w.stride(0), w2w.stride(1), s2u.stride(0),
-            s2u.stride(1), out.stride(0), **half, **cfg, **pdl(h))
-        return out.view(N, K, D).sum(1)
+            s2u.stride(1), out.stride(0), **half, **dcfg, **pdl(h))
+        return _pair_sum(out, N, K, D)
     if path == "gemv":
         cfg = dict(BN=16, BK=64, num_warps=4, num_stages=1) if INTERPRET else TILES["gemv"]
         flat = idx.reshape(-1).contiguous()
@@ -675,7 +701,7 @@ def _fp4_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch
         _fp4_down_gemv_kernel[(NK, cdiv(D, cfg["BN"]))](
             h, w2, s2u, flat, out, D, I, E, h.stride(0), w2.stride(0), w2.stride(1), s2u.stride(0),
             s2u.stride(1), out.stride(0), **cfg, **pdl(h))
-        return out.view(N, K, D).sum(1)
+        return _pair_sum(out, N, K, D)
     bm, cfg = _tiles(NK / min(E, NK))
     row_map, block_expert, n_blocks = _align(idx, E, bm)
     B = block_expert.numel()
@@ -688,7 +714,7 @@ def _fp4_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch
         h, w2, s2u, row_map, block_expert, out, D, I, n_blocks,
         h.stride(0), w2.stride(0), w2.stride(1), s2u.stride(0), s2u.stride(1), out.stride(0),
         DOT_FP32=dot32, BM=bm, **cfg, **pdl(h))
-    return out.view(N, K, D).sum(1)                                           # [N, D], K outputs per token
+    return _pair_sum(out, N, K, D)                                           # [N, D], K outputs per token
 
 
 @torch.library.custom_op("dsv4::fp4_moe", mutates_args=())
