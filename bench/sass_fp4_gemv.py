@@ -9,6 +9,7 @@ byte loads would not vectorise and the counts would mislead).
     python3 bench/sass_fp4_gemv.py                   # the default launch configuration
     python3 bench/sass_fp4_gemv.py --bn 8 --bk 512 --warps 4
     python3 bench/sass_fp4_gemv.py --tiled           # registers and spills of the tiled gate/up kernel
+    python3 bench/sass_fp4_gemv.py --words           # the word kernel, fp32 against packed fp16 arithmetic
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ TILED_UP = dict(x_ptr="*bf16", w1_ptr="*i8", s1_ptr="*u8", w3_ptr="*i8", s3_ptr=
                 n_blocks="*i32", limit="fp32", stride_xm="i32", stride_we="i32", stride_wn="i32", stride_se="i32",
                 stride_sn="i32", stride_hm="i32", HAS_LIMIT="constexpr", DOT_FP32="constexpr", BM="constexpr",
                 BN="constexpr", BK="constexpr")
+WORDS_UP = dict(UP, w1_ptr="*i32", w3_ptr="*i32")
 DOWN = dict(h_ptr="*bf16", w2_ptr="*i8", s2_ptr="*u8", idx_ptr="*i64", out_ptr="*bf16", D="i32", I="i32", E="i32",
             stride_hm="i32", stride_we="i32", stride_wn="i32", stride_se="i32", stride_sn="i32", stride_om="i32",
             BN="constexpr", BK="constexpr")
@@ -70,7 +72,18 @@ def main(argv=None):
     ap.add_argument("--stages", type=int, default=cfg["num_stages"])
     ap.add_argument("--tiled", action="store_true", help="the tiled gate/up kernel at each launch size of _tiles, "
                                                          "and at K tiles of 128")
+    ap.add_argument("--words", action="store_true", help="the int32-word gate/up kernel (fp4_moe.TILES['words']), "
+                                                         "in fp32 and in packed fp16 arithmetic (WORDS_MATH)")
     a = ap.parse_args(argv)
+    if a.words:
+        w = fp4_moe.TILES["words"]
+        for half in (False, True):
+            consts = dict(HAS_LIMIT=True, BN=w["BN"], BK=w["BK"], HALF=half, ASM=True)
+            r = report(fp4_moe._fp4_up_words_kernel, WORDS_UP, consts, w["num_warps"], w["num_stages"], 2)
+            print(f"words up ({'half' if half else 'fp32'}) BN {w['BN']} BK {w['BK']} warps {w['num_warps']}: "
+                  f"{r['registers']} registers, {r['spill_bytes']} B spilled, K loop {r['k_loop']} SASS instructions = "
+                  f"{r['instructions_per_byte']:.1f} per weight byte per thread")
+        return
     if a.tiled:
         cases = [(fp4_moe._tiles(p), f"pairs/expert {p}") for p in (1, 32, 128)]
         cases += [((bm, dict(BN=64, BK=128, num_warps=4, num_stages=3)), "K tile 128") for bm in (16, 32)]

@@ -20,12 +20,18 @@ on sm90 goes elsewhere: `dsv4.ops.fp4_experts_dequant`, on `dequant_fp4` below a
   operation (`_e2m1_word_pair`: each 16-bit half of a word becomes one fp16 code), with a warp's lanes
   on consecutive blocks and a thread's rows sharing its reads of x (~10 SASS per byte), the default.
   `DECODE_KERNEL` picks one; `bench/probe_flash_decode.py` times both from HBM (V4-Flash shapes, 6
-  experts from HBM on an H200: 50 against 78 us at batch 1, 81 against 134 us at batch 2);
+  experts from HBM on an H200: 50 against 78 us at batch 1, 81 against 134 us at batch 2). For bf16/fp16
+  activations the word kernels multiply in packed fp16 (`WORDS_MATH = "half"`, `half2`): x (or h) scaled
+  by a power of two from its row's max |x| so that |x·s| < 2^14, one `fma.rn.f16x2` per two codes, a
+  32-value block's products summed in fp16 (each product below 6, the sum below 96), then in fp32 times
+  the block scale and 1/s; 7.9 against 10.2 SASS per byte, 39-42 against 43-48 us for the 6 experts at
+  batch 1 (`bench/sass_fp4_gemv.py --words`, `bench/probe_flash_decode.py`). fp32 activations keep fp32 arithmetic;
 - otherwise the tiled kernels below, two over blocks of pairs of one expert:
   1. `_fp4_up_kernel`: per block of pairs of one expert, g = x·W1ᵀ and u = x·W3ᵀ (x rows gathered by
      token), the clamped SwiGLU and the routing weight in fp32, h stored in the activation dtype;
   2. `_fp4_down_kernel`: out = h·W2ᵀ per pair.
-The per-token sum of the K pair outputs is a plain reduction afterwards (no atomics: deterministic).
+The per-token sum of the K pair outputs is one launch afterwards (`_pair_sum_kernel`, fp32, no atomics:
+deterministic).
 
 Pairs are sorted by expert and each expert's run is padded to whole blocks of BM rows (`_align`,
 vectorised torch ops): `row_map` gives each padded row its pair (or −1) and `block_expert` each block
