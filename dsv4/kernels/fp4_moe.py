@@ -275,10 +275,7 @@ def _e2m1_word_pair(w, I: tl.constexpr):
     elements 8j+I and 8j+I+4 (I in 0..3), fp32, times 2^-14. Two codes per integer operation: nibble I
     of each 16-bit half is moved to the fp16 place of `_e2m1_pair` (magnitude bits 9-11, sign bit 15)
     by one shift and mask of the whole word for each field, so the word's halves are two fp16 codes."""
-    if I == 3:
-        p = ((w >> 3) & MAG_BITS) | (w & SIGN_BITS)
-    else:
-        p = ((w << (9 - 4 * I)) & MAG_BITS) | ((w << (12 - 4 * I)) & SIGN_BITS)
+    p = _word_pair_bits(w, I)
     lo = p.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     hi = (p >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     return lo, hi
@@ -339,7 +336,11 @@ def _word_block_sums_half(wa, wb, x_ptr, xk, xm, xs, TWO: tl.constexpr, ASM: tl.
         sa = half2.hfma2(_word_pair_bits(wa, i), xp, sa, ASM)
         if TWO:
             sb = half2.hfma2(_word_pair_bits(wb, i), xp, sb, ASM)
-    return _words_sum(sa, ASM), _words_sum(sb, ASM)
+    a = _words_sum(sa, ASM)
+    if TWO:
+        return a, _words_sum(sb, ASM)
+    else:
+        return a, a                                                # (the down projection: one matrix)
 
 
 @triton.jit
