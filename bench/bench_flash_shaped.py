@@ -30,6 +30,7 @@ CPU check at a toy size (tiny preset with FP8/FP4 storage; kernels only under TR
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shutil
@@ -87,8 +88,18 @@ def parse_args(argv=None):
     p.add_argument("--pdl-modes", default=None, help="programmatic dependent launch of the kernels: on, off or "
                    "both (on,off: each decode measurement twice; dsv4.kernels.launch); default: as configured "
                    "(on, unless DSV4_PDL=0)")
+    p.add_argument("--stream-modes", default=None, help="the decode graph's concurrent branches (dsv4.streams): on, "
+                   "off or both (on,off); rows with them off end in _streams_off; default: as configured (on, "
+                   "unless DSV4_STREAMS=0)")
+    p.add_argument("--fp8-rsub", default=None, help="FP8 GEMV weight sub-tiles sharing x to time the decode with, "
+                   "comma-separated among 1, 2, 4 (dsv4.kernels.fp8_gemm.GEMV_RSUB; rows of values other than "
+                   "the configured one end in _rsubN); default: as configured")
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="also profile one eager batch-1 decode step of the model section; kernel table to FILE")
+    p.add_argument("--trace", default=None, metavar="PREFIX",
+                   help="also record 3 CUDA-graph replays of the batch-1 decode step of the model section under "
+                        "torch.profiler, once with the concurrent branches and once without: Chrome traces "
+                        "PREFIX_streams_{on,off}.json and their kernel timelines summarised in the results")
     p.add_argument("--out", default="bench_flash_shaped.json")
     return p.parse_args(argv)
 
@@ -296,44 +307,77 @@ def section_model(args, device, timer, folder: Path) -> dict:
     print(f"prefill {P} tokens: {t:.2f} s, {P / t:,.0f} tok/s", flush=True)
     copy_row(cache, 0, range(1, Bmax))            # every row continues the same 8K prefix
 
-    from dsv4.kernels import fp4_moe, launch
+    from dsv4 import streams
+    from dsv4.kernels import fp4_moe, fp8_gemm, launch
     full = list(model.layers)
     half = args.slope_from if args.slope_from is not None else max(1, len(full) // 2)
     K = len(full)
     variants = args.fp4_decode_kernels.split(",")
     configured = launch.ENABLED
     pdl_modes = args.pdl_modes.split(",") if args.pdl_modes else ["on" if configured else "off"]
+    branches = streams.ENABLED
+    stream_modes = args.stream_modes.split(",") if args.stream_modes else ["on" if branches else "off"]
+    rsub0 = fp8_gemm.GEMV_RSUB
+    rsubs = [int(v) for v in args.fp8_rsub.split(",")] if args.fp8_rsub else [rsub0]
     math = fp4_moe.WORDS_MATH
-    for variant in variants:
-        for pdl in pdl_modes:
-            fp4_moe.DECODE_KERNEL = "words" if variant == "words32" else variant
-            fp4_moe.WORDS_MATH = "fp32" if variant == "words32" else math
-            launch.ENABLED = pdl == "on"
-            key = ("" if variant == "words" else f"_{variant}") + ("" if pdl == "on" else "_pdl_off")
-            dec = res[f"decode{key}"] = {}
-            for k in sorted({len(full), half}, reverse=True):
-                model.layers = torch.nn.ModuleList(full[:k])
-                for B in args.batches:
-                    dec[f"layers={k} batch={B}"] = decode_ms(model, cache, B, steps, timer)
-            model.layers = torch.nn.ModuleList(full)
+    for variant, pdl, side, rsub in itertools.product(variants, pdl_modes, stream_modes, rsubs):
+        fp8_gemm.GEMV_RSUB = rsub
+        fp4_moe.DECODE_KERNEL = "words" if variant == "words32" else variant
+        fp4_moe.WORDS_MATH = "fp32" if variant == "words32" else math
+        launch.ENABLED = pdl == "on"
+        streams.ENABLED = side == "on"
+        key = (("" if variant == "words" else f"_{variant}") + ("" if pdl == "on" else "_pdl_off")
+               + ("" if side == "on" else "_streams_off") + ("" if rsub == rsub0 else f"_rsub{rsub}"))
+        dec = res[f"decode{key}"] = {}
+        for k in sorted({len(full), half}, reverse=True):
+            model.layers = torch.nn.ModuleList(full[:k])
             for B in args.batches:
-                total = dec[f"layers={K} batch={B}"]["ms_per_step"]
-                per = {"ms_per_layer_total_over_K": total / K}
-                if half < K:
-                    slope = (total - dec[f"layers={half} batch={B}"]["ms_per_step"]) / (K - half)
-                    per["ms_per_layer_slope"] = slope
-                    per["ratio_to_sglang_per_layer"] = slope / SGLANG_MS_PER_LAYER
-                per["ratio_to_sglang_total_over_K"] = per["ms_per_layer_total_over_K"] / SGLANG_MS_PER_LAYER
-                res[f"per_layer_batch{B}{key}"] = per
-                shown = pdl if device.type == "cuda" else "n/a (CPU)"
-                print(f"decode ({variant} FP4 GEMV, PDL {shown}) batch {B}: {total:.3f} ms/step for {K} layers; "
-                      f"per layer {json.dumps(per)}", flush=True)
-    launch.ENABLED = configured
+                dec[f"layers={k} batch={B}"] = decode_ms(model, cache, B, steps, timer)
+        model.layers = torch.nn.ModuleList(full)
+        for B in args.batches:
+            total = dec[f"layers={K} batch={B}"]["ms_per_step"]
+            per = {"ms_per_layer_total_over_K": total / K}
+            if half < K:
+                slope = (total - dec[f"layers={half} batch={B}"]["ms_per_step"]) / (K - half)
+                per["ms_per_layer_slope"] = slope
+                per["ratio_to_sglang_per_layer"] = slope / SGLANG_MS_PER_LAYER
+            per["ratio_to_sglang_total_over_K"] = per["ms_per_layer_total_over_K"] / SGLANG_MS_PER_LAYER
+            res[f"per_layer_batch{B}{key}"] = per
+            shown = pdl if device.type == "cuda" else "n/a (CPU)"
+            print(f"decode ({variant} FP4 GEMV, PDL {shown}, streams {side}, FP8 RSUB {rsub}) batch {B}: "
+                  f"{total:.3f} ms/step for "
+                  f"{K} layers; per layer {json.dumps(per)}", flush=True)
+    launch.ENABLED, streams.ENABLED, fp8_gemm.GEMV_RSUB = configured, branches, rsub0
     fp4_moe.DECODE_KERNEL = "words" if variants[0] == "words32" else variants[0]
     fp4_moe.WORDS_MATH = "fp32" if variants[0] == "words32" else math
     if args.profile and device.type == "cuda":
         res["profile"] = profile_decode(model, cache, Path(args.profile))
+    if args.trace and device.type == "cuda":
+        res["trace"] = trace_decode(model, cache, args.trace)
     return res
+
+
+@torch.no_grad()
+def trace_decode(model, cache: DecodeCache, prefix: str) -> dict:
+    """Kernel timelines of 3 CUDA-graph replays of row 0's decode step, with and without the concurrent
+    branches (`dsv4.streams`): {"streams_on": summary, "streams_off": summary} (`step_profile.timeline`)."""
+    from dsv4 import streams
+    from step_profile import timeline   # bench/ is the script's folder, first on sys.path
+    rows = torch.zeros(1, dtype=torch.long, device=cache.device)
+    start = cache.lengths[rows].clone()
+    tok = torch.full((1, 1), 7, dtype=torch.long, device=cache.device)
+    configured, out = streams.ENABLED, {}
+    for side in ("on", "off"):
+        streams.ENABLED = side == "on"
+        graphs = DecodeGraphs(model, cache)
+        graphs(tok, rows)                       # eager warm-up, records the graph
+        graphs(tok, rows)
+        out[f"streams_{side}"] = s = timeline(lambda: graphs(tok, rows), f"{prefix}_streams_{side}.json", repeats=3)
+        cache.lengths[rows] = start
+        print(f"decode graph timeline, streams {side}: " + json.dumps({k: v for k, v in s.items() if k != "by_name"}),
+              flush=True)
+    streams.ENABLED = configured
+    return out
 
 
 @torch.no_grad()
@@ -405,8 +449,11 @@ def main(argv=None) -> int:
     if not set(args.fp4_decode_kernels.split(",")) <= {"words", "words32", "bytes"}:
         raise SystemExit(f"--fp4-decode-kernels takes words, words32 and/or bytes, comma-separated; got "
                          f"{args.fp4_decode_kernels!r}")
-    if args.pdl_modes and not set(args.pdl_modes.split(",")) <= {"on", "off"}:
-        raise SystemExit(f"--pdl-modes takes on and/or off, comma-separated; got {args.pdl_modes!r}")
+    if args.fp8_rsub and not set(args.fp8_rsub.split(",")) <= {"1", "2", "4"}:
+        raise SystemExit(f"--fp8-rsub takes 1, 2 and/or 4, comma-separated; got {args.fp8_rsub!r}")
+    for name, modes in (("--pdl-modes", args.pdl_modes), ("--stream-modes", args.stream_modes)):
+        if modes and not set(modes.split(",")) <= {"on", "off"}:
+            raise SystemExit(f"{name} takes on and/or off, comma-separated; got {modes!r}")
     if args.tiny:
         args.layers, args.context = min(args.layers, 4), min(args.context, 64)
         args.batches, args.decode_steps = [1, 4], min(args.decode_steps, 4)

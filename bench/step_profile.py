@@ -5,12 +5,18 @@
 * `profile_once(fn)`: one call under torch.profiler; the kernel table by device time, and the kernels'
   summed device time and count (the driver's launch-API records, `cuLaunchKernel*`, not counted);
   `details=True` adds every kernel by name (device ms, count) and the dtype copies by input shape and
-  dtype (where the conversions come from).
+  dtype (where the conversions come from);
+* `timeline(fn, path)`: fn under torch.profiler, its Chrome trace written to path, and the kernels'
+  timeline summarised (`summarize_trace`): the span from the first kernel's start to the last one's
+  end, the time at least one kernel runs, how many run at once on average, and device time by kernel
+  name. For CUDA-graph replays, where the table's per-launch view says nothing about overlap.
 """
 from __future__ import annotations
 
+import json
 import traceback
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -61,3 +67,47 @@ def capture(fn, frames: int = 9) -> list[tuple[str, list[traceback.FrameSummary]
         torch.cuda.set_sync_debug_mode("default")
         warnings.showwarning = old
     return found
+
+
+def timeline(fn, path, repeats: int = 1) -> dict:
+    """fn called `repeats` times under torch.profiler; Chrome trace to path; `summarize_trace` of it
+    (per call: the span and busy time divided by `repeats`)."""
+    torch.cuda.synchronize()
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    prof.export_chrome_trace(str(path))
+    return summarize_trace(path, repeats)
+
+
+def summarize_trace(path, repeats: int = 1, top: int = 40) -> dict:
+    """Kernels of a Chrome trace (events of category "kernel"): `span_us` first start to last end,
+    `busy_us` the union of their intervals, `concurrency` summed kernel time over busy time, `streams`,
+    `kernels` (count), and `by_name` {name: [µs, count]} of the `top` names by time; times per repeat."""
+    events = json.loads(Path(path).read_text()).get("traceEvents", [])
+    ks = sorted((float(e["ts"]), float(e["dur"]), e["name"], (e.get("args") or {}).get("stream"))
+                for e in events if e.get("cat") == "kernel" and "dur" in e)
+    if not ks:
+        return {"kernels": 0}
+    busy, cur_s, cur_e = 0.0, ks[0][0], ks[0][0] + ks[0][1]
+    for ts, dur, _, _ in ks[1:]:
+        if ts > cur_e:
+            busy += cur_e - cur_s
+            cur_s, cur_e = ts, ts + dur
+        else:
+            cur_e = max(cur_e, ts + dur)
+    busy += cur_e - cur_s
+    span = max(ts + dur for ts, dur, _, _ in ks) - ks[0][0]
+    total = sum(dur for _, dur, _, _ in ks)
+    by_name: dict[str, list] = {}
+    for _, dur, name, _ in ks:
+        acc = by_name.setdefault(name[:80], [0.0, 0])
+        acc[0] += dur / repeats
+        acc[1] += 1
+    ranked = dict(sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top])
+    return {"kernels": len(ks) // repeats, "span_us": span / repeats, "busy_us": busy / repeats,
+            "concurrency": total / busy if busy else 0.0, "streams": len({k[3] for k in ks}),
+            "by_name": {k: [round(v[0], 2), v[1]] for k, v in ranked.items()}}

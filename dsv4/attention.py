@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from dsv4 import ops
+from dsv4 import ops, streams
 from dsv4.ops import acc_dtype, up
 from dsv4.config import ModelConfig, yarn_low_high
 
@@ -548,6 +548,12 @@ class Attention(nn.Module):
             qa, kv, pre = linear(x, self.wq_a), linear(x, self.wkv), None
             qr = self.q_norm(qa)                                                      # [B, S, q_lora]
             q = linear(qr, self.wq_b)                                                 # [B, S, H·Dh]
+        elif state is not None and self.ratio:   # inference with a cache: the compressors' branch beside
+            # the query and key projections (concurrent in a CUDA-graph decode step, `dsv4.streams`)
+            _, (qr, q, kv, pre) = streams.concurrently(
+                lambda: self._update_compressors(x, pos, freqs, state, rows, starts),
+                lambda: self._projections(x, rope, compressors=False), x)
+            pre["updated"] = True
         else:                          # inference: the projections of one input as one GEMM (`linears`)
             qr, q, kv, pre = self._projections(x, rope)
         if pre is None:
@@ -572,14 +578,15 @@ class Attention(nn.Module):
             qs.append(self.indexer.wq_b)
         return [(xs, False), (x32, True), (qs, False)]
 
-    def _projections(self, x: torch.Tensor, rope: ops.Rope):
+    def _projections(self, x: torch.Tensor, rope: ops.Rope, compressors: bool = True):
         """Inference: the block's projections by group, normalised and roped two at a time (one launch
         each: q_norm with kv's norm and rope, the per-head query norm and rope with the indexer's query
-        rope) -> (qr, q [B, S, H, Dh], kv [B, S, Dh], the compressors' and indexer's inputs for `_attend`)."""
+        rope) -> (qr, q [B, S, H, Dh], kv [B, S, Dh], the compressors' and indexer's inputs for `_attend`).
+        compressors=False: without the compressors' projections (`_update_compressors` computes them)."""
         B, S, _ = x.shape
         (xs, _), (x32, _), (qs, _) = self.projection_groups()
         a = linears(x, xs)
-        c = linears(x, x32, fp32=True) if x32 else []
+        c = linears(x, x32, fp32=True) if x32 and compressors else []
         qr, kv = ops.norm_rope_pair(a[0], self.q_norm.weight, self.q_norm.eps, None,
                                     a[1], self.kv_norm.weight, self.kv_norm.eps, rope)
         b = linears(qr, qs)
@@ -589,10 +596,18 @@ class Attention(nn.Module):
             ix = self.indexer
             q, iq = ops.norm_rope_pair(q, None, self.eps, rope, b[1].view(B, S, ix.n_heads, ix.head_dim), None, None,
                                        rope)
-            pre["index"], pre["icomp"] = (iq, a[2]), tuple(c[2:4])
+            pre["index"], pre["icomp"] = (iq, a[2]), tuple(c[2:4]) if c else None
         else:
             q = ops.norm_rope(q, None, self.eps, rope)
         return qr, q, kv, pre
+
+    def _update_compressors(self, x, pos, freqs, state, rows, starts) -> None:
+        """Inference with a cache: feed x to the layer's compressor and the indexer's (their projections
+        of x as one GEMM)."""
+        c = linears(x, self.projection_groups()[1][0], fp32=True)
+        self.compressor.update(x, pos, freqs, state.comp, rows, tuple(c[:2]), starts)
+        if self.indexer is not None:
+            self.indexer.compressor.update(x, pos, freqs, state.index, rows, tuple(c[2:4]), starts)
 
     def _attend(self, x, qr, q, kv, pos, rope, freqs, seg, state, rows, pre=None, starts=None):
         """Keys, index lists and one attention call per query chunk (memory linear in S); pre: the
@@ -623,7 +638,8 @@ class Attention(nn.Module):
             in_ring = S == 1 and not want_loss
             keys = state.ring if in_ring else torch.cat([state.ring[rows], kv.to(state.ring.dtype)], dim=1)
             if m:
-                self.compressor.update(x, pos, freqs, state.comp, rows, pre.get("comp"), starts)
+                if not pre.get("updated"):
+                    self.compressor.update(x, pos, freqs, state.comp, rows, pre.get("comp"), starts)
                 comp, c_rows = state.comp.attention_keys(self.head_dim), rows         # [Bmax, Cmax, Dh]
                 # the one-token step reads the whole buffer (static shapes, no host read)
                 # (a longer call: the longest row's end, from the host when it knows it, else one read)
@@ -632,7 +648,9 @@ class Attention(nn.Module):
                     end = max(starts) + S if starts else int((pos[:, -1] + 1).max())
                     n_comp = min(n_comp, end // m)
                 if self.indexer is not None:
-                    self.indexer.compressor.update(x_idx, pos, freqs, state.index, rows, pre.get("icomp"), starts)
+                    if not pre.get("updated"):
+                        self.indexer.compressor.update(x_idx, pos, freqs, state.index, rows, pre.get("icomp"),
+                                                       starts)
                     ikeys = state.index.entries[:, :n_comp]                          # [Bmax, C, Di]
         iq = iw = None
         if self.indexer is not None and (sparse or want_loss):

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from dsv4 import ops
+from dsv4 import ops, streams
 from dsv4.ops import fp32_region, up
 from dsv4.attention import Attention, RMSNorm, linear, linears, pack
 from dsv4.config import ModelConfig
@@ -148,10 +148,15 @@ class MoE(nn.Module):
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         B, S, D = x.shape
         flat = x.reshape(-1, D)                                                # [B·S, D]
-        w, idx, scores = self.gate(flat, ids.reshape(-1))
-        y = self.experts(flat, idx, w)                                         # [B·S, D]
-        if self.shared_experts is not None:
-            y = y + self.shared_experts(flat)
+
+        def routed():
+            w, idx, scores = self.gate(flat, ids.reshape(-1))
+            return self.experts(flat, idx, w), idx, scores                     # [B·S, D]
+        if self.shared_experts is None:
+            y, idx, scores = routed()
+        else:   # the shared expert beside the router and the routed experts (a CUDA-graph decode step)
+            shared, (y, idx, scores) = streams.concurrently(lambda: self.shared_experts(flat), routed, flat)
+            y = y + shared
         return y.view(B, S, D), (idx, scores)
 
 

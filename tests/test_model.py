@@ -369,6 +369,33 @@ def test_decode_graph_runner_on_cpu_is_the_eager_step(model, ids, full):
         DecodeGraphs(model, cache, enabled=True)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the branches fork only in a CUDA graph (CPU: in line)")
+@torch.no_grad()
+def test_decode_graph_with_concurrent_branches_equals_the_eager_step_on_cuda(ids):
+    # the recorded step runs the shared expert and the compressors on a second stream (dsv4.streams): the
+    # same kernels on the same inputs, so every step's logits and the cache equal the eager step's, bit for bit
+    from dsv4 import streams
+    from dsv4.graphs import DecodeGraphs
+
+    assert streams.ENABLED, "run without DSV4_STREAMS=0"
+    m = random_model("tiny", seed=3).to(device="cuda", dtype=torch.bfloat16)
+    dev_ids, rows = ids.cuda(), torch.arange(2, device="cuda")
+    caches = [DecodeCache(m.config, 2, 300, device="cuda", dtype=torch.bfloat16) for _ in range(2)]
+    for c in caches:
+        m(dev_ids[:, :118], cache=c)
+    runner = DecodeGraphs(m, caches[0])
+    steps = range(118, 134)                  # across the 128-token HCA entry and four CSA windows
+    got = [runner(dev_ids[:, t:t + 1], rows) for t in steps]
+    assert runner.graphs.get(2) is not None and streams._SIDE      # recorded, and a branch was forked
+    want = [m.decode_step(dev_ids[:, t:t + 1], caches[1], rows) for t in steps]
+    for t, a, b in zip(steps, got, want):
+        assert torch.equal(a, b), t
+    for la, lb in zip(caches[0].layers, caches[1].layers):
+        assert torch.equal(la.ring, lb.ring)
+        for sa, sb in zip(la.states(), lb.states()):
+            assert torch.equal(sa.entries, sb.entries) and torch.equal(sa.kv, sb.kv)
+
+
 @torch.no_grad()
 def test_decode_to_the_end_of_a_short_cache(model, ids, full):
     # max_len below the HCA ratio and not a multiple of 4: the last partial windows have no entry slot

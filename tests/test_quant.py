@@ -314,6 +314,13 @@ def test_fp8_gemv_launch_variants(monkeypatch):
     assert relerr(k.fp8_gemv(*dev(x6, w, s)), f64_fp8_linear(x6, w, s)) <= 1e-5
     with pytest.raises(ValueError, match="BN must be a power of two"):
         k.fp8_gemv(*dev(x2, w64, s64), block=(64, 64), BN=128)                         # rows over two scale rows
+    # weight sub-tiles sharing x (one row of x): the last program's sub-tiles partly or wholly past N = 36
+    x1 = x[:1]
+    for tiles in (dict(BN=8, BK=64, RSUB=2), dict(BN=16, BK=128, RSUB=4), dict(BN=32, BK=256, RSUB=4)):
+        assert relerr(k.fp8_gemv(*dev(x1, w, s32), **tiles), f64_fp8_linear(x1, w, s32)) <= 1e-5, tiles
+    assert relerr(k.fp8_gemv(*dev(x, w, s), BN=8, BK=64, RSUB=4), ref) <= 1e-5   # 3 rows: RSUB applies to 1 only
+    with pytest.raises(ValueError, match="RSUB"):
+        k.fp8_gemv(*dev(x1, w, s), BN=2, BK=64, RSUB=4)
     if k.INTERPRET:
         monkeypatch.setattr(k, "_native_fp8", lambda device: True)
         assert relerr(k.fp8_gemv(*dev(x, w, s)), ref) <= 1e-5
@@ -346,6 +353,8 @@ def test_fp8_grouped_gemv_matches_twin_and_float64(dtype):
     s32 = fp32_scales(s, g)
     x = torch.randn(1, G, K, generator=g)
     assert relerr(fp8_grouped_gemv(*(t.to(KDEV) for t in (x, w, s32)), BN=16, BK=64), f64_grouped(x, w, s32)) <= 1e-5
+    assert relerr(fp8_grouped_gemv(*(t.to(KDEV) for t in (x, w, s32)), BN=16, BK=64, RSUB=4),
+                  f64_grouped(x, w, s32)) <= 1e-5
     with pytest.raises(ValueError, match="BN must be a power of two"):
         fp8_grouped_gemv(*(t.to(KDEV) for t in (x, w, s)), BN=128)
     layer = quant.FP8Linear(K, G * R)

@@ -140,11 +140,24 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, k_per_split,
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
+@triton.jit
+def _fp8_run_products(w_ptrs, mask, x, s, NATIVE_FP8: tl.constexpr):
+    """Σ over each 16-byte run of the tile at w_ptrs [BN, J, 16] of weight · x [J, 16], times the run's
+    scale s [1, J] -> [BN, J] fp32."""
+    wb = tl.load(w_ptrs, mask=mask, other=0)
+    if NATIVE_FP8:
+        w = wb.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    else:
+        w = e4m3_to_fp32(wb.to(tl.int32))
+    return tl.sum(w * x[None, :, :], 2) * s
+
+
 @launchable
 @triton.jit
 def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, group_n, stride_xm, stride_xg, stride_wn, stride_sn,
                      stride_ym, ROWS: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr, SCALE_E8M0: tl.constexpr,
-                     NATIVE_FP8: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr = False):
+                     NATIVE_FP8: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RSUB: tl.constexpr = 1,
+                     PDL: tl.constexpr = False):
     """y[r, n-tile] = Σ_k x[r, g, k] · s[n // SBN, k // SBK] · Wq[n, k] for the ROWS (1..4) rows of x,
     where g = n // group_n is the group of output row n (grouped projections such as `wo_a`: each group
     of group_n rows reads its own slice of x, `stride_xg` apart; one group: stride_xg = 0).
@@ -153,29 +166,31 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, group_n, stride_xm, strid
     one thread and inside one scale block (SBK >= 16). A run's 16 products are summed in the thread (an
     FMA chain), then its block scale multiplies that partial sum (exact for e8m0) into acc_r [BN, J];
     the program's BN rows lie in one scale row-block (SBN % BN == 0). One accumulator per row of x, so
-    the weight tile is decoded once for all rows; the J lanes are reduced once, after the loop."""
+    the weight tile is decoded once for all rows; the J lanes are reduced once, after the loop.
+
+    RSUB (2 or 4, one row of x only): the tile is read as RSUB sub-tiles [BN / RSUB, J, 16] of the same
+    layout, so that a thread holds the same runs of x for RSUB weight rows and loads and converts them
+    once for all of them (x's loads and conversion are otherwise ~2 of a run's instructions per weight
+    byte, `bench/sass_fp8_gemv.py`)."""
     pdl_start(PDL)
     V: tl.constexpr = 16
     J: tl.constexpr = BK // V
+    BS: tl.constexpr = BN // RSUB
     pid = tl.program_id(0)
-    rn = pid * BN + tl.arange(0, BN)
+    rn = pid * BN + tl.arange(0, BS)
     n_ok = rn < N
     x_ptr += ((pid * BN) // group_n).to(tl.int64) * stride_xg           # the program's rows lie in one group
     jv = V * tl.arange(0, J)                                             # [J]: each run's first column
     kk = jv[:, None] + tl.arange(0, V)[None, :]                          # [J, V]: a chunk's columns
     w_ptrs = w_ptr + rn.to(tl.int64)[:, None, None] * stride_wn + kk[None, :, :]
     s_ptrs = s_ptr + ((pid * BN) // SBN) * stride_sn                    # the program's row of scales
-    acc0 = tl.full((BN, J), 0.0, tl.float32)
-    acc1 = tl.full((BN, J), 0.0, tl.float32)
-    acc2 = tl.full((BN, J), 0.0, tl.float32)
-    acc3 = tl.full((BN, J), 0.0, tl.float32)
+    sub = BS * stride_wn.to(tl.int64)                                   # one sub-tile's rows further on
+    acc0 = tl.full((BS, J), 0.0, tl.float32)
+    acc1 = tl.full((BS, J), 0.0, tl.float32)
+    acc2 = tl.full((BS, J), 0.0, tl.float32)
+    acc3 = tl.full((BS, J), 0.0, tl.float32)
     for k0 in range(0, K, BK):
         k_ok = (k0 + kk) < K
-        wb = tl.load(w_ptrs + k0, mask=n_ok[:, None, None] & k_ok[None, :, :], other=0)
-        if NATIVE_FP8:
-            w = wb.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-        else:
-            w = e4m3_to_fp32(wb.to(tl.int32))
         run_ok = (k0 + jv) < K
         if SCALE_E8M0:
             s = e8m0_to_fp32(tl.load(s_ptrs + (k0 + jv) // SBK, mask=run_ok, other=127).to(tl.int32))
@@ -183,24 +198,45 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, group_n, stride_xm, strid
             s = tl.load(s_ptrs + (k0 + jv) // SBK, mask=run_ok, other=1.0)
         s = s[None, :]
         xv = tl.load(x_ptr + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
-        acc0 += tl.sum(w * xv[None, :, :], 2) * s
-        if ROWS > 1:
-            xv = tl.load(x_ptr + stride_xm + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
-            acc1 += tl.sum(w * xv[None, :, :], 2) * s
-        if ROWS > 2:
-            xv = tl.load(x_ptr + 2 * stride_xm + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
-            acc2 += tl.sum(w * xv[None, :, :], 2) * s
-        if ROWS > 3:
-            xv = tl.load(x_ptr + 3 * stride_xm + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
-            acc3 += tl.sum(w * xv[None, :, :], 2) * s
+        if RSUB > 1:                   # one row of x, RSUB sub-tiles of weight rows
+            acc0 += _fp8_run_products(w_ptrs + k0, n_ok[:, None, None] & k_ok[None, :, :], xv, s, NATIVE_FP8)
+            acc1 += _fp8_run_products(w_ptrs + sub + k0, (rn + BS < N)[:, None, None] & k_ok[None, :, :], xv, s,
+                                      NATIVE_FP8)
+            if RSUB > 2:
+                acc2 += _fp8_run_products(w_ptrs + 2 * sub + k0, (rn + 2 * BS < N)[:, None, None] & k_ok[None, :, :],
+                                          xv, s, NATIVE_FP8)
+                acc3 += _fp8_run_products(w_ptrs + 3 * sub + k0, (rn + 3 * BS < N)[:, None, None] & k_ok[None, :, :],
+                                          xv, s, NATIVE_FP8)
+        else:
+            wb = tl.load(w_ptrs + k0, mask=n_ok[:, None, None] & k_ok[None, :, :], other=0)
+            if NATIVE_FP8:
+                w = wb.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+            else:
+                w = e4m3_to_fp32(wb.to(tl.int32))
+            acc0 += tl.sum(w * xv[None, :, :], 2) * s
+            if ROWS > 1:
+                xv = tl.load(x_ptr + stride_xm + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
+                acc1 += tl.sum(w * xv[None, :, :], 2) * s
+            if ROWS > 2:
+                xv = tl.load(x_ptr + 2 * stride_xm + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
+                acc2 += tl.sum(w * xv[None, :, :], 2) * s
+            if ROWS > 3:
+                xv = tl.load(x_ptr + 3 * stride_xm + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
+                acc3 += tl.sum(w * xv[None, :, :], 2) * s
     out_ty = y_ptr.dtype.element_ty
     tl.store(y_ptr + rn, tl.sum(acc0, 1).to(out_ty), mask=n_ok)
-    if ROWS > 1:
-        tl.store(y_ptr + stride_ym + rn, tl.sum(acc1, 1).to(out_ty), mask=n_ok)
-    if ROWS > 2:
-        tl.store(y_ptr + 2 * stride_ym + rn, tl.sum(acc2, 1).to(out_ty), mask=n_ok)
-    if ROWS > 3:
-        tl.store(y_ptr + 3 * stride_ym + rn, tl.sum(acc3, 1).to(out_ty), mask=n_ok)
+    if RSUB > 1:
+        tl.store(y_ptr + BS + rn, tl.sum(acc1, 1).to(out_ty), mask=rn + BS < N)
+        if RSUB > 2:
+            tl.store(y_ptr + 2 * BS + rn, tl.sum(acc2, 1).to(out_ty), mask=rn + 2 * BS < N)
+            tl.store(y_ptr + 3 * BS + rn, tl.sum(acc3, 1).to(out_ty), mask=rn + 3 * BS < N)
+    else:
+        if ROWS > 1:
+            tl.store(y_ptr + stride_ym + rn, tl.sum(acc1, 1).to(out_ty), mask=n_ok)
+        if ROWS > 2:
+            tl.store(y_ptr + 2 * stride_ym + rn, tl.sum(acc2, 1).to(out_ty), mask=n_ok)
+        if ROWS > 3:
+            tl.store(y_ptr + 3 * stride_ym + rn, tl.sum(acc3, 1).to(out_ty), mask=n_ok)
 
 
 # ----------------------------------------------------------------------------- launch
@@ -254,6 +290,7 @@ def _check(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tu
 GEMV_MAX_ROWS = 2        # at most this many rows of x take the GEMV (module docstring: why 2, measured)
 GEMV_ROWS = 4            # rows of x one GEMV launch carries (its accumulators); more rows: more launches
 GEMV_BN_MAX = 32         # output rows per GEMV program at most
+GEMV_RSUB = 1            # weight sub-tiles sharing x's registers in the default launch (`_fp8_gemv_kernel`)
 # launch variants of the GEMV for timing (`bench/probe_fp8_gemv.py`); `fp8_gemv(..., **variant)` runs one.
 # Tiles of 2048..16384 weights (16..128 per thread), from one row over 4096 columns to 32 rows over 128,
 # so that every V4-Flash shape (512..32768 rows) has some with >= 2 programs per SM; fewer warps at the
@@ -273,15 +310,23 @@ def _gemv_tiles(M: int, N: int, K: int, block_n: int, device: torch.device, per_
     """The default GEMV launch: BN the largest power of two <= GEMV_BN_MAX with N / BN >= per_sm·SMs (at
     least one row), and dividing the scale block's rows; BK filling a tile of 4096 weights (32 per
     thread: two 16-byte loads), at least 64 and at most K rounded up to a power of two."""
-    cap = min(GEMV_BN_MAX, _pow2_divisor(block_n))
     if INTERPRET or device.type != "cuda":
-        return dict(BN=min(32, cap), BK=128, num_warps=4, num_stages=1)
+        return dict(BN=min(32, GEMV_BN_MAX, _pow2_divisor(block_n)), BK=128, num_warps=4, num_stages=1, RSUB=1)
     _, sms = _device_info(device.index if device.index is not None else torch.cuda.current_device())
+    return gemv_launch(N, K, block_n, sms, per_sm)
+
+
+def gemv_launch(N: int, K: int, block_n: int, sms: int, per_sm: int = 6, rsub: int | None = None) -> dict:
+    """`_gemv_tiles` on a GPU of `sms` SMs (a pure function of the shape: `bench/sass_fp8_gemv.py`).
+    RSUB = min(`GEMV_RSUB`, BN) sub-tiles of rows share x, and the tile grows with it (4096·RSUB weights)
+    so that each sub-tile still gives every thread a run."""
+    cap = min(GEMV_BN_MAX, _pow2_divisor(block_n))
     bn = 1
     while 2 * bn <= cap and N // (2 * bn) >= per_sm * sms:
         bn *= 2
-    bk = min(max(64, 4096 // bn), max(64, next_pow2(K)))
-    return dict(BN=bn, BK=bk, num_warps=4, num_stages=2)
+    rsub = min(GEMV_RSUB if rsub is None else rsub, bn)
+    bk = min(max(64, 4096 * rsub // bn), max(64, next_pow2(K)))
+    return dict(BN=bn, BK=bk, num_warps=4, num_stages=2, RSUB=rsub)
 
 
 def _fp8_gemv(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_n: int, block_k: int,
@@ -291,10 +336,13 @@ def _fp8_gemv(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block
     launch's compiled kernel (registers and spills for the benchmarks)."""
     M, K = x2.shape[0], x2.shape[-1]
     N = weight.shape[0]
-    BN, BK = int(cfg["BN"]), int(cfg["BK"])
+    BN, BK, RSUB = int(cfg["BN"]), int(cfg["BK"]), int(cfg.get("RSUB", 1))
     if BN < 1 or BN & (BN - 1) or block_n % BN or BK < 16 or BK & (BK - 1) or (groups > 1 and (N // groups) % BN):
         raise ValueError(f"GEMV tiles: BN must be a power of two dividing the scale block's {block_n} rows (and "
                          f"a group's {N // groups}) and BK a power of two >= 16; got BN={BN}, BK={BK}")
+    if RSUB not in (1, 2, 4) or BN % RSUB:
+        raise ValueError(f"GEMV tiles: RSUB (weight sub-tiles sharing x) must be 1, 2 or 4 and divide BN={BN}; "
+                         f"got {RSUB}")
     w = weight.contiguous().view(torch.uint8)
     e8m0 = scale.dtype == torch.float8_e8m0fnu
     s = scale.contiguous().view(torch.uint8) if e8m0 else scale.contiguous()
@@ -307,6 +355,7 @@ def _fp8_gemv(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block
             x2[r0:], w, s, y[r0:], N, K, N // groups, x2.stride(0), x2.stride(1) if groups > 1 else 0,
             w.stride(0), s.stride(0), y.stride(0),
             ROWS=rows, SBN=block_n, SBK=block_k, SCALE_E8M0=e8m0, NATIVE_FP8=native, BN=BN, BK=BK,
+            RSUB=RSUB if rows == 1 else 1,
             num_warps=int(cfg.get("num_warps", 4)), num_stages=int(cfg.get("num_stages", 2)), **pdl(x2[r0:]))
     return kernel
 
