@@ -3,7 +3,7 @@
 # weight sub-tiles sharing x (RSUB, dsv4/kernels/fp8_gemm.py), per kernel and in the V4-Flash-shaped model,
 # plus their GPU tests. Every log goes into one archive, $OUT/round13_logs.tgz (a device call brings back at
 # most 8 files), written after each step, and a summary to stdout.
-#   OUT=... bash bench/gpu_round13.sh [steps...]    steps: tests probe8 flash gen
+#   OUT=... bash bench/gpu_round13.sh [steps...]    steps: tests probe8 flash step flashp gen
 OUT=${OUT:-out_round13}
 LOGS=$(mktemp -d)
 steps=${*:-tests probe8 flash}
@@ -22,6 +22,10 @@ for s in $steps; do case $s in
   flash) mkdir -p /tmp/flash6; timeout 330 python bench/bench_flash_shaped.py --only model --layers 6 --slope-from 2 \
            --decode-steps 16 --stream-modes on,off --fp8-rsub ${RSUB:-1,4} --dir /tmp/flash6 \
            --trace "$LOGS/trace6" --out "$LOGS/flash6.json" > "$LOGS/flash6.log" 2>&1 ;;
+  step) timeout 120 python bench/probe_compressor_step.py --out "$LOGS/probe_step.json" > "$LOGS/probe_step.log" 2>&1 ;;
+  flashp) mkdir -p /tmp/flash6; timeout 330 python bench/bench_flash_shaped.py --only model --layers 6 --slope-from 2 \
+           --decode-steps 16 --prefetch-modes off,on --dir /tmp/flash6 --trace "$LOGS/tracep6" \
+           --out "$LOGS/flashp6.json" > "$LOGS/flashp6.log" 2>&1 ;;
   gen) python bench/bench_generate.py --device cuda --batch 1 --prompt-lens 4096,16384 --decode-tokens 32 --peer \
          --decode-modes graph --no-engine --repeats 3 --out "$LOGS/gen.json" > "$LOGS/gen.log" 2>&1 ;;
 esac
@@ -29,5 +33,6 @@ esac
 done
 tail -n 3 "$LOGS"/tests_*.log 2>/dev/null
 grep -h "gemv\|tiled" "$LOGS/probe_fp8.log" 2>/dev/null | cut -c1-130 | head -60
-grep -h "^decode" "$LOGS/flash6.log" 2>/dev/null | cut -c1-230
+grep -h "^decode" "$LOGS"/flash*6.log 2>/dev/null | cut -c1-250
+grep -h "^{" "$LOGS/probe_step.log" 2>/dev/null
 tail -n 4 "$LOGS/gen.log" 2>/dev/null

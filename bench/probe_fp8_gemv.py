@@ -77,7 +77,7 @@ def main(argv=None):
     dev = torch.device("cpu" if smoke else "cuda")
     rows = [int(r) for r in args.rows.split(",")]
     if args.variants:
-        text = Path(args.variants).read_text() if Path(args.variants).is_file() else args.variants
+        text = args.variants if args.variants.lstrip().startswith("[") else Path(args.variants).read_text()
         variants = json.loads(text)
     else:
         variants = fp8_gemm.GEMV_VARIANTS
