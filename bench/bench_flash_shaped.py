@@ -91,9 +91,6 @@ def parse_args(argv=None):
     p.add_argument("--stream-modes", default=None, help="the decode graph's concurrent branches (dsv4.streams): on, "
                    "off or both (on,off); rows with them off end in _streams_off; default: as configured (on, "
                    "unless DSV4_STREAMS=0)")
-    p.add_argument("--prefetch-modes", default=None, help="L2 prefetch of wq_b and wo_a on a third stream of the "
-                   "decode graph (dsv4.streams.PREFETCH): on, off or both; rows with it on end in _prefetch; "
-                   "default: as configured (off, unless DSV4_L2_PREFETCH=1)")
     p.add_argument("--fp8-rsub", default=None, help="FP8 GEMV weight sub-tiles sharing x to time the decode with, "
                    "comma-separated among 1, 2, 4 (dsv4.kernels.fp8_gemm.GEMV_RSUB; rows of values other than "
                    "the configured one end in _rsubN); default: as configured")
@@ -101,8 +98,8 @@ def parse_args(argv=None):
                    help="also profile one eager batch-1 decode step of the model section; kernel table to FILE")
     p.add_argument("--trace", default=None, metavar="PREFIX",
                    help="also record 3 CUDA-graph replays of the batch-1 decode step of the model section under "
-                        "torch.profiler, with the concurrent branches, without, and with them and the L2 "
-                        "prefetches: Chrome traces PREFIX_streams_{on,off,on_prefetch}.json and their kernel timelines summarised in the results")
+                        "torch.profiler, once with the concurrent branches and once without: Chrome traces "
+                        "PREFIX_streams_{on,off}.json and their kernel timelines summarised in the results")
     p.add_argument("--out", default="bench_flash_shaped.json")
     return p.parse_args(argv)
 
@@ -322,18 +319,15 @@ def section_model(args, device, timer, folder: Path) -> dict:
     stream_modes = args.stream_modes.split(",") if args.stream_modes else ["on" if branches else "off"]
     rsub0 = fp8_gemm.GEMV_RSUB
     rsubs = [int(v) for v in args.fp8_rsub.split(",")] if args.fp8_rsub else [rsub0]
-    fetch0 = streams.PREFETCH
-    fetches = args.prefetch_modes.split(",") if args.prefetch_modes else ["on" if fetch0 else "off"]
     math = fp4_moe.WORDS_MATH
-    for variant, pdl, side, rsub, fetch in itertools.product(variants, pdl_modes, stream_modes, rsubs, fetches):
-        fp8_gemm.GEMV_RSUB, streams.PREFETCH = rsub, fetch == "on"
+    for variant, pdl, side, rsub in itertools.product(variants, pdl_modes, stream_modes, rsubs):
+        fp8_gemm.GEMV_RSUB = rsub
         fp4_moe.DECODE_KERNEL = "words" if variant == "words32" else variant
         fp4_moe.WORDS_MATH = "fp32" if variant == "words32" else math
         launch.ENABLED = pdl == "on"
         streams.ENABLED = side == "on"
         key = (("" if variant == "words" else f"_{variant}") + ("" if pdl == "on" else "_pdl_off")
-               + ("" if side == "on" else "_streams_off") + ("" if rsub == rsub0 else f"_rsub{rsub}")
-               + ("_prefetch" if fetch == "on" else ""))
+               + ("" if side == "on" else "_streams_off") + ("" if rsub == rsub0 else f"_rsub{rsub}"))
         dec = res[f"decode{key}"] = {}
         for k in sorted({len(full), half}, reverse=True):
             model.layers = torch.nn.ModuleList(full[:k])
@@ -350,11 +344,10 @@ def section_model(args, device, timer, folder: Path) -> dict:
             per["ratio_to_sglang_total_over_K"] = per["ms_per_layer_total_over_K"] / SGLANG_MS_PER_LAYER
             res[f"per_layer_batch{B}{key}"] = per
             shown = pdl if device.type == "cuda" else "n/a (CPU)"
-            print(f"decode ({variant} FP4 GEMV, PDL {shown}, streams {side}, FP8 RSUB {rsub}, prefetch {fetch}) "
-                  f"batch {B}: "
+            print(f"decode ({variant} FP4 GEMV, PDL {shown}, streams {side}, FP8 RSUB {rsub}) batch {B}: "
                   f"{total:.3f} ms/step for "
                   f"{K} layers; per layer {json.dumps(per)}", flush=True)
-    launch.ENABLED, streams.ENABLED, fp8_gemm.GEMV_RSUB, streams.PREFETCH = configured, branches, rsub0, fetch0
+    launch.ENABLED, streams.ENABLED, fp8_gemm.GEMV_RSUB = configured, branches, rsub0
     fp4_moe.DECODE_KERNEL = "words" if variants[0] == "words32" else variants[0]
     fp4_moe.WORDS_MATH = "fp32" if variants[0] == "words32" else math
     if args.profile and device.type == "cuda":
@@ -367,16 +360,15 @@ def section_model(args, device, timer, folder: Path) -> dict:
 @torch.no_grad()
 def trace_decode(model, cache: DecodeCache, prefix: str) -> dict:
     """Kernel timelines of 3 CUDA-graph replays of row 0's decode step, with and without the concurrent
-    branches (`dsv4.streams`), and with them and the L2 prefetches: {"streams_on": summary, "streams_off":
-    summary, "streams_on_prefetch": summary} (`step_profile.timeline`)."""
+    branches (`dsv4.streams`): {"streams_on": summary, "streams_off": summary} (`step_profile.timeline`)."""
     from dsv4 import streams
     from step_profile import timeline   # bench/ is the script's folder, first on sys.path
     rows = torch.zeros(1, dtype=torch.long, device=cache.device)
     start = cache.lengths[rows].clone()
     tok = torch.full((1, 1), 7, dtype=torch.long, device=cache.device)
-    configured, fetch0, out = streams.ENABLED, streams.PREFETCH, {}
-    for side in ("on", "off", "on_prefetch"):
-        streams.ENABLED, streams.PREFETCH = side != "off", side == "on_prefetch"
+    configured, out = streams.ENABLED, {}
+    for side in ("on", "off"):
+        streams.ENABLED = side == "on"
         graphs = DecodeGraphs(model, cache)
         graphs(tok, rows)                       # eager warm-up, records the graph
         graphs(tok, rows)
@@ -384,7 +376,7 @@ def trace_decode(model, cache: DecodeCache, prefix: str) -> dict:
         cache.lengths[rows] = start
         print(f"decode graph timeline, streams {side}: " + json.dumps({k: v for k, v in s.items() if k != "by_name"}),
               flush=True)
-    streams.ENABLED, streams.PREFETCH = configured, fetch0
+    streams.ENABLED = configured
     return out
 
 
@@ -457,8 +449,6 @@ def main(argv=None) -> int:
     if not set(args.fp4_decode_kernels.split(",")) <= {"words", "words32", "bytes"}:
         raise SystemExit(f"--fp4-decode-kernels takes words, words32 and/or bytes, comma-separated; got "
                          f"{args.fp4_decode_kernels!r}")
-    if args.prefetch_modes and not set(args.prefetch_modes.split(",")) <= {"on", "off"}:
-        raise SystemExit(f"--prefetch-modes takes on and/or off, comma-separated; got {args.prefetch_modes!r}")
     if args.fp8_rsub and not set(args.fp8_rsub.split(",")) <= {"1", "2", "4"}:
         raise SystemExit(f"--fp8-rsub takes 1, 2 and/or 4, comma-separated; got {args.fp8_rsub!r}")
     for name, modes in (("--pdl-modes", args.pdl_modes), ("--stream-modes", args.stream_modes)):

@@ -3,7 +3,7 @@
 # weight sub-tiles sharing x (RSUB, dsv4/kernels/fp8_gemm.py), per kernel and in the V4-Flash-shaped model,
 # plus their GPU tests. Every log goes into one archive, $OUT/round13_logs.tgz (a device call brings back at
 # most 8 files), written after each step, and a summary to stdout.
-#   OUT=... bash bench/gpu_round13.sh [steps...]    steps: tests probe8 flash step flashp gen
+#   OUT=... bash bench/gpu_round13.sh [steps...]    steps: tests probe8 flash step gen
 OUT=${OUT:-out_round13}
 LOGS=$(mktemp -d)
 steps=${*:-tests probe8 flash}
@@ -15,17 +15,15 @@ V='[{"BN":4,"BK":2048,"num_warps":4,"num_stages":2,"RSUB":2},{"BN":4,"BK":4096,"
 {"BN":8,"BK":512,"num_warps":2,"num_stages":2,"RSUB":4}]'
 for s in $steps; do case $s in
   tests) timeout 150 python -m pytest -q tests/test_quant.py -k "fp8" -p no:warnings > "$LOGS/tests_quant.log" 2>&1
+         timeout 100 python -m pytest -q tests/test_kernels.py -k "compressor" -p no:warnings > "$LOGS/tests_kernels.log" 2>&1
          timeout 150 python -m pytest -q tests/test_model.py -k "concurrent or new_prompt or cache or decode" \
            -p no:warnings > "$LOGS/tests_model.log" 2>&1 ;;
   probe8) timeout 240 python bench/probe_fp8_gemv.py --rows 1 --shapes wq_a,wq_b,wo_b,shared.w1 --variants "$V" \
            --out "$LOGS/probe_fp8.json" > "$LOGS/probe_fp8.log" 2>&1 ;;
   flash) mkdir -p /tmp/flash6; timeout 330 python bench/bench_flash_shaped.py --only model --layers 6 --slope-from 2 \
-           --decode-steps 16 --stream-modes on,off --fp8-rsub ${RSUB:-1,4} --dir /tmp/flash6 \
+           --decode-steps 16 --stream-modes on,off --fp8-rsub ${RSUB:-1,2} --dir /tmp/flash6 \
            --trace "$LOGS/trace6" --out "$LOGS/flash6.json" > "$LOGS/flash6.log" 2>&1 ;;
   step) timeout 120 python bench/probe_compressor_step.py --out "$LOGS/probe_step.json" > "$LOGS/probe_step.log" 2>&1 ;;
-  flashp) mkdir -p /tmp/flash6; timeout 330 python bench/bench_flash_shaped.py --only model --layers 6 --slope-from 2 \
-           --decode-steps 16 --prefetch-modes off,on --dir /tmp/flash6 --trace "$LOGS/tracep6" \
-           --out "$LOGS/flashp6.json" > "$LOGS/flashp6.log" 2>&1 ;;
   gen) python bench/bench_generate.py --device cuda --batch 1 --prompt-lens 4096,16384 --decode-tokens 32 --peer \
          --decode-modes graph --no-engine --repeats 3 --out "$LOGS/gen.json" > "$LOGS/gen.log" 2>&1 ;;
 esac

@@ -1,8 +1,7 @@
 """The compressor's one-token decode step (`dsv4/kernels/compressor.py`, `_decode_step_kernel`) on its own:
 µs per call at a position that completes a window (the step pools the window and shifts it into the
 previous one) and at one that does not, for V4-Flash's two overlapping compressors of a CSA layer
-(c = 512: the attention's, c = 128: the indexer's), the window shift as a [J, J, c] selection against
-the reshape of the slots, with and without PDL. CUDA-graph medians (`triton.testing.do_bench_cudagraph`).
+(c = 512: the attention's, c = 128: the indexer's), with and without PDL. CUDA-graph medians (`triton.testing.do_bench_cudagraph`).
 
     python3 bench/probe_compressor_step.py --out probe_compressor_step.json
 """
@@ -28,7 +27,7 @@ def main(argv=None):
     a = ap.parse_args(argv)
     dev, M, calls = torch.device("cuda"), 4, 20
     rows = []
-    for c, pos, select, pdl in itertools.product((512, 128), (3, 0), (True, False), (True, False)):
+    for c, pos, pdl in itertools.product((512, 128), (3, 0), (True, False)):
         launch.ENABLED = pdl
         J, w = 2 * M, 2 * c
         g = torch.Generator(device=dev).manual_seed(c + pos)
@@ -40,10 +39,10 @@ def main(argv=None):
 
         def fn():
             for _ in range(calls):
-                compressor.decode_step(skv, ssc, r, kv, sc, ape, p, M, True, shift_select=select)
+                compressor.decode_step(skv, ssc, r, kv, sc, ape, p, M, True)
         fn()
         us = 1e3 * triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median") / calls
-        row = dict(c=c, completes=pos % M == M - 1, shift="select" if select else "reshape", pdl=pdl, us=us)
+        row = dict(c=c, completes=pos % M == M - 1, pdl=pdl, us=us)
         rows.append(row)
         print(json.dumps(row), flush=True)
     launch.ENABLED = True

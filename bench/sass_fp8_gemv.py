@@ -49,7 +49,7 @@ def main(argv=None):
         if a.variant:
             launches = [tuple(int(v) for v in text.split(",")) for text in a.variant]
         else:
-            cfg = fp8_gemm.gemv_launch(N, K, 128, a.sms)
+            cfg = fp8_gemm.gemv_launch(N, K, 128, a.sms, rsub=fp8_gemm.GEMV_RSUB)
             launches = [(cfg["BN"], cfg["BK"], cfg["num_warps"], cfg["RSUB"])]
         for bn, bk, warps, rsub in launches:
             r = count(N, K, bn, bk, warps, rsub)

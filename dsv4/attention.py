@@ -559,21 +559,11 @@ class Attention(nn.Module):
         if pre is None:
             q = ops.norm_rope(q.view(B, S, H, Dh), None, self.eps, rope)               # per-head RMS, rope
             kv = ops.norm_rope(kv, self.kv_norm.weight, self.kv_norm.eps, rope)        # [B, S, Dh]
-        if state is not None:          # (a recorded decode step: wo_a into L2 during the attention)
-            streams.prefetch(self.prefetch_weights("out"), x)
         o, index_kl = self._attend(x, qr, q, kv, pos, rope, freqs, seg, state, rows, pre, starts)   # [B, S, H, Dh]
         o = ops.norm_rope(o, None, None, rope.inverse())                               # de-rotate
         o = o.reshape(B, S, self.groups, H * Dh // self.groups)                       # [B, S, G, H·Dh/G]
         u = grouped_linear(o, self.wo_a, self.groups)                                  # [B, S, G·d_g]
-        out = linear(u, self.wo_b)                                                     # [B, S, D]
-        streams.join_prefetches(x)
-        return out, index_kl
-
-    def prefetch_weights(self, part: str) -> list[torch.Tensor]:
-        """The weights (and FP8 scales) of the query projections ("q": wq_b and the indexer's) or of the
-        output projection's first half ("out": wo_a), for `streams.prefetch`."""
-        layers = self.projection_groups()[2][0] if part == "q" else [self.wo_a]
-        return [t for layer in layers for t in (layer.weight, getattr(layer, "scale", None)) if t is not None]
+        return linear(u, self.wo_b), index_kl                                          # [B, S, D]
 
     def projection_groups(self) -> list[tuple[list, bool]]:
         """The projections that share an input, as (layers, fp32 output): of the block input x in the

@@ -194,8 +194,6 @@ class Block(nn.Module):
     def forward(self, h: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, seg=None, state=None,
                 rows=None, starts=None) -> tuple[torch.Tensor, BlockAux]:
         """h [B, S, N, D] -> (h' [B, S, N, D], BlockAux)."""
-        if state is not None:          # (a recorded decode step: the query weights into L2 during mHC)
-            streams.prefetch(self.attn.prefetch_weights("q"), h)
         x, post, comb = hc_pre(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, *self.hc, self.hc_mode)
         x, index_kl = self.attn(self.attn_norm(x), pos, seg, state, rows, starts)
         h = ops.hc_post(x, h, post, comb)

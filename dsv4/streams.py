@@ -13,9 +13,6 @@ line. Elsewhere (CPU, eager, compile, training, `DSV4_STREAMS=0`) both branches 
 caller's stream, side first.
 Either way the same kernels see the same inputs, so the results are bitwise the same.
 
-`prefetch` (off unless DSV4_L2_PREFETCH=1) asks the L2 on a third stream to fetch a weight that a GEMV
-will read a little later (`dsv4.kernels.prefetch`), while latency-bound kernels leave HBM idle.
-
 Memory: every tensor the side branch reads must stay referenced by the caller until the join (a
 tensor freed by the caller while the side stream may still read it could be handed to a new tensor on
 the caller's stream); `concurrently` holds its `keep` tensors until it has joined.
@@ -28,10 +25,7 @@ from typing import Callable, TypeVar
 import torch
 
 ENABLED = os.environ.get("DSV4_STREAMS", "1") not in ("", "0")
-# L2 prefetch of the next large weights on a third stream (`prefetch`); off unless DSV4_L2_PREFETCH=1
-PREFETCH = os.environ.get("DSV4_L2_PREFETCH", "0") not in ("", "0")
-_SIDE: dict[tuple[int, int], torch.cuda.Stream] = {}
-_PENDING: set = set()
+_SIDE: dict[int, torch.cuda.Stream] = {}
 
 A = TypeVar("A")
 B = TypeVar("B")
@@ -44,40 +38,13 @@ def active(t: torch.Tensor) -> bool:
             and torch.cuda.is_current_stream_capturing())
 
 
-def side_stream(device: torch.device, k: int = 0) -> torch.cuda.Stream:
-    """Stream k of a CUDA device beside the caller's (k = 0: the branches', 1: the prefetches'; made on
-    first use)."""
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """The second stream of a CUDA device (one per device, made on first use)."""
     i = device.index if device.index is not None else torch.cuda.current_device()
-    s = _SIDE.get((i, k))
+    s = _SIDE.get(i)
     if s is None:
-        s = _SIDE[(i, k)] = torch.cuda.Stream(device=i)
+        s = _SIDE[i] = torch.cuda.Stream(device=i)
     return s
-
-
-def prefetch(tensors, like: torch.Tensor) -> None:
-    """With `PREFETCH` and `active(like)`: L2 prefetches of the tensors (`dsv4.kernels.prefetch`) on the
-    prefetch stream, forked from the caller's here; `join_prefetches` joins it back. Changes no value."""
-    if not (PREFETCH and active(like)):
-        return
-    from dsv4.kernels.prefetch import l2_prefetch
-    cur = torch.cuda.current_stream(like.device)
-    s = side_stream(like.device, 1)
-    s.wait_stream(cur)
-    with torch.cuda.stream(s):
-        for t in tensors:
-            l2_prefetch(t)
-    _PENDING.add(s)
-
-
-def join_prefetches(like: torch.Tensor) -> None:
-    """The caller's stream waits for the prefetches enqueued so far (a recorded graph must join every
-    stream it forked before the recording ends)."""
-    if _PENDING and like.is_cuda:
-        cur = torch.cuda.current_stream(like.device)
-        for s in list(_PENDING):
-            if s.device == like.device:
-                cur.wait_stream(s)
-                _PENDING.discard(s)
 
 
 def concurrently(side: Callable[[], A], main: Callable[[], B], like: torch.Tensor,

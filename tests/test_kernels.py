@@ -675,9 +675,8 @@ def test_call_key_lists_kernel_equals_twin(cached, ratio, indexed):
         assert (want >= 0).any() and (want < 0).any()
 
 
-@pytest.mark.parametrize("ratio,overlap,shift_select", [(4, True, False), (4, True, True), (128, False, False),
-                                                       (4, False, False)])
-def test_compressor_decode_step_kernel_equals_twin(ratio, overlap, shift_select):
+@pytest.mark.parametrize("ratio,overlap", [(4, True), (128, False), (4, False)])
+def test_compressor_decode_step_kernel_equals_twin(ratio, overlap):
     # the in-place state update (exact: data movement) and the pooled entry of the one-token compressor
     # step, rows at every phase of a window (the one that completes it included) and out of order
     from dsv4.kernels import compressor as k
@@ -695,7 +694,7 @@ def test_compressor_decode_step_kernel_equals_twin(ratio, overlap, shift_select)
     want = ops.compressor_step_torch(want_kv, want_sc, rows, kv, sc, ape, pos, ratio, overlap)
     got_kv, got_sc = skv.clone().to(DEV), ssc.clone().to(DEV)
     got = k.decode_step(got_kv, got_sc, rows.to(DEV), kv.to(DEV), sc.to(DEV), ape.to(DEV), pos.to(DEV), ratio,
-                        overlap, shift_select=shift_select)
+                        overlap)
     assert torch.equal(got_kv.cpu(), want_kv) and torch.equal(got_sc.cpu(), want_sc)
     assert not torch.equal(want_kv, skv)                  # the step did change the state
     assert rel(got, want) < 1e-6

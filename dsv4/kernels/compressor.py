@@ -115,7 +115,7 @@ def pool_backward(kv: torch.Tensor, score: torch.Tensor, slots: torch.Tensor, gr
 @triton.jit
 def _decode_step_kernel(SKV, SSC, ROWS, KV, SC, APE, POS, OUT, s_sb, s_sl, s_nb, s_ob, s_ape, C,
                         M: tl.constexpr, J: tl.constexpr, OVERLAP: tl.constexpr, BLOCK_C: tl.constexpr,
-                        SHIFT_SELECT: tl.constexpr = False, PDL: tl.constexpr = False):
+                        PDL: tl.constexpr = False):
     """One token per row into the compressor state, in place, and the pooled entry of the window it
     completes (zeros where it completes none): the token's score is its gate projection SC plus
     APE[p mod M]; program (row b, block of c channels) writes the token to slot (o·M + p mod M) at its
@@ -160,19 +160,7 @@ def _decode_step_kernel(SKV, SSC, ROWS, KV, SC, APE, POS, OUT, s_sb, s_sl, s_nb,
         den = tl.sum(e, 0)
         pooled = tl.where(den > 0, tl.sum(e * pk, 0) / tl.where(den > 0, den, 1.0), 0.0)
         tl.store(OUT + b * s_ob + ch, pooled, mask=cm)
-        if OVERLAP and SHIFT_SELECT:
-            # slot j < M (previous window) takes slot j + M (own window): this token completes it
-            jsrc = tl.where(jj < M, jj + M, jj)
-            sel = (jsrc[:, None] == jj[None, :])                                    # [J(dst), J(src)]
-            kv_a = tl.sum(tl.where(sel[:, :, None], kv_a[None, :, :], 0.0), 1)
-            sc_a = tl.sum(tl.where(sel[:, :, None], sc_a[None, :, :], 0.0), 1)
-            kv_b = tl.sum(tl.where(sel[:, :, None], kv_b[None, :, :], 0.0), 1)
-            sc_b = tl.sum(tl.where(sel[:, :, None], sc_b[None, :, :], 0.0), 1)
-            tl.store(st + C + ch[None, :], kv_b, mask=m2)
-            tl.store(ss + C + ch[None, :], sc_b, mask=m2)
-            tl.store(st + ch[None, :], kv_a, mask=m2)
-            tl.store(ss + ch[None, :], sc_a, mask=m2)
-        elif OVERLAP:
+        if OVERLAP:
             # slot j < M (previous window) takes slot j + M (own window, the new token in its last slot):
             # the upper half of the slots' rows [2, M, c] stored at slots 0..M-1, both feature halves
             half = tl.arange(0, 2)[:, None, None] == 1
@@ -184,17 +172,12 @@ def _decode_step_kernel(SKV, SSC, ROWS, KV, SC, APE, POS, OUT, s_sb, s_sl, s_nb,
             tl.store(lo_sc, tl.sum(tl.where(half, tl.reshape(sc_a, [2, M, BLOCK_C]), 0.0), 0), mask=mm)
             tl.store(lo + C, tl.sum(tl.where(half, tl.reshape(kv_b, [2, M, BLOCK_C]), 0.0), 0), mask=mm)
             tl.store(lo_sc + C, tl.sum(tl.where(half, tl.reshape(sc_b, [2, M, BLOCK_C]), 0.0), 0), mask=mm)
-            one = SKV + r * s_sb + slot_new * s_sl
-            one_sc = SSC + r * s_sb + slot_new * s_sl
-            tl.store(one + ch, kv_na, mask=cm)
-            tl.store(one_sc + ch, sc_na, mask=cm)
-            tl.store(one + C + ch, kv_nb, mask=cm)
-            tl.store(one_sc + C + ch, sc_nb, mask=cm)
         else:
             tl.store(st + ch[None, :], kv_a, mask=m2)
             tl.store(ss + ch[None, :], sc_a, mask=m2)
     else:
         tl.store(OUT + b * s_ob + ch, tl.zeros([BLOCK_C], tl.float32), mask=cm)
+    if OVERLAP or rem != M - 1:        # the token's own slot (a non-overlapping window stored it above)
         one = SKV + r * s_sb + slot_new * s_sl
         one_sc = SSC + r * s_sb + slot_new * s_sl
         tl.store(one + ch, kv_na, mask=cm)
@@ -206,7 +189,7 @@ def _decode_step_kernel(SKV, SSC, ROWS, KV, SC, APE, POS, OUT, s_sb, s_sl, s_nb,
 
 def decode_step(state_kv: torch.Tensor, state_sc: torch.Tensor, rows: torch.Tensor, kv: torch.Tensor,
                 gate: torch.Tensor, ape: torch.Tensor, pos: torch.Tensor, ratio: int, overlap: bool,
-                block_c: int = 64, shift_select: bool = False) -> torch.Tensor:
+                block_c: int = 64) -> torch.Tensor:
     """state_kv, state_sc [Bmax, J, w] fp32 (updated in place); rows [B] (distinct); kv, gate [B, 1, w]
     fp32; ape [M, w]; pos [B] -> pooled [B, 1, c] fp32 (zeros in rows whose token completes no window).
     Twin: `dsv4.ops.compressor_step_torch`."""
@@ -224,8 +207,7 @@ def decode_step(state_kv: torch.Tensor, state_sc: torch.Tensor, rows: torch.Tens
         _decode_step_kernel[(B, cdiv(c, bc))](state_kv, state_sc, rows.contiguous(), kv, score, ape,
                                                       pos.contiguous(), out, state_kv.stride(0), state_kv.stride(1),
                                                       kv.stride(0), out.stride(0), ape.stride(0), c, M=ratio, J=J,
-                                                      OVERLAP=overlap, BLOCK_C=bc, SHIFT_SELECT=shift_select,
-                                                      **pdl(state_kv))
+                                                      OVERLAP=overlap, BLOCK_C=bc, **pdl(state_kv))
     return out
 
 

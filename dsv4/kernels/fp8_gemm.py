@@ -290,7 +290,11 @@ def _check(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block: tu
 GEMV_MAX_ROWS = 2        # at most this many rows of x take the GEMV (module docstring: why 2, measured)
 GEMV_ROWS = 4            # rows of x one GEMV launch carries (its accumulators); more rows: more launches
 GEMV_BN_MAX = 32         # output rows per GEMV program at most
-GEMV_RSUB = 1            # weight sub-tiles sharing x's registers in the default launch (`_fp8_gemv_kernel`)
+# weight sub-tiles sharing x's registers in the default launch of one row of x (`_fp8_gemv_kernel`); H200,
+# weights from HBM (`bench/probe_fp8_gemv.py`): 2 sub-tiles of 2 rows over 2048 columns against the one-row
+# rule's tiles: wq_a 3.61 against 4.07 us, wo_b 10.98 against 14.86, shared w1 4.56 against 5.72; wq_b at
+# 32 rows x 256 columns 13.36 against 18.14
+GEMV_RSUB = 2
 # launch variants of the GEMV for timing (`bench/probe_fp8_gemv.py`); `fp8_gemv(..., **variant)` runs one.
 # Tiles of 2048..16384 weights (16..128 per thread), from one row over 4096 columns to 32 rows over 128,
 # so that every V4-Flash shape (512..32768 rows) has some with >= 2 programs per SM; fewer warps at the
@@ -309,22 +313,25 @@ def _pow2_divisor(n: int) -> int:
 def _gemv_tiles(M: int, N: int, K: int, block_n: int, device: torch.device, per_sm: int = 6) -> dict:
     """The default GEMV launch: BN the largest power of two <= GEMV_BN_MAX with N / BN >= per_sm·SMs (at
     least one row), and dividing the scale block's rows; BK filling a tile of 4096 weights (32 per
-    thread: two 16-byte loads), at least 64 and at most K rounded up to a power of two."""
+    thread: two 16-byte loads), at least 64 and at most K rounded up to a power of two. One row of x:
+    `GEMV_RSUB` sub-tiles sharing x (`gemv_launch`)."""
     if INTERPRET or device.type != "cuda":
         return dict(BN=min(32, GEMV_BN_MAX, _pow2_divisor(block_n)), BK=128, num_warps=4, num_stages=1, RSUB=1)
     _, sms = _device_info(device.index if device.index is not None else torch.cuda.current_device())
-    return gemv_launch(N, K, block_n, sms, per_sm)
+    return gemv_launch(N, K, block_n, sms, per_sm, GEMV_RSUB if M == 1 else 1)
 
 
-def gemv_launch(N: int, K: int, block_n: int, sms: int, per_sm: int = 6, rsub: int | None = None) -> dict:
+def gemv_launch(N: int, K: int, block_n: int, sms: int, per_sm: int = 6, rsub: int = 1) -> dict:
     """`_gemv_tiles` on a GPU of `sms` SMs (a pure function of the shape: `bench/sass_fp8_gemv.py`).
-    RSUB = min(`GEMV_RSUB`, BN) sub-tiles of rows share x, and the tile grows with it (4096·RSUB weights)
-    so that each sub-tile still gives every thread a run."""
+    With rsub > 1 (one row of x), rsub sub-tiles of at least two rows share x: BN at least 2·rsub and a
+    tile of 4096·rsub weights, so that each sub-tile still gives every thread a 16-byte run."""
     cap = min(GEMV_BN_MAX, _pow2_divisor(block_n))
     bn = 1
     while 2 * bn <= cap and N // (2 * bn) >= per_sm * sms:
         bn *= 2
-    rsub = min(GEMV_RSUB if rsub is None else rsub, bn)
+    if rsub > 1:
+        bn = min(cap, max(bn, 2 * rsub))
+        rsub = min(rsub, bn)
     bk = min(max(64, 4096 * rsub // bn), max(64, next_pow2(K)))
     return dict(BN=bn, BK=bk, num_warps=4, num_stages=2, RSUB=rsub)
 
