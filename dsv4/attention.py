@@ -478,18 +478,23 @@ class Indexer(nn.Module):
         self.weights_proj = nn.Linear(cfg.hidden_size, self.n_heads, bias=False)
         self.compressor = Compressor(cfg.hidden_size, 4, self.head_dim, cfg.rms_norm_eps)
 
+    @property
+    def w_scale(self) -> float:
+        """The head weights' constant factor Di^−½ · Hi^−½."""
+        return self.head_dim ** -0.5 * self.n_heads ** -0.5
+
     def queries(self, x: torch.Tensor, qr: torch.Tensor, rope: ops.Rope,
-                pre=None) -> tuple[torch.Tensor, torch.Tensor]:
+                pre=None, scaled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
         """Roped queries [B, S, Hi, Di] and head weights [B, S, Hi] fp32 (pre: the roped queries
-        [B, S, Hi, Di] and weights_proj(x), computed by the caller)."""
+        [B, S, Hi, Di] and weights_proj(x), computed by the caller). scaled=False: the weights as
+        weights_proj gives them, without the factor `w_scale` (a decode step's top-k applies it)."""
         B, S, _ = x.shape
         if pre is not None:
             q, w = pre
         else:
             q = ops.norm_rope(linear(qr, self.wq_b).view(B, S, self.n_heads, self.head_dim), None, None, rope)
             w = linear(x, self.weights_proj)
-        w = up(w) * (self.head_dim ** -0.5 * self.n_heads ** -0.5)                   # [B, S, Hi]
-        return q, w
+        return q, (up(w) * self.w_scale if scaled else w)                                # [B, S, Hi]
 
 
 class Attention(nn.Module):
@@ -548,12 +553,25 @@ class Attention(nn.Module):
             qa, kv, pre = linear(x, self.wq_a), linear(x, self.wkv), None
             qr = self.q_norm(qa)                                                      # [B, S, q_lora]
             q = linear(qr, self.wq_b)                                                 # [B, S, H·Dh]
+        elif state is not None and self.ratio and S == 1 and self._decode_topk_ahead():
+            # a CSA decode step: the compressors, then the indexer's queries and top-k, on a second stream
+            # beside the query and key projections (concurrent in a CUDA graph, `dsv4.streams`)
+            with streams.side(x):
+                w_idx = self._update_compressors(x, pos, freqs, state, rows, starts)
+            qr, kv = self._latent(x, rope)
+            with streams.side(qr):       # (after the compressors: the side stream keeps its order)
+                cidx = self._decode_topk(qr, w_idx, rope, pos, state, rows)
+            q = ops.norm_rope(linear(qr, self.wq_b).view(B, S, H, Dh), None, self.eps, rope)
+            streams.join(x)
+            pre = {"updated": True, "cidx": cidx}
         elif state is not None and self.ratio:   # inference with a cache: the compressors' branch beside
             # the query and key projections (concurrent in a CUDA-graph decode step, `dsv4.streams`)
-            _, (qr, q, kv, pre) = streams.concurrently(
+            w_idx, (qr, q, kv, pre) = streams.concurrently(
                 lambda: self._update_compressors(x, pos, freqs, state, rows, starts),
                 lambda: self._projections(x, rope, compressors=False), x)
             pre["updated"] = True
+            if w_idx is not None:
+                pre["index"] = (pre["index"][0], w_idx)
         else:                          # inference: the projections of one input as one GEMM (`linears`)
             qr, q, kv, pre = self._projections(x, rope)
         if pre is None:
@@ -578,14 +596,37 @@ class Attention(nn.Module):
             qs.append(self.indexer.wq_b)
         return [(xs, False), (x32, True), (qs, False)]
 
+    def _decode_topk_ahead(self) -> bool:
+        """Whether a decode step of this layer takes its indexer's top-k before `_attend`
+        (`_decode_topk`): a CSA layer selecting by the indexer, without the index loss."""
+        return self.indexer is not None and self.index_mode == "sparse" and not self.index_loss
+
+    def _latent(self, x: torch.Tensor, rope: ops.Rope) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inference: the query latent qr (q_norm applied) and the key kv (normalised, roped) of x, as one
+        GEMM and one norm/rope launch."""
+        qa, kv = linears(x, [self.wq_a, self.wkv])
+        return ops.norm_rope_pair(qa, self.q_norm.weight, self.q_norm.eps, None,
+                                  kv, self.kv_norm.weight, self.kv_norm.eps, rope)
+
+    def _decode_topk(self, qr, w_idx, rope, pos, state, rows) -> torch.Tensor:
+        """A decode step's indexer choice cidx [B, P] (−1 = none): its queries from qr, their scores
+        against the entries of the cache rows, the top-k of the visible ones. The entries must be
+        updated first (`_update_compressors`, which gives w_idx)."""
+        ix = self.indexer
+        B, S, _ = qr.shape
+        iq = ops.norm_rope(linear(qr, ix.wq_b).view(B, S, ix.n_heads, ix.head_dim), None, None, rope)
+        ikeys = state.index.entries[:, :state.comp.entries.shape[1]]
+        return ops.index_topk_decode(iq, ikeys, w_idx, ix.w_scale, pos, self.ratio, ix.topk, rows)[:, 0]
+
     def _projections(self, x: torch.Tensor, rope: ops.Rope, compressors: bool = True):
         """Inference: the block's projections by group, normalised and roped two at a time (one launch
         each: q_norm with kv's norm and rope, the per-head query norm and rope with the indexer's query
         rope) -> (qr, q [B, S, H, Dh], kv [B, S, Dh], the compressors' and indexer's inputs for `_attend`).
-        compressors=False: without the compressors' projections (`_update_compressors` computes them)."""
+        compressors=False: without the compressors' projections and the indexer's head weights
+        (`_update_compressors` computes them; pre["index"] then holds None for the weights)."""
         B, S, _ = x.shape
         (xs, _), (x32, _), (qs, _) = self.projection_groups()
-        a = linears(x, xs)
+        a = linears(x, xs if compressors else xs[:2]) + [None]
         c = linears(x, x32, fp32=True) if x32 and compressors else []
         qr, kv = ops.norm_rope_pair(a[0], self.q_norm.weight, self.q_norm.eps, None,
                                     a[1], self.kv_norm.weight, self.kv_norm.eps, rope)
@@ -601,13 +642,15 @@ class Attention(nn.Module):
             q = ops.norm_rope(q, None, self.eps, rope)
         return qr, q, kv, pre
 
-    def _update_compressors(self, x, pos, freqs, state, rows, starts) -> None:
+    def _update_compressors(self, x, pos, freqs, state, rows, starts) -> torch.Tensor | None:
         """Inference with a cache: feed x to the layer's compressor and the indexer's (their projections
-        of x as one GEMM)."""
+        of x as one GEMM) -> the indexer's head weights weights_proj(x) (None without an indexer)."""
         c = linears(x, self.projection_groups()[1][0], fp32=True)
         self.compressor.update(x, pos, freqs, state.comp, rows, tuple(c[:2]), starts)
-        if self.indexer is not None:
-            self.indexer.compressor.update(x, pos, freqs, state.index, rows, tuple(c[2:4]), starts)
+        if self.indexer is None:
+            return None
+        self.indexer.compressor.update(x, pos, freqs, state.index, rows, tuple(c[2:4]), starts)
+        return linear(x, self.indexer.weights_proj)
 
     def _attend(self, x, qr, q, kv, pos, rope, freqs, seg, state, rows, pre=None, starts=None):
         """Keys, index lists and one attention call per query chunk (memory linear in S); pre: the
@@ -653,8 +696,9 @@ class Attention(nn.Module):
                                                        starts)
                     ikeys = state.index.entries[:, :n_comp]                          # [Bmax, C, Di]
         iq = iw = None
-        if self.indexer is not None and (sparse or want_loss):
-            iq, iw = self.indexer.queries(x_idx, qr_idx, rope, pre.get("index"))
+        # (a decode step scales w in its top-k; a recorded one's top-k was taken before, `_decode_topk`)
+        if self.indexer is not None and (sparse or want_loss) and "cidx" not in pre:
+            iq, iw = self.indexer.queries(x_idx, qr_idx, rope, pre.get("index"), scaled=not in_ring)
         k_comp = min(self.indexer.topk, n_comp) if sparse else n_comp
         per_query = W + k_comp + (n_comp if sparse else 0)
         chunk = max(1, min(S, ATTN_BUDGET // max(per_query, 1)))
@@ -663,7 +707,7 @@ class Attention(nn.Module):
             s1 = min(S, s0 + chunk)
             if state is not None and in_ring:   # the decode step: one launch for the ring write and the lists
                 idx, cidx = self._decode_indices(pos, n_comp, None if iq is None or not sparse else (iq, iw, ikeys),
-                                                 c_rows, state.ring, rows, kv), None
+                                                 c_rows, state.ring, rows, kv, pre.get("cidx")), None
             else:
                 idx, cidx = self._indices(s0, s1, pos, seg, state is not None, first, n_comp,
                                           None if iq is None or not sparse else (iq[:, s0:s1], iw[:, s0:s1], ikeys),
@@ -684,15 +728,15 @@ class Attention(nn.Module):
             kl_count = torch.zeros((), dtype=torch.long, device=x.device)
         return o, ((kl_sum, kl_count) if want_loss else None)
 
-    def _decode_indices(self, pos, n_comp, indexer_in, c_rows, ring, rows, kv):
+    def _decode_indices(self, pos, n_comp, indexer_in, c_rows, ring, rows, kv, cidx=None):
         """`_indices` of one cached query per row, through `ops.decode_key_lists`: one kernel instead of
         ~20 small ops, which also writes the new keys kv [B, 1, Dh] to the ring first, so that the lists
-        index [ring | entries] and the attention reads the ring in place."""
-        cidx = None
-        if self.ratio and indexer_in is not None:
+        index [ring | entries] and the attention reads the ring in place. cidx: the indexer's choice when
+        taken before (`_decode_topk`)."""
+        if self.ratio and indexer_in is not None:   # (iw unscaled: `Indexer.queries(scaled=False)`)
             iq, iw, ikeys = indexer_in
-            hi = torch.clamp((pos + 1) // self.ratio, max=n_comp)                     # [B, 1]
-            cidx = ops.index_topk(iq, ikeys, iw, torch.zeros_like(pos), hi, self.indexer.topk, c_rows)[:, 0]
+            cidx = ops.index_topk_decode(iq, ikeys, iw, self.indexer.w_scale, pos, self.ratio, self.indexer.topk,
+                                         c_rows)[:, 0]
         return ops.decode_key_lists(pos[:, 0], self.window, self.ratio, n_comp, self.window, cidx, ring=ring,
                                     rows=rows, kv=kv[:, 0])
 

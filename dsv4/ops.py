@@ -461,6 +461,16 @@ def index_topk_torch(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, lo: torc
     return torch.cat(out, dim=1)
 
 
+def index_topk_decode_torch(q: torch.Tensor, k: torch.Tensor, w: torch.Tensor, w_scale: float, pos: torch.Tensor,
+                            ratio: int, topk: int, k_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """`index_topk` of a decode step's queries at positions pos [B, S]: head weights w · w_scale in fp32
+    (w as `weights_proj` gives it), entries [0, min((p + 1) // ratio, C)) visible. One launch less per
+    derived tensor in the kernel form (`index_topk_decode_triton` computes the range and the weights'
+    scaling where it reads them)."""
+    hi = torch.clamp((pos + 1) // ratio, max=k.shape[1])
+    return index_topk_torch(q, k, up(w) * w_scale, torch.zeros_like(pos), hi, topk, k_rows)
+
+
 def topk_lowest(scores: torch.Tensor, topk: int) -> torch.Tensor:
     """idx [..., P] int32, P = min(topk, C): the P largest of each row of scores [..., C] in increasing
     index order, ties at the P-th value taken by lowest index; −1 (at the end) for masked (NEG_INF)
@@ -1145,6 +1155,12 @@ def index_topk_triton(q, k, w, lo, hi, topk, k_rows=None):
     return indexer.topk(q.detach(), k.detach(), w.detach(), lo, hi, topk, k_rows, long_rows=topk_lowest)
 
 
+def index_topk_decode_triton(q, k, w, w_scale, pos, ratio, topk, k_rows=None):
+    from dsv4.kernels import indexer
+    return indexer.topk(q.detach(), k.detach(), w.detach(), pos, None, topk, k_rows, long_rows=topk_lowest,
+                        w_scale=w_scale, ratio=ratio)
+
+
 class _SparseAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, kv, idx, sink, scale, kv2, rows2):
@@ -1486,6 +1502,8 @@ route = register("route", {"torch": route_torch, "triton": route_triton}, kernel
                  operand_dtype=acc_dtype)
 compress_windows = register("compress_windows", {"torch": compress_windows_torch, "triton": compress_windows_triton})
 index_topk = register("index_topk", {"torch": index_topk_torch, "triton": index_topk_triton})
+index_topk_decode = register("index_topk_decode", {"torch": index_topk_decode_torch,
+                                                   "triton": index_topk_decode_triton})
 sparse_attention = register("sparse_attention", {"torch": sparse_attention_torch,
                                                  "triton": sparse_attention_triton})
 compressor_step = register("compressor_step", {"torch": compressor_step_torch, "triton": compressor_step_triton},

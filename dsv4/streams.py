@@ -3,9 +3,11 @@
 A decode step at batch 1 is a chain of short kernels, most of them too small to fill the GPU (a
 V4-Flash layer: ~30 kernels, its GEMVs far from HBM bandwidth at one token). Some of the chain does not
 depend on the rest: the shared expert beside the router and the routed experts; the compressors'
-projections and state updates beside the query and key projections. `concurrently` records such a
-branch on a second stream, forked from and joined back to the caller's, so that a CUDA graph replays
-the two branches side by side (the graph keeps the fork and the join as dependencies).
+projections and state updates beside the query and key projections; a CSA layer's indexer (its
+queries, scores and top-k) beside the attention's query projection. `side` records such a branch on a
+second stream, forked from the caller's, and `join` joins it back (`concurrently`: both for one
+branch), so that a CUDA graph replays the branches side by side (the graph keeps the forks and the
+join as dependencies).
 
 It forks only while a CUDA graph of inference is being recorded (no autograd): an eager step is bound
 by the host, to which a second stream adds work, and under `torch.compile` the branch is traced in
@@ -13,12 +15,13 @@ line. Elsewhere (CPU, eager, compile, training, `DSV4_STREAMS=0`) both branches 
 caller's stream, side first.
 Either way the same kernels see the same inputs, so the results are bitwise the same.
 
-Memory: every tensor the side branch reads must stay referenced by the caller until the join (a
-tensor freed by the caller while the side stream may still read it could be handed to a new tensor on
-the caller's stream); `concurrently` holds its `keep` tensors until it has joined.
+Memory: every tensor a side branch reads must stay referenced by the caller until the join (a tensor
+freed by the caller while the side stream may still read it could be handed to a new tensor on the
+caller's stream).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Callable, TypeVar
 
@@ -32,8 +35,8 @@ B = TypeVar("B")
 
 
 def active(t: torch.Tensor) -> bool:
-    """Whether `concurrently` forks for work on t's device now: enabled, a CUDA graph being recorded,
-    no autograd."""
+    """Whether `side` forks for work on t's device now: enabled, a CUDA graph being recorded, no
+    autograd."""
     return (ENABLED and t.is_cuda and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
             and torch.cuda.is_current_stream_capturing())
 
@@ -47,19 +50,33 @@ def side_stream(device: torch.device) -> torch.cuda.Stream:
     return s
 
 
-def concurrently(side: Callable[[], A], main: Callable[[], B], like: torch.Tensor,
-                 keep: tuple = ()) -> tuple[A, B]:
-    """(side(), main()): side on the device's second stream and main on the caller's, when `active(like)`;
-    else both in line, side first. The caller's stream waits for side before anything it enqueues after
-    this returns. keep: tensors side reads that the caller might drop before then (held to the join)."""
+@contextlib.contextmanager
+def side(like: torch.Tensor):
+    """Work enqueued in the block runs on the device's second stream when `active(like)`, forked from
+    the caller's stream here (it sees everything enqueued before) and after the side work enqueued so
+    far; in line otherwise. The caller's stream waits for it at `join`."""
     if not active(like):
-        return side(), main()
-    cur = torch.cuda.current_stream(like.device)
+        yield
+        return
     s = side_stream(like.device)
-    s.wait_stream(cur)                    # the fork: side sees everything enqueued before it
+    s.wait_stream(torch.cuda.current_stream(like.device))
     with torch.cuda.stream(s):
-        a = side()
-    b = main()
-    cur.wait_stream(s)                    # the join
-    del keep
+        yield
+
+
+def join(like: torch.Tensor) -> None:
+    """The caller's stream waits for the side work enqueued so far (a recorded graph must join every
+    stream it forked before the recording ends; every `side` is joined by its caller)."""
+    if active(like):
+        torch.cuda.current_stream(like.device).wait_stream(side_stream(like.device))
+
+
+def concurrently(side_fn: Callable[[], A], main_fn: Callable[[], B], like: torch.Tensor) -> tuple[A, B]:
+    """(side_fn(), main_fn()): side_fn in `side(like)` and main_fn on the caller's stream, then `join`:
+    the caller's stream waits for side_fn before anything it enqueues after this returns. (The inputs
+    side_fn reads must stay referenced until then: the caller holds them for the call.)"""
+    with side(like):
+        a = side_fn()
+    b = main_fn()
+    join(like)
     return a, b

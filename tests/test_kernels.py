@@ -132,6 +132,39 @@ def test_index_topk_equals_twin(dtype):
         assert torch.equal((a >= 0).sum(-1), (hi - lo).clamp(max=P).to(torch.int64))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_index_topk_decode_equals_float64(dtype):
+    # a decode step's top-k: the visible range [0, min((p + 1) // 4, C)) and the head weights' factor
+    # applied in the kernels (positions below, at and past the C entries' reach, rows out of order);
+    # float64 scores from the spec's formula (Σ_h w_h·scale·ReLU(q_h · k)) and their own top-k
+    g = torch.Generator().manual_seed(8)
+    B, Hi, Di, C, B2, ratio, scale = 4, 3, 32, 50, 5, 4, 0.37
+    q = torch.randn(B, 1, Hi, Di, generator=g).to(DEV, dtype)
+    k = torch.randn(B2, C, Di, generator=g).to(DEV, dtype)
+    w = torch.randn(B, 1, Hi, generator=g).to(DEV, dtype)
+    rows = torch.tensor([3, 0, 4, 1], device=DEV)
+    pos = torch.tensor([[2], [37], [150], [199]], device=DEV)          # 0, 9, 37 (38 > C) and 50 entries
+    s64 = torch.einsum("bhd,bcd->bhc", q[:, 0].double(), k[rows].double()).clamp(min=0)
+    s64 = (s64 * (w[:, 0].double() * scale).unsqueeze(-1)).sum(1)                          # [B, C]
+    hi = ((pos[:, 0] + 1) // ratio).clamp(max=C)
+    vis = torch.arange(C, device=DEV) < hi.unsqueeze(-1)
+    sc = indexer.scores(q, k, w, pos, None, rows, few=True, w_scale=scale, ratio=ratio)[:, 0]   # (the scale
+    assert torch.equal(torch.isinf(sc), ~vis) and rel(sc[vis], s64[vis]) < tol(dtype)          # leaves the order)
+    for P in (8, 64):
+        got = ops.index_topk_decode_triton(q, k, w, scale, pos, ratio, P, rows)[:, 0]
+        twin = ops.index_topk_decode_torch(q, k, w, scale, pos, ratio, P, rows)[:, 0]
+        assert got.shape == twin.shape == (B, min(P, C)) and got.dtype == torch.int32
+        for b in range(B):
+            n = int(min(P, hi[b]))
+            best = s64[b, :int(hi[b])].topk(n)
+            chosen = got[b][got[b] >= 0].long()
+            assert len(chosen) == n and (twin[b] >= 0).sum() == n and (chosen < hi[b]).all(), (P, b)
+            if dtype == torch.float32:
+                assert set(chosen.tolist()) == set(best.indices.tolist()) == set(twin[b][twin[b] >= 0].tolist())
+            else:                     # bf16 scores may order near-ties differently: the choice is near-optimal
+                assert s64[b, chosen].sum() >= best.values.sum() * (1 - 1e-2)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])   # no dots: bf16 runs in the interpreter
 @pytest.mark.parametrize("ranged", [False, True])
 def test_radix_select_equals_torch_topk(dtype, ranged):

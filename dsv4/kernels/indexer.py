@@ -63,18 +63,24 @@ def _scores_kernel(Q, K, W, ROWS, LO, HI, OUT,
 @triton.jit
 def _scores_few_kernel(Q, K, W, ROWS, LO, HI, OUT,
                        s_qb, s_qs, s_qh, s_kb, s_kc, s_wb, s_ws, s_ob, s_os,
-                       S, C, HI_N, DI: tl.constexpr, HP: tl.constexpr, BLOCK_C: tl.constexpr,
-                       F32_DOT: tl.constexpr, PDL: tl.constexpr = False):
+                       S, C, HI_N, w_scale, DI: tl.constexpr, HP: tl.constexpr, BLOCK_C: tl.constexpr,
+                       F32_DOT: tl.constexpr, RATIO: tl.constexpr = 0, PDL: tl.constexpr = False):
     """`_scores_kernel` for a few queries (decode): one program per (query, block of entries), the heads
     as the rows of one `tl.dot` ([HP heads, Di] · [Di, BLOCK_C], heads past Hi loaded as zeros with zero
-    weight) instead of a dot per head over a block of mostly absent queries."""
+    weight) instead of a dot per head over a block of mostly absent queries. The head weights are
+    W · w_scale in fp32. RATIO > 0: LO holds the queries' positions p and the range is [0, min((p + 1) //
+    RATIO, C)) (a decode step's visible entries; HI unused)."""
     pdl_start(PDL)
     t = tl.program_id(0)
     b = tl.program_id(2)
     c0 = tl.program_id(1) * BLOCK_C
     cs = c0 + tl.arange(0, BLOCK_C)
-    lo = tl.load(LO + b * S + t)
-    hi = tl.load(HI + b * S + t)
+    if RATIO > 0:
+        lo = 0
+        hi = tl.minimum((tl.load(LO + b * S + t) + 1) // RATIO, C)
+    else:
+        lo = tl.load(LO + b * S + t)
+        hi = tl.load(HI + b * S + t)
     acc = tl.zeros([BLOCK_C], tl.float32)
     if (c0 < hi) & (c0 + BLOCK_C > lo):
         r = tl.load(ROWS + b).to(tl.int64)
@@ -84,6 +90,7 @@ def _scores_few_kernel(Q, K, W, ROWS, LO, HI, OUT,
         qrow = Q + b.to(tl.int64) * s_qb + t.to(tl.int64) * s_qs
         q = tl.load(qrow + h[:, None] * s_qh + d[None, :], mask=(h < HI_N)[:, None], other=0.0)       # [HP, Di]
         w = tl.load(W + b.to(tl.int64) * s_wb + t.to(tl.int64) * s_ws + h, mask=h < HI_N, other=0.0).to(tl.float32)
+        w = w * w_scale
         if F32_DOT:
             dots = tl.dot(q.to(tl.float32), tl.trans(k.to(tl.float32)), input_precision="ieee")
         else:
@@ -98,12 +105,13 @@ FEW_BLOCK_C = 32         # its entries per program
 
 
 def scores(q, k, w, lo, hi, k_rows=None, block_s: int = 64, block_c: int = 64, num_warps: int = 4,
-           few: bool | None = None):
+           few: bool | None = None, w_scale: float = 1.0, ratio: int = 0):
     """I [B, S, C] with −inf outside [lo, hi), accumulated in fp32 and stored in bf16 for bf16 inputs (as
     the official code's bf16 index scores; it halves the top-k's traffic), else fp32. q [B, S, Hi, Di];
-    k [B2, C, Di] (row k_rows[b]); w [B, S, Hi]; lo, hi [B, S] int. `few`: the few-query kernel (heads as
-    the rows of one dot; default for S <= FEW_QUERIES, where a block of 64 queries would hold mostly
-    padding and its per-head loop runs serially)."""
+    k [B2, C, Di] (row k_rows[b]); w [B, S, Hi] (times w_scale in fp32); lo, hi [B, S] int. `few`: the
+    few-query kernel (heads as the rows of one dot; default for S <= FEW_QUERIES, where a block of 64
+    queries would hold mostly padding and its per-head loop runs serially). ratio > 0: lo holds the
+    positions p and the range is [0, min((p + 1) // ratio, C)) (hi unused; computed in the kernel)."""
     B, S, Hi, Di = q.shape
     C = k.shape[1]
     if Di & (Di - 1) or Di < 16:
@@ -116,14 +124,20 @@ def scores(q, k, w, lo, hi, k_rows=None, block_s: int = 64, block_c: int = 64, n
     if B * S * C == 0:
         return out
     rows = k_rows if k_rows is not None else torch.arange(B, device=q.device)
-    lo, hi = lo.contiguous(), hi.contiguous()                 # any integer dtype (loaded as is)
+    few = few if few is not None else S <= FEW_QUERIES
+    if ratio and not few:                                     # (the tiled kernel takes the range as tensors)
+        lo, hi = torch.zeros_like(lo), torch.clamp((lo + 1) // ratio, max=C)
+    if w_scale != 1.0 and not few:
+        w, w_scale = w.float() * w_scale, 1.0
+    lo = lo.contiguous()                                      # any integer dtype (loaded as is)
+    hi = lo if hi is None else hi.contiguous()
     f32 = INTERPRET or q.dtype == torch.float32
-    if few if few is not None else S <= FEW_QUERIES:
+    if few:
         bc = FEW_BLOCK_C
         _scores_few_kernel[(S, cdiv(C, bc), B)](
             q, k, w, rows, lo, hi, out, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1),
-            w.stride(0), w.stride(1), out.stride(0), out.stride(1), S, C, Hi,
-            DI=Di, HP=max(16, next_pow2(Hi)), BLOCK_C=bc, F32_DOT=f32, num_warps=num_warps, **pdl(q))
+            w.stride(0), w.stride(1), out.stride(0), out.stride(1), S, C, Hi, float(w_scale),
+            DI=Di, HP=max(16, next_pow2(Hi)), BLOCK_C=bc, F32_DOT=f32, RATIO=ratio, num_warps=num_warps, **pdl(q))
         return out
     grid = (cdiv(S, block_s), cdiv(C, block_c), B)
     _scores_kernel[grid](q, k, w, rows, lo, hi, out,
@@ -133,15 +147,16 @@ def scores(q, k, w, lo, hi, k_rows=None, block_s: int = 64, block_c: int = 64, n
     return out
 
 
-def topk(q, k, w, lo, hi, topk: int, k_rows=None, long_rows=None) -> torch.Tensor:
+def topk(q, k, w, lo, hi, topk: int, k_rows=None, long_rows=None, w_scale: float = 1.0,
+         ratio: int = 0) -> torch.Tensor:
     """idx [B, S, P] int32 (−1 where fewer than P entries are visible), P = min(topk, C): the scores
     kernel, then the radix-select kernel (`select`), or for a few very long rows `long_rows(scores, P)`
     (the caller's PyTorch choice with the same tie rule; default `torch.topk`, whose choice among equal
-    scores is arbitrary)."""
-    sc = scores(q, k, w, lo, hi, k_rows)
+    scores is arbitrary). w_scale, ratio: as `scores` (ratio > 0: lo holds positions, hi is unused)."""
+    sc = scores(q, k, w, lo, hi, k_rows, w_scale=w_scale, ratio=ratio)
     B, S, C = sc.shape
     if use_select(B * S, C):
-        return select(sc, topk, lo, hi)
+        return select(sc, topk, lo, hi, ratio=ratio)
     if long_rows is not None:
         return long_rows(sc, topk)
     top = sc.topk(min(topk, C), dim=-1)
@@ -178,7 +193,7 @@ def _orderable_key(bits, NBITS: tl.constexpr):
 @triton.jit
 def _select_kernel(SC, LO, HI, OUT, s_sr, s_or, C, P,
                    NBITS: tl.constexpr, NEG_KEY: tl.constexpr, BLOCK: tl.constexpr, HAS_RANGE: tl.constexpr,
-                   PDL: tl.constexpr = False):
+                   RATIO: tl.constexpr = 0, PDL: tl.constexpr = False):
     """One row: the P largest scores among entries [lo, hi) (all C without a range), written as their
     indices in increasing order, then −1 for the rest and for −inf scores. Radix select on the scores'
     bits, 8 bits per pass (2 passes for bf16, 4 for fp32): each pass histograms the next byte of the
@@ -188,7 +203,10 @@ def _select_kernel(SC, LO, HI, OUT, s_sr, s_or, C, P,
     pdl_start(PDL)
     r = tl.program_id(0).to(tl.int64)
     row = SC + r * s_sr
-    if HAS_RANGE:
+    if HAS_RANGE and RATIO > 0:      # LO holds the row's position p: entries [0, (p + 1) // RATIO)
+        lo = 0
+        hi = tl.minimum(((tl.load(LO + r) + 1) // RATIO).to(tl.int32), C)
+    elif HAS_RANGE:
         lo = tl.load(LO + r).to(tl.int32)
         hi = tl.minimum(tl.load(HI + r).to(tl.int32), C)
     else:
@@ -234,11 +252,12 @@ def _select_kernel(SC, LO, HI, OUT, s_sr, s_or, C, P,
 
 
 def select(scores: torch.Tensor, topk: int, lo: torch.Tensor | None = None, hi: torch.Tensor | None = None,
-           block: int | None = None, num_warps: int | None = None) -> torch.Tensor:
+           block: int | None = None, num_warps: int | None = None, ratio: int = 0) -> torch.Tensor:
     """idx [..., P] int32, P = min(topk, C): the indices of the P largest of each row of scores [..., C]
     (bf16 or fp32) among entries [lo, hi) when given (per row, [...] ints), in increasing index order;
     −1 for −inf scores and past the row's candidates. The same sets as `torch.topk` up to ties at the
-    threshold (the lowest indices are taken)."""
+    threshold (the lowest indices are taken). ratio > 0: lo holds positions p and the range is [0,
+    min((p + 1) // ratio, C)) (hi unused)."""
     if scores.dtype not in (torch.bfloat16, torch.float32):
         raise ValueError(f"top-k kernel: scores must be bf16 or fp32, got {scores.dtype}")
     *lead, C = scores.shape
@@ -262,8 +281,8 @@ def select(scores: torch.Tensor, topk: int, lo: torch.Tensor | None = None, hi: 
     neg_key = 0x7F if nbits == 16 else 0x7FFFFF                 # the key of −inf
     has_range = lo is not None
     lo_ = lo.reshape(-1).contiguous() if has_range else out
-    hi_ = hi.reshape(-1).contiguous() if has_range else out
+    hi_ = hi.reshape(-1).contiguous() if has_range and not ratio else lo_
     _select_kernel[(R,)](bits, lo_, hi_, out, bits.stride(0), out.stride(0), C, P,
-                         NBITS=nbits, NEG_KEY=neg_key, BLOCK=block, HAS_RANGE=has_range, num_warps=num_warps,
-                         **pdl(bits))
+                         NBITS=nbits, NEG_KEY=neg_key, BLOCK=block, HAS_RANGE=has_range, RATIO=ratio,
+                         num_warps=num_warps, **pdl(bits))
     return out.view(*lead, P)
