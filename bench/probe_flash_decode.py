@@ -103,18 +103,14 @@ def probe_fp4(c, M, device, g, ws) -> list[dict]:
     used_bytes = M * K * (3 * I * D // 2 + 3 * I * D // 32)
     rows = []
     # (kernel, tiles, down projection of the words kernel, its tiles when summing a token's pairs, the words
-    # kernels' arithmetic: fp32 or packed fp16, the per-pair down projection's row-max block: None = the
-    # default, fp4_moe.DOWN_AMAX_MAX; 0 = read in blocks of BK)
-    amax0 = fp4_moe.DOWN_AMAX_MAX
-    variants = [("bytes", t, None, None, "fp32", None) for t in BYTES_TILES] + \
-        [("words", t, "pair", None, "fp32", None) for t in WORDS_TILES[:3]] + \
-        [("words", t, "pair", None, "half", None) for t in WORDS_TILES] + \
-        [("words", WORDS_TILES[0], "pair", None, "half", a) for a in (0, 1024)] + \
-        [("words", WORDS_TILES[1], "pair", d, math, None) for d in PAIR_DOWN_TILES for math in ("fp32", "half")]
+    # kernels' arithmetic: fp32 or packed fp16)
+    variants = [("bytes", t, None, None, "fp32") for t in BYTES_TILES] + \
+        [("words", t, "pair", None, "fp32") for t in WORDS_TILES[:3]] + \
+        [("words", t, "pair", None, "half") for t in WORDS_TILES] + \
+        [("words", WORDS_TILES[1], "pair", d, math) for d in PAIR_DOWN_TILES for math in ("fp32", "half")]
     saved = {k: dict(v) for k, v in fp4_moe.TILES.items()}
     saved_down, saved_kernel, saved_math = fp4_moe.WORDS_DOWN, fp4_moe.DECODE_KERNEL, fp4_moe.WORDS_MATH
-    for kernel, tiles, down, down_tiles, math, amax in variants:
-        fp4_moe.DOWN_AMAX_MAX = amax0 if amax is None else amax
+    for kernel, tiles, down, down_tiles, math in variants:
         key = "gemv" if kernel == "bytes" else "words"
         fp4_moe.TILES[key] = tiles
         fp4_moe.WORDS_DOWN = down or saved_down
@@ -122,8 +118,7 @@ def probe_fp4(c, M, device, g, ws) -> list[dict]:
         fp4_moe.WORDS_MATH = math
         if down_tiles:
             fp4_moe.TILES["words_down" if down == "token" else "words_pair_down"] = down_tiles
-        name = (kernel if down is None else f"{kernel} {math}, down per {down}") + \
-            ("" if amax is None else f", row max in blocks of {amax or 'BK'}")
+        name = kernel if down is None else f"{kernel} {math}, down per {down}"
         shown = tiles if not down_tiles else {**tiles, "down": down_tiles}
         try:
             call = lambda i: fp4_moe._fp4_moe(x, i, weight, *ws, c["limit"], path=key)     # noqa: E731
@@ -136,7 +131,6 @@ def probe_fp4(c, M, device, g, ws) -> list[dict]:
             fp4_moe.TILES.clear()
             fp4_moe.TILES.update({k: dict(v) for k, v in saved.items()})
             fp4_moe.WORDS_DOWN, fp4_moe.DECODE_KERNEL, fp4_moe.WORDS_MATH = saved_down, saved_kernel, saved_math
-            fp4_moe.DOWN_AMAX_MAX = amax0
         kernel, tiles = name, shown
         rows.append(dict(op="fp4 experts", M=M, variant=kernel, tiles=tiles, us=us, bytes=used_bytes,
                          GBps=used_bytes / us / 1e3, hbm_frac=used_bytes / us / 1e-6 / HBM, rel_err_f64=err))

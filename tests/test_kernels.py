@@ -162,7 +162,7 @@ def test_index_topk_decode_equals_float64(dtype):
             if dtype == torch.float32:
                 assert set(chosen.tolist()) == set(best.indices.tolist()) == set(twin[b][twin[b] >= 0].tolist())
             else:                     # bf16 scores may order near-ties differently: the choice is near-optimal
-                assert s64[b, chosen].sum() >= best.values.sum() * (1 - 1e-2)
+                assert s64[b, chosen].sum() >= best.values.sum() - 1e-2 * best.values.abs().sum()
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])   # no dots: bf16 runs in the interpreter

@@ -55,7 +55,7 @@ import triton.language as tl
 
 from . import half2
 from .fp8_gemm import INTERPRET, e8m0_to_fp32
-from .launch import cdiv, launchable, next_pow2, pdl, pdl_start
+from .launch import cdiv, launchable, pdl, pdl_start
 
 
 @triton.jit
@@ -459,10 +459,8 @@ def _fp4_up_words_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, rw_ptr, idx_ptr,
 def _fp4_down_words_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
                            stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
                            BN: tl.constexpr, BK: tl.constexpr, HALF: tl.constexpr = False,
-                           ASM: tl.constexpr = False, AMAX_BLOCK: tl.constexpr = 0, PDL: tl.constexpr = False):
-    """`_fp4_down_gemv_kernel` on int32 words (as `_fp4_up_words_kernel`); the strides of w2 count words.
-    AMAX_BLOCK: h's row max read in blocks of this many values (0: BK; a block of the whole row reads it
-    in one round of loads, which the program waits for before its first weight)."""
+                           ASM: tl.constexpr = False, PDL: tl.constexpr = False):
+    """`_fp4_down_gemv_kernel` on int32 words (as `_fp4_up_words_kernel`); the strides of w2 count words."""
     pdl_start(PDL)
     p, pid_n = tl.program_id(0), tl.program_id(1)
     NB: tl.constexpr = BK // 32
@@ -479,7 +477,7 @@ def _fp4_down_words_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
         hrow = h_ptr + r * stride_hm
         hs, back = 1.0, 16384.0
         if HALF:
-            hs, inv = half2.x_scale(_row_amax(hrow, I, AMAX_BLOCK if AMAX_BLOCK > 0 else BK), 14)
+            hs, inv = half2.x_scale(_row_amax(hrow, I, BK), 14)
             back = 16384.0 * inv
         acc = _down_words_acc(acc, w2_ptr, s2_ptr, hrow, w_off, s_off, I, n_ok, jb, j, hs, BK, HALF, ASM)
         out = tl.sum(acc, 0) * back
@@ -615,9 +613,6 @@ WORDS_DOWN = "pair"
 # the words kernels' arithmetic for bf16/fp16 activations: "half" (packed fp16 products, `half2`: about
 # half the instructions per weight byte) or "fp32"; fp32 activations always take "fp32"
 WORDS_MATH = "half"
-# the per-pair down projection reads h's row max in one block of up to this many values (0: in blocks of
-# BK, as it reads the weights: V4-Flash's 2,048 in 4 rounds of dependent loads before the first weight)
-DOWN_AMAX_MAX = 4096
 
 
 def _path(n_pairs: int, n_experts: int) -> str:
@@ -699,10 +694,9 @@ def _fp4_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch
                 s2u.stride(1), out.stride(0), **half, **down, **pdl(h))
             return out
         dcfg = cfg if INTERPRET else TILES.get("words_pair_down", cfg)       # (a probe may time its own)
-        amax = min(DOWN_AMAX_MAX, next_pow2(I)) if half.get("HALF") else 0
         _fp4_down_words_kernel[(NK, cdiv(D, dcfg["BN"]))](
             h, w2w, s2u, flat, out, D, I, E, h.stride(0), w2w.stride(0), w2w.stride(1), s2u.stride(0),
-            s2u.stride(1), out.stride(0), **half, **dcfg, AMAX_BLOCK=amax, **pdl(h))
+            s2u.stride(1), out.stride(0), **half, **dcfg, **pdl(h))
         return _pair_sum(out, N, K, D)
     if path == "gemv":
         cfg = dict(BN=16, BK=64, num_warps=4, num_stages=1) if INTERPRET else TILES["gemv"]
