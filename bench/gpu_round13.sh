@@ -3,7 +3,7 @@
 # weight sub-tiles sharing x (RSUB, dsv4/kernels/fp8_gemm.py), per kernel and in the V4-Flash-shaped model,
 # plus their GPU tests. Every log goes into one archive, $OUT/round13_logs.tgz (a device call brings back at
 # most 8 files), written after each step, and a summary to stdout.
-#   OUT=... bash bench/gpu_round13.sh [steps...]    steps: tests probe8 probe4 flash step gen
+#   OUT=... bash bench/gpu_round13.sh [steps...]    steps: tests quick probe8 probe4 flash flash1 step gen
 OUT=${OUT:-out_round13}
 LOGS=$(mktemp -d)
 steps=${*:-tests probe8 flash}
@@ -26,6 +26,11 @@ for s in $steps; do case $s in
            --trace "$LOGS/trace6" --out "$LOGS/flash6.json" > "$LOGS/flash6.log" 2>&1 ;;
   probe4) timeout 200 python bench/probe_flash_decode.py --only fp4 --batches 1 --out "$LOGS/probe_fp4.json" \
            > "$LOGS/probe_fp4.log" 2>&1 ;;
+  quick) timeout 90 python -m pytest -q tests/test_kernels.py -k "merges_the_derotation or index_topk_decode or \
+           model_with_the_kernels" -p no:warnings > "$LOGS/tests_quick.log" 2>&1
+         timeout 60 python -m pytest -q tests/test_model.py -k "concurrent" -p no:warnings >> "$LOGS/tests_quick.log" 2>&1 ;;
+  flash1) mkdir -p /tmp/flash6; timeout 200 python bench/bench_flash_shaped.py --only model --layers 6 --slope-from 2 \
+           --decode-steps 16 --dir /tmp/flash6 --out "$LOGS/flash6.json" > "$LOGS/flash6.log" 2>&1 ;;
   step) timeout 120 python bench/probe_compressor_step.py --out "$LOGS/probe_step.json" > "$LOGS/probe_step.log" 2>&1 ;;
   gen) python bench/bench_generate.py --device cuda --batch 1 --prompt-lens 4096,16384 --decode-tokens 32 --peer \
          --decode-modes graph --no-engine --repeats 3 --out "$LOGS/gen.json" > "$LOGS/gen.log" 2>&1 ;;

@@ -61,6 +61,33 @@ def test_sparse_attention_forward_equals_twin_and_float64(dtype, split):
     assert rel(out, twin) < tol(dtype)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_split_attention_merges_the_derotation(dtype):
+    # the merge launch de-rotating the output's last dims (a decode step's `rope.inverse()`, positions
+    # past one turn, the stride of a compressed layer): the split forward then `norm_rope`, bit for bit,
+    # and the float64 attention de-rotated by the twin's formula
+    q, kv, idx, sink, scale, kv2, rows2 = attention_case(dtype=dtype)
+    B, S, H, D = q.shape
+    g = torch.Generator().manual_seed(4)
+    pos = torch.randint(0, 9000, (B, S), generator=g).to(DEV)
+    freqs = (1.0 / 10000 ** (torch.arange(0, 8) / 8)).to(DEV)                      # 8 pairs: the last 16 dims
+    rope = ops.Rope(pos, freqs, stride=4).inverse()
+    got, lse = sa.forward_split(q, kv, idx, sink, scale, kv2, rows2, derotate=rope)
+    plain, lse2 = sa.forward_split(q, kv, idx, sink, scale, kv2, rows2)
+    assert torch.equal(got, ops.norm_rope_triton(plain, None, None, rope)) and torch.equal(lse, lse2)
+    assert rel(got, ops.norm_rope_torch(plain, None, None, rope)) < 1e-6
+    assert not torch.equal(got[..., -16:], plain[..., -16:]) and torch.equal(got[..., :-16], plain[..., :-16])
+    # against float64 at positions whose fp32 angles are exact to ~1e-6 (the angle is an fp32 product by
+    # policy, as the twin's; at 36,000 rad it is off by up to 2e-3 from the float64 angle)
+    near = ops.Rope(pos % 32, freqs, stride=1).inverse()
+    got = sa.forward_split(q, kv, idx, sink, scale, kv2, rows2, derotate=near)[0]
+    want = ops.sparse_attention_torch(q.double(), kv.double(), idx, sink.double(), scale, kv2.double(), rows2,
+                                      derotate=ops.Rope(pos % 32, freqs.double(), stride=1).inverse())
+    assert rel(got, want) < tol(dtype)
+    via_op = ops.sparse_attention_triton(q, kv, idx, sink, scale, kv2, rows2, derotate=near)   # (45 keys:
+    assert rel(via_op, want) < tol(dtype)                     # the one-launch path, then the norm/rope kernel)
+
+
 def test_sparse_attention_one_source_and_row_mapping():
     q, kv, idx, sink, scale, kv2, rows2 = attention_case(T=40, K=30, seed=1)
     idx = torch.where(idx >= 40, -1, idx)                     # only the first source
