@@ -24,10 +24,11 @@ SIG = dict(x_ptr="*bf16", w_ptr="*u8", s_ptr="*u8", y_ptr="*bf16", N="i32", K="i
            stride_xg="i32", stride_wn="i32", stride_sn="i32", stride_ym="i32", ROWS="constexpr", SBN="constexpr",
            SBK="constexpr", SCALE_E8M0="constexpr", NATIVE_FP8="constexpr", BN="constexpr", BK="constexpr",
            RSUB="constexpr")
-# (rows, columns) of V4-Flash's decode GEMVs (projection groups packed as the model packs them)
-SHAPES = {"x: wq_a+wkv+weights_proj": (1600, 4096), "x32: compressors": (2560, 4096),
-          "qr: wq_b+indexer.wq_b": (40960, 1024), "wo_a (per group)": (8192, 4096), "wo_b": (4096, 8192),
-          "shared w1+w3": (4096, 4096), "shared w2": (4096, 2048)}
+# (rows, columns, programs per SM of the launch rule) of V4-Flash's FP8 decode GEMVs, projections packed as
+# the model packs them (the compressors' and weights_proj are bf16 in the release: not here)
+SHAPES = {"x: wq_a+wkv": (1536, 4096, 6), "qr: wq_b": (32768, 1024, 6), "qr: indexer.wq_b": (8192, 1024, 6),
+          "wo_a (8 groups)": (8192, 4096, 12), "wo_b": (4096, 8192, 6), "shared w1+w3": (4096, 4096, 6),
+          "shared w2": (4096, 2048, 6)}
 
 
 def count(N: int, K: int, bn: int, bk: int, warps: int, rsub: int) -> dict:
@@ -45,11 +46,11 @@ def main(argv=None):
                     help="BN,BK,warps,RSUB (repeatable); default: the default tiles of each shape")
     ap.add_argument("--sms", type=int, default=132)
     a = ap.parse_args(argv)
-    for name, (N, K) in SHAPES.items():
+    for name, (N, K, per_sm) in SHAPES.items():
         if a.variant:
             launches = [tuple(int(v) for v in text.split(",")) for text in a.variant]
         else:
-            cfg = fp8_gemm.gemv_launch(N, K, 128, a.sms, rsub=fp8_gemm.GEMV_RSUB)
+            cfg = fp8_gemm.gemv_launch(N, K, 128, a.sms, per_sm, rsub=fp8_gemm.GEMV_RSUB)
             launches = [(cfg["BN"], cfg["BK"], cfg["num_warps"], cfg["RSUB"])]
         for bn, bk, warps, rsub in launches:
             r = count(N, K, bn, bk, warps, rsub)

@@ -9,10 +9,17 @@
 * `timeline(fn, path)`: fn under torch.profiler, its Chrome trace written to path, and the kernels'
   timeline summarised (`summarize_trace`): the span from the first kernel's start to the last one's
   end, the time at least one kernel runs, how many run at once on average, and device time by kernel
-  name. For CUDA-graph replays, where the table's per-launch view says nothing about overlap.
+  name. For CUDA-graph replays, where the table's per-launch view says nothing about overlap;
+* `end_gaps(path)`: the kernels of one replay in a trace in start order, each with the time from the
+  previous kernel's end to its own end (with PDL a kernel starts early and waits, so its duration
+  overstates it; on a chain of dependent kernels the gap between ends is what it adds), and those gaps
+  summed by kernel name. `python bench/step_profile.py TRACE.json[.gz] [--replay I] [--timeline]`.
 """
 from __future__ import annotations
 
+import argparse
+import collections
+import gzip
 import json
 import traceback
 import warnings
@@ -87,7 +94,7 @@ def summarize_trace(path, repeats: int = 1, top: int = 40) -> dict:
     """Kernels of a Chrome trace (events of category "kernel"): `span_us` first start to last end,
     `busy_us` the union of their intervals, `concurrency` summed kernel time over busy time, `streams`,
     `kernels` (count), and `by_name` {name: [µs, count]} of the `top` names by time; times per repeat."""
-    events = json.loads(Path(path).read_text()).get("traceEvents", [])
+    events = _events(path)
     ks = sorted((float(e["ts"]), float(e["dur"]), e["name"], (e.get("args") or {}).get("stream"))
                 for e in events if e.get("cat") == "kernel" and "dur" in e)
     if not ks:
@@ -111,3 +118,51 @@ def summarize_trace(path, repeats: int = 1, top: int = 40) -> dict:
     return {"kernels": len(ks) // repeats, "span_us": span / repeats, "busy_us": busy / repeats,
             "concurrency": total / busy if busy else 0.0, "streams": len({k[3] for k in ks}),
             "by_name": {k: [round(v[0], 2), v[1]] for k, v in ranked.items()}}
+
+
+def _events(path) -> list:
+    raw = Path(path).read_bytes()
+    return json.loads(gzip.decompress(raw) if str(path).endswith(".gz") else raw).get("traceEvents", [])
+
+
+def end_gaps(path, replays: int = 3, replay: int = 0) -> tuple[list, dict]:
+    """([(start µs from the replay's first kernel, duration, end gap, stream, name, grid)], {name: [Σ end
+    gap µs, count]}) for replay `replay` of `replays` equal replays recorded in the trace at path."""
+    ks = sorted((float(e["ts"]), float(e["dur"]), e["name"], (e.get("args") or {}).get("stream"),
+                 (e.get("args") or {}).get("grid")) for e in _events(path) if e.get("cat") == "kernel")
+    n = len(ks) // replays
+    rep = ks[replay * n:(replay + 1) * n]
+    if not rep:
+        return [], {}
+    t0, prev, rows = rep[0][0], rep[0][0], []
+    by_name: dict = collections.defaultdict(lambda: [0.0, 0])
+    for ts, dur, name, stream, grid in rep:
+        gap = max(0.0, ts + dur - prev)
+        prev = max(prev, ts + dur)
+        rows.append((ts - t0, dur, gap, stream, name, grid))
+        by_name[name][0] += gap
+        by_name[name][1] += 1
+    return rows, dict(by_name)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description="End gaps of the kernels of a recorded step (see end_gaps).")
+    ap.add_argument("trace", help="Chrome trace (.json or .json.gz) of `replays` replays of one graph")
+    ap.add_argument("--replays", type=int, default=3)
+    ap.add_argument("--replay", type=int, default=0)
+    ap.add_argument("--timeline", action="store_true", help="every kernel in start order, not only the sums")
+    a = ap.parse_args(argv)
+    rows, by_name = end_gaps(a.trace, a.replays, a.replay)
+    streams = sorted({r[3] for r in rows}, key=str)
+    if a.timeline:
+        for start, dur, gap, stream, name, grid in rows:
+            print(f"{start:9.1f} {dur:7.2f} +{gap:6.2f} s{streams.index(stream)} {name[:40]:40s} {grid}")
+    span = sum(v[0] for v in by_name.values())
+    print(f"span {span:.1f} us, {len(rows)} kernels on {len(streams)} streams; end gaps by kernel:")
+    for name, (us, count) in sorted(by_name.items(), key=lambda kv: -kv[1][0]):
+        print(f"  {us:8.1f} us {count:4d}  {name[:70]}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

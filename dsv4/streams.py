@@ -12,8 +12,8 @@ join as dependencies).
 It forks only while a CUDA graph of inference is being recorded (no autograd): an eager step is bound
 by the host, to which a second stream adds work, and under `torch.compile` the branch is traced in
 line. Elsewhere (CPU, eager, compile, training, `DSV4_STREAMS=0`) both branches run in line on the
-caller's stream, side first.
-Either way the same kernels see the same inputs, so the results are bitwise the same.
+caller's stream, side first. Either way the same kernels see the same inputs, so the results are
+bitwise the same.
 
 Memory: every tensor a side branch reads must stay referenced by the caller until the join (a tensor
 freed by the caller while the side stream may still read it could be handed to a new tensor on the

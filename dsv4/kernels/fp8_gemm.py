@@ -141,15 +141,19 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, k_per_split,
 
 
 @triton.jit
+def _fp8_tile(w_ptrs, mask, NATIVE_FP8: tl.constexpr):
+    """The e4m3 bytes at w_ptrs as fp32 (the GPU's conversion on sm89+, else the integer decoder)."""
+    wb = tl.load(w_ptrs, mask=mask, other=0)
+    if NATIVE_FP8:
+        return wb.to(tl.float8e4nv, bitcast=True).to(tl.float32)
+    return e4m3_to_fp32(wb.to(tl.int32))
+
+
+@triton.jit
 def _fp8_run_products(w_ptrs, mask, x, s, NATIVE_FP8: tl.constexpr):
     """Σ over each 16-byte run of the tile at w_ptrs [BN, J, 16] of weight · x [J, 16], times the run's
     scale s [1, J] -> [BN, J] fp32."""
-    wb = tl.load(w_ptrs, mask=mask, other=0)
-    if NATIVE_FP8:
-        w = wb.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-    else:
-        w = e4m3_to_fp32(wb.to(tl.int32))
-    return tl.sum(w * x[None, :, :], 2) * s
+    return tl.sum(_fp8_tile(w_ptrs, mask, NATIVE_FP8) * x[None, :, :], 2) * s
 
 
 @launchable
@@ -208,11 +212,7 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, group_n, stride_xm, strid
                 acc3 += _fp8_run_products(w_ptrs + 3 * sub + k0, (rn + 3 * BS < N)[:, None, None] & k_ok[None, :, :],
                                           xv, s, NATIVE_FP8)
         else:
-            wb = tl.load(w_ptrs + k0, mask=n_ok[:, None, None] & k_ok[None, :, :], other=0)
-            if NATIVE_FP8:
-                w = wb.to(tl.float8e4nv, bitcast=True).to(tl.float32)
-            else:
-                w = e4m3_to_fp32(wb.to(tl.int32))
+            w = _fp8_tile(w_ptrs + k0, n_ok[:, None, None] & k_ok[None, :, :], NATIVE_FP8)
             acc0 += tl.sum(w * xv[None, :, :], 2) * s
             if ROWS > 1:
                 xv = tl.load(x_ptr + stride_xm + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
