@@ -364,41 +364,49 @@ def test_model_with_the_kernels_equals_the_twins():
 
 def test_training_step_with_the_kernels_equals_the_twins():
     # loss and every parameter's gradient of a model with every layer type (MTP and the index loss on),
-    # through the Triton entry points with autograd, against the twins
+    # through the Triton entry points with autograd, against the twins (and float64 where fp32 is not
+    # enough to compare two implementations: below)
     from tests.conftest import random_model
 
-    model = random_model("tiny", seed=4).to(DEV)
-    for m in model.modules():
-        if hasattr(m, "index_loss"):
-            m.index_loss = True                       # the sparse phase: top-k attention + index KL
-    ids = torch.randint(0, model.config.vocab_size, (2, 40)).to(DEV)
+    ids = None
     results = []
     try:
-        for backend in ("torch", "triton"):
+        for backend, dtype in (("torch", torch.float32), ("triton", torch.float32), ("torch", torch.float64)):
+            model = random_model("tiny", seed=4).to(DEV, dtype)
+            for m in model.modules():
+                if hasattr(m, "index_loss"):
+                    m.index_loss = True                   # the sparse phase: top-k attention + index KL
+            if ids is None:
+                ids = torch.randint(0, model.config.vocab_size, (2, 40)).to(DEV)
             ops.set_backend(backend)
-            model.zero_grad(set_to_none=True)
             logits, h, aux = model(ids, return_hidden=True, return_aux=True)
             mtp_logits = model.mtp_logits(h[:, :-1], ids[:, 1:])
             kls = [a.index_kl[0] for a in aux if a.index_kl is not None]
-            loss = (torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
-                    + torch.nn.functional.cross_entropy(mtp_logits[:, :-1].flatten(0, 1).float(), ids[:, 2:].flatten())
+            loss = (torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).to(dtype), ids[:, 1:].flatten())
+                    + torch.nn.functional.cross_entropy(mtp_logits[:, :-1].flatten(0, 1).to(dtype),
+                                                        ids[:, 2:].flatten())
                     + 0.1 * torch.stack(kls).sum())
             loss.backward()
             results.append((loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
                                             if p.grad is not None}))
     finally:
         ops.set_backend(None)
-    (l0, g0), (l1, g1) = results
+    (l0, g0), (l1, g1), (_, g64) = results
     assert len(g0) > 20
     assert rel(l1, l0) < 1e-6
+    # the mHC scales' gradients (3 values a site) sum every token's contribution with cancellation: fp32
+    # in any order is off by up to ~1e-4 there (the twin against float64: 1.2e-4 at some ids on a CPU,
+    # the kernels 4.2e-5; the kernels against the twin 5.3e-5 on an H200), so those are held against
+    # float64 to a bound the fp32 twin itself meets, everything else against the twin
+    ill = ("hc_attn_scale", "hc_ffn_scale", "hc_head_scale")
     for name in g0.keys() | g1.keys():   # a compressor with no entry yet: no gradient, or a zero one
         a, b = g1.get(name), g0.get(name)
         if a is None or b is None:
             assert (a if b is None else b).abs().max() == 0, name
+        elif name.endswith(ill):
+            assert rel(a, g64[name]) < 2e-4 and rel(b, g64[name]) < 2e-4, name
         else:
-            # fp32, other summation orders; the mHC scale gradients (3 values, sums over every token
-            # with cancellation) differ most: 1.4e-5
-            assert rel(a, b) < 5e-5, name
+            assert rel(a, b) < 5e-5, name      # fp32, other summation orders
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
