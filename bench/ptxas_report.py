@@ -11,8 +11,9 @@ next to the kernels:
   64-head launch (64 keys, 8 warps), the FP8-entry reads (native e4m3 conversion and the integer decode
   of GPUs before sm89; their pipeline stages, which shared memory bounds) and the backward's;
 * the expert GEMV kernels;
-* the decode step's GEMV, router, compressor entry and step kernels, the pooling gradient and the radix
-  select (none spills; compiling them here also catches what the interpreter accepts and the compiler
+* the decode step's GEMV, router, compressor entry and step kernels, the pooling gradient, the radix
+  select and the index scores (a decode query's range computed in the kernels), the split attention's
+  merge (with the output's de-rotation: 220 registers against 195) (none spills; compiling them here also catches what the interpreter accepts and the compiler
   refuses).
 
     python3 bench/ptxas_report.py
@@ -71,24 +72,25 @@ def main() -> int:
     pbw = dict(DX="*bf16", H="*bf16", FN="*fp32", DZ="*fp32", C="*fp32", PRE="*fp32", DH="*bf16", DFN="*fp32",
                N_TOK="i32", D="i32", T_PER="i32")
     fin = dict(H="*bf16", SS="*fp32", MIX="*fp32", SCALE="*fp32", BASE="*fp32", X="*bf16", POST="*fp32",
-               COMB="*fp32", N_TOK="i32", D="i32", NSPLIT="i32", eps="fp32", norm_eps="fp32")
+               COMB="*fp32", N_TOK="i32", D="i32", NSPLIT="i32", D_PER="i32", SEP="i32", eps="fp32",
+               norm_eps="fp32", MIXES="constexpr", RHO="constexpr", PRE="constexpr")
     att = {n: "i32" for n in sa._fwd_kernel.arg_names}
     att.update(Q="*bf16", KV="*bf16", KV2="*bf16", OUT="*bf16", ROWS2="*i32", IDX="*i32", SINK="*fp32",
-               LSE="*fp32", ML="*fp32", scale_log2="fp32")
+               LSE="*fp32", ML="*fp32", ROWS1="*i32", scale_log2="fp32")
     for k in ("D", "BLOCK_H", "BLOCK_N", "HAS_KV2", "SPLIT", "F32_DOT", "KV2_FP8", "NOPE", "OFF_SC", "OFF_ROPE",
-              "NATIVE_FP8"):
+              "NATIVE_FP8", "HAS_ROWS1", "PDL"):
         att.pop(k)
     attb = {n: "i32" for n in sa._bwd_kernel.arg_names}
     attb.update(Q="*bf16", KV="*bf16", KV2="*bf16", ROWS2="*i32", IDX="*i32", DO="*bf16", LSE="*fp32",
                 DELTA="*fp32", DQ="*bf16", DKV="*fp32", DKV2="*fp32", scale="fp32")
-    for k in ("D", "BLOCK_H", "BLOCK_N", "HAS_KV2", "F32_DOT"):
-        attb.pop(k)
+    for k in ("D", "BLOCK_H", "BLOCK_N", "HAS_KV2", "F32_DOT", "PDL"):
+        attb.pop(k, None)
     up = dict(x_ptr="*bf16", w1_ptr="*bf16", w3_ptr="*bf16", rw_ptr="*fp32", idx_ptr="*i64", h_ptr="*bf16",
               D="i32", I="i32", TOPK="i32", E="i32", limit="fp32", s_xm="i32", s_we="i32", s_wn="i32", s_hm="i32")
     down = dict(h_ptr="*bf16", w2_ptr="*bf16", idx_ptr="*i64", out_ptr="*bf16", D="i32", I="i32", TOPK="i32",
                 E="i32", s_hm="i32", s_we="i32", s_wn="i32", s_om="i32")
     gv = dict(x_ptr="*bf16", w_ptr="*bf16", y_ptr="*fp32", N="i32", K="i32", stride_xm="i32", stride_wn="i32",
-              stride_ym="i32")
+              stride_ym="i32", RG="i32", stride_xg="i32")
     rt = dict(LOGITS="*fp32", BIAS="*fp32", IDS="*i64", HASH="*i64", W_OUT="*fp32", IDX_OUT="*i64", S_OUT="*fp32",
               E="i32", s_l="i32", s_h="i32", route_scale="fp32")
     en = dict(POOLED="*fp32", W="*bf16", POS="*i64", ROWS="*i64", FREQ="*fp32", ENT="*bf16", s_pb="i32", s_eb="i32",
@@ -98,6 +100,11 @@ def main() -> int:
     pb = dict(KV="*fp32", SC="*fp32", SLOTS="*i32", G="*fp32", DKV="*fp32", DSC="*fp32", s_b="i32", s_l="i32",
               s_sb="i32", s_sn="i32", s_gb="i32", s_gn="i32", N="i32", C="i32")
     sel = dict(SC="*i16", LO="*i32", HI="*i32", OUT="*i32", s_sr="i32", s_or="i32", C="i32", P="i32")
+    cmb = dict(PART="*fp32", ML="*fp32", SINK="*fp32", OUT="*bf16", LSE="*fp32", SPLITS="i32", H="i32", POS="*i64",
+               FREQ="*fp32", STRIDE="i32", SIGN="fp32")
+    few = {n: "i32" for n in indexer._scores_few_kernel.arg_names if n not in ("DI", "HP", "BLOCK_C", "F32_DOT",
+                                                                                  "RATIO", "PDL")}
+    few.update(Q="*bf16", K="*bf16", W="*bf16", ROWS="*i64", LO="*i64", HI="*i64", OUT="*bf16", w_scale="fp32")
     fp8 = dict(D=512, BLOCK_H=16, BLOCK_N=32, HAS_KV2=True, SPLIT=False, F32_DOT=False, KV2_FP8=True, NOPE=448,
                OFF_SC=448, OFF_ROPE=464, NATIVE_FP8=True)
     cases = [
@@ -122,11 +129,11 @@ def main() -> int:
         ("mHC pre bwd 64 x 128, bf16x3", mhc._hc_pre_bwd_kernel, pbw,
          dict(NS=4, NP=32, WIDTH=24, BLOCK_T=64, BLOCK_D=128, PREC="ieee", SPLIT3=True), 4),
         ("mHC finish 8 x 128", mhc._hc_finish_kernel, fin,
-         dict(ITERS=20, NS=4, NP=32, BLOCK_T=8, BLOCK_D=128, SPLIT_BLOCK=8), 4),
+         dict(ITERS=20, NS=4, NP=32, BLOCK_T=8, BLOCK_D=128, SPLIT_BLOCK=8, MIXES=None, RHO=None, PRE=None), 4),
         ("mHC finish 16 x 128", mhc._hc_finish_kernel, fin,
-         dict(ITERS=20, NS=4, NP=32, BLOCK_T=16, BLOCK_D=128, SPLIT_BLOCK=4), 4),
+         dict(ITERS=20, NS=4, NP=32, BLOCK_T=16, BLOCK_D=128, SPLIT_BLOCK=4, MIXES=None, RHO=None, PRE=None), 4),
         ("mHC finish 1 x 1024", mhc._hc_finish_kernel, fin,
-         dict(ITERS=20, NS=4, NP=32, BLOCK_T=1, BLOCK_D=1024, SPLIT_BLOCK=64), 4),
+         dict(ITERS=20, NS=4, NP=32, BLOCK_T=1, BLOCK_D=1024, SPLIT_BLOCK=64, MIXES=None, RHO=None, PRE=None), 4),
         ("attention 32 heads x 512, 4 warps", sa._fwd_kernel, att,
          dict(D=512, BLOCK_H=32, BLOCK_N=32, HAS_KV2=True, SPLIT=False, F32_DOT=False), 4),
         ("attention 32 heads x 512, 8 warps", sa._fwd_kernel, att,
@@ -165,7 +172,13 @@ def main() -> int:
          dict(M=4, J=8, OVERLAP=True, BLOCK_C=64), 4),
         ("pooling gradient 8 slots x 128", compressor._pool_bwd_kernel, pb, dict(J=8, M=4, OVERLAP=True, BLOCK_C=128), 4),
         ("radix select bf16, 1024", indexer._select_kernel, sel,
-         dict(NBITS=16, NEG_KEY=0x7F, BLOCK=1024, HAS_RANGE=True), 4),
+         dict(NBITS=16, NEG_KEY=0x7F, BLOCK=1024, HAS_RANGE=True, RATIO=0), 4),
+        ("radix select bf16, 2048, decode range", indexer._select_kernel, dict(sel, LO="*i64", HI="*i64"),
+         dict(NBITS=16, NEG_KEY=0x7F, BLOCK=2048, HAS_RANGE=True, RATIO=4), 8),
+        ("index scores, a decode query, 64 heads", indexer._scores_few_kernel, few,
+         dict(DI=128, HP=64, BLOCK_C=32, F32_DOT=False, RATIO=4), 4),
+        ("attention merge 16 heads x 512", sa._combine_kernel, cmb, dict(D=512, BLOCK_H=16, DR2=0), 4),
+        ("attention merge 16 heads x 512, de-rotating", sa._combine_kernel, cmb, dict(D=512, BLOCK_H=16, DR2=32), 4),
     ]
     for name, fn, sig, consts, warps, *stages in cases:
         c, regs, spills = compile_sm90(fn, sig, consts, warps, *stages)
