@@ -27,7 +27,7 @@ for s in $steps; do case $s in
   probe4) timeout 200 python bench/probe_flash_decode.py --only fp4 --batches 1 --out "$LOGS/probe_fp4.json" \
            > "$LOGS/probe_fp4.log" 2>&1 ;;
   quick) timeout 90 python -m pytest -q tests/test_kernels.py -k "merges_the_derotation or index_topk_decode or \
-           model_with_the_kernels" -p no:warnings > "$LOGS/tests_quick.log" 2>&1
+           model_with_the_kernels or training_step" -p no:warnings > "$LOGS/tests_quick.log" 2>&1
          timeout 60 python -m pytest -q tests/test_model.py -k "concurrent" -p no:warnings >> "$LOGS/tests_quick.log" 2>&1 ;;
   flash1) mkdir -p /tmp/flash6; timeout 200 python bench/bench_flash_shaped.py --only model --layers 6 --slope-from 2 \
            --decode-steps 16 --dir /tmp/flash6 --out "$LOGS/flash6.json" > "$LOGS/flash6.log" 2>&1 ;;
