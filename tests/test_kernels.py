@@ -1252,6 +1252,9 @@ def test_launch_cache_key_separates_what_triton_specialises_on():
         assert all(s == specs[0] for s in specs), (k, specs)
     assert len(groups) >= 12                  # (not one key for everything)
     assert launch.spec_key(object()) is NotImplemented and launch.spec_key(torch.tensor(3).numpy()) is NotImplemented
+    # the in-line form a launch uses: the same keys, subclasses (a Parameter) and unknown types included
+    odd = [torch.nn.Parameter(torch.randn(3)), object(), "x", 2.5]
+    assert launch.spec_keys(args + odd) == tuple(launch.spec_key(a) for a in args + odd)
     # with a launch hook installed (a profiler's), every launch takes the JIT path, which calls it
     assert not launch._hooked()
     hooks = triton.knobs.runtime.launch_enter_hook
@@ -1302,6 +1305,61 @@ def test_launch_cache_reuses_kernels_only_for_equal_specialisations():
     # keys: aligned fp32 4096 (twice: one entry), unaligned, n=4100 (not a multiple of 16), bf16; 2048
     # shares 4096's key (same specialisation)
     assert len(kern.cache) == 4
+
+
+def test_launch_cache_logic_with_a_stand_in_kernel(monkeypatch):
+    # FastLaunch's own logic on any machine (the test above runs it on a GPU): a stand-in for a JIT
+    # kernel records how each launch is served; the first launch of a key goes through the JIT, a launch
+    # with the same specialisation goes to the compiled launcher with the constexpr and default arguments
+    # appended, a new alignment, int class or keyword value is a new key, a runtime argument by keyword
+    # and an unknown argument type take the JIT path
+    import inspect
+    from types import SimpleNamespace
+    from dsv4.kernels import launch
+
+    calls = []
+
+    class Compiled:
+        function, packed_metadata = "fn", "meta"
+
+        def run(self, *a):
+            calls.append(("cached", a))
+
+    class StandIn:                     # what FastLaunch reads of a triton.JITFunction
+        params = [SimpleNamespace(name=n, is_constexpr=c, default=d) for n, c, d in
+                  [("X", False, inspect.Parameter.empty), ("N", False, inspect.Parameter.empty),
+                   ("BLOCK", True, inspect.Parameter.empty), ("PDL", True, False)]]
+
+        def __getitem__(self, grid):
+            def jit(*args, **kwargs):
+                calls.append(("jit", args, kwargs))
+                return Compiled()
+            return jit
+
+    monkeypatch.setattr(launch, "FAST", True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch._C, "_cuda_getCurrentRawStream", lambda dev: 7, raising=False)
+    k = launch.FastLaunch(StandIn())
+    x = torch.zeros(64)
+    k[(4,)](x, 4096, BLOCK=128)
+    k[(2, 3)](x, 8192, BLOCK=128)                      # same key: the compiled launcher
+    assert calls[0][0] == "jit" and calls[1] == ("cached", (2, 3, 1, 7, "fn", "meta", None, None, None, x, 8192,
+                                                              128, False))
+    for args, kw in [((x[1:], 4096), {"BLOCK": 128}),     # unaligned
+                     ((x, 4097), {"BLOCK": 128}),         # not a multiple of 16
+                     ((x, 2 ** 40), {"BLOCK": 128}),      # an i64
+                     ((x, 4096), {"BLOCK": 64}),          # another constexpr
+                     ((x, 1), {"BLOCK": 128})]:           # the value 1
+        n = len(calls)
+        k[(1,)](*args, **kw)
+        assert calls[n][0] == "jit", (args, kw)
+        k[(1,)](*args, **kw)
+        assert calls[n + 1][0] == "cached", (args, kw)
+    n, jit = len(calls), k.jit_launches
+    k[(1,)](x, N=4096, BLOCK=128)                      # a runtime argument by keyword
+    k[(1,)](x, "x", BLOCK=128)                         # an argument the key does not know
+    k[(1,)](x, "x", BLOCK=128)
+    assert [c[0] for c in calls[n:]] == ["jit", "jit", "jit"] and k.jit_launches == jit + 3
 
 
 def test_host_grid_arithmetic_matches_the_definitions():
