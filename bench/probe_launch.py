@@ -4,6 +4,7 @@ back to back (the GPU work is a few bytes, so the time is the host's). What an e
 pays per launch; a CUDA-graph replay pays none of it.
 
     python bench/probe_launch.py [--n 2000] [--out probe_launch.json]
+    python bench/probe_launch.py --keys      # any machine: the launch cache's key alone, both forms
 """
 from __future__ import annotations
 
@@ -42,11 +43,39 @@ def per_launch_us(fn, n: int) -> float:
     return host / n * 1e6
 
 
+def key_us(n: int) -> dict:
+    """µs of host time to build the launch cache's key of 30 arguments (10 tensors, 15 ints, 3 floats, 2
+    None, as a large kernel of dsv4/kernels takes), as 30 calls of `spec_key` (the earlier form) and as
+    `spec_keys` (the form `FastLaunch` uses). CPU tensors: the key reads only dtype and address."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from dsv4.kernels.launch import spec_key, spec_keys
+    args = [torch.empty(64, dtype=torch.bfloat16) for _ in range(10)]
+    args += [4096, 1, 128, 7, 8192, 16, 2048, 1, 512, 3, 64, 1024, 8, 4096, 32, 0.5, 1e-6, 2.0, None, None]
+    assert spec_keys(args) == tuple(map(spec_key, args))
+    out = {}
+    for name, fn in (("30 calls of spec_key", lambda: tuple(map(spec_key, args))), ("spec_keys", lambda: spec_keys(args))):
+        best = float("inf")
+        for _ in range(5):
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            best = min(best, (time.perf_counter() - t) / n * 1e6)
+        out[name] = best
+        print(f"launch key, {name:22s} {best:6.2f} µs (host, best of 5 × {n})")
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=2000)
+    ap.add_argument("--keys", action="store_true", help="only the launch key's host time (no GPU needed)")
     ap.add_argument("--out", default="probe_launch.json")
     args = ap.parse_args()
+    if args.keys:
+        key_us(20 * args.n)
+        return 0
     x = torch.randn(256, device="cuda")
     y = torch.empty_like(x)
     a = [torch.randn(16, device="cuda") for _ in range(8)]

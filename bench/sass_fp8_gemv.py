@@ -8,6 +8,7 @@ bound leaves no slack to hide latency). Same method as `sass_fp4_gemv.py` (divis
 the JIT gives them at run time).
 
     python3 bench/sass_fp8_gemv.py                          # default tiles of every V4-Flash shape
+    python3 bench/sass_fp8_gemv.py --rsub 1                 # the one-row rule before sub-tiles
     python3 bench/sass_fp8_gemv.py --variant 32,128,4,4     # BN, BK, warps, RSUB at each shape
 """
 from __future__ import annotations
@@ -45,12 +46,15 @@ def main(argv=None):
     ap.add_argument("--variant", action="append", default=[],
                     help="BN,BK,warps,RSUB (repeatable); default: the default tiles of each shape")
     ap.add_argument("--sms", type=int, default=132)
+    ap.add_argument("--rsub", type=int, default=None,
+                    help="the default launches with this many sub-tiles (1: the rule before sub-tiles); "
+                         "default fp8_gemm.GEMV_RSUB")
     a = ap.parse_args(argv)
     for name, (N, K, per_sm) in SHAPES.items():
         if a.variant:
             launches = [tuple(int(v) for v in text.split(",")) for text in a.variant]
         else:
-            cfg = fp8_gemm.gemv_launch(N, K, 128, a.sms, per_sm, rsub=fp8_gemm.GEMV_RSUB)
+            cfg = fp8_gemm.gemv_launch(N, K, 128, a.sms, per_sm, rsub=a.rsub or fp8_gemm.GEMV_RSUB)
             launches = [(cfg["BN"], cfg["BK"], cfg["num_warps"], cfg["RSUB"])]
         for bn, bk, warps, rsub in launches:
             r = count(N, K, bn, bk, warps, rsub)

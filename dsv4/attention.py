@@ -484,17 +484,16 @@ class Indexer(nn.Module):
         return self.head_dim ** -0.5 * self.n_heads ** -0.5
 
     def queries(self, x: torch.Tensor, qr: torch.Tensor, rope: ops.Rope,
-                pre=None, scaled: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                pre=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Roped queries [B, S, Hi, Di] and head weights [B, S, Hi] fp32 (pre: the roped queries
-        [B, S, Hi, Di] and weights_proj(x), computed by the caller). scaled=False: the weights as
-        weights_proj gives them, without the factor `w_scale` (a decode step's top-k applies it)."""
+        [B, S, Hi, Di] and weights_proj(x), computed by the caller)."""
         B, S, _ = x.shape
         if pre is not None:
             q, w = pre
         else:
             q = ops.norm_rope(linear(qr, self.wq_b).view(B, S, self.n_heads, self.head_dim), None, None, rope)
             w = linear(x, self.weights_proj)
-        return q, (up(w) * self.w_scale if scaled else w)                                # [B, S, Hi]
+        return q, up(w) * self.w_scale                                                 # [B, S, Hi]
 
 
 class Attention(nn.Module):
@@ -626,7 +625,9 @@ class Attention(nn.Module):
         (`_update_compressors` computes them; pre["index"] then holds None for the weights)."""
         B, S, _ = x.shape
         (xs, _), (x32, _), (qs, _) = self.projection_groups()
-        a = linears(x, xs if compressors else xs[:2]) + [None]
+        if not compressors:
+            xs = xs[:2]                                            # wq_a, wkv (not the indexer's weights_proj)
+        a = linears(x, xs)
         c = linears(x, x32, fp32=True) if x32 and compressors else []
         qr, kv = ops.norm_rope_pair(a[0], self.q_norm.weight, self.q_norm.eps, None,
                                     a[1], self.kv_norm.weight, self.kv_norm.eps, rope)
@@ -637,7 +638,7 @@ class Attention(nn.Module):
             ix = self.indexer
             q, iq = ops.norm_rope_pair(q, None, self.eps, rope, b[1].view(B, S, ix.n_heads, ix.head_dim), None, None,
                                        rope)
-            pre["index"], pre["icomp"] = (iq, a[2]), tuple(c[2:4]) if c else None
+            pre["index"], pre["icomp"] = (iq, a[2] if compressors else None), tuple(c[2:4]) if c else None
         else:
             q = ops.norm_rope(q, None, self.eps, rope)
         return qr, q, kv, pre
@@ -697,9 +698,9 @@ class Attention(nn.Module):
                                                        starts)
                     ikeys = state.index.entries[:, :n_comp]                          # [Bmax, C, Di]
         iq = iw = None
-        # (a decode step scales w in its top-k; a recorded one's top-k was taken before, `_decode_topk`)
+        # (an inference decode step's top-k was taken before `_attend`: `_decode_topk`)
         if self.indexer is not None and (sparse or want_loss) and "cidx" not in pre:
-            iq, iw = self.indexer.queries(x_idx, qr_idx, rope, pre.get("index"), scaled=not in_ring)
+            iq, iw = self.indexer.queries(x_idx, qr_idx, rope, pre.get("index"))
         k_comp = min(self.indexer.topk, n_comp) if sparse else n_comp
         per_query = W + k_comp + (n_comp if sparse else 0)
         chunk = max(1, min(S, ATTN_BUDGET // max(per_query, 1)))
@@ -737,10 +738,9 @@ class Attention(nn.Module):
         ~20 small ops, which also writes the new keys kv [B, 1, Dh] to the ring first, so that the lists
         index [ring | entries] and the attention reads the ring in place. cidx: the indexer's choice when
         taken before (`_decode_topk`)."""
-        if self.ratio and indexer_in is not None:   # (iw unscaled: `Indexer.queries(scaled=False)`)
+        if self.ratio and indexer_in is not None:   # (iw already scaled: factor 1)
             iq, iw, ikeys = indexer_in
-            cidx = ops.index_topk_decode(iq, ikeys, iw, self.indexer.w_scale, pos, self.ratio, self.indexer.topk,
-                                         c_rows)[:, 0]
+            cidx = ops.index_topk_decode(iq, ikeys, iw, 1.0, pos, self.ratio, self.indexer.topk, c_rows)[:, 0]
         return ops.decode_key_lists(pos[:, 0], self.window, self.ratio, n_comp, self.window, cidx, ring=ring,
                                     rows=rows, kv=kv[:, 0])
 

@@ -396,8 +396,8 @@ def test_training_step_with_the_kernels_equals_the_twins():
     assert rel(l1, l0) < 1e-6
     # the mHC scales' gradients (3 values a site) sum every token's contribution with cancellation: fp32
     # in any order is off by up to ~1e-4 there (the twin against float64: 1.2e-4 at some ids on a CPU,
-    # the kernels 4.2e-5; the kernels against the twin 5.3e-5 on an H200), so those are held against
-    # float64 to a bound the fp32 twin itself meets, everything else against the twin
+    # the kernels 4.2e-5, bench/grad_precision.py; the kernels against the twin 5.3e-5 on an H200), so
+    # those are held against float64 to a bound the fp32 twin itself meets, everything else against the twin
     ill = ("hc_attn_scale", "hc_ffn_scale", "hc_head_scale")
     for name in g0.keys() | g1.keys():   # a compressor with no entry yet: no gradient, or a zero one
         a, b = g1.get(name), g0.get(name)
