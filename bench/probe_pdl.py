@@ -11,6 +11,11 @@ Variants (every kernel of a chain the same way):
             scheduled while this one runs; they wait at their own `gdc_wait`);
 * prefetch: as trigger, and each GEMV program loads its first weight tile before its `gdc_wait` (the
             weights do not depend on the previous kernel).
+* early:    `gdc_launch_dependents` before the wait: the next kernel's programs may be scheduled as soon as
+            all of this kernel's are, so several small kernels' programs wait at once, in stream order
+            (each wait still covers the previous kernel's completion and writes, hence all earlier ones).
+* early-prefetch, early-prefetch2: early, and each GEMV program loads its first one or two weight tiles
+            before its wait.
 Each chain's output is checked against the plain chain's (bitwise: the same kernels in the same order).
 """
 from __future__ import annotations
@@ -28,7 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 @triton.jit
-def _row_kernel(x_ptr, y_ptr, N, BLOCK: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr):
+def _row_kernel(x_ptr, y_ptr, N, BLOCK: tl.constexpr, PDL: tl.constexpr, TRIGGER: tl.constexpr,
+                EARLY: tl.constexpr):
+    if EARLY:
+        tl.extra.cuda.gdc_launch_dependents()
     if PDL:
         tl.extra.cuda.gdc_wait()
     if TRIGGER:
@@ -42,35 +50,43 @@ def _row_kernel(x_ptr, y_ptr, N, BLOCK: tl.constexpr, PDL: tl.constexpr, TRIGGER
 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, y_ptr, N, K, BN: tl.constexpr, BK: tl.constexpr, PDL: tl.constexpr,
-                 TRIGGER: tl.constexpr, PREFETCH: tl.constexpr):
+                 TRIGGER: tl.constexpr, PREFETCH: tl.constexpr, EARLY: tl.constexpr):
     pid = tl.program_id(0)
     rn = pid * BN + tl.arange(0, BN)
     rk = tl.arange(0, BK)
     w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * K + rk[None, :]
     acc = tl.zeros((BN, BK), tl.float32)
-    if PREFETCH:
-        w0 = tl.load(w_ptrs).to(tl.float32)
+    if EARLY:
+        tl.extra.cuda.gdc_launch_dependents()
+    if PREFETCH >= 1:
+        w0 = tl.load(w_ptrs)
+    if PREFETCH >= 2:
+        w1 = tl.load(w_ptrs + BK, mask=(BK + rk < K)[None, :], other=0.0)
     if PDL:
         tl.extra.cuda.gdc_wait()
     if TRIGGER:
         tl.extra.cuda.gdc_launch_dependents()
-    if PREFETCH:
-        acc += w0 * tl.load(x_ptr + rk).to(tl.float32)[None, :]
+    start = 0
+    if PREFETCH >= 1:
+        acc += w0.to(tl.float32) * tl.load(x_ptr + rk).to(tl.float32)[None, :]
         start = BK
-    else:
-        start = 0
+    if PREFETCH >= 2:
+        acc += w1.to(tl.float32) * tl.load(x_ptr + BK + rk, mask=BK + rk < K, other=0.0).to(tl.float32)[None, :]
+        start = 2 * BK
     for k0 in range(start, K, BK):
         w = tl.load(w_ptrs + k0).to(tl.float32)
         acc += w * tl.load(x_ptr + k0 + rk).to(tl.float32)[None, :]
     tl.store(y_ptr + rn, tl.sum(acc, 1).to(y_ptr.dtype.element_ty))
 
 
-VARIANTS = {"off": (False, False, False), "wait": (True, False, False), "trigger": (True, True, False),
-            "prefetch": (True, True, True)}
+# (PDL, trigger after the wait, weight tiles loaded before the wait, trigger before the wait)
+VARIANTS = {"off": (False, False, 0, False), "wait": (True, False, 0, False), "trigger": (True, True, 0, False),
+            "prefetch": (True, True, 1, False), "early": (True, False, 0, True),
+            "early-prefetch": (True, False, 1, True), "early-prefetch2": (True, False, 2, True)}
 
 
 def chain(x, weights, bufs, variant):
-    pdl, trig, pre = VARIANTS[variant]
+    pdl, trig, pre, early = VARIANTS[variant]
     opt = {"launch_pdl": True} if pdl else {}
     h = x
     for i, w in enumerate(weights):
@@ -78,13 +94,13 @@ def chain(x, weights, bufs, variant):
             out = bufs[h.numel()].pop(0)
             bufs[h.numel()].append(out)
             _row_kernel[(1,)](h, out, h.numel(), BLOCK=triton.next_power_of_2(h.numel()), PDL=pdl, TRIGGER=trig,
-                              num_warps=4, **opt)
+                              EARLY=early, num_warps=4, **opt)
             h = out
         N, K = w.shape
         out = bufs[N].pop(0)
         bufs[N].append(out)
         _gemv_kernel[(N // 8,)](h, w, out, N, K, BN=8, BK=min(512, K), PDL=pdl, TRIGGER=trig, PREFETCH=pre,
-                                num_warps=4, **opt)
+                                EARLY=early, num_warps=4, **opt)
         h = out
     return h
 

@@ -4,7 +4,8 @@ A decode step at batch 1 is a chain of short kernels, most of them too small to 
 V4-Flash layer: ~30 kernels, its GEMVs far from HBM bandwidth at one token). Some of the chain does not
 depend on the rest: the shared expert beside the router and the routed experts; the compressors'
 projections and state updates beside the query and key projections; a CSA layer's indexer (its
-queries, scores and top-k) beside the attention's query projection. `side` records such a branch on a
+queries, scores and top-k) beside the attention's query projection; each mHC site's Sinkhorn (post and
+comb, read only after the sublayer) beside the sublayer. `side` records such a branch on a
 second stream, forked from the caller's, and `join` joins it back (`concurrently`: both for one
 branch), so that a CUDA graph replays the branches side by side (the graph keeps the forks and the
 join as dependencies).
@@ -29,6 +30,7 @@ import torch
 
 ENABLED = os.environ.get("DSV4_STREAMS", "1") not in ("", "0")
 _SIDE: dict[int, torch.cuda.Stream] = {}
+_FORKED: set[int] = set()        # devices whose side stream has work not joined yet
 
 A = TypeVar("A")
 B = TypeVar("B")
@@ -60,15 +62,20 @@ def side(like: torch.Tensor):
         return
     s = side_stream(like.device)
     s.wait_stream(torch.cuda.current_stream(like.device))
+    _FORKED.add(s.device_index)
     with torch.cuda.stream(s):
         yield
 
 
 def join(like: torch.Tensor) -> None:
     """The caller's stream waits for the side work enqueued so far (a recorded graph must join every
-    stream it forked before the recording ends; every `side` is joined by its caller)."""
+    stream it forked before the recording ends; every `side` is joined by its caller). Nothing when no
+    side work is pending: a recording may not wait for a stream it has not forked."""
     if active(like):
-        torch.cuda.current_stream(like.device).wait_stream(side_stream(like.device))
+        s = side_stream(like.device)
+        if s.device_index in _FORKED:
+            _FORKED.discard(s.device_index)
+            torch.cuda.current_stream(like.device).wait_stream(s)
 
 
 def concurrently(side_fn: Callable[[], A], main_fn: Callable[[], B], like: torch.Tensor) -> tuple[A, B]:

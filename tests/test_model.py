@@ -396,6 +396,30 @@ def test_decode_graph_with_concurrent_branches_equals_the_eager_step_on_cuda(ids
             assert torch.equal(sa.entries, sb.entries) and torch.equal(sa.kv, sb.kv)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the branches fork only in a CUDA graph (CPU: in line)")
+@torch.no_grad()
+def test_a_recording_joins_only_what_it_forked_on_cuda():
+    # Block joins the second stream before each hc_post whether or not anything was forked (a decode
+    # step of 16 tokens or more forks no Sinkhorn): a join with nothing pending must not make the
+    # recording wait for a stream it never forked (an invalid capture), and a fork is joined once
+    from dsv4 import streams
+    x = torch.randn(64, device="cuda")
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        y = x * 2
+        streams.join(y)                                   # nothing forked yet
+        with streams.side(y):
+            z = y + 1
+        w = y * 3
+        streams.join(y)
+        streams.join(y)                                   # joined already
+        out = z * w
+    x.copy_(torch.randn(64, device="cuda"))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out, (x * 2 + 1) * (x * 2 * 3))
+
+
 @torch.no_grad()
 def test_decode_to_the_end_of_a_short_cache(model, ids, full):
     # max_len below the HCA ratio and not a multiple of 4: the last partial windows have no entry slot
