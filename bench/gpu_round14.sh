@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Fourteenth round on one GPU: the PDL trigger before the wait in a chain of small kernels
-# (bench/probe_pdl.py), the mHC Sinkhorn of a recorded decode step on the second stream, in the
-# V4-Flash-shaped model, plus the GPU tests. Every log goes into one archive, $OUT/round14_logs.tgz (a
+# (bench/probe_pdl.py), the V4-Flash-shaped model's decode (streams on and off), a recorded decode
+# timeline, plus the GPU tests. (The round's model-level variants, the trigger before the wait, weight
+# chunks loaded before it and the mHC Sinkhorn on the second stream, were measured with this script's
+# steps on trees that had them and removed afterwards: bench/results/README.md.) Every log goes into one archive, $OUT/round14_logs.tgz (a
 # device call brings back at most 8 files), written after each step, and a summary to stdout.
 #   OUT=... bash bench/gpu_round14.sh [steps...]    steps: tests tests2 pdl flash trace gen
 # (tests2: the kernel and model tests of tests, without the FP8/FP4 ones)

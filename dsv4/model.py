@@ -196,11 +196,9 @@ class Block(nn.Module):
         """h [B, S, N, D] -> (h' [B, S, N, D], BlockAux)."""
         x, post, comb = hc_pre(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, *self.hc, self.hc_mode)
         x, index_kl = self.attn(self.attn_norm(x), pos, seg, state, rows, starts)
-        streams.join(x)            # post and comb may come from the second stream (a recorded decode step)
         h = ops.hc_post(x, h, post, comb)
         x, post, comb = hc_pre(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, *self.hc, self.hc_mode)
         x, (idx, scores) = self.ffn(self.ffn_norm(x), ids)
-        streams.join(x)
         return ops.hc_post(x, h, post, comb), BlockAux(idx, scores, index_kl)
 
 

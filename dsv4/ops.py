@@ -1251,11 +1251,7 @@ def hc_pre_triton(h, fn, scale, base, n, iters, eps, norm_eps):
     if _needs_grad(h, fn, scale, base):
         return _HcPreFn.apply(h, fn, scale, base, n, iters, eps, norm_eps)
     from dsv4.kernels import mhc
-    # a decode step's few tokens: the Sinkhorn in its own launch, on the second stream beside the sublayer
-    # when the step is recorded (`dsv4.streams`; Block joins before hc_post), in line otherwise: the same
-    # kernels either way, so a recorded step equals the eager one bit for bit
-    few = h.numel() < 16 * h.shape[-1] * h.shape[-2]
-    return mhc.hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, side_sinkhorn=few)
+    return mhc.hc_pre(h, fn, scale, base, n, iters, eps, norm_eps)
 
 
 class _HcPostFn(torch.autograd.Function):

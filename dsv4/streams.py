@@ -4,8 +4,7 @@ A decode step at batch 1 is a chain of short kernels, most of them too small to 
 V4-Flash layer: ~30 kernels, its GEMVs far from HBM bandwidth at one token). Some of the chain does not
 depend on the rest: the shared expert beside the router and the routed experts; the compressors'
 projections and state updates beside the query and key projections; a CSA layer's indexer (its
-queries, scores and top-k) beside the attention's query projection; each mHC site's Sinkhorn (post and
-comb, read only after the sublayer) beside the sublayer. `side` records such a branch on a
+queries, scores and top-k) beside the attention's query projection. `side` records such a branch on a
 second stream, forked from the caller's, and `join` joins it back (`concurrently`: both for one
 branch), so that a CUDA graph replays the branches side by side (the graph keeps the forks and the
 join as dependencies).

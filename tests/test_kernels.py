@@ -497,33 +497,6 @@ def test_hc_pre_finish_split_over_columns():
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_hc_pre_sinkhorn_aside_equals_the_one_launch_finish(dtype):
-    # a decode step's form: the finish stores the scaled mix logits and the Sinkhorn kernel computes post
-    # and comb from them (on the second stream when recorded; in line here): the finish that runs the
-    # Sinkhorn itself, at 1 and 3 tokens, D off the blocks, with the columns split or not
-    from dsv4.kernels import mhc as k
-    g = torch.Generator().manual_seed(43)
-    n, D = 4, 300
-    h = torch.randn(1, 3, n, D, generator=g, dtype=torch.float64)
-    fn = torch.randn((2 + n) * n, n * D, generator=g, dtype=torch.float64) / (n * D) ** 0.5
-    scale = torch.rand(3, generator=g, dtype=torch.float64) + 0.5
-    base = torch.randn((2 + n) * n, generator=g, dtype=torch.float64)
-    for t, fp in ((1, 264), (3, 264), (3, 1)):
-        args = (h[:, :t].to(DEV, dtype), fn.float().to(DEV), scale.float().to(DEV), base.float().to(DEV),
-                n, 20, 1e-6, 1e-6)
-        one = k.hc_pre(*args, finish_programs=fp)
-        aside = k.hc_pre(*args, finish_programs=fp, side_sinkhorn=True)
-        for a, b, c in zip(aside, one, ops.hc_pre_torch(h[:, :t], fn, scale, base, n, 20, 1e-6, 1e-6)):
-            assert rel(a, c) < tol(dtype)
-        assert torch.equal(aside[0], one[0])                  # x: the same launch
-        for a, b in zip(aside[1:], one[1:]):                  # post, comb: the interpreter's sums are in
-            assert torch.equal(a, b) if DEV == "cpu" else rel(a, b) < 1e-6   # one order; a GPU's follow
-                                                                             # the tile's layout
-    with pytest.raises(ValueError, match="no Sinkhorn"):
-        k.hc_pre(*args[:4], n, 1, 1e-6, 1e-6, head=True, side_sinkhorn=True)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", ["q", "kv", "derotate", "norm", "entries"])
 def test_norm_rope_equals_twin(dtype, case):
     from dsv4.kernels import norm_rope as k

@@ -399,9 +399,8 @@ def test_decode_graph_with_concurrent_branches_equals_the_eager_step_on_cuda(ids
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the branches fork only in a CUDA graph (CPU: in line)")
 @torch.no_grad()
 def test_a_recording_joins_only_what_it_forked_on_cuda():
-    # Block joins the second stream before each hc_post whether or not anything was forked (a decode
-    # step of 16 tokens or more forks no Sinkhorn): a join with nothing pending must not make the
-    # recording wait for a stream it never forked (an invalid capture), and a fork is joined once
+    # a join with nothing pending (a caller that joins whether or not its branch forked) must not make
+    # the recording wait for a stream it never forked (an invalid capture), and a fork is joined once
     from dsv4 import streams
     x = torch.randn(64, device="cuda")
     g = torch.cuda.CUDAGraph()

@@ -10,7 +10,6 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import streams
 from . import INTERPRET
 from .launch import cdiv, launchable, next_pow2, pdl, pdl_start
 
@@ -43,8 +42,7 @@ def _sinkhorn_kernel(MIX, SCALE, BASE, PRE, POST, COMB, N_TOK, eps, ITERS: tl.co
     s2 = tl.load(SCALE + 2)
     pre = tl.load(row + i[None, :], mask=tm[:, None], other=0.0) * s0 + tl.load(BASE + i)[None, :]
     post = tl.load(row + NS + i[None, :], mask=tm[:, None], other=0.0) * s1 + tl.load(BASE + NS + i)[None, :]
-    if PRE is not None:
-        tl.store(PRE + t[:, None] * NS + i[None, :], tl.sigmoid(pre) + eps, mask=tm[:, None])
+    tl.store(PRE + t[:, None] * NS + i[None, :], tl.sigmoid(pre) + eps, mask=tm[:, None])
     tl.store(POST + t[:, None] * NS + i[None, :], 2 * tl.sigmoid(post), mask=tm[:, None])
     jk = i[:, None] * NS + i[None, :]                                                  # [NS, NS]
     c = tl.load(row[:, :, None] + 2 * NS + jk[None, :, :], mask=tm[:, None, None], other=0.0) * s2 \
@@ -141,14 +139,12 @@ def _hc_mix_kernel(H, FN, SS, MIX, N_TOK, D, K_PER,
 def _hc_finish_kernel(H, SS, MIX, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLIT, D_PER, SEP, eps, norm_eps,
                       MIXES, RHO, PRE, ITERS: tl.constexpr, NS: tl.constexpr, NP: tl.constexpr,
                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
-                      HEAD: tl.constexpr = False, SINK: tl.constexpr = True, PDL: tl.constexpr = False):
+                      HEAD: tl.constexpr = False, PDL: tl.constexpr = False):
     """hc_pre, part 2: the slices' sums, RMS scaling, gates, Sinkhorn, then x = Σ_j pre_j h_j over the
     columns [c·D_PER, (c+1)·D_PER), c = pd − SEP, of program (·, pd). Every program of a token block
     computes the gates; program pd = 0 also runs the Sinkhorn and stores post, comb and, with MIXES (and
-    RHO, PRE) given, the scaled mix logits [T, (2+N)·N] (and what else the backward pass needs: rho [T]
-    and pre [T, N]; None: not compiled in). SEP = 1: program 0 does only that, beside the column ranges.
-    SINK = False: no Sinkhorn and no post: program 0 stores the scaled mix logits only (MIXES), from
-    which `split_sinkhorn` computes post and comb elsewhere, bit for bit as here.
+    RHO, PRE) given, what the backward pass needs: the scaled mix logits [T, (2+N)·N], rho [T] and pre
+    [T, N] (None: not compiled in). SEP = 1: program 0 does only that, beside the column ranges.
     HEAD (`hc_head`): the mix holds the N head logits only; x = Σ_j pre_j h_j with pre = sigmoid(logit ·
     rho · scale[0] + base) + eps, nothing else computed or stored (POST, COMB unused)."""
     pdl_start(PDL)
@@ -180,22 +176,20 @@ def _hc_finish_kernel(H, SS, MIX, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLIT, 
     post_l = tl.sum(tl.where(half == 1, pp3, 0.0), 1)
     pre = tl.sigmoid(pre_l * s0 + tl.load(BASE + i)[None, :]) + eps
     if first and not HEAD:
+        s1 = tl.load(SCALE + 1)
+        s2 = tl.load(SCALE + 2)
+        post = 2 * tl.sigmoid(post_l * s1 + tl.load(BASE + NS + i)[None, :])
+        tl.store(POST + t[:, None] * NS + i[None, :], post, mask=tm[:, None])
         if MIXES is not None:
             mrow = MIXES + t.to(tl.int64)[:, None] * ((2 + NS) * NS)
             tl.store(mrow + r2[None, :], pp * rho[:, None], mask=tm[:, None])
             tl.store(mrow + 2 * NS + rc[None, :], cc * rho[:, None], mask=tm[:, None])
-        if RHO is not None:
             tl.store(RHO + t, rho, mask=tm)
             tl.store(PRE + t[:, None] * NS + i[None, :], pre, mask=tm[:, None])
-        if SINK:
-            s1 = tl.load(SCALE + 1)
-            s2 = tl.load(SCALE + 2)
-            post = 2 * tl.sigmoid(post_l * s1 + tl.load(BASE + NS + i)[None, :])
-            tl.store(POST + t[:, None] * NS + i[None, :], post, mask=tm[:, None])
-            jk = i[:, None] * NS + i[None, :]
-            c = tl.reshape(cc * rho[:, None], [BLOCK_T, NS, NS]) * s2 + tl.load(BASE + 2 * NS + jk)[None, :, :]
-            c = _sinkhorn(c, eps, ITERS)
-            tl.store(COMB + t.to(tl.int64)[:, None, None] * (NS * NS) + jk[None, :, :], c, mask=tm[:, None, None])
+        jk = i[:, None] * NS + i[None, :]
+        c = tl.reshape(cc * rho[:, None], [BLOCK_T, NS, NS]) * s2 + tl.load(BASE + 2 * NS + jk)[None, :, :]
+        c = _sinkhorn(c, eps, ITERS)
+        tl.store(COMB + t.to(tl.int64)[:, None, None] * (NS * NS) + jk[None, :, :], c, mask=tm[:, None, None])
     dd = tl.arange(0, BLOCK_D)
     chunk = tl.program_id(1) - SEP
     d_lo = tl.where(chunk >= 0, chunk * D_PER, D)
@@ -212,7 +206,7 @@ def _hc_finish_kernel(H, SS, MIX, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLIT, 
 def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = None, block_k: int | None = None,
            programs: int | None = None, finish_block_t: int | None = None, save: bool = False,
            finish_warps: int | None = None, mix_precision: str | None = None,
-           finish_programs: int | None = None, head: bool = False, side_sinkhorn: bool = False):
+           finish_programs: int | None = None, head: bool = False):
     """x [.., D] (h's dtype), post [.., N], comb [.., N, N] fp32 from streams h [.., N, D]; with `head`, x
     alone, reduced with `hc_head`'s weights (fn [N, N·D], scale [1], base [N]); with `save`, also
     (mixes [T, (2+N)·N], rho [T], pre [T, N]) fp32 for `hc_pre_backward`. The mix GEMV is
@@ -231,17 +225,9 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
     program's serial loop; 9.3-10.1 µs unsplit). `mix_precision`: the dot of the
     mix from 16 tokens: "bf16x3" (bf16 streams only: fn as three bf16 parts on the tensor cores, exact
     products; the default for bf16 streams on a GPU), "ieee" (fp32 FMA; the default otherwise) or
-    "tf32x3" (three TF32 products).
-
-    `side_sinkhorn` (inference): the finish stores the scaled mix logits instead of running the
-    Sinkhorn, and the Sinkhorn kernel computes post and comb from them in `dsv4.streams.side`: in a
-    recorded decode step, on the second stream, beside the sublayer that reads x (post and comb are read
-    only by `hc_post` after it, which must `streams.join` first); elsewhere in line. Post and comb equal
-    the one-launch finish's up to the order of the Sinkhorn's sums (the same formulas, but on a GPU the
-    layout of the [BLOCK_T, N, N] tile sets the order of its 4-term sums)."""
-    if head and (save or side_sinkhorn):
-        raise ValueError("mHC kernel: the head reduction has no Sinkhorn and saves nothing for a backward pass "
-                         "(inference only)")
+    "tf32x3" (three TF32 products)."""
+    if head and save:
+        raise ValueError("mHC kernel: the head reduction saves nothing for a backward pass (inference only)")
     prec = mix_precision or ("bf16x3" if h.dtype == torch.bfloat16 and not INTERPRET else "ieee")
     if prec == "bf16x3" and h.dtype != torch.bfloat16:
         raise ValueError(f"mHC kernel: mix_precision 'bf16x3' needs bf16 streams, got {h.dtype}")
@@ -262,8 +248,6 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
     saved = (torch.empty(T, (2 + n) * n, device=h.device, dtype=torch.float32),
              torch.empty(T, device=h.device, dtype=torch.float32),
              torch.empty(T, n, device=h.device, dtype=torch.float32)) if save else (None, None, None)
-    if side_sinkhorn and not save:
-        saved = (torch.empty(T, (2 + n) * n, device=h.device, dtype=torch.float32), None, None)
     if T:
         nd = n * D
         if T < 16:
@@ -286,27 +270,18 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
                                     PREC="ieee" if INTERPRET or prec == "bf16x3" else prec,
                                     SPLIT3=split3, F32_DOT=INTERPRET, HEAD=head, **pdl(hv))
         finish_block_t = min(finish_block_t, next_pow2(T))
-        scale32, base32 = scale.float().contiguous(), base.float().contiguous()
         block_d = min(max(128, 1024 // finish_block_t), next_pow2(D))
         tbf = cdiv(T, finish_block_t)
         chunks = max(1, min(cdiv(D, block_d), (finish_programs or (1 if INTERPRET else 264)) // tbf))
         d_per = cdiv(cdiv(D, chunks), block_d) * block_d
         chunks = cdiv(D, d_per)
-        sep = int(chunks > 1 and not head and not side_sinkhorn)   # the Sinkhorn's program beside the columns
+        sep = int(chunks > 1 and not head)         # the Sinkhorn's program beside the column ranges
         _hc_finish_kernel[(tbf, chunks + sep)](
-            hv, ss, mix, scale32, base32, x, post, comb, T, D, split, d_per,
+            hv, ss, mix, scale.float().contiguous(), base.float().contiguous(), x, post, comb, T, D, split, d_per,
             sep, eps, norm_eps, *saved, ITERS=iters, NS=n, NP=n_pad, BLOCK_T=finish_block_t, BLOCK_D=block_d,
             SPLIT_BLOCK=min(64 // finish_block_t if finish_block_t < 64 else 1, next_pow2(split)),
-            HEAD=head, SINK=not side_sinkhorn, num_warps=finish_warps or (1 if T < 16 else 4),
+            HEAD=head, num_warps=finish_warps or (1 if T < 16 else 4),
             **pdl(hv))
-        if side_sinkhorn:
-            mixes = saved[0]
-            with streams.side(mixes):
-                _sinkhorn_kernel[(T,)](mixes, scale32, base32, None, post, comb, T, eps, ITERS=iters, NS=n, BLOCK=1,
-                                       num_warps=1, **pdl(mixes))
-            if streams.active(mixes):         # read on the second stream: not reused before it has been
-                for t in (mixes, scale32, base32):
-                    t.record_stream(streams.side_stream(mixes.device))
     if head:
         return x.view(*lead, D)
     out = x.view(*lead, D), post.view(*lead, n), comb.view(*lead, n, n)
