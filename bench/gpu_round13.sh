@@ -3,7 +3,7 @@
 # weight sub-tiles sharing x (RSUB, dsv4/kernels/fp8_gemm.py), per kernel and in the V4-Flash-shaped model,
 # plus their GPU tests. Every log goes into one archive, $OUT/round13_logs.tgz (a device call brings back at
 # most 8 files), written after each step, and a summary to stdout.
-#   OUT=... bash bench/gpu_round13.sh [steps...]    steps: tests quick probe8 probe4 flash flash1 step gen
+#   OUT=... bash bench/gpu_round13.sh [steps...]    steps: tests probe8 probe4 flash step gen
 OUT=${OUT:-out_round13}
 LOGS=$(mktemp -d)
 steps=${*:-tests probe8 flash}

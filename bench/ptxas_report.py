@@ -13,7 +13,7 @@ next to the kernels:
 * the expert GEMV kernels;
 * the decode step's GEMV, router, compressor entry and step kernels, the pooling gradient, the radix
   select and the index scores (a decode query's range computed in the kernels), the split attention's
-  merge (with the output's de-rotation: 220 registers against 195) (none spills; compiling them here also catches what the interpreter accepts and the compiler
+  merge (none spills; compiling them here also catches what the interpreter accepts and the compiler
   refuses).
 
     python3 bench/ptxas_report.py
@@ -100,8 +100,7 @@ def main() -> int:
     pb = dict(KV="*fp32", SC="*fp32", SLOTS="*i32", G="*fp32", DKV="*fp32", DSC="*fp32", s_b="i32", s_l="i32",
               s_sb="i32", s_sn="i32", s_gb="i32", s_gn="i32", N="i32", C="i32")
     sel = dict(SC="*i16", LO="*i32", HI="*i32", OUT="*i32", s_sr="i32", s_or="i32", C="i32", P="i32")
-    cmb = dict(PART="*fp32", ML="*fp32", SINK="*fp32", OUT="*bf16", LSE="*fp32", SPLITS="i32", H="i32", POS="*i64",
-               FREQ="*fp32", STRIDE="i32", SIGN="fp32")
+    cmb = dict(PART="*fp32", ML="*fp32", SINK="*fp32", OUT="*bf16", LSE="*fp32", SPLITS="i32", H="i32")
     few = {n: "i32" for n in indexer._scores_few_kernel.arg_names if n not in ("DI", "HP", "BLOCK_C", "F32_DOT",
                                                                                   "RATIO", "PDL")}
     few.update(Q="*bf16", K="*bf16", W="*bf16", ROWS="*i64", LO="*i64", HI="*i64", OUT="*bf16", w_scale="fp32")
@@ -177,8 +176,7 @@ def main() -> int:
          dict(NBITS=16, NEG_KEY=0x7F, BLOCK=2048, HAS_RANGE=True, RATIO=4), 8),
         ("index scores, a decode query, 64 heads", indexer._scores_few_kernel, few,
          dict(DI=128, HP=64, BLOCK_C=32, F32_DOT=False, RATIO=4), 4),
-        ("attention merge 16 heads x 512", sa._combine_kernel, cmb, dict(D=512, BLOCK_H=16, DR2=0), 4),
-        ("attention merge 16 heads x 512, de-rotating", sa._combine_kernel, cmb, dict(D=512, BLOCK_H=16, DR2=32), 4),
+        ("attention merge 16 heads x 512", sa._combine_kernel, cmb, dict(D=512, BLOCK_H=16), 4),
     ]
     for name, fn, sig, consts, warps, *stages in cases:
         c, regs, spills = compile_sm90(fn, sig, consts, warps, *stages)

@@ -576,8 +576,8 @@ class Attention(nn.Module):
         if pre is None:
             q = ops.norm_rope(q.view(B, S, H, Dh), None, self.eps, rope)               # per-head RMS, rope
             kv = ops.norm_rope(kv, self.kv_norm.weight, self.kv_norm.eps, rope)        # [B, S, Dh]
-        # the output comes back de-rotated (rope.inverse() on its last dims)
         o, index_kl = self._attend(x, qr, q, kv, pos, rope, freqs, seg, state, rows, pre, starts)   # [B, S, H, Dh]
+        o = ops.norm_rope(o, None, None, rope.inverse())                               # de-rotate
         o = o.reshape(B, S, self.groups, H * Dh // self.groups)                       # [B, S, G, H·Dh/G]
         u = grouped_linear(o, self.wo_a, self.groups)                                  # [B, S, G·d_g]
         return linear(u, self.wo_b), index_kl                                          # [B, S, D]
@@ -656,8 +656,7 @@ class Attention(nn.Module):
     def _attend(self, x, qr, q, kv, pos, rope, freqs, seg, state, rows, pre=None, starts=None):
         """Keys, index lists and one attention call per query chunk (memory linear in S); pre: the
         compressors' and indexer's projections when `_projections` computed them.
-        -> (o [B, S, H, Dh] de-rotated (`rope.inverse()`: in the attention's last launch for a decode
-        step), (Σ KL, queries) when the index loss is on, else None)."""
+        -> (o [B, S, H, Dh], (Σ KL, queries) when the index loss is on, else None)."""
         pre = pre or {}
         B, S, _ = x.shape
         m, W = self.ratio, self.window
@@ -715,8 +714,7 @@ class Attention(nn.Module):
                                           None if iq is None or not sparse else (iq[:, s0:s1], iw[:, s0:s1], ikeys),
                                           c_rows, keys.shape[1], want_cidx=want_loss)
             res = ops.sparse_attention(q[:, s0:s1], keys, idx, self.attn_sink, self.head_dim ** -0.5,
-                                       comp, c_rows, return_lse=want_loss, rows1=rows if in_ring else None,
-                                       derotate=rope.inverse() if in_ring else None)
+                                       comp, c_rows, return_lse=want_loss, rows1=rows if in_ring else None)
             if want_loss:
                 res, lse = res
                 if n_comp:
@@ -727,8 +725,6 @@ class Attention(nn.Module):
             keep = min(S, W)
             state.ring[rows.unsqueeze(1), pos[:, S - keep:] % W] = kv[:, S - keep:].to(state.ring.dtype)
         o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)                    # [B, S, H, Dh]
-        if not in_ring:
-            o = ops.norm_rope(o, None, None, rope.inverse())                           # de-rotate
         if want_loss and kl_count is None:
             kl_count = torch.zeros((), dtype=torch.long, device=x.device)
         return o, ((kl_sum, kl_count) if want_loss else None)

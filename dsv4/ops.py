@@ -607,8 +607,7 @@ def gather_keys(kv: torch.Tensor, idx: torch.Tensor, kv2: torch.Tensor | None = 
 @fp32_region
 def sparse_attention_torch(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor, sink: torch.Tensor,
                            scale: float, kv2: torch.Tensor | None = None, rows2: torch.Tensor | None = None,
-                           return_lse: bool = False, rows1: torch.Tensor | None = None,
-                           derotate: Rope | None = None):
+                           return_lse: bool = False, rows1: torch.Tensor | None = None):
     """Attention of each query over its own key list, one shared K=V head, per-head sink (spec §5.1.5,
     §11.4: the official `sparse_attn`).
 
@@ -619,8 +618,6 @@ def sparse_attention_torch(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor,
     o_h = Σ_j exp(z_hj) k_j / (Σ_j exp(z_hj) + exp(sink_h)), z_hj = scale · q_h · k_j. A query with no
     key gives 0. With return_lse, also lse [B, S, H] fp32 = log(Σ_j exp(z_hj) + exp(sink_h)). With
     rows1 [B], kv [Bmax, T, Dh] is read at row rows1[b] too (a decode step's window ring, in place).
-    derotate: the output then goes through `norm_rope(out, None, None, derotate)` (the attention's
-    de-rotation of its output, which the kernel path merges into its last launch).
     """
     B, S, H, D = q.shape
     K = idx.shape[-1]
@@ -637,8 +634,6 @@ def sparse_attention_torch(q: torch.Tensor, kv: torch.Tensor, idx: torch.Tensor,
         outs.append(torch.einsum("bshk,bskd->bshd", p, keys))
         lses.append(lse)
     out = torch.cat(outs, dim=1).to(q.dtype)
-    if derotate is not None:
-        out = norm_rope_torch(out, None, None, derotate)
     return (out, torch.cat(lses, dim=1)) if return_lse else out
 
 
@@ -1190,30 +1185,24 @@ SPLIT_BELOW_PROGRAMS = 256
 SPLIT_FROM_KEYS = 128
 
 
-def sparse_attention_triton(q, kv, idx, sink, scale, kv2=None, rows2=None, return_lse=False, rows1=None,
-                            derotate=None):
+def sparse_attention_triton(q, kv, idx, sink, scale, kv2=None, rows2=None, return_lse=False, rows1=None):
     from dsv4.kernels import sparse_attention as kern
     if rows1 is not None and _needs_grad(q, kv, sink, kv2 if not isinstance(kv2, KV8) else None):
         # (a cache read in place: inference only; the kernels' backward takes kv by query row)
-        return sparse_attention_torch(q, kv, idx, sink, scale, kv2, rows2, return_lse, rows1, derotate)
+        return sparse_attention_torch(q, kv, idx, sink, scale, kv2, rows2, return_lse, rows1)
     kv = kv.to(q.dtype)
     if isinstance(kv2, KV8):
         if kv2.dtype != q.dtype or _needs_grad(q, kv, sink):     # (a cache: inference only)
-            return sparse_attention_torch(q, kv, idx, sink, scale, kv2, rows2, return_lse, rows1, derotate)
+            return sparse_attention_torch(q, kv, idx, sink, scale, kv2, rows2, return_lse, rows1)
     elif kv2 is not None:
         kv2 = kv2.to(q.dtype)
-    merged = False                     # whether the de-rotation ran inside the merge launch
     if _needs_grad(q, kv, sink, kv2 if not isinstance(kv2, KV8) else None):
         out, lse = _SparseAttentionFn.apply(q, kv, idx, sink, scale, kv2, rows2)
     elif q.shape[0] * q.shape[1] * -(-q.shape[2] // 32) < SPLIT_BELOW_PROGRAMS \
             and idx.shape[-1] >= SPLIT_FROM_KEYS:
-        merged = derotate is not None and _pow2(derotate.pairs) and _pow2(q.shape[-1])
-        out, lse = kern.forward_split(q, kv, idx, sink, scale, kv2, rows2, rows1=rows1,
-                                      derotate=derotate if merged else None)
+        out, lse = kern.forward_split(q, kv, idx, sink, scale, kv2, rows2, rows1=rows1)
     else:
         out, lse = kern.forward(q, kv, idx, sink, scale, kv2, rows2, rows1=rows1)
-    if derotate is not None and not merged:
-        out = norm_rope_triton(out, None, None, derotate)
     return (out, lse) if return_lse else out
 
 

@@ -32,11 +32,6 @@ def tol(dtype):
     return 2e-5 if dtype == torch.float32 else 2e-2
 
 
-def ulp(dtype):
-    """A relative rounding of dtype (its machine epsilon)."""
-    return torch.finfo(dtype).eps
-
-
 def attention_case(B=2, S=5, H=4, D=64, T=50, B2=3, T2=30, K=45, seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     q = torch.randn(B, S, H, D, generator=g)
@@ -64,38 +59,6 @@ def test_sparse_attention_forward_equals_twin_and_float64(dtype, split):
     assert out[0, 1].abs().max() == 0                       # a query with no key gives 0
     twin = ops.sparse_attention_torch(q, kv, idx, sink, scale, kv2, rows2)
     assert rel(out, twin) < tol(dtype)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_split_attention_merges_the_derotation(dtype):
-    # the merge launch de-rotating the output's last dims (a decode step's `rope.inverse()`, positions
-    # past one turn, the stride of a compressed layer): the split forward then `norm_rope`, bit for bit,
-    # and the float64 attention de-rotated by the twin's formula
-    q, kv, idx, sink, scale, kv2, rows2 = attention_case(dtype=dtype)
-    B, S, H, D = q.shape
-    g = torch.Generator().manual_seed(4)
-    pos = torch.randint(0, 9000, (B, S), generator=g).to(DEV)
-    freqs = (1.0 / 10000 ** (torch.arange(0, 8) / 8)).to(DEV)                      # 8 pairs: the last 16 dims
-    rope = ops.Rope(pos, freqs, stride=4).inverse()
-    got, lse = sa.forward_split(q, kv, idx, sink, scale, kv2, rows2, derotate=rope)
-    plain, lse2 = sa.forward_split(q, kv, idx, sink, scale, kv2, rows2)
-    apart = ops.norm_rope_triton(plain, None, None, rope)
-    assert torch.equal(lse, lse2)
-    if DEV == "cpu":                        # the interpreter: the same operations, bit for bit
-        assert torch.equal(got, apart)
-    else:                                   # the GPU compiler fuses the rotation's products and sums into
-        assert rel(got, apart) < ulp(dtype)  # FMAs differently in the two kernels: a rounding apart
-    assert rel(got, ops.norm_rope_torch(plain, None, None, rope)) < max(1e-6, ulp(dtype))
-    assert not torch.equal(got[..., -16:], plain[..., -16:]) and torch.equal(got[..., :-16], plain[..., :-16])
-    # against float64 at positions whose fp32 angles are exact to ~1e-6 (the angle is an fp32 product by
-    # policy, as the twin's; at 36,000 rad it is off by up to 2e-3 from the float64 angle)
-    near = ops.Rope(pos % 32, freqs, stride=1).inverse()
-    got = sa.forward_split(q, kv, idx, sink, scale, kv2, rows2, derotate=near)[0]
-    want = ops.sparse_attention_torch(q.double(), kv.double(), idx, sink.double(), scale, kv2.double(), rows2,
-                                      derotate=ops.Rope(pos % 32, freqs.double(), stride=1).inverse())
-    assert rel(got, want) < tol(dtype)
-    via_op = ops.sparse_attention_triton(q, kv, idx, sink, scale, kv2, rows2, derotate=near)   # (45 keys:
-    assert rel(via_op, want) < tol(dtype)                     # the one-launch path, then the norm/rope kernel)
 
 
 def test_sparse_attention_one_source_and_row_mapping():

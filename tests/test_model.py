@@ -616,12 +616,12 @@ def test_kv_fp8_cache_is_the_official_kv_quantisation():
     assert fp8_cache.nbytes() < DecodeCache(cfg, 2, 160).nbytes()
     real = ops.sparse_attention.impls["torch"]
 
-    def simulated(q, kv, idx, sink, scale, kv2=None, rows2=None, return_lse=False, rows1=None, derotate=None):
+    def simulated(q, kv, idx, sink, scale, kv2=None, rows2=None, return_lse=False, rows1=None):
         assert not isinstance(kv2, ops.KV8)
         if kv2 is not None:
             kv2 = ops.kv8_dequant(ops.kv8_quant(kv2, cfg.qk_rope_head_dim), kv2.shape[-1], cfg.qk_rope_head_dim,
                                   kv2.dtype)
-        return real(q, kv, idx, sink, scale, kv2, rows2, return_lse, rows1, derotate)
+        return real(q, kv, idx, sink, scale, kv2, rows2, return_lse, rows1)
 
     try:
         ops.set_backend("torch")

@@ -320,13 +320,12 @@ def forward(q, kv, idx, sink, scale, kv2=None, rows2=None, block_n: int | None =
 
 
 def forward_split(q, kv, idx, sink, scale, kv2=None, rows2=None, splits: int = 0, block_n: int = 32,
-                  num_warps: int | None = None, rows1=None, derotate=None):
+                  num_warps: int | None = None, rows1=None):
     """`forward` with each key list split over `splits` programs (0: enough to fill ~2 waves of SMs) and
     the partial results merged by a second launch (`_combine_kernel`). Merging them in the first launch,
     by the last of a query's programs to finish, measured slower on the H200 at V4-Flash's decode (10.0 +
     4.4 µs against 23.9 µs: one program then reads all the partials; bench/results/README.md, ninth
-    round). derotate (a `dsv4.ops.Rope` of the queries' positions, power-of-two pairs): the merge also
-    applies it to the output's last dims, as `ops.norm_rope(out, None, None, derotate)` would."""
+    round)."""
     _check(q, kv, idx, kv2, rows2)
     B, S, H, D = q.shape
     K = idx.shape[-1]
@@ -357,62 +356,34 @@ def forward_split(q, kv, idx, sink, scale, kv2=None, rows2=None, splits: int = 0
                                      HAS_ROWS1=rows1 is not None, num_warps=num_warps or WARPS, **launch, **fp8,
                                      **pdl(q))
     bc = min(16, next_pow2(H))
-    if derotate is not None:
-        pos, freqs = derotate.pos.contiguous(), derotate.freqs.to(q.device).contiguous()
-        rot = (pos, freqs, int(derotate.stride), float(derotate.sign))
-    else:
-        rot = (lse, lse, 1, 1.0)
-    _combine_kernel[(B * S, cdiv(H, bc))](part, ml, sink, out, lse, splits, H, *rot, D=D, BLOCK_H=bc,
-                                          DR2=derotate.pairs if derotate is not None else 0, **pdl(part))
+    _combine_kernel[(B * S, cdiv(H, bc))](part, ml, sink, out, lse, splits, H, D=D, BLOCK_H=bc, **pdl(part))
     return out, lse
 
 
 @launchable
 @triton.jit
-def _combine_kernel(PART, ML, SINK, OUT, LSE, SPLITS, H, POS, FREQ, STRIDE, SIGN, D: tl.constexpr,
-                    BLOCK_H: tl.constexpr, DR2: tl.constexpr = 0, PDL: tl.constexpr = False):
+def _combine_kernel(PART, ML, SINK, OUT, LSE, SPLITS, H, D: tl.constexpr, BLOCK_H: tl.constexpr,
+                    PDL: tl.constexpr = False):
     """Merge one query's split partials (unnormalised acc, running max m and sum l in the log2 domain)
-    with the head's sink: out = Σ_s acc_s 2^(m_s − M) / (Σ_s l_s 2^(m_s − M) + 2^(sink − M)).
-    DR2 > 0: the last 2·DR2 dims then rotated as `norm_rope` rotates a row (pairs (D − 2·DR2 + 2i, +1) of
-    the rounded output by the angle (POS[t]·STRIDE)·FREQ[i] times SIGN, −1 de-rotating): the output
-    `norm_rope(out, None, None, rope)` gives, bit for bit, without its launch."""
+    with the head's sink: out = Σ_s acc_s 2^(m_s − M) / (Σ_s l_s 2^(m_s − M) + 2^(sink − M))."""
     pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     hm = h < H
     d = tl.arange(0, D)
-    NOPE: tl.constexpr = D - 2 * DR2
-    pe = NOPE + 2 * tl.arange(0, DR2 if DR2 > 0 else 1)                          # the pairs' even dims
     sink = tl.load(SINK + h, mask=hm, other=0.0).to(tl.float32) * 1.4426950408889634
     mx = sink
     for sp in range(0, SPLITS):
         mx = tl.maximum(mx, tl.load(ML + (t * SPLITS + sp) * (2 * H) + h, mask=hm, other=-1.0e30))
     den = tl.exp2(sink - mx)
     acc = tl.zeros([BLOCK_H, D], tl.float32)
-    acc_e = tl.zeros([BLOCK_H, DR2 if DR2 > 0 else 1], tl.float32)
-    acc_o = tl.zeros([BLOCK_H, DR2 if DR2 > 0 else 1], tl.float32)
     for sp in range(0, SPLITS):
         row = t * SPLITS + sp
         a = tl.exp2(tl.load(ML + row * (2 * H) + h, mask=hm, other=-1.0e30) - mx)
         den += tl.load(ML + row * (2 * H) + H + h, mask=hm, other=0.0) * a
-        prow = PART + (row * H + h[:, None]) * D
-        acc += tl.load(prow + d[None, :], mask=hm[:, None], other=0.0) * a[:, None]
-        if DR2 > 0:                    # (the same products as acc's at those dims)
-            acc_e += tl.load(prow + pe[None, :], mask=hm[:, None], other=0.0) * a[:, None]
-            acc_o += tl.load(prow + pe[None, :] + 1, mask=hm[:, None], other=0.0) * a[:, None]
-    orow = OUT + (t * H + h[:, None]) * D
-    ty = OUT.dtype.element_ty
-    if DR2 > 0:
-        tl.store(orow + d[None, :], (acc / den[:, None]).to(ty), mask=hm[:, None] & (d < NOPE)[None, :])
-        xe = (acc_e / den[:, None]).to(ty).to(tl.float32)
-        xo = (acc_o / den[:, None]).to(ty).to(tl.float32)
-        ang = (tl.load(POS + t) * STRIDE).to(tl.float32) * tl.load(FREQ + tl.arange(0, DR2)).to(tl.float32)
-        c = tl.cos(ang)[None, :]
-        sn = tl.sin(ang)[None, :] * SIGN
-        tl.store(orow + pe[None, :], (xe * c - xo * sn).to(ty), mask=hm[:, None])
-        tl.store(orow + pe[None, :] + 1, (xe * sn + xo * c).to(ty), mask=hm[:, None])
-    else:
-        tl.store(orow + d[None, :], (acc / den[:, None]).to(ty), mask=hm[:, None])
+        acc += tl.load(PART + (row * H + h[:, None]) * D + d[None, :], mask=hm[:, None], other=0.0) * a[:, None]
+    tl.store(OUT + (t * H + h[:, None]) * D + d[None, :], (acc / den[:, None]).to(OUT.dtype.element_ty),
+             mask=hm[:, None])
     tl.store(LSE + t * H + h, (mx + tl.log2(den)) * 0.6931471805599453, mask=hm)
 
 
