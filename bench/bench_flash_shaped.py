@@ -94,6 +94,11 @@ def parse_args(argv=None):
     p.add_argument("--fp8-rsub", default=None, help="FP8 GEMV weight sub-tiles sharing x to time the decode with, "
                    "comma-separated among 1, 2, 4 (dsv4.kernels.fp8_gemm.GEMV_RSUB; rows of values other than "
                    "the configured one end in _rsubN); default: as configured")
+    p.add_argument("--settings", default=None, metavar="NAME:MOD.ATTR=VALUE,...;NAME2:...",
+                   help="named sets of module attributes to time the decode with, ';'-separated, each "
+                        "NAME:module.ATTR=python-literal[,...] (e.g. 'merge8:dsv4.kernels.sparse_attention.MERGE="
+                        "(8,128)'); the empty set 'base:' keeps the defaults; rows of a set end in _NAME, except "
+                        "the first set's; each set's attributes are restored after its measurements")
     p.add_argument("--profile", default=None, metavar="FILE",
                    help="also profile one eager batch-1 decode step of the model section; kernel table to FILE")
     p.add_argument("--trace", default=None, metavar="PREFIX",
@@ -320,14 +325,20 @@ def section_model(args, device, timer, folder: Path) -> dict:
     rsub0 = fp8_gemm.GEMV_RSUB
     rsubs = [int(v) for v in args.fp8_rsub.split(",")] if args.fp8_rsub else [rsub0]
     math = fp4_moe.WORDS_MATH
-    for variant, pdl, side, rsub in itertools.product(variants, pdl_modes, stream_modes, rsubs):
+    settings = parse_settings(args.settings)
+    for (sname, attrs), variant, pdl, side, rsub in itertools.product(settings, variants, pdl_modes,
+                                                                      stream_modes, rsubs):
+        saved = {k: getattr(*k) for k in attrs}
+        for (module, attr), value in attrs.items():
+            setattr(module, attr, value)
         fp8_gemm.GEMV_RSUB = rsub
         fp4_moe.DECODE_KERNEL = "words" if variant == "words32" else variant
         fp4_moe.WORDS_MATH = "fp32" if variant == "words32" else math
         launch.ENABLED = pdl == "on"
         streams.ENABLED = side == "on"
         key = (("" if variant == "words" else f"_{variant}") + ("" if pdl == "on" else "_pdl_off")
-               + ("" if side == "on" else "_streams_off") + ("" if rsub == rsub0 else f"_rsub{rsub}"))
+               + ("" if side == "on" else "_streams_off") + ("" if rsub == rsub0 else f"_rsub{rsub}")
+               + ("" if sname == settings[0][0] else f"_{sname}"))
         dec = res[f"decode{key}"] = {}
         for k in sorted({len(full), half}, reverse=True):
             model.layers = torch.nn.ModuleList(full[:k])
@@ -344,9 +355,11 @@ def section_model(args, device, timer, folder: Path) -> dict:
             per["ratio_to_sglang_total_over_K"] = per["ms_per_layer_total_over_K"] / SGLANG_MS_PER_LAYER
             res[f"per_layer_batch{B}{key}"] = per
             shown = pdl if device.type == "cuda" else "n/a (CPU)"
-            print(f"decode ({variant} FP4 GEMV, PDL {shown}, streams {side}, FP8 RSUB {rsub}) batch {B}: "
-                  f"{total:.3f} ms/step for "
+            print(f"decode ({variant} FP4 GEMV, PDL {shown}, streams {side}, FP8 RSUB {rsub}"
+                  + (f", settings {sname}" if sname else "") + f") batch {B}: {total:.3f} ms/step for "
                   f"{K} layers; per layer {json.dumps(per)}", flush=True)
+        for (module, attr), value in saved.items():
+            setattr(module, attr, value)
     launch.ENABLED, streams.ENABLED, fp8_gemm.GEMV_RSUB = configured, branches, rsub0
     fp4_moe.DECODE_KERNEL = "words" if variants[0] == "words32" else variants[0]
     fp4_moe.WORDS_MATH = "fp32" if variants[0] == "words32" else math
@@ -443,6 +456,48 @@ def decode_ms(model, cache: DecodeCache, B: int, steps: int, timer: Timer) -> di
     return {"ms_per_step": t / steps * 1e3, "mode": mode, "context": int(start[0])}
 
 
+def parse_settings(text: str | None) -> list[tuple[str, dict]]:
+    """'NAME:mod.ATTR=literal,...;...' -> [(NAME, {(module, attr): value})]; None -> one empty set."""
+    import ast
+    import importlib
+    if not text:
+        return [("", {})]
+    out = []
+    for part in text.split(";"):
+        name, sep, body = part.partition(":")
+        if not sep or not name.strip().isidentifier():
+            raise SystemExit(f"--settings: each set is NAME:module.ATTR=VALUE,...; got {part!r}")
+        attrs = {}
+        for item in filter(None, (x.strip() for x in _split_top(body))):
+            target, eq, value = item.partition("=")
+            mod, dot, attr = target.strip().rpartition(".")
+            if not eq or not dot:
+                raise SystemExit(f"--settings: {item!r} is not module.ATTR=VALUE")
+            try:
+                module, literal = importlib.import_module(mod), ast.literal_eval(value.strip())
+            except (ImportError, ValueError, SyntaxError) as e:
+                raise SystemExit(f"--settings: {item!r}: {e}") from None
+            if not hasattr(module, attr):
+                raise SystemExit(f"--settings: {mod} has no attribute {attr!r}")
+            attrs[(module, attr)] = literal
+        out.append((name.strip(), attrs))
+    return out
+
+
+def _split_top(body: str) -> list[str]:
+    """Split on commas outside brackets (values may be tuples)."""
+    parts, depth, cur = [], 0, ""
+    for ch in body:
+        depth += ch in "([{"
+        depth -= ch in ")]}"
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return parts + [cur]
+
+
 # ----------------------------------------------------------------------------- main
 def main(argv=None) -> int:
     args = parse_args(argv)
@@ -454,6 +509,7 @@ def main(argv=None) -> int:
     for name, modes in (("--pdl-modes", args.pdl_modes), ("--stream-modes", args.stream_modes)):
         if modes and not set(modes.split(",")) <= {"on", "off"}:
             raise SystemExit(f"{name} takes on and/or off, comma-separated; got {modes!r}")
+    parse_settings(args.settings)              # (checked here; applied in the model section)
     if args.tiny:
         args.layers, args.context = min(args.layers, 4), min(args.context, 64)
         args.batches, args.decode_steps = [1, 4], min(args.decode_steps, 4)

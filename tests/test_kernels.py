@@ -61,6 +61,21 @@ def test_sparse_attention_forward_equals_twin_and_float64(dtype, split):
     assert rel(out, twin) < tol(dtype)
 
 
+@pytest.mark.parametrize("block_h,splits,block_n,merge", [(16, 5, 16, (2, 32)), (8, 3, 16, (4, 16)),
+                                                            (16, 9, 16, (16, 64))])
+def test_split_attention_launch_shapes_equal_float64(block_h, splits, block_n, merge):
+    # the split decode attention with several splits (some empty: a split past the list's end, or whose
+    # keys are all −1) merged over head and column blocks, against float64; a query with no key gives 0
+    q, kv, idx, sink, scale, kv2, rows2 = attention_case(H=12, K=70, T=60, T2=40, seed=11)
+    idx[1, 2, 16:48] = -1
+    out, lse = sa.forward_split(q, kv, idx, sink, scale, kv2, rows2, splits=splits, block_n=block_n,
+                                block_h=block_h, merge=merge)
+    want, want_lse = ops.sparse_attention_torch(q.double(), kv.double(), idx, sink.double(), scale, kv2.double(),
+                                                rows2, return_lse=True)
+    assert rel(out, want) < 2e-5 and rel(lse, want_lse) < 2e-5
+    assert out[0, 1].abs().max() == 0
+
+
 def test_sparse_attention_one_source_and_row_mapping():
     q, kv, idx, sink, scale, kv2, rows2 = attention_case(T=40, K=30, seed=1)
     idx = torch.where(idx >= 40, -1, idx)                     # only the first source

@@ -257,6 +257,13 @@ def _kv2_args(q, kv, kv2, rows2) -> tuple:
 # fp32 tiles take twice the shared memory: fp32 keeps the launch of before the sweep. Under the interpreter
 # the key blocks are larger (its cost is per op) and the stages do not matter.
 WARPS = 4
+# the decode path (`forward_split`): keys per split at least, key block, heads per program (None: as
+# `forward`), and the merge's heads and columns per program
+SPLIT_KEYS = 64
+SPLIT_BLOCK_N = 32
+SPLIT_BLOCK_H = None
+SPLIT_WARPS = 4
+MERGE = (16, 512)
 
 
 def _fwd_launch(H: int, dtype: torch.dtype) -> dict:
@@ -319,21 +326,24 @@ def forward(q, kv, idx, sink, scale, kv2=None, rows2=None, block_n: int | None =
     return out, lse
 
 
-def forward_split(q, kv, idx, sink, scale, kv2=None, rows2=None, splits: int = 0, block_n: int = 32,
-                  num_warps: int | None = None, rows1=None):
+def forward_split(q, kv, idx, sink, scale, kv2=None, rows2=None, splits: int = 0, block_n: int | None = None,
+                  num_warps: int | None = None, rows1=None, block_h: int | None = None,
+                  merge: tuple[int, int] | None = None):
     """`forward` with each key list split over `splits` programs (0: enough to fill ~2 waves of SMs) and
-    the partial results merged by a second launch (`_combine_kernel`). Merging them in the first launch,
+    the partial results merged by a second launch (`_combine_kernel`, `merge` = (heads, columns) per
+    program; default `MERGE`). Merging them in the first launch,
     by the last of a query's programs to finish, measured slower on the H200 at V4-Flash's decode (10.0 +
     4.4 µs against 23.9 µs: one program then reads all the partials; bench/results/README.md, ninth
     round)."""
     _check(q, kv, idx, kv2, rows2)
     B, S, H, D = q.shape
     K = idx.shape[-1]
-    BH = _block_h(H)
+    BH = block_h or SPLIT_BLOCK_H or _block_h(H)
     nh = cdiv(H, BH)
+    block_n = block_n or SPLIT_BLOCK_N
     if splits <= 0:
         sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 8
-        splits = max(1, min(cdiv(K, 64), cdiv(2 * sms, B * S * nh)))
+        splits = max(1, min(cdiv(K, SPLIT_KEYS), cdiv(2 * sms, B * S * nh)))
     per = cdiv(cdiv(K, splits), block_n) * block_n
     splits = cdiv(K, per) if K else 1
     idx = idx if idx.stride(-1) == 1 else idx.contiguous()
@@ -353,38 +363,49 @@ def forward_split(q, kv, idx, sink, scale, kv2=None, rows2=None, splits: int = 0
                                      part.stride(0), 0, part.stride(1),
                                      S, H, kv.shape[1], K, per, scale * LOG2E,
                                      D=D, BLOCK_H=BH, BLOCK_N=block_n, HAS_KV2=has2, SPLIT=True, F32_DOT=f32,
-                                     HAS_ROWS1=rows1 is not None, num_warps=num_warps or WARPS, **launch, **fp8,
+                                     HAS_ROWS1=rows1 is not None, num_warps=num_warps or SPLIT_WARPS, **launch, **fp8,
                                      **pdl(q))
-    bc = min(16, next_pow2(H))
-    _combine_kernel[(B * S, cdiv(H, bc))](part, ml, sink, out, lse, splits, H, D=D, BLOCK_H=bc, **pdl(part))
+    mh, md = merge or MERGE
+    mh, md = min(mh, next_pow2(H)), min(md, D)
+    _combine_kernel[(B * S, cdiv(H, mh), cdiv(D, md))](part, ml, sink, out, lse, splits, H, D=D, BLOCK_H=mh,
+                                                       BLOCK_D=md, BLOCK_S=min(8, next_pow2(splits)), **pdl(part))
     return out, lse
 
 
 @launchable
 @triton.jit
 def _combine_kernel(PART, ML, SINK, OUT, LSE, SPLITS, H, D: tl.constexpr, BLOCK_H: tl.constexpr,
-                    PDL: tl.constexpr = False):
+                    BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr, PDL: tl.constexpr = False):
     """Merge one query's split partials (unnormalised acc, running max m and sum l in the log2 domain)
-    with the head's sink: out = Σ_s acc_s 2^(m_s − M) / (Σ_s l_s 2^(m_s − M) + 2^(sink − M))."""
+    with the head's sink: out = Σ_s acc_s 2^(m_s − M) / (Σ_s l_s 2^(m_s − M) + 2^(sink − M)), for
+    BLOCK_H heads and columns [BLOCK_D·c, BLOCK_D·(c+1)), c = program_id(2), reading BLOCK_S splits'
+    partials per load (a decode step has one query: the columns spread its merge over programs)."""
     pdl_start(PDL)
     t = tl.program_id(0).to(tl.int64)
     h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    c = tl.program_id(2)
     hm = h < H
-    d = tl.arange(0, D)
+    d = c * BLOCK_D + tl.arange(0, BLOCK_D)
+    sv = tl.arange(0, BLOCK_S)
     sink = tl.load(SINK + h, mask=hm, other=0.0).to(tl.float32) * 1.4426950408889634
     mx = sink
-    for sp in range(0, SPLITS):
-        mx = tl.maximum(mx, tl.load(ML + (t * SPLITS + sp) * (2 * H) + h, mask=hm, other=-1.0e30))
+    for s0 in range(0, SPLITS, BLOCK_S):
+        row = t * SPLITS + s0 + sv                                                   # [BS]
+        m2 = ((s0 + sv) < SPLITS)[:, None] & hm[None, :]
+        mx = tl.maximum(mx, tl.max(tl.load(ML + row[:, None] * (2 * H) + h[None, :], mask=m2, other=-1.0e30), 0))
     den = tl.exp2(sink - mx)
-    acc = tl.zeros([BLOCK_H, D], tl.float32)
-    for sp in range(0, SPLITS):
-        row = t * SPLITS + sp
-        a = tl.exp2(tl.load(ML + row * (2 * H) + h, mask=hm, other=-1.0e30) - mx)
-        den += tl.load(ML + row * (2 * H) + H + h, mask=hm, other=0.0) * a
-        acc += tl.load(PART + (row * H + h[:, None]) * D + d[None, :], mask=hm[:, None], other=0.0) * a[:, None]
+    acc = tl.zeros([BLOCK_H, BLOCK_D], tl.float32)
+    for s0 in range(0, SPLITS, BLOCK_S):
+        row = t * SPLITS + s0 + sv
+        m2 = ((s0 + sv) < SPLITS)[:, None] & hm[None, :]
+        a = tl.exp2(tl.load(ML + row[:, None] * (2 * H) + h[None, :], mask=m2, other=-1.0e30) - mx[None, :])
+        den += tl.sum(tl.load(ML + row[:, None] * (2 * H) + H + h[None, :], mask=m2, other=0.0) * a, 0)
+        part = tl.load(PART + (row[:, None, None] * H + h[None, :, None]) * D + d[None, None, :],
+                       mask=m2[:, :, None], other=0.0)                                # [BS, BH, BD]
+        acc += tl.sum(part * a[:, :, None], 0)
     tl.store(OUT + (t * H + h[:, None]) * D + d[None, :], (acc / den[:, None]).to(OUT.dtype.element_ty),
              mask=hm[:, None])
-    tl.store(LSE + t * H + h, (mx + tl.log2(den)) * 0.6931471805599453, mask=hm)
+    tl.store(LSE + t * H + h, (mx + tl.log2(den)) * 0.6931471805599453, mask=hm & (c == 0))
 
 
 @launchable
