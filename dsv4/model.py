@@ -39,11 +39,12 @@ def keeps_fp32(name: str) -> bool:
 # ----------------------------------------------------------------------------- mHC
 @fp32_region
 def hc_pre(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n: int, iters: int,
-           eps: float, norm_eps: float, mode: str = "mhc"):
+           eps: float, norm_eps: float, mode: str = "mhc", defer: bool = False):
     """`ops.hc_pre` (the release's mHC: x [B, S, D], post [B, S, N], comb [B, S, N, N]), or one of the
-    ablation variants of `ModelConfig.hc_mode` with the same outputs."""
+    ablation variants of `ModelConfig.hc_mode` with the same outputs. `defer`: post and comb may come
+    back uncomputed, for `ops.hc_post` only (a decode step's kernels: `ops.hc_pre_triton`)."""
     if mode == "mhc":
-        return ops.hc_pre(h, fn, scale, base, n, iters, eps, norm_eps)
+        return ops.hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, defer=defer)
     return hc_pre_variant(h, fn, scale, base, n, iters, eps, norm_eps, mode)
 
 
@@ -194,10 +195,12 @@ class Block(nn.Module):
     def forward(self, h: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, seg=None, state=None,
                 rows=None, starts=None) -> tuple[torch.Tensor, BlockAux]:
         """h [B, S, N, D] -> (h' [B, S, N, D], BlockAux)."""
-        x, post, comb = hc_pre(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, *self.hc, self.hc_mode)
+        x, post, comb = hc_pre(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, *self.hc, self.hc_mode,
+                               defer=True)
         x, index_kl = self.attn(self.attn_norm(x), pos, seg, state, rows, starts)
         h = ops.hc_post(x, h, post, comb)
-        x, post, comb = hc_pre(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, *self.hc, self.hc_mode)
+        x, post, comb = hc_pre(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, *self.hc, self.hc_mode,
+                               defer=True)
         x, (idx, scores) = self.ffn(self.ffn_norm(x), ids)
         return ops.hc_post(x, h, post, comb), BlockAux(idx, scores, index_kl)
 

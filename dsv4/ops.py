@@ -292,10 +292,11 @@ def hc_split_sinkhorn_torch(mixes: torch.Tensor, scale: torch.Tensor, base: torc
 
 @fp32_region
 def hc_pre_torch(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.Tensor, n: int,
-                 iters: int, eps: float, norm_eps: float):
+                 iters: int, eps: float, norm_eps: float, defer: bool = False):
     """Collapse N streams into one input and compute the mixes (spec §4.1). h [B, S, N, D].
 
-    Returns x [B, S, D] (h's dtype), post [B, S, N], comb [B, S, N, N] (fp32).
+    Returns x [B, S, D] (h's dtype), post [B, S, N], comb [B, S, N, N] (fp32). `defer` lets a backend
+    hand post and comb to `hc_post` uncomputed (the kernels' decode form); this one computes them.
     """
     v = up(h.flatten(2))                                                   # [B, S, N·D]
     rho = torch.rsqrt(v.pow(2).mean(-1, keepdim=True) + norm_eps)              # unweighted RMS over N·D
@@ -326,8 +327,11 @@ def hc_head_triton(h, fn, scale, base, eps, norm_eps):
 
 
 @fp32_region
-def hc_post_torch(f: torch.Tensor, residual: torch.Tensor, post: torch.Tensor, comb: torch.Tensor) -> torch.Tensor:
-    """h'_k = post_k · f + Σ_j comb[j, k] · h_j in fp32 (spec §4.2). -> [B, S, N, D]."""
+def hc_post_torch(f: torch.Tensor, residual: torch.Tensor, post, comb) -> torch.Tensor:
+    """h'_k = post_k · f + Σ_j comb[j, k] · h_j in fp32 (spec §4.2). -> [B, S, N, D]. post may be hc_pre's
+    deferred form (`dsv4.kernels.mhc.PendingMix`, comb None): computed here first."""
+    if comb is None:
+        post, comb = post.resolve()
     mixed = torch.einsum("bsjk,bsjd->bskd", comb, up(residual))            # [B, S, N, D]
     return (post.unsqueeze(-1) * up(f).unsqueeze(2) + mixed).to(residual.dtype)
 
@@ -1234,13 +1238,19 @@ class _HcPreFn(torch.autograd.Function):
                 None, None, None, None)
 
 
-def hc_pre_triton(h, fn, scale, base, n, iters, eps, norm_eps):
+# hc_pre's `defer` at most this many tokens (a decode step): post and comb are computed in hc_post's
+# kernel, the Sinkhorn before its wait for the sublayer (`dsv4.kernels.mhc.hc_pre`)
+HC_DEFER_TOKENS = 15
+
+
+def hc_pre_triton(h, fn, scale, base, n, iters, eps, norm_eps, defer=False):
     if not _pow2(n):
         return hc_pre_torch(h, fn, scale, base, n, iters, eps, norm_eps)
     if _needs_grad(h, fn, scale, base):
         return _HcPreFn.apply(h, fn, scale, base, n, iters, eps, norm_eps)
     from dsv4.kernels import mhc
-    return mhc.hc_pre(h, fn, scale, base, n, iters, eps, norm_eps)
+    few = h.numel() <= HC_DEFER_TOKENS * h.shape[-1] * h.shape[-2]
+    return mhc.hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, defer=defer and few)
 
 
 class _HcPostFn(torch.autograd.Function):
@@ -1266,6 +1276,8 @@ class _HcPostFn(torch.autograd.Function):
 def hc_post_triton(f, residual, post, comb):
     if not _pow2(residual.shape[-2]):
         return hc_post_torch(f, residual, post, comb)
+    if comb is None and _needs_grad(f, residual):       # (deferred post and comb: an inference form)
+        post, comb = post.resolve()
     if _needs_grad(f, residual, post, comb):
         return _HcPostFn.apply(f, residual, post, comb)
     from dsv4.kernels import mhc

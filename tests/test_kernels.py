@@ -452,6 +452,42 @@ def test_hc_head_equals_twin_and_float64(dtype):
         k.hc_pre(h.to(DEV, dtype), cast(fn), cast(scale), cast(base), n, 1, 1e-6, 1e-6, head=True, save=True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_deferred_hc_post_equals_float64_and_the_computed_form(dtype):
+    # hc_pre's deferred form (a decode step's 1-3 tokens): the finish stores the mix logits, hc_post's
+    # kernel computes post and comb from them (before its wait); against float64 by the twins, against
+    # hc_post given the computed post and comb, and the PyTorch hc_post resolving the same pending mix
+    from dsv4.kernels import mhc as k
+    g = torch.Generator().manual_seed(41)
+    n, D = 4, 300
+    h = torch.randn(1, 3, n, D, generator=g, dtype=torch.float64)
+    f = torch.randn(1, 3, D, generator=g, dtype=torch.float64)
+    fn = torch.randn((2 + n) * n, n * D, generator=g, dtype=torch.float64) / (n * D) ** 0.5
+    scale = torch.rand(3, generator=g, dtype=torch.float64) + 0.5
+    base = torch.randn((2 + n) * n, generator=g, dtype=torch.float64)
+    for t in (1, 3):
+        x64, post64, comb64 = ops.hc_pre_torch(h[:, :t], fn, scale, base, n, 20, 1e-6, 1e-6)
+        want = ops.hc_post_torch(f[:, :t], h[:, :t], post64, comb64)
+        args = (h[:, :t].to(DEV, dtype), fn.float().to(DEV), scale.float().to(DEV), base.float().to(DEV),
+                n, 20, 1e-6, 1e-6)
+        x, pending, none = k.hc_pre(*args, defer=True)
+        assert none is None and isinstance(pending, k.PendingMix) and pending.mixes.shape == (t, (2 + n) * n)
+        x_now, post, comb = k.hc_pre(*args)
+        assert torch.equal(x, x_now) and rel(x, x64) < tol(dtype)
+        fd, hd = f[:, :t].to(DEV, dtype), h[:, :t].to(DEV, dtype)
+        got = k.hc_post(fd, hd, pending, None)
+        assert got.dtype == dtype and rel(got, want) < tol(dtype)
+        assert rel(got, k.hc_post(fd, hd, post, comb)) < (1e-6 if dtype == torch.float32 else 1e-2)
+        p2, c2 = pending.resolve()
+        assert rel(p2, post64) < 1e-5 and rel(c2, comb64) < 1e-5
+        assert rel(ops.hc_post_torch(fd, hd, pending, None), want) < tol(dtype)
+        # through the backend functions: only a decode-sized call defers
+        out = ops.hc_pre_triton(*args, defer=True)
+        assert out[2] is None and rel(ops.hc_post_triton(fd, hd, out[1], out[2]), want) < tol(dtype)
+    many = ops.hc_pre_triton(h.repeat(1, 6, 1, 1).to(DEV, dtype), *args[1:], defer=True)
+    assert many[2] is not None and many[1].shape == (1, 18, n)
+
+
 def test_hc_pre_finish_split_over_columns():
     # the finish's weighted sum split into column ranges (decode: few tokens, D 300 in ranges of 256 and
     # of 128 at 1 and 3 tokens, a partial last range); only the first range's program stores post, comb

@@ -6,12 +6,34 @@ matrices are held as [BLOCK, n, n] (n a power of two). hc_pre and hc_post have b
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from . import INTERPRET
 from .launch import cdiv, launchable, next_pow2, pdl, pdl_start
+
+
+class PendingMix(NamedTuple):
+    """hc_pre's post and comb, not yet computed (`hc_pre(..., defer=True)`): the scaled mix logits
+    [T, (2+N)·N] fp32 and what turns them into post and comb. `resolve()` computes both in PyTorch
+    (`ops.hc_split_sinkhorn_torch`); the `hc_post` kernel computes them itself."""
+    mixes: torch.Tensor
+    scale: torch.Tensor
+    base: torch.Tensor
+    n: int
+    iters: int
+    eps: float
+    lead: tuple
+
+    def resolve(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(post [*lead, N], comb [*lead, N, N]) fp32."""
+        from dsv4.ops import hc_split_sinkhorn_torch
+        _, post, comb = hc_split_sinkhorn_torch(self.mixes, self.scale.float(), self.base.float(), self.n,
+                                                self.iters, self.eps)
+        return post.view(*self.lead, self.n), comb.view(*self.lead, self.n, self.n)
 
 
 @triton.jit
@@ -139,14 +161,16 @@ def _hc_mix_kernel(H, FN, SS, MIX, N_TOK, D, K_PER,
 def _hc_finish_kernel(H, SS, MIX, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLIT, D_PER, SEP, eps, norm_eps,
                       MIXES, RHO, PRE, ITERS: tl.constexpr, NS: tl.constexpr, NP: tl.constexpr,
                       BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, SPLIT_BLOCK: tl.constexpr,
-                      HEAD: tl.constexpr = False, PDL: tl.constexpr = False):
+                      HEAD: tl.constexpr = False, DEFER: tl.constexpr = False, PDL: tl.constexpr = False):
     """hc_pre, part 2: the slices' sums, RMS scaling, gates, Sinkhorn, then x = Σ_j pre_j h_j over the
     columns [c·D_PER, (c+1)·D_PER), c = pd − SEP, of program (·, pd). Every program of a token block
     computes the gates; program pd = 0 also runs the Sinkhorn and stores post, comb and, with MIXES (and
     RHO, PRE) given, what the backward pass needs: the scaled mix logits [T, (2+N)·N], rho [T] and pre
     [T, N] (None: not compiled in). SEP = 1: program 0 does only that, beside the column ranges.
     HEAD (`hc_head`): the mix holds the N head logits only; x = Σ_j pre_j h_j with pre = sigmoid(logit ·
-    rho · scale[0] + base) + eps, nothing else computed or stored (POST, COMB unused)."""
+    rho · scale[0] + base) + eps, nothing else computed or stored (POST, COMB unused).
+    DEFER: program 0 stores the scaled mix logits (MIXES) and neither post nor comb (`hc_post` computes
+    them from MIXES); RHO and PRE may be None."""
     pdl_start(PDL)
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     first = tl.program_id(1) == 0
@@ -176,20 +200,22 @@ def _hc_finish_kernel(H, SS, MIX, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLIT, 
     post_l = tl.sum(tl.where(half == 1, pp3, 0.0), 1)
     pre = tl.sigmoid(pre_l * s0 + tl.load(BASE + i)[None, :]) + eps
     if first and not HEAD:
-        s1 = tl.load(SCALE + 1)
-        s2 = tl.load(SCALE + 2)
-        post = 2 * tl.sigmoid(post_l * s1 + tl.load(BASE + NS + i)[None, :])
-        tl.store(POST + t[:, None] * NS + i[None, :], post, mask=tm[:, None])
         if MIXES is not None:
             mrow = MIXES + t.to(tl.int64)[:, None] * ((2 + NS) * NS)
             tl.store(mrow + r2[None, :], pp * rho[:, None], mask=tm[:, None])
             tl.store(mrow + 2 * NS + rc[None, :], cc * rho[:, None], mask=tm[:, None])
+        if RHO is not None:
             tl.store(RHO + t, rho, mask=tm)
             tl.store(PRE + t[:, None] * NS + i[None, :], pre, mask=tm[:, None])
-        jk = i[:, None] * NS + i[None, :]
-        c = tl.reshape(cc * rho[:, None], [BLOCK_T, NS, NS]) * s2 + tl.load(BASE + 2 * NS + jk)[None, :, :]
-        c = _sinkhorn(c, eps, ITERS)
-        tl.store(COMB + t.to(tl.int64)[:, None, None] * (NS * NS) + jk[None, :, :], c, mask=tm[:, None, None])
+        if not DEFER:
+            s1 = tl.load(SCALE + 1)
+            s2 = tl.load(SCALE + 2)
+            post = 2 * tl.sigmoid(post_l * s1 + tl.load(BASE + NS + i)[None, :])
+            tl.store(POST + t[:, None] * NS + i[None, :], post, mask=tm[:, None])
+            jk = i[:, None] * NS + i[None, :]
+            c = tl.reshape(cc * rho[:, None], [BLOCK_T, NS, NS]) * s2 + tl.load(BASE + 2 * NS + jk)[None, :, :]
+            c = _sinkhorn(c, eps, ITERS)
+            tl.store(COMB + t.to(tl.int64)[:, None, None] * (NS * NS) + jk[None, :, :], c, mask=tm[:, None, None])
     dd = tl.arange(0, BLOCK_D)
     chunk = tl.program_id(1) - SEP
     d_lo = tl.where(chunk >= 0, chunk * D_PER, D)
@@ -206,7 +232,7 @@ def _hc_finish_kernel(H, SS, MIX, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLIT, 
 def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = None, block_k: int | None = None,
            programs: int | None = None, finish_block_t: int | None = None, save: bool = False,
            finish_warps: int | None = None, mix_precision: str | None = None,
-           finish_programs: int | None = None, head: bool = False):
+           finish_programs: int | None = None, head: bool = False, defer: bool = False):
     """x [.., D] (h's dtype), post [.., N], comb [.., N, N] fp32 from streams h [.., N, D]; with `head`, x
     alone, reduced with `hc_head`'s weights (fn [N, N·D], scale [1], base [N]); with `save`, also
     (mixes [T, (2+N)·N], rho [T], pre [T, N]) fp32 for `hc_pre_backward`. The mix GEMV is
@@ -225,9 +251,16 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
     program's serial loop; 9.3-10.1 µs unsplit). `mix_precision`: the dot of the
     mix from 16 tokens: "bf16x3" (bf16 streams only: fn as three bf16 parts on the tensor cores, exact
     products; the default for bf16 streams on a GPU), "ieee" (fp32 FMA; the default otherwise) or
-    "tf32x3" (three TF32 products)."""
+    "tf32x3" (three TF32 products).
+
+    `defer` (inference): x and a `PendingMix` in place of post, with comb None: the finish stores the
+    scaled mix logits and `hc_post` computes post and comb from them (the Sinkhorn's ~40 dependent
+    reductions then run before hc_post's wait for its predecessor, beside the sublayer's last kernel,
+    instead of in the finish, which the sublayer waits for)."""
     if head and save:
         raise ValueError("mHC kernel: the head reduction saves nothing for a backward pass (inference only)")
+    if defer and (head or save):
+        raise ValueError("mHC kernel: `defer` is for hc_pre's inference form (not `head`, not `save`)")
     prec = mix_precision or ("bf16x3" if h.dtype == torch.bfloat16 and not INTERPRET else "ieee")
     if prec == "bf16x3" and h.dtype != torch.bfloat16:
         raise ValueError(f"mHC kernel: mix_precision 'bf16x3' needs bf16 streams, got {h.dtype}")
@@ -248,6 +281,8 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
     saved = (torch.empty(T, (2 + n) * n, device=h.device, dtype=torch.float32),
              torch.empty(T, device=h.device, dtype=torch.float32),
              torch.empty(T, n, device=h.device, dtype=torch.float32)) if save else (None, None, None)
+    if defer:
+        saved = (torch.empty(T, (2 + n) * n, device=h.device, dtype=torch.float32), None, None)
     if T:
         nd = n * D
         if T < 16:
@@ -280,33 +315,52 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
             hv, ss, mix, scale.float().contiguous(), base.float().contiguous(), x, post, comb, T, D, split, d_per,
             sep, eps, norm_eps, *saved, ITERS=iters, NS=n, NP=n_pad, BLOCK_T=finish_block_t, BLOCK_D=block_d,
             SPLIT_BLOCK=min(64 // finish_block_t if finish_block_t < 64 else 1, next_pow2(split)),
-            HEAD=head, num_warps=finish_warps or (1 if T < 16 else 4),
+            HEAD=head, DEFER=defer, num_warps=finish_warps or (1 if T < 16 else 4),
             **pdl(hv))
     if head:
         return x.view(*lead, D)
+    if defer:
+        return x.view(*lead, D), PendingMix(saved[0], scale, base, n, iters, eps, tuple(lead)), None
     out = x.view(*lead, D), post.view(*lead, n), comb.view(*lead, n, n)
     return (*out, saved) if save else out
 
 
 @launchable
 @triton.jit
-def _hc_post_kernel(F, H, POST, COMB, OUT, N_TOK, D, NS: tl.constexpr, BLOCK_T: tl.constexpr,
-                    BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
-    """out[t, k] = post[t, k] · f[t] + Σ_j comb[t, j, k] · h[t, j] in fp32, for BLOCK_T × BLOCK_D."""
-    pdl_start(PDL)
+def _hc_post_kernel(F, H, POST, COMB, OUT, N_TOK, D, MIX, SCALE, BASE, eps, NS: tl.constexpr,
+                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ITERS: tl.constexpr = 1,
+                    DEFER: tl.constexpr = False, PDL: tl.constexpr = False):
+    """out[t, k] = post[t, k] · f[t] + Σ_j comb[t, j, k] · h[t, j] in fp32, for BLOCK_T × BLOCK_D.
+
+    DEFER: post and comb computed here from the scaled mix logits MIX [T, (2+N)·N] (hc_pre's finish with
+    `defer`): post = 2·sigmoid(logit · scale[1] + base), comb = Sinkhorn(logit · scale[2] + base), the
+    finish's arithmetic. That runs before the wait for the previous launch: MIX is written by a launch at
+    least two back in the stream (hc_pre's finish, then the sublayer's launches), and with PDL a launch
+    starts only after its predecessor has passed its own wait, so every launch before that one is complete."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
-    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     tm = t < N_TOK
-    dm = d < D
     i = tl.arange(0, NS)
     t64 = t.to(tl.int64)
+    if DEFER:
+        row = MIX + t64[:, None] * ((2 + NS) * NS)
+        post = 2 * tl.sigmoid(tl.load(row + NS + i[None, :], mask=tm[:, None], other=0.0) * tl.load(SCALE + 1)
+                              + tl.load(BASE + NS + i)[None, :])                          # [BT, N]
+        jk = i[:, None] * NS + i[None, :]
+        comb = tl.load(row[:, :, None] + 2 * NS + jk[None, :, :], mask=tm[:, None, None], other=0.0) \
+            * tl.load(SCALE + 2) + tl.load(BASE + 2 * NS + jk)[None, :, :]
+        comb = _sinkhorn(comb, eps, ITERS)                                             # [BT, N(j), N(k)]
+        pdl_start(PDL)
+    else:
+        pdl_start(PDL)
+        post = tl.load(POST + t64[:, None] * NS + i[None, :], mask=tm[:, None], other=0.0)       # [BT, N]
+        comb = tl.load(COMB + t64[:, None, None] * (NS * NS) + i[None, :, None] * NS + i[None, None, :],
+                       mask=tm[:, None, None], other=0.0)                              # [BT, N(j), N(k)]
+    d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    dm = d < D
     m3 = tm[:, None, None] & dm[None, None, :]
     hv = tl.load(H + t64[:, None, None] * (NS * D) + i[None, :, None] * D + d[None, None, :], mask=m3,
                  other=0.0).to(tl.float32)                                             # [BT, N(j), BD]
     fv = tl.load(F + t64[:, None] * D + d[None, :], mask=tm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-    post = tl.load(POST + t64[:, None] * NS + i[None, :], mask=tm[:, None], other=0.0)       # [BT, N]
-    comb = tl.load(COMB + t64[:, None, None] * (NS * NS) + i[None, :, None] * NS + i[None, None, :],
-                   mask=tm[:, None, None], other=0.0)                                  # [BT, N(j), N(k)]
     mixed = tl.sum(comb[:, :, :, None] * hv[:, :, None, :], 1)                          # [BT, N(k), BD]
     out = post[:, :, None] * fv[:, None, :] + mixed
     tl.store(OUT + t64[:, None, None] * (NS * D) + i[None, :, None] * D + d[None, None, :],
@@ -314,20 +368,33 @@ def _hc_post_kernel(F, H, POST, COMB, OUT, N_TOK, D, NS: tl.constexpr, BLOCK_T: 
 
 
 def hc_post(f, residual, post, comb, block_t: int | None = None, block_d: int = 128):
-    """[.., N, D] in residual's dtype: post_k · f + Σ_j comb[j, k] · h_j (fp32 arithmetic)."""
-    block_t = block_t or (64 if INTERPRET else 4)
+    """[.., N, D] in residual's dtype: post_k · f + Σ_j comb[j, k] · h_j (fp32 arithmetic). `post` may be
+    a `PendingMix` (hc_pre with `defer`; comb None): post and comb are computed in the kernel."""
     n, D = residual.shape[-2:]
     if n & (n - 1):
         raise ValueError(f"mHC kernel: hc_mult {n} must be a power of two")
     hv = residual.reshape(-1, n, D).contiguous()
     T = hv.shape[0]
     out = torch.empty_like(hv)
+    pending = post if isinstance(post, PendingMix) else None
+    if pending is not None and (pending.n != n or pending.mixes.shape[0] != T):
+        raise ValueError(f"mHC kernel: pending mix logits of {pending.mixes.shape[0]} tokens and {pending.n} "
+                         f"streams for a residual of {T} tokens and {n}")
+    # (one token or a few, the deferred form: one program row per token, one warp)
+    block_t = block_t or (64 if INTERPRET else next_pow2(T) if pending is not None and T < 4 else 4)
     if T:
         bd = min(block_d, next_pow2(D))
-        _hc_post_kernel[(cdiv(T, block_t), cdiv(D, bd))](
-            f.reshape(T, D).contiguous(), hv, post.reshape(T, n).float().contiguous(),
-            comb.reshape(T, n, n).float().contiguous(), out, T, D, NS=n, BLOCK_T=block_t, BLOCK_D=bd,
-            **pdl(out))
+        if pending is not None:
+            mix = pending.mixes
+            args = (out, out, out, T, D, mix, pending.scale.float().contiguous(), pending.base.float().contiguous(),
+                    pending.eps)
+            extra = dict(ITERS=pending.iters, DEFER=True, num_warps=1 if T < 16 and not INTERPRET else 4)
+        else:
+            args = (post.reshape(T, n).float().contiguous(), comb.reshape(T, n, n).float().contiguous(), out, T, D,
+                    out, out, out, 0.0)
+            extra = {}
+        _hc_post_kernel[(cdiv(T, block_t), cdiv(D, bd))](f.reshape(T, D).contiguous(), hv, *args, NS=n,
+                                                         BLOCK_T=block_t, BLOCK_D=bd, **extra, **pdl(out))
     return out.view(residual.shape)
 
 

@@ -257,13 +257,17 @@ def _kv2_args(q, kv, kv2, rows2) -> tuple:
 # fp32 tiles take twice the shared memory: fp32 keeps the launch of before the sweep. Under the interpreter
 # the key blocks are larger (its cost is per op) and the stages do not matter.
 WARPS = 4
-# the decode path (`forward_split`): keys per split at least, key block, heads per program (None: as
-# `forward`), and the merge's heads and columns per program
+# The decode path (`forward_split`): keys per split at least, key block, heads per program, warps, and the
+# merge's heads and columns per program. H200, V4-Flash's 64 heads × 512, keys from HBM
+# (`bench/probe_decode_attn.py`, fifteenth round of bench/results): 16 heads a program took ~1.7 µs less
+# than 32 in every layer kind at batch 1; the merge reading 8 splits at a time over 4 heads × 512 columns
+# (or 2 × 256) took 14.7-15.0 µs for a CSA layer's 640 keys against 20.1 over 8 × 128, and at batch 32
+# 57.7 against 91-96 for the other shapes (16 × 512, as one program per 16 heads read them before, spills).
 SPLIT_KEYS = 64
 SPLIT_BLOCK_N = 32
-SPLIT_BLOCK_H = None
+SPLIT_BLOCK_H = 16
 SPLIT_WARPS = 4
-MERGE = (16, 512)
+MERGE = (4, 512)
 
 
 def _fwd_launch(H: int, dtype: torch.dtype) -> dict:
