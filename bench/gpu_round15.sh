@@ -5,9 +5,13 @@
 # transformers, plus the GPU tests. Every log goes into one archive, $OUT/round15_logs.tgz (a device call
 # brings back at most 8 files), written after each step, and a summary to stdout.
 #   OUT=... bash bench/gpu_round15.sh [steps...]    steps: tests probe flash trace gen
-# Model settings for the flash step in $SETTINGS (bench_flash_shaped.py --settings); extra arguments for
-# bench_flash_shaped.py in $FLASH_ARGS (flash and trace steps).
+# Model settings for the flash step in $SETTINGS (bench_flash_shaped.py --settings; default: the defaults,
+# then mHC's deferred Sinkhorn on, then the split attention's merge over 2 heads × 256 columns, then 32
+# heads a split program); extra arguments for bench_flash_shaped.py in $FLASH_ARGS (flash and trace steps).
+# The steps' time limits add up past one device call: run `flash` and `tests` in separate calls.
 OUT=${OUT:-out_round15}
+SA=dsv4.kernels.sparse_attention
+SETTINGS=${SETTINGS-"base:;defer:dsv4.ops.HC_DEFER_TOKENS=15;m2:$SA.MERGE=(2,256);h32:$SA.SPLIT_BLOCK_H=32"}
 LOGS=$(mktemp -d)
 steps=${*:-tests flash}
 flash() {   # name, then bench_flash_shaped.py arguments

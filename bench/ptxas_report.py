@@ -16,7 +16,7 @@ next to the kernels:
   merge (none spills; compiling them here also catches what the interpreter accepts and the compiler
   refuses).
 
-    python3 bench/ptxas_report.py
+    python3 bench/ptxas_report.py [NAME-PART ...]      # only the cases whose names contain one of them
 """
 from __future__ import annotations
 
@@ -101,6 +101,8 @@ def main() -> int:
               s_sb="i32", s_sn="i32", s_gb="i32", s_gn="i32", N="i32", C="i32")
     sel = dict(SC="*i16", LO="*i32", HI="*i32", OUT="*i32", s_sr="i32", s_or="i32", C="i32", P="i32")
     cmb = dict(PART="*fp32", ML="*fp32", SINK="*fp32", OUT="*bf16", LSE="*fp32", SPLITS="i32", H="i32")
+    post = dict(F="*bf16", H="*bf16", POST="*fp32", COMB="*fp32", OUT="*bf16", N_TOK="i32", D="i32", MIX="*fp32",
+                SCALE="*fp32", BASE="*fp32", eps="fp32")
     few = {n: "i32" for n in indexer._scores_few_kernel.arg_names if n not in ("DI", "HP", "BLOCK_C", "F32_DOT",
                                                                                   "RATIO", "PDL")}
     few.update(Q="*bf16", K="*bf16", W="*bf16", ROWS="*i64", LO="*i64", HI="*i64", OUT="*bf16", w_scale="fp32")
@@ -176,9 +178,26 @@ def main() -> int:
          dict(NBITS=16, NEG_KEY=0x7F, BLOCK=2048, HAS_RANGE=True, RATIO=4), 8),
         ("index scores, a decode query, 64 heads", indexer._scores_few_kernel, few,
          dict(DI=128, HP=64, BLOCK_C=32, F32_DOT=False, RATIO=4), 4),
-        ("attention merge 16 heads x 512", sa._combine_kernel, cmb, dict(D=512, BLOCK_H=16), 4),
+        ("attention merge 4 x 512, 8 splits a load", sa._combine_kernel, cmb,
+         dict(D=512, BLOCK_H=4, BLOCK_D=512, BLOCK_S=8), 4),
+        ("attention merge 2 x 256, 8 splits a load", sa._combine_kernel, cmb,
+         dict(D=512, BLOCK_H=2, BLOCK_D=256, BLOCK_S=8), 4),
+        ("attention merge 8 x 128, 8 splits a load", sa._combine_kernel, cmb,
+         dict(D=512, BLOCK_H=8, BLOCK_D=128, BLOCK_S=8), 4),
+        ("attention merge 16 x 512, 8 splits a load", sa._combine_kernel, cmb,
+         dict(D=512, BLOCK_H=16, BLOCK_D=512, BLOCK_S=8), 4),
+        ("attention merge 16 x 512, 1 split a load", sa._combine_kernel, cmb,
+         dict(D=512, BLOCK_H=16, BLOCK_D=512, BLOCK_S=1), 4),
+        ("mHC post 4 tokens x 128", mhc._hc_post_kernel, post, dict(NS=4, BLOCK_T=4, BLOCK_D=128), 4),
+        ("mHC post deferred, 1 token x 128, 1 w", mhc._hc_post_kernel, post,
+         dict(NS=4, BLOCK_T=1, BLOCK_D=128, ITERS=20, DEFER=True), 1),
+        ("mHC finish 1 x 1024, deferred", mhc._hc_finish_kernel, dict(fin, MIXES="*fp32"),
+         dict(ITERS=20, NS=4, NP=32, BLOCK_T=1, BLOCK_D=1024, SPLIT_BLOCK=64, RHO=None, PRE=None, DEFER=True), 1),
     ]
+    only = sys.argv[1:]
     for name, fn, sig, consts, warps, *stages in cases:
+        if only and not any(o in name for o in only):
+            continue
         c, regs, spills = compile_sm90(fn, sig, consts, warps, *stages)
         smem = c.metadata.shared
         print(f"{name:40s} {regs:4d} registers, {spills:6d} B spilled, {smem / 1024:6.1f} KB shared"

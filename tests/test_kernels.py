@@ -7,6 +7,7 @@ into a given buffer.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -329,9 +330,10 @@ def test_backend_table_override_and_description(monkeypatch):
 
 
 @torch.no_grad()
-def test_model_with_the_kernels_equals_the_twins():
+def test_model_with_the_kernels_equals_the_twins(monkeypatch):
     # the whole forward (full sequence, chunked cache prefill and decode steps) of a model with every
-    # layer type, through the Triton entry points, against the twins
+    # layer type, through the Triton entry points, against the twins; the decode steps also with mHC's
+    # post and comb deferred to hc_post's kernel
     from tests.conftest import random_model
     from dsv4.cache import DecodeCache
 
@@ -343,11 +345,16 @@ def test_model_with_the_kernels_equals_the_twins():
         ops.set_backend("triton")
         got = model(ids)
         cache = DecodeCache(model.config, 2, 160, device=DEV)
-        steps = [model(ids[:, :130], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(130, 140)]
+        steps = [model(ids[:, :130], cache=cache)]
+        snap = copy.deepcopy(cache)                       # the same prefilled state for the deferred steps
+        steps += [model(ids[:, t:t + 1], cache=cache) for t in range(130, 140)]
+        monkeypatch.setattr(ops, "HC_DEFER_TOKENS", 15)
+        deferred = [model(ids[:, t:t + 1], cache=snap) for t in range(130, 133)]
     finally:
         ops.set_backend(None)
     assert rel(got, want) < 1e-5
     assert rel(torch.cat(steps, 1), want) < 1e-5
+    assert rel(torch.cat(deferred, 1), want[:, 130:133]) < 1e-5
 
 
 def test_training_step_with_the_kernels_equals_the_twins():
@@ -453,7 +460,7 @@ def test_hc_head_equals_twin_and_float64(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_deferred_hc_post_equals_float64_and_the_computed_form(dtype):
+def test_deferred_hc_post_equals_float64_and_the_computed_form(dtype, monkeypatch):
     # hc_pre's deferred form (a decode step's 1-3 tokens): the finish stores the mix logits, hc_post's
     # kernel computes post and comb from them (before its wait); against float64 by the twins, against
     # hc_post given the computed post and comb, and the PyTorch hc_post resolving the same pending mix
@@ -481,7 +488,9 @@ def test_deferred_hc_post_equals_float64_and_the_computed_form(dtype):
         p2, c2 = pending.resolve()
         assert rel(p2, post64) < 1e-5 and rel(c2, comb64) < 1e-5
         assert rel(ops.hc_post_torch(fd, hd, pending, None), want) < tol(dtype)
-        # through the backend functions: only a decode-sized call defers
+        # through the backend functions: only a decode-sized call defers, and only when switched on
+        assert ops.hc_pre_triton(*args, defer=True)[2] is not None or ops.HC_DEFER_TOKENS
+        monkeypatch.setattr(ops, "HC_DEFER_TOKENS", 15)
         out = ops.hc_pre_triton(*args, defer=True)
         assert out[2] is None and rel(ops.hc_post_triton(fd, hd, out[1], out[2]), want) < tol(dtype)
     many = ops.hc_pre_triton(h.repeat(1, 6, 1, 1).to(DEV, dtype), *args[1:], defer=True)
