@@ -49,6 +49,9 @@ def hc_pre(h: torch.Tensor, fn: torch.Tensor, scale: torch.Tensor, base: torch.T
 
 
 hc_post = ops.hc_post   # the same mixing for every hc_mode (the residual variant: post = 1, comb = I)
+# Block adds the MoE's routed and shared outputs inside hc_post (`ops.hc_post(..., add=)`: the kernels read
+# both, no separate add launch; the sum rounded as the separate add rounds it, so the result is the same)
+FUSE_SHARED_ADD = True
 
 
 @fp32_region
@@ -147,6 +150,12 @@ class MoE(nn.Module):
                                       cfg.swiglu_limit) if cfg.n_shared_experts else None)
 
     def forward(self, x: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        y, shared, routing = self.forward_parts(x, ids)
+        return (y if shared is None else y + shared), routing
+
+    def forward_parts(self, x: torch.Tensor, ids: torch.Tensor):
+        """(routed output [B, S, D], shared expert's output [B, S, D] or None, routing): `forward` before
+        the sum of its two outputs (Block adds them in hc_post's kernel)."""
         B, S, D = x.shape
         flat = x.reshape(-1, D)                                                # [B·S, D]
 
@@ -155,10 +164,10 @@ class MoE(nn.Module):
             return self.experts(flat, idx, w), idx, scores                     # [B·S, D]
         if self.shared_experts is None:
             y, idx, scores = routed()
-        else:   # the shared expert beside the router and the routed experts (a CUDA-graph decode step)
-            shared, (y, idx, scores) = streams.concurrently(lambda: self.shared_experts(flat), routed, flat)
-            y = y + shared
-        return y.view(B, S, D), (idx, scores)
+            return y.view(B, S, D), None, (idx, scores)
+        # the shared expert beside the router and the routed experts (a CUDA-graph decode step)
+        shared, (y, idx, scores) = streams.concurrently(lambda: self.shared_experts(flat), routed, flat)
+        return y.view(B, S, D), shared.view(B, S, D), (idx, scores)
 
 
 # ----------------------------------------------------------------------------- blocks
@@ -201,8 +210,10 @@ class Block(nn.Module):
         h = ops.hc_post(x, h, post, comb)
         x, post, comb = hc_pre(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, *self.hc, self.hc_mode,
                                defer=True)
-        x, (idx, scores) = self.ffn(self.ffn_norm(x), ids)
-        return ops.hc_post(x, h, post, comb), BlockAux(idx, scores, index_kl)
+        x, shared, (idx, scores) = self.ffn.forward_parts(self.ffn_norm(x), ids)
+        if shared is not None and not FUSE_SHARED_ADD:
+            x, shared = x + shared, None
+        return ops.hc_post(x, h, post, comb, add=shared), BlockAux(idx, scores, index_kl)
 
 
 class MTPBlock(Block):

@@ -327,11 +327,14 @@ def hc_head_triton(h, fn, scale, base, eps, norm_eps):
 
 
 @fp32_region
-def hc_post_torch(f: torch.Tensor, residual: torch.Tensor, post, comb) -> torch.Tensor:
+def hc_post_torch(f: torch.Tensor, residual: torch.Tensor, post, comb, add: torch.Tensor | None = None) -> torch.Tensor:
     """h'_k = post_k · f + Σ_j comb[j, k] · h_j in fp32 (spec §4.2). -> [B, S, N, D]. post may be hc_pre's
-    deferred form (`dsv4.kernels.mhc.PendingMix`, comb None): computed here first."""
+    deferred form (`dsv4.kernels.mhc.PendingMix`, comb None): computed here first. `add`: f + add in
+    f's dtype takes f's place (the MoE's routed and shared outputs)."""
     if comb is None:
         post, comb = post.resolve()
+    if add is not None:
+        f = f + add
     mixed = torch.einsum("bsjk,bsjd->bskd", comb, up(residual))            # [B, S, N, D]
     return (post.unsqueeze(-1) * up(f).unsqueeze(2) + mixed).to(residual.dtype)
 
@@ -1275,15 +1278,17 @@ class _HcPostFn(torch.autograd.Function):
                 dcomb.to(comb.dtype) if need[3] else None)
 
 
-def hc_post_triton(f, residual, post, comb):
+def hc_post_triton(f, residual, post, comb, add=None):
     if not _pow2(residual.shape[-2]):
-        return hc_post_torch(f, residual, post, comb)
+        return hc_post_torch(f, residual, post, comb, add)
+    if add is not None and (add.dtype != f.dtype or add.shape != f.shape or _needs_grad(f, add)):
+        f, add = f + add, None                          # (the kernel adds two tensors of one dtype, no grad)
     if comb is None and _needs_grad(f, residual):       # (deferred post and comb: an inference form)
         post, comb = post.resolve()
     if _needs_grad(f, residual, post, comb):
         return _HcPostFn.apply(f, residual, post, comb)
     from dsv4.kernels import mhc
-    return mhc.hc_post(f, residual, post, comb)
+    return mhc.hc_post(f, residual, post, comb, add=add)
 
 
 class _NormRopeFn(torch.autograd.Function):

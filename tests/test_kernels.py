@@ -497,6 +497,29 @@ def test_deferred_hc_post_equals_float64_and_the_computed_form(dtype, monkeypatc
     assert many[2] is not None and many[1].shape == (1, 18, n)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hc_post_adds_the_shared_output_as_a_separate_add(dtype):
+    # hc_post(f, .., add=a) (the MoE's routed and shared outputs summed in the kernel) equals hc_post of the
+    # separately added f + a bit for bit, with post and comb given and deferred; against float64 too
+    # (bf16 on a GPU only: the interpreter rounds fp32 to bf16 toward zero, torch and GPUs to nearest)
+    from dsv4.kernels import mhc as k
+    g = torch.Generator().manual_seed(43)
+    n, D, T = 4, 300, 3
+    h, f, a = (torch.randn(1, T, *shape, generator=g).to(DEV, dtype) for shape in ((n, D), (D,), (D,)))
+    fn = torch.randn((2 + n) * n, n * D, generator=g) / (n * D) ** 0.5
+    scale, base = torch.rand(3, generator=g) + 0.5, torch.randn((2 + n) * n, generator=g)
+    x, post, comb = k.hc_pre(h, fn.to(DEV), scale.to(DEV), base.to(DEV), n, 20, 1e-6, 1e-6)
+    _, pending, _ = k.hc_pre(h, fn.to(DEV), scale.to(DEV), base.to(DEV), n, 20, 1e-6, 1e-6, defer=True)
+    want = ops.hc_post_torch((f.double() + a.double()).to(dtype).double(), h.double(), post.double(), comb.double())
+    for p, c in ((post, comb), (pending, None)):
+        got = k.hc_post(f, h, p, c, add=a)
+        assert torch.equal(got, k.hc_post(f + a, h, p, c)) and rel(got, want) < tol(dtype)
+    assert torch.equal(ops.hc_post_triton(f, h, post, comb, add=a), ops.hc_post_triton(f + a, h, post, comb))
+    assert torch.equal(ops.hc_post_torch(f, h, post, comb, add=a), ops.hc_post_torch(f + a, h, post, comb))
+    with pytest.raises(ValueError, match="must match"):
+        k.hc_post(f, h, post, comb, add=a[..., :-1])
+
+
 def test_hc_pre_finish_split_over_columns():
     # the finish's weighted sum split into column ranges (decode: few tokens, D 300 in ranges of 256 and
     # of 128 at 1 and 3 tokens, a partial last range); only the first range's program stores post, comb

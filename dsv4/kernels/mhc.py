@@ -327,10 +327,11 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
 
 @launchable
 @triton.jit
-def _hc_post_kernel(F, H, POST, COMB, OUT, N_TOK, D, MIX, SCALE, BASE, eps, NS: tl.constexpr,
+def _hc_post_kernel(F, H, POST, COMB, OUT, N_TOK, D, MIX, SCALE, BASE, eps, F2, NS: tl.constexpr,
                     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ITERS: tl.constexpr = 1,
-                    DEFER: tl.constexpr = False, PDL: tl.constexpr = False):
+                    DEFER: tl.constexpr = False, ADD: tl.constexpr = False, PDL: tl.constexpr = False):
     """out[t, k] = post[t, k] · f[t] + Σ_j comb[t, j, k] · h[t, j] in fp32, for BLOCK_T × BLOCK_D.
+    ADD: f = F + F2 rounded to F's dtype (as a separate add of the two tensors rounds it).
 
     DEFER: post and comb computed here from the scaled mix logits MIX [T, (2+N)·N] (hc_pre's finish with
     `defer`): post = 2·sigmoid(logit · scale[1] + base), comb = Sinkhorn(logit · scale[2] + base), the
@@ -360,16 +361,23 @@ def _hc_post_kernel(F, H, POST, COMB, OUT, N_TOK, D, MIX, SCALE, BASE, eps, NS: 
     m3 = tm[:, None, None] & dm[None, None, :]
     hv = tl.load(H + t64[:, None, None] * (NS * D) + i[None, :, None] * D + d[None, None, :], mask=m3,
                  other=0.0).to(tl.float32)                                             # [BT, N(j), BD]
-    fv = tl.load(F + t64[:, None] * D + d[None, :], mask=tm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+    fv = tl.load(F + t64[:, None] * D + d[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
+    if ADD:
+        f2 = tl.load(F2 + t64[:, None] * D + d[None, :], mask=tm[:, None] & dm[None, :], other=0.0)
+        fv = (fv.to(tl.float32) + f2.to(tl.float32)).to(F.dtype.element_ty)
+    fv = fv.to(tl.float32)
     mixed = tl.sum(comb[:, :, :, None] * hv[:, :, None, :], 1)                          # [BT, N(k), BD]
     out = post[:, :, None] * fv[:, None, :] + mixed
     tl.store(OUT + t64[:, None, None] * (NS * D) + i[None, :, None] * D + d[None, None, :],
              out.to(OUT.dtype.element_ty), mask=m3)
 
 
-def hc_post(f, residual, post, comb, block_t: int | None = None, block_d: int = 128):
+def hc_post(f, residual, post, comb, block_t: int | None = None, block_d: int = 128, add=None):
     """[.., N, D] in residual's dtype: post_k · f + Σ_j comb[j, k] · h_j (fp32 arithmetic). `post` may be
-    a `PendingMix` (hc_pre with `defer`; comb None): post and comb are computed in the kernel."""
+    a `PendingMix` (hc_pre with `defer`; comb None): post and comb are computed in the kernel. `add` (f's
+    shape and dtype): f + add, rounded to f's dtype, takes f's place."""
+    if add is not None and (add.shape != f.shape or add.dtype != f.dtype):
+        raise ValueError(f"mHC kernel: add {add.dtype} {tuple(add.shape)} must match f {f.dtype} {tuple(f.shape)}")
     n, D = residual.shape[-2:]
     if n & (n - 1):
         raise ValueError(f"mHC kernel: hc_mult {n} must be a power of two")
@@ -393,8 +401,10 @@ def hc_post(f, residual, post, comb, block_t: int | None = None, block_d: int = 
             args = (post.reshape(T, n).float().contiguous(), comb.reshape(T, n, n).float().contiguous(), out, T, D,
                     out, out, out, 0.0)
             extra = {}
-        _hc_post_kernel[(cdiv(T, block_t), cdiv(D, bd))](f.reshape(T, D).contiguous(), hv, *args, NS=n,
-                                                         BLOCK_T=block_t, BLOCK_D=bd, **extra, **pdl(out))
+        f2 = {} if add is None else dict(ADD=True)
+        _hc_post_kernel[(cdiv(T, block_t), cdiv(D, bd))](
+            f.reshape(T, D).contiguous(), hv, *args, out if add is None else add.reshape(T, D).contiguous(), NS=n,
+            BLOCK_T=block_t, BLOCK_D=bd, **extra, **f2, **pdl(out))
     return out.view(residual.shape)
 
 
