@@ -226,13 +226,16 @@ def _is_kv8(kv2) -> bool:
     return isinstance(kv2, KV8)
 
 
-def _kv2_args(q, kv, kv2, rows2) -> tuple:
+def _kv2_args(q, kv, kv2, rows2, idx) -> tuple:
     """(kv2 tensor, rows2, has kv2, FP8 constexprs) for a launch: kv2 may be None, a tensor or an FP8
     `dsv4.ops.KV8` (its byte rows are passed, strides in bytes)."""
     B = q.shape[0]
     has2 = kv2 is not None and kv2.shape[1] > 0
     k2 = (kv2.data if _is_kv8(kv2) else kv2) if has2 else kv
-    r2 = rows2 if (has2 and rows2 is not None) else torch.arange(B, device=q.device, dtype=torch.int32)
+    if not has2:       # (unread: the key lists stand in, so that a sliding layer's step launches no arange)
+        r2 = idx
+    else:
+        r2 = rows2 if rows2 is not None else torch.arange(B, device=q.device, dtype=torch.int32)
     fp8 = {}
     if has2 and _is_kv8(kv2):
         from dsv4.ops import kv8_layout
@@ -314,7 +317,7 @@ def forward(q, kv, idx, sink, scale, kv2=None, rows2=None, block_n: int | None =
     lse = torch.empty(B, S, H, device=q.device, dtype=torch.float32)
     if B * S == 0:
         return out, lse
-    k2, r2, has2, fp8 = _kv2_args(q, kv, kv2, rows2)
+    k2, r2, has2, fp8 = _kv2_args(q, kv, kv2, rows2, idx)
     if fp8 and num_stages == dflt["num_stages"]:
         num_stages = _fp8_stages(block_h, q.dtype, num_stages)
     BH = block_h
@@ -351,7 +354,7 @@ def forward_split(q, kv, idx, sink, scale, kv2=None, rows2=None, splits: int = 0
     per = cdiv(cdiv(K, splits), block_n) * block_n
     splits = cdiv(K, per) if K else 1
     idx = idx if idx.stride(-1) == 1 else idx.contiguous()
-    k2, r2, has2, fp8 = _kv2_args(q, kv, kv2, rows2)
+    k2, r2, has2, fp8 = _kv2_args(q, kv, kv2, rows2, idx)
     stages = _fp8_stages(BH, q.dtype, None) if fp8 else None
     launch = {"num_stages": stages} if stages else {}
     part = torch.empty(B * S * splits, H, D, device=q.device, dtype=torch.float32)
@@ -467,7 +470,7 @@ def backward(q, kv, idx, sink, scale, out, lse, dout, kv2=None, rows2=None, dlse
     K = idx.shape[-1]
     dout = dout.contiguous()
     delta, dsink = backward_terms(out, dout, lse, sink, dlse)                      # [B, S, H], [H]
-    k2, r2, has2, _ = _kv2_args(q, kv, kv2, rows2)
+    k2, r2, has2, _ = _kv2_args(q, kv, kv2, rows2, idx)
     dq = torch.empty_like(q)
     dkv = torch.zeros(kv.shape, device=q.device, dtype=torch.float32)
     dkv2 = torch.zeros(k2.shape, device=q.device, dtype=torch.float32) if has2 else dkv
