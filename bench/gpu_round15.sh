@@ -6,13 +6,14 @@
 # brings back at most 8 files), written after each step, and a summary to stdout.
 #   OUT=... bash bench/gpu_round15.sh [steps...]    steps: tests probe flash trace gen
 # Model settings for the flash step in $SETTINGS (bench_flash_shaped.py --settings; default: the defaults,
-# then mHC's deferred Sinkhorn on, then the MoE's shared add as a separate launch, then the split
-# attention's merge over 2 heads × 256 columns, then 32
-# heads a split program); extra arguments for bench_flash_shaped.py in $FLASH_ARGS (flash and trace steps).
+# then mHC's deferred Sinkhorn on, the attention → FFN boundary's hc_post with the FFN site's mix, both,
+# the MoE's shared add as a separate launch again, the split attention's merge over 2 heads × 256
+# columns, 32 heads a split program); extra arguments for bench_flash_shaped.py in $FLASH_ARGS (flash and
+# trace steps).
 # The steps' time limits add up past one device call: run `flash` and `tests` in separate calls.
 OUT=${OUT:-out_round15}
 SA=dsv4.kernels.sparse_attention
-SETTINGS=${SETTINGS-"base:;defer:dsv4.ops.HC_DEFER_TOKENS=15;noadd:dsv4.model.FUSE_SHARED_ADD=False;m2:$SA.MERGE=(2,256);h32:$SA.SPLIT_BLOCK_H=32"}
+SETTINGS=${SETTINGS-"base:;defer:dsv4.ops.HC_DEFER_TOKENS=15;postpre:dsv4.model.FUSE_POST_PRE=True;both:dsv4.ops.HC_DEFER_TOKENS=15,dsv4.model.FUSE_POST_PRE=True;noadd:dsv4.model.FUSE_SHARED_ADD=False;m2:$SA.MERGE=(2,256);h32:$SA.SPLIT_BLOCK_H=32"}
 LOGS=$(mktemp -d)
 steps=${*:-tests flash}
 flash() {   # name, then bench_flash_shaped.py arguments

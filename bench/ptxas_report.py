@@ -102,7 +102,7 @@ def main() -> int:
     sel = dict(SC="*i16", LO="*i32", HI="*i32", OUT="*i32", s_sr="i32", s_or="i32", C="i32", P="i32")
     cmb = dict(PART="*fp32", ML="*fp32", SINK="*fp32", OUT="*bf16", LSE="*fp32", SPLITS="i32", H="i32")
     post = dict(F="*bf16", H="*bf16", POST="*fp32", COMB="*fp32", OUT="*bf16", N_TOK="i32", D="i32", MIX="*fp32",
-                SCALE="*fp32", BASE="*fp32", eps="fp32", F2="*bf16")
+                SCALE="*fp32", BASE="*fp32", eps="fp32", F2="*bf16", FN="*fp32", SS_OUT="*fp32", MIX_OUT="*fp32")
     few = {n: "i32" for n in indexer._scores_few_kernel.arg_names if n not in ("DI", "HP", "BLOCK_C", "F32_DOT",
                                                                                   "RATIO", "PDL")}
     few.update(Q="*bf16", K="*bf16", W="*bf16", ROWS="*i64", LO="*i64", HI="*i64", OUT="*bf16", w_scale="fp32")
@@ -194,6 +194,10 @@ def main() -> int:
         ("mHC post deferred, shared add, 1 w", mhc._hc_post_kernel, post,
          dict(NS=4, BLOCK_T=1, BLOCK_D=128, ITERS=20, DEFER=True, ADD=True), 1),
         ("mHC post 4 tokens x 128, shared add", mhc._hc_post_kernel, post, dict(NS=4, BLOCK_T=4, BLOCK_D=128, ADD=True), 4),
+        ("mHC post + next mix, 1 token x 32", mhc._hc_post_kernel, post,
+         dict(NS=4, BLOCK_T=1, BLOCK_D=32, ITERS=20, DEFER=True, ADD=True, NP=32), 4),
+        ("mHC post + next mix, 2 tokens x 32", mhc._hc_post_kernel, post,
+         dict(NS=4, BLOCK_T=2, BLOCK_D=32, ITERS=20, DEFER=True, ADD=True, NP=32), 4),
         ("mHC finish 1 x 1024, deferred", mhc._hc_finish_kernel, dict(fin, MIXES="*fp32"),
          dict(ITERS=20, NS=4, NP=32, BLOCK_T=1, BLOCK_D=1024, SPLIT_BLOCK=64, RHO=None, PRE=None, DEFER=True), 1),
     ]

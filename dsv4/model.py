@@ -52,6 +52,10 @@ hc_post = ops.hc_post   # the same mixing for every hc_mode (the residual varian
 # Block adds the MoE's routed and shared outputs inside hc_post (`ops.hc_post(..., add=)`: the kernels read
 # both, no separate add launch; the sum rounded as the separate add rounds it, so the result is the same)
 FUSE_SHARED_ADD = True
+# Block's attention → FFN boundary as `ops.hc_post_pre` (the kernels: a decode step's hc_post computes the
+# FFN site's mix in its launch, one launch fewer; `dsv4.kernels.mhc.hc_post_pre`). Off until timed on a GPU
+# (`bench/gpu_round15.sh`, setting `postpre`)
+FUSE_POST_PRE = False
 
 
 @fp32_region
@@ -207,9 +211,13 @@ class Block(nn.Module):
         x, post, comb = hc_pre(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, *self.hc, self.hc_mode,
                                defer=True)
         x, index_kl = self.attn(self.attn_norm(x), pos, seg, state, rows, starts)
-        h = ops.hc_post(x, h, post, comb)
-        x, post, comb = hc_pre(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, *self.hc, self.hc_mode,
-                               defer=True)
+        if FUSE_POST_PRE and self.hc_mode == "mhc":
+            h, (x, post, comb) = ops.hc_post_pre(x, h, post, comb, self.hc_ffn_fn, self.hc_ffn_scale,
+                                                 self.hc_ffn_base, *self.hc, defer=True)
+        else:
+            h = ops.hc_post(x, h, post, comb)
+            x, post, comb = hc_pre(h, self.hc_ffn_fn, self.hc_ffn_scale, self.hc_ffn_base, *self.hc, self.hc_mode,
+                                   defer=True)
         x, shared, (idx, scores) = self.ffn.forward_parts(self.ffn_norm(x), ids)
         if shared is not None and not FUSE_SHARED_ADD:
             x, shared = x + shared, None

@@ -1291,6 +1291,26 @@ def hc_post_triton(f, residual, post, comb, add=None):
     return mhc.hc_post(f, residual, post, comb, add=add)
 
 
+@fp32_region
+def hc_post_pre_torch(f, residual, post, comb, fn, scale, base, n, iters, eps, norm_eps, add=None, defer=False):
+    """(h' = hc_post(f, residual, post, comb, add), hc_pre(h', fn, scale, base, ...)): one mHC site's
+    output and the next site's input, as two calls (Block's attention → FFN boundary)."""
+    h = hc_post_torch(f, residual, post, comb, add)
+    return h, hc_pre_torch(h, fn, scale, base, n, iters, eps, norm_eps)
+
+
+@fp32_region
+def hc_post_pre_triton(f, residual, post, comb, fn, scale, base, n, iters, eps, norm_eps, add=None, defer=False):
+    if not _pow2(residual.shape[-2]) or _needs_grad(f, residual, post, comb, fn, scale, base, add) \
+            or (add is not None and (add.dtype != f.dtype or add.shape != f.shape)):
+        h = hc_post_triton(f, residual, post, comb, add)
+        return h, hc_pre_triton(h, fn, scale, base, n, iters, eps, norm_eps, defer)
+    from dsv4.kernels import mhc
+    few = residual.numel() <= HC_DEFER_TOKENS * residual.shape[-1] * residual.shape[-2]
+    return mhc.hc_post_pre(f, residual, post, comb, fn, scale, base, n, iters, eps, norm_eps, add=add,
+                           defer=defer and few)
+
+
 class _NormRopeFn(torch.autograd.Function):
     """`norm_rope` with its gradient from one kernel pass (the twin's backward is ~10 fp32 elementwise
     passes over the rows); weight's gradient from per-block partial sums."""
@@ -1512,6 +1532,7 @@ hc_split_sinkhorn = register("hc_split_sinkhorn", {"torch": hc_split_sinkhorn_to
                                                    "triton": hc_split_sinkhorn_triton})
 hc_pre = register("hc_pre", {"torch": hc_pre_torch, "triton": hc_pre_triton})
 hc_post = register("hc_post", {"torch": hc_post_torch, "triton": hc_post_triton})
+hc_post_pre = register("hc_post_pre", {"torch": hc_post_pre_torch, "triton": hc_post_pre_triton})
 hc_head = register("hc_head", {"torch": hc_head_torch, "triton": hc_head_triton})
 norm_rope = register("norm_rope", {"torch": norm_rope_torch, "triton": norm_rope_triton})
 norm_rope_pair = register("norm_rope_pair", {"torch": norm_rope_pair_torch, "triton": norm_rope_pair_triton})

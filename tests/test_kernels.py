@@ -333,8 +333,9 @@ def test_backend_table_override_and_description(monkeypatch):
 def test_model_with_the_kernels_equals_the_twins(monkeypatch):
     # the whole forward (full sequence, chunked cache prefill and decode steps) of a model with every
     # layer type, through the Triton entry points, against the twins; the decode steps also with mHC's
-    # post and comb deferred to hc_post's kernel
+    # post and comb deferred to hc_post's kernel and the FFN site's mix in the attention site's hc_post
     from tests.conftest import random_model
+    from dsv4 import model as model_module
     from dsv4.cache import DecodeCache
 
     model = random_model("tiny", seed=3).to(DEV)
@@ -349,7 +350,9 @@ def test_model_with_the_kernels_equals_the_twins(monkeypatch):
         snap = copy.deepcopy(cache)                       # the same prefilled state for the deferred steps
         steps += [model(ids[:, t:t + 1], cache=cache) for t in range(130, 140)]
         monkeypatch.setattr(ops, "HC_DEFER_TOKENS", 15)
-        deferred = [model(ids[:, t:t + 1], cache=snap) for t in range(130, 133)]
+        monkeypatch.setattr(model_module, "FUSE_POST_PRE", True)      # (and the attention → FFN boundary fused)
+        with torch.no_grad():                             # (inference forms: with parameters needing grad,
+            deferred = [model(ids[:, t:t + 1], cache=snap) for t in range(130, 133)]   # autograd ones)
     finally:
         ops.set_backend(None)
     assert rel(got, want) < 1e-5
@@ -518,6 +521,45 @@ def test_hc_post_adds_the_shared_output_as_a_separate_add(dtype):
     assert torch.equal(ops.hc_post_torch(f, h, post, comb, add=a), ops.hc_post_torch(f + a, h, post, comb))
     with pytest.raises(ValueError, match="must match"):
         k.hc_post(f, h, post, comb, add=a[..., :-1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_hc_post_pre_equals_the_separate_calls_and_float64(dtype):
+    # hc_post with the next site's mix in its launch (a decode step's 1-2 tokens; given and deferred post
+    # and comb, with and without the shared add, the next site deferred or not): h' bit for bit as hc_post
+    # alone, the next site's x, post and comb as hc_pre of h' up to fp32 summation order; against float64
+    from dsv4.kernels import mhc as k
+    g = torch.Generator().manual_seed(47)
+    n, D = 4, 300                                  # D not a multiple of the 32-column slices
+    fn1, fn2 = (torch.randn((2 + n) * n, n * D, generator=g) / (n * D) ** 0.5 for _ in range(2))
+    (s1, s2), (b1, b2) = ([torch.rand(3, generator=g) + 0.5 for _ in range(2)],
+                          [torch.randn((2 + n) * n, generator=g) for _ in range(2)])
+    for t in (1, 2):
+        h, f, a = (torch.randn(1, t, *shape, generator=g, dtype=torch.float64) for shape in ((n, D), (D,), (D,)))
+        x64, p64, c64 = ops.hc_pre_torch(h, fn1.double(), s1.double(), b1.double(), n, 20, 1e-6, 1e-6)
+        h2_64 = ops.hc_post_torch((f + a).to(dtype).double(), h, p64, c64)
+        want = ops.hc_pre_torch(h2_64, fn2.double(), s2.double(), b2.double(), n, 20, 1e-6, 1e-6)
+        hd, fd, ad = (v.to(DEV, dtype) for v in (h, f, a))
+        site2 = (fn2.to(DEV), s2.to(DEV), b2.to(DEV), n, 20, 1e-6, 1e-6)
+        for defer_in, add, defer_out in ((False, None, False), (True, ad, False), (True, ad, True), (False, ad, True)):
+            x1, post, comb = k.hc_pre(hd, fn1.to(DEV), s1.to(DEV), b1.to(DEV), n, 20, 1e-6, 1e-6, defer=defer_in)
+            h2, nxt = k.hc_post_pre(fd, hd, post, comb, *site2, add=add, defer=defer_out)
+            sep = k.hc_post(fd, hd, post, comb, add=add)
+            assert torch.equal(h2, sep)
+            ref = k.hc_pre(sep, *site2)
+            if defer_out:
+                assert nxt[2] is None
+                nxt = (nxt[0], *nxt[1].resolve())
+            for got, same, w in zip(nxt, ref, want):
+                assert rel(got, same) < (1e-6 if dtype == torch.float32 else 1e-2)
+                if add is not None:
+                    assert rel(got, w) < tol(dtype)
+    # through the backends: the twin and the kernels' entry point agree
+    got = ops.hc_post_pre_triton(fd, hd, post, comb, *site2, add=ad)
+    twin = ops.hc_post_pre_torch(fd, hd, post, comb, *site2, add=ad)
+    assert rel(got[0], twin[0]) < (1e-6 if dtype == torch.float32 else 1e-2)
+    for a_, b_ in zip(got[1], twin[1]):
+        assert rel(a_, b_) < tol(dtype)
 
 
 def test_hc_pre_finish_split_over_columns():

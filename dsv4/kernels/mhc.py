@@ -232,7 +232,7 @@ def _hc_finish_kernel(H, SS, MIX, SCALE, BASE, X, POST, COMB, N_TOK, D, NSPLIT, 
 def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = None, block_k: int | None = None,
            programs: int | None = None, finish_block_t: int | None = None, save: bool = False,
            finish_warps: int | None = None, mix_precision: str | None = None,
-           finish_programs: int | None = None, head: bool = False, defer: bool = False):
+           finish_programs: int | None = None, head: bool = False, defer: bool = False, partials=None):
     """x [.., D] (h's dtype), post [.., N], comb [.., N, N] fp32 from streams h [.., N, D]; with `head`, x
     alone, reduced with `hc_head`'s weights (fn [N, N·D], scale [1], base [N]); with `save`, also
     (mixes [T, (2+N)·N], rho [T], pre [T, N]) fp32 for `hc_pre_backward`. The mix GEMV is
@@ -256,7 +256,10 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
     `defer` (inference): x and a `PendingMix` in place of post, with comb None: the finish stores the
     scaled mix logits and `hc_post` computes post and comb from them (the Sinkhorn's ~40 dependent
     reductions then run before hc_post's wait for its predecessor, beside the sublayer's last kernel,
-    instead of in the finish, which the sublayer waits for)."""
+    instead of in the finish, which the sublayer waits for).
+
+    `partials` = (ss [C, T], mix [C, T, NP]): the mix's partial sums over C slices, already computed (by
+    hc_post's launch, `hc_post_pre`); only the finish runs."""
     if head and save:
         raise ValueError("mHC kernel: the head reduction saves nothing for a backward pass (inference only)")
     if defer and (head or save):
@@ -298,12 +301,16 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
         split = cdiv(nd, k_per)
         n_pad = max(16, next_pow2(2 * n if head else (2 + n) * n))
         split3 = prec == "bf16x3" and block_t >= 16
-        ss = torch.empty(split, T, device=h.device, dtype=torch.float32)
-        mix = torch.empty(split, T, n_pad, device=h.device, dtype=torch.float32)
-        _hc_mix_kernel[(tb, split)](hv, fn.float().contiguous(), ss, mix, T, D, k_per, NS=n, NP=n_pad,
-                                    BLOCK_T=block_t, BLOCK_K=block_k,
-                                    PREC="ieee" if INTERPRET or prec == "bf16x3" else prec,
-                                    SPLIT3=split3, F32_DOT=INTERPRET, HEAD=head, **pdl(hv))
+        if partials is not None:
+            ss, mix = partials
+            split, n_pad = ss.shape[0], mix.shape[-1]
+        else:
+            ss = torch.empty(split, T, device=h.device, dtype=torch.float32)
+            mix = torch.empty(split, T, n_pad, device=h.device, dtype=torch.float32)
+            _hc_mix_kernel[(tb, split)](hv, fn.float().contiguous(), ss, mix, T, D, k_per, NS=n, NP=n_pad,
+                                        BLOCK_T=block_t, BLOCK_K=block_k,
+                                        PREC="ieee" if INTERPRET or prec == "bf16x3" else prec,
+                                        SPLIT3=split3, F32_DOT=INTERPRET, HEAD=head, **pdl(hv))
         finish_block_t = min(finish_block_t, next_pow2(T))
         block_d = min(max(128, 1024 // finish_block_t), next_pow2(D))
         tbf = cdiv(T, finish_block_t)
@@ -327,11 +334,15 @@ def hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, block_t: int | None = No
 
 @launchable
 @triton.jit
-def _hc_post_kernel(F, H, POST, COMB, OUT, N_TOK, D, MIX, SCALE, BASE, eps, F2, NS: tl.constexpr,
-                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ITERS: tl.constexpr = 1,
-                    DEFER: tl.constexpr = False, ADD: tl.constexpr = False, PDL: tl.constexpr = False):
+def _hc_post_kernel(F, H, POST, COMB, OUT, N_TOK, D, MIX, SCALE, BASE, eps, F2, FN, SS_OUT, MIX_OUT,
+                    NS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, ITERS: tl.constexpr = 1,
+                    DEFER: tl.constexpr = False, ADD: tl.constexpr = False, NP: tl.constexpr = 0,
+                    PDL: tl.constexpr = False):
     """out[t, k] = post[t, k] · f[t] + Σ_j comb[t, j, k] · h[t, j] in fp32, for BLOCK_T × BLOCK_D.
     ADD: f = F + F2 rounded to F's dtype (as a separate add of the two tensors rounds it).
+    NP > 0: also the next hc_pre's mix partials of this program's block of the stored (rounded) out, as
+    `_hc_mix_kernel` writes them for one slice: Σ out² into SS_OUT[c, t] and out · fnᵀ (fn [(2+N)·N, N·D],
+    read as NP rows) into MIX_OUT[c, t, :NP], c = program_id(1) (slices of BLOCK_D columns of every stream).
 
     DEFER: post and comb computed here from the scaled mix logits MIX [T, (2+N)·N] (hc_pre's finish with
     `defer`): post = 2·sigmoid(logit · scale[1] + base), comb = Sinkhorn(logit · scale[2] + base), the
@@ -367,15 +378,25 @@ def _hc_post_kernel(F, H, POST, COMB, OUT, N_TOK, D, MIX, SCALE, BASE, eps, F2, 
         fv = (fv.to(tl.float32) + f2.to(tl.float32)).to(F.dtype.element_ty)
     fv = fv.to(tl.float32)
     mixed = tl.sum(comb[:, :, :, None] * hv[:, :, None, :], 1)                          # [BT, N(k), BD]
-    out = post[:, :, None] * fv[:, None, :] + mixed
-    tl.store(OUT + t64[:, None, None] * (NS * D) + i[None, :, None] * D + d[None, None, :],
-             out.to(OUT.dtype.element_ty), mask=m3)
+    out = (post[:, :, None] * fv[:, None, :] + mixed).to(OUT.dtype.element_ty)
+    tl.store(OUT + t64[:, None, None] * (NS * D) + i[None, :, None] * D + d[None, None, :], out, mask=m3)
+    if NP > 0:
+        ov = tl.where(m3, out.to(tl.float32), 0.0)                                     # [BT, N, BD]
+        r = tl.arange(0, NP)
+        col = i[:, None] * D + d[None, :]                                              # [N, BD]: fn's columns
+        fn = tl.load(FN + r[None, None, :].to(tl.int64) * (NS * D) + col[:, :, None],
+                     mask=dm[None, :, None] & (r < (2 + NS) * NS)[None, None, :], other=0.0)   # [N, BD, NP]
+        acc = tl.sum(tl.sum(ov[:, :, :, None] * fn[None, :, :, :], 2), 1)             # [BT, NP]
+        row = (tl.program_id(1) * N_TOK + t).to(tl.int64)
+        tl.store(SS_OUT + row, tl.sum(tl.sum(ov * ov, 2), 1), mask=tm)
+        tl.store(MIX_OUT + row[:, None] * NP + r[None, :], acc, mask=tm[:, None])
 
 
-def hc_post(f, residual, post, comb, block_t: int | None = None, block_d: int = 128, add=None):
+def hc_post(f, residual, post, comb, block_t: int | None = None, block_d: int = 128, add=None, mix_out=None):
     """[.., N, D] in residual's dtype: post_k · f + Σ_j comb[j, k] · h_j (fp32 arithmetic). `post` may be
     a `PendingMix` (hc_pre with `defer`; comb None): post and comb are computed in the kernel. `add` (f's
-    shape and dtype): f + add, rounded to f's dtype, takes f's place."""
+    shape and dtype): f + add, rounded to f's dtype, takes f's place. `mix_out` = (fn fp32, ss [C, T], mix
+    [C, T, NP]): also the next hc_pre's mix partials (`hc_post_pre`), C = ⌈D / block_d⌉ slices."""
     if add is not None and (add.shape != f.shape or add.dtype != f.dtype):
         raise ValueError(f"mHC kernel: add {add.dtype} {tuple(add.shape)} must match f {f.dtype} {tuple(f.shape)}")
     n, D = residual.shape[-2:]
@@ -389,23 +410,53 @@ def hc_post(f, residual, post, comb, block_t: int | None = None, block_d: int = 
         raise ValueError(f"mHC kernel: pending mix logits of {pending.mixes.shape[0]} tokens and {pending.n} "
                          f"streams for a residual of {T} tokens and {n}")
     # (one token or a few, the deferred form: one program row per token, one warp)
-    block_t = block_t or (64 if INTERPRET else next_pow2(T) if pending is not None and T < 4 else 4)
+    block_t = block_t or (64 if INTERPRET else next_pow2(T) if (pending is not None or mix_out) and T < 4 else 4)
     if T:
         bd = min(block_d, next_pow2(D))
         if pending is not None:
             mix = pending.mixes
             args = (out, out, out, T, D, mix, pending.scale.float().contiguous(), pending.base.float().contiguous(),
                     pending.eps)
-            extra = dict(ITERS=pending.iters, DEFER=True, num_warps=1 if T < 16 and not INTERPRET else 4)
+            extra = dict(ITERS=pending.iters, DEFER=True,
+                         num_warps=1 if T < 16 and not INTERPRET and mix_out is None else 4)
         else:
             args = (post.reshape(T, n).float().contiguous(), comb.reshape(T, n, n).float().contiguous(), out, T, D,
                     out, out, out, 0.0)
             extra = {}
         f2 = {} if add is None else dict(ADD=True)
+        mo = (out, out, out) if mix_out is None else mix_out[:3]
+        if mix_out is not None:
+            if mix_out[1].shape[0] != cdiv(D, bd):
+                raise ValueError(f"mHC kernel: mix partials for {mix_out[1].shape[0]} slices, the launch has "
+                                 f"{cdiv(D, bd)}")
+            f2["NP"] = mix_out[2].shape[-1]
         _hc_post_kernel[(cdiv(T, block_t), cdiv(D, bd))](
-            f.reshape(T, D).contiguous(), hv, *args, out if add is None else add.reshape(T, D).contiguous(), NS=n,
-            BLOCK_T=block_t, BLOCK_D=bd, **extra, **f2, **pdl(out))
+            f.reshape(T, D).contiguous(), hv, *args, out if add is None else add.reshape(T, D).contiguous(), *mo,
+            NS=n, BLOCK_T=block_t, BLOCK_D=bd, **extra, **f2, **pdl(out))
     return out.view(residual.shape)
+
+
+POST_PRE_MAX_TOKENS = 2      # `hc_post_pre` fuses up to this many tokens (its [T, N, BD, NP] products)
+POST_PRE_BLOCK_D = 32        # columns of every stream per program: 128 programs at V4-Flash's D = 4096
+
+
+def hc_post_pre(f, residual, post, comb, fn, scale, base, n, iters, eps, norm_eps, add=None, defer=False):
+    """(h' = hc_post(f, residual, post, comb, add=add), hc_pre(h', fn, ...)) for a decode step's few
+    tokens, with hc_pre's mix (Σ h'² and h' · fnᵀ) computed in hc_post's launch from the values it stores:
+    two launches (post + mix, finish) where the separate calls take three. The partial sums are taken
+    over other slices than `_hc_mix_kernel`'s, so the mix logits equal the separate calls' up to fp32
+    summation order. More than `POST_PRE_MAX_TOKENS` tokens: the separate calls."""
+    T = residual.numel() // (residual.shape[-1] * n)
+    if T > POST_PRE_MAX_TOKENS or n & (n - 1):
+        h = hc_post(f, residual, post, comb, add=add)
+        return h, hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, defer=defer)
+    D = residual.shape[-1]
+    bd = min(POST_PRE_BLOCK_D, next_pow2(D))
+    n_pad = max(16, next_pow2((2 + n) * n))
+    ss = torch.empty(cdiv(D, bd), T, device=residual.device, dtype=torch.float32)
+    mix = torch.empty(cdiv(D, bd), T, n_pad, device=residual.device, dtype=torch.float32)
+    h = hc_post(f, residual, post, comb, block_d=bd, add=add, mix_out=(fn.float().contiguous(), ss, mix))
+    return h, hc_pre(h, fn, scale, base, n, iters, eps, norm_eps, defer=defer, partials=(ss, mix))
 
 
 @triton.jit
