@@ -22,29 +22,15 @@ from pathlib import Path
 
 import torch
 import triton
-import triton.testing
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dsv4 import ops  # noqa: E402
 from dsv4.kernels import sparse_attention as sa  # noqa: E402
+from probe_flash_decode import rel, sweep_us  # noqa: E402  (bench/, the script's folder, is on sys.path)
 
 FLASH = dict(H=64, D=512, T=2048 + 128, lists={"sliding": 128, "hca": 192, "csa": 640})
 SMALL = dict(H=8, D=64, T=96, lists={"sliding": 32, "csa": 80})
-
-
-def rel(a: torch.Tensor, ref: torch.Tensor) -> float:
-    a, ref = a.double(), ref.double()
-    return float((a - ref).norm() / ref.norm())
-
-
-def sweep_us(fns, device) -> float:
-    run = lambda: [f() for f in fns]                                                  # noqa: E731
-    if device.type != "cuda":
-        t = time.perf_counter()
-        run()
-        return 1e6 * (time.perf_counter() - t) / len(fns)
-    return 1e3 * triton.testing.do_bench_cudagraph(run, rep=40, return_mode="median") / len(fns)
 
 
 def cases(c, B, K, copies, device, g):
