@@ -46,8 +46,10 @@ def cases(c, B, K, copies, device, g):
 
 def variants(small: bool, B: int):
     """(name, forward_split kwargs, keys per split)."""
-    base = dict(block_h=None, block_n=32, num_warps=4, merge=(16, 512))
-    rows = [("before", base, 64)]
+    # "before": the launch of the fourteenth round (32 heads a split program, the merge one program per 16
+    # heads reading one split at a time); "8 a load": the same merge shape reading 8 splits at once
+    base = dict(block_h=32, block_n=32, num_warps=4, merge=(16, 512, 1))
+    rows = [("before", base, 64), ("merge 16x512, 8 a load", dict(base, merge=(16, 512, 8)), 64)]
     merges = [(16, 128), (8, 128), (8, 64), (4, 128), (16, 64), (4, 512), (2, 256)]
     rows += [(f"merge {mh}x{md}", dict(base, merge=(mh, md)), 64) for mh, md in merges]
     fwd = [(bh, per, bn, w) for bh, per, bn, w in itertools.product([16, 32], [32, 64, 128], [16, 32, 64], [4, 8])
@@ -55,9 +57,10 @@ def variants(small: bool, B: int):
     if B > 1:
         fwd = [v for v in fwd if v[2] == 32 and v[3] == 4]
     for bh, per, bn, w in fwd:
-        rows.append((f"h{bh} k{per} n{bn} w{w}", dict(block_h=bh, block_n=bn, num_warps=w, merge=(8, 128)), per))
+        rows.append((f"h{bh} k{per} n{bn} w{w}", dict(block_h=bh, block_n=bn, num_warps=w, merge=sa.MERGE), per))
     if small:
-        rows = [(n, dict(kw, block_h=min(kw["block_h"] or 8, 8), merge=(min(kw["merge"][0], 8), min(kw["merge"][1], 64))),
+        rows = [(n, dict(kw, block_h=min(kw["block_h"] or 8, 8), merge=(min(kw["merge"][0], 8), min(kw["merge"][1], 64),
+                                                                           *kw["merge"][2:])),
                  min(per, 32)) for n, kw, per in rows[:3] + rows[-2:]]
     return rows
 

@@ -63,7 +63,7 @@ def test_sparse_attention_forward_equals_twin_and_float64(dtype, split):
 
 
 @pytest.mark.parametrize("block_h,splits,block_n,merge", [(16, 5, 16, (2, 32)), (8, 3, 16, (4, 16)),
-                                                            (16, 9, 16, (16, 64))])
+                                                            (16, 9, 16, (16, 64)), (16, 9, 16, (4, 64, 1))])
 def test_split_attention_launch_shapes_equal_float64(block_h, splits, block_n, merge):
     # the split decode attention with several splits (some empty: a split past the list's end, or whose
     # keys are all −1) merged over head and column blocks, against float64; a query with no key gives 0

@@ -335,10 +335,10 @@ def forward(q, kv, idx, sink, scale, kv2=None, rows2=None, block_n: int | None =
 
 def forward_split(q, kv, idx, sink, scale, kv2=None, rows2=None, splits: int = 0, block_n: int | None = None,
                   num_warps: int | None = None, rows1=None, block_h: int | None = None,
-                  merge: tuple[int, int] | None = None):
+                  merge: tuple[int, ...] | None = None):
     """`forward` with each key list split over `splits` programs (0: enough to fill ~2 waves of SMs) and
-    the partial results merged by a second launch (`_combine_kernel`, `merge` = (heads, columns) per
-    program; default `MERGE`). Merging them in the first launch,
+    the partial results merged by a second launch (`_combine_kernel`, `merge` = (heads, columns[, splits
+    read at once, default 8]) per program; default `MERGE`). Merging them in the first launch,
     by the last of a query's programs to finish, measured slower on the H200 at V4-Flash's decode (10.0 +
     4.4 µs against 23.9 µs: one program then reads all the partials; bench/results/README.md, ninth
     round)."""
@@ -372,10 +372,10 @@ def forward_split(q, kv, idx, sink, scale, kv2=None, rows2=None, splits: int = 0
                                      D=D, BLOCK_H=BH, BLOCK_N=block_n, HAS_KV2=has2, SPLIT=True, F32_DOT=f32,
                                      HAS_ROWS1=rows1 is not None, num_warps=num_warps or SPLIT_WARPS, **launch, **fp8,
                                      **pdl(q))
-    mh, md = merge or MERGE
-    mh, md = min(mh, next_pow2(H)), min(md, D)
+    mh, md, *ms = merge or MERGE
+    mh, md, ms = min(mh, next_pow2(H)), min(md, D), min(ms[0] if ms else 8, next_pow2(splits))
     _combine_kernel[(B * S, cdiv(H, mh), cdiv(D, md))](part, ml, sink, out, lse, splits, H, D=D, BLOCK_H=mh,
-                                                       BLOCK_D=md, BLOCK_S=min(8, next_pow2(splits)), **pdl(part))
+                                                       BLOCK_D=md, BLOCK_S=ms, **pdl(part))
     return out, lse
 
 
