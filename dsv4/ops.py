@@ -1243,8 +1243,8 @@ class _HcPreFn(torch.autograd.Function):
 
 # hc_pre's `defer` for calls of at most this many tokens (a decode step would take 15): post and comb are
 # computed in hc_post's kernel, the Sinkhorn before its wait for the sublayer (`dsv4.kernels.mhc.hc_pre`).
-# 0 (off) until it is timed on a GPU against the finish's Sinkhorn (`bench/gpu_round15.sh`, the `nodefer`
-# and `defer` settings of its flash step); tested on CPU (`test_deferred_hc_post_...`)
+# 0 (off) until it is timed on a GPU against the finish's Sinkhorn (`bench/gpu_round15.sh`, the `defer`
+# and `both` settings of its flash step); tested on CPU (`test_deferred_hc_post_...`)
 HC_DEFER_TOKENS = 0
 
 
