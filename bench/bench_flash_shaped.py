@@ -474,9 +474,14 @@ def parse_settings(text: str | None) -> list[tuple[str, dict]]:
             if not eq or not dot:
                 raise SystemExit(f"--settings: {item!r} is not module.ATTR=VALUE")
             try:
-                module, literal = importlib.import_module(mod), ast.literal_eval(value.strip())
-            except (ImportError, ValueError, SyntaxError) as e:
+                module = importlib.import_module(mod)
+            except ImportError as e:
                 raise SystemExit(f"--settings: {item!r}: {e}") from None
+            try:
+                literal = ast.literal_eval(value.strip())
+            except (ValueError, SyntaxError):
+                raise SystemExit(f"--settings: {item!r}: the value must be a Python literal (a number, a quoted "
+                                 f"string, True/False/None, a tuple or list of them)") from None
             if not hasattr(module, attr):
                 raise SystemExit(f"--settings: {mod} has no attribute {attr!r}")
             attrs[(module, attr)] = literal
