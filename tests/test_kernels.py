@@ -75,6 +75,8 @@ def test_split_attention_launch_shapes_equal_float64(block_h, splits, block_n, m
                                                 rows2, return_lse=True)
     assert rel(out, want) < 2e-5 and rel(lse, want_lse) < 2e-5
     assert out[0, 1].abs().max() == 0
+    with pytest.raises(ValueError, match="powers of two"):
+        sa.forward_split(q, kv, idx, sink, scale, kv2, rows2, merge=(4, 48))
 
 
 def test_sparse_attention_one_source_and_row_mapping():

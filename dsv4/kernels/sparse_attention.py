@@ -373,6 +373,9 @@ def forward_split(q, kv, idx, sink, scale, kv2=None, rows2=None, splits: int = 0
                                      HAS_ROWS1=rows1 is not None, num_warps=num_warps or SPLIT_WARPS, **launch, **fp8,
                                      **pdl(q))
     mh, md, *ms = merge or MERGE
+    if any(v < 1 or v & (v - 1) for v in (mh, md, *ms)):
+        raise ValueError(f"sparse_attention kernel: the merge's heads, columns and splits per load must be powers "
+                         f"of two; got {merge or MERGE}")
     mh, md, ms = min(mh, next_pow2(H)), min(md, D), min(ms[0] if ms else 8, next_pow2(splits))
     _combine_kernel[(B * S, cdiv(H, mh), cdiv(D, md))](part, ml, sink, out, lse, splits, H, D=D, BLOCK_H=mh,
                                                        BLOCK_D=md, BLOCK_S=ms, **pdl(part))
