@@ -6,7 +6,7 @@
 # brings back at most 8 files), written after each step, and a summary to stdout.
 #   OUT=... bash bench/gpu_round15.sh [steps...]    steps: tests probe flash trace gen
 # Model settings for the flash step in $SETTINGS (bench_flash_shaped.py --settings; default: the defaults,
-# then mHC's deferred Sinkhorn on, the attention → FFN boundary's hc_post with the FFN site's mix, both,
+# then mHC's deferred Sinkhorn on, every mHC boundary's hc_post with the next site's mix, both,
 # the MoE's shared add as a separate launch again, the split attention's merge over 2 heads × 256
 # columns, 32 heads a split program); extra arguments for bench_flash_shaped.py in $FLASH_ARGS (flash and
 # trace steps).

@@ -52,8 +52,9 @@ hc_post = ops.hc_post   # the same mixing for every hc_mode (the residual varian
 # Block adds the MoE's routed and shared outputs inside hc_post (`ops.hc_post(..., add=)`: the kernels read
 # both, no separate add launch; the sum rounded as the separate add rounds it, so the result is the same)
 FUSE_SHARED_ADD = True
-# Block's attention → FFN boundary as `ops.hc_post_pre` (the kernels: a decode step's hc_post computes the
-# FFN site's mix in its launch, one launch fewer; `dsv4.kernels.mhc.hc_post_pre`). Off until timed on a GPU
+# Inference: every mHC boundary (attention → FFN in a block, FFN → the next block's attention) as one
+# `ops.hc_post_pre` call (the kernels: a decode step's hc_post computes the next site's mix in its launch,
+# two launches fewer a layer; `dsv4.kernels.mhc.hc_post_pre`). Off until timed on a GPU
 # (`bench/gpu_round15.sh`, setting `postpre`)
 FUSE_POST_PRE = False
 
@@ -206,10 +207,19 @@ class Block(nn.Module):
             setattr(self, f"hc_{site}_scale", nn.Parameter(torch.empty(3)))
 
     def forward(self, h: torch.Tensor, ids: torch.Tensor, pos: torch.Tensor, seg=None, state=None,
-                rows=None, starts=None) -> tuple[torch.Tensor, BlockAux]:
-        """h [B, S, N, D] -> (h' [B, S, N, D], BlockAux)."""
-        x, post, comb = hc_pre(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, *self.hc, self.hc_mode,
-                               defer=True)
+                rows=None, starts=None, carry=None, hold: bool = False) -> tuple[torch.Tensor, BlockAux]:
+        """h [B, S, N, D] -> (h' [B, S, N, D], BlockAux).
+
+        `hold` (inference, `model.FUSE_POST_PRE`): the last hc_post is not run; its arguments (f, residual,
+        post, comb, add) come back in h's place, for the next block to take as `carry` (h then unused): its
+        first mHC site runs that hc_post with its own mix in one launch (`ops.hc_post_pre`)."""
+        if carry is not None:
+            f, res, p, c, a = carry
+            h, (x, post, comb) = ops.hc_post_pre(f, res, p, c, self.hc_attn_fn, self.hc_attn_scale,
+                                                 self.hc_attn_base, *self.hc, add=a, defer=True)
+        else:
+            x, post, comb = hc_pre(h, self.hc_attn_fn, self.hc_attn_scale, self.hc_attn_base, *self.hc,
+                                   self.hc_mode, defer=True)
         x, index_kl = self.attn(self.attn_norm(x), pos, seg, state, rows, starts)
         if FUSE_POST_PRE and self.hc_mode == "mhc":
             h, (x, post, comb) = ops.hc_post_pre(x, h, post, comb, self.hc_ffn_fn, self.hc_ffn_scale,
@@ -221,6 +231,8 @@ class Block(nn.Module):
         x, shared, (idx, scores) = self.ffn.forward_parts(self.ffn_norm(x), ids)
         if shared is not None and not FUSE_SHARED_ADD:
             x, shared = x + shared, None
+        if hold:
+            return (x, h, post, comb, shared), BlockAux(idx, scores, index_kl)
         return ops.hc_post(x, h, post, comb, add=shared), BlockAux(idx, scores, index_kl)
 
 
@@ -390,14 +402,23 @@ class Transformer(nn.Module):
         rows' first positions when the host knows them (`DecodeCache.check_rows`), else None."""
         h = self.embed(input_ids)                                              # [B, S, D]
         h = h.unsqueeze(2).expand(-1, -1, self.config.hc_mult, -1).contiguous()  # [B, S, N, D]
+        # inference with FUSE_POST_PRE: each block's last hc_post runs in the next block's first launch
+        hold = FUSE_POST_PRE and not torch.is_grad_enabled() and self.config.hc_mode == "mhc"
+        carry = None
         for i, layer in enumerate(self.layers):
             state = cache.layers[i] if cache is not None else None
             if self.gradient_checkpointing and self.training and cache is None:
                 h, block_aux = checkpoint(layer, h, input_ids, positions, segment_ids, use_reentrant=False)
+            elif hold:
+                carry, block_aux = layer(h, input_ids, positions, segment_ids, state, rows, starts, carry=carry,
+                                         hold=True)
             else:
                 h, block_aux = layer(h, input_ids, positions, segment_ids, state, rows, starts)
             if aux is not None:
                 aux.append(block_aux)
+        if carry is not None:
+            f, res, p, c, a = carry
+            h = ops.hc_post(f, res, p, c, add=a)
         return h
 
     @torch.no_grad()

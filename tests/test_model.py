@@ -650,3 +650,22 @@ def test_kv_fp8_cache_refuses_shapes_it_cannot_hold():
         DecodeCache(preset("tiny"), 1, 64, kv_fp8=True)          # head_dim 64 − 16 rope dims = 48
     with pytest.raises(ValueError, match="float64"):
         DecodeCache(kv8_config(), 1, 64, dtype=torch.float64, kv_fp8=True)
+
+
+@torch.no_grad()
+def test_block_boundaries_fused_or_not_give_the_same_logits(monkeypatch):
+    # model.FUSE_POST_PRE hands each block's last hc_post to the next block (`carry`, `hold`) and runs
+    # every boundary as ops.hc_post_pre; with the twins that is the same ops in the same order: the logits
+    # of a full forward, a cached prefill and decode steps equal the unfused model's bit for bit
+    from dsv4 import model as model_module
+    model = random_model("tiny", seed=5)
+    ids = torch.randint(0, model.config.vocab_size, (2, 24), generator=torch.Generator().manual_seed(1))
+    runs = []
+    for fuse in (False, True):
+        monkeypatch.setattr(model_module, "FUSE_POST_PRE", fuse)
+        cache = DecodeCache(model.config, 2, 32)
+        steps = [model(ids[:, :20], cache=cache)] + [model(ids[:, t:t + 1], cache=cache) for t in range(20, 24)]
+        runs.append((model(ids), torch.cat(steps, 1)))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    with torch.enable_grad():                            # training keeps the per-block form
+        assert torch.equal(model(ids), runs[0][0])
