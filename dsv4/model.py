@@ -52,10 +52,10 @@ hc_post = ops.hc_post   # the same mixing for every hc_mode (the residual varian
 # Block adds the MoE's routed and shared outputs inside hc_post (`ops.hc_post(..., add=)`: the kernels read
 # both, no separate add launch; the sum rounded as the separate add rounds it, so the result is the same)
 FUSE_SHARED_ADD = True
-# Inference: every mHC boundary (attention → FFN in a block, FFN → the next block's attention) as one
-# `ops.hc_post_pre` call (the kernels: a decode step's hc_post computes the next site's mix in its launch,
-# two launches fewer a layer; `dsv4.kernels.mhc.hc_post_pre`). Off until timed on a GPU
-# (`bench/gpu_round15.sh`, setting `postpre`)
+# Every mHC boundary (attention → FFN in a block; without autograd also FFN → the next block's attention)
+# as one `ops.hc_post_pre` call (the kernels: a decode step's hc_post computes the next site's mix in its
+# launch, two launches fewer a layer; with autograd, the two separate calls; `dsv4.kernels.mhc.hc_post_pre`).
+# Off until timed on a GPU (`bench/gpu_round15.sh`, setting `postpre`)
 FUSE_POST_PRE = False
 
 

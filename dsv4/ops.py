@@ -332,6 +332,9 @@ def hc_post_torch(f: torch.Tensor, residual: torch.Tensor, post, comb, add: torc
     deferred form (`dsv4.kernels.mhc.PendingMix`, comb None): computed here first. `add`: f + add in
     f's dtype takes f's place (the MoE's routed and shared outputs)."""
     if comb is None:
+        if not hasattr(post, "resolve"):
+            raise ValueError("hc_post: comb is None but post is not hc_pre's deferred form (a PendingMix); pass "
+                             "both post and comb, or hc_pre(..., defer=True)'s (post, None)")
         post, comb = post.resolve()
     if add is not None:
         f = f + add

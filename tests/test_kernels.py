@@ -493,8 +493,11 @@ def test_deferred_hc_post_equals_float64_and_the_computed_form(dtype, monkeypatc
         p2, c2 = pending.resolve()
         assert rel(p2, post64) < 1e-5 and rel(c2, comb64) < 1e-5
         assert rel(ops.hc_post_torch(fd, hd, pending, None), want) < tol(dtype)
+        with pytest.raises(ValueError, match="deferred form"):
+            ops.hc_post_torch(fd, hd, post, None)
         # through the backend functions: only a decode-sized call defers, and only when switched on
-        assert ops.hc_pre_triton(*args, defer=True)[2] is not None or ops.HC_DEFER_TOKENS
+        monkeypatch.setattr(ops, "HC_DEFER_TOKENS", 0)
+        assert ops.hc_pre_triton(*args, defer=True)[2] is not None
         monkeypatch.setattr(ops, "HC_DEFER_TOKENS", 15)
         out = ops.hc_pre_triton(*args, defer=True)
         assert out[2] is None and rel(ops.hc_post_triton(fd, hd, out[1], out[2]), want) < tol(dtype)

@@ -265,7 +265,8 @@ WARPS = 4
 # (`bench/probe_decode_attn.py`, fifteenth round of bench/results): 16 heads a program took ~1.7 µs less
 # than 32 in every layer kind at batch 1; the merge reading 8 splits at a time over 4 heads × 512 columns
 # (or 2 × 256) took 14.7-15.0 µs for a CSA layer's 640 keys against 20.1 over 8 × 128, and at batch 32
-# 57.7 against 91-96 for the other shapes (16 × 512, as one program per 16 heads read them before, spills).
+# 57.7 against 91-96 for the other shapes (16 × 512 at 8 splits a load spills; the previous form, 16 × 512
+# one split at a time, was timed in the model only: 0.150 ms a layer, fourteenth round).
 SPLIT_KEYS = 64
 SPLIT_BLOCK_N = 32
 SPLIT_BLOCK_H = 16
