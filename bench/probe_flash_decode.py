@@ -15,6 +15,7 @@ table last and writes JSON.
 
     python3 bench/probe_flash_decode.py --out $OUT/flash_decode.json
     python3 bench/probe_flash_decode.py --only hc,index --out $OUT/hc_index.json      # sections
+    python3 bench/probe_flash_decode.py --only fp4loop --out $OUT/fp4_loop.json     # the FP4 K loop variants
     TRITON_INTERPRET=1 python3 bench/probe_flash_decode.py --small      # CPU: reduced sizes, no timing
 """
 from __future__ import annotations
@@ -45,6 +46,12 @@ WORDS_DOWN_TILES = [dict(BN=bn, BK=bk, num_warps=w, num_stages=2) for bn, bk, w 
 # the per-pair down projection's own tiles (fp4_moe.TILES["words_pair_down"]; default: the up kernel's)
 PAIR_DOWN_TILES = [dict(BN=bn, BK=bk, num_warps=w, num_stages=2) for bn, bk, w in
                    [(16, 1024, 4), (16, 2048, 4), (32, 1024, 4), (32, 2048, 8), (8, 2048, 4), (64, 512, 8)]]
+# (up, per-pair down) tiles of the "loop" variants: the default, then 32-row tiles of 256 columns (a pipelined
+# up program takes 127 registers there: 4 an SM, 384 programs for 6 experts; the down program 72)
+LOOP_TILES = [(dict(BN=16, BK=512, num_warps=4, num_stages=2), dict(BN=16, BK=512, num_warps=4, num_stages=2)),
+              (dict(BN=32, BK=256, num_warps=4, num_stages=2), dict(BN=32, BK=256, num_warps=4, num_stages=2)),
+              (dict(BN=16, BK=512, num_warps=4, num_stages=2), dict(BN=32, BK=256, num_warps=4, num_stages=2)),
+              (dict(BN=32, BK=256, num_warps=4, num_stages=2), dict(BN=64, BK=256, num_warps=4, num_stages=2))]
 WORDS_TILES = [dict(BN=bn, BK=bk, num_warps=w, num_stages=2) for bn, bk, w in
                [(16, 512, 4), (16, 1024, 4), (8, 1024, 4), (8, 512, 4), (4, 1024, 4), (32, 1024, 8), (32, 256, 4),
                 (32, 512, 4), (64, 256, 4), (32, 512, 8)]]
@@ -92,7 +99,25 @@ def f64_experts(x, idx, weight, ws, limit):
     return y
 
 
-def probe_fp4(c, M, device, g, ws) -> list[dict]:
+def fp4_variants(which: str) -> list[tuple]:
+    """(kernel, tiles, down projection of the words kernel, its own tiles, arithmetic[, pipelined loop,
+    row-max block]) of the FP4 section: "tiles" sweeps the launch tiles of both kernels and both
+    arithmetics; "loop" the words kernels' K loop plain or pipelined (`fp4_moe.WORDS_PIPE`) with the row
+    max read in BK blocks or in one (`WORDS_AMAX_BLOCK`), over tiles whose pipelined form keeps the
+    grid within about one wave of resident programs (`bench/sass_fp4_gemv.py --words`)."""
+    if which == "loop":
+        out = []
+        for up, down in LOOP_TILES:
+            for pipe, amax in ((False, None), (False, 4096), (True, 4096)):
+                out.append(("words", up, "pair", down, "half", pipe, amax))
+        return out
+    return [("bytes", t, None, None, "fp32") for t in BYTES_TILES] + \
+        [("words", t, "pair", None, "fp32") for t in WORDS_TILES[:3]] + \
+        [("words", t, "pair", None, "half") for t in WORDS_TILES] + \
+        [("words", WORDS_TILES[1], "pair", d, math) for d in PAIR_DOWN_TILES for math in ("fp32", "half")]
+
+
+def probe_fp4(c, M, device, g, ws, variant_set: str = "tiles") -> list[dict]:
     E, D, I, K = c["E"], c["D"], c["I"], c["topk"]
     sets = 16 if device.type == "cuda" else 2                    # 16 x 6 experts: ~1.2 GB per sweep at Flash size
     perm = torch.randperm(E, device=device, generator=g)
@@ -104,21 +129,23 @@ def probe_fp4(c, M, device, g, ws) -> list[dict]:
     rows = []
     # (kernel, tiles, down projection of the words kernel, its tiles when summing a token's pairs, the words
     # kernels' arithmetic: fp32 or packed fp16)
-    variants = [("bytes", t, None, None, "fp32") for t in BYTES_TILES] + \
-        [("words", t, "pair", None, "fp32") for t in WORDS_TILES[:3]] + \
-        [("words", t, "pair", None, "half") for t in WORDS_TILES] + \
-        [("words", WORDS_TILES[1], "pair", d, math) for d in PAIR_DOWN_TILES for math in ("fp32", "half")]
+    variants = fp4_variants(variant_set)
     saved = {k: dict(v) for k, v in fp4_moe.TILES.items()}
     saved_down, saved_kernel, saved_math = fp4_moe.WORDS_DOWN, fp4_moe.DECODE_KERNEL, fp4_moe.WORDS_MATH
-    for kernel, tiles, down, down_tiles, math in variants:
+    saved_pipe, saved_amax = fp4_moe.WORDS_PIPE, fp4_moe.WORDS_AMAX_BLOCK
+    for kernel, tiles, down, down_tiles, math, *loop in variants:
         key = "gemv" if kernel == "bytes" else "words"
         fp4_moe.TILES[key] = tiles
         fp4_moe.WORDS_DOWN = down or saved_down
         fp4_moe.DECODE_KERNEL = kernel            # the "gemv" path runs DECODE_KERNEL's kernel
         fp4_moe.WORDS_MATH = math
+        pipe, amax = loop or (saved_pipe, saved_amax)
+        fp4_moe.WORDS_PIPE, fp4_moe.WORDS_AMAX_BLOCK = pipe, amax
         if down_tiles:
             fp4_moe.TILES["words_down" if down == "token" else "words_pair_down"] = down_tiles
         name = kernel if down is None else f"{kernel} {math}, down per {down}"
+        if loop:
+            name += f", {'pipelined' if pipe else 'plain'} loop, max in {amax or 'BK'}"
         shown = tiles if not down_tiles else {**tiles, "down": down_tiles}
         try:
             call = lambda i: fp4_moe._fp4_moe(x, i, weight, *ws, c["limit"], path=key)     # noqa: E731
@@ -131,6 +158,7 @@ def probe_fp4(c, M, device, g, ws) -> list[dict]:
             fp4_moe.TILES.clear()
             fp4_moe.TILES.update({k: dict(v) for k, v in saved.items()})
             fp4_moe.WORDS_DOWN, fp4_moe.DECODE_KERNEL, fp4_moe.WORDS_MATH = saved_down, saved_kernel, saved_math
+            fp4_moe.WORDS_PIPE, fp4_moe.WORDS_AMAX_BLOCK = saved_pipe, saved_amax
         kernel, tiles = name, shown
         rows.append(dict(op="fp4 experts", M=M, variant=kernel, tiles=tiles, us=us, bytes=used_bytes,
                          GBps=used_bytes / us / 1e3, hbm_frac=used_bytes / us / 1e-6 / HBM, rel_err_f64=err))
@@ -289,7 +317,8 @@ def main(argv=None):
     ap.add_argument("--small", action="store_true", help="reduced sizes (CPU under TRITON_INTERPRET=1)")
     ap.add_argument("--batches", default="1,2")
     ap.add_argument("--skip-fp8", action="store_true", help="only the experts and wo_a")
-    ap.add_argument("--only", default="fp4,wo_a,fp8,index,hc", help="sections, comma-separated")
+    ap.add_argument("--only", default="fp4,wo_a,fp8,index,hc", help="sections, comma-separated (also fp4loop: the "
+                                                                   "FP4 words kernels' K loop, plain or pipelined)")
     ap.add_argument("--contexts", default="8192,65536", help="index section: context lengths (entries = ctx / 4)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
@@ -305,10 +334,12 @@ def main(argv=None):
     if "index" in only:
         contexts = [int(x) for x in args.contexts.split(",")] if device.type == "cuda" else [256]
         rows += probe_index(c, device, g, contexts)
-    if "fp4" in only:
+    if "fp4" in only or "fp4loop" in only:
         ws = random_experts(c["E"], c["D"], c["I"], device, g)
         for M in batches:
-            rows += probe_fp4(c, M, device, g, ws)
+            for which in ("tiles", "loop"):
+                if {"tiles": "fp4", "loop": "fp4loop"}[which] in only:
+                    rows += probe_fp4(c, M, device, g, ws, which)
         del ws
     if "wo_a" in only:
         for M in batches:

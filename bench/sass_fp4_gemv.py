@@ -9,7 +9,9 @@ byte loads would not vectorise and the counts would mislead).
     python3 bench/sass_fp4_gemv.py                   # the default launch configuration
     python3 bench/sass_fp4_gemv.py --bn 8 --bk 512 --warps 4
     python3 bench/sass_fp4_gemv.py --tiled           # registers and spills of the tiled gate/up kernel
-    python3 bench/sass_fp4_gemv.py --words           # the word kernel, fp32 against packed fp16 arithmetic
+    python3 bench/sass_fp4_gemv.py --words           # the word kernels: fp32 against packed fp16 arithmetic,
+                                                     # the K loop plain and pipelined (fp4_moe.WORDS_PIPE)
+    python3 bench/sass_fp4_gemv.py --words --bn 32 --bk 256 --warps 4
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ WORDS_UP = dict(UP, w1_ptr="*i32", w3_ptr="*i32")
 DOWN = dict(h_ptr="*bf16", w2_ptr="*i8", s2_ptr="*u8", idx_ptr="*i64", out_ptr="*bf16", D="i32", I="i32", E="i32",
             stride_hm="i32", stride_we="i32", stride_wn="i32", stride_se="i32", stride_sn="i32", stride_om="i32",
             BN="constexpr", BK="constexpr")
+WORDS_DOWN = dict(DOWN, w2_ptr="*i32")
 
 
 def report(fn, sig: dict, consts: dict, warps: int, stages: int, matrices: int) -> dict:
@@ -63,6 +66,12 @@ def report(fn, sig: dict, consts: dict, warps: int, stages: int, matrices: int) 
             "instructions_per_byte": loop / bytes_per_thread if loop else None}
 
 
+def resident(r: dict, tile: dict) -> str:
+    """Programs of the tile an SM holds at once by its registers (sm90: 64K registers, 64 warps)."""
+    per_sm = min(65536 // (r["registers"] * 32 * tile["num_warps"]), 64 // tile["num_warps"])
+    return f"{per_sm} programs an SM"
+
+
 def main(argv=None):
     cfg = fp4_moe.TILES["gemv"]
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -76,13 +85,23 @@ def main(argv=None):
                                                          "in fp32 and in packed fp16 arithmetic (WORDS_MATH)")
     a = ap.parse_args(argv)
     if a.words:
-        w = fp4_moe.TILES["words"]
-        for half in (False, True):
-            consts = dict(HAS_LIMIT=True, BN=w["BN"], BK=w["BK"], HALF=half, ASM=True)
-            r = report(fp4_moe._fp4_up_words_kernel, WORDS_UP, consts, w["num_warps"], w["num_stages"], 2)
-            print(f"words up ({'half' if half else 'fp32'}) BN {w['BN']} BK {w['BK']} warps {w['num_warps']}: "
-                  f"{r['registers']} registers, {r['spill_bytes']} B spilled, K loop {r['k_loop']} SASS instructions = "
-                  f"{r['instructions_per_byte']:.1f} per weight byte per thread")
+        w = dict(fp4_moe.TILES["words"])
+        if a.bn != cfg["BN"] or a.bk != cfg["BK"] or a.warps != cfg["num_warps"]:
+            w.update(BN=a.bn, BK=a.bk, num_warps=a.warps)
+        for pipe in (False, True):
+            for half in (False, True):
+                consts = dict(HAS_LIMIT=True, BN=w["BN"], BK=w["BK"], HALF=half, ASM=True, PIPE=pipe,
+                              AMAX_BLOCK=fp4_moe._amax_block(4096, w))
+                r = report(fp4_moe._fp4_up_words_kernel, WORDS_UP, consts, w["num_warps"], w["num_stages"], 2)
+                print(f"words up ({'half' if half else 'fp32'}{', pipelined' if pipe else ''}) BN {w['BN']} BK "
+                      f"{w['BK']} warps {w['num_warps']}: {r['registers']} registers ({resident(r, w)}), "
+                      f"{r['spill_bytes']} B spilled, K loop {r['k_loop']} SASS instructions = "
+                      f"{r['instructions_per_byte']:.1f} per weight byte per thread")
+            consts = dict(BN=w["BN"], BK=w["BK"], HALF=True, ASM=True, PIPE=pipe, AMAX_BLOCK=fp4_moe._amax_block(2048, w))
+            r = report(fp4_moe._fp4_down_words_kernel, WORDS_DOWN, consts, w["num_warps"], w["num_stages"], 1)
+            print(f"words down (half{', pipelined' if pipe else ''}) BN {w['BN']} BK {w['BK']} warps "
+                  f"{w['num_warps']}: {r['registers']} registers ({resident(r, w)}), {r['spill_bytes']} B spilled, "
+                  f"K loop {r['k_loop']} SASS instructions = {r['instructions_per_byte']:.1f} per weight byte per thread")
         return
     if a.tiled:
         cases = [(fp4_moe._tiles(p), f"pairs/expert {p}") for p in (1, 32, 128)]

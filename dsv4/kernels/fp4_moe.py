@@ -25,7 +25,10 @@ on sm90 goes elsewhere: `dsv4.ops.fp4_experts_dequant`, on `dequant_fp4` below a
   by a power of two from its row's max |x| so that |x·s| < 2^14, one `fma.rn.f16x2` per two codes, a
   32-value block's products summed in fp16 (each product below 6, the sum below 96), then in fp32 times
   the block scale and 1/s; 7.9 against 10.2 SASS per byte, 39-42 against 43-48 us for the 6 experts at
-  batch 1 (`bench/sass_fp4_gemv.py --words`, `bench/probe_flash_decode.py`). fp32 activations keep fp32 arithmetic;
+  batch 1 (`bench/sass_fp4_gemv.py --words`, `bench/probe_flash_decode.py`). fp32 activations keep fp32 arithmetic.
+  `WORDS_PIPE` double-buffers the word kernels' K loop in registers (the next step's loads in flight
+  while a step computes: Triton's pipeliner leaves them in the step that uses them), at the price of
+  registers (128 against 80 for the gate/up program: 4 programs an SM against 6);
 - otherwise the tiled kernels below, two over blocks of pairs of one expert:
   1. `_fp4_up_kernel`: per block of pairs of one expert, g = x·W1ᵀ and u = x·W3ᵀ (x rows gathered by
      token), the clamped SwiGLU and the routing weight in fp32, h stored in the activation dtype;
@@ -282,14 +285,20 @@ def _e2m1_word_pair(w, I: tl.constexpr):
 
 
 @triton.jit
-def _word_block_sums(wa, wb, x_ptr, xk, xm, TWO: tl.constexpr):
+def _x_tile(x_ptr, xk, xm):
+    """The x values of the word tiles' blocks: [NB, 4, 8], the 8 values of word j of block kb at
+    [kb, j] (`xk` [NB, 4]: each word's first x offset; `xm`: the words inside the row)."""
+    return tl.load(x_ptr + xk[:, :, None] + tl.arange(0, 8)[None, None, :], mask=xm[:, :, None], other=0.0)
+
+
+@triton.jit
+def _word_block_sums(wa, wb, xb, TWO: tl.constexpr):
     """Σ over each 32-value block of code · x for the word tiles wa (and wb when TWO) [NB, BN, 4] (a
-    block's 4 words in one thread) -> [NB, BN] each, times 2^-14. `xk` [NB, 4] are the offsets of each
-    word's first x value; x is read once for both tiles and for all the rows a thread holds."""
+    block's 4 words in one thread) -> [NB, BN] each, times 2^-14. `xb` is `_x_tile` of the blocks: x is
+    read once for both tiles and for all the rows a thread holds."""
     sa = tl.full(wa.shape, 0.0, tl.float32)
     sb = tl.full(wa.shape, 0.0, tl.float32)
     NB: tl.constexpr = wa.shape[0]
-    xb = tl.load(x_ptr + xk[:, :, None] + tl.arange(0, 8)[None, None, :], mask=xm[:, :, None], other=0.0)
     xb = tl.reshape(xb.to(tl.float32), (NB, 4, 2, 2, 2))          # element 8j + 4h + 2a + b at [:, j, h, a, b]
     xb0, xb1 = tl.split(xb)
     xs = (tl.split(xb0), tl.split(xb1))                           # xs[b][a]: [NB, 4, 2] over h
@@ -319,12 +328,11 @@ def _word_pair_bits(w, I: tl.constexpr):
 
 
 @triton.jit
-def _word_block_sums_half(wa, wb, x_ptr, xk, xm, xs, TWO: tl.constexpr, ASM: tl.constexpr):
+def _word_block_sums_half(wa, wb, xb, xs, TWO: tl.constexpr, ASM: tl.constexpr):
     """`_word_block_sums` in packed fp16 (`half2`): x·xs in fp16 pairs (elements 8j+i, 8j+i+4), one
     `fma.rn.f16x2` per two codes, a block's 32 products summed in fp16 (|x·xs| < 2^14, so each product
     is below 6 and a block's half sum below 96), then in fp32. -> [NB, BN] each, times 2^-14 / xs."""
     NB: tl.constexpr = wa.shape[0]
-    xb = tl.load(x_ptr + xk[:, :, None] + tl.arange(0, 8)[None, None, :], mask=xm[:, :, None], other=0.0)
     xb = tl.reshape(xb.to(tl.float32) * xs, (NB, 4, 2, 2, 2))      # element 8j + 4h + 2a + b at [:, j, h, a, b]
     xb0, xb1 = tl.split(xb)
     xq = (tl.split(xb0), tl.split(xb1))                            # xq[b][a]: [NB, 4, 2] over h
@@ -382,22 +390,44 @@ def _scales_tile(s_ptr, s_off, kb, n_ok, b_ok):
 
 
 @triton.jit
-def _down_words_acc(acc, w2_ptr, s2_ptr, hrow, w_off, s_off, I, n_ok, jb, j, hs, BK: tl.constexpr,
-                    HALF: tl.constexpr, ASM: tl.constexpr):
+def _block_tiles(w_ptr, s_ptr, w_off, s_off, K, n_ok, kb, j):
+    """(words [NB, BN, 4], fp32 scales [NB, BN]) of blocks kb [NB] (`_words_tile`, `_scales_tile`);
+    blocks at or past K // 32 read nothing."""
+    b_ok = 32 * kb < K
+    return _words_tile(w_ptr, w_off, kb, n_ok, b_ok, j), _scales_tile(s_ptr, s_off, kb, n_ok, b_ok)
+
+
+@triton.jit
+def _x_blocks(x_ptr, K, kb, j):
+    """`_x_tile` of blocks kb [NB] of a row of K values."""
+    return _x_tile(x_ptr, 32 * kb[:, None] + 8 * j[None, :], (32 * kb < K)[:, None] & (j >= 0)[None, :])
+
+
+@triton.jit
+def _down_words_acc(acc, w2_ptr, s2_ptr, hrow, w_off, s_off, I, n_ok, jb, j, hs, w2, sc, xb, BK: tl.constexpr,
+                    HALF: tl.constexpr, ASM: tl.constexpr, PIPE: tl.constexpr):
     """acc [NB, BN] + the scaled block sums of W2's rows at w_off (int32 words) with the pair's h row
     over the I columns: the K loop of both down-projection word kernels (HALF: in packed fp16 with h
-    scaled by hs, `_word_block_sums_half`)."""
+    scaled by hs, `_word_block_sums_half`). PIPE: (w2, sc, xb) are the first blocks' tiles, loaded by
+    the caller, and each step loads the next step's tiles before it computes (`_fp4_up_words_kernel`);
+    otherwise those three are unused and each step loads its own."""
+    NB: tl.constexpr = BK // 32
     for k0 in range(0, I, BK):
         kb = k0 // 32 + jb
-        b_ok = 32 * kb < I
-        w2 = _words_tile(w2_ptr, w_off, kb, n_ok, b_ok, j)
-        xk = 32 * kb[:, None] + 8 * j[None, :]
-        xm = b_ok[:, None] & (j >= 0)[None, :]
-        if HALF:
-            part, _ = _word_block_sums_half(w2, w2, hrow, xk, xm, hs, False, ASM)
+        if PIPE:
+            w2n, scn = _block_tiles(w2_ptr, s2_ptr, w_off, s_off, I, n_ok, kb + NB, j)
+            xbn = _x_blocks(hrow, I, kb + NB, j)
+            wc, scc, xbc = w2, sc, xb
         else:
-            part, _ = _word_block_sums(w2, w2, hrow, xk, xm, False)
-        acc += part * _scales_tile(s2_ptr, s_off, kb, n_ok, b_ok)
+            wc, scc = _block_tiles(w2_ptr, s2_ptr, w_off, s_off, I, n_ok, kb, j)
+            xbc = _x_blocks(hrow, I, kb, j)
+        if HALF:
+            part, _ = _word_block_sums_half(wc, wc, xbc, hs, False, ASM)
+        else:
+            part, _ = _word_block_sums(wc, wc, xbc, False)
+        acc += part * scc
+        if PIPE:
+            w2, sc, xb = w2n, scn, xbn
     return acc
 
 
@@ -407,7 +437,8 @@ def _fp4_up_words_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, rw_ptr, idx_ptr,
                          D, I, TOPK, E, limit,
                          stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
                          HAS_LIMIT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HALF: tl.constexpr = False,
-                         ASM: tl.constexpr = False, PDL: tl.constexpr = False):
+                         ASM: tl.constexpr = False, PIPE: tl.constexpr = False, AMAX_BLOCK: tl.constexpr = 512,
+                         PDL: tl.constexpr = False):
     """`_fp4_up_gemv_kernel` on int32 words: a thread loads a block's 16 bytes as 4 words and decodes
     two codes per integer operation (`_e2m1_word_pair`); w1 and w3 share the reads of x. The strides
     of w1 and w3 count words (4 bytes). HALF: the products in packed fp16 (`_word_block_sums_half`),
@@ -427,23 +458,32 @@ def _fp4_up_words_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, rw_ptr, idx_ptr,
         w_off = e * stride_we + rn[None, :, None] * stride_wn
         s_off = e * stride_se + rn[None, :] * stride_sn
         xrow = x_ptr + tok * stride_xm
+        if PIPE:                                  # the first blocks' loads go out before the row's max is read
+            w1, sc1 = _block_tiles(w1_ptr, s1_ptr, w_off, s_off, D, n_ok, jb, j)
+            w3, sc3 = _block_tiles(w3_ptr, s3_ptr, w_off, s_off, D, n_ok, jb, j)
+            xb = _x_blocks(xrow, D, jb, j)
         xs, back = 1.0, 16384.0                   # the 2^14 of the fp16 code reading
         if HALF:
-            xs, inv = half2.x_scale(_row_amax(xrow, D, BK), 14)
+            xs, inv = half2.x_scale(_row_amax(xrow, D, AMAX_BLOCK), 14)
             back = 16384.0 * inv
         for k0 in range(0, D, BK):
             kb = k0 // 32 + jb                                                    # [NB] block numbers
-            b_ok = 32 * kb < D
-            w1 = _words_tile(w1_ptr, w_off, kb, n_ok, b_ok, j)
-            w3 = _words_tile(w3_ptr, w_off, kb, n_ok, b_ok, j)
-            xk = 32 * kb[:, None] + 8 * j[None, :]
-            xm = b_ok[:, None] & (j >= 0)[None, :]
-            if HALF:
-                g, u = _word_block_sums_half(w1, w3, xrow, xk, xm, xs, True, ASM)
+            if PIPE:                              # the next step's tiles, in flight while this step computes
+                w1n, sc1n = _block_tiles(w1_ptr, s1_ptr, w_off, s_off, D, n_ok, kb + NB, j)
+                w3n, sc3n = _block_tiles(w3_ptr, s3_ptr, w_off, s_off, D, n_ok, kb + NB, j)
+                xbn = _x_blocks(xrow, D, kb + NB, j)
             else:
-                g, u = _word_block_sums(w1, w3, xrow, xk, xm, True)
-            acc_g += g * _scales_tile(s1_ptr, s_off, kb, n_ok, b_ok)
-            acc_u += u * _scales_tile(s3_ptr, s_off, kb, n_ok, b_ok)
+                w1, sc1 = _block_tiles(w1_ptr, s1_ptr, w_off, s_off, D, n_ok, kb, j)
+                w3, sc3 = _block_tiles(w3_ptr, s3_ptr, w_off, s_off, D, n_ok, kb, j)
+                xb = _x_blocks(xrow, D, kb, j)
+            if HALF:
+                g, u = _word_block_sums_half(w1, w3, xb, xs, True, ASM)
+            else:
+                g, u = _word_block_sums(w1, w3, xb, True)
+            acc_g += g * sc1
+            acc_u += u * sc3
+            if PIPE:
+                w1, sc1, w3, sc3, xb = w1n, sc1n, w3n, sc3n, xbn
         g = tl.sum(acc_g, 0) * back
         u = tl.sum(acc_u, 0) * back
         if HAS_LIMIT:
@@ -459,7 +499,8 @@ def _fp4_up_words_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, rw_ptr, idx_ptr,
 def _fp4_down_words_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
                            stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
                            BN: tl.constexpr, BK: tl.constexpr, HALF: tl.constexpr = False,
-                           ASM: tl.constexpr = False, PDL: tl.constexpr = False):
+                           ASM: tl.constexpr = False, PIPE: tl.constexpr = False, AMAX_BLOCK: tl.constexpr = 512,
+                           PDL: tl.constexpr = False):
     """`_fp4_down_gemv_kernel` on int32 words (as `_fp4_up_words_kernel`); the strides of w2 count words."""
     pdl_start(PDL)
     p, pid_n = tl.program_id(0), tl.program_id(1)
@@ -475,11 +516,16 @@ def _fp4_down_words_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
         w_off = e * stride_we + rn[None, :, None] * stride_wn
         s_off = e * stride_se + rn[None, :] * stride_sn
         hrow = h_ptr + r * stride_hm
+        w2, sc, xb = 0, 0.0, 0.0
+        if PIPE:                                  # the first blocks' loads go out before the row's max is read
+            w2, sc = _block_tiles(w2_ptr, s2_ptr, w_off, s_off, I, n_ok, jb, j)
+            xb = _x_blocks(hrow, I, jb, j)
         hs, back = 1.0, 16384.0
         if HALF:
-            hs, inv = half2.x_scale(_row_amax(hrow, I, BK), 14)
+            hs, inv = half2.x_scale(_row_amax(hrow, I, AMAX_BLOCK), 14)
             back = 16384.0 * inv
-        acc = _down_words_acc(acc, w2_ptr, s2_ptr, hrow, w_off, s_off, I, n_ok, jb, j, hs, BK, HALF, ASM)
+        acc = _down_words_acc(acc, w2_ptr, s2_ptr, hrow, w_off, s_off, I, n_ok, jb, j, hs, w2, sc, xb, BK, HALF,
+                              ASM, PIPE)
         out = tl.sum(acc, 0) * back
         tl.store(out_ptr + r * stride_om + rn, out.to(out_ptr.dtype.element_ty), mask=n_ok)
     else:
@@ -491,7 +537,8 @@ def _fp4_down_words_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
 def _fp4_down_words_tok_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E, TOPK,
                                stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
                                BN: tl.constexpr, BK: tl.constexpr, HALF: tl.constexpr = False,
-                               ASM: tl.constexpr = False, PDL: tl.constexpr = False):
+                               ASM: tl.constexpr = False, PIPE: tl.constexpr = False,
+                               AMAX_BLOCK: tl.constexpr = 512, PDL: tl.constexpr = False):
     """`_fp4_down_words_kernel` with a token's TOPK pairs summed in the program: out[t, n-tile] =
     Σ_k W2[e_tk] h[t·TOPK + k] in fp32, stored once (no [N·K, D] pair outputs, no zero fill, no sum
     kernel); pairs of another device's expert add nothing. HALF: each pair's h scaled on its own."""
@@ -510,13 +557,18 @@ def _fp4_down_words_tok_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
             w_off = e * stride_we + rn[None, :, None] * stride_wn
             s_off = e * stride_se + rn[None, :] * stride_sn
             hrow = h_ptr + p * stride_hm
+            w2, sc, xb = 0, 0.0, 0.0
+            if PIPE:
+                w2, sc = _block_tiles(w2_ptr, s2_ptr, w_off, s_off, I, n_ok, jb, j)
+                xb = _x_blocks(hrow, I, jb, j)
             if HALF:
-                hs, inv = half2.x_scale(_row_amax(hrow, I, BK), 14)
+                hs, inv = half2.x_scale(_row_amax(hrow, I, AMAX_BLOCK), 14)
                 part = _down_words_acc(tl.full((NB, BN), 0.0, tl.float32), w2_ptr, s2_ptr, hrow, w_off, s_off,
-                                       I, n_ok, jb, j, hs, BK, HALF, ASM)
+                                       I, n_ok, jb, j, hs, w2, sc, xb, BK, HALF, ASM, PIPE)
                 acc += part * inv
             else:
-                acc = _down_words_acc(acc, w2_ptr, s2_ptr, hrow, w_off, s_off, I, n_ok, jb, j, 1.0, BK, HALF, ASM)
+                acc = _down_words_acc(acc, w2_ptr, s2_ptr, hrow, w_off, s_off, I, n_ok, jb, j, 1.0, w2, sc, xb, BK,
+                                      HALF, ASM, PIPE)
     out = tl.sum(acc, 0) * 16384.0
     tl.store(out_ptr + n * stride_om + rn, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
@@ -613,6 +665,21 @@ WORDS_DOWN = "pair"
 # the words kernels' arithmetic for bf16/fp16 activations: "half" (packed fp16 products, `half2`: about
 # half the instructions per weight byte) or "fp32"; fp32 activations always take "fp32"
 WORDS_MATH = "half"
+# the words kernels' K loop loads the next step's words, scales and x before it computes the current
+# step's (registers double-buffered by hand: Triton's pipeliner leaves these loads in the step that uses
+# them, so each step waits for its loads and the grid of about one wave computes in lockstep with them);
+# the first step's loads go out before the row's max |x| is read. The same arithmetic either way.
+WORDS_PIPE = False
+# the row max |x| of the packed fp16 arithmetic is read in blocks of up to this many values (one block
+# for rows of V4-Flash's D = 4096 and I = 2048); None: blocks of BK, as the K loop reads
+WORDS_AMAX_BLOCK = None
+
+
+def _amax_block(n: int, cfg: dict) -> int:
+    """The block of the words kernels' row max over n values (`WORDS_AMAX_BLOCK`)."""
+    if WORDS_AMAX_BLOCK is None:
+        return cfg["BK"]
+    return min(triton.next_power_of_2(n), int(WORDS_AMAX_BLOCK))
 
 
 def _path(n_pairs: int, n_experts: int) -> str:
@@ -679,24 +746,24 @@ def _fp4_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch
     if words:
         if WORDS_MATH not in ("half", "fp32"):
             raise ValueError(f"fp4_moe.WORDS_MATH must be 'half' or 'fp32'; got {WORDS_MATH!r}")
-        half = dict(HALF=WORDS_MATH == "half" and x.dtype != torch.float32, ASM=not INTERPRET)
         cfg = dict(BN=16, BK=64, num_warps=4, num_stages=1) if INTERPRET else TILES["words"]
+        half = dict(HALF=WORDS_MATH == "half" and x.dtype != torch.float32, ASM=not INTERPRET, PIPE=bool(WORDS_PIPE))
         flat = idx.reshape(-1).contiguous()
         w1w, w2w, w3w = (w.view(torch.int32) for w in (w1, w2, w3))                # 4 bytes = 8 codes a word
         _fp4_up_words_kernel[(NK, cdiv(I, cfg["BN"]))](
             x, w1w, s1u, w3w, s3u, rw, flat, h, D, I, K, E, float(limit),
             x.stride(0), w1w.stride(0), w1w.stride(1), s1u.stride(0), s1u.stride(1), h.stride(0),
-            HAS_LIMIT=limit > 0, **half, **cfg, **pdl(x))
+            HAS_LIMIT=limit > 0, AMAX_BLOCK=_amax_block(D, cfg), **half, **cfg, **pdl(x))
         if WORDS_DOWN == "token":
             down = TILES.get("words_down", cfg) if not INTERPRET else cfg
             _fp4_down_words_tok_kernel[(N, cdiv(D, down["BN"]))](
                 h, w2w, s2u, flat, out, D, I, E, K, h.stride(0), w2w.stride(0), w2w.stride(1), s2u.stride(0),
-                s2u.stride(1), out.stride(0), **half, **down, **pdl(h))
+                s2u.stride(1), out.stride(0), AMAX_BLOCK=_amax_block(I, down), **half, **down, **pdl(h))
             return out
         dcfg = cfg if INTERPRET else TILES.get("words_pair_down", cfg)       # (a probe may time its own)
         _fp4_down_words_kernel[(NK, cdiv(D, dcfg["BN"]))](
             h, w2w, s2u, flat, out, D, I, E, h.stride(0), w2w.stride(0), w2w.stride(1), s2u.stride(0),
-            s2u.stride(1), out.stride(0), **half, **dcfg, **pdl(h))
+            s2u.stride(1), out.stride(0), AMAX_BLOCK=_amax_block(I, dcfg), **half, **dcfg, **pdl(h))
         return _pair_sum(out, N, K, D)
     if path == "gemv":
         cfg = dict(BN=16, BK=64, num_warps=4, num_stages=1) if INTERPRET else TILES["gemv"]
