@@ -20,6 +20,7 @@ next to the kernels:
 """
 from __future__ import annotations
 
+import inspect
 import os
 import re
 import subprocess
@@ -53,6 +54,9 @@ def compile_sm90(fn, sig: dict, consts: dict, warps: int, stages: int = 2, attrs
     """-> (compiled kernel, registers, spill bytes) of fn for sm90; sig maps every non-constexpr
     argument to its Triton type; attrs default to `runtime_attrs`."""
     attrs = runtime_attrs(fn, sig) if attrs is None else attrs
+    # constexpr parameters left out take their defaults, as at a launch (not None)
+    consts = {**{q.name: q.default for q in fn.params if q.is_constexpr and q.name not in sig and q.name != "PDL"
+                 and q.default is not inspect.Parameter.empty}, **consts}
     sig = dict(sig, **{k: "constexpr" for k in consts})
     c = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs or {}),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": stages})
