@@ -550,6 +550,7 @@ def test_fp4_words_pipelined_loop_is_the_same_arithmetic(down, monkeypatch):
     from dsv4.kernels import fp4_moe
 
     monkeypatch.setattr(fp4_moe, "WORDS_DOWN", down)
+    monkeypatch.setitem(fp4_moe.TILES, "words", dict(BN=16, BK=64, num_warps=4, num_stages=2))   # (as interpreted)
     g = torch.Generator().manual_seed(23)
     E, D, I, N, K = 4, 160, 96, 2, 2
     ws = rand_experts(E, D, I, g)
