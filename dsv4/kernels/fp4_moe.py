@@ -58,7 +58,7 @@ import triton.language as tl
 
 from . import half2
 from .fp8_gemm import INTERPRET, e8m0_to_fp32
-from .launch import cdiv, launchable, pdl, pdl_start
+from .launch import cdiv, launchable, next_pow2, pdl, pdl_start
 
 
 @triton.jit
@@ -679,7 +679,7 @@ def _amax_block(n: int, cfg: dict) -> int:
     """The block of the words kernels' row max over n values (`WORDS_AMAX_BLOCK`)."""
     if WORDS_AMAX_BLOCK is None:
         return cfg["BK"]
-    return min(triton.next_power_of_2(n), int(WORDS_AMAX_BLOCK))
+    return min(next_pow2(n), int(WORDS_AMAX_BLOCK))
 
 
 def _path(n_pairs: int, n_experts: int) -> str:
