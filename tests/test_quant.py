@@ -541,18 +541,16 @@ def test_fp4_words_half_arithmetic_scales_each_row(down, monkeypatch):
     assert relerr(outs["half"][:3], outs["fp32"][:3]) <= KTOL[torch.bfloat16]
 
 
-@pytest.mark.parametrize("down", ["pair", "token"])
-def test_fp4_words_pipelined_loop_is_the_same_arithmetic(down, monkeypatch):
+def test_fp4_words_pipelined_loop_is_the_same_arithmetic(monkeypatch):
     """The word GEMVs' K loop with the next step's words, scales and x loaded ahead (`WORDS_PIPE`) and
-    the row max read in one block or in several (`WORDS_AMAX_BLOCK`) computes what the plain loop does,
-    bit for bit, in both arithmetics; the rows span several K steps, the last one partly past the row
-    (D = 2.5 steps of 64, I = 1.5), so a step that used the wrong step's tiles would show."""
+    the row max read in blocks of 32 (`WORDS_AMAX_BLOCK`) computes what the plain loop does, bit for
+    bit, in both arithmetics and both down kernels; the rows span two K steps, the second partly past
+    the row (D = I = 1.5 steps of 64), so a step that used the wrong step's tiles would show."""
     from dsv4.kernels import fp4_moe
 
-    monkeypatch.setattr(fp4_moe, "WORDS_DOWN", down)
     monkeypatch.setitem(fp4_moe.TILES, "words", dict(BN=16, BK=64, num_warps=4, num_stages=2))   # (as interpreted)
     g = torch.Generator().manual_seed(23)
-    E, D, I, N, K = 4, 160, 96, 2, 2
+    E, D, I, N, K = 4, 96, 96, 2, 2
     ws = rand_experts(E, D, I, g)
     x = torch.randn(N, D, generator=g).to(torch.bfloat16)
     idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)])
@@ -560,18 +558,16 @@ def test_fp4_words_pipelined_loop_is_the_same_arithmetic(down, monkeypatch):
     weight = torch.rand(N, K, generator=g)
     ref = ref_experts(x, idx, weight, *ws, 10.0)
     args = [t.to(KDEV) for t in (x, idx, weight, *ws)]
-    settings = {"half": ((False, None), (True, None), (False, 32), (True, 4096)), "fp32": ((False, None), (True, 32))}
-    for math, cases in settings.items():
+    for down, math in (("pair", "half"), ("pair", "fp32"), ("token", "half")):
+        monkeypatch.setattr(fp4_moe, "WORDS_DOWN", down)
         monkeypatch.setattr(fp4_moe, "WORDS_MATH", math)
-        outs = {}
-        for pipe, amax in cases:
+        outs = []
+        for pipe, amax in ((False, None), (True, 32)):
             monkeypatch.setattr(fp4_moe, "WORDS_PIPE", pipe)
             monkeypatch.setattr(fp4_moe, "WORDS_AMAX_BLOCK", amax)
-            outs[pipe, amax] = fp4_moe._fp4_moe(*args, 10.0, path="words").cpu()
-        plain = outs[False, None]
-        assert relerr(plain, ref) <= KTOL[torch.bfloat16], math
-        for key, out in outs.items():
-            assert torch.equal(out, plain), (math, key)
+            outs.append(fp4_moe._fp4_moe(*args, 10.0, path="words").cpu())
+        assert relerr(outs[0], ref) <= KTOL[torch.bfloat16], (down, math)
+        assert torch.equal(outs[1], outs[0]), (down, math)
 
 
 def test_fp4_dequant_kernel_equals_the_format_decoder():
