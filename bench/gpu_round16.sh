@@ -25,7 +25,7 @@ for s in $steps; do case $s in
   tests) timeout 240 python -m pytest -q tests/test_quant.py -k "fp4 or fp8" -p no:warnings > "$LOGS/tests_quant.log" 2>&1
          timeout 200 python -m pytest -q tests/test_kernels.py -k "sparse_attention or split_attention or \
            model_with_the_kernels or hc_ or sinkhorn" -p no:warnings > "$LOGS/tests_kernels.log" 2>&1 ;;
-  probe) timeout 300 python bench/probe_flash_decode.py --only fp4loop --batches 1,2 --out "$LOGS/probe_fp4_loop.json" \
+  probe) timeout 420 python bench/probe_flash_decode.py --only fp4loop --batches 1,2 --out "$LOGS/probe_fp4_loop.json" \
            > "$LOGS/probe_fp4_loop.log" 2>&1
          timeout 240 python bench/probe_fp8_gemv.py --rows 1,2 --variants "$FP8_VARIANTS" --out "$LOGS/probe_fp8_pipe.json" \
            > "$LOGS/probe_fp8_pipe.log" 2>&1 ;;

@@ -103,13 +103,16 @@ def fp4_variants(which: str) -> list[tuple]:
     """(kernel, tiles, down projection of the words kernel, its own tiles, arithmetic[, pipelined loop,
     row-max block]) of the FP4 section: "tiles" sweeps the launch tiles of both kernels and both
     arithmetics; "loop" the words kernels' K loop plain or pipelined (`fp4_moe.WORDS_PIPE`) with the row
-    max read in BK blocks or in one (`WORDS_AMAX_BLOCK`), over tiles whose pipelined form keeps the
-    grid within about one wave of resident programs (`bench/sass_fp4_gemv.py --words`)."""
+    max read in BK blocks or in one (`WORDS_AMAX_BLOCK`), on the released words or on words repacked into
+    the decode layout (`fp4_moe.repack_words`: 8 integer operations a word against 15), over tiles
+    whose pipelined form keeps the grid within about one wave of resident programs
+    (`bench/sass_fp4_gemv.py --words`)."""
     if which == "loop":
         out = []
         for up, down in LOOP_TILES:
-            for pipe, amax in ((False, None), (False, 4096), (True, 4096)):
-                out.append(("words", up, "pair", down, "half", pipe, amax))
+            for pipe, amax, rep in ((False, None, False), (False, 4096, False), (True, 4096, False),
+                                    (False, 4096, True), (True, 4096, True)):
+                out.append(("words", up, "pair", down, "half", pipe, amax, rep))
         return out
     return [("bytes", t, None, None, "fp32") for t in BYTES_TILES] + \
         [("words", t, "pair", None, "fp32") for t in WORDS_TILES[:3]] + \
@@ -133,7 +136,11 @@ def probe_fp4(c, M, device, g, ws, variant_set: str = "tiles") -> list[dict]:
     saved = {k: dict(v) for k, v in fp4_moe.TILES.items()}
     saved_down, saved_kernel, saved_math = fp4_moe.WORDS_DOWN, fp4_moe.DECODE_KERNEL, fp4_moe.WORDS_MATH
     saved_pipe, saved_amax = fp4_moe.WORDS_PIPE, fp4_moe.WORDS_AMAX_BLOCK
+    repacked = None
     for kernel, tiles, down, down_tiles, math, *loop in variants:
+        rep = bool(loop) and loop.pop()
+        if rep and repacked is None:          # the experts in the word kernels' decode layout, once
+            repacked = [fp4_moe.repack_words(t) if k % 2 == 0 else t for k, t in enumerate(ws)]
         key = "gemv" if kernel == "bytes" else "words"
         fp4_moe.TILES[key] = tiles
         fp4_moe.WORDS_DOWN = down or saved_down
@@ -145,10 +152,11 @@ def probe_fp4(c, M, device, g, ws, variant_set: str = "tiles") -> list[dict]:
             fp4_moe.TILES["words_down" if down == "token" else "words_pair_down"] = down_tiles
         name = kernel if down is None else f"{kernel} {math}, down per {down}"
         if loop:
-            name += f", {'pipelined' if pipe else 'plain'} loop, max in {amax or 'BK'}"
+            name += f", {'pipelined' if pipe else 'plain'} loop, max in {amax or 'BK'}{', repacked' if rep else ''}"
         shown = tiles if not down_tiles else {**tiles, "down": down_tiles}
         try:
-            call = lambda i: fp4_moe._fp4_moe(x, i, weight, *ws, c["limit"], path=key)     # noqa: E731
+            call = lambda i: fp4_moe._fp4_moe(x, i, weight, *(repacked if rep else ws), c["limit"],  # noqa: E731
+                                              path=key, repacked=rep)
             err = rel(call(idxs[0]), ref)
             us = sweep_us([lambda i=i: call(i) for i in idxs], device)
         except Exception as exc:      # a tile that does not compile or fit: recorded, skipped

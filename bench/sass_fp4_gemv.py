@@ -10,7 +10,8 @@ byte loads would not vectorise and the counts would mislead).
     python3 bench/sass_fp4_gemv.py --bn 8 --bk 512 --warps 4
     python3 bench/sass_fp4_gemv.py --tiled           # registers and spills of the tiled gate/up kernel
     python3 bench/sass_fp4_gemv.py --words           # the word kernels: fp32 against packed fp16 arithmetic,
-                                                     # the K loop plain and pipelined (fp4_moe.WORDS_PIPE)
+                                                     # the K loop plain and pipelined (fp4_moe.WORDS_PIPE),
+                                                     # on released and repacked words (repack_words)
     python3 bench/sass_fp4_gemv.py --words --bn 32 --bk 256 --warps 4
 """
 from __future__ import annotations
@@ -88,18 +89,20 @@ def main(argv=None):
         w = dict(fp4_moe.TILES["words"])
         if a.bn != cfg["BN"] or a.bk != cfg["BK"] or a.warps != cfg["num_warps"]:
             w.update(BN=a.bn, BK=a.bk, num_warps=a.warps)
-        for pipe in (False, True):
+        for pipe, rep in ((False, False), (True, False), (False, True), (True, True)):
+            how = ", pipelined" * pipe + ", repacked words" * rep
             for half in (False, True):
                 consts = dict(HAS_LIMIT=True, BN=w["BN"], BK=w["BK"], HALF=half, ASM=True, PIPE=pipe,
-                              AMAX_BLOCK=fp4_moe._amax_block(4096, w))
+                              AMAX_BLOCK=fp4_moe._amax_block(4096, w), REP=rep)
                 r = report(fp4_moe._fp4_up_words_kernel, WORDS_UP, consts, w["num_warps"], w["num_stages"], 2)
-                print(f"words up ({'half' if half else 'fp32'}{', pipelined' if pipe else ''}) BN {w['BN']} BK "
+                print(f"words up ({'half' if half else 'fp32'}{how}) BN {w['BN']} BK "
                       f"{w['BK']} warps {w['num_warps']}: {r['registers']} registers ({resident(r, w)}), "
                       f"{r['spill_bytes']} B spilled, K loop {r['k_loop']} SASS instructions = "
                       f"{r['instructions_per_byte']:.1f} per weight byte per thread")
-            consts = dict(BN=w["BN"], BK=w["BK"], HALF=True, ASM=True, PIPE=pipe, AMAX_BLOCK=fp4_moe._amax_block(2048, w))
+            consts = dict(BN=w["BN"], BK=w["BK"], HALF=True, ASM=True, PIPE=pipe, AMAX_BLOCK=fp4_moe._amax_block(2048, w),
+                          REP=rep)
             r = report(fp4_moe._fp4_down_words_kernel, WORDS_DOWN, consts, w["num_warps"], w["num_stages"], 1)
-            print(f"words down (half{', pipelined' if pipe else ''}) BN {w['BN']} BK {w['BK']} warps "
+            print(f"words down (half{how}) BN {w['BN']} BK {w['BK']} warps "
                   f"{w['num_warps']}: {r['registers']} registers ({resident(r, w)}), {r['spill_bytes']} B spilled, "
                   f"K loop {r['k_loop']} SASS instructions = {r['instructions_per_byte']:.1f} per weight byte per thread")
         return

@@ -570,6 +570,43 @@ def test_fp4_words_pipelined_loop_is_the_same_arithmetic(monkeypatch):
         assert torch.equal(outs[1], outs[0]), (down, math)
 
 
+def test_fp4_repacked_words_give_the_released_codes(monkeypatch):
+    """`repack_words`' layout: the two-operation decode of each pair (`REPACK_SHIFTS`) of a repacked word
+    gives the bits the released layout's decode gives (every pair of random words, in int64 arithmetic
+    here), and the word kernels on repacked experts give the released experts' outputs bit for bit (both
+    arithmetics, both down kernels); other paths refuse repacked words."""
+    from dsv4.kernels import fp4_moe
+
+    g = torch.Generator().manual_seed(5)
+    codes = torch.randint(-128, 128, (64, 64), generator=g, dtype=torch.int8)
+    u = codes.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    r = fp4_moe.repack_words(codes).view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+    full = 0xFFFFFFFF
+    for i, shifts in enumerate(fp4_moe.REPACK_SHIFTS):
+        released = ((u << (9 - 4 * i) if i < 3 else u >> 3) & 0x0E000E00) | ((u << (12 - 4 * i)) & 0x80008000)
+        mixed = torch.zeros_like(r)
+        for s in shifts:
+            mixed ^= ((r << s) & full) if s >= 0 else r >> -s
+        assert torch.equal(mixed & 0x8E008E00, released & full), i
+    assert not torch.equal(r, u)
+    E, D, I, N, K = 4, 64, 64, 2, 2
+    ws = list(rand_experts(E, D, I, g))
+    x = torch.randn(N, D, generator=g).to(torch.bfloat16)
+    idx = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(N)])
+    weight = torch.rand(N, K, generator=g)
+    rep = [fp4_moe.repack_words(t) if k % 2 == 0 else t for k, t in enumerate(ws)]      # w1, w2, w3 repacked
+    for down, math in (("pair", "half"), ("token", "fp32")):
+        monkeypatch.setattr(fp4_moe, "WORDS_DOWN", down)
+        monkeypatch.setattr(fp4_moe, "WORDS_MATH", math)
+        plain = fp4_moe._fp4_moe(*(t.to(KDEV) for t in (x, idx, weight, *ws)), 10.0, path="words")
+        mixed = fp4_moe._fp4_moe(*(t.to(KDEV) for t in (x, idx, weight, *rep)), 10.0, path="words", repacked=True)
+        assert relerr(plain, ref_experts(x, idx, weight, *ws, 10.0)) <= KTOL[torch.bfloat16]
+        assert torch.equal(mixed.cpu(), plain.cpu()), (down, math)
+    with pytest.raises(ValueError, match="word kernels only"):
+        fp4_moe._fp4_moe(x.to(KDEV), idx.to(KDEV), weight.to(KDEV), *(t.to(KDEV) for t in rep), 10.0, path="dot",
+                         repacked=True)
+
+
 def test_fp4_dequant_kernel_equals_the_format_decoder():
     from dsv4.kernels.fp4_moe import dequant_fp4
 

@@ -270,15 +270,16 @@ def _fp4_down_gemv_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
 
 MAG_BITS = tl.constexpr(0x0E000E00)      # bits 9-11 of each 16-bit half: an fp16's low exponent and top mantissa bits
 SIGN_BITS = tl.constexpr(-2147450880)    # 0x80008000 as an int32: the sign bit of each 16-bit half
+PAIR_BITS = tl.constexpr(-1912566272)    # 0x8E008E00 as an int32: MAG_BITS | SIGN_BITS
 
 
 @triton.jit
-def _e2m1_word_pair(w, I: tl.constexpr):
+def _e2m1_word_pair(w, I: tl.constexpr, REP: tl.constexpr = False):
     """int32 words of 8 e2m1 codes (elements 8j..8j+7 of a row, element 8j in the lowest nibble) ->
     elements 8j+I and 8j+I+4 (I in 0..3), fp32, times 2^-14. Two codes per integer operation: nibble I
     of each 16-bit half is moved to the fp16 place of `_e2m1_pair` (magnitude bits 9-11, sign bit 15)
     by one shift and mask of the whole word for each field, so the word's halves are two fp16 codes."""
-    p = _word_pair_bits(w, I)
+    p = _word_pair_bits(w, I, REP)
     lo = p.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     hi = (p >> 16).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
     return lo, hi
@@ -292,7 +293,7 @@ def _x_tile(x_ptr, xk, xm):
 
 
 @triton.jit
-def _word_block_sums(wa, wb, xb, TWO: tl.constexpr):
+def _word_block_sums(wa, wb, xb, TWO: tl.constexpr, REP: tl.constexpr = False):
     """Σ over each 32-value block of code · x for the word tiles wa (and wb when TWO) [NB, BN, 4] (a
     block's 4 words in one thread) -> [NB, BN] each, times 2^-14. `xb` is `_x_tile` of the blocks: x is
     read once for both tiles and for all the rows a thread holds."""
@@ -306,21 +307,31 @@ def _word_block_sums(wa, wb, xb, TWO: tl.constexpr):
         xl, xh = tl.split(xs[i % 2][i // 2])
         xl = xl[:, None, :]                                       # [NB, 1, 4]: element 8j + i
         xh = xh[:, None, :]                                       # element 8j + i + 4
-        lo, hi = _e2m1_word_pair(wa, i)
+        lo, hi = _e2m1_word_pair(wa, i, REP)
         sa = sa + lo * xl                                  # one FMA per code (a chain, not a sum of products)
         sa = sa + hi * xh
         if TWO:
-            lo, hi = _e2m1_word_pair(wb, i)
+            lo, hi = _e2m1_word_pair(wb, i, REP)
             sb = sb + lo * xl
             sb = sb + hi * xh
     return tl.sum(sa, 2), tl.sum(sb, 2)
 
 
 @triton.jit
-def _word_pair_bits(w, I: tl.constexpr):
+def _word_pair_bits(w, I: tl.constexpr, REP: tl.constexpr = False):
     """`_e2m1_word_pair` left packed: int32 words whose low and high fp16 are elements 8j+I and 8j+I+4
-    (times 2^-14), as `half2` takes them."""
-    if I == 3:
+    (times 2^-14), as `half2` takes them. REP: the words are in the decode layout of `repack_words`,
+    where pair I is (w << 6), (w << 9), (w ^ (w >>> 3)), (w ^ (w << 2)) masked: two operations a pair."""
+    if REP:
+        if I == 0:
+            p = (w << 6) & PAIR_BITS
+        elif I == 1:
+            p = (w << 9) & PAIR_BITS
+        elif I == 2:
+            p = (w ^ (w.to(tl.uint32, bitcast=True) >> 3).to(tl.int32, bitcast=True)) & PAIR_BITS
+        else:
+            p = (w ^ (w << 2)) & PAIR_BITS
+    elif I == 3:
         p = ((w >> 3) & MAG_BITS) | (w & SIGN_BITS)
     else:
         p = ((w << (9 - 4 * I)) & MAG_BITS) | ((w << (12 - 4 * I)) & SIGN_BITS)
@@ -328,7 +339,7 @@ def _word_pair_bits(w, I: tl.constexpr):
 
 
 @triton.jit
-def _word_block_sums_half(wa, wb, xb, xs, TWO: tl.constexpr, ASM: tl.constexpr):
+def _word_block_sums_half(wa, wb, xb, xs, TWO: tl.constexpr, ASM: tl.constexpr, REP: tl.constexpr = False):
     """`_word_block_sums` in packed fp16 (`half2`): x·xs in fp16 pairs (elements 8j+i, 8j+i+4), one
     `fma.rn.f16x2` per two codes, a block's 32 products summed in fp16 (|x·xs| < 2^14, so each product
     is below 6 and a block's half sum below 96), then in fp32. -> [NB, BN] each, times 2^-14 / xs."""
@@ -341,9 +352,9 @@ def _word_block_sums_half(wa, wb, xb, xs, TWO: tl.constexpr, ASM: tl.constexpr):
     for i in tl.static_range(4):
         xl, xh = tl.split(xq[i % 2][i // 2])                       # [NB, 4]: elements 8j + i and 8j + i + 4
         xp = half2.pair_f16(xl, xh, ASM)[:, None, :]               # [NB, 1, 4]
-        sa = half2.hfma2(_word_pair_bits(wa, i), xp, sa, ASM)
+        sa = half2.hfma2(_word_pair_bits(wa, i, REP), xp, sa, ASM)
         if TWO:
-            sb = half2.hfma2(_word_pair_bits(wb, i), xp, sb, ASM)
+            sb = half2.hfma2(_word_pair_bits(wb, i, REP), xp, sb, ASM)
     a = _words_sum(sa, ASM)
     if TWO:
         return a, _words_sum(sb, ASM)
@@ -405,7 +416,7 @@ def _x_blocks(x_ptr, K, kb, j):
 
 @triton.jit
 def _down_words_acc(acc, w2_ptr, s2_ptr, hrow, w_off, s_off, I, n_ok, jb, j, hs, w2, sc, xb, BK: tl.constexpr,
-                    HALF: tl.constexpr, ASM: tl.constexpr, PIPE: tl.constexpr):
+                    HALF: tl.constexpr, ASM: tl.constexpr, PIPE: tl.constexpr, REP: tl.constexpr = False):
     """acc [NB, BN] + the scaled block sums of W2's rows at w_off (int32 words) with the pair's h row
     over the I columns: the K loop of both down-projection word kernels (HALF: in packed fp16 with h
     scaled by hs, `_word_block_sums_half`). PIPE: (w2, sc, xb) are the first blocks' tiles, loaded by
@@ -422,9 +433,9 @@ def _down_words_acc(acc, w2_ptr, s2_ptr, hrow, w_off, s_off, I, n_ok, jb, j, hs,
             wc, scc = _block_tiles(w2_ptr, s2_ptr, w_off, s_off, I, n_ok, kb, j)
             xbc = _x_blocks(hrow, I, kb, j)
         if HALF:
-            part, _ = _word_block_sums_half(wc, wc, xbc, hs, False, ASM)
+            part, _ = _word_block_sums_half(wc, wc, xbc, hs, False, ASM, REP)
         else:
-            part, _ = _word_block_sums(wc, wc, xbc, False)
+            part, _ = _word_block_sums(wc, wc, xbc, False, REP)
         acc += part * scc
         if PIPE:
             w2, sc, xb = w2n, scn, xbn
@@ -438,7 +449,7 @@ def _fp4_up_words_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, rw_ptr, idx_ptr,
                          stride_xm, stride_we, stride_wn, stride_se, stride_sn, stride_hm,
                          HAS_LIMIT: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, HALF: tl.constexpr = False,
                          ASM: tl.constexpr = False, PIPE: tl.constexpr = False, AMAX_BLOCK: tl.constexpr = 512,
-                         PDL: tl.constexpr = False):
+                         REP: tl.constexpr = False, PDL: tl.constexpr = False):
     """`_fp4_up_gemv_kernel` on int32 words: a thread loads a block's 16 bytes as 4 words and decodes
     two codes per integer operation (`_e2m1_word_pair`); w1 and w3 share the reads of x. The strides
     of w1 and w3 count words (4 bytes). HALF: the products in packed fp16 (`_word_block_sums_half`),
@@ -477,9 +488,9 @@ def _fp4_up_words_kernel(x_ptr, w1_ptr, s1_ptr, w3_ptr, s3_ptr, rw_ptr, idx_ptr,
                 w3, sc3 = _block_tiles(w3_ptr, s3_ptr, w_off, s_off, D, n_ok, kb, j)
                 xb = _x_blocks(xrow, D, kb, j)
             if HALF:
-                g, u = _word_block_sums_half(w1, w3, xb, xs, True, ASM)
+                g, u = _word_block_sums_half(w1, w3, xb, xs, True, ASM, REP)
             else:
-                g, u = _word_block_sums(w1, w3, xb, True)
+                g, u = _word_block_sums(w1, w3, xb, True, REP)
             acc_g += g * sc1
             acc_u += u * sc3
             if PIPE:
@@ -500,7 +511,7 @@ def _fp4_down_words_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
                            stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
                            BN: tl.constexpr, BK: tl.constexpr, HALF: tl.constexpr = False,
                            ASM: tl.constexpr = False, PIPE: tl.constexpr = False, AMAX_BLOCK: tl.constexpr = 512,
-                           PDL: tl.constexpr = False):
+                           REP: tl.constexpr = False, PDL: tl.constexpr = False):
     """`_fp4_down_gemv_kernel` on int32 words (as `_fp4_up_words_kernel`); the strides of w2 count words."""
     pdl_start(PDL)
     p, pid_n = tl.program_id(0), tl.program_id(1)
@@ -525,7 +536,7 @@ def _fp4_down_words_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
             hs, inv = half2.x_scale(_row_amax(hrow, I, AMAX_BLOCK), 14)
             back = 16384.0 * inv
         acc = _down_words_acc(acc, w2_ptr, s2_ptr, hrow, w_off, s_off, I, n_ok, jb, j, hs, w2, sc, xb, BK, HALF,
-                              ASM, PIPE)
+                              ASM, PIPE, REP)
         out = tl.sum(acc, 0) * back
         tl.store(out_ptr + r * stride_om + rn, out.to(out_ptr.dtype.element_ty), mask=n_ok)
     else:
@@ -538,7 +549,7 @@ def _fp4_down_words_tok_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
                                stride_hm, stride_we, stride_wn, stride_se, stride_sn, stride_om,
                                BN: tl.constexpr, BK: tl.constexpr, HALF: tl.constexpr = False,
                                ASM: tl.constexpr = False, PIPE: tl.constexpr = False,
-                               AMAX_BLOCK: tl.constexpr = 512, PDL: tl.constexpr = False):
+                               AMAX_BLOCK: tl.constexpr = 512, REP: tl.constexpr = False, PDL: tl.constexpr = False):
     """`_fp4_down_words_kernel` with a token's TOPK pairs summed in the program: out[t, n-tile] =
     Σ_k W2[e_tk] h[t·TOPK + k] in fp32, stored once (no [N·K, D] pair outputs, no zero fill, no sum
     kernel); pairs of another device's expert add nothing. HALF: each pair's h scaled on its own."""
@@ -564,11 +575,11 @@ def _fp4_down_words_tok_kernel(h_ptr, w2_ptr, s2_ptr, idx_ptr, out_ptr, D, I, E,
             if HALF:
                 hs, inv = half2.x_scale(_row_amax(hrow, I, AMAX_BLOCK), 14)
                 part = _down_words_acc(tl.full((NB, BN), 0.0, tl.float32), w2_ptr, s2_ptr, hrow, w_off, s_off,
-                                       I, n_ok, jb, j, hs, w2, sc, xb, BK, HALF, ASM, PIPE)
+                                       I, n_ok, jb, j, hs, w2, sc, xb, BK, HALF, ASM, PIPE, REP)
                 acc += part * inv
             else:
                 acc = _down_words_acc(acc, w2_ptr, s2_ptr, hrow, w_off, s_off, I, n_ok, jb, j, 1.0, w2, sc, xb, BK,
-                                      HALF, ASM, PIPE)
+                                      HALF, ASM, PIPE, REP)
     out = tl.sum(acc, 0) * 16384.0
     tl.store(out_ptr + n * stride_om + rn, out.to(out_ptr.dtype.element_ty), mask=n_ok)
 
@@ -620,6 +631,60 @@ def _pair_sum(pairs: torch.Tensor, N: int, K: int, D: int) -> torch.Tensor:
         return out
     block = 256 if INTERPRET else 1024
     _pair_sum_kernel[(N, cdiv(D, block))](pairs, out, D, K=K, BLOCK=block, **pdl(pairs))
+    return out
+
+
+# ----------------------------------------------------------------------------- decode layout
+# The word kernels place two codes of a word (elements 8j+I and 8j+I+4) as the two halves of an fp16 pair
+# (magnitude bits at 9-11 of each half, sign at 15). In the released layout (code k in nibble k) a sign
+# sits 4 bits above its magnitude but must land 6 above: two shifts and two masks a pair (15 operations
+# a word). `repack_words` mixes each word's 32 bits (a linear map over GF(2), invertible) so that pair I
+# is one shift or two of the word, XORed and masked (`_word_pair_bits` with REP): 8 operations a word,
+# the fewest of any layout of this form (no 3-shift solution exists; searched exhaustively). Same size,
+# same values: an experiment for `bench/probe_flash_decode.py` until timed, not the resident layout.
+REPACK_SHIFTS = ((6,), (9,), (0, -3), (0, 2))      # pair I = XOR of the word shifted by these (<0: >>>), masked
+
+
+def _repack_sources() -> tuple[tuple[int, ...], ...]:
+    """For each bit q of a repacked word: the bits of the released word whose XOR it is."""
+    pos = [9, 10, 11, 15, 25, 26, 27, 31]                # a pair's target bits (m, e0, e1, s of lo, then hi)
+    rows, srcs = [], []
+    for i, shifts in enumerate(REPACK_SHIFTS):
+        for p in pos:
+            rows.append(sum(1 << (p - s) for s in shifts if 0 <= p - s < 32))       # repacked bits XORed there
+            half = p >= 16
+            srcs.append(4 * (i + 4 * half) + {9: 0, 10: 1, 11: 2, 15: 3}[p - 16 * half])
+    # invert the 32 x 32 map over GF(2): row t of aug says which targets XOR to repacked bit t once reduced
+    aug = [[(rows[t] >> q) & 1 for q in range(32)] + [int(k == t) for k in range(32)] for t in range(32)]
+    for col in range(32):
+        piv = next(r for r in range(col, 32) if aug[r][col])
+        aug[col], aug[piv] = aug[piv], aug[col]
+        for r in range(32):
+            if r != col and aug[r][col]:
+                aug[r] = [a ^ b for a, b in zip(aug[r], aug[col])]
+    return tuple(tuple(srcs[t] for t in range(32) if aug[q][32 + t]) for q in range(32))
+
+
+REPACK_SOURCES = _repack_sources()
+
+
+def repack_words(w: torch.Tensor) -> torch.Tensor:
+    """Packed FP4 codes (int8 [..., n], n a multiple of 4, two codes a byte, low nibble first) -> the
+    same shape in the word kernels' decode layout (`REPACK_SHIFTS`), one leading slice at a time."""
+    if w.dtype != torch.int8 or w.shape[-1] % 4:
+        raise ValueError(f"repack_words takes int8 codes with a last dim divisible by 4; got {w.dtype} {tuple(w.shape)}")
+    w = w.contiguous()
+    out = torch.empty_like(w)
+    rows = max(1, (32 << 20) // max(1, w.shape[-1]))                  # ~32 MB of codes a slice
+    for src, dst in zip(w.reshape(-1, w.shape[-1]).split(rows), out.view(-1, w.shape[-1]).split(rows)):
+        u = src.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        r = torch.zeros_like(u)
+        for q, bits in enumerate(REPACK_SOURCES):
+            b = torch.zeros_like(u)
+            for k in bits:
+                b ^= (u >> k) & 1
+            r |= b << q
+        dst.view(torch.int32).copy_(torch.where(r >= 1 << 31, r - (1 << 32), r))
     return out
 
 
@@ -720,7 +785,8 @@ def _check(x, idx, weight, w1, s1, w2, s2, w3, s3) -> None:
 
 def _fp4_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch.Tensor, s1: torch.Tensor,
              w2: torch.Tensor, s2: torch.Tensor, w3: torch.Tensor, s3: torch.Tensor, limit: float,
-             path: str | None = None) -> torch.Tensor:
+             path: str | None = None, repacked: bool = False) -> torch.Tensor:
+    """`repacked`: w1, w2, w3 are in `repack_words`' layout (the word kernels only)."""
     N, K = idx.shape
     E, I, _ = w1.shape
     D = x.shape[1]
@@ -730,6 +796,8 @@ def _fp4_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch
                          f"'token'; got {DECODE_KERNEL!r} and {WORDS_DOWN!r}")
     path = path or _path(NK, E)
     words = path == "gemv" and DECODE_KERNEL == "words" or path == "words"
+    if repacked and not words:
+        raise ValueError(f"repacked FP4 words are read by the word kernels only, not by path {path!r}")
     if words and WORDS_DOWN == "token" and NK:
         out = torch.empty(N, D, dtype=x.dtype, device=x.device)               # [N, D]: pairs summed in the kernel
     elif path == "gemv" or words:                                             # [N·K, D] pairs, every row written
@@ -747,7 +815,8 @@ def _fp4_moe(x: torch.Tensor, idx: torch.Tensor, weight: torch.Tensor, w1: torch
         if WORDS_MATH not in ("half", "fp32"):
             raise ValueError(f"fp4_moe.WORDS_MATH must be 'half' or 'fp32'; got {WORDS_MATH!r}")
         cfg = dict(BN=16, BK=64, num_warps=4, num_stages=1) if INTERPRET else TILES["words"]
-        half = dict(HALF=WORDS_MATH == "half" and x.dtype != torch.float32, ASM=not INTERPRET, PIPE=bool(WORDS_PIPE))
+        half = dict(HALF=WORDS_MATH == "half" and x.dtype != torch.float32, ASM=not INTERPRET, PIPE=bool(WORDS_PIPE),
+                    REP=bool(repacked))
         flat = idx.reshape(-1).contiguous()
         w1w, w2w, w3w = (w.view(torch.int32) for w in (w1, w2, w3))                # 4 bytes = 8 codes a word
         _fp4_up_words_kernel[(NK, cdiv(I, cfg["BN"]))](
