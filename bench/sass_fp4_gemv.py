@@ -13,10 +13,12 @@ byte loads would not vectorise and the counts would mislead).
                                                      # the K loop plain and pipelined (fp4_moe.WORDS_PIPE),
                                                      # on released and repacked words (repack_words)
     python3 bench/sass_fp4_gemv.py --words --bn 32 --bk 256 --warps 4
+    python3 bench/sass_fp4_gemv.py --words --ops     # and each K loop's instructions by opcode
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import re
 import subprocess
 import sys
@@ -51,20 +53,32 @@ def report(fn, sig: dict, consts: dict, warps: int, stages: int, matrices: int) 
         cubin = Path(tmp, "k.cubin")
         cubin.write_bytes(c.asm["cubin"])
         sass = subprocess.run([f"{BIN}/nvdisasm", "-c", str(cubin)], capture_output=True, text=True).stdout
-    labels, loops, n = {}, [], 0
+    labels, loops, ins = {}, [], []
     for line in sass.splitlines():
         m = re.match(r"\s*\.(L_x_\d+):", line)
         if m:
-            labels[m.group(1)] = n
+            labels[m.group(1)] = len(ins)
         if re.search(r"/\*[0-9a-f]{4}\*/", line):
+            n = len(ins)
+            ins.append(line)
             b = re.search(r"BRA[^`]*`\(\.(L_x_\d+)\)", line)
             if b and labels.get(b.group(1), n + 1) <= n:
-                loops.append(n - labels[b.group(1)] + 1)
-            n += 1
-    loop = max(loops) if loops else None
+                loops.append((n - labels[b.group(1)] + 1, labels[b.group(1)]))
+    loop, start = max(loops) if loops else (None, 0)
+    # the opcodes of the longest loop (the K loop): where its instructions go
+    ops = collections.Counter(re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", x).group(1)
+                              for x in ins[start:start + (loop or 0)])
     bytes_per_thread = matrices * consts["BN"] * consts["BK"] // 2 / (32 * warps)
-    return {"registers": regs, "spill_bytes": spills, "sass": n, "k_loop": loop,
-            "instructions_per_byte": loop / bytes_per_thread if loop else None}
+    return {"registers": regs, "spill_bytes": spills, "sass": len(ins), "k_loop": loop,
+            "instructions_per_byte": loop / bytes_per_thread if loop else None, "k_loop_ops": dict(ops)}
+
+
+def show_ops(r: dict, on: bool) -> None:
+    """With --ops: the K loop's instructions by opcode, most frequent first (LDS/STS/BAR: layout changes
+    through shared memory; IMAD.SHL/SHF/LOP3: code decoding; HFMA2: the products; FMUL/F2FP: x's scaling
+    and packing)."""
+    if on:
+        print("    " + ", ".join(f"{k} {v}" for k, v in sorted(r["k_loop_ops"].items(), key=lambda kv: -kv[1])))
 
 
 def resident(r: dict, tile: dict) -> str:
@@ -82,6 +96,7 @@ def main(argv=None):
     ap.add_argument("--stages", type=int, default=cfg["num_stages"])
     ap.add_argument("--tiled", action="store_true", help="the tiled gate/up kernel at each launch size of _tiles, "
                                                          "and at K tiles of 128")
+    ap.add_argument("--ops", action="store_true", help="also each K loop's instructions by opcode")
     ap.add_argument("--words", action="store_true", help="the int32-word gate/up kernel (fp4_moe.TILES['words']), "
                                                          "in fp32 and in packed fp16 arithmetic (WORDS_MATH)")
     a = ap.parse_args(argv)
@@ -99,12 +114,14 @@ def main(argv=None):
                       f"{w['BK']} warps {w['num_warps']}: {r['registers']} registers ({resident(r, w)}), "
                       f"{r['spill_bytes']} B spilled, K loop {r['k_loop']} SASS instructions = "
                       f"{r['instructions_per_byte']:.1f} per weight byte per thread")
+                show_ops(r, a.ops)
             consts = dict(BN=w["BN"], BK=w["BK"], HALF=True, ASM=True, PIPE=pipe, AMAX_BLOCK=fp4_moe._amax_block(2048, w),
                           REP=rep)
             r = report(fp4_moe._fp4_down_words_kernel, WORDS_DOWN, consts, w["num_warps"], w["num_stages"], 1)
             print(f"words down (half{how}) BN {w['BN']} BK {w['BK']} warps "
                   f"{w['num_warps']}: {r['registers']} registers ({resident(r, w)}), {r['spill_bytes']} B spilled, "
                   f"K loop {r['k_loop']} SASS instructions = {r['instructions_per_byte']:.1f} per weight byte per thread")
+            show_ops(r, a.ops)
         return
     if a.tiled:
         cases = [(fp4_moe._tiles(p), f"pairs/expert {p}") for p in (1, 32, 128)]

@@ -672,6 +672,17 @@ def test_fp4_kernel_rejects_bad_inputs():
                 fp4_experts(x, idx, wt, w1, s1, w2, s2, w3, s3, 10.0)
         finally:
             setattr(fp4_moe, name, old)
+    old = fp4_moe.WORDS_AMAX_BLOCK
+    try:       # a row-max block the kernel cannot take is refused before any launch
+        for bad in (100, 16, 512.0):
+            fp4_moe.WORDS_AMAX_BLOCK = bad
+            with pytest.raises(ValueError, match="WORDS_AMAX_BLOCK must be None or a power of two"):
+                fp4_moe._fp4_moe(x, idx, wt, w1, s1, w2, s2, w3, s3, 10.0, path="words")
+    finally:
+        fp4_moe.WORDS_AMAX_BLOCK = old
+    with pytest.raises(ValueError, match="last dim divisible by 4"):
+        fp4_moe.repack_words(w1[..., :30])
+    assert fp4_moe.repack_words(w1[:0]).shape == (0,) + w1.shape[1:]
 
 
 def test_quant_primitives_in_the_backend_table():

@@ -640,7 +640,7 @@ def _pair_sum(pairs: torch.Tensor, N: int, K: int, D: int) -> torch.Tensor:
 # sits 4 bits above its magnitude but must land 6 above: two shifts and two masks a pair (15 operations
 # a word). `repack_words` mixes each word's 32 bits (a linear map over GF(2), invertible) so that pair I
 # is one shift or two of the word, XORed and masked (`_word_pair_bits` with REP): 8 operations a word,
-# the fewest of any layout of this form (no 3-shift solution exists; searched exhaustively). Same size,
+# the fewest of any layout of this form (`bench/search_fp4_decode_layout.py`: none with 3 shifts). Same size,
 # same values: an experiment for `bench/probe_flash_decode.py` until timed, not the resident layout.
 REPACK_SHIFTS = ((6,), (9,), (0, -3), (0, 2))      # pair I = XOR of the word shifted by these (<0: >>>), masked
 
@@ -672,10 +672,13 @@ def repack_words(w: torch.Tensor) -> torch.Tensor:
     """Packed FP4 codes (int8 [..., n], n a multiple of 4, two codes a byte, low nibble first) -> the
     same shape in the word kernels' decode layout (`REPACK_SHIFTS`), one leading slice at a time."""
     if w.dtype != torch.int8 or w.shape[-1] % 4:
-        raise ValueError(f"repack_words takes int8 codes with a last dim divisible by 4; got {w.dtype} {tuple(w.shape)}")
+        raise ValueError(f"repack_words takes int8 codes with a last dim divisible by 4; got {w.dtype} "
+                         f"{tuple(w.shape)}")
     w = w.contiguous()
     out = torch.empty_like(w)
-    rows = max(1, (32 << 20) // max(1, w.shape[-1]))                  # ~32 MB of codes a slice
+    if w.numel() == 0:
+        return out
+    rows = max(1, (32 << 20) // w.shape[-1])                          # ~32 MB of codes a slice
     for src, dst in zip(w.reshape(-1, w.shape[-1]).split(rows), out.view(-1, w.shape[-1]).split(rows)):
         u = src.view(torch.int32).to(torch.int64) & 0xFFFFFFFF
         r = torch.zeros_like(u)
@@ -744,7 +747,10 @@ def _amax_block(n: int, cfg: dict) -> int:
     """The block of the words kernels' row max over n values (`WORDS_AMAX_BLOCK`)."""
     if WORDS_AMAX_BLOCK is None:
         return cfg["BK"]
-    return min(next_pow2(n), int(WORDS_AMAX_BLOCK))
+    b = WORDS_AMAX_BLOCK
+    if not isinstance(b, int) or b < 32 or b & (b - 1):
+        raise ValueError(f"fp4_moe.WORDS_AMAX_BLOCK must be None or a power of two >= 32; got {b!r}")
+    return min(next_pow2(n), b)
 
 
 def _path(n_pairs: int, n_experts: int) -> str:
