@@ -359,6 +359,65 @@ def test_fp8_gemv_pipelined_loop_is_the_same_arithmetic(native, monkeypatch):
     assert torch.equal(piped, plain)
 
 
+@pytest.mark.parametrize("native", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fp8_tensor_core_gemv_matches_float64(dtype, native, monkeypatch):
+    """The tensor-core GEMV (`KERNEL="mma"`: operands swapped, x padded to the dot's 16 or 32 columns) at
+    1, 3 and 17 rows of x, N and K off the tiles and blocks (masked rows, columns, a partial last K step),
+    e8m0 and fp32 scales, fp32 operands for fp32 x and fp16 ones for bf16 / fp16 x; x's rows scaled into
+    fp16's range one by one: rows of 1e30 and 1e-30 (far outside fp16's) give the float64 result too,
+    and so does a grouped projection."""
+    import dsv4.kernels.fp8_gemm as k
+
+    if k.INTERPRET:
+        monkeypatch.setattr(k, "_native_fp8", lambda device: native)
+    elif native != k._native_fp8(torch.device(KDEV)):
+        pytest.skip("this GPU decodes e4m3 the other way")
+    g = torch.Generator().manual_seed(41 + native)
+    N, K = 130, 200
+    w, s = rand_fp8(N, K, g)
+    s32 = fp32_scales(s, g)
+    dev = lambda *t: [a.to(KDEV) for a in t]                                            # noqa: E731
+    tol = KTOL[torch.bfloat16] if dtype != torch.float32 else 1e-5
+    for M, si, tiles in ((1, s, dict(BN=16, BK=128)), (3, s32, dict(BN=32, BK=64)), (17, s, dict(BN=64, BK=128))):
+        x = torch.randn(M, K, generator=g).to(dtype)
+        out = k.fp8_gemv(*dev(x, w, si), KERNEL="mma", **tiles)
+        assert out.dtype == dtype and out.shape == (M, N)
+        assert relerr(out, f64_fp8_linear(x, w, si)) <= tol, (M, tiles)
+    if dtype == torch.bfloat16:                          # rows far outside fp16's range, each with its own scale
+        x = torch.randn(3, K, generator=g) * torch.tensor([[1e30], [1e-30], [1.0]])
+        x = x.to(dtype)
+        out = k.fp8_gemv(*dev(x, w, s), KERNEL="mma", BN=16, BK=128).double().cpu()
+        ref = f64_fp8_linear(x, w, s)
+        for r in range(3):
+            assert relerr(out[r], ref[r]) <= tol, r
+    wg, sg = rand_fp8(4 * 32, K, g, block=(32, 64))                                      # 4 groups of 32 rows
+    xg = torch.randn(2, 4, K, generator=g).to(dtype)
+    out = k.fp8_grouped_gemv(*dev(xg, wg, sg), block=(32, 64), KERNEL="mma", BN=16, BK=64)
+    assert relerr(out, f64_grouped(xg, wg, sg, (32, 64))) <= tol
+
+
+def test_fp8_tensor_core_gemv_launch_rule_and_errors():
+    """`mma_launch` gives 128- or 64-row programs only where they fill the GPU (V4-Flash's wq_b at 132
+    SMs: 64 rows, 512 programs) and nothing for the smaller matrices, which keep the FMA GEMV; tiles the
+    kernel cannot take are refused with the reason."""
+    import dsv4.kernels.fp8_gemm as k
+
+    assert k.mma_launch(32768, 1024, 128, 128, 132) == dict(KERNEL="mma", BN=64, BK=128, num_warps=4, num_stages=4)
+    assert k.mma_launch(32768, 1024, 128, 128, 100)["BN"] == 128
+    assert k.mma_launch(8192, 4096, 128, 128, 132, group_n=1024) is None
+    assert k.mma_launch(4096, 8192, 128, 128, 132) is None
+    g = torch.Generator().manual_seed(3)
+    w, s = rand_fp8(64, 128, g)
+    x = torch.randn(1, 128, generator=g)
+    with pytest.raises(ValueError, match="BN >= 16"):
+        k.fp8_gemv(x.to(KDEV), w.to(KDEV), s.to(KDEV), KERNEL="mma", BN=8, BK=64)
+    with pytest.raises(ValueError, match="BK dividing"):
+        k.fp8_gemv(x.to(KDEV), w.to(KDEV), s.to(KDEV), KERNEL="mma", BN=16, BK=256)
+    with pytest.raises(ValueError, match="'fma' or 'mma'"):
+        k.fp8_gemv(x.to(KDEV), w.to(KDEV), s.to(KDEV), KERNEL="dot")
+
+
 def f64_grouped(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, block=quant.FP8_BLOCK) -> torch.Tensor:
     """x [..., G, K] through the grouped projection (G blocks of rows of W, block g reading x[..., g]) in float64."""
     G, K = x.shape[-2:]

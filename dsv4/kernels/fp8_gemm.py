@@ -278,6 +278,76 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, group_n, stride_xm, strid
             tl.store(y_ptr + 3 * stride_ym + rn, tl.sum(acc3, 1).to(out_ty), mask=n_ok)
 
 
+@triton.jit
+def _half_row_scales(x_rows, K, m_ok, rk, BK: tl.constexpr, BM: tl.constexpr):
+    """Per row of x (columns of the [BK, BM] tiles at x_rows): (2^-e, 2^e) with max |x| · 2^-e in
+    [2^14, 2^15), so that x · 2^-e is in fp16's range and, for bf16 or fp16 x, exact (bar values below
+    max |x| · 2^-38, which fp16 keeps as subnormals); e is clamped to [-126, 126] (both factors normal)."""
+    amax = tl.full((BM,), 0.0, tl.float32)
+    for k0 in range(0, K, BK):
+        xt = tl.load(x_rows + (k0 + rk)[:, None], mask=((k0 + rk) < K)[:, None] & m_ok[None, :], other=0.0)
+        amax = tl.maximum(amax, tl.max(tl.abs(xt.to(tl.float32)), 0))
+    e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 141            # floor(log2 max|x|) - 14
+    e = tl.minimum(tl.maximum(e, -126), 126)
+    return ((127 - e) << 23).to(tl.float32, bitcast=True), ((127 + e) << 23).to(tl.float32, bitcast=True)
+
+
+@launchable
+@triton.jit
+def _fp8_mma_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, group_n, stride_xm, stride_xg, stride_wn, stride_sn,
+                         stride_ym, SBN: tl.constexpr, SBK: tl.constexpr, SCALE_E8M0: tl.constexpr,
+                         NATIVE_FP8: tl.constexpr, HALF: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                         BK: tl.constexpr, PDL: tl.constexpr = False):
+    """The decode GEMV on the tensor cores, operands swapped: acc [BN, BM] += W tile [BN, BK] (widened,
+    exact) · x tileᵀ [BK, BM], x's M <= BM rows padded with zeros to the dot's BM columns (16 at least), so
+    that the weight's rows fill the dot's M side. `tl.dot` lets Triton stage the weight tiles through shared
+    memory with asynchronous copies over num_stages steps, which the FMA GEMV's register loads do not get.
+
+    HALF (bf16 / fp16 x): fp16 operands (e4m3 -> fp16 is one conversion per two bytes on sm89+, and exact),
+    x scaled per row by a power of two into fp16's range (`_half_row_scales`: a pass over x's row before
+    the loop) and the output by its inverse; products exact, fp32 accumulation. Otherwise fp32 operands
+    (fp32 x, and under the interpreter, whose bf16 dot is wrong). Each K step lies in one scale block
+    (SBK % BK == 0) and the program's rows in one row-block (SBN % BN == 0): the step's partial product
+    is multiplied by its [BN] block scales before it is added (exact for e8m0). Grouped projections as
+    in `_fp8_gemv_kernel` (BN divides group_n)."""
+    pdl_start(PDL)
+    pid = tl.program_id(0)
+    rn = pid * BN + tl.arange(0, BN)
+    n_ok = rn < N
+    rm = tl.arange(0, BM)
+    m_ok = rm < M
+    rk = tl.arange(0, BK)
+    x_ptr += ((pid * BN) // group_n).to(tl.int64) * stride_xg           # the program's rows lie in one group
+    x_rows = x_ptr + rm.to(tl.int64)[None, :] * stride_xm               # [1, BM]
+    w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
+    s_ptrs = s_ptr + ((pid * BN) // SBN) * stride_sn                    # the program's row of scales
+    if HALF:
+        x_mul, y_mul = _half_row_scales(x_rows, K, m_ok, rk, BK, BM)
+    acc = tl.full((BN, BM), 0.0, tl.float32)
+    s_next = tl.load(s_ptrs)                       # each step's block scale is loaded one step ahead
+    for k0 in range(0, K, BK):
+        k_ok = (k0 + rk) < K
+        s = s_next
+        s_next = tl.load(s_ptrs + (k0 + BK) // SBK, mask=k0 + BK < K, other=s)
+        wb = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0)
+        xt = tl.load(x_rows + (k0 + rk)[:, None], mask=k_ok[:, None] & m_ok[None, :], other=0.0)
+        if SCALE_E8M0:
+            s = e8m0_to_fp32(s.to(tl.int32))
+        if HALF:
+            if NATIVE_FP8:
+                w = wb.to(tl.float8e4nv, bitcast=True).to(tl.float16)
+            else:
+                w = e4m3_to_fp32(wb.to(tl.int32)).to(tl.float16)
+            part = tl.dot(w, (xt.to(tl.float32) * x_mul[None, :]).to(tl.float16))
+        else:
+            part = tl.dot(_fp8_decode(wb, NATIVE_FP8), xt.to(tl.float32), input_precision="ieee")
+        acc += part * s
+    if HALF:
+        acc = acc * y_mul[None, :]
+    tl.store(y_ptr + rm[None, :] * stride_ym + rn[:, None], acc.to(y_ptr.dtype.element_ty),
+             mask=n_ok[:, None] & m_ok[None, :])
+
+
 # ----------------------------------------------------------------------------- launch
 @functools.lru_cache(maxsize=None)
 def _device_info(index: int) -> tuple[tuple[int, int], int]:
@@ -337,6 +407,14 @@ GEMV_RSUB = 2
 # the GEMV's K loop double-buffered in registers (`_fp8_gemv_kernel`'s PIPE): off until timed; a launch's
 # settings may say otherwise ("PIPE" in `fp8_gemv(..., **variant)` or `bench/probe_fp8_gemv.py`)
 GEMV_PIPE = False
+# the decode GEMV's kernel: "fma" (`_fp8_gemv_kernel`, weights decoded and summed in registers) or "mma"
+# (`_fp8_mma_gemv_kernel`, the tensor cores with the operands swapped, the weight tiles staged through shared
+# memory by Triton's pipeliner; up to MMA_ROWS rows of x a launch); a launch's settings may say "KERNEL".
+# Off until timed
+GEMV_KERNEL = "fma"
+MMA_ROWS = 64
+MMA_STAGES = 4           # the tensor-core GEMV's pipeline stages (weight and x tiles in flight a program)
+MMA_MIN_FILL = 1.0       # its 64-row launch only where it gives every SM at least this many programs
 # launch variants of the GEMV for timing (`bench/probe_fp8_gemv.py`); `fp8_gemv(..., **variant)` runs one.
 # Tiles of 2048..16384 weights (16..128 per thread), from one row over 4096 columns to 32 rows over 128,
 # so that every V4-Flash shape (512..32768 rows) has some with >= 2 programs per SM; fewer warps at the
@@ -352,15 +430,33 @@ def _pow2_divisor(n: int) -> int:
     return n & -n
 
 
-def _gemv_tiles(M: int, N: int, K: int, block_n: int, device: torch.device, per_sm: int = 6) -> dict:
-    """The default GEMV launch: BN the largest power of two <= GEMV_BN_MAX with N / BN >= per_sm·SMs (at
-    least one row), and dividing the scale block's rows; BK filling a tile of 4096 weights (32 per
-    thread: two 16-byte loads), at least 64 and at most K rounded up to a power of two. One row of x:
-    `GEMV_RSUB` sub-tiles sharing x (`gemv_launch`)."""
+def _gemv_tiles(M: int, N: int, K: int, block_n: int, device: torch.device, per_sm: int = 6,
+                block_k: int = 128, group_n: int | None = None) -> dict:
+    """The default GEMV launch: with `GEMV_KERNEL` = "mma", the tensor-core GEMV where `mma_launch` gives
+    one; otherwise BN the largest power of two <= GEMV_BN_MAX with N / BN >= per_sm·SMs (at least one
+    row), and dividing the scale block's rows; BK filling a tile of 4096 weights (32 per thread: two
+    16-byte loads), at least 64 and at most K rounded up to a power of two. One row of x: `GEMV_RSUB`
+    sub-tiles sharing x (`gemv_launch`)."""
     if INTERPRET or device.type != "cuda":
         return dict(BN=min(32, GEMV_BN_MAX, _pow2_divisor(block_n)), BK=128, num_warps=4, num_stages=1, RSUB=1)
     _, sms = _device_info(device.index if device.index is not None else torch.cuda.current_device())
-    return gemv_launch(N, K, block_n, sms, per_sm, GEMV_RSUB if M == 1 else 1)
+    mma = mma_launch(N, K, block_n, block_k, sms, group_n) if GEMV_KERNEL == "mma" else None
+    return mma or dict(gemv_launch(N, K, block_n, sms, per_sm, GEMV_RSUB if M == 1 else 1), KERNEL="fma")
+
+
+def mma_launch(N: int, K: int, block_n: int, block_k: int, sms: int, group_n: int | None = None) -> dict | None:
+    """The tensor-core GEMV's launch (`_fp8_mma_gemv_kernel`) for a weight of N rows (groups of group_n):
+    BN = 128 or 64 weight rows a program (the warp-group MMA's M side; at 16 or 32 rows x's tile costs as
+    many instructions a step as the weight's, `bench/sass_fp8_gemv.py --mma`): 128 where that gives every
+    SM two programs, else 64 where that gives each `MMA_MIN_FILL` (a fraction: fewer programs, each
+    streaming more of K through `MMA_STAGES` stages); BK = 128 columns (one scale block), 4 warps. None
+    otherwise (the FMA GEMV serves those shapes)."""
+    cap = _pow2_divisor(math.gcd(block_n, group_n or N))
+    bk = min(128, _pow2_divisor(block_k))
+    for bn, fill in ((128, 2.0), (64, MMA_MIN_FILL)):
+        if bn <= cap and N // bn >= fill * sms and bk >= 16:
+            return dict(KERNEL="mma", BN=bn, BK=bk, num_warps=4, num_stages=MMA_STAGES)
+    return None
 
 
 def gemv_launch(N: int, K: int, block_n: int, sms: int, per_sm: int = 6, rsub: int = 1) -> dict:
@@ -398,6 +494,20 @@ def _fp8_gemv(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block
     native = _native_fp8(x2.device)
     grid = (cdiv(N, BN),)
     kernel = None
+    if cfg.get("KERNEL", GEMV_KERNEL) == "mma":
+        if BN < 16 or BK > block_k or block_k % BK:
+            raise ValueError(f"the tensor-core GEMV needs BN >= 16 and BK dividing the scale block's {block_k} "
+                             f"columns; got BN={BN}, BK={BK}")
+        for r0 in range(0, M, MMA_ROWS):
+            rows = min(MMA_ROWS, M - r0)
+            kernel = _fp8_mma_gemv_kernel[grid](
+                x2[r0:], w, s, y[r0:], rows, N, K, N // groups, x2.stride(0), x2.stride(1) if groups > 1 else 0,
+                w.stride(0), s.stride(0), y.stride(0), SBN=block_n, SBK=block_k, SCALE_E8M0=e8m0,
+                NATIVE_FP8=native, HALF=x2.dtype != torch.float32, BM=max(16, next_pow2(rows)), BN=BN, BK=BK,
+                num_warps=int(cfg.get("num_warps", 4)), num_stages=int(cfg.get("num_stages", 4)), **pdl(x2[r0:]))
+        return kernel
+    elif cfg.get("KERNEL", GEMV_KERNEL) != "fma":
+        raise ValueError(f"the GEMV kernel must be 'fma' or 'mma'; got {cfg.get('KERNEL', GEMV_KERNEL)!r}")
     for r0 in range(0, M, GEMV_ROWS):
         rows = min(GEMV_ROWS, M - r0)
         kernel = _fp8_gemv_kernel[grid](
@@ -407,6 +517,16 @@ def _fp8_gemv(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block
             RSUB=RSUB if rows == 1 else 1, PIPE=bool(cfg.get("PIPE", GEMV_PIPE)),
             num_warps=int(cfg.get("num_warps", 4)), num_stages=int(cfg.get("num_stages", 2)), **pdl(x2[r0:]))
     return kernel
+
+
+def _mma_serves(M: int, N: int, K: int, block_n: int, block_k: int, device: torch.device,
+                group_n: int | None = None) -> bool:
+    """Whether M rows of x (more than the FMA GEMV's GEMV_MAX_ROWS) take the tensor-core GEMV rather than
+    the tiled kernel: with `GEMV_KERNEL` = "mma", up to MMA_ROWS rows, where `mma_launch` gives a launch."""
+    if GEMV_KERNEL != "mma" or M > MMA_ROWS or INTERPRET or device.type != "cuda":
+        return False
+    _, sms = _device_info(device.index if device.index is not None else torch.cuda.current_device())
+    return mma_launch(N, K, block_n, block_k, sms, group_n) is not None
 
 
 def _fp8_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_n: int, block_k: int,
@@ -423,9 +543,10 @@ def _fp8_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_
     if M == 0:
         return y.view(*x.shape[:-1], N)
     if path is None:
-        path = "gemv" if M <= GEMV_MAX_ROWS else "tiled"
+        path = "gemv" if M <= GEMV_MAX_ROWS or _mma_serves(M, N, K, block_n, block_k, x2.device) else "tiled"
     if path == "gemv":
-        _fp8_gemv(x2, weight, scale, block_n, block_k, y, {**_gemv_tiles(M, N, K, block_n, x.device), **(gemv or {})})
+        cfg = {**_gemv_tiles(M, N, K, block_n, x.device, block_k=block_k), **(gemv or {})}
+        _fp8_gemv(x2, weight, scale, block_n, block_k, y, cfg)
         return y.view(*x.shape[:-1], N)
     if path != "tiled":
         raise ValueError(f"path must be None, 'gemv' or 'tiled', got {path!r}")
@@ -498,6 +619,7 @@ def fp8_grouped_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     if M:
         # 12 programs per SM: V4-Flash's wo_a (8192 x 4096) at BN 4, BK 1024 took 12.6 us at batch 1 and
         # 16.1 at 2, against 13.8 and 23.0 at the plain GEMV's BN 8, BK 512 (H200, bench/probe_flash_decode.py)
-        cfg = {**_gemv_tiles(M, N, K, math.gcd(int(block[0]), N // G), x.device, per_sm=12), **tiles}
+        cfg = {**_gemv_tiles(M, N, K, math.gcd(int(block[0]), N // G), x.device, per_sm=12,
+                             block_k=int(block[1]), group_n=N // G), **tiles}
         _fp8_gemv(x3, weight, scale, int(block[0]), int(block[1]), y, cfg, groups=G)
     return y.view(*x.shape[:-2], N)

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# The next device calls (one H200): the sixteenth round's untimed loop forms and the tensor-core FP8 GEMV.
+#   OUT=... bash bench/gpu_round17.sh [steps...]    steps: probe tests flash trace gen
+# `probe` (the FP4 word kernels' loop forms at batch 1, then the FP8 GEMV's pipelined and tensor-core
+# variants at 1 and 2 rows) fills one call, `flash` (the 6-layer V4-Flash-shaped model under each setting
+# of $SETTINGS, timed in one process) another, `tests` (the quantised kernels' and the decode kernels' GPU
+# tests) a third. Extra bench_flash_shaped.py arguments in $FLASH_ARGS. After each step the logs so far are
+# archived in $OUT/round17_logs.tgz, so that a call cut off keeps what it finished.
+set -u
+OUT=${OUT:-out_round17}
+F4=dsv4.kernels.fp4_moe
+F8=dsv4.kernels.fp8_gemm
+T32="$F4.TILES={'gemv':{'BN':4,'BK':512,'num_warps':4,'num_stages':2},'words':{'BN':32,'BK':256,'num_warps':4,'num_stages':2},'words_pair_down':{'BN':32,'BK':256,'num_warps':4,'num_stages':2}}"
+SETTINGS=${SETTINGS-"base:;f4pipe:$F4.WORDS_PIPE=True,$F4.WORDS_AMAX_BLOCK=4096;f4pipe32:$F4.WORDS_PIPE=True,$F4.WORDS_AMAX_BLOCK=4096,$T32;f8pipe:$F8.GEMV_PIPE=True;f8mma:$F8.GEMV_KERNEL='mma';f8mma_all:$F8.GEMV_KERNEL='mma',$F8.MMA_MIN_FILL=0,$F8.MMA_STAGES=8;postpre:dsv4.model.FUSE_POST_PRE=True;defer:dsv4.ops.HC_DEFER_TOKENS=15"}
+FP8_VARIANTS='[{"BN":32,"BK":256,"num_warps":4,"num_stages":2,"RSUB":2,"PIPE":true},{"BN":4,"BK":2048,"num_warps":4,"num_stages":2,"RSUB":2,"PIPE":true},{"BN":8,"BK":1024,"num_warps":4,"num_stages":2,"RSUB":2,"PIPE":true},{"KERNEL":"mma","BN":64,"BK":128,"num_warps":4,"num_stages":4},{"KERNEL":"mma","BN":64,"BK":128,"num_warps":4,"num_stages":8},{"KERNEL":"mma","BN":128,"BK":128,"num_warps":4,"num_stages":4},{"KERNEL":"mma","BN":32,"BK":128,"num_warps":4,"num_stages":6}]'
+LOGS=$(mktemp -d)
+steps=${*:-probe}
+flash() {   # name, then bench_flash_shaped.py arguments
+  local name=$1; shift; mkdir -p /tmp/flash6
+  timeout 500 python bench/bench_flash_shaped.py --only model --layers 6 --slope-from 2 --decode-steps 16 \
+    --dir /tmp/flash6 --out "$LOGS/$name.json" "$@" ${FLASH_ARGS:-} > "$LOGS/$name.log" 2>&1
+}
+for s in $steps; do case $s in
+  tests) timeout 260 python -m pytest -q tests/test_quant.py -k "fp4 or fp8" -p no:warnings > "$LOGS/tests_quant.log" 2>&1
+         timeout 200 python -m pytest -q tests/test_kernels.py -k "sparse_attention or split_attention or \
+           model_with_the_kernels or hc_ or sinkhorn" -p no:warnings > "$LOGS/tests_kernels.log" 2>&1 ;;
+  probe) timeout 200 python bench/probe_flash_decode.py --only fp4loop --batches 1 --out "$LOGS/probe_fp4_loop.json" \
+           > "$LOGS/probe_fp4_loop.log" 2>&1
+         timeout 330 python bench/probe_fp8_gemv.py --rows 1,2 --variants "$FP8_VARIANTS" \
+           --out "$LOGS/probe_fp8.json" > "$LOGS/probe_fp8.log" 2>&1 ;;
+  flash) flash flash6 ${SETTINGS:+--settings "$SETTINGS"} ;;
+  trace) flash flash_trace --batches 1 --trace "$LOGS/trace6" ;;
+  gen) timeout 300 python bench/bench_generate.py --device cuda --batch 1 --prompt-lens 4096,16384 --decode-tokens 32 \
+         --peer --decode-modes graph --no-engine --repeats 3 --out "$LOGS/gen.json" > "$LOGS/gen.log" 2>&1 ;;
+  *) echo "unknown step $s (probe tests flash trace gen)"; exit 2 ;;
+esac
+  mkdir -p "$OUT"; tar czf "$OUT/round17_logs.tgz" -C "$LOGS" .      # after each step: a cut-off call keeps the rest
+done
+tail -n 3 "$LOGS"/tests_*.log 2>/dev/null
+grep -h "^fp4 experts" "$LOGS/probe_fp4_loop.log" 2>/dev/null | cut -c1-220
+grep -hE "gemv|tiled|best" "$LOGS/probe_fp8.log" 2>/dev/null | tail -n 70 | cut -c1-200
+grep -h "^decode" "$LOGS"/flash*.log 2>/dev/null | cut -c1-260
