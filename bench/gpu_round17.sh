@@ -11,8 +11,8 @@ OUT=${OUT:-out_round17}
 F4=dsv4.kernels.fp4_moe
 F8=dsv4.kernels.fp8_gemm
 T32="$F4.TILES={'gemv':{'BN':4,'BK':512,'num_warps':4,'num_stages':2},'words':{'BN':32,'BK':256,'num_warps':4,'num_stages':2},'words_pair_down':{'BN':32,'BK':256,'num_warps':4,'num_stages':2}}"
-SETTINGS=${SETTINGS-"base:;f4pipe:$F4.WORDS_PIPE=True,$F4.WORDS_AMAX_BLOCK=4096;f4pipe32:$F4.WORDS_PIPE=True,$F4.WORDS_AMAX_BLOCK=4096,$T32;f8pipe:$F8.GEMV_PIPE=True;f8mma:$F8.GEMV_KERNEL='mma';f8mma_all:$F8.GEMV_KERNEL='mma',$F8.MMA_MIN_FILL=0,$F8.MMA_STAGES=8;postpre:dsv4.model.FUSE_POST_PRE=True;defer:dsv4.ops.HC_DEFER_TOKENS=15"}
-FP8_VARIANTS='[{"BN":32,"BK":256,"num_warps":4,"num_stages":2,"RSUB":2,"PIPE":true},{"BN":4,"BK":2048,"num_warps":4,"num_stages":2,"RSUB":2,"PIPE":true},{"BN":8,"BK":1024,"num_warps":4,"num_stages":2,"RSUB":2,"PIPE":true},{"KERNEL":"mma","BN":64,"BK":128,"num_warps":4,"num_stages":4},{"KERNEL":"mma","BN":64,"BK":128,"num_warps":4,"num_stages":8},{"KERNEL":"mma","BN":128,"BK":128,"num_warps":4,"num_stages":4},{"KERNEL":"mma","BN":32,"BK":128,"num_warps":4,"num_stages":6}]'
+SETTINGS=${SETTINGS-"base:;f4pipe:$F4.WORDS_PIPE=True,$F4.WORDS_AMAX_BLOCK=4096;f4pipe32:$F4.WORDS_PIPE=True,$F4.WORDS_AMAX_BLOCK=4096,$T32;f8pipe:$F8.GEMV_PIPE=True;f8mma:$F8.GEMV_KERNEL='mma';f8mma_all:$F8.GEMV_KERNEL='mma',$F8.MMA_MIN_FILL=0,$F8.MMA_STAGES=8;f8mma_split:$F8.GEMV_KERNEL='mma',$F8.MMA_SPLIT_K=True;postpre:dsv4.model.FUSE_POST_PRE=True;defer:dsv4.ops.HC_DEFER_TOKENS=15"}
+FP8_VARIANTS='[{"BN":32,"BK":256,"num_warps":4,"num_stages":2,"RSUB":2,"PIPE":true},{"BN":4,"BK":2048,"num_warps":4,"num_stages":2,"RSUB":2,"PIPE":true},{"KERNEL":"mma","BN":64,"BK":128,"num_warps":4,"num_stages":4,"SPLIT":4},{"KERNEL":"mma","BN":64,"BK":128,"num_warps":4,"num_stages":4},{"KERNEL":"mma","BN":64,"BK":128,"num_warps":4,"num_stages":8},{"KERNEL":"mma","BN":128,"BK":128,"num_warps":4,"num_stages":4},{"KERNEL":"mma","BN":32,"BK":128,"num_warps":4,"num_stages":6}]'
 LOGS=$(mktemp -d)
 steps=${*:-probe}
 flash() {   # name, then bench_flash_shaped.py arguments
@@ -26,7 +26,7 @@ for s in $steps; do case $s in
            model_with_the_kernels or hc_ or sinkhorn" -p no:warnings > "$LOGS/tests_kernels.log" 2>&1 ;;
   probe) timeout 200 python bench/probe_flash_decode.py --only fp4loop --batches 1 --out "$LOGS/probe_fp4_loop.json" \
            > "$LOGS/probe_fp4_loop.log" 2>&1
-         timeout 330 python bench/probe_fp8_gemv.py --rows 1,2 --variants "$FP8_VARIANTS" \
+         timeout 360 python bench/probe_fp8_gemv.py --rows 1,2 --variants "$FP8_VARIANTS" \
            --out "$LOGS/probe_fp8.json" > "$LOGS/probe_fp8.log" 2>&1 ;;
   flash) flash flash6 ${SETTINGS:+--settings "$SETTINGS"} ;;
   trace) flash flash_trace --batches 1 --trace "$LOGS/trace6" ;;

@@ -133,7 +133,8 @@ def main(argv=None):
                 tiles = "split-K" if path == "tiled" else ("default " if var is None else "") + \
                     "{BN},{BK},w{num_warps},s{num_stages},r{RSUB}".format(**{"RSUB": 1, **(var or default)}) + \
                     (",pipe" if (var or default).get("PIPE") else "") + \
-                    (",mma" if (var or default).get("KERNEL") == "mma" else "")
+                    (",mma" if (var or default).get("KERNEL") == "mma" else "") + \
+                    (f",split{(var or default)['SPLIT']}" if (var or default).get("SPLIT", 1) > 1 else "")
                 timing = (f"{row['us']:8.2f} {row['GBps']:8.1f} {row['of_hbm']:6.2f}" if "us" in row
                           else f"{'-':>8s} {'-':>8s} {'-':>6s}")
                 print(f"{name:>6s} {N:>5d} x {K:<5d} {M:>2d} {path:>6s} {tiles:>26s} {timing} "

@@ -49,12 +49,14 @@ def count(N: int, K: int, bn: int, bk: int, warps: int, rsub: int, pipe: bool = 
     return r
 
 
-MMA_SIG = dict(x_ptr="*bf16", w_ptr="*u8", s_ptr="*u8", y_ptr="*bf16", M="i32", N="i32", K="i32", group_n="i32",
-               stride_xm="i32", stride_xg="i32", stride_wn="i32", stride_sn="i32", stride_ym="i32")
+MMA_SIG = dict(x_ptr="*bf16", w_ptr="*u8", s_ptr="*u8", y_ptr="*bf16", WS="*fp32", CNT="*i32", M="i32", N="i32",
+               K="i32", K_PER="i32", group_n="i32", stride_xm="i32", stride_xg="i32", stride_wn="i32", stride_sn="i32",
+               stride_ym="i32")
 
 
-def count_mma(bn: int, bk: int, warps: int, stages: int, bm: int = 16) -> dict:
-    consts = dict(SBN=128, SBK=128, SCALE_E8M0=True, NATIVE_FP8=True, HALF=True, BM=bm, BN=bn, BK=bk)
+def count_mma(bn: int, bk: int, warps: int, stages: int, bm: int = 16, split: bool = False) -> dict:
+    consts = dict(SBN=128, SBK=128, SCALE_E8M0=True, NATIVE_FP8=True, HALF=True, BM=bm, BN=bn, BK=bk, SPLIT_K=split,
+                  ASM=True)
     r = report(fp8_gemm._fp8_mma_gemv_kernel, MMA_SIG, consts, warps, stages, 1)
     r["instructions_per_byte"] = r["k_loop"] / (bn * bk / (32 * warps)) if r["k_loop"] else None
     r["per_sm"] = min(65536 // (r["registers"] * 32 * warps), 64 // warps, 232448 // max(1, r["shared_bytes"]))
@@ -64,11 +66,13 @@ def count_mma(bn: int, bk: int, warps: int, stages: int, bm: int = 16) -> dict:
 def main_mma(a) -> None:
     """The tile variants compile to the same code at every shape (nothing in them depends on N or K):
     their counts once, then each shape's programs and default launch."""
-    for bn in (16, 32, 64, 128):
-        for stages in (4, 8) if bn == 64 else (4,):
-            r = count_mma(bn, 128, 4, stages, a.mma_rows)
+    for bn, stages, split in [(16, 4, False), (32, 4, False), (64, 4, False), (64, 8, False), (64, 4, True),
+                              (128, 4, False)]:
+        if True:
+            r = count_mma(bn, 128, 4, stages, a.mma_rows, split)
             ops = r["kernel_ops"]
-            print(f"mma BN {bn:3d} BK 128 BM {a.mma_rows} warps 4 stages {stages}: {r['registers']:3d} registers, "
+            print(f"mma BN {bn:3d} BK 128 BM {a.mma_rows} warps 4 stages {stages}{' split-K' if split else ''}: "
+                  f"{r['registers']:3d} registers, "
                   f"{r['spill_bytes']} B spilled, {r['shared_bytes'] // 1024} KB shared, {r['per_sm']} programs an SM; "
                   f"K loop {r['k_loop']} SASS = {r['instructions_per_byte']:.2f} per weight byte; HGMMA "
                   f"{ops.get('HGMMA', 0)}, HMMA {ops.get('HMMA', 0)}, LDGSTS {ops.get('LDGSTS', 0)}", flush=True)

@@ -397,23 +397,59 @@ def test_fp8_tensor_core_gemv_matches_float64(dtype, native, monkeypatch):
     assert relerr(out, f64_grouped(xg, wg, sg, (32, 64))) <= tol
 
 
-def test_fp8_tensor_core_gemv_launch_rule_and_errors():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fp8_tensor_core_gemv_split_k(dtype):
+    """The tensor-core GEMV with K split over programs in one launch (`SPLIT`): each program's partial goes
+    to a workspace and the last of a row tile's programs adds them in split order. Against float64 at 1
+    and 17 rows, 2 and 3 splits (K = 384: 3 steps of 128, the last split shorter with 4 asked), a grouped
+    projection; called again with other x, which needs every tile's counter left at zero by the launch
+    before; the same as the unsplit launch up to fp32 summation order."""
+    import dsv4.kernels.fp8_gemm as k
+
+    g = torch.Generator().manual_seed(43)
+    N, K = 130, 384
+    w, s = rand_fp8(N, K, g)
+    dev = lambda *t: [a.to(KDEV) for a in t]                                            # noqa: E731
+    tol = KTOL[torch.bfloat16] if dtype != torch.float32 else 1e-5
+    for M, split in ((1, 2), (17, 3), (1, 4)):
+        for _ in range(2):
+            x = torch.randn(M, K, generator=g).to(dtype)
+            out = k.fp8_gemv(*dev(x, w, s), KERNEL="mma", BN=32, BK=128, SPLIT=split)
+            assert relerr(out, f64_fp8_linear(x, w, s)) <= tol, (M, split)
+            one = k.fp8_gemv(*dev(x, w, s), KERNEL="mma", BN=32, BK=128)
+            assert relerr(out, one) <= tol, (M, split)
+    assert all(int(c.abs().sum()) == 0 for _, c in k._SPLIT_BUFFERS.values())     # counters left at zero
+    wg, sg = rand_fp8(4 * 32, K, g, block=(32, 128))                                     # 4 groups of 32 rows
+    xg = torch.randn(2, 4, K, generator=g).to(dtype)
+    out = k.fp8_grouped_gemv(*dev(xg, wg, sg), block=(32, 128), KERNEL="mma", BN=16, BK=64, SPLIT=3)
+    assert relerr(out, f64_grouped(xg, wg, sg, (32, 128))) <= tol
+
+
+def test_fp8_tensor_core_gemv_launch_rule_and_errors(monkeypatch):
     """`mma_launch` gives 128- or 64-row programs only where they fill the GPU (V4-Flash's wq_b at 132
-    SMs: 64 rows, 512 programs) and nothing for the smaller matrices, which keep the FMA GEMV; tiles the
-    kernel cannot take are refused with the reason."""
+    SMs: 64 rows, 512 programs) and nothing for the smaller matrices, which keep the FMA GEMV unless K may
+    be split (`MMA_SPLIT_K`); tiles the kernel cannot take are refused with the reason."""
     import dsv4.kernels.fp8_gemm as k
 
     assert k.mma_launch(32768, 1024, 128, 128, 132) == dict(KERNEL="mma", BN=64, BK=128, num_warps=4, num_stages=4)
     assert k.mma_launch(32768, 1024, 128, 128, 100)["BN"] == 128
     assert k.mma_launch(8192, 4096, 128, 128, 132, group_n=1024) is None
     assert k.mma_launch(4096, 8192, 128, 128, 132) is None
+    monkeypatch.setattr(k, "MMA_SPLIT_K", True)          # 64-row programs, K split for two programs an SM
+    assert k.mma_launch(4096, 8192, 128, 128, 132)["SPLIT"] == 5                          # wo_b: 64 tiles
+    assert k.mma_launch(8192, 4096, 128, 128, 132, group_n=1024)["SPLIT"] == 3            # wo_a: 128 tiles
+    assert k.mma_launch(1536, 4096, 128, 128, 132)["SPLIT"] == 8                          # wq_a+wkv: 4 steps each
+    assert k.mma_launch(32768, 1024, 128, 128, 132).get("SPLIT", 1) == 1                   # wq_b fills the GPU
+    assert k.mma_launch(96, 4096, 32, 128, 132) is None                                   # 32-row scale blocks
     g = torch.Generator().manual_seed(3)
     w, s = rand_fp8(64, 128, g)
     x = torch.randn(1, 128, generator=g)
-    with pytest.raises(ValueError, match="BN >= 16"):
+    with pytest.raises(ValueError, match="BN >= 16, BK"):
         k.fp8_gemv(x.to(KDEV), w.to(KDEV), s.to(KDEV), KERNEL="mma", BN=8, BK=64)
     with pytest.raises(ValueError, match="BK dividing"):
         k.fp8_gemv(x.to(KDEV), w.to(KDEV), s.to(KDEV), KERNEL="mma", BN=16, BK=256)
+    with pytest.raises(ValueError, match="SPLIT >= 1"):
+        k.fp8_gemv(x.to(KDEV), w.to(KDEV), s.to(KDEV), KERNEL="mma", BN=16, BK=64, SPLIT=0)
     with pytest.raises(ValueError, match="'fma' or 'mma'"):
         k.fp8_gemv(x.to(KDEV), w.to(KDEV), s.to(KDEV), KERNEL="dot")
 

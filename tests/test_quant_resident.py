@@ -116,15 +116,18 @@ def test_resident_model_on_the_triton_kernels(resident, dequantised, golden):
         assert rel(out.cpu(), dequantised(ids[:, :6])) <= 1e-5
 
 
-def test_resident_decode_on_the_tensor_core_gemv(resident, dequantised, golden, monkeypatch):
+@pytest.mark.parametrize("split", [False, True])
+def test_resident_decode_on_the_tensor_core_gemv(resident, dequantised, golden, monkeypatch, split):
     """A cached decode step of the golden model (2 rows) with its FP8 linears on the tensor-core GEMV
-    (`fp8_gemm.GEMV_KERNEL = "mma"`; CPU: interpreter, fp32 operands) gives the dequantised model's logits;
-    every FP8 projection of the step, the grouped `wo_a` too, runs through that kernel."""
+    (`fp8_gemm.GEMV_KERNEL = "mma"`; CPU: interpreter, fp32 operands), unsplit and with K split in one
+    launch (`MMA_SPLIT_K`), gives the dequantised model's logits; every FP8 projection of the step, the
+    grouped `wo_a` too, runs through that kernel."""
     import dsv4.kernels.fp8_gemm as k
 
     ids = golden["input_ids"]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     calls = {"mma": 0, "fma": 0, "tiled": 0}
+    splits = []
 
     class Spy:
         def __init__(self, name, kernel):
@@ -132,9 +135,11 @@ def test_resident_decode_on_the_tensor_core_gemv(resident, dequantised, golden, 
 
         def __getitem__(self, grid):
             calls[self.name] += 1
+            splits.append(grid[1] if len(grid) > 1 else 1)
             return self.kernel[grid]
 
     monkeypatch.setattr(k, "GEMV_KERNEL", "mma")
+    monkeypatch.setattr(k, "MMA_SPLIT_K", split)
     model = resident.to(dev)
     ops.set_backend({"fp8_linear": "triton", "fp8_grouped_linear": "triton", "fp4_experts": "triton"})
     try:
@@ -156,6 +161,7 @@ def test_resident_decode_on_the_tensor_core_gemv(resident, dequantised, golden, 
     # every FP8 projection of the step, each one launch: wq_a, wkv, wq_b, wo_a, wo_b and the shared expert's w1,
     # w3, w2 in each of the 4 layers, and the indexer's wq_b in the 2 CSA layers
     assert calls == {"mma": 8 * 4 + 2, "fma": 0, "tiled": 0}, calls
+    assert all(n == 2 for n in splits) if split else all(n == 1 for n in splits), splits
 
 
 def test_packed_fp8_projections_give_the_same_model(resident, dequantised, golden, monkeypatch):
