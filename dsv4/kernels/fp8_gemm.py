@@ -39,6 +39,13 @@ weights (32 per thread at 4 warps) — V4-Flash wkv (512 x 4096) runs 512 one-ro
 whole of K, wo_b (4096 x 8192) 1024 programs of 4 rows in chunks of 1024 columns. `GEMV_VARIANTS`
 lists other launch shapes, run through `fp8_gemv(..., **variant)` and timed by the same script.
 
+The GEMV on the tensor cores (`_fp8_mma_gemv_kernel`, `GEMV_KERNEL = "mma"` or `KERNEL="mma"` in a launch's
+settings; off by default until timed): a `tl.dot` with the operands swapped (the weight's rows on the
+MMA's M side, up to 64 rows of x zero-padded on the narrow side), fp16 operands (e4m3 exact, x scaled
+per row by a power of two), so that Triton's pipeliner stages the weight tiles through shared memory;
+`mma_launch` picks it where 64- or 128-row programs fill the GPU, and with `MMA_SPLIT_K` splits K over
+programs of one launch elsewhere (the last program of a row tile adds the partials in split order).
+
 Under `TRITON_INTERPRET=1` (CPU tests) the dot runs in fp32 (the interpreter's bf16 dot is wrong)
 and each path has one small tile configuration. The kernels use only core `tl` builtins and `tl.sum`
 (which runs in the interpreter: the GEMV tests use it), none of the other `@jit` helpers of
