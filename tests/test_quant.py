@@ -419,6 +419,10 @@ def test_fp8_tensor_core_gemv_split_k(dtype):
             one = k.fp8_gemv(*dev(x, w, s), KERNEL="mma", BN=32, BK=128)
             assert relerr(out, one) <= tol, (M, split)
     assert all(int(c.abs().sum()) == 0 for _, c in k._SPLIT_BUFFERS.values())     # counters left at zero
+    if dtype == torch.bfloat16:          # halves of x 1e30 apart (each split scales its own columns)
+        x = (torch.randn(2, K, generator=g) * torch.where(torch.arange(K) < K // 2, 1e15, 1e-15)).to(dtype)
+        out = k.fp8_gemv(*dev(x, w, s), KERNEL="mma", BN=32, BK=128, SPLIT=3)
+        assert relerr(out, f64_fp8_linear(x, w, s)) <= tol
     wg, sg = rand_fp8(4 * 32, K, g, block=(32, 128))                                     # 4 groups of 32 rows
     xg = torch.randn(2, 4, K, generator=g).to(dtype)
     out = k.fp8_grouped_gemv(*dev(xg, wg, sg), block=(32, 128), KERNEL="mma", BN=16, BK=64, SPLIT=3)

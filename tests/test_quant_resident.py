@@ -116,12 +116,12 @@ def test_resident_model_on_the_triton_kernels(resident, dequantised, golden):
         assert rel(out.cpu(), dequantised(ids[:, :6])) <= 1e-5
 
 
-@pytest.mark.parametrize("split", [False, True])
-def test_resident_decode_on_the_tensor_core_gemv(resident, dequantised, golden, monkeypatch, split):
+def test_resident_decode_on_the_tensor_core_gemv(resident, dequantised, golden, monkeypatch, split=True):
     """A cached decode step of the golden model (2 rows) with its FP8 linears on the tensor-core GEMV
-    (`fp8_gemm.GEMV_KERNEL = "mma"`; CPU: interpreter, fp32 operands), unsplit and with K split in one
-    launch (`MMA_SPLIT_K`), gives the dequantised model's logits; every FP8 projection of the step, the
-    grouped `wo_a` too, runs through that kernel."""
+    (`fp8_gemm.GEMV_KERNEL = "mma"`; CPU: interpreter, fp32 operands), with K split in one launch
+    (`MMA_SPLIT_K`; the unsplit kernel is the same code without the last step, tested against float64 in
+    test_quant.py), gives the dequantised model's logits; every FP8 projection of the step, the grouped
+    `wo_a` too, runs through that kernel."""
     import dsv4.kernels.fp8_gemm as k
 
     ids = golden["input_ids"]

@@ -286,13 +286,14 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, group_n, stride_xm, strid
 
 
 @triton.jit
-def _half_row_scales(x_rows, K, m_ok, rk, BK: tl.constexpr, BM: tl.constexpr):
-    """Per row of x (columns of the [BK, BM] tiles at x_rows): (2^-e, 2^e) with max |x| · 2^-e in
-    [2^14, 2^15), so that x · 2^-e is in fp16's range and, for bf16 or fp16 x, exact (bar values below
-    max |x| · 2^-38, which fp16 keeps as subnormals); e is clamped to [-126, 126] (both factors normal)."""
+def _half_row_scales(x_rows, k_lo, k_hi, m_ok, rk, BK: tl.constexpr, BM: tl.constexpr):
+    """Per row of x (columns of the [BK, BM] tiles at x_rows), over its columns [k_lo, k_hi): (2^-e, 2^e)
+    with max |x| · 2^-e in [2^14, 2^15), so that x · 2^-e is in fp16's range and, for bf16 or fp16 x, exact
+    (bar values below max |x| · 2^-38, which fp16 keeps as subnormals); e is clamped to [-126, 126] (both
+    factors normal)."""
     amax = tl.full((BM,), 0.0, tl.float32)
-    for k0 in range(0, K, BK):
-        xt = tl.load(x_rows + (k0 + rk)[:, None], mask=((k0 + rk) < K)[:, None] & m_ok[None, :], other=0.0)
+    for k0 in range(k_lo, k_hi, BK):
+        xt = tl.load(x_rows + (k0 + rk)[:, None], mask=((k0 + rk) < k_hi)[:, None] & m_ok[None, :], other=0.0)
         amax = tl.maximum(amax, tl.max(tl.abs(xt.to(tl.float32)), 0))
     e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 141            # floor(log2 max|x|) - 14
     e = tl.minimum(tl.maximum(e, -126), 126)
@@ -321,8 +322,8 @@ def _fp8_mma_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, WS, CNT, M, N, K, K_PER, gr
     memory with asynchronous copies over num_stages steps, which the FMA GEMV's register loads do not get.
 
     HALF (bf16 / fp16 x): fp16 operands (e4m3 -> fp16 is one conversion per two bytes on sm89+, and exact),
-    x scaled per row by a power of two into fp16's range (`_half_row_scales`: a pass over x's row before
-    the loop) and the output by its inverse; products exact, fp32 accumulation. Otherwise fp32 operands
+    x scaled per row by a power of two into fp16's range (`_half_row_scales`: a pass over the program's
+    columns of x before the loop) and the sums by its inverse; products exact, fp32 accumulation. Otherwise fp32 operands
     (fp32 x, and under the interpreter, whose bf16 dot is wrong). Each K step lies in one scale block
     (SBK % BK == 0) and the program's rows in one row-block (SBN % BN == 0): the step's partial product
     is multiplied by its [BN] block scales before it is added (exact for e8m0). Grouped projections as
@@ -345,10 +346,10 @@ def _fp8_mma_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, WS, CNT, M, N, K, K_PER, gr
     x_rows = x_ptr + rm.to(tl.int64)[None, :] * stride_xm               # [1, BM]
     w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
     s_ptrs = s_ptr + ((pid * BN) // SBN) * stride_sn                    # the program's row of scales
-    if HALF:
-        x_mul, y_mul = _half_row_scales(x_rows, K, m_ok, rk, BK, BM)
     k_lo = sp * K_PER
     k_hi = tl.minimum(K, k_lo + K_PER)
+    if HALF:                                       # (over the program's columns: a split scales its own)
+        x_mul, y_mul = _half_row_scales(x_rows, k_lo, k_hi, m_ok, rk, BK, BM)
     acc = tl.full((BN, BM), 0.0, tl.float32)
     s_next = tl.load(s_ptrs + k_lo // SBK)         # each step's block scale is loaded one step ahead
     for k0 in range(k_lo, k_hi, BK):
@@ -368,6 +369,8 @@ def _fp8_mma_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, WS, CNT, M, N, K, K_PER, gr
         else:
             part = tl.dot(_fp8_decode(wb, NATIVE_FP8), xt.to(tl.float32), input_precision="ieee")
         acc += part * s
+    if HALF:
+        acc = acc * y_mul[None, :]
     last = True
     if SPLIT_K:
         tiles = tl.num_programs(0)
@@ -383,8 +386,6 @@ def _fp8_mma_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, WS, CNT, M, N, K, K_PER, gr
             acc += tl.load(wp, mask=m_ok[None, :] & last, other=0.0, cache_modifier=".cg")
             wp += tiles * BN * M
         tl.store(CNT + pid, 0, mask=last)
-    if HALF:
-        acc = acc * y_mul[None, :]
     tl.store(y_ptr + rm[None, :] * stride_ym + rn[:, None], acc.to(y_ptr.dtype.element_ty),
              mask=n_ok[:, None] & m_ok[None, :] & last)
 
