@@ -3,15 +3,16 @@
 #   OUT=... bash bench/gpu_round17.sh [steps...]    steps: probe tests flash trace gen
 # `probe` (the FP4 word kernels' loop forms at batch 1, then the FP8 GEMV's pipelined and tensor-core
 # variants at 1 and 2 rows) fills one call, `flash` (the 6-layer V4-Flash-shaped model under each setting
-# of $SETTINGS, timed in one process) another, `tests` (the quantised kernels' and the decode kernels' GPU
-# tests) a third. Extra bench_flash_shaped.py arguments in $FLASH_ARGS. After each step the logs so far are
+# of $SETTINGS, timed in one process; the last two turn on the deferred Sinkhorn, which was on in the one
+# call of an earlier round that never returned, so they come after everything else; `combo` is all of the
+# untimed forms at once) another, `tests` (the quantised kernels' and the decode kernels' GPU tests) a third. Extra bench_flash_shaped.py arguments in $FLASH_ARGS. After each step the logs so far are
 # archived in $OUT/round17_logs.tgz, so that a call cut off keeps what it finished.
 set -u
 OUT=${OUT:-out_round17}
 F4=dsv4.kernels.fp4_moe
 F8=dsv4.kernels.fp8_gemm
 T32="$F4.TILES={'gemv':{'BN':4,'BK':512,'num_warps':4,'num_stages':2},'words':{'BN':32,'BK':256,'num_warps':4,'num_stages':2},'words_pair_down':{'BN':32,'BK':256,'num_warps':4,'num_stages':2}}"
-SETTINGS=${SETTINGS-"base:;f4pipe:$F4.WORDS_PIPE=True,$F4.WORDS_AMAX_BLOCK=4096;f4pipe32:$F4.WORDS_PIPE=True,$F4.WORDS_AMAX_BLOCK=4096,$T32;f8pipe:$F8.GEMV_PIPE=True;f8mma:$F8.GEMV_KERNEL='mma';f8mma_all:$F8.GEMV_KERNEL='mma',$F8.MMA_MIN_FILL=0,$F8.MMA_STAGES=8;f8mma_split:$F8.GEMV_KERNEL='mma',$F8.MMA_SPLIT_K=True;postpre:dsv4.model.FUSE_POST_PRE=True;defer:dsv4.ops.HC_DEFER_TOKENS=15"}
+SETTINGS=${SETTINGS-"base:;f4pipe:$F4.WORDS_PIPE=True,$F4.WORDS_AMAX_BLOCK=4096;f4pipe32:$F4.WORDS_PIPE=True,$F4.WORDS_AMAX_BLOCK=4096,$T32;f8pipe:$F8.GEMV_PIPE=True;f8mma:$F8.GEMV_KERNEL='mma';f8mma_all:$F8.GEMV_KERNEL='mma',$F8.MMA_MIN_FILL=0,$F8.MMA_STAGES=8;f8mma_split:$F8.GEMV_KERNEL='mma',$F8.MMA_SPLIT_K=True;postpre:dsv4.model.FUSE_POST_PRE=True;defer:dsv4.ops.HC_DEFER_TOKENS=15;combo:$F4.WORDS_PIPE=True,$F4.WORDS_AMAX_BLOCK=4096,$F8.GEMV_KERNEL='mma',$F8.MMA_SPLIT_K=True,dsv4.model.FUSE_POST_PRE=True,dsv4.ops.HC_DEFER_TOKENS=15"}
 FP8_VARIANTS='[{"BN":32,"BK":256,"num_warps":4,"num_stages":2,"RSUB":2,"PIPE":true},{"BN":4,"BK":2048,"num_warps":4,"num_stages":2,"RSUB":2,"PIPE":true},{"KERNEL":"mma","BN":64,"BK":128,"num_warps":4,"num_stages":4,"SPLIT":4},{"KERNEL":"mma","BN":64,"BK":128,"num_warps":4,"num_stages":4},{"KERNEL":"mma","BN":64,"BK":128,"num_warps":4,"num_stages":8},{"KERNEL":"mma","BN":128,"BK":128,"num_warps":4,"num_stages":4},{"KERNEL":"mma","BN":32,"BK":128,"num_warps":4,"num_stages":6}]'
 LOGS=$(mktemp -d)
 steps=${*:-probe}
