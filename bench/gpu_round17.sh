@@ -23,6 +23,8 @@ flash() {   # name, then bench_flash_shaped.py arguments
 }
 for s in $steps; do case $s in
   tests) timeout 260 python -m pytest -q tests/test_quant.py -k "fp4 or fp8" -p no:warnings > "$LOGS/tests_quant.log" 2>&1
+         timeout 120 python -m pytest -q tests/test_quant_resident.py -k "tensor_core or triton" -p no:warnings \
+           > "$LOGS/tests_resident.log" 2>&1
          timeout 200 python -m pytest -q tests/test_kernels.py -k "sparse_attention or split_attention or \
            model_with_the_kernels or hc_ or sinkhorn" -p no:warnings > "$LOGS/tests_kernels.log" 2>&1 ;;
   probe) timeout 200 python bench/probe_flash_decode.py --only fp4loop --batches 1 --out "$LOGS/probe_fp4_loop.json" \
