@@ -445,6 +445,9 @@ def test_fp8_tensor_core_gemv_launch_rule_and_errors(monkeypatch):
     assert k.mma_launch(1536, 4096, 128, 128, 132)["SPLIT"] == 8                          # wq_a+wkv: 4 steps each
     assert k.mma_launch(32768, 1024, 128, 128, 132).get("SPLIT", 1) == 1                   # wq_b fills the GPU
     assert k.mma_launch(96, 4096, 32, 128, 132) is None                                   # 32-row scale blocks
+    monkeypatch.setattr(k, "GEMV_KERNEL", "mma")           # off a GPU: small tiles, K split in two when asked
+    cpu = k._gemv_tiles(1, 64, 128, 128, torch.device("cpu"))
+    assert (cpu["KERNEL"], cpu["SPLIT"], cpu["BK"]) == ("mma", 2, 16)
     g = torch.Generator().manual_seed(3)
     w, s = rand_fp8(64, 128, g)
     x = torch.randn(1, 128, generator=g)

@@ -140,6 +140,9 @@ def test_resident_decode_on_the_tensor_core_gemv(resident, dequantised, golden, 
 
     monkeypatch.setattr(k, "GEMV_KERNEL", "mma")
     monkeypatch.setattr(k, "MMA_SPLIT_K", split)
+    # the golden model's matrices are far below the sizes `mma_launch` takes on a GPU: its tiles on any device
+    monkeypatch.setattr(k, "_gemv_tiles", lambda M, N, K, block_n, device, per_sm=6, block_k=128, group_n=None: dict(
+        KERNEL="mma", BN=min(32, k._pow2_divisor(block_n)), BK=16, num_warps=4, num_stages=2, RSUB=1, SPLIT=2))
     model = resident.to(dev)
     ops.set_backend({"fp8_linear": "triton", "fp8_grouped_linear": "triton", "fp4_experts": "triton"})
     try:
