@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
-# The next device calls (one H200): the sixteenth round's untimed loop forms and the tensor-core FP8 GEMV.
+# Device calls of the seventeenth round (one H200): the sixteenth round's loop forms of the quantised decode
+# GEMVs, on their own and in the model.
 #   OUT=... bash bench/gpu_round17.sh [steps...]    steps: probe tests flash trace gen
-# `probe` (the FP4 word kernels' loop forms at batch 1, then the FP8 GEMV's pipelined and tensor-core
-# variants at 1 and 2 rows) fills one call, `flash` (the 6-layer V4-Flash-shaped model under each setting
-# of $SETTINGS, timed in one process; the last two turn on the deferred Sinkhorn, which was on in the one
-# call of an earlier round that never returned, so they come after everything else; `combo` is all of the
-# untimed forms at once) another, `tests` (the quantised kernels' and the decode kernels' GPU tests) a third. Extra bench_flash_shaped.py arguments in $FLASH_ARGS. After each step the logs so far are
-# archived in $OUT/round17_logs.tgz, so that a call cut off keeps what it finished.
+# `probe` (the FP4 word kernels' loop forms at batch 1, then the FP8 GEMV's pipelined tiles at 1 and 2 rows;
+# ran on 2026-12-05, `bench/results/README.md`) fills one call, `flash` (the 6-layer V4-Flash-shaped model
+# under each setting of $SETTINGS, timed in one process; the last two turn on the deferred Sinkhorn, which
+# was on in the one call of an earlier round that never returned, so they come after everything else;
+# `combo` is the untimed forms at once) another, `tests` (the quantised kernels' and the decode kernels'
+# GPU tests) a third. Extra bench_flash_shaped.py arguments in $FLASH_ARGS. After each step the logs so far
+# are archived in $OUT/round17_logs.tgz, so that a call cut off keeps what it finished.
 set -u
 OUT=${OUT:-out_round17}
 F4=dsv4.kernels.fp4_moe
 F8=dsv4.kernels.fp8_gemm
 T32="$F4.TILES={'gemv':{'BN':4,'BK':512,'num_warps':4,'num_stages':2},'words':{'BN':32,'BK':256,'num_warps':4,'num_stages':2},'words_pair_down':{'BN':32,'BK':256,'num_warps':4,'num_stages':2}}"
-SETTINGS=${SETTINGS-"base:;f4pipe:$F4.WORDS_PIPE=True,$F4.WORDS_AMAX_BLOCK=4096;f4pipe32:$F4.WORDS_PIPE=True,$F4.WORDS_AMAX_BLOCK=4096,$T32;f8pipe:$F8.GEMV_PIPE=True;f8mma:$F8.GEMV_KERNEL='mma';f8mma_all:$F8.GEMV_KERNEL='mma',$F8.MMA_MIN_FILL=0,$F8.MMA_STAGES=8;f8mma_split:$F8.GEMV_KERNEL='mma',$F8.MMA_SPLIT_K=True;postpre:dsv4.model.FUSE_POST_PRE=True;defer:dsv4.ops.HC_DEFER_TOKENS=15;combo:$F4.WORDS_PIPE=True,$F4.WORDS_AMAX_BLOCK=4096,$F8.GEMV_KERNEL='mma',$F8.MMA_SPLIT_K=True,dsv4.model.FUSE_POST_PRE=True,dsv4.ops.HC_DEFER_TOKENS=15"}
-FP8_VARIANTS='[{"BN":32,"BK":256,"num_warps":4,"num_stages":2,"RSUB":2,"PIPE":true},{"BN":4,"BK":2048,"num_warps":4,"num_stages":2,"RSUB":2,"PIPE":true},{"KERNEL":"mma","BN":64,"BK":128,"num_warps":4,"num_stages":4,"SPLIT":4},{"KERNEL":"mma","BN":64,"BK":128,"num_warps":4,"num_stages":4},{"KERNEL":"mma","BN":64,"BK":128,"num_warps":4,"num_stages":8},{"KERNEL":"mma","BN":128,"BK":128,"num_warps":4,"num_stages":4},{"KERNEL":"mma","BN":32,"BK":128,"num_warps":4,"num_stages":6}]'
+SETTINGS=${SETTINGS-"base:;f4pipe:$F4.WORDS_PIPE=True;f4pipe32:$F4.WORDS_PIPE=True,$T32;postpre:dsv4.model.FUSE_POST_PRE=True;defer:dsv4.ops.HC_DEFER_TOKENS=15;combo:$F4.WORDS_PIPE=True,$T32,dsv4.model.FUSE_POST_PRE=True,dsv4.ops.HC_DEFER_TOKENS=15"}
+FP8_VARIANTS='[{"BN":32,"BK":256,"num_warps":4,"num_stages":2,"RSUB":2,"PIPE":true},{"BN":4,"BK":2048,"num_warps":4,"num_stages":2,"RSUB":2,"PIPE":true}]'
 LOGS=$(mktemp -d)
 steps=${*:-probe}
 flash() {   # name, then bench_flash_shaped.py arguments
@@ -23,7 +25,7 @@ flash() {   # name, then bench_flash_shaped.py arguments
 }
 for s in $steps; do case $s in
   tests) timeout 260 python -m pytest -q tests/test_quant.py -k "fp4 or fp8" -p no:warnings > "$LOGS/tests_quant.log" 2>&1
-         timeout 120 python -m pytest -q tests/test_quant_resident.py -k "tensor_core or triton" -p no:warnings \
+         timeout 120 python -m pytest -q tests/test_quant_resident.py -k "triton" -p no:warnings \
            > "$LOGS/tests_resident.log" 2>&1
          timeout 200 python -m pytest -q tests/test_kernels.py -k "sparse_attention or split_attention or \
            model_with_the_kernels or hc_ or sinkhorn" -p no:warnings > "$LOGS/tests_kernels.log" 2>&1 ;;

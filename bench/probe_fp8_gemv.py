@@ -2,8 +2,7 @@
 
 For the V4-Flash matrices wq_a (1024 x 4096), wq_b (32768 x 1024), wkv (512 x 4096) and wo_b (4096 x 8192)
 and M = 1, 2, 4 rows of bf16 activations (`--dtype`): the tiled kernel with its K split (`path="tiled"`, what decode
-ran before the GEMV), the GEMV at its default tiles and at each of `GEMV_VARIANTS` (or `--variants`; a variant
-with "KERNEL": "mma" runs the tensor-core GEMV, labelled ",mma"), each checked against
+ran before the GEMV), the GEMV at its default tiles and at each of `GEMV_VARIANTS`, each checked against
 the PyTorch twin (max |error| / max |twin|) and timed from CUDA-graph replay (median over replays of a
 graph of many calls: `triton.testing.do_bench_cudagraph`). Weight bytes (fp8 + scales) per second and the
 fraction of the H200's measured 4.3 TB/s are printed per row, with the compiled kernel's registers and
@@ -132,9 +131,7 @@ def main(argv=None):
                 bad += err > tol
                 tiles = "split-K" if path == "tiled" else ("default " if var is None else "") + \
                     "{BN},{BK},w{num_warps},s{num_stages},r{RSUB}".format(**{"RSUB": 1, **(var or default)}) + \
-                    (",pipe" if (var or default).get("PIPE") else "") + \
-                    (",mma" if (var or default).get("KERNEL") == "mma" else "") + \
-                    (f",split{(var or default)['SPLIT']}" if (var or default).get("SPLIT", 1) > 1 else "")
+                    (",pipe" if (var or default).get("PIPE") else "")
                 timing = (f"{row['us']:8.2f} {row['GBps']:8.1f} {row['of_hbm']:6.2f}" if "us" in row
                           else f"{'-':>8s} {'-':>8s} {'-':>6s}")
                 print(f"{name:>6s} {N:>5d} x {K:<5d} {M:>2d} {path:>6s} {tiles:>26s} {timing} "

@@ -69,9 +69,7 @@ def report(fn, sig: dict, consts: dict, warps: int, stages: int, matrices: int) 
     ops = collections.Counter(re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", x).group(1)
                               for x in ins[start:start + (loop or 0)])
     bytes_per_thread = matrices * consts["BN"] * consts["BK"] // 2 / (32 * warps)
-    return {"registers": regs, "spill_bytes": spills, "shared_bytes": c.metadata.shared, "sass": len(ins), "k_loop": loop,
-            "kernel_ops": dict(collections.Counter(re.search(r"\*/\s+(?:@!?U?P\w+\s+)?([A-Z0-9_]+)", x).group(1)
-                                                    for x in ins)),
+    return {"registers": regs, "spill_bytes": spills, "sass": len(ins), "k_loop": loop,
             "instructions_per_byte": loop / bytes_per_thread if loop else None, "k_loop_ops": dict(ops)}
 
 

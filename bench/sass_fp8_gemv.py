@@ -11,13 +11,6 @@ the JIT gives them at run time).
     python3 bench/sass_fp8_gemv.py --rsub 1                 # the one-row rule before sub-tiles
     python3 bench/sass_fp8_gemv.py --variant 32,128,4,4     # BN, BK, warps, RSUB at each shape
     python3 bench/sass_fp8_gemv.py --pipe                   # and the double-buffered K loop
-    python3 bench/sass_fp8_gemv.py --mma                    # the tensor-core GEMV (KERNEL="mma") at each shape:
-                                                            # its default launch where it has one, and 16..128-row
-                                                            # tiles; --mma-rows 32 for 17..32 rows of x
-
-The tensor-core GEMV is reported with its shared memory, the programs an SM holds (registers, warps,
-shared memory), its MMA instructions (HGMMA: Hopper's warp-group MMA; HMMA: the warp MMA) and its
-asynchronous copies (LDGSTS: Triton's pipeliner staging the weight tiles through shared memory).
 """
 from __future__ import annotations
 
@@ -49,43 +42,6 @@ def count(N: int, K: int, bn: int, bk: int, warps: int, rsub: int, pipe: bool = 
     return r
 
 
-MMA_SIG = dict(x_ptr="*bf16", w_ptr="*u8", s_ptr="*u8", y_ptr="*bf16", WS="*fp32", CNT="*i32", M="i32", N="i32",
-               K="i32", K_PER="i32", group_n="i32", stride_xm="i32", stride_xg="i32", stride_wn="i32", stride_sn="i32",
-               stride_ym="i32")
-
-
-def count_mma(bn: int, bk: int, warps: int, stages: int, bm: int = 16, split: bool = False) -> dict:
-    consts = dict(SBN=128, SBK=128, SCALE_E8M0=True, NATIVE_FP8=True, HALF=True, BM=bm, BN=bn, BK=bk, SPLIT_K=split,
-                  ASM=True)
-    r = report(fp8_gemm._fp8_mma_gemv_kernel, MMA_SIG, consts, warps, stages, 1)
-    r["instructions_per_byte"] = r["k_loop"] / (bn * bk / (32 * warps)) if r["k_loop"] else None
-    r["per_sm"] = min(65536 // (r["registers"] * 32 * warps), 64 // warps, 232448 // max(1, r["shared_bytes"]))
-    return r
-
-
-def main_mma(a) -> None:
-    """The tile variants compile to the same code at every shape (nothing in them depends on N or K):
-    their counts once, then each shape's programs and default launch."""
-    for bn, stages, split in [(16, 4, False), (32, 4, False), (64, 4, False), (64, 8, False), (64, 4, True),
-                              (128, 4, False)]:
-        if True:
-            r = count_mma(bn, 128, 4, stages, a.mma_rows, split)
-            ops = r["kernel_ops"]
-            print(f"mma BN {bn:3d} BK 128 BM {a.mma_rows} warps 4 stages {stages}{' split-K' if split else ''}: "
-                  f"{r['registers']:3d} registers, "
-                  f"{r['spill_bytes']} B spilled, {r['shared_bytes'] // 1024} KB shared, {r['per_sm']} programs an SM; "
-                  f"K loop {r['k_loop']} SASS = {r['instructions_per_byte']:.2f} per weight byte; HGMMA "
-                  f"{ops.get('HGMMA', 0)}, HMMA {ops.get('HMMA', 0)}, LDGSTS {ops.get('LDGSTS', 0)}", flush=True)
-            if a.ops:
-                print("    " + ", ".join(f"{k} {v}" for k, v in sorted(r["k_loop_ops"].items(), key=lambda kv: -kv[1])))
-    for name, (N, K, _) in SHAPES.items():
-        group = 1024 if name.startswith("wo_a") else None
-        default = fp8_gemm.mma_launch(N, K, 128, 128, a.sms, group)
-        programs = ", ".join(f"BN {bn}: {N // bn}" for bn in (16, 32, 64, 128))
-        print(f"{name:22s} {N:6d}x{K:<5d} programs {programs}; default: "
-              + (f"BN {default['BN']}, {default['num_stages']} stages" if default else "none (the FMA GEMV)"))
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--variant", action="append", default=[],
@@ -95,12 +51,7 @@ def main(argv=None):
                     help="the default launches with this many sub-tiles (1: the rule before sub-tiles); "
                          "default fp8_gemm.GEMV_RSUB")
     ap.add_argument("--pipe", action="store_true", help="also the K loop double-buffered (fp8_gemm.GEMV_PIPE)")
-    ap.add_argument("--mma", action="store_true", help="the tensor-core GEMV (fp8_gemm._fp8_mma_gemv_kernel) instead")
-    ap.add_argument("--mma-rows", type=int, default=16, choices=(16, 32, 64), help="x's padded rows (BM) for --mma")
-    ap.add_argument("--ops", action="store_true", help="with --mma: each K loop's instructions by opcode")
     a = ap.parse_args(argv)
-    if a.mma:
-        return main_mma(a)
     for name, (N, K, per_sm) in SHAPES.items():
         if a.variant:
             launches = [tuple(int(v) for v in text.split(",")) for text in a.variant]

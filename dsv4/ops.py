@@ -22,7 +22,6 @@ from __future__ import annotations
 import functools
 import importlib
 import importlib.util
-import math
 import os
 
 import torch
@@ -1430,12 +1429,9 @@ def fp8_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor
 def fp8_grouped_linear_triton(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
                               block: tuple[int, int] = (128, 128)) -> torch.Tensor:
     """The grouped FP8 GEMV (`dsv4.kernels.fp8_gemm.fp8_grouped_gemv`) for decode-sized inputs (up to the
-    GEMV's `GEMV_MAX_ROWS` rows of leading dims, or more where its tensor-core form serves them); more rows
-    take the twin (dequantise + batched matmul)."""
-    from dsv4.kernels.fp8_gemm import GEMV_MAX_ROWS, _mma_serves, fp8_grouped_gemv
-    M, G, K, N = x.numel() // max(x.shape[-1] * x.shape[-2], 1), x.shape[-2], x.shape[-1], weight.shape[0]
-    if M > GEMV_MAX_ROWS and not (N % G == 0 and _mma_serves(M, N, K, math.gcd(int(block[0]), N // G),
-                                                             int(block[1]), x.device, N // G)):
+    GEMV's `GEMV_MAX_ROWS` rows of leading dims); more rows take the twin (dequantise + batched matmul)."""
+    from dsv4.kernels.fp8_gemm import GEMV_MAX_ROWS, fp8_grouped_gemv
+    if x.numel() // max(x.shape[-1] * x.shape[-2], 1) > GEMV_MAX_ROWS:
         return fp8_grouped_linear_torch(x, weight, scale, block)
     return fp8_grouped_gemv(x, weight, scale, block)
 

@@ -116,57 +116,6 @@ def test_resident_model_on_the_triton_kernels(resident, dequantised, golden):
         assert rel(out.cpu(), dequantised(ids[:, :6])) <= 1e-5
 
 
-def test_resident_decode_on_the_tensor_core_gemv(resident, dequantised, golden, monkeypatch, split=True):
-    """A cached decode step of the golden model (2 rows) with its FP8 linears on the tensor-core GEMV
-    (`fp8_gemm.GEMV_KERNEL = "mma"`; CPU: interpreter, fp32 operands), with K split in one launch
-    (`MMA_SPLIT_K`; the unsplit kernel is the same code without the last step, tested against float64 in
-    test_quant.py), gives the dequantised model's logits; every FP8 projection of the step, the grouped
-    `wo_a` too, runs through that kernel."""
-    import dsv4.kernels.fp8_gemm as k
-
-    ids = golden["input_ids"]
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    calls = {"mma": 0, "fma": 0, "tiled": 0}
-    splits = []
-
-    class Spy:
-        def __init__(self, name, kernel):
-            self.name, self.kernel = name, kernel
-
-        def __getitem__(self, grid):
-            calls[self.name] += 1
-            splits.append(grid[1] if len(grid) > 1 else 1)
-            return self.kernel[grid]
-
-    monkeypatch.setattr(k, "GEMV_KERNEL", "mma")
-    monkeypatch.setattr(k, "MMA_SPLIT_K", split)
-    # the golden model's matrices are far below the sizes `mma_launch` takes on a GPU: its tiles on any device
-    monkeypatch.setattr(k, "_gemv_tiles", lambda M, N, K, block_n, device, per_sm=6, block_k=128, group_n=None: dict(
-        KERNEL="mma", BN=min(32, k._pow2_divisor(block_n)), BK=16, num_warps=4, num_stages=2, RSUB=1, SPLIT=2))
-    model = resident.to(dev)
-    ops.set_backend({"fp8_linear": "triton", "fp8_grouped_linear": "triton", "fp4_experts": "triton"})
-    try:
-        with torch.no_grad():
-            cache = DecodeCache(model.config, 2, 16, device=dev)
-            model(ids[:, :6].to(dev), cache=cache, last_only=True)
-            for name, attr in (("mma", "_fp8_mma_gemv_kernel"), ("fma", "_fp8_gemv_kernel"), ("tiled", "_fp8_gemm_kernel")):
-                monkeypatch.setattr(k, attr, Spy(name, getattr(k, attr)))
-            out = model(ids[:, 6:7].to(dev), cache=cache, last_only=True)
-    finally:
-        ops.set_backend(None)
-        resident.to("cpu")
-    with torch.no_grad():
-        cache = DecodeCache(dequantised.config, 2, 16)
-        dequantised(ids[:, :6], cache=cache, last_only=True)
-        ref = dequantised(ids[:, 6:7], cache=cache, last_only=True)
-    assert rel(out.cpu(), ref) <= 1e-5
-    # wq_a, wq_b, wkv, wo_a, wo_b and the shared expert's w1, w3, w2 at least, in each of the 4 layers
-    # every FP8 projection of the step, each one launch: wq_a, wkv, wq_b, wo_a, wo_b and the shared expert's w1,
-    # w3, w2 in each of the 4 layers, and the indexer's wq_b in the 2 CSA layers
-    assert calls == {"mma": 8 * 4 + 2, "fma": 0, "tiled": 0}, calls
-    assert all(n == 2 for n in splits) if split else all(n == 1 for n in splits), splits
-
-
 def test_packed_fp8_projections_give_the_same_model(resident, dequantised, golden, monkeypatch):
     """pack_projections on a quantised-resident model: the FP8 layers of a group (here the CSA layers' wq_b
     with the indexer's; the golden's other groups are narrower than a 128-row scale block) get their

@@ -739,8 +739,10 @@ WORDS_MATH = "half"
 # the first step's loads go out before the row's max |x| is read. The same arithmetic either way.
 WORDS_PIPE = False
 # the row max |x| of the packed fp16 arithmetic is read in blocks of up to this many values (one block
-# for rows of V4-Flash's D = 4096 and I = 2048); None: blocks of BK, as the K loop reads
-WORDS_AMAX_BLOCK = None
+# for rows of V4-Flash's D = 4096 and I = 2048); None: blocks of BK, as the K loop reads. The same values
+# either way; H200, V4-Flash's 6 experts at batch 1 from HBM (`bench/probe_flash_decode.py --only fp4loop`):
+# up + down 37.2 against 37.7 us at the default tiles, 39.7-43.7 against 40.5-45.2 at three others
+WORDS_AMAX_BLOCK = 4096
 
 
 def _amax_block(n: int, cfg: dict) -> int:

@@ -39,13 +39,6 @@ weights (32 per thread at 4 warps) — V4-Flash wkv (512 x 4096) runs 512 one-ro
 whole of K, wo_b (4096 x 8192) 1024 programs of 4 rows in chunks of 1024 columns. `GEMV_VARIANTS`
 lists other launch shapes, run through `fp8_gemv(..., **variant)` and timed by the same script.
 
-The GEMV on the tensor cores (`_fp8_mma_gemv_kernel`, `GEMV_KERNEL = "mma"` or `KERNEL="mma"` in a launch's
-settings; off by default until timed): a `tl.dot` with the operands swapped (the weight's rows on the
-MMA's M side, up to 64 rows of x zero-padded on the narrow side), fp16 operands (e4m3 exact, x scaled
-per row by a power of two), so that Triton's pipeliner stages the weight tiles through shared memory;
-`mma_launch` picks it where 64- or 128-row programs fill the GPU, and with `MMA_SPLIT_K` splits K over
-programs of one launch elsewhere (the last program of a row tile adds the partials in split order).
-
 Under `TRITON_INTERPRET=1` (CPU tests) the dot runs in fp32 (the interpreter's bf16 dot is wrong)
 and each path has one small tile configuration. The kernels use only core `tl` builtins and `tl.sum`
 (which runs in the interpreter: the GEMV tests use it), none of the other `@jit` helpers of
@@ -285,111 +278,6 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, group_n, stride_xm, strid
             tl.store(y_ptr + 3 * stride_ym + rn, tl.sum(acc3, 1).to(out_ty), mask=n_ok)
 
 
-@triton.jit
-def _half_row_scales(x_rows, k_lo, k_hi, m_ok, rk, BK: tl.constexpr, BM: tl.constexpr):
-    """Per row of x (columns of the [BK, BM] tiles at x_rows), over its columns [k_lo, k_hi): (2^-e, 2^e)
-    with max |x| · 2^-e in [2^14, 2^15), so that x · 2^-e is in fp16's range and, for bf16 or fp16 x, exact
-    (bar values below max |x| · 2^-38, which fp16 keeps as subnormals); e is clamped to [-126, 126] (both
-    factors normal)."""
-    amax = tl.full((BM,), 0.0, tl.float32)
-    for k0 in range(k_lo, k_hi, BK):
-        xt = tl.load(x_rows + (k0 + rk)[:, None], mask=((k0 + rk) < k_hi)[:, None] & m_ok[None, :], other=0.0)
-        amax = tl.maximum(amax, tl.max(tl.abs(xt.to(tl.float32)), 0))
-    e = ((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF) - 141            # floor(log2 max|x|) - 14
-    e = tl.minimum(tl.maximum(e, -126), 126)
-    return ((127 - e) << 23).to(tl.float32, bitcast=True), ((127 + e) << 23).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _gpu_fence(ASM: tl.constexpr):
-    """fence.acq_rel.gpu in every thread (a GPU: this thread's stores visible GPU-wide before what follows);
-    nothing under the interpreter, which runs programs one after another."""
-    if ASM:
-        tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False,
-                                  pack=1)
-
-
-@launchable
-@triton.jit
-def _fp8_mma_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, WS, CNT, M, N, K, K_PER, group_n, stride_xm, stride_xg,
-                         stride_wn, stride_sn, stride_ym, SBN: tl.constexpr, SBK: tl.constexpr,
-                         SCALE_E8M0: tl.constexpr, NATIVE_FP8: tl.constexpr, HALF: tl.constexpr, BM: tl.constexpr,
-                         BN: tl.constexpr, BK: tl.constexpr, SPLIT_K: tl.constexpr = False, ASM: tl.constexpr = False,
-                         PDL: tl.constexpr = False):
-    """The decode GEMV on the tensor cores, operands swapped: acc [BN, BM] += W tile [BN, BK] (widened,
-    exact) · x tileᵀ [BK, BM], x's M <= BM rows padded with zeros to the dot's BM columns (16 at least), so
-    that the weight's rows fill the dot's M side. `tl.dot` lets Triton stage the weight tiles through shared
-    memory with asynchronous copies over num_stages steps, which the FMA GEMV's register loads do not get.
-
-    HALF (bf16 / fp16 x): fp16 operands (e4m3 -> fp16 is one conversion per two bytes on sm89+, and exact),
-    x scaled per row by a power of two into fp16's range (`_half_row_scales`: a pass over the program's
-    columns of x before the loop) and the sums by its inverse; products exact, fp32 accumulation. Otherwise fp32 operands
-    (fp32 x, and under the interpreter, whose bf16 dot is wrong). Each K step lies in one scale block
-    (SBK % BK == 0) and the program's rows in one row-block (SBN % BN == 0): the step's partial product
-    is multiplied by its [BN] block scales before it is added (exact for e8m0). Grouped projections as
-    in `_fp8_gemv_kernel` (BN divides group_n).
-
-    SPLIT_K: program (i, j) sums columns [j·K_PER, (j+1)·K_PER) of row tile i (K_PER a multiple of BK)
-    and stores its partial in the fp32 workspace WS [splits, tiles, BN, M]; the tile's counter CNT[i] then
-    counts it (after a GPU-scope fence in every thread), and the program that counts last adds the tile's
-    partials in split order (deterministic: the same sums whichever program is last), writes y and resets
-    the counter to 0 for the next launch. One launch, no atomics on the data."""
-    pdl_start(PDL)
-    pid = tl.program_id(0)
-    sp = tl.program_id(1)
-    rn = pid * BN + tl.arange(0, BN)
-    n_ok = rn < N
-    rm = tl.arange(0, BM)
-    m_ok = rm < M
-    rk = tl.arange(0, BK)
-    x_ptr += ((pid * BN) // group_n).to(tl.int64) * stride_xg           # the program's rows lie in one group
-    x_rows = x_ptr + rm.to(tl.int64)[None, :] * stride_xm               # [1, BM]
-    w_ptrs = w_ptr + rn.to(tl.int64)[:, None] * stride_wn + rk[None, :]
-    s_ptrs = s_ptr + ((pid * BN) // SBN) * stride_sn                    # the program's row of scales
-    k_lo = sp * K_PER
-    k_hi = tl.minimum(K, k_lo + K_PER)
-    if HALF:                                       # (over the program's columns: a split scales its own)
-        x_mul, y_mul = _half_row_scales(x_rows, k_lo, k_hi, m_ok, rk, BK, BM)
-    acc = tl.full((BN, BM), 0.0, tl.float32)
-    s_next = tl.load(s_ptrs + k_lo // SBK)         # each step's block scale is loaded one step ahead
-    for k0 in range(k_lo, k_hi, BK):
-        k_ok = (k0 + rk) < k_hi
-        s = s_next
-        s_next = tl.load(s_ptrs + (k0 + BK) // SBK, mask=k0 + BK < k_hi, other=s)
-        wb = tl.load(w_ptrs + k0, mask=n_ok[:, None] & k_ok[None, :], other=0)
-        xt = tl.load(x_rows + (k0 + rk)[:, None], mask=k_ok[:, None] & m_ok[None, :], other=0.0)
-        if SCALE_E8M0:
-            s = e8m0_to_fp32(s.to(tl.int32))
-        if HALF:
-            if NATIVE_FP8:
-                w = wb.to(tl.float8e4nv, bitcast=True).to(tl.float16)
-            else:
-                w = e4m3_to_fp32(wb.to(tl.int32)).to(tl.float16)
-            part = tl.dot(w, (xt.to(tl.float32) * x_mul[None, :]).to(tl.float16))
-        else:
-            part = tl.dot(_fp8_decode(wb, NATIVE_FP8), xt.to(tl.float32), input_precision="ieee")
-        acc += part * s
-    if HALF:
-        acc = acc * y_mul[None, :]
-    last = True
-    if SPLIT_K:
-        tiles = tl.num_programs(0)
-        splits = tl.num_programs(1)
-        wtile = (pid * BN + tl.arange(0, BN)).to(tl.int64)[:, None] * M + rm[None, :]       # [BN, BM] in a split
-        tl.store(WS + sp.to(tl.int64) * tiles * BN * M + wtile, acc, mask=m_ok[None, :])
-        _gpu_fence(ASM)
-        tl.debug_barrier()
-        last = tl.atomic_add(CNT + pid, 1, sem="acq_rel", scope="gpu") == splits - 1
-        acc = tl.full((BN, BM), 0.0, tl.float32)
-        wp = WS + wtile
-        for _ in range(0, splits):                                  # (loads masked off unless last)
-            acc += tl.load(wp, mask=m_ok[None, :] & last, other=0.0, cache_modifier=".cg")
-            wp += tiles * BN * M
-        tl.store(CNT + pid, 0, mask=last)
-    tl.store(y_ptr + rm[None, :] * stride_ym + rn[:, None], acc.to(y_ptr.dtype.element_ty),
-             mask=n_ok[:, None] & m_ok[None, :] & last)
-
-
 # ----------------------------------------------------------------------------- launch
 @functools.lru_cache(maxsize=None)
 def _device_info(index: int) -> tuple[tuple[int, int], int]:
@@ -449,15 +337,6 @@ GEMV_RSUB = 2
 # the GEMV's K loop double-buffered in registers (`_fp8_gemv_kernel`'s PIPE): off until timed; a launch's
 # settings may say otherwise ("PIPE" in `fp8_gemv(..., **variant)` or `bench/probe_fp8_gemv.py`)
 GEMV_PIPE = False
-# the decode GEMV's kernel: "fma" (`_fp8_gemv_kernel`, weights decoded and summed in registers) or "mma"
-# (`_fp8_mma_gemv_kernel`, the tensor cores with the operands swapped, the weight tiles staged through shared
-# memory by Triton's pipeliner; up to MMA_ROWS rows of x a launch); a launch's settings may say "KERNEL".
-# Off until timed
-GEMV_KERNEL = "fma"
-MMA_ROWS = 64
-MMA_STAGES = 4           # the tensor-core GEMV's pipeline stages (weight and x tiles in flight a program)
-MMA_MIN_FILL = 1.0       # its 64-row launch only where it gives every SM at least this many programs
-MMA_SPLIT_K = False      # elsewhere, 64-row programs with K split over several (in one launch), or the FMA GEMV
 # launch variants of the GEMV for timing (`bench/probe_fp8_gemv.py`); `fp8_gemv(..., **variant)` runs one.
 # Tiles of 2048..16384 weights (16..128 per thread), from one row over 4096 columns to 32 rows over 128,
 # so that every V4-Flash shape (512..32768 rows) has some with >= 2 programs per SM; fewer warps at the
@@ -473,43 +352,15 @@ def _pow2_divisor(n: int) -> int:
     return n & -n
 
 
-def _gemv_tiles(M: int, N: int, K: int, block_n: int, device: torch.device, per_sm: int = 6,
-                block_k: int = 128, group_n: int | None = None) -> dict:
-    """The default GEMV launch: with `GEMV_KERNEL` = "mma", the tensor-core GEMV where `mma_launch` gives
-    one; otherwise BN the largest power of two <= GEMV_BN_MAX with N / BN >= per_sm·SMs (at least one
-    row), and dividing the scale block's rows; BK filling a tile of 4096 weights (32 per thread: two
-    16-byte loads), at least 64 and at most K rounded up to a power of two. One row of x: `GEMV_RSUB`
-    sub-tiles sharing x (`gemv_launch`)."""
-    if INTERPRET or device.type != "cuda":        # (with "mma": small tiles, K split in two with MMA_SPLIT_K)
-        tiles = dict(BN=min(32, GEMV_BN_MAX, _pow2_divisor(block_n)), BK=128, num_warps=4, num_stages=1, RSUB=1)
-        if GEMV_KERNEL == "mma":
-            tiles.update(KERNEL="mma", BK=min(16 if MMA_SPLIT_K else 128, _pow2_divisor(block_k)),
-                         SPLIT=2 if MMA_SPLIT_K else 1)
-        return tiles
+def _gemv_tiles(M: int, N: int, K: int, block_n: int, device: torch.device, per_sm: int = 6) -> dict:
+    """The default GEMV launch: BN the largest power of two <= GEMV_BN_MAX with N / BN >= per_sm·SMs (at
+    least one row), and dividing the scale block's rows; BK filling a tile of 4096 weights (32 per
+    thread: two 16-byte loads), at least 64 and at most K rounded up to a power of two. One row of x:
+    `GEMV_RSUB` sub-tiles sharing x (`gemv_launch`)."""
+    if INTERPRET or device.type != "cuda":
+        return dict(BN=min(32, GEMV_BN_MAX, _pow2_divisor(block_n)), BK=128, num_warps=4, num_stages=1, RSUB=1)
     _, sms = _device_info(device.index if device.index is not None else torch.cuda.current_device())
-    mma = mma_launch(N, K, block_n, block_k, sms, group_n) if GEMV_KERNEL == "mma" else None
-    return mma or dict(gemv_launch(N, K, block_n, sms, per_sm, GEMV_RSUB if M == 1 else 1), KERNEL="fma")
-
-
-def mma_launch(N: int, K: int, block_n: int, block_k: int, sms: int, group_n: int | None = None) -> dict | None:
-    """The tensor-core GEMV's launch (`_fp8_mma_gemv_kernel`) for a weight of N rows (groups of group_n):
-    BN = 128 or 64 weight rows a program (the warp-group MMA's M side; at 16 or 32 rows x's tile costs as
-    many instructions a step as the weight's, `bench/sass_fp8_gemv.py --mma`): 128 where that gives every
-    SM two programs, else 64 where that gives each `MMA_MIN_FILL` (a fraction: fewer programs, each
-    streaming more of K through `MMA_STAGES` stages); BK = 128 columns (one scale block), 4 warps. Else,
-    with `MMA_SPLIT_K`, 64 rows and K split over enough programs for two an SM (each at least 4 steps).
-    None otherwise (the FMA GEMV serves those shapes)."""
-    cap = _pow2_divisor(math.gcd(block_n, group_n or N))
-    bk = min(128, _pow2_divisor(block_k))
-    if bk < 16 or cap < 64:
-        return None
-    for bn, fill in ((128, 2.0), (64, MMA_MIN_FILL)):
-        if bn <= cap and N // bn >= fill * sms:
-            return dict(KERNEL="mma", BN=bn, BK=bk, num_warps=4, num_stages=MMA_STAGES)
-    if MMA_SPLIT_K:
-        split = max(1, min(K // (4 * bk), cdiv(2 * sms, cdiv(N, 64))))
-        return dict(KERNEL="mma", BN=64, BK=bk, num_warps=4, num_stages=MMA_STAGES, SPLIT=split)
-    return None
+    return gemv_launch(N, K, block_n, sms, per_sm, GEMV_RSUB if M == 1 else 1)
 
 
 def gemv_launch(N: int, K: int, block_n: int, sms: int, per_sm: int = 6, rsub: int = 1) -> dict:
@@ -525,22 +376,6 @@ def gemv_launch(N: int, K: int, block_n: int, sms: int, per_sm: int = 6, rsub: i
         rsub = min(rsub, bn)
     bk = min(max(64, 4096 * rsub // bn), max(64, next_pow2(K)))
     return dict(BN=bn, BK=bk, num_warps=4, num_stages=2, RSUB=rsub)
-
-
-_SPLIT_BUFFERS: dict = {}
-
-
-def _split_buffers(weight: torch.Tensor, rows: int, splits: int, tiles: int, bn: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The split-K tensor-core GEMV's fp32 workspace [splits · tiles · bn · rows] and its tiles' counters
-    (int32, zero; each launch leaves them zero) for this weight: one pair per weight and shape, so that
-    GEMVs running side by side (the decode step's concurrent branches) never share one. Made on first use
-    (before a CUDA-graph capture, by the eager steps that precede it; inside one, from its pool) and kept."""
-    key = (weight.device, weight.data_ptr(), rows, splits, tiles, bn)
-    bufs = _SPLIT_BUFFERS.get(key)
-    if bufs is None:
-        bufs = _SPLIT_BUFFERS[key] = (torch.empty(splits * tiles * bn * rows, device=weight.device, dtype=torch.float32),
-                                      torch.zeros(tiles, device=weight.device, dtype=torch.int32))
-    return bufs
 
 
 def _fp8_gemv(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_n: int, block_k: int,
@@ -563,25 +398,6 @@ def _fp8_gemv(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block
     native = _native_fp8(x2.device)
     grid = (cdiv(N, BN),)
     kernel = None
-    if cfg.get("KERNEL", GEMV_KERNEL) == "mma":
-        split = int(cfg.get("SPLIT", 1))
-        if BN < 16 or BK > block_k or block_k % BK or split < 1:
-            raise ValueError(f"the tensor-core GEMV needs BN >= 16, BK dividing the scale block's {block_k} "
-                             f"columns and SPLIT >= 1; got BN={BN}, BK={BK}, SPLIT={split}")
-        k_per = cdiv(cdiv(K, split), BK) * BK                     # a multiple of BK: steps stay in one block
-        split = cdiv(K, k_per) if K else 1
-        for r0 in range(0, M, MMA_ROWS):
-            rows = min(MMA_ROWS, M - r0)
-            ws, cnt = _split_buffers(weight, rows, split, grid[0], BN) if split > 1 else (y, y)
-            kernel = _fp8_mma_gemv_kernel[(grid[0], split)](
-                x2[r0:], w, s, y[r0:], ws, cnt, rows, N, K, k_per, N // groups, x2.stride(0),
-                x2.stride(1) if groups > 1 else 0, w.stride(0), s.stride(0), y.stride(0), SBN=block_n, SBK=block_k,
-                SCALE_E8M0=e8m0, NATIVE_FP8=native, HALF=x2.dtype != torch.float32, BM=max(16, next_pow2(rows)),
-                BN=BN, BK=BK, SPLIT_K=split > 1, ASM=not INTERPRET, num_warps=int(cfg.get("num_warps", 4)),
-                num_stages=int(cfg.get("num_stages", 4)), **pdl(x2[r0:]))
-        return kernel
-    elif cfg.get("KERNEL", GEMV_KERNEL) != "fma":
-        raise ValueError(f"the GEMV kernel must be 'fma' or 'mma'; got {cfg.get('KERNEL', GEMV_KERNEL)!r}")
     for r0 in range(0, M, GEMV_ROWS):
         rows = min(GEMV_ROWS, M - r0)
         kernel = _fp8_gemv_kernel[grid](
@@ -591,16 +407,6 @@ def _fp8_gemv(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block
             RSUB=RSUB if rows == 1 else 1, PIPE=bool(cfg.get("PIPE", GEMV_PIPE)),
             num_warps=int(cfg.get("num_warps", 4)), num_stages=int(cfg.get("num_stages", 2)), **pdl(x2[r0:]))
     return kernel
-
-
-def _mma_serves(M: int, N: int, K: int, block_n: int, block_k: int, device: torch.device,
-                group_n: int | None = None) -> bool:
-    """Whether M rows of x (more than the FMA GEMV's GEMV_MAX_ROWS) take the tensor-core GEMV rather than
-    the tiled kernel: with `GEMV_KERNEL` = "mma", up to MMA_ROWS rows, where `mma_launch` gives a launch."""
-    if GEMV_KERNEL != "mma" or M > MMA_ROWS or INTERPRET or device.type != "cuda":
-        return False
-    _, sms = _device_info(device.index if device.index is not None else torch.cuda.current_device())
-    return mma_launch(N, K, block_n, block_k, sms, group_n) is not None
 
 
 def _fp8_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_n: int, block_k: int,
@@ -617,10 +423,9 @@ def _fp8_gemm(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_
     if M == 0:
         return y.view(*x.shape[:-1], N)
     if path is None:
-        path = "gemv" if M <= GEMV_MAX_ROWS or _mma_serves(M, N, K, block_n, block_k, x2.device) else "tiled"
+        path = "gemv" if M <= GEMV_MAX_ROWS else "tiled"
     if path == "gemv":
-        cfg = {**_gemv_tiles(M, N, K, block_n, x.device, block_k=block_k), **(gemv or {})}
-        _fp8_gemv(x2, weight, scale, block_n, block_k, y, cfg)
+        _fp8_gemv(x2, weight, scale, block_n, block_k, y, {**_gemv_tiles(M, N, K, block_n, x.device), **(gemv or {})})
         return y.view(*x.shape[:-1], N)
     if path != "tiled":
         raise ValueError(f"path must be None, 'gemv' or 'tiled', got {path!r}")
@@ -693,7 +498,6 @@ def fp8_grouped_gemv(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor,
     if M:
         # 12 programs per SM: V4-Flash's wo_a (8192 x 4096) at BN 4, BK 1024 took 12.6 us at batch 1 and
         # 16.1 at 2, against 13.8 and 23.0 at the plain GEMV's BN 8, BK 512 (H200, bench/probe_flash_decode.py)
-        cfg = {**_gemv_tiles(M, N, K, math.gcd(int(block[0]), N // G), x.device, per_sm=12,
-                             block_k=int(block[1]), group_n=N // G), **tiles}
+        cfg = {**_gemv_tiles(M, N, K, math.gcd(int(block[0]), N // G), x.device, per_sm=12), **tiles}
         _fp8_gemv(x3, weight, scale, int(block[0]), int(block[1]), y, cfg, groups=G)
     return y.view(*x.shape[:-2], N)
