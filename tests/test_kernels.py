@@ -490,8 +490,10 @@ def test_deferred_hc_post_equals_float64_and_the_computed_form(dtype, monkeypatc
         got = k.hc_post(fd, hd, pending, None)
         assert got.dtype == dtype and rel(got, want) < tol(dtype)
         assert rel(got, k.hc_post(fd, hd, post, comb)) < (1e-6 if dtype == torch.float32 else 1e-2)
-        p2, c2 = pending.resolve()
-        assert rel(p2, post64) < 1e-5 and rel(c2, comb64) < 1e-5
+        p2, c2 = pending.resolve()                 # (against float64 of the streams as the kernels read them)
+        _, post_in, comb_in = ops.hc_pre_torch(h[:, :t].to(dtype).double(), fn.float().double(),
+                                               scale.float().double(), base.float().double(), n, 20, 1e-6, 1e-6)
+        assert rel(p2, post_in) < 1e-5 and rel(c2, comb_in) < 1e-5
         assert rel(ops.hc_post_torch(fd, hd, pending, None), want) < tol(dtype)
         with pytest.raises(ValueError, match="deferred form"):
             ops.hc_post_torch(fd, hd, post, None)
@@ -550,7 +552,9 @@ def test_hc_post_pre_equals_the_separate_calls_and_float64(dtype):
             x1, post, comb = k.hc_pre(hd, fn1.to(DEV), s1.to(DEV), b1.to(DEV), n, 20, 1e-6, 1e-6, defer=defer_in)
             h2, nxt = k.hc_post_pre(fd, hd, post, comb, *site2, add=add, defer=defer_out)
             sep = k.hc_post(fd, hd, post, comb, add=add)
-            assert torch.equal(h2, sep)
+            # bit for bit under the interpreter; on a GPU the two kernels' products and sums may be contracted
+            # into FMAs differently (as for the split attention's de-rotation): one rounding of the dtype
+            assert torch.equal(h2, sep) if DEV == "cpu" else rel(h2, sep) <= torch.finfo(dtype).eps
             ref = k.hc_pre(sep, *site2)
             if defer_out:
                 assert nxt[2] is None
