@@ -55,7 +55,8 @@ FUSE_SHARED_ADD = True
 # Every mHC boundary (attention → FFN in a block; without autograd also FFN → the next block's attention)
 # as one `ops.hc_post_pre` call (the kernels: a decode step's hc_post computes the next site's mix in its
 # launch, two launches fewer a layer; with autograd, the two separate calls; `dsv4.kernels.mhc.hc_post_pre`).
-# Off until timed on a GPU (`bench/gpu_round15.sh`, setting `postpre`)
+# Off: measured slower in the V4-Flash-shaped model on an H200 (0.1484 against 0.1430 ms a layer at batch 1,
+# 1.501 against 1.486 at 32; `bench/gpu_round17.sh flash`, bench/results/README.md)
 FUSE_POST_PRE = False
 
 

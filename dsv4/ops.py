@@ -1246,8 +1246,8 @@ class _HcPreFn(torch.autograd.Function):
 
 # hc_pre's `defer` for calls of at most this many tokens (a decode step would take 15): post and comb are
 # computed in hc_post's kernel, the Sinkhorn before its wait for the sublayer (`dsv4.kernels.mhc.hc_pre`).
-# 0 (off) until it is timed on a GPU against the finish's Sinkhorn (`bench/gpu_round15.sh`, the `defer`
-# and `both` settings of its flash step); tested on CPU (`test_deferred_hc_post_...`)
+# 0 (off): measured slower in the V4-Flash-shaped model on an H200 (15: 0.1608 against 0.1430 ms a layer at
+# batch 1; `bench/gpu_round17.sh flash`, bench/results/README.md)
 HC_DEFER_TOKENS = 0
 
 
