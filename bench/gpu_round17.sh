@@ -2,8 +2,8 @@
 # Device calls of the seventeenth round (one H200): the sixteenth round's loop forms of the quantised decode
 # GEMVs, on their own and in the model.
 #   OUT=... bash bench/gpu_round17.sh [steps...]    steps: probe tests flash trace gen
-# `probe` (the FP4 word kernels' loop forms at batch 1, then the FP8 GEMV's pipelined tiles at 1 and 2 rows;
-# ran on 2026-12-05, `bench/results/README.md`) fills one call, `flash` (the 6-layer V4-Flash-shaped model
+# `probe` (the FP4 word kernels' loop forms at batch 1; with the FP8 GEMV's pipelined loop and tensor-core form,
+# both since removed, it ran on 2026-12-05, `bench/results/README.md`) fills one call, `flash` (the 6-layer V4-Flash-shaped model
 # under each setting of $SETTINGS, timed in one process; the last two turn on the deferred Sinkhorn, which
 # was on in the one call of an earlier round that never returned, so they come after everything else;
 # `combo` is the untimed forms at once) another, `tests` (the quantised kernels' and the decode kernels'
@@ -12,10 +12,8 @@
 set -u
 OUT=${OUT:-out_round17}
 F4=dsv4.kernels.fp4_moe
-F8=dsv4.kernels.fp8_gemm
 T32="$F4.TILES={'gemv':{'BN':4,'BK':512,'num_warps':4,'num_stages':2},'words':{'BN':32,'BK':256,'num_warps':4,'num_stages':2},'words_pair_down':{'BN':32,'BK':256,'num_warps':4,'num_stages':2}}"
 SETTINGS=${SETTINGS-"base:;f4pipe:$F4.WORDS_PIPE=True;f4pipe32:$F4.WORDS_PIPE=True,$T32;postpre:dsv4.model.FUSE_POST_PRE=True;defer:dsv4.ops.HC_DEFER_TOKENS=15;combo:$F4.WORDS_PIPE=True,$T32,dsv4.model.FUSE_POST_PRE=True,dsv4.ops.HC_DEFER_TOKENS=15"}
-FP8_VARIANTS='[{"BN":32,"BK":256,"num_warps":4,"num_stages":2,"RSUB":2,"PIPE":true},{"BN":4,"BK":2048,"num_warps":4,"num_stages":2,"RSUB":2,"PIPE":true}]'
 LOGS=$(mktemp -d)
 steps=${*:-probe}
 flash() {   # name, then bench_flash_shaped.py arguments
@@ -30,9 +28,7 @@ for s in $steps; do case $s in
          timeout 200 python -m pytest -q tests/test_kernels.py -k "sparse_attention or split_attention or \
            model_with_the_kernels or hc_ or sinkhorn" -p no:warnings > "$LOGS/tests_kernels.log" 2>&1 ;;
   probe) timeout 200 python bench/probe_flash_decode.py --only fp4loop --batches 1 --out "$LOGS/probe_fp4_loop.json" \
-           > "$LOGS/probe_fp4_loop.log" 2>&1
-         timeout 360 python bench/probe_fp8_gemv.py --rows 1,2 --variants "$FP8_VARIANTS" \
-           --out "$LOGS/probe_fp8.json" > "$LOGS/probe_fp8.log" 2>&1 ;;
+           > "$LOGS/probe_fp4_loop.log" 2>&1 ;;
   flash) flash flash6 ${SETTINGS:+--settings "$SETTINGS"} ;;
   trace) flash flash_trace --batches 1 --trace "$LOGS/trace6" ;;
   gen) timeout 300 python bench/bench_generate.py --device cuda --batch 1 --prompt-lens 4096,16384 --decode-tokens 32 \
@@ -43,5 +39,4 @@ esac
 done
 tail -n 3 "$LOGS"/tests_*.log 2>/dev/null
 grep -h "^fp4 experts" "$LOGS/probe_fp4_loop.log" 2>/dev/null | cut -c1-220
-grep -hE "gemv|tiled|best" "$LOGS/probe_fp8.log" 2>/dev/null | tail -n 70 | cut -c1-200
 grep -h "^decode" "$LOGS"/flash*.log 2>/dev/null | cut -c1-260

@@ -130,8 +130,7 @@ def main(argv=None):
                     continue
                 bad += err > tol
                 tiles = "split-K" if path == "tiled" else ("default " if var is None else "") + \
-                    "{BN},{BK},w{num_warps},s{num_stages},r{RSUB}".format(**{"RSUB": 1, **(var or default)}) + \
-                    (",pipe" if (var or default).get("PIPE") else "")
+                    "{BN},{BK},w{num_warps},s{num_stages},r{RSUB}".format(**{"RSUB": 1, **(var or default)})
                 timing = (f"{row['us']:8.2f} {row['GBps']:8.1f} {row['of_hbm']:6.2f}" if "us" in row
                           else f"{'-':>8s} {'-':>8s} {'-':>6s}")
                 print(f"{name:>6s} {N:>5d} x {K:<5d} {M:>2d} {path:>6s} {tiles:>26s} {timing} "

@@ -326,39 +326,6 @@ def test_fp8_gemv_launch_variants(monkeypatch):
         assert relerr(k.fp8_gemv(*dev(x, w, s)), ref) <= 1e-5
 
 
-@pytest.mark.parametrize("native", [False, True])
-def test_fp8_gemv_pipelined_loop_is_the_same_arithmetic(native, monkeypatch):
-    """The GEMV's K loop with the next step's weights, scales and x loaded ahead (`PIPE`: with the GPU's
-    e4m3 conversion the loop carries the weights as fp16) computes what the plain loop does, bit for
-    bit: one row with 1, 2 and 4 weight sub-tiles, three rows, a grouped projection; K = 200 is four
-    steps of 64, the last one partly past the row, and the last program's rows partly past N."""
-    import dsv4.kernels.fp8_gemm as k
-
-    if k.INTERPRET:
-        monkeypatch.setattr(k, "_native_fp8", lambda device: native)
-    elif native != k._native_fp8(torch.device(KDEV)):
-        pytest.skip("this GPU decodes e4m3 the other way")
-    g = torch.Generator().manual_seed(31)
-    N, K = 36, 200
-    w, s = rand_fp8(N, K, g)
-    s32 = fp32_scales(s, g)
-    dev = lambda *t: [a.to(KDEV) for a in t]                                            # noqa: E731
-    x = torch.randn(3, K, generator=g).to(torch.bfloat16)
-    cases = [(x[:1], s, dict(BN=8, BK=64)), (x[:1], s32, dict(BN=8, BK=64, RSUB=2)),
-             (x[:1], s, dict(BN=16, BK=64, RSUB=4)), (x, s32, dict(BN=4, BK=64))]
-    for xi, si, tiles in cases:
-        plain = k.fp8_gemv(*dev(xi, w, si), **tiles, PIPE=False)
-        piped = k.fp8_gemv(*dev(xi, w, si), **tiles, PIPE=True)
-        assert relerr(plain, f64_fp8_linear(xi, w, si)) <= KTOL[torch.bfloat16], tiles
-        assert torch.equal(piped, plain), tiles
-    wg, sg = rand_fp8(4 * 32, K, g, block=(32, 64))                                      # 4 groups of 32 rows
-    xg = torch.randn(1, 4, K, generator=g).to(torch.bfloat16)
-    plain = k.fp8_grouped_gemv(*dev(xg, wg, sg), block=(32, 64), BN=8, BK=64, PIPE=False)
-    piped = k.fp8_grouped_gemv(*dev(xg, wg, sg), block=(32, 64), BN=8, BK=64, PIPE=True)
-    assert relerr(plain, f64_grouped(xg, wg, sg, (32, 64))) <= KTOL[torch.bfloat16]
-    assert torch.equal(piped, plain)
-
-
 def f64_grouped(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor, block=quant.FP8_BLOCK) -> torch.Tensor:
     """x [..., G, K] through the grouped projection (G blocks of rows of W, block g reading x[..., g]) in float64."""
     G, K = x.shape[-2:]

@@ -141,34 +141,19 @@ def _fp8_gemm_kernel(x_ptr, w_ptr, s_ptr, y_ptr, M, N, K, k_per_split,
 
 
 @triton.jit
-def _fp8_decode(wb, NATIVE_FP8: tl.constexpr):
-    """e4m3 bytes -> fp32 (the GPU's conversion on sm89+, else the integer decoder)."""
+def _fp8_tile(w_ptrs, mask, NATIVE_FP8: tl.constexpr):
+    """The e4m3 bytes at w_ptrs as fp32 (the GPU's conversion on sm89+, else the integer decoder)."""
+    wb = tl.load(w_ptrs, mask=mask, other=0)
     if NATIVE_FP8:
         return wb.to(tl.float8e4nv, bitcast=True).to(tl.float32)
     return e4m3_to_fp32(wb.to(tl.int32))
 
 
 @triton.jit
-def _fp8_gemv_loads(x_ptr, w_ptrs, s_ptrs, k0, K, kk, jv, rn, n_ok, N, sub, BS, SBK: tl.constexpr,
-                    SCALE_E8M0: tl.constexpr, RSUB: tl.constexpr):
-    """One K step's loads of `_fp8_gemv_kernel` at columns k0: (the runs' scales [1, J] fp32, x's first
-    row [J, 16] as stored, the weight bytes of each sub-tile [BS, J, 16]; sub-tiles past RSUB repeat the
-    first, unread). Columns at or past K read nothing."""
-    k_ok = (k0 + kk) < K
-    run_ok = (k0 + jv) < K
-    if SCALE_E8M0:
-        s = e8m0_to_fp32(tl.load(s_ptrs + (k0 + jv) // SBK, mask=run_ok, other=127).to(tl.int32))
-    else:
-        s = tl.load(s_ptrs + (k0 + jv) // SBK, mask=run_ok, other=1.0)
-    xv = tl.load(x_ptr + k0 + kk, mask=k_ok, other=0.0)
-    w0 = tl.load(w_ptrs + k0, mask=n_ok[:, None, None] & k_ok[None, :, :], other=0)
-    w1, w2, w3 = w0, w0, w0
-    if RSUB > 1:
-        w1 = tl.load(w_ptrs + sub + k0, mask=(rn + BS < N)[:, None, None] & k_ok[None, :, :], other=0)
-    if RSUB > 2:
-        w2 = tl.load(w_ptrs + 2 * sub + k0, mask=(rn + 2 * BS < N)[:, None, None] & k_ok[None, :, :], other=0)
-        w3 = tl.load(w_ptrs + 3 * sub + k0, mask=(rn + 3 * BS < N)[:, None, None] & k_ok[None, :, :], other=0)
-    return s[None, :], xv, w0, w1, w2, w3
+def _fp8_run_products(w_ptrs, mask, x, s, NATIVE_FP8: tl.constexpr):
+    """Σ over each 16-byte run of the tile at w_ptrs [BN, J, 16] of weight · x [J, 16], times the run's
+    scale s [1, J] -> [BN, J] fp32."""
+    return tl.sum(_fp8_tile(w_ptrs, mask, NATIVE_FP8) * x[None, :, :], 2) * s
 
 
 @launchable
@@ -176,7 +161,7 @@ def _fp8_gemv_loads(x_ptr, w_ptrs, s_ptrs, k0, K, kk, jv, rn, n_ok, N, sub, BS, 
 def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, group_n, stride_xm, stride_xg, stride_wn, stride_sn,
                      stride_ym, ROWS: tl.constexpr, SBN: tl.constexpr, SBK: tl.constexpr, SCALE_E8M0: tl.constexpr,
                      NATIVE_FP8: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, RSUB: tl.constexpr = 1,
-                     PIPE: tl.constexpr = False, PDL: tl.constexpr = False):
+                     PDL: tl.constexpr = False):
     """y[r, n-tile] = Σ_k x[r, g, k] · s[n // SBN, k // SBK] · Wq[n, k] for the ROWS (1..4) rows of x,
     where g = n // group_n is the group of output row n (grouped projections such as `wo_a`: each group
     of group_n rows reads its own slice of x, `stride_xg` apart; one group: stride_xg = 0).
@@ -190,11 +175,7 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, group_n, stride_xm, strid
     RSUB (2 or 4, one row of x only): the tile is read as RSUB sub-tiles [BN / RSUB, J, 16] of the same
     layout, so that a thread holds the same runs of x for RSUB weight rows and loads and converts them
     once for all of them (x's loads and conversion are otherwise ~2 of a run's instructions per weight
-    byte, `bench/sass_fp8_gemv.py`).
-
-    PIPE: each K step loads the next step's weights, scales and x before it computes (registers double-
-    buffered by hand; Triton's pipeliner leaves the loads in the step that uses them, so each step of
-    the ~one-wave grid waits for its own). The same arithmetic either way."""
+    byte, `bench/sass_fp8_gemv.py`)."""
     pdl_start(PDL)
     V: tl.constexpr = 16
     J: tl.constexpr = BK // V
@@ -212,56 +193,36 @@ def _fp8_gemv_kernel(x_ptr, w_ptr, s_ptr, y_ptr, N, K, group_n, stride_xm, strid
     acc1 = tl.full((BS, J), 0.0, tl.float32)
     acc2 = tl.full((BS, J), 0.0, tl.float32)
     acc3 = tl.full((BS, J), 0.0, tl.float32)
-    if PIPE:                  # the first step's loads; each step then loads the next one's before it computes
-        s, xv, w0, w1, w2, w3 = _fp8_gemv_loads(x_ptr, w_ptrs, s_ptrs, 0, K, kk, jv, rn, n_ok, N, sub, BS, SBK,
-                                                SCALE_E8M0, RSUB)
-        xv = xv.to(tl.float32)
-        if NATIVE_FP8:
-            w0 = _fp8_decode(w0, True).to(tl.float16)
-            w1 = _fp8_decode(w1, True).to(tl.float16)
-            w2 = _fp8_decode(w2, True).to(tl.float16)
-            w3 = _fp8_decode(w3, True).to(tl.float16)
     for k0 in range(0, K, BK):
-        if PIPE:
-            sn, xn, w0n, w1n, w2n, w3n = _fp8_gemv_loads(x_ptr, w_ptrs, s_ptrs, k0 + BK, K, kk, jv, rn, n_ok, N,
-                                                         sub, BS, SBK, SCALE_E8M0, RSUB)
-            sc, xc, w0c, w1c, w2c, w3c = s, xv, w0, w1, w2, w3
-            xn = xn.to(tl.float32)
-            if NATIVE_FP8:          # the next step's bytes decoded now, as fp16 (exact for e4m3): the
-                w0n = _fp8_decode(w0n, True).to(tl.float16)     # loop carries them packed two a register
-                w1n = _fp8_decode(w1n, True).to(tl.float16)
-                w2n = _fp8_decode(w2n, True).to(tl.float16)
-                w3n = _fp8_decode(w3n, True).to(tl.float16)
-        else:
-            sc, xc, w0c, w1c, w2c, w3c = _fp8_gemv_loads(x_ptr, w_ptrs, s_ptrs, k0, K, kk, jv, rn, n_ok, N, sub, BS,
-                                                         SBK, SCALE_E8M0, RSUB)
         k_ok = (k0 + kk) < K
-        xf = xc.to(tl.float32)
-        if PIPE and NATIVE_FP8:        # decoded to fp16 when loaded
-            w0c, w1c, w2c, w3c = w0c.to(tl.float32), w1c.to(tl.float32), w2c.to(tl.float32), w3c.to(tl.float32)
+        run_ok = (k0 + jv) < K
+        if SCALE_E8M0:
+            s = e8m0_to_fp32(tl.load(s_ptrs + (k0 + jv) // SBK, mask=run_ok, other=127).to(tl.int32))
         else:
-            w0c, w1c = _fp8_decode(w0c, NATIVE_FP8), _fp8_decode(w1c, NATIVE_FP8)
-            w2c, w3c = _fp8_decode(w2c, NATIVE_FP8), _fp8_decode(w3c, NATIVE_FP8)
+            s = tl.load(s_ptrs + (k0 + jv) // SBK, mask=run_ok, other=1.0)
+        s = s[None, :]
+        xv = tl.load(x_ptr + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
         if RSUB > 1:                   # one row of x, RSUB sub-tiles of weight rows
-            acc0 += tl.sum(w0c * xf[None, :, :], 2) * sc
-            acc1 += tl.sum(w1c * xf[None, :, :], 2) * sc
+            acc0 += _fp8_run_products(w_ptrs + k0, n_ok[:, None, None] & k_ok[None, :, :], xv, s, NATIVE_FP8)
+            acc1 += _fp8_run_products(w_ptrs + sub + k0, (rn + BS < N)[:, None, None] & k_ok[None, :, :], xv, s,
+                                      NATIVE_FP8)
             if RSUB > 2:
-                acc2 += tl.sum(w2c * xf[None, :, :], 2) * sc
-                acc3 += tl.sum(w3c * xf[None, :, :], 2) * sc
+                acc2 += _fp8_run_products(w_ptrs + 2 * sub + k0, (rn + 2 * BS < N)[:, None, None] & k_ok[None, :, :],
+                                          xv, s, NATIVE_FP8)
+                acc3 += _fp8_run_products(w_ptrs + 3 * sub + k0, (rn + 3 * BS < N)[:, None, None] & k_ok[None, :, :],
+                                          xv, s, NATIVE_FP8)
         else:
-            w = w0c
-            acc0 += tl.sum(w * xf[None, :, :], 2) * sc
+            w = _fp8_tile(w_ptrs + k0, n_ok[:, None, None] & k_ok[None, :, :], NATIVE_FP8)
+            acc0 += tl.sum(w * xv[None, :, :], 2) * s
             if ROWS > 1:
-                xr = tl.load(x_ptr + stride_xm + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
-                acc1 += tl.sum(w * xr[None, :, :], 2) * sc
+                xv = tl.load(x_ptr + stride_xm + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
+                acc1 += tl.sum(w * xv[None, :, :], 2) * s
             if ROWS > 2:
-                xr = tl.load(x_ptr + 2 * stride_xm + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
-                acc2 += tl.sum(w * xr[None, :, :], 2) * sc
+                xv = tl.load(x_ptr + 2 * stride_xm + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
+                acc2 += tl.sum(w * xv[None, :, :], 2) * s
             if ROWS > 3:
-                xr = tl.load(x_ptr + 3 * stride_xm + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
-                acc3 += tl.sum(w * xr[None, :, :], 2) * sc
-        if PIPE:
-            s, xv, w0, w1, w2, w3 = sn, xn, w0n, w1n, w2n, w3n
+                xv = tl.load(x_ptr + 3 * stride_xm + k0 + kk, mask=k_ok, other=0.0).to(tl.float32)
+                acc3 += tl.sum(w * xv[None, :, :], 2) * s
     out_ty = y_ptr.dtype.element_ty
     tl.store(y_ptr + rn, tl.sum(acc0, 1).to(out_ty), mask=n_ok)
     if RSUB > 1:
@@ -334,9 +295,6 @@ GEMV_BN_MAX = 32         # output rows per GEMV program at most
 # rule's tiles: wq_a 3.61 against 4.07 us, wo_b 10.98 against 14.86, shared w1 4.56 against 5.72; wq_b at
 # 32 rows x 256 columns 13.36 against 18.14
 GEMV_RSUB = 2
-# the GEMV's K loop double-buffered in registers (`_fp8_gemv_kernel`'s PIPE): off until timed; a launch's
-# settings may say otherwise ("PIPE" in `fp8_gemv(..., **variant)` or `bench/probe_fp8_gemv.py`)
-GEMV_PIPE = False
 # launch variants of the GEMV for timing (`bench/probe_fp8_gemv.py`); `fp8_gemv(..., **variant)` runs one.
 # Tiles of 2048..16384 weights (16..128 per thread), from one row over 4096 columns to 32 rows over 128,
 # so that every V4-Flash shape (512..32768 rows) has some with >= 2 programs per SM; fewer warps at the
@@ -404,7 +362,7 @@ def _fp8_gemv(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block
             x2[r0:], w, s, y[r0:], N, K, N // groups, x2.stride(0), x2.stride(1) if groups > 1 else 0,
             w.stride(0), s.stride(0), y.stride(0),
             ROWS=rows, SBN=block_n, SBK=block_k, SCALE_E8M0=e8m0, NATIVE_FP8=native, BN=BN, BK=BK,
-            RSUB=RSUB if rows == 1 else 1, PIPE=bool(cfg.get("PIPE", GEMV_PIPE)),
+            RSUB=RSUB if rows == 1 else 1,
             num_warps=int(cfg.get("num_warps", 4)), num_stages=int(cfg.get("num_stages", 2)), **pdl(x2[r0:]))
     return kernel
 
